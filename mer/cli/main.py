@@ -1,0 +1,59 @@
+"""`mer-pipeline`: thin subcommands over library functions.
+
+Each subcommand lives in its own module under `mer.cli` and exposes
+`register(subparsers) -> None`, which adds its parser and sets `handler=run` with
+`run(args) -> int`. Human output goes to stderr; stdout carries only what a command produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mer import __version__
+from mer.errors import MerError
+
+COMMAND_MODULES = (
+    "mer.cli.convert_command",
+    "mer.cli.synth_command",
+    "mer.cli.store_command",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mer-pipeline",
+        description="mer: run Mixture-of-Experts models whose experts stream from SSD.",
+    )
+    parser.add_argument("--version", action="version", version=f"mer {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue  # a subcommand not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except MerError as error:
+        print(f"mer-pipeline {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mer-pipeline {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The expert store's manifest: a versioned JSON file describing geometry, layout and checksums.
+
+A store directory holds `manifest.json` and one payload file per MoE layer. Expert `e` of MoE
+layer `m` has the global id `m * experts_per_layer + e` (MoE layers are counted without the dense
+ones) and its payload starts at `offset` in its layer's file, on a 4096-byte boundary, so one
+O_DIRECT read of `format.read_nbytes` bytes lands it in a slot. Layer files are padded so that
+every read stays inside the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mer.errors import StoreError
+from mer.expert_format import PAGE_SIZE, ExpertFormat
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CHECKSUM_ALGORITHM = "crc32"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Model geometry as far as experts are concerned."""
+
+    architecture: str
+    num_layers: int  # transformer blocks in the model, dense ones included
+    num_moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    d_model: int
+    d_ff: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_moe_layers * self.experts_per_layer
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One MoE layer: its block index in the model, payload file and expert byte layout."""
+
+    moe_layer: int
+    block: int
+    file: str
+    expert_stride: int
+    format: ExpertFormat
+
+
+@dataclass(frozen=True)
+class ExpertEntry:
+    id: int
+    moe_layer: int
+    expert: int
+    offset: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    name: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where the experts came from: a GGUF (paths, sizes, content hash) or a synthetic generator."""
+
+    kind: str  # "gguf" or "synth"
+    paths: tuple[str, ...] = ()
+    nbytes: int = 0
+    hash: str = ""
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    geometry: Geometry
+    layout: str
+    layers: tuple[LayerEntry, ...]
+    experts: tuple[ExpertEntry, ...]
+    files: tuple[FileEntry, ...]
+    source: SourceInfo
+    created_by: str = ""
+    format_version: int = FORMAT_VERSION
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Size of a cache slot: the largest read of any expert (a multiple of 4096)."""
+        return max(layer.format.read_nbytes for layer in self.layers)
+
+    def layer_of(self, expert_id: int) -> LayerEntry:
+        return self.layers[self.expert(expert_id).moe_layer]
+
+    def expert(self, expert_id: int) -> ExpertEntry:
+        if not 0 <= expert_id < len(self.experts):
+            raise StoreError(f"expert id {expert_id} is out of range 0..{len(self.experts) - 1}")
+        return self.experts[expert_id]
+
+    def expert_id(self, moe_layer: int, expert: int) -> int:
+        return moe_layer * self.geometry.experts_per_layer + expert
+
+    def describe(self, expert_id: int) -> str:
+        entry = self.expert(expert_id)
+        return f"layer {entry.moe_layer} expert {entry.expert} (id {entry.id})"
+
+    def total_payload_nbytes(self) -> int:
+        return sum(self.layer_of(e.id).format.payload_nbytes for e in self.experts)
+
+    def validate(self, where: str = MANIFEST_NAME) -> None:
+        """Check internal consistency; raise StoreError naming the field at fault."""
+        geometry = self.geometry
+        if self.format_version != FORMAT_VERSION:
+            raise StoreError(
+                f"{where}: store format version {self.format_version}, this mer reads {FORMAT_VERSION}"
+            )
+        if len(self.layers) != geometry.num_moe_layers:
+            raise StoreError(f"{where}: {len(self.layers)} layers listed, geometry says {geometry.num_moe_layers}")
+        if len(self.experts) != geometry.num_experts:
+            raise StoreError(f"{where}: {len(self.experts)} experts listed, geometry says {geometry.num_experts}")
+        file_sizes = {entry.name: entry.nbytes for entry in self.files}
+        for index, layer in enumerate(self.layers):
+            if layer.moe_layer != index:
+                raise StoreError(f"{where}: layers[{index}].moe_layer is {layer.moe_layer}")
+            if layer.file not in file_sizes:
+                raise StoreError(f"{where}: layers[{index}].file {layer.file!r} is not in files")
+            if layer.expert_stride % PAGE_SIZE or layer.expert_stride < layer.format.read_nbytes:
+                raise StoreError(f"{where}: layers[{index}].expert_stride {layer.expert_stride} is not valid")
+            layer.format.validate()
+        for index, entry in enumerate(self.experts):
+            expected = (index // geometry.experts_per_layer, index % geometry.experts_per_layer)
+            if entry.id != index or (entry.moe_layer, entry.expert) != expected:
+                raise StoreError(f"{where}: experts[{index}] is {entry}, expected id {index} at {expected}")
+            layer = self.layers[entry.moe_layer]
+            if entry.offset % PAGE_SIZE or entry.offset + layer.format.read_nbytes > file_sizes[layer.file]:
+                raise StoreError(f"{where}: experts[{index}].offset {entry.offset} is not a valid read in {layer.file}")
+
+    def to_json(self) -> str:
+        data = {
+            "mer_store": self.format_version,
+            "created_by": self.created_by,
+            "checksum_algorithm": self.checksum_algorithm,
+            "layout": self.layout,
+            "geometry": asdict(self.geometry),
+            "slot_nbytes": self.slot_nbytes,
+            "source": asdict(self.source),
+            "files": [asdict(entry) for entry in self.files],
+            "layers": [
+                {"moe_layer": l.moe_layer, "block": l.block, "file": l.file,
+                 "expert_stride": l.expert_stride, "format": l.format.to_dict()}
+                for l in self.layers
+            ],
+            "experts": [[e.id, e.moe_layer, e.expert, e.offset, e.checksum] for e in self.experts],
+        }
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            data = json.loads(text)
+            if data.get("mer_store") != FORMAT_VERSION:
+                raise StoreError(
+                    f"{where}: store format version {data.get('mer_store')!r}, this mer reads {FORMAT_VERSION}"
+                )
+            source = data["source"]
+            manifest = cls(
+                geometry=Geometry(**data["geometry"]),
+                layout=data["layout"],
+                layers=tuple(
+                    LayerEntry(l["moe_layer"], l["block"], l["file"], l["expert_stride"],
+                               ExpertFormat.from_dict(l["format"]))
+                    for l in data["layers"]
+                ),
+                experts=tuple(ExpertEntry(*row) for row in data["experts"]),
+                files=tuple(FileEntry(**entry) for entry in data["files"]),
+                source=SourceInfo(source["kind"], tuple(source["paths"]), source["nbytes"],
+                                  source["hash"], source.get("parameters", {})),
+                created_by=data.get("created_by", ""),
+                format_version=data["mer_store"],
+                checksum_algorithm=data["checksum_algorithm"],
+            )
+        except StoreError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:
+            raise StoreError(f"{where}: malformed manifest ({type(error).__name__}: {error})") from error
+        manifest.validate(where)
+        return manifest
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST_NAME).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, directory: Path) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise StoreError(f"{directory}: not an expert store (no {MANIFEST_NAME})")
+        return cls.from_json(path.read_text(), where=str(path))

@@ -1,0 +1,167 @@
+"""Write an expert store atomically: into a temporary directory, renamed into place when whole.
+
+Usage:
+
+    with StoreWriter(out, geometry, layer_formats, source, layout="native", force=False) as writer:
+        for expert_id in range(geometry.num_experts):
+            writer.write_expert(expert_id, payload_bytes)
+    # on normal exit: every expert written, checksums re-verified, manifest saved, directory renamed
+
+An exception inside the block (or a missing expert) removes the temporary directory, so an
+interrupted conversion never leaves a store that looks whole. Free space is checked up front.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from mer import __version__
+from mer.errors import DiskSpaceError, StoreError, StoreExistsError
+from mer.expert_format import ExpertFormat, round_up
+from mer.store.manifest import ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
+from mer.store.reader import payload_checksum
+
+SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+
+
+def layer_file_name(moe_layer: int) -> str:
+    return f"experts-{moe_layer:03d}.bin"
+
+
+def plan_layers(geometry: Geometry, layer_formats: list[ExpertFormat], blocks: list[int]) -> tuple[LayerEntry, ...]:
+    """One LayerEntry per MoE layer: file name, expert stride (page-rounded payload) and format."""
+    if len(layer_formats) != geometry.num_moe_layers or len(blocks) != geometry.num_moe_layers:
+        raise StoreError(
+            f"{len(layer_formats)} layer formats / {len(blocks)} block indices for {geometry.num_moe_layers} MoE layers"
+        )
+    return tuple(
+        LayerEntry(index, block, layer_file_name(index), round_up(expert_format.payload_nbytes), expert_format)
+        for index, (expert_format, block) in enumerate(zip(layer_formats, blocks))
+    )
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    usage = shutil.disk_usage(directory)
+    if usage.free < needed + SPACE_MARGIN_BYTES:
+        raise DiskSpaceError(
+            f"{directory}: the store needs {needed / 2**30:.2f} GiB (+{SPACE_MARGIN_BYTES >> 20} MiB margin), "
+            f"only {usage.free / 2**30:.2f} GiB free"
+        )
+
+
+class StoreWriter:
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        geometry: Geometry,
+        layer_formats: list[ExpertFormat],
+        source: SourceInfo,
+        *,
+        blocks: list[int] | None = None,
+        layout: str = "native",
+        force: bool = False,
+    ):
+        self.out = Path(out)
+        self.geometry = geometry
+        self.layout = layout
+        self.source = source
+        self.force = force
+        self.layers = plan_layers(geometry, layer_formats, blocks or list(range(geometry.num_moe_layers)))
+        self.temp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        self._checksums: dict[int, str] = {}
+        self._handles: list = []
+
+    @property
+    def total_nbytes(self) -> int:
+        return sum(layer.expert_stride * self.geometry.experts_per_layer for layer in self.layers)
+
+    def __enter__(self) -> "StoreWriter":
+        if self.out.exists() and not self.force:
+            raise StoreExistsError(f"{self.out}: output already exists (use --force to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.out.parent, self.total_nbytes)
+        shutil.rmtree(self.temp, ignore_errors=True)
+        self.temp.mkdir()
+        try:
+            for layer in self.layers:
+                handle = open(self.temp / layer.file, "wb")
+                handle.truncate(layer.expert_stride * self.geometry.experts_per_layer)
+                self._handles.append(handle)
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def write_expert(self, expert_id: int, payload) -> None:
+        """Write one expert's payload bytes (exactly the layer's payload size)."""
+        moe_layer, expert = divmod(expert_id, self.geometry.experts_per_layer)
+        layer = self.layers[moe_layer]
+        view = memoryview(payload).cast("B")
+        if view.nbytes != layer.format.payload_nbytes:
+            raise StoreError(
+                f"layer {moe_layer} expert {expert} (id {expert_id}): payload of {view.nbytes} bytes, "
+                f"expected {layer.format.payload_nbytes}"
+            )
+        handle = self._handles[moe_layer]
+        handle.seek(expert * layer.expert_stride)
+        handle.write(view)
+        self._checksums[expert_id] = payload_checksum(view)
+
+    def manifest(self) -> Manifest:
+        experts = tuple(
+            ExpertEntry(expert_id, *divmod(expert_id, self.geometry.experts_per_layer),
+                        (expert_id % self.geometry.experts_per_layer) * self.layers[expert_id // self.geometry.experts_per_layer].expert_stride,
+                        self._checksums[expert_id])
+            for expert_id in range(self.geometry.num_experts)
+        )
+        files = tuple(FileEntry(l.file, l.expert_stride * self.geometry.experts_per_layer) for l in self.layers)
+        return Manifest(self.geometry, self.layout, self.layers, experts, files, self.source,
+                        created_by=f"mer {__version__}")
+
+    def _finish(self) -> None:
+        for handle in self._handles:
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        missing = [i for i in range(self.geometry.num_experts) if i not in self._checksums]
+        if missing:
+            raise StoreError(f"{self.out}: {len(missing)} experts were never written (first: id {missing[0]})")
+        manifest = self.manifest()
+        manifest.validate()
+        self._verify_written(manifest)
+        manifest.save(self.temp)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.rename(self.temp, self.out)
+
+    def _verify_written(self, manifest: Manifest) -> None:
+        """Re-read every payload from disk and compare it with the checksum taken when written."""
+        from mer.store.verify import find_bad_experts
+
+        bad = find_bad_experts(self.temp, manifest)
+        if bad:
+            raise StoreError(f"{self.out}: {len(bad)} experts read back wrong after writing: "
+                             + ", ".join(manifest.describe(i) for i in bad[:5]))
+
+    def _abort(self) -> None:
+        for handle in self._handles:
+            handle.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException:
+                self._abort()
+                raise
+        else:
+            self._abort()
+
+
+def as_bytes(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array)).cast("B")
