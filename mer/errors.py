@@ -39,3 +39,76 @@ class ChecksumError(StoreError):
     def __init__(self, message: str, bad_experts: list[int]):
         super().__init__(message)
         self.bad_experts = bad_experts
+
+
+class IoBackendUnavailableError(MerError):
+    """A forced I/O backend (io_uring, O_DIRECT) cannot run here; the message says why."""
+
+
+class IoRequestError(MerError):
+    """A read request is malformed (file index, offset, size, destination) or the reader is closed."""
+
+
+class IoReadError(MerError):
+    """A read from an expert file failed or came back short; names the file, offset and size."""
+
+    def __init__(self, message: str, path: str, offset: int, nbytes: int, errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.nbytes = nbytes
+        self.errno = errno
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.path, self.offset, self.nbytes, self.errno))
+
+
+class ProtocolError(MerError):
+    """A message on a socket is malformed: unknown kind, wrong version, field count, type or array."""
+
+
+class RemoteError(MerError):
+    """An error raised in another process and sent back as an ErrorReply (type, message, traceback)."""
+
+    def __init__(self, error_type: str, message: str, traceback: str = "", origin: str = ""):
+        where = f"{origin}: " if origin else ""
+        super().__init__(f"{where}{error_type}: {message}")
+        self.error_type = error_type
+        self.remote_message = message
+        self.remote_traceback = traceback
+        self.origin = origin
+
+    def __reduce__(self):
+        return (type(self), (self.error_type, self.remote_message, self.remote_traceback, self.origin))
+
+
+class TraceError(MerError):
+    """A routing trace is malformed, of another version, or does not fit the store's geometry."""
+
+
+class EventLogError(MerError):
+    """A run's event log is malformed, of another schema version, or lacks the events a summary needs."""
+
+
+class SlotStateError(MerError):
+    """A slot-table call does not fit the slot's state (e.g. a release of a slot that is not leased)."""
+
+
+class StaleSlotError(MerError):
+    """A slot no longer holds the (expert, generation) a message refers to."""
+
+
+class ArenaError(MerError):
+    """The shared-memory slot arena cannot be created or attached, does not fit, or is malformed."""
+
+
+class RuntimeDirError(MerError):
+    """A run's private runtime directory cannot be created or is not private."""
+
+
+class PipelineError(MerError):
+    """The process graph could not start, or failed while running; the message names the child."""
+
+
+class ChildDiedError(PipelineError):
+    """A child process of the graph exited unexpectedly (crash, kill -9, OOM kill)."""

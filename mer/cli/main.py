@@ -18,6 +18,8 @@ COMMAND_MODULES = (
     "mer.cli.convert_command",
     "mer.cli.synth_command",
     "mer.cli.store_command",
+    "mer.cli.run_command",
+    "mer.cli.up_command",
 )
 
 

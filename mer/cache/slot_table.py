@@ -1,0 +1,358 @@
+"""The slot table: which expert lives in which arena slot, and in what state.
+
+One writer: the I/O worker owns the table and is the only caller (pure Python, no I/O, no
+asyncio; the worker's event loop drives it). The same code drives the offline simulator.
+
+States of a slot
+----------------
+
+    FREE --assign--> LOADING --finish_load(ok), no waiter---> READY <--release (last lease)--+
+                        |    --finish_load(ok), n waiters--> LEASED(n) <--acquire (hit)-------+
+                        +----finish_load(failed)----------> FREE           (READY -> LEASED(1))
+    READY (unleased, unpinned) --evict--> FREE, assigned again at once to the new expert
+
+Legal transitions and who causes them (every call comes from the I/O worker):
+
+- FREE -> LOADING: `acquire(expert, token)` on a miss (result MISS_ASSIGNED) or
+  `assign_prefetch(expert, token)`. The slot's generation is incremented and its expert set; the
+  I/O worker then writes the arena slot header and starts the read into the slot.
+- READY -> LOADING (eviction and assignment in one step): as above when no slot is FREE; the victim
+  is chosen by the policy among the evictable slots. Foreground: READY, unleased, expert unpinned.
+  Prefetch: additionally not used in the current (or a later) token.
+- LOADING -> LOADING: `acquire` of an expert whose read is in flight (JOIN_LOADING): the request
+  shares that read and gets a pending lease.
+- LOADING -> LEASED(n) or READY: `finish_load(slot, generation, ok=True)` when the read completed;
+  each pending request (the miss that started the read and every join) now holds one lease.
+- LOADING -> FREE: `finish_load(slot, generation, ok=False)`: the read failed; the pending requests
+  hold no lease and the I/O worker answers them with the error.
+- READY -> LEASED(1), LEASED(n) -> LEASED(n+1): `acquire` of a resident expert (HIT).
+- LEASED(n) -> LEASED(n-1), LEASED(1) -> READY: `release(slot, generation)`.
+
+A LEASED or LOADING slot is never evicted; a pinned expert's slot is never evicted. Every
+`acquire` that does not return NO_SLOT yields exactly one lease (at once on a hit, when the read
+finishes otherwise) that the router gives back with exactly one `release`.
+
+NO_SLOT and why waiting cannot deadlock
+---------------------------------------
+`acquire` returns NO_SLOT when no slot is FREE and none is evictable (all leased, loading or
+pinned); it changes nothing but the `no_slot` counter, and counts no lookup. The I/O worker queues the request and calls
+`acquire` again after the next `release` or `finish_load`. Progress is guaranteed when
+`num_slots >= max_pinned + (leases the router can hold at once)`: the router asks for at most
+top_k experts per request (and `cache_slots >= top_k` is checked at start-up), it releases its
+leases after computing, reads always finish (ok or failed), and a pinned expert occupies at most
+`max_pinned` slots. So the slots that block a queued request are freed by work that does not
+wait for it.
+
+Counters (`CacheCounters`): a hit is a foreground acquire whose expert was READY or LEASED; every
+other non-NO_SLOT foreground acquire is a miss (a JOIN_LOADING also counts in `joins`), so
+hits + misses = foreground lookups. A background acquire (`foreground=False`: work ahead of need)
+leases like any other but counts only in `background_acquires`, and evicts only what a prefetch
+may evict. A slot loaded by a prefetch remembers it: its first foreground acquire (hit, or join of
+the in-flight read) counts `prefetch_used`; its eviction before any foreground use counts
+`prefetch_wasted`.
+
+Ties are deterministic: a FREE slot is taken lowest index first; among evictable slots the policy
+decides (LRU: least recently inserted or used).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Callable
+
+from mer.cache.policy import EvictionPolicy, LruPolicy
+from mer.errors import ConfigError, SlotStateError, StaleSlotError
+
+
+class SlotState(Enum):
+    FREE = "free"
+    LOADING = "loading"
+    READY = "ready"
+    LEASED = "leased"
+
+
+class AcquireKind(Enum):
+    HIT = "hit"  # resident and READY/LEASED: leased at once
+    JOIN_LOADING = "join_loading"  # its read is in flight: leased when it finishes
+    MISS_ASSIGNED = "miss_assigned"  # a slot was assigned: the caller starts the read
+    NO_SLOT = "no_slot"  # nothing evictable now: queue and retry after a release or finished read
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireResult:
+    """What `acquire` did. `slot`/`generation` are None only for NO_SLOT; `evicted_expert` only on MISS_ASSIGNED."""
+
+    kind: AcquireKind
+    slot: int | None = None
+    generation: int | None = None
+    evicted_expert: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A slot assigned to an expert for a prefetch read (generation already bumped)."""
+
+    slot: int
+    generation: int
+    expert_id: int
+    evicted_expert: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    """A snapshot of one slot, for stats and tests."""
+
+    slot: int
+    state: SlotState
+    expert_id: int | None
+    generation: int
+    lease_count: int
+    pending_leases: int
+    is_prefetched_unused: bool
+    last_token: int | None
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    hits: int = 0
+    misses: int = 0
+    joins: int = 0
+    evictions: int = 0
+    no_slot: int = 0
+    background_acquires: int = 0
+    prefetches_assigned: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    load_failures: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class _Slot:
+    state: SlotState = SlotState.FREE
+    expert_id: int | None = None
+    generation: int = 0
+    lease_count: int = 0
+    pending_leases: int = 0
+    is_prefetched_unused: bool = False
+    last_token: int | None = None
+
+
+class SlotTable:
+    """Slot states, the expert -> slot map, pins and counters; victims chosen by an `EvictionPolicy`."""
+
+    def __init__(self, num_slots: int, policy: EvictionPolicy | None = None, *, max_pinned: int = 0):
+        if num_slots < 1:
+            raise ConfigError(f"cache slots must be >= 1, got {num_slots}")
+        if not 0 <= max_pinned < num_slots:
+            raise ConfigError(f"max_pinned must be in [0, {num_slots - 1}] for {num_slots} slots, got {max_pinned}")
+        self.num_slots = num_slots
+        self.max_pinned = max_pinned
+        self.policy = policy if policy is not None else LruPolicy()
+        self.counters = CacheCounters()
+        self._slots = [_Slot() for _ in range(num_slots)]
+        self._free_slots = list(range(num_slots))  # a min-heap: lowest free index first
+        self._slot_of_expert: dict[int, int] = {}
+        self._pinned_experts: set[int] = set()
+
+    # ---- queries -------------------------------------------------------------------------------
+
+    def lookup(self, expert_id: int) -> int | None:
+        """The slot holding `expert_id` (LOADING, READY or LEASED), or None. Changes nothing."""
+        return self._slot_of_expert.get(expert_id)
+
+    def slot_info(self, slot: int) -> SlotInfo:
+        record = self._slots[self._check_index(slot)]
+        return SlotInfo(slot, record.state, record.expert_id, record.generation, record.lease_count,
+                        record.pending_leases, record.is_prefetched_unused, record.last_token)
+
+    def slot_infos(self) -> list[SlotInfo]:
+        return [self.slot_info(slot) for slot in range(self.num_slots)]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_slots)
+
+    # ---- foreground ----------------------------------------------------------------------------
+
+    def acquire(self, expert_id: int, token: int, foreground: bool = True) -> AcquireResult:
+        """Look up `expert_id` for a request of `token` and lease it (see the module docstring).
+
+        A background acquire (`foreground=False`, work ahead of need) leases the same way but counts
+        no lookup and no prefetch use, and may evict only what a prefetch may evict.
+        """
+        slot = self._slot_of_expert.get(expert_id)
+        if slot is not None:
+            return self._acquire_resident(slot, token, foreground)
+        if foreground:
+            taken = self._take_slot(self._is_evictable)
+        else:
+            taken = self._take_slot(lambda index: self._is_evictable(index, token=token))
+        if taken is None:
+            self.counters.no_slot += 1
+            return AcquireResult(AcquireKind.NO_SLOT)
+        slot, evicted_expert = taken
+        record = self._assign(slot, expert_id, token)
+        record.pending_leases = 1
+        self._count_lookup(foreground, is_hit=False)
+        return AcquireResult(AcquireKind.MISS_ASSIGNED, slot, record.generation, evicted_expert)
+
+    def finish_load(self, slot: int, generation: int, ok: bool) -> int:
+        """The read into `slot` ended. Returns the number of pending requests (leased if ok, to fail if not)."""
+        record = self._checked_slot(slot, generation, SlotState.LOADING, "finish_load")
+        waiters, record.pending_leases = record.pending_leases, 0
+        if ok:
+            record.lease_count = waiters
+            record.state = SlotState.LEASED if waiters else SlotState.READY
+            return waiters
+        self.counters.load_failures += 1
+        self._vacate(slot)
+        heapq.heappush(self._free_slots, slot)
+        return waiters
+
+    def release(self, slot: int, generation: int) -> None:
+        """Give back one lease of `slot`; raises StaleSlotError for another generation, SlotStateError if not leased."""
+        record = self._checked_slot(slot, generation, SlotState.LEASED, "release")
+        record.lease_count -= 1
+        if record.lease_count == 0:
+            record.state = SlotState.READY
+
+    # ---- prefetch ------------------------------------------------------------------------------
+
+    def can_admit_prefetch(self, expert_id: int, token: int) -> bool:
+        """Whether `assign_prefetch(expert_id, token)` would assign a slot."""
+        if expert_id in self._slot_of_expert:
+            return False
+        return bool(self._free_slots) or self._prefetch_victim(token) is not None
+
+    def assign_prefetch(self, expert_id: int, token: int) -> Assignment | None:
+        """Assign a FREE slot, or evict a READY one not used in `token`, for a prefetch read; None if not admitted."""
+        if expert_id in self._slot_of_expert:
+            return None
+        taken = self._take_slot(lambda index: self._is_evictable(index, token=token))
+        if taken is None:
+            return None
+        slot, evicted_expert = taken
+        record = self._assign(slot, expert_id, token)
+        record.is_prefetched_unused = True
+        self.counters.prefetches_assigned += 1
+        return Assignment(slot, record.generation, expert_id, evicted_expert)
+
+    # ---- pins ----------------------------------------------------------------------------------
+
+    def can_pin(self, expert_id: int) -> bool:
+        return expert_id in self._pinned_experts or len(self._pinned_experts) < self.max_pinned
+
+    def pin(self, expert_id: int) -> bool:
+        """Protect `expert_id`'s slot (now or once loaded) from eviction; False when `max_pinned` is reached."""
+        if not self.can_pin(expert_id):
+            return False
+        self._pinned_experts.add(expert_id)
+        return True
+
+    def unpin(self, expert_id: int) -> bool:
+        """Make `expert_id` evictable again; False if it was not pinned."""
+        if expert_id not in self._pinned_experts:
+            return False
+        self._pinned_experts.remove(expert_id)
+        return True
+
+    def is_pinned(self, expert_id: int) -> bool:
+        return expert_id in self._pinned_experts
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _acquire_resident(self, slot: int, token: int, foreground: bool) -> AcquireResult:
+        record = self._slots[slot]
+        if record.state is SlotState.LOADING:
+            record.pending_leases += 1
+            kind = AcquireKind.JOIN_LOADING
+        else:
+            record.lease_count += 1
+            record.state = SlotState.LEASED
+            kind = AcquireKind.HIT
+        self._count_lookup(foreground, is_hit=kind is AcquireKind.HIT)
+        if foreground and kind is AcquireKind.JOIN_LOADING:
+            self.counters.joins += 1
+        if foreground and record.is_prefetched_unused:
+            record.is_prefetched_unused = False
+            self.counters.prefetch_used += 1
+        record.last_token = token if record.last_token is None else max(record.last_token, token)
+        self.policy.record_access(slot, record.expert_id)
+        return AcquireResult(kind, slot, record.generation)
+
+    def _count_lookup(self, foreground: bool, is_hit: bool) -> None:
+        if not foreground:
+            self.counters.background_acquires += 1
+        elif is_hit:
+            self.counters.hits += 1
+        else:
+            self.counters.misses += 1
+
+    def _is_evictable(self, slot: int, token: int | None = None) -> bool:
+        """READY, unleased, unpinned; with `token` (prefetch) also not used in that or a later token."""
+        record = self._slots[slot]
+        if record.state is not SlotState.READY or record.expert_id in self._pinned_experts:
+            return False
+        return token is None or record.last_token is None or record.last_token < token
+
+    def _prefetch_victim(self, token: int) -> int | None:
+        return self.policy.choose_victim(lambda index: self._is_evictable(index, token=token))
+
+    def _take_slot(self, is_evictable: Callable[[int], bool]) -> tuple[int, int | None] | None:
+        """A FREE slot (lowest first), else an evicted victim: (slot, evicted expert or None), or None."""
+        if self._free_slots:
+            return heapq.heappop(self._free_slots), None
+        victim = self.policy.choose_victim(is_evictable)
+        if victim is None:
+            return None
+        if not is_evictable(victim):
+            raise SlotStateError(f"policy {self.policy.name!r} chose slot {victim}, which is not evictable")
+        record = self._slots[victim]
+        evicted_expert = record.expert_id
+        self.counters.evictions += 1
+        if record.is_prefetched_unused:
+            self.counters.prefetch_wasted += 1
+        self._vacate(victim)
+        return victim, evicted_expert
+
+    def _assign(self, slot: int, expert_id: int, token: int) -> _Slot:
+        record = self._slots[slot]
+        record.state = SlotState.LOADING
+        record.expert_id = expert_id
+        record.generation += 1
+        record.last_token = token
+        self._slot_of_expert[expert_id] = slot
+        self.policy.record_insert(slot, expert_id)
+        return record
+
+    def _vacate(self, slot: int) -> None:
+        """Forget the slot's expert: FREE, no leases; the generation is kept (it bumps on the next assign)."""
+        record = self._slots[slot]
+        self.policy.record_removal(slot, record.expert_id)
+        del self._slot_of_expert[record.expert_id]
+        record.state = SlotState.FREE
+        record.expert_id = None
+        record.lease_count = 0
+        record.pending_leases = 0
+        record.is_prefetched_unused = False
+        record.last_token = None
+
+    def _check_index(self, slot: int) -> int:
+        if not 0 <= slot < self.num_slots:
+            raise SlotStateError(f"slot {slot} out of range [0, {self.num_slots})")
+        return slot
+
+    def _checked_slot(self, slot: int, generation: int, state: SlotState, action: str) -> _Slot:
+        record = self._slots[self._check_index(slot)]
+        if record.generation != generation:
+            raise StaleSlotError(
+                f"{action} of slot {slot} generation {generation}: the slot is at generation {record.generation}"
+            )
+        if record.state is not state:
+            raise SlotStateError(f"{action} of slot {slot}: slot is {record.state.value}, expected {state.value}")
+        return record

@@ -1,0 +1,53 @@
+"""`mer-pipeline convert MODEL.gguf --out DIR`: turn a MoE GGUF into an expert store.
+
+stdout carries only the result (one line, or one JSON object with --json); progress (see
+`mer.cli.progress`) and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mer.cli.progress import ProgressDisplay
+from mer.expert_format import LAYOUTS
+from mer.logging_setup import configure_logging, get_logger
+from mer.store.convert import ConversionResult, convert_gguf
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a Mixture-of-Experts GGUF into an expert store",
+        description="Copy every expert's gate/up/down matrices from a MoE GGUF into an expert store, "
+                    "byte for byte (never requantized). Dense weights stay in the GGUF.",
+    )
+    parser.add_argument("model", metavar="MODEL.gguf",
+                        help="the GGUF file; for a split model NAME-00001-of-0000N.gguf (any part finds the rest)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the store directory to create (atomically)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="native",
+                        help="native: GGUF blocks verbatim (default); "
+                             "planar: blocks permuted losslessly for mer's kernels")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing store (or empty directory) at --out")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object {out, experts, bytes, seconds, source_hash} instead of a line")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging("mer-convert")
+    with ProgressDisplay("convert", enabled=not args.quiet) as display:
+        result = convert_gguf(args.model, args.out, layout=args.layout, force=args.force,
+                              start_phase=display.start_phase)
+    get_logger().info("convert_done", **result.to_dict())
+    print(json.dumps(result.to_dict()) if args.json else describe(result))
+    return 0
+
+
+def describe(result: ConversionResult) -> str:
+    """The one-line human result: experts, bytes (MiB), destination, time, rate and source hash."""
+    rate = result.nbytes / max(result.seconds, 1e-9) / 1e6
+    return (f"converted {result.num_experts} experts ({result.nbytes / 2**20:.1f} MiB) into {result.out} "
+            f"in {result.seconds:.2f} s ({rate:.0f} MB/s); source hash {result.source_hash}")

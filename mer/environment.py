@@ -1,0 +1,63 @@
+"""Environment variables: every one mer reads is read here, by `read_environment`.
+
+mer's own variables share the `MER_` prefix:
+
+- `MER_CACHE_DIR`: where generated data lives (the embedded demo store, ...); default
+  `$XDG_CACHE_HOME/mer`, else `~/.cache/mer`.
+- `MER_RUNTIME_DIR`: parent of the per-run runtime directories (ipc sockets, pid records); default
+  `$XDG_RUNTIME_DIR`, else `/tmp`.
+- `MER_LOG_LEVEL`: structlog level (debug, info, warning, error, critical); default `info`.
+
+The XDG base-directory variables are read here too, as the defaults above (relative XDG paths are
+ignored, as the XDG specification asks; a relative `MER_*` path is an error). Any other `MER_*`
+variable is reported in `Environment.unknown_variables` (a likely typo) for the caller to log.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from mer.errors import ConfigError
+
+PREFIX = "MER_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+KNOWN_VARIABLES = ("MER_CACHE_DIR", "MER_RUNTIME_DIR", "MER_LOG_LEVEL")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the environment tells mer; see the module docstring for each variable."""
+
+    cache_dir: Path
+    runtime_base_dir: Path
+    log_level: str
+    unknown_variables: tuple[str, ...] = ()
+
+
+def _first_path(environ: Mapping[str, str], names: tuple[str, ...], default: Path) -> Path:
+    """The path in the first of `names` that is set and non-empty, else `default`."""
+    for name in names:
+        value = environ.get(name)
+        if value:
+            path = Path(value).expanduser()
+            if path.is_absolute():
+                return path
+            if name.startswith(PREFIX):  # relative XDG paths are ignored, as the XDG spec says
+                raise ConfigError(f"environment variable {name}={value!r} must be an absolute path")
+    return default
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
+    """Read every variable mer uses from `environ` (the process environment by default)."""
+    environ = os.environ if environ is None else environ
+    cache_base = _first_path(environ, ("XDG_CACHE_HOME",), Path.home() / ".cache")
+    cache_dir = _first_path(environ, ("MER_CACHE_DIR",), cache_base / "mer")
+    runtime_base_dir = _first_path(environ, ("MER_RUNTIME_DIR", "XDG_RUNTIME_DIR"), Path("/tmp"))
+    log_level = environ.get("MER_LOG_LEVEL", "info").strip().lower() or "info"
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"environment variable MER_LOG_LEVEL={log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    unknown = tuple(sorted(name for name in environ if name.startswith(PREFIX) and name not in KNOWN_VARIABLES))
+    return Environment(cache_dir, runtime_base_dir, log_level, unknown)

@@ -1,0 +1,225 @@
+"""What every expert read backend shares: files, a two-level priority queue, and the life cycle.
+
+A backend (`UringReader`, `PreadvReader`) only says how to start a read (`_start`), how to hand
+started reads over in a batch (`_flush`), and how to free its kernel resources (`_release`).
+
+Life of a request::
+
+    submit() --> QUEUED (foreground queue, or prefetch queue)
+    QUEUED --pump: fewer than queue_depth in flight--> IN FLIGHT (kernel or thread)
+    QUEUED --cancel(future)--> future cancelled (nothing was read)
+    QUEUED --promote(future)--> moved to the foreground queue
+    IN FLIGHT --short read--> IN FLIGHT (the remainder is read)
+    IN FLIGHT --done--> future result ReadResult, or exception IoReadError
+
+The pump always takes foreground requests before prefetch requests, each queue in FIFO order.
+An in-flight read cannot be called back: its destination is written until it completes, even if
+its future was cancelled; `close()` waits for it.  All methods must be called from the thread of
+the running event loop the reader was opened in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from pathlib import Path
+
+from mer.errors import IoRequestError, StoreError
+from mer.io.read_request import PRIORITIES, Priority, ReadRequest, ReadResult, check_request
+from mer.logging_setup import get_logger
+
+log = get_logger()
+
+
+def open_files(paths: list[Path], o_direct: bool) -> list[int]:
+    """Open every file read-only (O_DIRECT when asked); close the ones opened if one fails."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if o_direct else 0)
+    fds: list[int] = []
+    try:
+        for path in paths:
+            fds.append(os.open(path, flags))
+    except OSError as error:
+        close_files(fds)
+        mode = " with O_DIRECT" if o_direct else ""
+        message = f"{error.filename}: cannot open for reading{mode}: [Errno {error.errno}] {error.strerror}"
+        raise StoreError(message) from None
+    except BaseException:
+        close_files(fds)
+        raise
+    return fds
+
+
+def close_files(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
+
+
+class ExpertReader(ABC):
+    """Reads byte ranges of expert files into caller-owned memory, several at a time."""
+
+    name: str = ""
+
+    def __init__(self, paths: list[Path], queue_depth: int, o_direct: bool, reason: str):
+        if queue_depth < 1:
+            raise IoRequestError(f"queue_depth must be at least 1, not {queue_depth}")
+        if not paths:
+            raise IoRequestError("an expert reader needs at least one file")
+        self.paths = [Path(path) for path in paths]
+        self.queue_depth = queue_depth
+        self.o_direct = o_direct
+        self.reason = reason
+        self._loop = asyncio.get_running_loop()
+        self._queues: dict[Priority, deque[ReadRequest]] = {priority: deque() for priority in PRIORITIES}
+        self._queued: dict[asyncio.Future, ReadRequest] = {}
+        self._num_in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._is_pump_scheduled = False
+        self._is_closed = False
+        self._fds = open_files(self.paths, o_direct)
+        self._file_sizes = [os.fstat(fd).st_size for fd in self._fds]
+
+    # ----- public interface -----
+
+    @property
+    def num_in_flight(self) -> int:
+        """Reads handed to the kernel or a thread and not completed yet."""
+        return self._num_in_flight
+
+    @property
+    def num_queued(self) -> int:
+        """Reads waiting for a free place in the queue depth."""
+        return len(self._queued)
+
+    def submit(
+        self,
+        file_index: int,
+        offset: int,
+        nbytes: int,
+        destination: memoryview,
+        priority: Priority = "foreground",
+    ) -> asyncio.Future[ReadResult]:
+        """Queue a read of `nbytes` at `offset` of file `file_index` into `destination`.
+
+        Returns a future of `ReadResult`, or of `IoReadError` (failure, short read, past the end).
+        Malformed requests raise `IoRequestError` at once.
+        """
+        if self._is_closed:
+            raise IoRequestError(f"{self.name} reader is closed")
+        if not 0 <= file_index < len(self.paths):
+            raise IoRequestError(f"file index {file_index} out of range: the reader has {len(self.paths)} files")
+        path = self.paths[file_index]
+        view = check_request(path, offset, nbytes, destination, priority, self.o_direct)
+        future: asyncio.Future[ReadResult] = self._loop.create_future()
+        request = ReadRequest(file_index, path, offset, nbytes, view, priority, future)
+        if offset + nbytes > self._file_sizes[file_index]:
+            request.nbytes_done = max(0, self._file_sizes[file_index] - offset)
+            future.set_exception(request.short_read_error())
+            return future
+        self._queues[priority].append(request)
+        self._queued[future] = request
+        self._schedule_pump()
+        return future
+
+    def cancel(self, future: asyncio.Future) -> bool:
+        """Cancel a read that has not started; False if it is in flight or done."""
+        request = self._queued.pop(future, None)
+        if request is None:
+            return False
+        self._queues[request.priority].remove(request)
+        future.cancel()
+        return True
+
+    def promote(self, future: asyncio.Future) -> bool:
+        """Move a queued prefetch read to the end of the foreground queue; False if not queued."""
+        request = self._queued.get(future)
+        if request is None or request.priority == "foreground":
+            return False
+        self._queues["prefetch"].remove(request)
+        request.priority = "foreground"
+        self._queues["foreground"].append(request)
+        return True
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Cancel queued reads, wait up to `timeout_s` for in-flight ones, free every resource.
+
+        Reads still in flight after the timeout (a hung device) are logged and abandoned: the
+        kernel may still write their destinations later.
+        """
+        if self._is_closed:
+            return
+        self._is_closed = True
+        for future in list(self._queued):
+            self.cancel(future)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("io_reader_close_timeout", backend=self.name, in_flight=self._num_in_flight)
+        self._release()
+        close_files(self._fds)
+
+    async def __aenter__(self) -> "ExpertReader":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    # ----- for the backends -----
+
+    @abstractmethod
+    def _start(self, request: ReadRequest) -> None:
+        """Hand the unread part of `request` to the kernel or a thread (may be batched)."""
+
+    def _flush(self) -> None:
+        """Hand over what `_start` batched (io_uring: one submit for many reads)."""
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Free the backend's kernel resources; no read is in flight."""
+
+    def _schedule_pump(self) -> None:
+        if not self._is_pump_scheduled:
+            self._is_pump_scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Start queued reads, foreground first, while fewer than queue_depth are in flight."""
+        self._is_pump_scheduled = False
+        num_started = 0
+        while self._num_in_flight < self.queue_depth and self._queued:
+            request = self._next_queued()
+            self._queued.pop(request.future)
+            if request.future.done():
+                continue
+            request.started_ns = time.perf_counter_ns()
+            self._num_in_flight += 1
+            self._idle.clear()
+            try:
+                self._start(request)
+            except OSError as error:
+                self._finish(request, request.os_error(error.errno or 0, error.strerror or str(error)))
+                continue
+            num_started += 1
+        if num_started:
+            self._flush()
+
+    def _next_queued(self) -> ReadRequest:
+        foreground = self._queues["foreground"]
+        return foreground.popleft() if foreground else self._queues["prefetch"].popleft()
+
+    def _finish(self, request: ReadRequest, error: BaseException | None = None) -> None:
+        """End an in-flight request with its result or `error`, and start the next queued ones."""
+        self._num_in_flight -= 1
+        if self._num_in_flight == 0:
+            self._idle.set()
+        if not request.future.done():
+            if error is None:
+                request.future.set_result(request.result())
+            else:
+                request.future.set_exception(error)
+        if self._queued:
+            self._schedule_pump()

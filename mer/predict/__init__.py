@@ -1,0 +1,1 @@
+"""Predictors: from the routing decisions seen so far, which experts will be wanted next."""

@@ -1,0 +1,47 @@
+"""The typed, versioned message protocol of the process graph (docs/pipeline.md, "Messages").
+
+Every message is declared in `mer.protocol.messages`; `encode` / `decode` turn them into ZeroMQ
+frames and back (`mer.protocol.codec`); errors cross processes via `mer.protocol.remote_errors`.
+"""
+
+from mer.protocol.codec import ARRAY_KEY, decode, encode
+from mer.protocol.messages import (
+    MESSAGE_TYPES,
+    Acquire,
+    Activations,
+    ArraySpec,
+    ChildFailed,
+    ComputeItem,
+    ComputeJob,
+    ComputeResult,
+    ErrorReply,
+    Hello,
+    IoStats,
+    JobDone,
+    JsonMap,
+    Message,
+    MessageKind,
+    Partials,
+    PrefetchHint,
+    PrefetchHints,
+    Ready,
+    Release,
+    RoutingObserved,
+    ScalarMap,
+    Shutdown,
+    SliceRange,
+    SlotGrant,
+    SlotRef,
+    SlotsReady,
+    StartJob,
+    StatsRequest,
+)
+from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, error_type_name, raise_remote
+
+__all__ = [
+    "ARRAY_KEY", "MESSAGE_TYPES", "Acquire", "Activations", "ArraySpec", "ChildFailed", "ComputeItem",
+    "ComputeJob", "ComputeResult", "ErrorFields", "ErrorReply", "Hello", "IoStats", "JobDone", "JsonMap",
+    "Message", "MessageKind", "Partials", "PrefetchHint", "PrefetchHints", "Ready", "Release",
+    "RoutingObserved", "ScalarMap", "Shutdown", "SliceRange", "SlotGrant", "SlotRef", "SlotsReady", "StartJob",
+    "StatsRequest", "decode", "encode", "error_fields", "error_reply", "error_type_name", "raise_remote",
+]

@@ -1,0 +1,319 @@
+"""Every message of the process graph, declared once (docs/pipeline.md, "Messages").
+
+A message is a frozen dataclass registered with `@message(kind)`: it gets a `KIND` (a
+`MessageKind`) and a `VERSION`. On the wire its fields travel in declaration order, so a field is
+only ever added at the end (and the version bumped). Field annotations are the wire schema that
+`mer.protocol.codec` checks on receipt:
+
+- `int`, `float`, `str`, `bool`; `list[T]`; a record (`NamedTuple`) travels as a list of its fields;
+- `ScalarMap` (str -> int | float | str | bool | None) and `JsonMap` (str -> JSON-like values);
+- `Annotated[np.ndarray, ArraySpec(...)]`: a numpy array sent as its own zero-copy frame.
+
+Weights never travel in messages: compute work names slots by `(expert_id, slot, generation)`.
+"""
+
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Annotated, Any, NamedTuple, dataclass_transform
+
+import numpy as np
+
+from mer.errors import ProtocolError
+
+
+class MessageKind(IntEnum):
+    """The one-byte tag in frame 0 that names a message type."""
+
+    HELLO = 1
+    READY = 2
+    CHILD_FAILED = 3
+    SHUTDOWN = 4
+    JOB_DONE = 5
+    START_JOB = 6
+    ACQUIRE = 10
+    SLOTS_READY = 11
+    RELEASE = 12
+    PREFETCH_HINTS = 13
+    STATS_REQUEST = 14
+    IO_STATS = 15
+    COMPUTE_JOB = 20
+    COMPUTE_RESULT = 21
+    ROUTING_OBSERVED = 30
+    ERROR_REPLY = 40
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What an array field must be: its dtype and one name per axis (the axis count is fixed)."""
+
+    dtype: str
+    axes: tuple[str, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype).newbyteorder("<")
+
+
+class MapValues(IntEnum):
+    """What the values of a `dict` field may be (keys are always strings)."""
+
+    SCALARS = 1  # int, float, str, bool or None
+    JSON = 2  # scalars, lists and str-keyed dicts of them, nested
+
+
+ScalarMap = Annotated[dict[str, Any], MapValues.SCALARS]
+JsonMap = Annotated[dict[str, Any], MapValues.JSON]
+Activations = Annotated[np.ndarray, ArraySpec("float32", ("batch", "d_model"))]
+Partials = Annotated[np.ndarray, ArraySpec("float32", ("items", "slices", "batch", "d_model"))]
+
+
+class SlotRef(NamedTuple):
+    """A reference to the expert held in a slot; valid while the slot keeps this generation."""
+
+    expert_id: int
+    slot: int
+    generation: int
+
+
+class SlotGrant(NamedTuple):
+    """A leased slot, with how it was found: a hit, or a miss with its read latency."""
+
+    expert_id: int
+    slot: int
+    generation: int
+    hit: bool
+    read_us: float  # 0 for a hit
+    joined_prefetch: bool  # a miss that waited on a prefetch already in flight
+
+    @property
+    def ref(self) -> SlotRef:
+        return SlotRef(self.expert_id, self.slot, self.generation)
+
+
+class ComputeItem(NamedTuple):
+    """One expert of a compute job: where its payload lies and which MoE layer it belongs to."""
+
+    expert_id: int
+    slot: int
+    generation: int
+    moe_layer: int
+
+
+class SliceRange(NamedTuple):
+    """A half-open range `[start, stop)` of d_ff rows."""
+
+    start: int
+    stop: int
+
+
+class PrefetchHint(NamedTuple):
+    """An expert the predictor expects soon; a higher score means more confident."""
+
+    expert_id: int
+    score: float
+
+
+MESSAGE_TYPES: dict[MessageKind, type] = {}
+
+
+@dataclass_transform(frozen_default=True)
+def message(kind: MessageKind, version: int = 1):
+    """Class decorator: make a frozen dataclass, tag it with `kind` and `version`, register it."""
+
+    def register(cls):
+        if kind in MESSAGE_TYPES:
+            raise TypeError(f"message kind {kind.name} is declared twice")
+        cls = dataclass(frozen=True, slots=True)(cls)
+        cls.KIND = kind
+        cls.VERSION = version
+        MESSAGE_TYPES[kind] = cls
+        return cls
+
+    return register
+
+
+def _equal_with_arrays(self, other) -> bool:
+    """Field-wise equality in which arrays compare by dtype, shape and values."""
+    if type(other) is not type(self):
+        return NotImplemented
+    for field in fields(self):
+        mine, theirs = getattr(self, field.name), getattr(other, field.name)
+        if isinstance(mine, np.ndarray):
+            if mine.dtype != theirs.dtype or mine.shape != theirs.shape or not np.array_equal(mine, theirs):
+                return False
+        elif mine != theirs:
+            return False
+    return True
+
+
+# --- control.sock: handshake and shutdown ---------------------------------------------------------
+
+
+@message(MessageKind.HELLO)
+class Hello:
+    """A child's first word after it starts: who it is."""
+
+    name: str
+    pid: int
+
+
+@message(MessageKind.READY)
+class Ready:
+    """A child finished initialising; `info` holds what the supervisor logs (backend, slots...)."""
+
+    name: str
+    pid: int
+    info: ScalarMap
+
+
+@message(MessageKind.CHILD_FAILED)
+class ChildFailed:
+    """A child hit a fatal error (in start-up or later) and is about to exit."""
+
+    name: str
+    error_type: str
+    message: str
+    traceback: str
+
+
+@message(MessageKind.SHUTDOWN)
+class Shutdown:
+    """The supervisor asks a child to drain and exit."""
+
+    reason: str
+
+
+@message(MessageKind.JOB_DONE)
+class JobDone:
+    """The router finished its job; `summary` is the run summary."""
+
+    summary: JsonMap
+
+
+@message(MessageKind.START_JOB)
+class StartJob:
+    """The supervisor tells the router that every child is ready and the job may start."""
+
+    job: JsonMap
+
+
+# --- io.sock: slot leases and prefetch ------------------------------------------------------------
+
+
+@message(MessageKind.ACQUIRE)
+class Acquire:
+    """Lease slots holding `expert_ids` for `token`, reading the missing ones."""
+
+    request_id: int
+    token: int
+    expert_ids: list[int]
+    foreground: bool
+
+
+@message(MessageKind.SLOTS_READY)
+class SlotsReady:
+    """Answer to `Acquire`: one grant per requested expert, in request order."""
+
+    request_id: int
+    refs: list[SlotGrant]
+
+
+@message(MessageKind.RELEASE)
+class Release:
+    """Return leases taken with `Acquire`."""
+
+    refs: list[SlotRef]
+
+
+@message(MessageKind.PREFETCH_HINTS)
+class PrefetchHints:
+    """Experts worth loading ahead of `token`, from the named predictor `source`."""
+
+    token: int
+    hints: list[PrefetchHint]
+    source: str
+
+
+@message(MessageKind.STATS_REQUEST)
+class StatsRequest:
+    """Ask the I/O worker for its counters."""
+
+    request_id: int
+
+
+@message(MessageKind.IO_STATS)
+class IoStats:
+    """Answer to `StatsRequest`: the I/O worker's counters and latency figures."""
+
+    request_id: int
+    stats: JsonMap
+
+
+# --- compute.sock: SwiGLU on slot payloads --------------------------------------------------------
+
+
+@message(MessageKind.COMPUTE_JOB)
+class ComputeJob:
+    """Compute every `(item, slice)` pair assigned to the receiving worker on hidden states `x`."""
+
+    job_id: int
+    items: list[ComputeItem]
+    slices: list[SliceRange]
+    x: Activations
+
+    __eq__ = _equal_with_arrays
+
+    def check(self) -> None:
+        for index, (start, stop) in enumerate(self.slices):
+            if not 0 <= start < stop:
+                raise ProtocolError(f"ComputeJob.slices[{index}]: [{start}, {stop}) is not a non-empty range")
+
+
+@message(MessageKind.COMPUTE_RESULT)
+class ComputeResult:
+    """One partial d_model vector per (item, slice, batch row) of a `ComputeJob`."""
+
+    job_id: int
+    worker: int
+    partials: Partials
+    compute_us: float
+
+    __eq__ = _equal_with_arrays
+
+
+# --- observe.sock: routing history for the predictor ----------------------------------------------
+
+
+@message(MessageKind.ROUTING_OBSERVED)
+class RoutingObserved:
+    """The router's routing decision for one token and MoE layer."""
+
+    token: int
+    layer: int
+    expert_ids: list[int]
+    weights: list[float]
+
+    def check(self) -> None:
+        if len(self.expert_ids) != len(self.weights):
+            raise ProtocolError(
+                f"RoutingObserved: {len(self.expert_ids)} expert_ids but {len(self.weights)} weights"
+            )
+
+
+# --- any request/reply socket ---------------------------------------------------------------------
+
+
+@message(MessageKind.ERROR_REPLY)
+class ErrorReply:
+    """A request failed on the other side; raise it locally with `raise_remote`."""
+
+    request_id: int
+    error_type: str
+    message: str
+    traceback: str
+
+
+Message = (
+    Hello | Ready | ChildFailed | Shutdown | JobDone | StartJob | Acquire | SlotsReady | Release | PrefetchHints
+    | StatsRequest | IoStats | ComputeJob | ComputeResult | RoutingObserved | ErrorReply
+)

@@ -1,0 +1,180 @@
+"""Quantized matrix times activations, straight on a matrix's stored bytes.
+
+    out = matmul(matrix, data, x, rows=slice(...), columns=slice(...), threads=1)
+
+computes `out[t, i] = sum_j W[rows.start + i, columns.start + j] * x[t, j]` for the matrix `W`
+described by `matrix` (a `MatrixSpec`: dtype, shape, layout) whose bytes are `data`, without
+dequantizing it as a whole and without touching the bytes outside the slices:
+
+- q4_0 and q8_0 ("native" or "planar" layout): `x` is first rounded to q8_0 per 32-block (as
+  llama.cpp does, `mer.quant.activation`), then exact integer block dots are scaled and summed
+  in float32 (`kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_portable`);
+- q4_k, q5_k, q6_k, f32, f16, bf16: each row is dequantized into a float32 buffer and dotted
+  with the float32 `x` (`matmul_generic`).
+
+`threads` > 1 runs the rows on numba's thread pool (never together with a BLAS pool); 1 runs in
+the calling thread and starts no pool.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from mer.errors import ShapeError, UnsupportedDTypeError
+from mer.expert_format import MatrixSpec
+from mer.quant import planar as planar_layout
+from mer.quant.activation import BLOCKS_PER_GROUP, QuantizedActivation, quantize_activation
+from mer.quant.matmul_generic import DTYPE_CODES, dequantizing_matmul, dequantizing_matmul_parallel
+from mer.quant.matmul_quantized import (
+    VNNI_KERNEL_CODES,
+    portable_matmul,
+    portable_matmul_parallel,
+    vnni_matmul,
+    vnni_matmul_parallel,
+)
+from mer.quant.vector_ir import has_vnni_kernels
+
+FUSED_DTYPES = tuple(BLOCKS_PER_GROUP)
+CHUNKS_PER_THREAD = 4
+KERNELS = ("auto", "vnni", "portable")
+Activation = np.ndarray | QuantizedActivation
+
+
+def uses_quantized_activation(dtype: str) -> bool:
+    """True when `dtype`'s kernel rounds its input to q8_0 (q4_0, q8_0)."""
+    return dtype in FUSED_DTYPES
+
+
+def prepare_activation(dtype: str, x: np.ndarray) -> Activation:
+    """`x` (float32 `[batch, n]`) as the input of a `dtype` matmul; reusable for several
+    matrices of that dtype and the same columns (gate and up)."""
+    rows = _float_rows(x)
+    if uses_quantized_activation(dtype):
+        return quantize_activation(rows, dtype)
+    return rows
+
+
+def _float_rows(x: np.ndarray) -> np.ndarray:
+    array = np.asarray(x)
+    if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
+        raise ShapeError(f"activation must be a float array of 1 or 2 dimensions, got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(np.atleast_2d(array), dtype=np.float32)
+
+
+def _checked_range(part: slice | None, size: int, what: str, quantum: int = 1) -> tuple[int, int]:
+    if part is None:
+        return 0, size
+    start, stop = part.start or 0, size if part.stop is None else part.stop
+    if part.step not in (None, 1) or not 0 <= start < stop <= size or start % quantum or stop % quantum:
+        raise ShapeError(
+            f"{what} slice {part} must be a non-empty, step-1 range inside 0..{size}"
+            + (f" whose ends are multiples of {quantum}" if quantum > 1 else "")
+        )
+    return start, stop
+
+
+def _activation_columns(activation: Activation) -> int:
+    if isinstance(activation, QuantizedActivation):
+        return activation.num_blocks * 32
+    return int(activation.shape[1])
+
+
+def matmul(
+    matrix: MatrixSpec,
+    data: np.ndarray,
+    x: np.ndarray | QuantizedActivation,
+    *,
+    rows: slice | None = None,
+    columns: slice | None = None,
+    threads: int = 1,
+    kernel: str = "auto",
+) -> np.ndarray:
+    """`W[rows, columns] · x[t]` for each token t: float32 `[batch, num_rows]` (`[num_rows]`
+    when `x` is 1-D). `x` is float32 `[batch, num_columns]` or a `prepare_activation` result.
+
+    `kernel` picks the q4_0/q8_0 implementation: "auto" (VNNI where the CPU has it), "vnni" or
+    "portable"; the other dtypes ignore it.
+    """
+    dtype = matrix.dtype_info
+    if kernel not in KERNELS or (kernel == "vnni" and not has_vnni_kernels()):
+        raise UnsupportedDTypeError(f"kernel {kernel!r} is not one of {KERNELS} available on this CPU")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size != matrix.nbytes:
+        raise ShapeError(f"matrix {matrix.name}: expected {matrix.nbytes} uint8 bytes, got {getattr(data, 'size', data)}")
+    row_start, row_stop = _checked_range(rows, matrix.rows, f"matrix {matrix.name} row")
+    column_start, column_stop = _checked_range(columns, matrix.columns, f"matrix {matrix.name} column", dtype.block_size)
+    is_vector = isinstance(x, np.ndarray) and x.ndim == 1
+    activation = x if isinstance(x, QuantizedActivation) else prepare_activation(dtype.name, x)
+    if _activation_columns(activation) != column_stop - column_start:
+        raise ShapeError(
+            f"matrix {matrix.name}: activation has {_activation_columns(activation)} columns, "
+            f"the column range {column_start}..{column_stop} has {column_stop - column_start}"
+        )
+    if uses_quantized_activation(dtype.name) != isinstance(activation, QuantizedActivation) or (
+        isinstance(activation, QuantizedActivation) and activation.weight_dtype != dtype.name
+    ):
+        raise UnsupportedDTypeError(f"matrix {matrix.name} ({dtype.name}): activation prepared for another dtype")
+    batch = activation.batch if isinstance(activation, QuantizedActivation) else activation.shape[0]
+    out = np.empty((batch, row_stop - row_start), dtype=np.float32)
+    block_range = (column_start // dtype.block_size, (column_stop - column_start) // dtype.block_size)
+    flat = data.reshape(-1)
+    if isinstance(activation, QuantizedActivation):
+        use_vnni = kernel == "vnni" or (kernel == "auto" and has_vnni_kernels())
+        _fused_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads, use_vnni)
+    else:
+        _dequantizing_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads)
+    return out[0] if is_vector else out
+
+
+def block_addressing(matrix: MatrixSpec, block_start: int, num_blocks: int) -> tuple[int, ...]:
+    """The `addressing` tuple of `matmul_quantized` for a q4_0/q8_0 matrix's block range."""
+    dtype = matrix.dtype_info
+    blocks_per_row = matrix.columns // dtype.block_size
+    if matrix.layout == "planar":
+        quant_bytes = planar_layout.quant_bytes_per_block(dtype.name)
+        scales_base = planar_layout.scales_offset(dtype.name, matrix.rows, matrix.columns)
+        return (0, quant_bytes, scales_base, planar_layout.SCALE_BYTES, blocks_per_row, block_start, num_blocks)
+    return (planar_layout.SCALE_BYTES, dtype.type_size, 0, dtype.type_size, blocks_per_row, block_start, num_blocks)
+
+
+def _num_threads(threads: int) -> int:
+    if threads < 1:
+        raise ShapeError(f"threads must be at least 1, got {threads}")
+    return min(threads, numba.config.NUMBA_NUM_THREADS)
+
+
+def _fused_matmul(matrix, data, activation, row_start, row_stop, block_range, out, threads, use_vnni) -> None:  # type: ignore[no-untyped-def]
+    addressing = block_addressing(matrix, *block_range)
+    quants, scales = activation.quants, activation.block_scales
+    num_threads = _num_threads(threads)
+    if use_vnni:
+        code = VNNI_KERNEL_CODES[(matrix.dtype_info.name, matrix.layout == "planar")]
+        if num_threads == 1:
+            vnni_matmul(data, addressing, row_start, row_stop, quants, scales, out, code)
+        else:
+            numba.set_num_threads(num_threads)
+            vnni_matmul_parallel(data, addressing, row_start, row_stop, quants, scales, out, code, num_threads * CHUNKS_PER_THREAD)
+        return
+    is_q4_0 = matrix.dtype_info.name == "q4_0"
+    if num_threads == 1:
+        portable_matmul(data, addressing, row_start, row_stop, quants, scales, out, is_q4_0)
+    else:
+        numba.set_num_threads(num_threads)
+        portable_matmul_parallel(data, addressing, row_start, row_stop, quants, scales, out, is_q4_0, num_threads * CHUNKS_PER_THREAD)
+
+
+def _dequantizing_matmul(matrix, data, x, row_start, row_stop, block_range, out, threads) -> None:  # type: ignore[no-untyped-def]
+    dtype = matrix.dtype_info
+    if matrix.layout == "planar" and planar_layout.has_planar_form(dtype.name):
+        raise UnsupportedDTypeError(f"matrix {matrix.name}: planar {dtype.name} goes through the fused kernel")
+    row_bytes = dtype.row_nbytes(matrix.columns)
+    byte_start, byte_count = block_range[0] * dtype.type_size, block_range[1] * dtype.type_size
+    code = DTYPE_CODES[dtype.name]
+    num_threads = _num_threads(threads)
+    if num_threads == 1:
+        dequantizing_matmul(code, data, row_bytes, byte_start, byte_count, row_start, row_stop, x, out)
+    else:
+        numba.set_num_threads(num_threads)
+        dequantizing_matmul_parallel(
+            code, data, row_bytes, byte_start, byte_count, row_start, row_stop, x, out, num_threads * CHUNKS_PER_THREAD
+        )

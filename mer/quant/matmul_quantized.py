@@ -1,0 +1,140 @@
+"""Row loops of the q4_0 / q8_0 matmul: `out[t, r] = weights[row r, block range] · activation[t]`.
+
+The VNNI kernel takes rows two at a time and tokens eight at a time (a row pair's groups stay in
+registers while 16 accumulators are updated), then the leftovers in smaller steps; the portable
+kernel goes row by row, token by token. Rows are split into chunks over numba's threads in the
+`*_parallel` variants (the only ones that start numba's thread pool).
+
+`addressing` = (quants_base, quant_stride, scales_base, scale_stride, blocks_per_row,
+block_start, num_blocks): block `b` of row `r` (counted from the row start) has its quants at
+byte `quants_base + (r * blocks_per_row + b) * quant_stride` of the matrix bytes and its f16
+scale at `scales_base + (r * blocks_per_row + b) * scale_stride`; each row's blocks
+[block_start, block_start + num_blocks) are used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import literally, njit, prange
+
+from mer.quant.kernels_portable import portable_row_dot_q4_0, portable_row_dot_q8_0
+from mer.quant.kernels_vnni import vnni_dot
+
+_FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
+
+# Kernel codes of the VNNI entry points (numba entry points called from Python cannot take the
+# compile-time constants the intrinsic needs).
+VNNI_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3}
+
+
+@njit(**_FAST)
+def _store(out, token, column, num_rows, num_tokens, results):  # type: ignore[no-untyped-def]
+    """Write a (row-major rows x tokens) result tuple to `out[token + t, column + r]`."""
+    for row in range(num_rows):
+        for index in range(num_tokens):
+            out[token + index, column + row] = results[row * num_tokens + index]
+
+
+@njit(**_FAST)
+def _vnni_row_block(weights, addressing, row, num_rows, quants, scales, out, column, dtype, planar):  # type: ignore[no-untyped-def]
+    """All tokens of `num_rows` (1 or 2, a literal) rows starting at `row`."""
+    literally(dtype)
+    literally(planar)
+    literally(num_rows)
+    quants_base, quant_stride, scales_base, scale_stride, blocks_per_row, block_start, num_blocks = addressing
+    first_block = row * blocks_per_row + block_start
+    quants_at = quants_base + first_block * quant_stride
+    scales_at = scales_base + first_block * scale_stride
+    row_quant_stride = blocks_per_row * quant_stride
+    row_scale_stride = blocks_per_row * scale_stride
+    batch = quants.shape[1]
+    token = 0
+    while batch - token >= 8:
+        results8 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
+                            quants, scales, batch, token, dtype, planar, num_rows, 8)
+        _store(out, token, column, num_rows, 8, results8)
+        token += 8
+    if batch - token >= 4:
+        results4 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
+                            quants, scales, batch, token, dtype, planar, num_rows, 4)
+        _store(out, token, column, num_rows, 4, results4)
+        token += 4
+    if batch - token >= 2:
+        results2 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
+                            quants, scales, batch, token, dtype, planar, num_rows, 2)
+        _store(out, token, column, num_rows, 2, results2)
+        token += 2
+    if batch - token >= 1:
+        results1 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
+                            quants, scales, batch, token, dtype, planar, num_rows, 1)
+        _store(out, token, column, num_rows, 1, results1)
+
+
+@njit(**_FAST)
+def _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, dtype, planar):  # type: ignore[no-untyped-def]
+    literally(dtype)
+    literally(planar)
+    row = row_start
+    while row_stop - row >= 2:
+        _vnni_row_block(weights, addressing, row, 2, quants, scales, out, row - out_row_base, dtype, planar)
+        row += 2
+    if row < row_stop:
+        _vnni_row_block(weights, addressing, row, 1, quants, scales, out, row - out_row_base, dtype, planar)
+
+
+@njit(**_FAST)
+def _vnni_rows_by_code(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, kernel_code):  # type: ignore[no-untyped-def]
+    if kernel_code == 0:
+        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q4_0", True)
+    elif kernel_code == 1:
+        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q4_0", False)
+    elif kernel_code == 2:
+        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q8_0", True)
+    else:
+        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q8_0", False)
+
+
+@njit(**_FAST)
+def vnni_matmul(weights, addressing, row_start, row_stop, quants, scales, out, kernel_code):  # type: ignore[no-untyped-def]
+    """`out[t, r - row_start]` for rows [row_start, row_stop), one thread (see VNNI_KERNEL_CODES)."""
+    _vnni_rows_by_code(weights, addressing, row_start, row_stop, quants, scales, out, row_start, kernel_code)
+
+
+@njit(parallel=True, **_FAST)
+def vnni_matmul_parallel(weights, addressing, row_start, row_stop, quants, scales, out, kernel_code, num_chunks):  # type: ignore[no-untyped-def]
+    """`vnni_matmul` with the rows split into `num_chunks` even-sized chunks on numba's threads."""
+    num_pairs = (row_stop - row_start + 1) // 2
+    for chunk in prange(num_chunks):
+        start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
+        stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
+        _vnni_rows_by_code(weights, addressing, start, stop, quants, scales, out, row_start, kernel_code)
+
+
+@njit(**_FAST)
+def portable_matmul(weights, addressing, row_start, row_stop, quants, scales, out, is_q4_0):  # type: ignore[no-untyped-def]
+    """`out[t, r - row_start]` for rows [row_start, row_stop) with the portable kernel, one thread."""
+    quants_base, quant_stride, scales_base, scale_stride, blocks_per_row, block_start, num_blocks = addressing
+    for row in range(row_start, row_stop):
+        first_block = row * blocks_per_row + block_start
+        quants_at = quants_base + first_block * quant_stride
+        scales_at = scales_base + first_block * scale_stride
+        for token in range(quants.shape[1]):
+            if is_q4_0:
+                value = portable_row_dot_q4_0(
+                    weights, quants_at, quant_stride, scales_at, scale_stride, num_blocks, quants, scales, token
+                )
+            else:
+                value = portable_row_dot_q8_0(
+                    weights, quants_at, quant_stride, scales_at, scale_stride, num_blocks, quants, scales, token
+                )
+            out[token, row - row_start] = value
+
+
+@njit(parallel=True, **_FAST)
+def portable_matmul_parallel(weights, addressing, row_start, row_stop, quants, scales, out, is_q4_0, num_chunks):  # type: ignore[no-untyped-def]
+    """`portable_matmul` with the rows split into `num_chunks` chunks on numba's threads."""
+    num_rows = row_stop - row_start
+    for chunk in prange(num_chunks):
+        start = row_start + chunk * num_rows // num_chunks
+        stop = row_start + (chunk + 1) * num_rows // num_chunks
+        portable_matmul(weights, addressing, start, stop, quants, scales, out[:, start - row_start : stop - row_start], is_q4_0)

@@ -1,0 +1,152 @@
+"""LLVM vector IR building blocks for the numba intrinsics of the q4_0 and q8_0 kernels.
+
+numba has no vector types, so the hot loops of `mer.quant.kernels_vnni` are written as LLVM IR
+with these helpers: 512-bit loads (plain or masked), the AVX-512 VNNI byte dot product
+`vpdpbusd` (unsigned bytes times signed bytes, four adjacent products summed into each int32
+lane), f16 to f32 widening and horizontal sums. The IR is only emitted when the host CPU has
+the instructions (`has_vnni_kernels()`); elsewhere the portable numba kernels run.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba.core import cgutils
+
+INT1 = ir.IntType(1)
+INT8 = ir.IntType(8)
+INT16 = ir.IntType(16)
+INT32 = ir.IntType(32)
+INT64 = ir.IntType(64)
+FLOAT = ir.FloatType()
+HALF = ir.HalfType()
+REQUIRED_CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c")
+
+
+@lru_cache(maxsize=1)
+def has_vnni_kernels() -> bool:
+    """True when the host CPU runs AVX-512 BW + VNNI + F16C code (the fast q4_0/q8_0 kernels)."""
+    features = llvm_binding.get_host_cpu_features()
+    return all(features.get(name, False) for name in REQUIRED_CPU_FEATURES)
+
+
+def vector(element: ir.Type, count: int) -> ir.VectorType:
+    return ir.VectorType(element, count)
+
+
+def splat(builder: ir.IRBuilder, value: ir.Value, count: int) -> ir.Value:
+    """A vector of `count` copies of a scalar."""
+    single = builder.insert_element(ir.Constant(vector(value.type, 1), None), value, INT32(0))
+    return builder.shuffle_vector(single, single, ir.Constant(vector(INT32, count), [0] * count))
+
+
+def element_pointer(builder: ir.IRBuilder, base: ir.Value, index: ir.Value) -> ir.Value:
+    """`base + index` elements (index an i64)."""
+    return builder.gep(base, [index])
+
+
+def load_vector(builder: ir.IRBuilder, pointer: ir.Value, vector_type: ir.VectorType) -> ir.Value:
+    """An unaligned load of a whole vector from `pointer`."""
+    return builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=1)
+
+
+def _intrinsic_type_name(vector_type: ir.VectorType) -> str:
+    element = vector_type.element
+    if isinstance(element, ir.IntType):
+        name = f"i{element.width}"
+    elif isinstance(element, ir.HalfType):
+        name = "f16"
+    else:
+        name = "f32"
+    return f"v{vector_type.count}{name}"
+
+
+def masked_load_vector(
+    builder: ir.IRBuilder, pointer: ir.Value, vector_type: ir.VectorType, mask: ir.Value
+) -> ir.Value:
+    """Load the lanes of `vector_type` where `mask` is set, zero elsewhere; never touches the
+    memory of the masked-off lanes (so it may run past the end of a buffer)."""
+    type_name = _intrinsic_type_name(vector_type)
+    function_type = ir.FunctionType(
+        vector_type, [vector_type.as_pointer(), INT32, vector(INT1, vector_type.count), vector_type]
+    )
+    function = cgutils.get_or_insert_function(
+        builder.module, function_type, f"llvm.masked.load.{type_name}.p0"
+    )
+    typed_pointer = builder.bitcast(pointer, vector_type.as_pointer())
+    return builder.call(function, [typed_pointer, INT32(1), mask, ir.Constant(vector_type, None)])
+
+
+def lanes_below(builder: ir.IRBuilder, count: int, limit: ir.Value) -> ir.Value:
+    """An i1 mask of `count` lanes, lane i set when i < limit (limit an i64)."""
+    lane_numbers = ir.Constant(vector(INT64, count), list(range(count)))
+    return builder.icmp_unsigned("<", lane_numbers, splat(builder, limit, count))
+
+
+def dot_unsigned_signed_bytes(
+    builder: ir.IRBuilder, accumulator: ir.Value, unsigned_bytes: ir.Value, signed_bytes: ir.Value
+) -> ir.Value:
+    """`vpdpbusd`: accumulator (16 x i32) + per lane the sum of four u8 * s8 products.
+
+    Lane i of the result adds `u[4i + k] * s[4i + k]` for k = 0..3 to lane i of the accumulator.
+    """
+    lanes = vector(INT32, 16)
+    function_type = ir.FunctionType(lanes, [lanes, lanes, lanes])
+    function = cgutils.get_or_insert_function(
+        builder.module, function_type, "llvm.x86.avx512.vpdpbusd.512"
+    )
+    return builder.call(
+        function,
+        [accumulator, builder.bitcast(unsigned_bytes, lanes), builder.bitcast(signed_bytes, lanes)],
+    )
+
+
+def float32_from_float16_bits(builder: ir.IRBuilder, halves: ir.Value) -> ir.Value:
+    """Widen a vector of f16 bit patterns (i16 lanes) to float32 lanes (exact)."""
+    count = halves.type.count
+    return builder.fpext(builder.bitcast(halves, vector(HALF, count)), vector(FLOAT, count))
+
+
+def repeat_lanes(builder: ir.IRBuilder, values: ir.Value, times: int) -> ir.Value:
+    """Each lane of `values` repeated `times` times in a row: [a, b] -> [a, a, b, b] for 2."""
+    count = values.type.count
+    indices = [lane // times for lane in range(count * times)]
+    return builder.shuffle_vector(values, values, ir.Constant(vector(INT32, len(indices)), indices))
+
+
+def horizontal_sum(builder: ir.IRBuilder, values: ir.Value) -> ir.Value:
+    """Sum of the float lanes of `values` by halving (the count must be a power of two)."""
+    count = values.type.count
+    while count > 1:
+        half = count // 2
+        low = builder.shuffle_vector(values, values, ir.Constant(vector(INT32, half), list(range(half))))
+        high = builder.shuffle_vector(
+            values, values, ir.Constant(vector(INT32, half), list(range(half, count)))
+        )
+        values = builder.fadd(low, high)
+        count = half
+    return builder.extract_element(values, INT32(0))
+
+
+def multiply_add(builder: ir.IRBuilder, left: ir.Value, right: ir.Value, addend: ir.Value) -> ir.Value:
+    """`left * right + addend`, fused (one rounding) via llvm.fma."""
+    vector_type = left.type
+    function_type = ir.FunctionType(vector_type, [vector_type] * 3)
+    function = cgutils.get_or_insert_function(
+        builder.module, function_type, f"llvm.fma.{_intrinsic_type_name(vector_type)}"
+    )
+    return builder.call(function, [left, right, addend])
+
+
+def concatenate(builder: ir.IRBuilder, pieces: list[ir.Value]) -> ir.Value:
+    """Equal vectors joined end to end (a power-of-two count of them)."""
+    while len(pieces) > 1:
+        count = pieces[0].type.count
+        indices = ir.Constant(vector(INT32, 2 * count), list(range(2 * count)))
+        pieces = [
+            builder.shuffle_vector(pieces[index], pieces[index + 1], indices)
+            for index in range(0, len(pieces), 2)
+        ]
+    return pieces[0]

@@ -1,0 +1,165 @@
+"""The expert-streaming benchmark job, run by the router through the real graph.
+
+One iteration ("token", as the seed counts) draws the routing decision(s) of the workload — one over
+the flat pool of all layer-qualified experts, or one per MoE layer with `layered` — and for each:
+tells the predictor (so it can prefetch for the next token while this one computes), acquires the
+k experts from the I/O worker (hits, misses, joined prefetches), sends the SwiGLU slices to the
+compute workers, combines the partials with the gate weights, and releases the leases. The next
+token's routing is drawn only after the current token completes, so any overlap of reads with
+compute comes from prediction alone.
+
+Every token is logged as a `token_done` event; the summary is computed from these events, the I/O
+worker's `expert_read` records and the prefetch counters (`mer.summary`), exactly as `logs
+summarize` recomputes it from a log file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mer.config import PipelineConfig
+from mer.protocol import ComputeItem, RoutingObserved, SlotGrant
+from mer.router.clients import ComputeClient, IoClient
+from mer.router.hidden_states import synthetic_hidden_state
+from mer.routing import RoutingDecision, RoutingSpace
+from mer.run_events import EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PrefetchCounters, RunInfo, TokenRecord
+from mer.slicing import combine_partials, plan_slices
+from mer.store.manifest import Manifest
+from mer.summary import RunSummary, summarize_log_events
+from mer.trace import TraceHeader, TraceWriter
+from mer.workloads.factory import make_workload
+
+
+@dataclass
+class TokenTimer:
+    """What one token spent where, in microseconds."""
+
+    io_wait_us: float = 0.0
+    compute_us: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    prefetch_used: int = 0
+
+
+@dataclass
+class BenchJob:
+    config: PipelineConfig
+    manifest: Manifest
+    io: IoClient
+    compute: ComputeClient
+    observe: object  # a PUSH socket to the predictor
+    log: object
+    progress: object = None
+    outputs: list[np.ndarray] = field(default_factory=list)
+    observations: int = 0
+
+    def __post_init__(self):
+        geometry = self.manifest.geometry
+        self.space = RoutingSpace.from_geometry(geometry, self.config.top_k, self.config.layered)
+        self.workload = make_workload(
+            self.config.workload, self.space, seed=self.config.seed, zipf_s=self.config.zipf_s,
+            correlation=self.config.workload_correlation, trace_path=self.config.trace,
+        )
+        self.slices = [plan_slices(layer.format) for layer in self.manifest.layers]
+
+    def run_info(self, io_backend: str) -> RunInfo:
+        layers = self.manifest.layers
+        dtypes = sorted({m.dtype for layer in layers for m in layer.format.matrices})
+        return RunInfo(
+            experts=self.manifest.geometry.num_experts, top_k=self.config.top_k,
+            cache_slots=self.config.cache_slots, pool_slots=self.config.cache_slots + self._reserve(),
+            d_model=self.manifest.geometry.d_model, d_ff=self.manifest.geometry.d_ff,
+            bytes_per_expert=max(layer.format.payload_nbytes for layer in layers), dtype="/".join(dtypes),
+            compute_workers=self.compute.num_workers, io_backend=io_backend,
+        )
+
+    def _reserve(self) -> int:
+        return self.config.predict_fanout if self.config.prefetch else 0
+
+    async def run(self) -> RunSummary:
+        io_stats = await self.io.stats()
+        events: list[dict] = [{"event": RUN_STARTED, **self.run_info(str(io_stats["io_backend"])).__dict__}]
+        self.log.info(RUN_STARTED, **{k: v for k, v in events[0].items() if k != "event"},
+                      config=self.config.to_dict())
+        trace = TraceWriter(self.config.record_trace, TraceHeader.for_space(self.space)) if self.config.record_trace else None
+        try:
+            for token in range(self.config.tokens):
+                record = await self._run_token(token, trace)
+                fields = record.to_event_fields()
+                self.log.info(TOKEN_DONE, **fields)
+                events.append({"event": TOKEN_DONE, **fields})
+                if self.progress is not None:
+                    self.progress(record)
+        finally:
+            if trace is not None:
+                trace.close()
+        return await self._summarize(events)
+
+    async def _run_token(self, token: int, trace) -> TokenRecord:
+        started = time.monotonic()
+        timer = TokenTimer()
+        for decision in self.workload.next_token():
+            if trace is not None:
+                trace.write(decision)
+            await self._run_decision(token, decision, timer)
+        ended = time.monotonic()
+        lookups = timer.hits + timer.misses
+        return TokenRecord(token, started, ended, (ended - started) * 1e6, timer.io_wait_us, timer.compute_us,
+                           timer.hits, timer.misses, lookups, timer.prefetch_used)
+
+    async def _run_decision(self, token: int, decision: RoutingDecision, timer: TokenTimer) -> None:
+        expert_ids = list(self.space.global_ids(decision))
+        await self.observe.send_multipart(
+            encode_observation(token, decision.layer, expert_ids, list(decision.weights)))
+        self.observations += 1
+        acquire_started = time.perf_counter()
+        grants = await self.io.acquire(token, expert_ids)
+        acquire_us = (time.perf_counter() - acquire_started) * 1e6
+        misses = sum(not grant.hit for grant in grants)
+        timer.hits += len(grants) - misses
+        timer.misses += misses
+        timer.prefetch_used += sum(grant.joined_prefetch for grant in grants)
+        if misses:
+            timer.io_wait_us += acquire_us
+        try:
+            compute_started = time.perf_counter()
+            output = await self._compute(token, decision, grants)
+            timer.compute_us += (time.perf_counter() - compute_started) * 1e6
+        finally:
+            await self.io.release([grant.ref for grant in grants])
+        if self.config.dump_outputs:
+            self.outputs.append(output)
+
+    async def _compute(self, token: int, decision: RoutingDecision, grants: list[SlotGrant]) -> np.ndarray:
+        per_layer = self.manifest.geometry.experts_per_layer
+        items = [ComputeItem(g.expert_id, g.slot, g.generation, g.expert_id // per_layer) for g in grants]
+        moe_layers = {item.moe_layer for item in items}
+        x = synthetic_hidden_state(self.config.seed, token, decision.layer, self.manifest.geometry.d_model)
+        output = np.zeros_like(x)
+        for moe_layer in sorted(moe_layers):  # the flat pool may mix layers of different formats
+            chosen = [index for index, item in enumerate(items) if item.moe_layer == moe_layer]
+            partials = await self.compute.compute([items[i] for i in chosen], self.slices[moe_layer], x)
+            output += combine_partials(partials, np.array([decision.weights[i] for i in chosen], np.float32))
+        return output
+
+    async def _summarize(self, events: list[dict]) -> RunSummary:
+        io_stats = await self.io.stats()
+        for read in io_stats["reads"]:
+            events.append({"event": EXPERT_READ, **read})
+        counters = PrefetchCounters(
+            issued=int(io_stats["prefetches_issued"]), completed=int(io_stats["prefetches_completed"]),
+            used=int(io_stats["prefetches_used"]), wasted=int(io_stats["prefetches_wasted"]),
+            dropped=int(io_stats["prefetches_dropped"]), predictor_observations=self.observations,
+        )
+        self.log.info(PREFETCH_STATS, **counters.to_event_fields())
+        events.append({"event": PREFETCH_STATS, **counters.to_event_fields()})
+        return summarize_log_events(events)
+
+
+def encode_observation(token: int, layer: int, expert_ids: list[int], weights: list[float]):
+    from mer.protocol import encode
+
+    return encode(RoutingObserved(token, layer, expert_ids, weights))

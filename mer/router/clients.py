@@ -1,0 +1,166 @@
+"""The router's request/reply clients: the I/O worker (slot leases) and the compute workers.
+
+Each client owns one socket and one receiver task that resolves the future of every reply by its
+request or job id, so the router's event loop never blocks. An `ErrorReply` from the other side is
+raised locally as `RemoteError` (type, message and traceback of the remote error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from mer.errors import PipelineError
+from mer.protocol import (
+    Acquire, ComputeItem, ComputeJob, ComputeResult, ErrorReply, Hello, IoStats, Release, SlotGrant, SlotRef,
+    SlotsReady, SliceRange, StatsRequest, decode, encode, raise_remote,
+)
+from mer.slicing import slices_of_worker
+
+
+class _PendingReplies:
+    """Futures waiting for replies, by id."""
+
+    def __init__(self):
+        self.futures: dict[int, asyncio.Future] = {}
+        self.ids = itertools.count(1)
+
+    def new(self) -> tuple[int, asyncio.Future]:
+        request_id = next(self.ids)
+        future = asyncio.get_running_loop().create_future()
+        self.futures[request_id] = future
+        return request_id, future
+
+    def resolve(self, request_id: int, message) -> None:
+        future = self.futures.pop(request_id, None)
+        if future is None or future.done():
+            return
+        if isinstance(message, ErrorReply):
+            try:
+                raise_remote(message)
+            except Exception as error:
+                future.set_exception(error)
+        else:
+            future.set_result(message)
+
+    def fail_all(self, error: BaseException) -> None:
+        for future in self.futures.values():
+            if not future.done():
+                future.set_exception(error)
+        self.futures.clear()
+
+
+class IoClient:
+    """Leases slots from the I/O worker (a DEALER on `io.sock`)."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.pending = _PendingReplies()
+        self.receiver = asyncio.create_task(self._receive())
+
+    async def _receive(self) -> None:
+        try:
+            while True:
+                message = decode(await self.socket.recv_multipart(copy=False),
+                                 expected_kinds=(SlotsReady, IoStats, ErrorReply))
+                self.pending.resolve(message.request_id, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.pending.fail_all(PipelineError(f"I/O worker connection failed: {error}"))
+
+    async def acquire(self, token: int, expert_ids: list[int]) -> list[SlotGrant]:
+        request_id, future = self.pending.new()
+        await self.socket.send_multipart(encode(Acquire(request_id, token, list(expert_ids), True)))
+        reply: SlotsReady = await future
+        return list(reply.refs)
+
+    async def release(self, refs: list[SlotRef]) -> None:
+        await self.socket.send_multipart(encode(Release(list(refs))))
+
+    async def stats(self) -> dict:
+        request_id, future = self.pending.new()
+        await self.socket.send_multipart(encode(StatsRequest(request_id)))
+        reply: IoStats = await future
+        return dict(reply.stats)
+
+    def close(self) -> None:
+        self.receiver.cancel()
+        self.socket.close(linger=0)
+
+
+def worker_index(identity: bytes) -> int:
+    """The worker number in a compute worker's socket identity `compute-<i>`."""
+    prefix, _, number = identity.decode(errors="replace").rpartition("-")
+    if prefix != "compute" or not number.isdigit():
+        raise PipelineError(f"unexpected identity {identity!r} on the compute socket")
+    return int(number)
+
+
+class ComputeClient:
+    """Sends compute jobs to N workers (a ROUTER on `compute.sock`) and gathers their partials."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int):
+        self.num_workers = num_workers
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.bind(endpoint)
+        self.pending = _PendingReplies()
+        self.identities: dict[int, bytes] = {}
+        self.all_connected = asyncio.Event()
+        self.receiver = asyncio.create_task(self._receive())
+
+    async def _receive(self) -> None:
+        try:
+            while True:
+                identity, *frames = await self.socket.recv_multipart(copy=False)
+                message = decode(frames, expected_kinds=(Hello, ComputeResult, ErrorReply))
+                if isinstance(message, Hello):
+                    identity_bytes = bytes(identity.buffer)
+                    self.identities[worker_index(identity_bytes)] = identity_bytes
+                    if len(self.identities) == self.num_workers:
+                        self.all_connected.set()
+                elif isinstance(message, ComputeResult):
+                    self.pending.resolve(message.job_id, message)
+                else:
+                    self.pending.resolve(message.request_id, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.pending.fail_all(PipelineError(f"compute connection failed: {error}"))
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.all_connected.wait(), timeout_s)
+        except TimeoutError:
+            raise PipelineError(
+                f"only {len(self.identities)} of {self.num_workers} compute workers connected within {timeout_s:g} s"
+            ) from None
+
+    async def compute(self, items: list[ComputeItem], slices: list[SliceRange], x: np.ndarray) -> np.ndarray:
+        """Partials (items, slices, batch, d_model): slice s computed by worker s % N."""
+        partials = np.empty((len(items), len(slices), x.shape[0], x.shape[1]), dtype=np.float32)
+        waits = []
+        for worker in range(self.num_workers):
+            mine = slices_of_worker(len(slices), worker, self.num_workers)
+            if not mine:
+                continue
+            job_id, future = self.pending.new()
+            job = ComputeJob(job_id, items, [slices[s] for s in mine], x)
+            await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
+            waits.append((mine, future))
+        for mine, future in waits:
+            result: ComputeResult = await future
+            partials[:, mine] = result.partials
+        return partials
+
+    def close(self) -> None:
+        self.receiver.cancel()
+        self.socket.close(linger=0)

@@ -1,0 +1,148 @@
+"""The events a benchmark run logs for its summary, as typed records.
+
+Processes log these as structlog JSON events (`log.info(TOKEN_DONE, **record.to_event_fields())`);
+`mer.summary` reads them back from the parsed event dicts with `from_event`, which checks every
+field it needs and ignores the others (structlog adds `ts`, `process`, `pid`, `schema`, ...).
+
+Events (name, emitter, fields with units):
+
+- `run_started` (supervisor): experts (all layer-qualified experts), top_k, cache_slots,
+  pool_slots (slots in the arena), d_model, d_ff, bytes_per_expert (payload bytes), dtype,
+  compute_workers, io_backend (`uring` or `preadv`); it may carry more (the resolved config).
+- `token_done` (router), one per token (iteration): token; t_start_s and t_end_s, `time.monotonic()`
+  seconds at the token's start and end (one clock for every process of the host); cycle_us, the
+  whole iteration; io_wait_us, from the start of the lookups until every miss is read (0 when all
+  hit); compute_us, SwiGLU of all k experts of all layers plus the combine; hits, misses, lookups
+  (= hits + misses); prefetch_used, lookups served by a prefetched slot.
+- `expert_read` (I/O worker), one per read: expert_id, slot, nbytes (bytes read into the slot,
+  header page included), latency_us (submission to completion), kind (`foreground` or `prefetch`).
+- `prefetch_stats` (router, at the end of the run): cumulative counters issued, completed, used,
+  wasted, dropped, predictor_observations; when several are logged, the last one counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, TypeVar
+
+from mer.errors import EventLogError
+
+RUN_STARTED = "run_started"
+TOKEN_DONE = "token_done"
+EXPERT_READ = "expert_read"
+PREFETCH_STATS = "prefetch_stats"
+RUN_SUMMARY = "run_summary"
+READ_KINDS = ("foreground", "prefetch")
+
+Record = TypeVar("Record")
+
+
+def _checked(value: Any, type_name: str, name: str, where: str) -> Any:
+    """`value` if it is of the field's type (int, float or str; counts and times non-negative)."""
+    if type_name == "str":
+        if isinstance(value, str):
+            return value
+        raise EventLogError(f"{where}: field {name!r} must be a string, got {value!r}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if type_name == "int" and not (is_number and isinstance(value, int)):
+        raise EventLogError(f"{where}: field {name!r} must be an integer, got {value!r}")
+    if not is_number or not math.isfinite(value):
+        raise EventLogError(f"{where}: field {name!r} must be a finite number, got {value!r}")
+    if value < 0:
+        raise EventLogError(f"{where}: field {name!r} must not be negative, got {value!r}")
+    return value
+
+
+def _record_from_event(cls: type[Record], event: Mapping[str, Any], where: str) -> Record:
+    values = {}
+    for field in fields(cls):  # type: ignore[arg-type]
+        if field.name not in event:
+            raise EventLogError(f"{where}: missing field {field.name!r}")
+        values[field.name] = _checked(event[field.name], str(field.type), field.name, where)
+    return cls(**values)
+
+
+class _EventRecord:
+    """Conversion between a record and the fields of its logged event."""
+
+    def to_event_fields(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any], where: str = "event"):
+        return _record_from_event(cls, event, where)
+
+
+@dataclass(frozen=True)
+class RunInfo(_EventRecord):
+    """What a run is: the static fields of its summary, logged once as `run_started`."""
+
+    experts: int
+    top_k: int
+    cache_slots: int
+    pool_slots: int
+    d_model: int
+    d_ff: int
+    bytes_per_expert: int
+    dtype: str
+    compute_workers: int
+    io_backend: str
+
+
+@dataclass(frozen=True)
+class TokenRecord(_EventRecord):
+    """One token (iteration) of the benchmark, logged as `token_done`."""
+
+    token: int
+    t_start_s: float
+    t_end_s: float
+    cycle_us: float
+    io_wait_us: float
+    compute_us: float
+    hits: int
+    misses: int
+    lookups: int
+    prefetch_used: int
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any], where: str = "event") -> "TokenRecord":
+        record = _record_from_event(cls, event, where)
+        if record.hits + record.misses != record.lookups:
+            raise EventLogError(
+                f"{where}: token {record.token} has hits {record.hits} + misses {record.misses} "
+                f"!= lookups {record.lookups}"
+            )
+        if record.t_end_s < record.t_start_s:
+            raise EventLogError(f"{where}: token {record.token} ends (t_end_s) before it starts (t_start_s)")
+        return record
+
+
+@dataclass(frozen=True)
+class ReadRecord(_EventRecord):
+    """One read of an expert into a slot, logged as `expert_read`."""
+
+    expert_id: int
+    slot: int
+    nbytes: int
+    latency_us: float
+    kind: str
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any], where: str = "event") -> "ReadRecord":
+        record = _record_from_event(cls, event, where)
+        if record.kind not in READ_KINDS:
+            raise EventLogError(f"{where}: read kind {record.kind!r} is not one of {', '.join(READ_KINDS)}")
+        return record
+
+
+@dataclass(frozen=True)
+class PrefetchCounters(_EventRecord):
+    """Cumulative prefetch and predictor counters of a run, logged as `prefetch_stats`."""
+
+    issued: int = 0
+    completed: int = 0
+    used: int = 0
+    wasted: int = 0
+    dropped: int = 0
+    predictor_observations: int = 0

@@ -1,0 +1,152 @@
+"""The life of a child process of the graph: name, handshake, serve, report failure, exit.
+
+Every child (`workers/*.py`) is a `Role`: `start()` initialises it and returns the info it reports
+in `Ready`; `serve(stop)` runs until `stop` is set (the supervisor's `Shutdown`) or its work is done;
+`close()` releases what it holds. `run_child` wraps a role with what all children share:
+
+1. process title `mer-<role>-<run>` and PR_SET_PDEATHSIG, so a child never outlives its supervisor;
+2. SIGINT ignored (Ctrl-C reaches the whole process group; the supervisor decides and sends
+   `Shutdown`), SIGTERM ends the child;
+3. structlog JSON to the run's log file (or warnings only to stderr);
+4. a DEALER on `control.sock` with the child's name as identity: `Hello`, then `Ready(info)` or
+   `ChildFailed(type, message, traceback)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import os
+import signal
+import sys
+from typing import Protocol
+
+import setproctitle
+import uvloop
+import zmq
+import zmq.asyncio
+
+from mer.config import PipelineConfig
+from mer.errors import ProtocolError
+from mer.logging_setup import configure_logging, get_logger
+from mer.protocol import ChildFailed, Hello, Ready, Shutdown, decode, encode, error_fields
+from mer.runtime.run_spec import RunSpec
+
+PR_SET_PDEATHSIG = 1
+FAILURE_REPORT_TIMEOUT_S = 2.0
+
+
+class ChildContext:
+    """What a role gets: its name, the run, the configuration, a ZeroMQ context and a logger."""
+
+    def __init__(self, name: str, role: str, index: int | None, run: RunSpec):
+        self.name = name
+        self.role = role
+        self.index = index
+        self.run = run
+        self.config = PipelineConfig.from_dict(run.config, source=f"{name} configuration")
+        self.zmq = zmq.asyncio.Context()
+        self.log = get_logger()
+        self.control: zmq.asyncio.Socket | None = None
+
+    async def send_control(self, message) -> None:
+        assert self.control is not None
+        await self.control.send_multipart(encode(message), copy=False)
+
+
+class Role(Protocol):
+    async def start(self) -> dict: ...
+
+    async def serve(self, stop: asyncio.Event) -> None: ...
+
+    async def on_control(self, message) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent (the supervisor) dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _open_log_stream(run: RunSpec):
+    log_file = run.config.get("log_file")
+    if log_file:
+        return open(log_file, "a", buffering=1), "info"
+    return sys.stderr, "warning"
+
+
+def run_child(role_factory, role: str, index: int | None, name: str, run_json: str) -> None:
+    """Entry point of a spawned child; exits with 0 after a clean shutdown, 1 after a failure."""
+    setproctitle.setproctitle(name)
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run = RunSpec.from_json(run_json)
+    stream, level = _open_log_stream(run)
+    configure_logging(name, stream=stream, level=level, run_id=run.run_id, worker=index)
+    code = uvloop.run(_child_main(role_factory, ChildContext(name, role, index, run)))
+    sys.exit(code)
+
+
+async def _child_main(role_factory, context: ChildContext) -> int:
+    control = context.zmq.socket(zmq.DEALER)
+    control.setsockopt(zmq.IDENTITY, context.name.encode())
+    control.setsockopt(zmq.LINGER, int(FAILURE_REPORT_TIMEOUT_S * 1000))
+    control.connect(context.run.endpoint("control"))
+    context.control = control
+    await context.send_control(Hello(context.name, os.getpid()))
+    role = None
+    try:
+        role = role_factory(context)
+        info = await role.start()
+        await context.send_control(Ready(context.name, os.getpid(), info))
+        context.log.info("child_ready", **info)
+        stop = asyncio.Event()
+        listener = asyncio.create_task(_listen_control(control, role, stop))
+        try:
+            await role.serve(stop)
+        finally:
+            listener.cancel()
+        context.log.info("child_stopped")
+        return 0
+    except Exception as error:  # report every failure to the supervisor, then exit non-zero
+        fields = error_fields(error)
+        context.log.error("child_failed", error_type=fields.error_type, message=fields.message)
+        await context.send_control(ChildFailed(context.name, *fields))
+        return 1
+    finally:
+        if role is not None:
+            closing = role.close()
+            if inspect.isawaitable(closing):
+                await closing
+        context.zmq.destroy(linger=int(FAILURE_REPORT_TIMEOUT_S * 1000))
+
+
+async def _listen_control(control: zmq.asyncio.Socket, role, stop: asyncio.Event) -> None:
+    while True:
+        frames = await control.recv_multipart(copy=False)
+        try:
+            message = decode(frames)
+        except ProtocolError as error:
+            get_logger().warning("bad_control_message", error=str(error))
+            continue
+        if isinstance(message, Shutdown):
+            stop.set()
+        else:
+            await role.on_control(message)
+
+
+async def receive_unless_stopped(socket: zmq.asyncio.Socket, stop: asyncio.Event):
+    """The next multipart message of `socket`, or None once `stop` is set."""
+    receiving = asyncio.ensure_future(socket.recv_multipart(copy=False))
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if receiving in done:
+        stopping.cancel()
+        return receiving.result()
+    receiving.cancel()
+    return None

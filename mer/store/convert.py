@@ -1,0 +1,156 @@
+"""Convert a Mixture-of-Experts GGUF model into an expert store.
+
+Each expert's gate ‖ up ‖ down matrices are copied byte for byte from the GGUF (never requantized)
+into one page-aligned payload; with `layout="planar"` each matrix is permuted losslessly by
+`mer.quant.planar.to_planar` on the way. Dense weights stay in the GGUF. The store is written by
+`StoreWriter` (temporary directory, free-space check, re-verification, rename), and its manifest
+records the GGUF's paths, size and content identity (`mer.store.gguf_identity`), computed from
+the same bytes that are copied.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError
+from mer.expert_format import LAYOUTS, ExpertFormat
+from mer.store.gguf_identity import TensorChecksums
+from mer.store.gguf_source import GGUFSource, MoELayerSource, read_gguf_source
+from mer.store.manifest import MANIFEST_NAME, SourceInfo
+from mer.store.writer import StoreWriter
+
+# start_phase(description, total_bytes) returns advance(nbytes); see mer.cli.progress.
+PhaseStarter = Callable[[str, int], Callable[[int], None]]
+MatrixTransform = Callable[[str, np.ndarray, int, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What a conversion produced."""
+
+    out: Path
+    num_experts: int
+    nbytes: int  # expert payload bytes copied
+    seconds: float
+    source_hash: str
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "experts": self.num_experts, "bytes": self.nbytes,
+                "seconds": round(self.seconds, 3), "source_hash": self.source_hash}
+
+
+def payload_nbytes(source: GGUFSource) -> int:
+    """Expert payload bytes a conversion of `source` copies (the progress total)."""
+    per_layer = (source.expert_format(layer.moe_layer).payload_nbytes for layer in source.layers)
+    return sum(per_layer) * source.geometry.experts_per_layer
+
+
+def convert_gguf(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    layout: str = "native",
+    force: bool = False,
+    start_phase: PhaseStarter | None = None,
+) -> ConversionResult:
+    """Convert the GGUF `model` (a split model: any of its parts) into an expert store at `out`.
+
+    Raises GGUFError / ShapeError / UnsupportedDTypeError for a bad model, StoreExistsError when
+    `out` exists and `force` is false (or is not a store), DiskSpaceError when it does not fit.
+    Nothing is left at `out` or beside it when it fails. `start_phase` reports progress of the
+    two phases, "copying" and "verifying" (the read-back check), in payload bytes.
+    """
+    started = time.perf_counter()
+    transform = _matrix_transform(layout)
+    source = read_gguf_source(model)
+    out = Path(out)
+    _check_replaceable(out, force)
+    formats = [source.expert_format(layer.moe_layer, layout) for layer in source.layers]
+    source_info = SourceInfo("gguf", tuple(str(path.resolve()) for path in source.paths), source.nbytes)
+    total = payload_nbytes(source)
+    writer = StoreWriter(out, source.geometry, formats, source_info, blocks=[layer.block for layer in source.layers],
+                         layout=layout, force=force, verify_progress=_lazy_phase(start_phase, "verifying", total))
+    checksums = TensorChecksums()
+    try:
+        with writer:
+            copying = _lazy_phase(start_phase, "copying", total)
+            copied = _copy_experts(source, formats, writer, checksums, transform, copying)
+            writer.source = replace(source_info, hash=checksums.identity(source.parts))
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise DiskSpaceError(f"{out}: the filesystem ran out of space while writing the store ({error})") from error
+        raise StoreError(f"{out}: cannot write the store: {error}") from error
+    return ConversionResult(out, source.geometry.num_experts, copied, time.perf_counter() - started,
+                            writer.source.hash)
+
+
+def _copy_experts(source: GGUFSource, formats: list[ExpertFormat], writer: StoreWriter,
+                  checksums: TensorChecksums, transform: MatrixTransform | None,
+                  progress: Callable[[int], None] | None) -> int:
+    copied = 0
+    for layer, expert_format in zip(source.layers, formats):
+        payload = np.empty(expert_format.payload_nbytes, dtype=np.uint8)
+        for expert in range(source.geometry.experts_per_layer):
+            fill_payload(payload, layer, expert, expert_format, checksums, transform)
+            writer.write_expert(layer.moe_layer * source.geometry.experts_per_layer + expert, payload)
+            copied += payload.nbytes
+            if progress is not None:
+                progress(payload.nbytes)
+    return copied
+
+
+def fill_payload(payload: np.ndarray, layer: MoELayerSource, expert: int, expert_format: ExpertFormat,
+                 checksums: TensorChecksums | None = None, transform: MatrixTransform | None = None) -> None:
+    """Copy one expert's gate, up and down bytes from the GGUF into `payload` (optionally transformed)."""
+    for matrix_source, matrix in zip(layer.matrices, expert_format.matrices):
+        tensor, raw = matrix_source.expert_bytes(expert)
+        if checksums is not None:
+            checksums.update(tensor, raw)
+        target = payload[matrix.offset : matrix.offset + matrix.nbytes]
+        target[:] = raw if transform is None else transform(matrix.dtype, raw, matrix.rows, matrix.columns)
+
+
+def _lazy_phase(start_phase: PhaseStarter | None, description: str, total: int) -> Callable[[int], None] | None:
+    """A progress callback that starts its phase on first use, when the phase really begins."""
+    if start_phase is None:
+        return None
+    advance: Callable[[int], None] | None = None
+
+    def progress(nbytes: int) -> None:
+        nonlocal advance
+        if advance is None:
+            advance = start_phase(description, total)
+        advance(nbytes)
+
+    return progress
+
+
+def _matrix_transform(layout: str) -> MatrixTransform | None:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "native":
+        return None
+    try:
+        from mer.quant.planar import to_planar
+    except ImportError as error:
+        raise ConfigError(f"layout 'planar' needs mer.quant.planar, which cannot be imported ({error})") from error
+    return to_planar
+
+
+def _check_replaceable(out: Path, force: bool) -> None:
+    """Refuse an existing `out` without `force`; with it, replace only a store or an empty directory."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise StoreExistsError(f"{out}: output already exists (use --force to replace it)")
+    is_store = out.is_dir() and (out / MANIFEST_NAME).is_file()
+    if out.is_symlink() or not out.is_dir() or not (is_store or not any(out.iterdir())):
+        raise StoreExistsError(f"{out}: exists and is not an expert store or an empty directory; "
+                               f"--force replaces only those")

@@ -1,0 +1,222 @@
+"""The run summary: every field of the seed benchmark's summary, computed from the logged events.
+
+`summarize(events, info)` (in the run) and `summarize_log_events(events)` (from a log, with the
+`run_started` event as `info`) run the same computation on the same event dicts, so a log tool
+recomputes a run's `run_summary` exactly. Definitions:
+
+- `wall_s`: from the first token's start to the last token's end, `max(t_end_s) - min(t_start_s)`
+  over the `token_done` events (gaps between tokens included);
+- `sustained_tps` = tokens / wall_s; `avg_throughput_mibps` = bytes_read / 2^20 / wall_s;
+- `hits`, `misses`: sums over `token_done`; `hit_rate_pct` = hits / (hits + misses) x 100;
+- `reads`, `bytes_read`: count and byte sum of every `expert_read` (foreground and prefetch; the
+  seed printed demand reads only beside bytes of all reads); `io_latency_us` over their latency_us;
+- `compute_us`, `cycle_us`: percentiles over the tokens' compute_us and cycle_us (plus max);
+- `io_wait_us_per_token`, `compute_us_per_token`: means over ALL tokens (a token with no miss
+  counts with io_wait 0, as in the seed's "over N tokens");
+- `io_share_pct` = sum(io_wait_us) / sum(cycle_us) x 100;
+- prefetch counters and predictor observations: the last `prefetch_stats` event (0 when none).
+
+Percentiles are nearest-rank on exact values (`mer.stats`); sums of floats use math.fsum, so
+the result does not depend on the order of events. Percentages are 0-100.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Mapping
+
+from mer.errors import EventLogError
+from mer.logging_setup import LOG_SCHEMA_VERSION
+from mer.run_events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PrefetchCounters, ReadRecord,
+                            RunInfo, TokenRecord)
+from mer.stats import Percentiles
+
+MIB = 2**20
+_LATENCY_GROUPS = ("io_latency_us", "compute_us", "cycle_us")  # nested {p50, p95, p99}; cycle_us adds max
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A benchmark run's summary; `to_json_dict()` gives the `run --json` / `run_summary` keys."""
+
+    wall_s: float
+    tokens: int
+    sustained_tps: float
+    avg_throughput_mibps: float
+    hit_rate_pct: float
+    experts: int
+    top_k: int
+    cache_slots: int
+    pool_slots: int
+    d_model: int
+    d_ff: int
+    bytes_per_expert: int
+    dtype: str
+    hits: int
+    misses: int
+    prefetches_issued: int
+    prefetches_completed: int
+    prefetches_used: int
+    prefetches_wasted: int
+    prefetches_dropped: int
+    predictor_observations: int
+    reads: int
+    bytes_read: int
+    io_latency_us: Percentiles
+    compute_us: Percentiles
+    cycle_us: Percentiles
+    io_wait_us_per_token: float
+    compute_us_per_token: float
+    io_share_pct: float
+    compute_workers: int
+    io_backend: str
+    lookups: int
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON types; latency groups nested ({p50, p95, p99}, cycle_us with max)."""
+        data: dict[str, Any] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name in _LATENCY_GROUPS:
+                value = value.to_json_dict()
+            data[field.name] = value
+        return data
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> "RunSummary":
+        """The summary of a `to_json_dict()` result (e.g. a logged `run_summary` event)."""
+        try:
+            values = {field.name: data[field.name] for field in fields(cls)}
+            for name in _LATENCY_GROUPS:
+                values[name] = Percentiles.from_json_dict(values[name])
+        except (KeyError, TypeError) as error:
+            raise EventLogError(f"run summary: missing or malformed field {error}") from error
+        return cls(**values)
+
+
+@dataclass
+class CollectedEvents:
+    """The records of a run, gathered from its event dicts."""
+
+    tokens: list[TokenRecord]
+    reads: list[ReadRecord]
+    prefetch: PrefetchCounters
+    run_infos: list[RunInfo]
+
+
+def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
+    """Gather the summary's records from event dicts (others are ignored), checking every field."""
+    collected = CollectedEvents([], [], PrefetchCounters(), [])
+    seen_tokens: set[int] = set()
+    for index, event in enumerate(events):
+        name = event.get("event") if isinstance(event, Mapping) else None
+        where = f"event {index} ({name})"
+        if name not in (TOKEN_DONE, EXPERT_READ, PREFETCH_STATS, RUN_STARTED):
+            continue
+        if "schema" in event and event["schema"] != LOG_SCHEMA_VERSION:
+            raise EventLogError(
+                f"{where}: log schema {event['schema']!r}, this mer reads schema {LOG_SCHEMA_VERSION}"
+            )
+        if name == TOKEN_DONE:
+            record = TokenRecord.from_event(event, where)
+            if record.token in seen_tokens:
+                raise EventLogError(f"{where}: token {record.token} is logged twice")
+            seen_tokens.add(record.token)
+            collected.tokens.append(record)
+        elif name == EXPERT_READ:
+            collected.reads.append(ReadRecord.from_event(event, where))
+        elif name == PREFETCH_STATS:
+            collected.prefetch = PrefetchCounters.from_event(event, where)
+        else:
+            collected.run_infos.append(RunInfo.from_event(event, where))
+    return collected
+
+
+def summarize(events: Iterable[Mapping[str, Any]], info: RunInfo) -> RunSummary:
+    """The run summary of a run's events (token_done, expert_read, prefetch_stats) and its static info."""
+    return _summarize_collected(collect_events(events), info)
+
+
+def summarize_log_events(events: Iterable[Mapping[str, Any]]) -> RunSummary:
+    """The run summary from a log's parsed events alone; the static info comes from `run_started`."""
+    collected = collect_events(events)
+    if not collected.run_infos:
+        raise EventLogError(f"no {RUN_STARTED} event: the log does not hold the start of a run")
+    if len(collected.run_infos) > 1:
+        raise EventLogError(
+            f"the log holds {len(collected.run_infos)} runs ({RUN_STARTED} events); summarize one run at a time"
+        )
+    return _summarize_collected(collected, collected.run_infos[0])
+
+
+def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummary:
+    tokens, reads, prefetch = collected.tokens, collected.reads, collected.prefetch
+    if not tokens:
+        raise EventLogError(f"no {TOKEN_DONE} events: the run finished no token")
+    wall_s = max(t.t_end_s for t in tokens) - min(t.t_start_s for t in tokens)
+    if wall_s <= 0:
+        raise EventLogError(f"wall time {wall_s} s is not positive (t_start_s / t_end_s of the tokens)")
+    hits = sum(t.hits for t in tokens)
+    misses = sum(t.misses for t in tokens)
+    lookups = hits + misses
+    bytes_read = sum(r.nbytes for r in reads)
+    io_wait_sum = math.fsum(t.io_wait_us for t in tokens)
+    cycle_sum = math.fsum(t.cycle_us for t in tokens)
+    return RunSummary(
+        wall_s=wall_s,
+        tokens=len(tokens),
+        sustained_tps=len(tokens) / wall_s,
+        avg_throughput_mibps=bytes_read / MIB / wall_s,
+        hit_rate_pct=hits / lookups * 100 if lookups else 0.0,
+        experts=info.experts, top_k=info.top_k, cache_slots=info.cache_slots, pool_slots=info.pool_slots,
+        d_model=info.d_model, d_ff=info.d_ff, bytes_per_expert=info.bytes_per_expert, dtype=info.dtype,
+        hits=hits,
+        misses=misses,
+        prefetches_issued=prefetch.issued,
+        prefetches_completed=prefetch.completed,
+        prefetches_used=prefetch.used,
+        prefetches_wasted=prefetch.wasted,
+        prefetches_dropped=prefetch.dropped,
+        predictor_observations=prefetch.predictor_observations,
+        reads=len(reads),
+        bytes_read=bytes_read,
+        io_latency_us=Percentiles.of((r.latency_us for r in reads), with_max=False),
+        compute_us=Percentiles.of((t.compute_us for t in tokens), with_max=False),
+        cycle_us=Percentiles.of(t.cycle_us for t in tokens),
+        io_wait_us_per_token=io_wait_sum / len(tokens),
+        compute_us_per_token=math.fsum(t.compute_us for t in tokens) / len(tokens),
+        io_share_pct=io_wait_sum / cycle_sum * 100 if cycle_sum else 0.0,
+        compute_workers=info.compute_workers,
+        io_backend=info.io_backend,
+        lookups=lookups,
+    )
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}us"
+
+
+def format_seed_block(summary: RunSummary) -> str:
+    """The summary as the seed printed it (same lines and names), plus prefetch and worker details."""
+    s = summary
+    io, compute, cycle = s.io_latency_us, s.compute_us, s.cycle_us
+    lines = [
+        f"stream complete wall_s={s.wall_s!r} sustained_tps={s.sustained_tps!r} "
+        f"avg_throughput_mibps={s.avg_throughput_mibps!r} hit_rate_pct={s.hit_rate_pct!r}",
+        f"experts: {s.experts} (top-{s.top_k}), cache={s.cache_slots} slots, pool={s.pool_slots} slots",
+        f"ffn shape: d_model={s.d_model} d_ff={s.d_ff} bytes/expert={s.bytes_per_expert} (dtype={s.dtype})",
+        f"lookups: hits={s.hits} misses={s.misses} hit_rate={s.hit_rate_pct:.2f}%",
+        f"prefetches: issued={s.prefetches_issued} completed={s.prefetches_completed} "
+        f"used={s.prefetches_used} wasted={s.prefetches_wasted} dropped={s.prefetches_dropped} "
+        f"predictor_observations={s.predictor_observations}",
+        f"i/o: reads={s.reads} bytes={s.bytes_read / MIB:.2f} MiB",
+        f"i/o latency: p50={_us(io.p50)} p95={_us(io.p95)} p99={_us(io.p99)}",
+        f"compute: p50={_us(compute.p50)} p95={_us(compute.p95)} p99={_us(compute.p99)} (SwiGLU FFN per token)",
+        f"cycle latency: p50={_us(cycle.p50)} p95={_us(cycle.p95)} p99={_us(cycle.p99)} max={_us(cycle.max)}",
+        f"per-token avg: io_wait={s.io_wait_us_per_token:.1f}us compute={s.compute_us_per_token:.1f}us "
+        f"(over {s.tokens} tokens)",
+        f"I/O share: {s.io_share_pct:.2f}% of token cycle time spent waiting on SSD reads",
+        f"workers: compute={s.compute_workers} io_backend={s.io_backend}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""The supervisor: starts the process graph, handshakes, watches the children, and cleans up.
+
+One run:
+1. remove stale runs (dead supervisors' `/dev/shm` files and runtime dirs), make a run id, a private
+   runtime directory and the slot arena;
+2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
+   each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
+   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error;
+3. send `StartJob` to the router and wait for its `JobDone` (the run summary);
+4. shut down: `Shutdown` to every child, wait the grace period, then SIGTERM, then SIGKILL; unlink
+   the arena and remove the runtime directory (sockets included).
+
+Children are watched through their process sentinels, so a death (kill -9) is seen at once and
+reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
+SIGTERM to the supervisor bring the graph down the same way (`KeyboardInterrupt` is raised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from mer.config import PipelineConfig
+from mer.errors import ChildDiedError, PipelineError, ProtocolError
+from mer.logging_setup import get_logger
+from mer.protocol import ChildFailed, Hello, JobDone, Ready, Shutdown, StartJob, decode, encode
+from mer.runtime.cleanup import remove_run, remove_stale_runs
+from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
+from mer.runtime.run_spec import RunSpec
+from mer.shm.arena import SlotArena
+from mer.store.reader import ExpertStore
+
+KILL_WAIT_S = 2.0
+
+
+@dataclass
+class Child:
+    """A spawned child and what the supervisor knows of it."""
+
+    name: str
+    role: str
+    index: int | None
+    process: multiprocessing.process.BaseProcess
+    ready: bool = False
+    info: dict = field(default_factory=dict)
+
+    def describe_exit(self) -> str:
+        code = self.process.exitcode
+        if code is None:
+            return "still running"
+        if code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+
+def pool_slots(config: PipelineConfig) -> int:
+    """Slots in the arena: the cache plus the prefetch reserve (one per hint of a prediction)."""
+    return config.cache_slots + (config.predict_fanout if config.prefetch else 0)
+
+
+class Supervisor:
+    """Runs one job through a freshly started process graph."""
+
+    def __init__(self, config: PipelineConfig, store: ExpertStore):
+        self.config = config
+        self.store = store
+        self.log = get_logger()
+        self.run_id = new_run_id()
+        self.children: dict[str, Child] = {}
+        self.arena: SlotArena | None = None
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._shutting_down = False
+
+    # ---- the whole run ---------------------------------------------------------------------------
+
+    async def run(self) -> dict:
+        """Start the graph, run the job, shut down; return the router's run summary."""
+        remove_stale_runs()
+        runtime_dir = create_runtime_dir(self.run_id)
+        zmq_context = zmq.asyncio.Context()
+        control = zmq_context.socket(zmq.ROUTER)
+        control.setsockopt(zmq.LINGER, 0)
+        try:
+            self.arena = SlotArena.create(self.run_id, pool_slots(self.config), self.store.manifest.slot_nbytes)
+            run = self._run_info(str(runtime_dir))
+            control.bind(run.endpoint("control"))
+            self.log.info("run_started_supervisor", run_id=self.run_id, config=self.config.to_dict())
+            receiver = asyncio.create_task(self._receive_control(control))
+            try:
+                self._spawn_all(run)
+                await self._handshake()
+                router = self._child_of_role("router")
+                await control.send_multipart([router.name.encode(), *encode(StartJob({}))], copy=False)
+                return await self._wait_job_done()
+            finally:
+                receiver.cancel()
+                await self._shutdown(control)
+        finally:
+            control.close(linger=0)
+            zmq_context.term()
+            self._cleanup()
+
+    def _run_info(self, runtime_dir: str) -> RunSpec:
+        assert self.arena is not None
+        return RunSpec(
+            run_id=self.run_id, runtime_dir=runtime_dir, arena_path=str(self.arena.path),
+            num_slots=self.arena.num_slots, slot_nbytes=self.arena.slot_nbytes,
+            store=str(self.store.directory), supervisor_pid=os.getpid(),
+            num_compute_workers=self.config.num_compute_workers, config=self.config.to_dict(),
+        )
+
+    # ---- spawning and watching -------------------------------------------------------------------
+
+    def _spawn_all(self, run: RunSpec) -> None:
+        roles = [("io", None), ("predictor", None)]
+        roles += [("compute", index) for index in range(run.num_compute_workers)]
+        roles.append(("router", None))
+        context = multiprocessing.get_context("spawn")
+        loop = asyncio.get_running_loop()
+        for role, index in roles:
+            name = process_name(role, self.run_id, index)
+            process = context.Process(
+                target=_child_entry, args=(role, index, name, run.to_json()), name=name, daemon=False
+            )
+            process.start()
+            child = Child(name, role, index, process)
+            self.children[name] = child
+            loop.add_reader(process.sentinel, self._on_sentinel, child)
+            self.log.info("child_spawned", child=name, child_pid=process.pid)
+
+    def _on_sentinel(self, child: Child) -> None:
+        asyncio.get_running_loop().remove_reader(child.process.sentinel)
+        child.process.join(0)
+        self._events.put_nowait(("exited", child))
+
+    async def _receive_control(self, control: zmq.asyncio.Socket) -> None:
+        while True:
+            identity, *frames = await control.recv_multipart(copy=False)
+            name = bytes(identity.buffer).decode(errors="replace")
+            try:
+                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone))
+            except ProtocolError as error:
+                self.log.warning("bad_control_message", child=name, error=str(error))
+                continue
+            self._events.put_nowait((type(message).__name__, message))
+
+    def _child_of_role(self, role: str) -> Child:
+        return next(child for child in self.children.values() if child.role == role)
+
+    async def _next_event(self, deadline: float | None):
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError:
+            return ("timeout", None)
+
+    def _raise_for(self, kind: str, payload) -> None:
+        """Turn a fatal event into the error the user sees."""
+        if kind == "exited":
+            raise ChildDiedError(f"{payload.name} (pid {payload.process.pid}) died: {payload.describe_exit()}")
+        if kind == "ChildFailed":
+            detail = f"\n{payload.traceback}" if payload.traceback else ""
+            raise PipelineError(f"{payload.name} failed: {payload.error_type}: {payload.message}{detail}")
+
+    async def _handshake(self) -> None:
+        deadline = time.monotonic() + self.config.handshake_timeout_s
+        while not all(child.ready for child in self.children.values()):
+            kind, payload = await self._next_event(deadline)
+            if kind == "timeout":
+                waiting = [c.name for c in self.children.values() if not c.ready]
+                raise PipelineError(
+                    f"start-up timed out after {self.config.handshake_timeout_s:g} s waiting for: {', '.join(waiting)}"
+                )
+            if kind == "Ready":
+                child = self.children[payload.name]
+                child.ready, child.info = True, dict(payload.info)
+                self.log.info("child_ready", child=payload.name, **payload.info)
+            self._raise_for(kind, payload)
+
+    async def _wait_job_done(self) -> dict:
+        while True:
+            kind, payload = await self._next_event(None)
+            if kind == "JobDone":
+                return dict(payload.summary)
+            self._raise_for(kind, payload)
+
+    # ---- shutdown --------------------------------------------------------------------------------
+
+    async def _shutdown(self, control: zmq.asyncio.Socket) -> None:
+        """Shutdown to all, then terminate, then kill; every child is joined before returning."""
+        self._shutting_down = True
+        alive = [child for child in self.children.values() if child.process.is_alive()]
+        for child in alive:
+            try:
+                await control.send_multipart([child.name.encode(), *encode(Shutdown("job finished"))],
+                                             flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                pass  # not connected yet or gone: the signals below still apply
+        await _wait_exit(alive, self.config.shutdown_grace_s)
+        for child in alive:
+            if child.process.is_alive():
+                self.log.warning("child_terminated", child=child.name)
+                child.process.terminate()
+        await _wait_exit(alive, KILL_WAIT_S)
+        for child in alive:
+            if child.process.is_alive():
+                self.log.warning("child_killed", child=child.name)
+                child.process.kill()
+        loop = asyncio.get_running_loop()
+        for child in self.children.values():
+            child.process.join(KILL_WAIT_S)
+            try:
+                loop.remove_reader(child.process.sentinel)
+            except (ValueError, OSError):
+                pass
+            child.process.close() if child.process.exitcode is not None else None
+
+    def _cleanup(self) -> None:
+        if self.arena is not None:
+            self.arena.destroy()
+        remove_runtime_dir(self.run_id)
+        remove_run(self.run_id)
+
+
+async def _wait_exit(children: list[Child], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(child.process.is_alive() for child in children) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def _child_entry(role: str, index: int | None, name: str, run_json: str) -> None:
+    """Spawn target: import the role's module in the child and run it."""
+    from workers import entry
+
+    entry.main(role, index, name, run_json)

@@ -1,0 +1,73 @@
+"""The SwiGLU expert FFN computed on an expert's stored bytes.
+
+    out = down · (silu(gate · x) ⊙ (up · x))
+
+with gate, up (`d_ff x d_model`) and down (`d_model x d_ff`) read in place from an
+`ExpertPayload` (any supported dtype and layout, see `mer.quant.matmul`). A `d_ff_slice` `s`
+restricts the hidden units to `s`: the result is the partial output `down[:, s] · h[s]`, which
+reads only the gate/up rows `s` and the down columns `s`; the partials of consecutive slices
+summed in order equal the full output up to float32 rounding. For q4_0/q8_0 matrices the inputs
+of gate/up (x) and of down (h) are rounded to q8_0 per 32-block, as llama.cpp does; since the
+slice ends are multiples of `slice_quantum` (a multiple of 32), a slice quantizes exactly the
+same h blocks as the full computation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mer.errors import ShapeError
+from mer.expert_format import ExpertPayload
+from mer.quant.matmul import matmul, prepare_activation
+
+
+def silu_gate(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """`silu(gate) * up` in float32 (silu(g) = g / (1 + exp(-g)))."""
+    with np.errstate(over="ignore"):
+        return (gate / (np.float32(1) + np.exp(-gate))) * up
+
+
+def _checked_slice(d_ff_slice: slice | None, d_ff: int, quantum: int) -> slice:
+    if d_ff_slice is None:
+        return slice(0, d_ff)
+    start = 0 if d_ff_slice.start is None else d_ff_slice.start
+    stop = d_ff if d_ff_slice.stop is None else d_ff_slice.stop
+    if d_ff_slice.step not in (None, 1) or not 0 <= start < stop <= d_ff or start % quantum or stop % quantum:
+        raise ShapeError(
+            f"d_ff_slice {d_ff_slice} must be a non-empty step-1 range inside 0..{d_ff} whose "
+            f"start and stop are multiples of the slice quantum {quantum}"
+        )
+    return slice(start, stop)
+
+
+def _checked_tokens(x: np.ndarray, d_model: int) -> np.ndarray:
+    array = np.asarray(x)
+    if array.ndim not in (1, 2) or array.shape[-1] != d_model or not np.issubdtype(array.dtype, np.floating):
+        raise ShapeError(
+            f"expert input must be float32 of shape ({d_model},) or (batch, {d_model}), got "
+            f"{array.dtype} {array.shape}"
+        )
+    return np.ascontiguousarray(np.atleast_2d(array), dtype=np.float32)
+
+
+def swiglu_expert(
+    payload: ExpertPayload,
+    x: np.ndarray,
+    d_ff_slice: slice | None = None,
+    *,
+    threads: int | None = None,
+) -> np.ndarray:
+    """The expert's output (or, with `d_ff_slice`, its partial output) for one token
+    (`x` of shape `(d_model,)`) or a batch (`(batch, d_model)`), float32 of the same shape."""
+    expert_format = payload.format
+    hidden = _checked_slice(d_ff_slice, expert_format.d_ff, expert_format.slice_quantum)
+    tokens = _checked_tokens(x, expert_format.d_model)
+    num_threads = 1 if threads is None else threads
+    gate, up, down = expert_format.gate, expert_format.up, expert_format.down
+    gate_input = prepare_activation(gate.dtype_info.name, tokens)
+    up_input = gate_input if up.dtype_info.name == gate.dtype_info.name else prepare_activation(up.dtype_info.name, tokens)
+    gate_out = matmul(gate, payload.matrix_bytes(gate), gate_input, rows=hidden, threads=num_threads)
+    up_out = matmul(up, payload.matrix_bytes(up), up_input, rows=hidden, threads=num_threads)
+    hidden_values = silu_gate(gate_out, up_out)
+    out = matmul(down, payload.matrix_bytes(down), hidden_values, columns=hidden, threads=num_threads)
+    return out[0] if np.ndim(x) == 1 else out

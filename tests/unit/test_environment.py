@@ -1,0 +1,56 @@
+"""Environment variables: one MER_ prefix, read in one function, with XDG defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mer.environment import read_environment
+from mer.errors import ConfigError
+
+
+def test_defaults_follow_xdg_and_home():
+    environment = read_environment({})
+    assert environment.cache_dir == Path.home() / ".cache" / "mer"
+    assert environment.runtime_base_dir == Path("/tmp")
+    assert environment.log_level == "info"
+    assert environment.unknown_variables == ()
+
+
+def test_xdg_variables_give_the_defaults():
+    environment = read_environment({"XDG_CACHE_HOME": "/var/cache/u", "XDG_RUNTIME_DIR": "/run/user/7"})
+    assert environment.cache_dir == Path("/var/cache/u/mer")
+    assert environment.runtime_base_dir == Path("/run/user/7")
+
+
+def test_relative_xdg_paths_are_ignored():
+    environment = read_environment({"XDG_CACHE_HOME": "relative", "XDG_RUNTIME_DIR": "also/relative"})
+    assert environment.cache_dir == Path.home() / ".cache" / "mer"
+    assert environment.runtime_base_dir == Path("/tmp")
+
+
+def test_mer_variables_win():
+    environment = read_environment(
+        {
+            "MER_CACHE_DIR": "/data/mer",
+            "MER_RUNTIME_DIR": "/dev/shm/runs",
+            "XDG_RUNTIME_DIR": "/run/user/7",
+            "MER_LOG_LEVEL": " DEBUG ",
+        }
+    )
+    assert environment.cache_dir == Path("/data/mer")
+    assert environment.runtime_base_dir == Path("/dev/shm/runs")
+    assert environment.log_level == "debug"
+
+
+def test_bad_values_are_config_errors_naming_the_variable():
+    with pytest.raises(ConfigError, match=r"MER_LOG_LEVEL='loud' is not one of debug, info"):
+        read_environment({"MER_LOG_LEVEL": "loud"})
+    with pytest.raises(ConfigError, match=r"MER_CACHE_DIR='cache' must be an absolute path"):
+        read_environment({"MER_CACHE_DIR": "cache"})
+
+
+def test_unknown_mer_variables_are_reported():
+    environment = read_environment({"MER_CACHE_DIRR": "/x", "MER_LOG_LEVEL": "info", "OTHER": "1"})
+    assert environment.unknown_variables == ("MER_CACHE_DIRR",)

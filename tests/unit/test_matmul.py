@@ -1,0 +1,173 @@
+"""The matmul kernels against an independent float64 reference built with gguf-py.
+
+Reference: `gguf.quants.dequantize` of the same bytes, then a float64 matmul. Tolerances:
+
+- q4_0 / q8_0 kernels round the activation to q8_0 per 32-block (llama.cpp's rule, written out
+  independently in `reference_q8_0` below). Against the float64 product with THAT rounded
+  activation, only float32 arithmetic differs: |error| <= 1e-6 * sum_j |W_ij * x_j| (measured:
+  ~2e-8; the float32 sums run over whole blocks of exact integer products).
+  Against the product with the unrounded activation the error is the rounding's own, each
+  activation element being off by up to amax/254 (~0.4 % of the block's largest value):
+  relative (2-norm) error <= 2e-2; ~5e-3 is measured here, ~1e-2 per expert as for ggml.
+- the other dtypes use float32 weights (exactly gguf-py's dequantization) and float32
+  activations with float32 accumulation: |error| <= 1e-6 * sum_j |W_ij * x_j| (float32
+  rounding of a few hundred products and sums; measured ~2e-8).
+- partials of column slices summed equal the full product to 1e-5 of its largest value (the
+  same products, summed in another order in float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from mer.dtypes import dtype_by_name
+from mer.errors import ShapeError, UnsupportedDTypeError
+from mer.expert_format import MatrixSpec
+from mer.quant.activation import dequantize_activation, quantize_activation
+from mer.quant.matmul import matmul, prepare_activation
+from mer.quant.planar import to_planar
+from mer.quant.random_blocks import random_matrix
+from mer.quant.vector_ir import has_vnni_kernels
+
+SEED = 4242
+FUSED = ["q4_0", "q8_0"]
+GENERIC = ["q4_k", "q5_k", "q6_k", "f16", "bf16", "f32"]
+FLOAT32_TOLERANCE = 1e-6
+KERNELS = ["portable"] + (["vnni"] if has_vnni_kernels() else [])
+
+
+def reference_q8_0(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's q8_0 rounding of float32 rows, dequantized, as float64."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float64)
+    inverse = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(blocks * inverse)
+    return (q * d).reshape(x.shape)
+
+
+def make_matrix(dtype: str, rows: int, columns: int, layout: str, seed: int = SEED) -> tuple[MatrixSpec, np.ndarray, np.ndarray]:
+    """(spec, stored bytes, float64 reference weights) of a random valid matrix."""
+    info = dtype_by_name(dtype)
+    native = random_matrix(dtype, rows, columns, (seed, rows, columns))
+    weights = gguf_dequantize(native, info.ggml_type).astype(np.float64)
+    assert weights.shape == (rows, columns)
+    data = native.reshape(-1) if layout == "native" else to_planar(dtype, native.reshape(-1), rows, columns)
+    spec = MatrixSpec("gate", dtype, rows, columns, 0, data.size, layout)
+    spec.validate()
+    return spec, data, weights
+
+
+def tokens(batch: int, columns: int, seed: int = SEED) -> np.ndarray:
+    return np.random.default_rng(seed + batch).standard_normal((batch, columns)).astype(np.float32)
+
+
+def assert_float32_close(out: np.ndarray, weights: np.ndarray, x: np.ndarray) -> None:
+    expected = x @ weights.T
+    bound = FLOAT32_TOLERANCE * (np.abs(x) @ np.abs(weights).T) + 1e-30
+    assert out.dtype == np.float32 and out.shape == expected.shape
+    assert np.all(np.abs(out - expected) <= bound), np.max(np.abs(out - expected) / bound)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("layout", ["native", "planar"])
+@pytest.mark.parametrize("dtype", FUSED)
+@pytest.mark.parametrize("batch", [1, 3, 5, 11])
+def test_fused_kernels_match_the_reference(dtype: str, layout: str, kernel: str, batch: int) -> None:
+    rows, columns = 37, 608  # odd rows (row-pair tail), 19 blocks (partial last group)
+    spec, data, weights = make_matrix(dtype, rows, columns, layout)
+    x = tokens(batch, columns)
+    out = matmul(spec, data, x, kernel=kernel)
+    assert_float32_close(out, weights, reference_q8_0(x))
+    relative = np.linalg.norm(out - x.astype(np.float64) @ weights.T) / np.linalg.norm(x.astype(np.float64) @ weights.T)
+    assert 1e-4 < relative < 2e-2  # the activation rounding is there, and no larger than expected
+
+
+@pytest.mark.parametrize("dtype", GENERIC)
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_generic_kernels_match_the_reference(dtype: str, batch: int) -> None:
+    rows, columns = 21, 512
+    spec, data, weights = make_matrix(dtype, rows, columns, "native")
+    x = tokens(batch, columns)
+    assert_float32_close(matmul(spec, data, x), weights, x.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    "dtype, layout, kernel",
+    [(dtype, layout, kernel) for dtype in FUSED for layout in ("native", "planar") for kernel in KERNELS]
+    + [(dtype, "native", "auto") for dtype in GENERIC],
+)
+def test_row_and_column_slices(dtype: str, layout: str, kernel: str) -> None:
+    rows, columns = 30, 768
+    block = dtype_by_name(dtype).block_size
+    spec, data, weights = make_matrix(dtype, rows, columns, layout)
+    x = tokens(3, columns)
+    reference_x = reference_q8_0(x) if dtype in FUSED else x.astype(np.float64)
+    row_part = matmul(spec, data, x, rows=slice(7, 20), kernel=kernel)
+    assert_float32_close(row_part, weights[7:20], reference_x)
+    bounds = [0, block, 5 * block, columns] if block == 32 else [0, 256, 512, 768]
+    partials = []
+    for start, stop in zip(bounds, bounds[1:]):
+        part = matmul(spec, data, x[:, start:stop], columns=slice(start, stop), kernel=kernel)
+        assert_float32_close(part, weights[:, start:stop], reference_x[:, start:stop])
+        partials.append(part)
+    full = matmul(spec, data, x, kernel=kernel)
+    assert np.allclose(sum(partials), full, rtol=0, atol=1e-5 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("dtype, layout", [("q4_0", "planar"), ("q8_0", "native"), ("q6_k", "native")])
+def test_threads_give_the_same_result(dtype: str, layout: str) -> None:
+    spec, data, _ = make_matrix(dtype, 75, 512, layout)
+    x = tokens(9, 512)
+    assert np.array_equal(matmul(spec, data, x, threads=2), matmul(spec, data, x, threads=1))
+
+
+def test_one_token_vector_in_vector_out() -> None:
+    spec, data, weights = make_matrix("q4_0", 8, 256, "planar")
+    x = tokens(1, 256)[0]
+    out = matmul(spec, data, x)
+    assert out.shape == (8,)
+    assert np.array_equal(out, matmul(spec, data, x[None, :])[0])
+
+
+def test_prepared_activation_is_reused() -> None:
+    spec, data, _ = make_matrix("q8_0", 8, 256, "planar")
+    x = tokens(2, 256)
+    prepared = prepare_activation("q8_0", x)
+    assert np.array_equal(matmul(spec, data, prepared), matmul(spec, data, x))
+    with pytest.raises(UnsupportedDTypeError, match="another dtype"):
+        matmul(spec, data, prepare_activation("q4_0", x))
+
+
+def test_activation_rounding_is_llama_cpp_q8_0() -> None:
+    x = tokens(4, 1024) * np.float32(3)
+    x[1, :32] = 0  # an all-zero block: d = 0, q = 0
+    for dtype in FUSED:
+        activation = quantize_activation(x, dtype)
+        assert np.array_equal(dequantize_activation(activation), reference_q8_0(x).astype(np.float32))
+    # gguf-py rounds with 1/d and half away from zero: same d, quants within one step
+    ours = reference_q8_0(x)
+    theirs = gguf_dequantize(gguf_quantize(x, dtype_by_name("q8_0").ggml_type), dtype_by_name("q8_0").ggml_type)
+    d = (np.abs(x.reshape(4, -1, 32)).max(axis=2) / 127).astype(np.float16).astype(np.float64)
+    steps = np.abs(ours - theirs).reshape(4, -1, 32) / np.where(d > 0, d, 1)[:, :, None]
+    assert steps.max() <= 1.0 + 1e-6 and (steps > 0.5).mean() < 0.01
+
+
+def test_bad_slices_and_shapes_are_refused() -> None:
+    spec, data, _ = make_matrix("q4_0", 8, 256, "native")
+    x = tokens(1, 256)
+    with pytest.raises(ShapeError, match="multiples of 32"):
+        matmul(spec, data, x[:, :48], columns=slice(16, 64))
+    with pytest.raises(ShapeError, match="inside 0..8"):
+        matmul(spec, data, x, rows=slice(4, 12))
+    with pytest.raises(ShapeError, match="has 64"):
+        matmul(spec, data, x, columns=slice(0, 64))
+    with pytest.raises(ShapeError, match="uint8 bytes"):
+        matmul(spec, data[:-1], x)
+    with pytest.raises(ShapeError, match="float array"):
+        matmul(spec, data, np.zeros((1, 256), dtype=np.int32))
+    with pytest.raises(UnsupportedDTypeError, match="kernel"):
+        matmul(spec, data, x, kernel="fastest")

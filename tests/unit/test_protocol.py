@@ -1,0 +1,404 @@
+"""The message protocol: exact round trips, zero-copy arrays, and a clear ProtocolError for bad input."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from mer.errors import ProtocolError, RemoteError
+from mer.protocol import (
+    MESSAGE_TYPES,
+    Acquire,
+    ChildFailed,
+    ComputeItem,
+    ComputeJob,
+    ComputeResult,
+    ErrorReply,
+    Hello,
+    IoStats,
+    JobDone,
+    MessageKind,
+    PrefetchHint,
+    PrefetchHints,
+    Ready,
+    Release,
+    RoutingObserved,
+    Shutdown,
+    SliceRange,
+    SlotGrant,
+    SlotRef,
+    SlotsReady,
+    StatsRequest,
+    decode,
+    encode,
+    error_fields,
+    error_reply,
+    raise_remote,
+)
+
+
+def activations(batch: int = 1, d_model: int = 4096, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, d_model), dtype=np.float32)
+
+
+def sample_messages() -> list:
+    """One message of every kind, with non-trivial values in every field."""
+    return [
+        Hello("mer-io-0a1b2c3d", 4242),
+        Ready("mer-io-0a1b2c3d", 4242, {"io_backend": "uring", "slots": 64, "direct": True, "share": 0.5, "x": None}),
+        ChildFailed("mer-compute-1-0a1b2c3d", "mer.errors.StoreError", "bad store", "Traceback ...\n"),
+        Shutdown("SIGINT"),
+        JobDone(
+            {"tokens": 300, "hit_rate_pct": 61.5, "io_latency_us": {"p50": 812.0, "p99": 2400.5}, "tags": [1, "a"]},
+        ),
+        Acquire(17, 5, [3, 200, 7], True),
+        SlotsReady(17, [SlotGrant(3, 0, 9, True, 0.0, False), SlotGrant(200, 5, 2, False, 812.5, True)]),
+        Release([SlotRef(3, 0, 9), SlotRef(200, 5, 2)]),
+        PrefetchHints(6, [PrefetchHint(11, 0.75), PrefetchHint(12, 0.125)], "markov2"),
+        StatsRequest(99),
+        IoStats(99, {"reads": 12, "bytes_read": 1 << 40, "backend": "uring", "queue": [1, 2, 3]}),
+        ComputeJob(
+            31,
+            [ComputeItem(3, 0, 9, 0), ComputeItem(200, 5, 2, 6)],
+            [SliceRange(0, 896), SliceRange(1792, 2688)],
+            activations(),
+        ),
+        ComputeResult(31, 1, np.arange(2 * 16 * 1 * 64, dtype=np.float32).reshape(2, 16, 1, 64), 1234.5),
+        RoutingObserved(5, 3, [1, 6], [0.625, 0.375]),
+        ErrorReply(17, "ValueError", "slot 5 is stale", "Traceback (most recent call last): ...\n"),
+    ]
+
+
+def test_samples_cover_every_message_kind():
+    assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 15
+
+
+@pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
+def test_round_trip_is_exact(message):
+    frames = encode(message)
+    assert frames[0] == bytes([type(message).KIND, type(message).VERSION])
+    received = [bytes(frame) for frame in frames]  # what a socket hands over, copied once
+    decoded = decode(received)
+    assert type(decoded) is type(message)
+    assert decoded == message
+    for name in type(message).__dataclass_fields__:
+        mine, theirs = getattr(message, name), getattr(decoded, name)
+        assert type(mine) is type(theirs), name
+        if isinstance(mine, list) and mine:
+            assert [type(item) for item in mine] == [type(item) for item in theirs], name
+
+
+def test_records_decode_as_their_named_tuples():
+    decoded = decode(encode(sample_messages()[6]))
+    grant = decoded.refs[1]
+    assert isinstance(grant, SlotGrant)
+    assert (grant.expert_id, grant.slot, grant.generation, grant.hit, grant.read_us, grant.joined_prefetch) == (
+        200, 5, 2, False, 812.5, True,
+    )
+    assert grant.ref == SlotRef(200, 5, 2)
+
+
+def test_int_given_for_a_float_field_decodes_as_float():
+    decoded = decode(encode(SlotsReady(1, [SlotGrant(1, 2, 3, True, 0, False)])))
+    assert type(decoded.refs[0].read_us) is float
+
+
+def test_arrays_are_separate_frames_and_decode_as_views_onto_them():
+    job = sample_messages()[11]
+    frames = encode(job)
+    assert len(frames) == 3
+    assert np.shares_memory(frames[2], job.x)  # encoding does not copy a contiguous array
+    received = [bytes(frame) for frame in frames]
+    decoded = decode(received)
+    frame_address = np.frombuffer(received[2], dtype=np.uint8).ctypes.data
+    assert decoded.x.ctypes.data == frame_address  # a view onto the received frame, not a copy
+    assert not decoded.x.flags.writeable
+    np.testing.assert_array_equal(decoded.x, job.x)
+
+
+def test_partials_keep_their_four_dimensional_shape():
+    result = ComputeResult(2, 0, np.full((2, 16, 1, 4096), 0.5, dtype=np.float32), 10.0)
+    decoded = decode([bytes(frame) for frame in encode(result)])
+    assert decoded.partials.shape == (2, 16, 1, 4096)
+    assert decoded.partials.dtype == np.float32
+    assert float(decoded.partials.sum()) == 2 * 16 * 4096 * 0.5
+
+
+def test_non_contiguous_array_is_sent_by_value():
+    wide = activations(batch=2, d_model=256)
+    job = ComputeJob(1, [], [], wide[:, ::2])
+    decoded = decode(encode(job))
+    np.testing.assert_array_equal(decoded.x, wide[:, ::2])
+
+
+def test_empty_batch_round_trips():
+    job = ComputeJob(1, [ComputeItem(0, 0, 1, 0)], [SliceRange(0, 32)], np.zeros((0, 64), dtype=np.float32))
+    assert decode(encode(job)).x.shape == (0, 64)
+
+
+# --- rejection ---------------------------------------------------------------------------------------
+
+
+def frames_with_body(message, body: list) -> list:
+    frames = encode(message)
+    return [frames[0], msgpack.packb(body), *frames[2:]]
+
+
+def test_unknown_kind_is_rejected():
+    with pytest.raises(ProtocolError, match="unknown message kind 99"):
+        decode([bytes([99, 1]), msgpack.packb([])])
+
+
+def test_unexpected_kind_is_rejected_by_name():
+    frames = encode(Hello("mer-io-0a1b2c3d", 1))
+    with pytest.raises(ProtocolError, match=r"unexpected message Hello.*\['Acquire', 'Release'\]"):
+        decode(frames, expected_kinds={Acquire, MessageKind.RELEASE})
+    assert decode(frames, expected_kinds={MessageKind.HELLO}) == Hello("mer-io-0a1b2c3d", 1)
+    assert decode(frames, expected_kinds=(Hello,)) == Hello("mer-io-0a1b2c3d", 1)
+
+
+def test_wrong_version_is_rejected():
+    frames = encode(Shutdown("done"))
+    with pytest.raises(ProtocolError, match="Shutdown: protocol version 7, this side speaks 1"):
+        decode([bytes([MessageKind.SHUTDOWN, 7]), frames[1]])
+
+
+@pytest.mark.parametrize("header", [b"", b"\x04", b"\x04\x01\x00"])
+def test_malformed_header_is_rejected(header):
+    with pytest.raises(ProtocolError, match="frame 0 must be 2 bytes"):
+        decode([header, encode(Shutdown("x"))[1]])
+
+
+def test_too_few_frames_is_rejected():
+    with pytest.raises(ProtocolError, match="at least 2 frames"):
+        decode([bytes([MessageKind.SHUTDOWN, 1])])
+
+
+@pytest.mark.parametrize("body", [["a", 1, "extra"], ["a"], []])
+def test_wrong_field_count_is_rejected(body):
+    with pytest.raises(ProtocolError, match=rf"Hello: body has {len(body)} fields, expected 2"):
+        decode(frames_with_body(Hello("a", 1), body))
+
+
+@pytest.mark.parametrize(
+    ("body", "message_pattern"),
+    [
+        (["name", "12"], r"Hello\.pid: expected an integer, got str '12'"),
+        (["name", 1.0], r"Hello\.pid: expected an integer, got float 1\.0"),
+        (["name", True], r"Hello\.pid: expected an integer, got bool True"),
+        ([7, 1], r"Hello\.name: expected a string, got int 7"),
+    ],
+)
+def test_wrong_scalar_types_are_rejected(body, message_pattern):
+    with pytest.raises(ProtocolError, match=message_pattern):
+        decode(frames_with_body(Hello("a", 1), body))
+
+
+@pytest.mark.parametrize(
+    ("body", "message_pattern"),
+    [
+        ([1, 2, [3], 1], r"Acquire\.foreground: expected a boolean, got int 1"),
+        ([1, 2, 3, True], r"Acquire\.expert_ids: expected a list, got int 3"),
+        ([1, 2, [3, "4"], True], r"Acquire\.expert_ids\[1\]: expected an integer, got str '4'"),
+    ],
+)
+def test_wrong_list_types_are_rejected(body, message_pattern):
+    with pytest.raises(ProtocolError, match=message_pattern):
+        decode(frames_with_body(Acquire(1, 2, [3], True), body))
+
+
+def test_nested_record_errors_name_the_path():
+    good = [1, [[3, 0, 9, True, 0.0, False], [4, 1, 2, False, 1.5, False]]]
+    short = [1, [good[1][0], [4, 1, 2]]]
+    with pytest.raises(ProtocolError, match=r"SlotsReady\.refs\[1\]: expected a list of 6 fields \(expert_id, slot"):
+        decode(frames_with_body(SlotsReady(1, []), short))
+    typed = [1, [good[1][0], [4, 1, 2, "no", 1.5, False]]]
+    with pytest.raises(ProtocolError, match=r"SlotsReady\.refs\[1\]\.hit: expected a boolean, got str 'no'"):
+        decode(frames_with_body(SlotsReady(1, []), typed))
+    assert decode(frames_with_body(SlotsReady(1, []), good)).refs[1] == SlotGrant(4, 1, 2, False, 1.5, False)
+
+
+def test_maps_are_checked():
+    with pytest.raises(ProtocolError, match=r"Ready\.info\['depth'\]: expected an int, float, str, bool or None"):
+        decode(frames_with_body(Ready("a", 1, {}), ["a", 1, {"depth": [1, 2]}]))
+    with pytest.raises(ProtocolError, match=r"IoStats\.stats\['x'\]\[1\]: expected a map with string keys"):
+        decode(frames_with_body(IoStats(1, {}), [1, {"x": [1, b"raw"]}]))
+    with pytest.raises(ProtocolError, match=r"JobDone\.summary: expected a map with string keys, got list"):
+        decode(frames_with_body(JobDone({}), [[1, 2]]))
+    with pytest.raises(ProtocolError, match="not valid msgpack"):  # msgpack refuses int keys itself
+        decode(frames_with_body(JobDone({}), [{1: 2}]))
+
+
+def compute_job_frames(reference: dict, array_frames: list) -> list:
+    job = sample_messages()[11]
+    body = [job.job_id, [list(item) for item in job.items], [list(piece) for piece in job.slices], reference]
+    return [bytes([MessageKind.COMPUTE_JOB, 1]), msgpack.packb(body), *array_frames]
+
+
+def reference(index: int = 0, dtype: str = "<f4", shape: list | None = None) -> dict:
+    return {"__array__": index, "dtype": dtype, "shape": [1, 4096] if shape is None else shape}
+
+
+ONE_ROW = bytes(4 * 4096)
+
+
+@pytest.mark.parametrize(
+    ("reference", "array_frames", "message_pattern"),
+    [
+        (reference(dtype="<f8"), [bytes(8 * 4096)], r"ComputeJob\.x\.dtype: expected dtype '<f4'"),
+        (reference(shape=[4096]), [ONE_ROW], r"ComputeJob\.x\.shape: expected a shape \[batch, d_model\]"),
+        (reference(shape=[1, -2]), [bytes(8)], r"ComputeJob\.x\.shape: expected a shape"),
+        (reference(shape=[2, 4096]), [ONE_ROW], r"expected a frame of 32768 bytes for shape \[2, 4096\], got 16384"),
+        (reference(index=1), [ONE_ROW], r"ComputeJob\.x\.__array__: expected an array frame index in 0\.\.0"),
+        (reference(), [], r"expected an array frame index in 0\.\.-1"),
+        ({"__array__": 0, "dtype": "<f4"}, [ONE_ROW], r"ComputeJob\.x: expected an array reference"),
+        ([1, 2], [ONE_ROW], r"ComputeJob\.x: expected an array reference"),
+        (reference(), [ONE_ROW, b"x"], r"array frames \[1\] are not referenced"),
+    ],
+)
+def test_bad_array_references_are_rejected(reference, array_frames, message_pattern):
+    with pytest.raises(ProtocolError, match=message_pattern):
+        decode(compute_job_frames(reference, array_frames))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xc1", b"\x92\x01", b"\x92\x01\x02\x03", b"\xa3\xff\xfe\xfd", b"\xd4\x05\x01"],
+    ids=["never-used-byte", "truncated", "extra-data", "bad-utf8", "ext-type"],
+)
+def test_msgpack_garbage_is_rejected(body):
+    with pytest.raises(ProtocolError, match="Hello: body"):
+        decode([bytes([MessageKind.HELLO, 1]), body])
+
+
+def test_body_that_is_not_a_list_is_rejected():
+    with pytest.raises(ProtocolError, match="Hello: body must be a list of fields, got dict"):
+        decode([bytes([MessageKind.HELLO, 1]), msgpack.packb({"name": "a"})])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ProtocolError, match="RoutingObserved: 2 expert_ids but 1 weights"):
+        decode(encode(RoutingObserved(1, 0, [1, 2], [1.0])))
+    with pytest.raises(ProtocolError, match=r"ComputeJob\.slices\[0\]: \[64, 64\) is not a non-empty range"):
+        decode(encode(ComputeJob(1, [], [SliceRange(64, 64)], activations(d_model=8))))
+
+
+def test_random_corruption_gives_protocol_error_or_a_valid_message():
+    seed = 20240531
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    for message in sample_messages():
+        frames = [bytes(frame) for frame in encode(message)]
+        for _ in range(150):
+            corrupted = bytearray(frames[1])
+            for position in rng.integers(0, len(corrupted), size=rng.integers(1, 4)):
+                corrupted[position] = int(rng.integers(0, 256))
+            try:
+                decode([frames[0], bytes(corrupted), *frames[2:]])
+            except ProtocolError:
+                pass
+
+
+# --- encoding errors ---------------------------------------------------------------------------------
+
+
+def test_encode_rejects_wrong_arrays_naming_the_field():
+    with pytest.raises(ProtocolError, match=r"ComputeJob\.x: expected a float32 array \[batch, d_model\], got float64"):
+        encode(ComputeJob(1, [], [], np.zeros((1, 8))))
+    with pytest.raises(ProtocolError, match=r"ComputeResult\.partials: expected a float32 array .* shape \(2, 8\)"):
+        encode(ComputeResult(1, 0, np.zeros((2, 8), dtype=np.float32), 1.0))
+    with pytest.raises(ProtocolError, match=r"ComputeJob\.x: expected a float32 array .* got list"):
+        encode(ComputeJob(1, [], [], [[1.0]]))
+
+
+def test_encode_rejects_unserialisable_values_naming_the_field():
+    with pytest.raises(ProtocolError, match=r"Acquire\.expert_ids: cannot encode list \[np\.int64\(3\)\]"):
+        encode(Acquire(1, 2, [np.int64(3)], True))
+    with pytest.raises(ProtocolError, match="str is not a protocol message"):
+        encode("hello")
+
+
+# --- errors across processes -------------------------------------------------------------------------
+
+
+def failing_call():
+    raise KeyError("expert 12")
+
+
+def test_error_reply_carries_type_message_and_traceback_and_raises_remote_error():
+    try:
+        failing_call()
+    except KeyError as error:
+        reply = error_reply(8, error)
+    received = decode(encode(reply), expected_kinds={ErrorReply})
+    assert (received.request_id, received.error_type, received.message) == (8, "KeyError", "'expert 12'")
+    assert "failing_call" in received.traceback and received.traceback.startswith("Traceback")
+    with pytest.raises(RemoteError, match=r"mer-io-0a1b2c3d: KeyError: 'expert 12'") as raised:
+        raise_remote(received, origin="mer-io-0a1b2c3d")
+    assert raised.value.error_type == "KeyError"
+    assert raised.value.remote_traceback == received.traceback
+
+
+def test_child_failed_is_built_from_error_fields_with_a_qualified_type():
+    error = ProtocolError("bad frame")
+    failed = ChildFailed("mer-router-0a1b2c3d", *error_fields(error))
+    assert failed.error_type == "mer.errors.ProtocolError"
+    with pytest.raises(RemoteError, match="mer.errors.ProtocolError: bad frame"):
+        raise_remote(decode(encode(failed)))
+
+
+# --- over a real ZeroMQ ipc socket ------------------------------------------------------------------
+
+
+@pytest.fixture
+def ipc_pair(tmp_path):
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    worker = context.socket(zmq.DEALER)
+    for socket in (router, worker):
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVTIMEO, 5000)
+    worker.setsockopt(zmq.IDENTITY, b"compute-0")
+    address = f"ipc://{tmp_path}/compute.sock"
+    router.bind(address)
+    worker.connect(address)
+    yield router, worker
+    router.close()
+    worker.close()
+    context.term()
+
+
+def test_compute_job_and_result_over_zeromq_ipc(ipc_pair):
+    router, worker = ipc_pair
+    worker.send_multipart(encode(Hello("compute-0", 1)))  # a ROUTER can only address a peer it has heard
+    identity, *hello = router.recv_multipart()
+    assert decode(hello, expected_kinds={Hello}) == Hello("compute-0", 1)
+    job = ComputeJob(5, [ComputeItem(1, 2, 3, 0)], [SliceRange(0, 896)], activations(batch=2, seed=3))
+    router.send_multipart([identity, *encode(job)], copy=False)
+    frames = worker.recv_multipart(copy=False)
+    received = decode(frames, expected_kinds={ComputeJob})
+    assert received == job
+    frame_view = np.frombuffer(frames[2].buffer, dtype=np.uint8)
+    assert received.x.ctypes.data == frame_view.ctypes.data  # zero-copy view onto the zmq frame
+
+    partials = np.stack([received.x * 2.0]).reshape(1, 1, 2, 4096).astype(np.float32)
+    worker.send_multipart(encode(ComputeResult(5, 0, partials, 99.5)), copy=False)
+    identity, *reply = router.recv_multipart(copy=False)
+    result = decode(reply, expected_kinds={ComputeResult, ErrorReply})
+    assert identity.bytes == b"compute-0"
+    assert (result.job_id, result.worker, result.compute_us) == (5, 0, 99.5)
+    np.testing.assert_array_equal(result.partials[0, 0], job.x * 2.0)
+
+
+def test_a_bad_message_over_zeromq_does_not_stop_the_receiver(ipc_pair):
+    router, worker = ipc_pair
+    worker.send_multipart([bytes([MessageKind.COMPUTE_RESULT, 1]), b"\xc1"])
+    worker.send_multipart(encode(Hello("compute-0", 1)))
+    _, *bad = router.recv_multipart(copy=False)
+    with pytest.raises(ProtocolError):
+        decode(bad)
+    _, *good = router.recv_multipart(copy=False)
+    assert decode(good) == Hello("compute-0", 1)

@@ -1,0 +1,131 @@
+"""swiglu_expert against a float64 reference built from gguf-py's dequantization.
+
+The reference follows the same recipe as the kernels: for q4_0/q8_0 matrices the input (x for
+gate/up, h for down) is rounded to q8_0 per 32-block with llama.cpp's rule (`reference_q8_0`).
+Tolerances (relative 2-norm error of the output):
+
+- float-activation dtypes (K-quants, f16, bf16, f32): 1e-5, float32 arithmetic only.
+- q4_0/q8_0 down: 2e-3. h is computed in float32 by the kernel and in float64 by the reference,
+  so now and then an element of h sits on a rounding boundary of its q8_0 block and rounds one
+  step apart (each such element moves the output by ~1/127 of its block's share); measured
+  ~1e-4 and below.
+- against the all-float64 expert without any activation rounding, q4_0/q8_0 experts are within
+  3e-2 (~1e-2 expected, as for ggml).
+Consecutive d_ff slices summed equal the full output to 1e-5 of its largest value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize as gguf_dequantize
+
+from mer.dtypes import dtype_by_name
+from mer.errors import ShapeError
+from mer.expert_format import ExpertFormat, ExpertPayload
+from mer.quant.planar import to_planar
+from mer.quant.random_blocks import random_matrix
+from mer.swiglu import swiglu_expert
+from test_matmul import reference_q8_0
+
+SEED = 777
+D_MODEL, D_FF = 256, 512
+FUSED = ("q4_0", "q8_0")
+
+
+def make_expert(dtypes: tuple[str, str, str], layout: str) -> tuple[ExpertPayload, list[np.ndarray]]:
+    """A random expert payload and its three float64 reference matrices."""
+    expert_format = ExpertFormat.build(D_MODEL, D_FF, dtypes, layout)
+    payload = np.empty(expert_format.payload_nbytes, dtype=np.uint8)
+    references = []
+    for index, matrix in enumerate(expert_format.matrices):
+        native = random_matrix(matrix.dtype, matrix.rows, matrix.columns, (SEED, index))
+        references.append(gguf_dequantize(native, dtype_by_name(matrix.dtype).ggml_type).astype(np.float64))
+        stored = native.reshape(-1)
+        if layout == "planar":
+            stored = to_planar(matrix.dtype, stored, matrix.rows, matrix.columns)
+        payload[matrix.offset : matrix.offset + matrix.nbytes] = stored
+    return ExpertPayload(expert_format, payload), references
+
+
+def reference_expert(dtypes, references, x, hidden=slice(None), round_activations=True):  # type: ignore[no-untyped-def]
+    gate, up, down = references
+    rounded = (lambda values, dtype: reference_q8_0(values) if round_activations and dtype in FUSED else values)
+    gate_out = rounded(x, dtypes[0]) @ gate[hidden].T
+    up_out = rounded(x, dtypes[1]) @ up[hidden].T
+    h = gate_out / (1 + np.exp(-gate_out)) * up_out
+    return rounded(h, dtypes[2]) @ down[:, hidden].T
+
+
+def relative_error(out: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+
+
+def tokens(batch: int) -> np.ndarray:
+    return np.random.default_rng(SEED + batch).standard_normal((batch, D_MODEL)).astype(np.float32)
+
+
+CASES = [((dtype,) * 3, "native") for dtype in ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "f16", "bf16", "f32")] + [
+    (("q4_0",) * 3, "planar"),
+    (("q8_0",) * 3, "planar"),
+    (("q4_0", "q4_0", "q6_k"), "planar"),
+    (("q4_k", "q4_k", "q8_0"), "native"),
+    (("q8_0", "q4_0", "f16"), "native"),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+@pytest.mark.parametrize("dtypes, layout", CASES)
+def test_expert_matches_the_reference(dtypes: tuple[str, str, str], layout: str, batch: int) -> None:
+    payload, references = make_expert(dtypes, layout)
+    x = tokens(batch)
+    out = swiglu_expert(payload, x)
+    assert out.dtype == np.float32 and out.shape == (batch, D_MODEL)
+    expected = reference_expert(dtypes, references, x.astype(np.float64))
+    assert relative_error(out, expected) < (2e-3 if dtypes[2] in FUSED else 1e-5)
+    if any(dtype in FUSED for dtype in dtypes):
+        unrounded = reference_expert(dtypes, references, x.astype(np.float64), round_activations=False)
+        assert relative_error(out, unrounded) < 3e-2
+
+
+@pytest.mark.parametrize(
+    "dtypes, layout, bounds",
+    [
+        (("q4_0",) * 3, "planar", [0, 96, 128, 416, 512]),
+        (("q8_0",) * 3, "native", [0, 32, 512]),
+        (("q4_0", "q4_0", "q6_k"), "planar", [0, 256, 512]),
+        (("f32",) * 3, "native", [0, 64, 512]),
+    ],
+)
+def test_slices_sum_to_the_full_output(dtypes: tuple[str, str, str], layout: str, bounds: list[int]) -> None:
+    payload, references = make_expert(dtypes, layout)
+    x = tokens(3)
+    full = swiglu_expert(payload, x)
+    total = np.zeros_like(full)
+    for start, stop in zip(bounds, bounds[1:]):
+        partial = swiglu_expert(payload, x, slice(start, stop))
+        expected = reference_expert(dtypes, references, x.astype(np.float64), slice(start, stop))
+        assert relative_error(partial, expected) < (2e-3 if dtypes[2] in FUSED else 1e-5)
+        total += partial
+    assert np.max(np.abs(total - full)) <= 1e-5 * np.max(np.abs(full))
+
+
+def test_one_token_and_threads() -> None:
+    payload, _ = make_expert(("q4_0",) * 3, "planar")
+    x = tokens(1)
+    single = swiglu_expert(payload, x[0])
+    assert single.shape == (D_MODEL,)
+    assert np.array_equal(single, swiglu_expert(payload, x)[0])
+    assert np.array_equal(swiglu_expert(payload, x, threads=2), swiglu_expert(payload, x, threads=1))
+
+
+def test_bad_slices_and_inputs_are_refused() -> None:
+    payload, _ = make_expert(("q4_0", "q4_0", "q6_k"), "native")  # slice quantum 256
+    x = tokens(1)
+    for bad in (slice(0, 32), slice(256, 256), slice(0, 768), slice(0, 512, 2)):
+        with pytest.raises(ShapeError, match="slice quantum 256"):
+            swiglu_expert(payload, x, bad)
+    with pytest.raises(ShapeError, match=r"\(batch, 256\)"):
+        swiglu_expert(payload, np.zeros((2, 128), dtype=np.float32))
+    with pytest.raises(ShapeError, match="float32"):
+        swiglu_expert(payload, np.zeros((1, 2, 256), dtype=np.float32))

@@ -1,0 +1,111 @@
+"""A compute worker: SwiGLU on d_ff slices of experts held in the slot arena (mapped read-only).
+
+Jobs arrive on `compute.sock` (a DEALER with identity `compute-<i>`, connected to the router's
+ROUTER). For every item of a job the worker checks the slot header's generation and expert id
+before and after computing, so a slot reassigned under it is refused (`StaleSlotError`) instead of
+computed. Kernels run with a fixed thread count (`kernel_threads`); workers x threads <= cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numba
+import numpy as np
+import zmq
+
+from mer.expert_format import ExpertPayload
+from mer.runtime.child import receive_unless_stopped
+from mer.protocol import ComputeJob, ComputeResult, Hello, decode, encode, error_reply
+from mer.shm.arena import SlotArena
+from mer.store.manifest import Manifest
+from mer.swiglu import swiglu_expert
+
+
+def compute_identity(index: int) -> bytes:
+    return f"compute-{index}".encode()
+
+
+class ComputeWorker:
+    def __init__(self, context):
+        self.context = context
+        self.index: int = context.index
+        self.manifest = Manifest.load(context.run.store)
+        self.arena: SlotArena | None = None
+        self.socket = None
+        self.jobs_done = 0
+
+    async def start(self) -> dict:
+        threads = self.context.config.kernel_threads
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        self.arena = SlotArena.attach(self.context.run.arena_path, writable=False)
+        compile_seconds = self._warm_up_kernels()
+        self.socket = self.context.zmq.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, compute_identity(self.index))
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(self.context.run.endpoint("compute"))
+        await self.socket.send_multipart(encode(Hello(self.context.name, os.getpid())))
+        return {"kernel_threads": threads, "warm_up_s": round(compile_seconds, 3)}
+
+    def _warm_up_kernels(self) -> float:
+        """Compile (or load from numba's cache) the kernels of every layer format before Ready."""
+        started = time.perf_counter()
+        seen = set()
+        for layer in self.manifest.layers:
+            key = tuple((m.dtype, m.layout) for m in layer.format.matrices)
+            if key in seen:
+                continue
+            seen.add(key)
+            data = np.zeros(layer.format.payload_nbytes, dtype=np.uint8)
+            data.setflags(write=False)  # slots are mapped read-only: compile that specialisation
+            payload = ExpertPayload(layer.format, data)
+            x = np.zeros((1, layer.format.d_model), dtype=np.float32)
+            swiglu_expert(payload, x, slice(0, layer.format.slice_quantum), threads=self.context.config.kernel_threads)
+        return time.perf_counter() - started
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            frames = await receive_unless_stopped(self.socket, stop)
+            if frames is None:
+                break
+            reply = self._handle(frames)
+            await self.socket.send_multipart(encode(reply), copy=False)
+
+    def _handle(self, frames):
+        job_id = -1
+        try:
+            job = decode(frames, expected_kinds=(ComputeJob,))
+            job_id = job.job_id
+            started = time.perf_counter()
+            partials = self.compute(job)
+            self.jobs_done += 1
+            return ComputeResult(job_id, self.index, partials, (time.perf_counter() - started) * 1e6)
+        except Exception as error:  # a bad job is answered, never fatal
+            self.context.log.warning("compute_job_failed", job_id=job_id, error=str(error))
+            return error_reply(job_id, error)
+
+    def compute(self, job: ComputeJob) -> np.ndarray:
+        """Partials of shape (items, slices, batch, d_model) for the job's items and slices."""
+        x = np.array(job.x, dtype=np.float32)  # a writable copy of the received frame (d_model floats)
+        partials = np.empty((len(job.items), len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
+        threads = self.context.config.kernel_threads
+        for item_index, item in enumerate(job.items):
+            layer = self.manifest.layers[item.moe_layer]
+            self.arena.check_slot(item.slot, item.generation, item.expert_id)
+            data = self.arena.slot_array(item.slot)[: layer.format.payload_nbytes]
+            payload = ExpertPayload(layer.format, data)
+            for slice_index, (start, stop) in enumerate(job.slices):
+                partials[item_index, slice_index] = swiglu_expert(payload, x, slice(start, stop), threads=threads)
+            self.arena.check_slot(item.slot, item.generation, item.expert_id)
+        return partials
+
+    async def on_control(self, message) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        if self.arena is not None:
+            self.arena.close()

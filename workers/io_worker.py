@@ -1,0 +1,221 @@
+"""The I/O worker: the one owner of the slot table; reads experts into arena slots.
+
+Binds a ROUTER on `io.sock`. The router sends `Acquire` (answered with `SlotsReady` once every
+requested expert is in a slot and leased), `Release` and `StatsRequest`; the predictor sends
+`PrefetchHints`. Misses become reads (io_uring with O_DIRECT when available, else thread-pool
+preadv; `io_backend`) straight into the slot; concurrent requests for one expert share one read;
+foreground reads go before queued prefetches, and a miss that finds its expert in a queued
+prefetch promotes that read. Every read is logged as an `expert_read` event.
+
+Prefetch admission (a first governor): a hint is read only if its expert is not resident, a slot
+is FREE or evictable without touching anything leased, pinned or used in the current token, and
+fewer than `predict_fanout x pipeline_depth` prefetch reads are in flight; otherwise it is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from mer.cache.slot_table import AcquireKind, SlotTable
+from mer.errors import ProtocolError
+from mer.io.backend import open_reader
+from mer.runtime.child import receive_unless_stopped
+from mer.protocol import (
+    Acquire, IoStats, PrefetchHints, Release, SlotGrant, SlotsReady, StatsRequest, decode, encode, error_reply,
+)
+from mer.run_events import EXPERT_READ
+from mer.shm.arena import SlotArena
+from mer.store.manifest import Manifest
+
+
+@dataclass
+class Load:
+    """A read in flight into a slot."""
+
+    future: asyncio.Future  # resolves to the read latency in microseconds
+    reader_future: asyncio.Future
+    kind: str  # "foreground" or "prefetch"
+
+
+class IoWorker:
+    def __init__(self, context):
+        self.context = context
+        self.manifest = Manifest.load(context.run.store)
+        self.store_dir = Path(context.run.store)
+        self.arena: SlotArena | None = None
+        self.reader = None
+        self.table: SlotTable | None = None
+        self.socket = None
+        self.loads: dict[int, Load] = {}  # by slot
+        self.slot_released = asyncio.Event()
+        self.current_token = -1
+        self.reads: list[dict] = []
+        self.prefetch = {"issued": 0, "completed": 0, "dropped": 0}
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> dict:
+        run, config = self.context.run, self.context.config
+        self.arena = SlotArena.attach(run.arena_path, writable=True)
+        files = [self.store_dir / layer.file for layer in self.manifest.layers]
+        self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
+                                  registration_unit=self.arena.slot_nbytes)
+        self.table = SlotTable(self.arena.num_slots)
+        self.socket = self.context.zmq.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(run.endpoint("io"))
+        return {"io_backend": self.reader.name, "o_direct": self.reader.o_direct, "slots": self.arena.num_slots}
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        while True:
+            frames = await receive_unless_stopped(self.socket, stop)
+            if frames is None:
+                return
+            identity, *frames = frames
+            try:
+                message = decode(frames, expected_kinds=(Acquire, Release, PrefetchHints, StatsRequest))
+            except ProtocolError as error:
+                self.context.log.warning("bad_io_message", error=str(error))
+                continue
+            self._dispatch(bytes(identity.buffer), message)
+
+    def _dispatch(self, identity: bytes, message) -> None:
+        if isinstance(message, Acquire):
+            self._spawn(self._answer_acquire(identity, message))
+        elif isinstance(message, Release):
+            self._release(message)
+        elif isinstance(message, PrefetchHints):
+            self._admit_prefetches(message)
+        else:
+            self._spawn(self._send(identity, IoStats(message.request_id, self.stats())))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, identity: bytes, message) -> None:
+        await self.socket.send_multipart([identity, *encode(message)], copy=False)
+
+    # ---- foreground ------------------------------------------------------------------------------
+
+    async def _answer_acquire(self, identity: bytes, request: Acquire) -> None:
+        try:
+            self.current_token = max(self.current_token, request.token)
+            waits = [await self._acquire_one(expert, request.token, request.foreground) for expert in request.expert_ids]
+            grants = [await wait for wait in waits]
+            await self._send(identity, SlotsReady(request.request_id, grants))
+        except Exception as error:
+            self.context.log.warning("acquire_failed", request_id=request.request_id, error=str(error))
+            await self._send(identity, error_reply(request.request_id, error))
+
+    async def _acquire_one(self, expert_id: int, token: int, foreground: bool):
+        """Lease `expert_id` (starting or joining its read); returns an awaitable of its SlotGrant."""
+        while True:
+            result = self.table.acquire(expert_id, token, foreground)
+            if result.kind is not AcquireKind.NO_SLOT:
+                break
+            self.slot_released.clear()
+            await self.slot_released.wait()
+        slot, generation = result.slot, result.generation
+        if result.kind is AcquireKind.HIT:
+            return _done(SlotGrant(expert_id, slot, generation, True, 0.0, False))
+        if result.kind is AcquireKind.MISS_ASSIGNED:
+            self._start_read(slot, generation, expert_id, "foreground")
+        load = self.loads[slot]
+        joined_prefetch = load.kind == "prefetch"
+        if joined_prefetch:
+            self.reader.promote(load.reader_future)
+        return self._grant_when_loaded(load, SlotGrant(expert_id, slot, generation, False, 0.0, joined_prefetch))
+
+    async def _grant_when_loaded(self, load: Load, grant: SlotGrant) -> SlotGrant:
+        waited_started = time.perf_counter()
+        await asyncio.shield(load.future)
+        return grant._replace(read_us=(time.perf_counter() - waited_started) * 1e6)
+
+    def _release(self, message: Release) -> None:
+        for ref in message.refs:
+            try:
+                self.table.release(ref.slot, ref.generation)
+            except Exception as error:  # a bad release is logged, never fatal
+                self.context.log.warning("bad_release", slot=ref.slot, generation=ref.generation, error=str(error))
+        self.slot_released.set()
+
+    # ---- reads -----------------------------------------------------------------------------------
+
+    def _start_read(self, slot: int, generation: int, expert_id: int, kind: str) -> None:
+        entry = self.manifest.expert(expert_id)
+        layer = self.manifest.layers[entry.moe_layer]
+        self.arena.write_slot_header(slot, generation, expert_id, layer.format.payload_nbytes)
+        nbytes = layer.format.read_nbytes
+        destination = self.arena.slot_view(slot)[:nbytes]
+        reader_future = self.reader.submit(entry.moe_layer, entry.offset, nbytes, destination, priority=kind)
+        load = Load(asyncio.get_running_loop().create_future(), reader_future, kind)
+        self.loads[slot] = load
+        reader_future.add_done_callback(lambda done: self._finish_read(done, slot, generation, expert_id, kind))
+
+    def _finish_read(self, done: asyncio.Future, slot: int, generation: int, expert_id: int, kind: str) -> None:
+        load = self.loads.pop(slot)
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        self.table.finish_load(slot, generation, ok=error is None)
+        self.slot_released.set()
+        if error is not None:
+            self.context.log.warning("expert_read_failed", expert_id=expert_id, slot=slot, error=str(error))
+            load.future.set_exception(error)
+            return
+        result = done.result()
+        record = {"expert_id": expert_id, "slot": slot, "nbytes": result.nbytes,
+                  "latency_us": result.latency_us, "kind": kind}
+        self.reads.append(record)
+        self.context.log.info(EXPERT_READ, **record)
+        if kind == "prefetch":
+            self.prefetch["completed"] += 1
+        load.future.set_result(result.latency_us)
+
+    # ---- prefetch --------------------------------------------------------------------------------
+
+    def _admit_prefetches(self, message: PrefetchHints) -> None:
+        config = self.context.config
+        limit = config.predict_fanout * config.pipeline_depth
+        for hint in message.hints:
+            if self.table.lookup(hint.expert_id) is not None:
+                continue  # resident or already loading: nothing to do
+            in_flight = sum(load.kind == "prefetch" for load in self.loads.values())
+            assignment = self.table.assign_prefetch(hint.expert_id, self.current_token) if in_flight < limit else None
+            if assignment is None:
+                self.prefetch["dropped"] += 1
+                continue
+            self.prefetch["issued"] += 1
+            self._start_read(assignment.slot, assignment.generation, hint.expert_id, "prefetch")
+
+    def stats(self) -> dict:
+        counters = self.table.counters.as_dict()
+        return {
+            "io_backend": self.reader.name, "o_direct": self.reader.o_direct, "reads": list(self.reads),
+            "prefetches_issued": self.prefetch["issued"], "prefetches_completed": self.prefetch["completed"],
+            "prefetches_dropped": self.prefetch["dropped"], "prefetches_used": counters["prefetch_used"],
+            "prefetches_wasted": counters["prefetch_wasted"], "cache": counters,
+        }
+
+    async def on_control(self, message) -> None:
+        pass
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.reader is not None:
+            await self.reader.close()
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        if self.arena is not None:
+            self.arena.close()
+
+
+def _done(value):
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future

@@ -1,0 +1,92 @@
+"""The router: runs the job through the graph once the supervisor says every child is ready.
+
+Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
+(`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
+summary goes back to the supervisor as `JobDone`; the router then waits for `Shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import numpy as np
+import zmq
+
+from mer.protocol import JobDone, StartJob
+from mer.router.bench_job import BenchJob
+from mer.router.clients import ComputeClient, IoClient
+from mer.run_events import RUN_SUMMARY
+from mer.store.manifest import Manifest
+
+
+class Router:
+    def __init__(self, context):
+        self.context = context
+        self.manifest = Manifest.load(context.run.store)
+        self.start_job = asyncio.Event()
+        self.io: IoClient | None = None
+        self.compute: ComputeClient | None = None
+        self.observe = None
+
+    async def start(self) -> dict:
+        run, zmq_context = self.context.run, self.context.zmq
+        self.compute = ComputeClient(zmq_context, run.endpoint("compute"), run.num_compute_workers)
+        self.io = IoClient(zmq_context, run.endpoint("io"))
+        self.observe = zmq_context.socket(zmq.PUSH)
+        self.observe.setsockopt(zmq.LINGER, 0)
+        self.observe.setsockopt(zmq.SNDHWM, 10_000)
+        self.observe.connect(run.endpoint("observe"))
+        await self.compute.wait_connected(self.context.config.handshake_timeout_s)
+        return {"compute_workers": run.num_compute_workers}
+
+    async def on_control(self, message) -> None:
+        if isinstance(message, StartJob):
+            self.start_job.set()
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        waiting = asyncio.create_task(self.start_job.wait())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            return
+        job = BenchJob(self.context.config, self.manifest, self.io, self.compute, self.observe,
+                       self.context.log, progress=_progress_printer(self.context.config.tokens))
+        summary = await job.run()
+        if self.context.config.dump_outputs:
+            np.save(self.context.config.dump_outputs, np.stack(job.outputs))
+        self.context.log.info(RUN_SUMMARY, **summary.to_json_dict())
+        await self.context.send_control(JobDone(summary.to_json_dict()))
+        await stop.wait()
+
+    def close(self) -> None:
+        for client in (self.io, self.compute):
+            if client is not None:
+                client.close()
+        if self.observe is not None:
+            self.observe.close(linger=0)
+
+
+def _progress_printer(total_tokens: int):
+    """A live line on stderr (tokens/s, hit rate) when stderr is a terminal; None otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    import time
+
+    state = {"started": time.monotonic(), "hits": 0, "lookups": 0, "last": 0.0}
+
+    def show(record) -> None:
+        state["hits"] += record.hits
+        state["lookups"] += record.lookups
+        now = time.monotonic()
+        if now - state["last"] < 0.2 and record.token + 1 < total_tokens:
+            return
+        state["last"] = now
+        done = record.token + 1
+        rate = done / max(now - state["started"], 1e-9)
+        hit_rate = 100 * state["hits"] / max(state["lookups"], 1)
+        end = "\n" if done == total_tokens else ""
+        print(f"\r  token {done}/{total_tokens}  {rate:6.1f} tok/s  hit rate {hit_rate:5.1f}%",
+              end=end, file=sys.stderr, flush=True)
+
+    return show
