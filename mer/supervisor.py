@@ -68,7 +68,8 @@ def pool_slots(config: PipelineConfig) -> int:
 class Supervisor:
     """Runs one job through a freshly started process graph."""
 
-    def __init__(self, config: PipelineConfig, store: ExpertStore):
+    def __init__(self, config: PipelineConfig, store: ExpertStore, on_job_done=None):
+        self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
         self.config = config
         self.store = store
         self.log = get_logger()
@@ -98,7 +99,10 @@ class Supervisor:
                 await self._handshake()
                 router = self._child_of_role("router")
                 await control.send_multipart([router.name.encode(), *encode(StartJob({}))], copy=False)
-                return await self._wait_job_done()
+                summary = await self._wait_job_done()
+                if self.on_job_done is not None:
+                    await self.on_job_done(summary, self)
+                return summary
             finally:
                 receiver.cancel()
                 await self._shutdown(control)
@@ -191,6 +195,14 @@ class Supervisor:
                 return dict(payload.summary)
             self._raise_for(kind, payload)
 
+    def status_line(self) -> str:
+        """Live figures of the graph: processes alive and their resident memory."""
+        alive = [child for child in self.children.values() if child.process.is_alive()]
+        rss_mib = sum(_rss_bytes(child.process.pid) for child in alive) / 2**20
+        arena_mib = pool_slots(self.config) * self.store.manifest.slot_nbytes / 2**20
+        return (f"run {self.run_id}: {len(alive)}/{len(self.children)} processes up, "
+                f"RSS {rss_mib:,.0f} MiB, slot arena {arena_mib:,.1f} MiB")
+
     # ---- shutdown --------------------------------------------------------------------------------
 
     async def _shutdown(self, control: zmq.asyncio.Socket) -> None:
@@ -227,6 +239,14 @@ class Supervisor:
             self.arena.destroy()
         remove_runtime_dir(self.run_id)
         remove_run(self.run_id)
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 async def _wait_exit(children: list[Child], timeout_s: float) -> None:

@@ -15,8 +15,12 @@ from mer.summary import RunSummary, format_seed_block
 from mer.supervisor import Supervisor
 
 
-def run_pipeline_job(config: PipelineConfig, *, as_json: bool) -> int:
-    """Start the graph for `config`, run its job, print the summary; 0 on success."""
+def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = False) -> int:
+    """Start the graph for `config`, run its job, print the summary; 0 on success.
+
+    With `stay_up` (an interactive `up`), the summary is printed as soon as the job is done and the
+    graph stays up showing live figures until Ctrl-C, which then ends the command with 0.
+    """
     store = ExpertStore.open(config.store)
     validate_against_geometry(config, store.manifest.geometry)
     if config.log_file:
@@ -24,13 +28,39 @@ def run_pipeline_job(config: PipelineConfig, *, as_json: bool) -> int:
         configure_logging("mer-supervisor", stream=log_stream, level="info")
     else:
         configure_logging("mer-supervisor", level="warning")
-    supervisor = Supervisor(config, store)
-    summary = uvloop.run(_with_signals(supervisor))
-    if as_json:
-        print(json.dumps(summary))
-    else:
-        print(format_seed_block(RunSummary.from_json_dict(summary)))
+    printed: list[dict] = []
+
+    def print_summary(summary: dict) -> None:
+        printed.append(summary)
+        if as_json:
+            print(json.dumps(summary), flush=True)
+        else:
+            print(format_seed_block(RunSummary.from_json_dict(summary)), flush=True)
+
+    supervisor = Supervisor(config, store, on_job_done=show_live_figures(print_summary) if stay_up else None)
+    try:
+        summary = uvloop.run(_with_signals(supervisor))
+    except KeyboardInterrupt:
+        if printed:  # Ctrl-C ended an interactive `up` after its job: a normal end
+            return 0
+        raise
+    print_summary(summary)
     return 0
+
+
+def show_live_figures(print_summary):
+    """After the job: print the summary, then one live status line a second until cancelled."""
+
+    async def hold(summary: dict, supervisor: Supervisor) -> None:
+        import asyncio
+
+        print_summary(summary)
+        print("graph is up; Ctrl-C to stop", file=sys.stderr)
+        while True:
+            print("\r  " + supervisor.status_line(), end="", file=sys.stderr, flush=True)
+            await asyncio.sleep(1.0)
+
+    return hold
 
 
 async def _with_signals(supervisor: Supervisor) -> dict:

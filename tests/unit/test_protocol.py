@@ -26,6 +26,7 @@ from mer.protocol import (
     Release,
     RoutingObserved,
     Shutdown,
+    StartJob,
     SliceRange,
     SlotGrant,
     SlotRef,
@@ -68,12 +69,13 @@ def sample_messages() -> list:
         ComputeResult(31, 1, np.arange(2 * 16 * 1 * 64, dtype=np.float32).reshape(2, 16, 1, 64), 1234.5),
         RoutingObserved(5, 3, [1, 6], [0.625, 0.375]),
         ErrorReply(17, "ValueError", "slot 5 is stale", "Traceback (most recent call last): ...\n"),
+        StartJob({"tokens": 300, "note": "go"}),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 15
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 16
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)

@@ -1,0 +1,52 @@
+"""`mer-pipeline up`: bring the process graph up and run a job through it.
+
+With `--store` it runs the benchmark job with `run`'s flags; with `--model` it converts the GGUF's
+experts once (cached by the GGUF's identity) and runs the same job on them; with no arguments it
+runs a short demonstration on an embedded default: a small synthetic store created once under the
+cache directory, with `configs/default.toml`. In a terminal the graph then stays up, showing live
+figures, until Ctrl-C; without a terminal on stdin, `up` exits after the job (0 on success).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mer.cli.pipeline_flags import add_pipeline_flags, parse_worker_count
+from mer.cli.pipeline_job import run_pipeline_job
+from mer.config import config_overrides, load_config, shipped_config_path
+from mer.demo_store import converted_store, demo_store
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="start the process graph and run a job (a demo when given nothing)",
+        description=(
+            "Start the process graph and run a job through it: the benchmark on --store, on the experts of "
+            "--model (converted once and cached), or with no arguments a short demo on an embedded default "
+            "store. In a terminal the graph stays up until Ctrl-C; otherwise up exits after the job."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--store", type=str, metavar="DIR", default=None, help="Expert store directory.")
+    source.add_argument("--model", type=Path, metavar="GGUF", default=None,
+                        help="A MoE GGUF; its experts are converted once into the cache directory.")
+    add_pipeline_flags(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.compute_workers = parse_worker_count(args.compute_workers)
+    if args.model is not None:
+        args.store = str(converted_store(args.model))
+    config_path = args.config
+    if args.store is None and config_path is None:
+        config_path = shipped_config_path("default")
+    config = load_config(config_path, config_overrides(args))
+    if config.store is None:
+        config = load_config(config_path, {**config_overrides(args), "store": str(demo_store())})
+        print(f"mer-pipeline up: demo job on {config.store} ({config.tokens} tokens, "
+              f"{config.compute_workers} compute workers)", file=sys.stderr)
+    return run_pipeline_job(config, as_json=args.json, stay_up=sys.stdin.isatty() and sys.stderr.isatty())

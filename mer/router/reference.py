@@ -1,0 +1,45 @@
+"""A single-process reference of the benchmark's outputs, for tests and parity checks.
+
+It draws the same routing decisions and hidden states as the router, reads each expert with plain
+buffered reads, runs the same SwiGLU slices and combines them in the same order, with no processes,
+sockets or slots. The graph's outputs must equal these within float32 rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mer.config import PipelineConfig
+from mer.router.hidden_states import synthetic_hidden_state
+from mer.routing import RoutingSpace
+from mer.slicing import combine_partials, plan_slices
+from mer.store.reader import ExpertStore
+from mer.swiglu import swiglu_expert
+from mer.workloads.factory import make_workload
+
+
+def reference_outputs(config: PipelineConfig, store: ExpertStore) -> np.ndarray:
+    """Outputs of shape (tokens x decisions per token, 1, d_model), as the router's `dump_outputs`."""
+    manifest = store.manifest
+    geometry = manifest.geometry
+    space = RoutingSpace.from_geometry(geometry, config.top_k, config.layered)
+    workload = make_workload(config.workload, space, seed=config.seed, zipf_s=config.zipf_s,
+                             correlation=config.workload_correlation, trace_path=config.trace)
+    slices = [plan_slices(layer.format) for layer in manifest.layers]
+    outputs = []
+    for token in range(config.tokens):
+        for decision in workload.next_token():
+            expert_ids = space.global_ids(decision)
+            x = synthetic_hidden_state(config.seed, token, decision.layer, geometry.d_model)
+            output = np.zeros_like(x)
+            layers = [expert_id // geometry.experts_per_layer for expert_id in expert_ids]
+            for moe_layer in sorted(set(layers)):
+                chosen = [i for i, layer in enumerate(layers) if layer == moe_layer]
+                partials = np.stack([
+                    np.stack([swiglu_expert(store.read_payload(expert_ids[i]), x, slice(start, stop))
+                              for start, stop in slices[moe_layer]])
+                    for i in chosen
+                ])
+                output += combine_partials(partials, np.array([decision.weights[i] for i in chosen], np.float32))
+            outputs.append(output)
+    return np.stack(outputs)
