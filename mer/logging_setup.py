@@ -8,11 +8,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import IO
 
 import structlog
 
 LOG_SCHEMA_VERSION = 1
+
+
+def add_monotonic_time(logger, method_name, event_dict):
+    """`t_mono`: CLOCK_MONOTONIC seconds, one clock for every process of the host, to order events."""
+    event_dict["t_mono"] = time.monotonic()
+    return event_dict
 
 
 def configure_logging(process: str, *, stream: IO[str] | None = None, level: str = "info", **bound) -> None:
@@ -22,6 +29,7 @@ def configure_logging(process: str, *, stream: IO[str] | None = None, level: str
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt=None, utc=True, key="ts"),
+            add_monotonic_time,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
