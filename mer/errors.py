@@ -21,6 +21,18 @@ class GGUFError(MerError):
     """A GGUF file is not readable, not a MoE model, or inconsistent."""
 
 
+class UnsupportedModelError(GGUFError):
+    """A GGUF model mer cannot run: unsupported architecture, dense model, missing hyper-parameter."""
+
+
+class TokenizerError(MerError):
+    """A GGUF vocabulary is missing, malformed or of an unsupported kind, or a token id is invalid."""
+
+
+class ContextLengthError(MerError):
+    """A prompt (plus the tokens to generate) does not fit in the model's context or KV cache."""
+
+
 class StoreError(MerError):
     """An expert store is missing, incomplete, of another version, or corrupt."""
 

@@ -38,6 +38,8 @@ from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
 
 KILL_WAIT_S = 2.0
+SENTINEL_REAP_WAIT_S = 1.0  # longest wait for the exit status of a child whose sentinel fired
+FAILURE_REPORT_WAIT_S = 1.0  # how long a child's ChildFailed may trail its exit
 
 
 @dataclass
@@ -141,7 +143,9 @@ class Supervisor:
 
     def _on_sentinel(self, child: Child) -> None:
         asyncio.get_running_loop().remove_reader(child.process.sentinel)
-        child.process.join(0)
+        # The sentinel pipe closes as the child's files are closed, a moment before the kernel lets
+        # it be reaped: join(0) can miss the exit status, so wait that moment (microseconds).
+        child.process.join(SENTINEL_REAP_WAIT_S)
         self._events.put_nowait(("exited", child))
 
     async def _receive_control(self, control: zmq.asyncio.Socket) -> None:
@@ -165,13 +169,31 @@ class Supervisor:
         except TimeoutError:
             return ("timeout", None)
 
-    def _raise_for(self, kind: str, payload) -> None:
-        """Turn a fatal event into the error the user sees."""
+    async def _raise_for(self, kind: str, payload) -> None:
+        """Turn a fatal event (a child's exit or its ChildFailed) into the error the user sees."""
         if kind == "exited":
+            await self._raise_reported_failure(payload)
+            self.log.error("child_died", child=payload.name, child_pid=payload.process.pid,
+                           exit=payload.describe_exit())
             raise ChildDiedError(f"{payload.name} (pid {payload.process.pid}) died: {payload.describe_exit()}")
         if kind == "ChildFailed":
-            detail = f"\n{payload.traceback}" if payload.traceback else ""
-            raise PipelineError(f"{payload.name} failed: {payload.error_type}: {payload.message}{detail}")
+            self.log.error("child_failed", child=payload.name, error_type=payload.error_type,
+                           message=payload.message, traceback=payload.traceback)
+            raise PipelineError(f"{payload.name} failed: {payload.error_type}: {payload.message}"
+                                + _traceback_detail(payload.error_type, payload.traceback))
+
+    async def _raise_reported_failure(self, child: Child) -> None:
+        """A child that exits with an error code has sent ChildFailed just before; its sentinel may
+        still be seen first. Wait briefly for that report, so the user gets the child's own error."""
+        if not child.process.exitcode or child.process.exitcode < 0:
+            return  # a clean exit or a signal: there is no report to wait for
+        deadline = time.monotonic() + FAILURE_REPORT_WAIT_S
+        while True:
+            kind, payload = await self._next_event(deadline)
+            if kind == "timeout":
+                return
+            if kind == "ChildFailed" and payload.name == child.name:
+                await self._raise_for(kind, payload)
 
     async def _handshake(self) -> None:
         deadline = time.monotonic() + self.config.handshake_timeout_s
@@ -186,14 +208,14 @@ class Supervisor:
                 child = self.children[payload.name]
                 child.ready, child.info = True, dict(payload.info)
                 self.log.info("child_ready", child=payload.name, **payload.info)
-            self._raise_for(kind, payload)
+            await self._raise_for(kind, payload)
 
     async def _wait_job_done(self) -> dict:
         while True:
             kind, payload = await self._next_event(None)
             if kind == "JobDone":
                 return dict(payload.summary)
-            self._raise_for(kind, payload)
+            await self._raise_for(kind, payload)
 
     def status_line(self) -> str:
         """Live figures of the graph: processes alive and their resident memory."""
@@ -210,6 +232,12 @@ class Supervisor:
         self._shutting_down = True
         alive = [child for child in self.children.values() if child.process.is_alive()]
         for child in alive:
+            if not child.ready:
+                # Still starting: it listens for Shutdown only once ready (and a Shutdown sent before
+                # it connected is dropped), and it has nothing to drain, so it is stopped at once.
+                self.log.warning("child_terminated", child=child.name, reason="not ready at shutdown")
+                child.process.terminate()
+                continue
             try:
                 await control.send_multipart([child.name.encode(), *encode(Shutdown("job finished"))],
                                              flags=zmq.NOBLOCK, copy=False)
@@ -247,6 +275,13 @@ def _rss_bytes(pid: int) -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _traceback_detail(error_type: str, traceback: str) -> str:
+    """The remote traceback for the user, only for unexpected errors (mer's own errors explain themselves)."""
+    if not traceback or error_type.startswith("mer.errors."):
+        return ""
+    return f"\n{traceback}"
 
 
 async def _wait_exit(children: list[Child], timeout_s: float) -> None:

@@ -9,7 +9,9 @@ reads only the gate/up rows `s` and the down columns `s`; the partials of consec
 summed in order equal the full output up to float32 rounding. For q4_0/q8_0 matrices the inputs
 of gate/up (x) and of down (h) are rounded to q8_0 per 32-block, as llama.cpp does; since the
 slice ends are multiples of `slice_quantum` (a multiple of 32), a slice quantizes exactly the
-same h blocks as the full computation.
+same h blocks as the full computation. With `ggml_rounding=True` the inputs of f16 / bf16
+matrices are also rounded to f16 / bf16 first, as ggml does (`round_float_activation`): what
+the model's forward pass uses for parity with llama.cpp.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from mer.errors import ShapeError
 from mer.expert_format import ExpertPayload
-from mer.quant.matmul import matmul, prepare_activation
+from mer.quant.matmul import matmul, prepare_activation, round_float_activation
 
 
 def silu_gate(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -50,24 +52,35 @@ def _checked_tokens(x: np.ndarray, d_model: int) -> np.ndarray:
     return np.ascontiguousarray(np.atleast_2d(array), dtype=np.float32)
 
 
+def _rounded(dtype: str, values: np.ndarray, ggml_rounding: bool) -> np.ndarray:
+    return round_float_activation(dtype, values) if ggml_rounding else values
+
+
 def swiglu_expert(
     payload: ExpertPayload,
     x: np.ndarray,
     d_ff_slice: slice | None = None,
     *,
     threads: int | None = None,
+    ggml_rounding: bool = False,
 ) -> np.ndarray:
     """The expert's output (or, with `d_ff_slice`, its partial output) for one token
-    (`x` of shape `(d_model,)`) or a batch (`(batch, d_model)`), float32 of the same shape."""
+    (`x` of shape `(d_model,)`) or a batch (`(batch, d_model)`), float32 of the same shape.
+    `ggml_rounding` rounds the inputs of f16/bf16 matrices as ggml does (see the module)."""
     expert_format = payload.format
     hidden = _checked_slice(d_ff_slice, expert_format.d_ff, expert_format.slice_quantum)
     tokens = _checked_tokens(x, expert_format.d_model)
     num_threads = 1 if threads is None else threads
     gate, up, down = expert_format.gate, expert_format.up, expert_format.down
-    gate_input = prepare_activation(gate.dtype_info.name, tokens)
-    up_input = gate_input if up.dtype_info.name == gate.dtype_info.name else prepare_activation(up.dtype_info.name, tokens)
+    gate_dtype, up_dtype, down_dtype = (matrix.dtype_info.name for matrix in (gate, up, down))
+    gate_input = prepare_activation(gate_dtype, _rounded(gate_dtype, tokens, ggml_rounding))
+    up_input = (
+        gate_input
+        if up_dtype == gate_dtype
+        else prepare_activation(up_dtype, _rounded(up_dtype, tokens, ggml_rounding))
+    )
     gate_out = matmul(gate, payload.matrix_bytes(gate), gate_input, rows=hidden, threads=num_threads)
     up_out = matmul(up, payload.matrix_bytes(up), up_input, rows=hidden, threads=num_threads)
-    hidden_values = silu_gate(gate_out, up_out)
+    hidden_values = _rounded(down_dtype, silu_gate(gate_out, up_out), ggml_rounding)
     out = matmul(down, payload.matrix_bytes(down), hidden_values, columns=hidden, threads=num_threads)
     return out[0] if np.ndim(x) == 1 else out

@@ -4,8 +4,12 @@
 attention (q, k, v, output, norms; q/k norms where the architecture has them), the router
 (`ffn_gate_inp`), the experts (merged `ffn_{gate,up,down}_exps` or the older per-expert
 `ffn_{gate,up,down}.E` tensors), an optional dense first block, the output norm and head, and a
-small sentencepiece-style vocabulary (`<unk>`, `<s>`, `</s>`, the 256 byte tokens, then filler
-pieces). Dense tensors are f32. Expert matrices use the requested dtypes: f32/f16/bf16/q4_0/q8_0
+small vocabulary that llama.cpp loads: `tokenizer="spm"` (llama-style sentencepiece: `<unk>`,
+`<s>`, `</s>`, the 256 byte tokens, then pieces merged from a small built-in text, with scores)
+or `tokenizer="bpe"` (gpt2-style byte-level BPE with merges, pre-tokenizer "qwen2", special
+`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`). Dense matrices (embeddings, attention, dense FFN,
+LM head) are `dense_dtype` (f32 by default); norms and router gates are always f32, as llama.cpp's
+quantizer keeps them. Expert matrices use the requested dtypes: f32/f16/bf16/q4_0/q8_0
 (and other types `gguf.quants` can quantize) are quantized from random normal values with
 `gguf.quants.quantize`; q4_k/q5_k/q6_k, which `gguf` cannot quantize, are random blocks whose f16
 scales are set to finite values so that every block dequantizes to finite numbers.
@@ -59,6 +63,9 @@ class TinyMoEInfo:
     moe_blocks: tuple[int, ...]  # block index of each MoE layer
     layer_dtypes: tuple[tuple[str, str, str], ...]  # (gate, up, down) dtype per MoE layer
     seed: int
+    dense_dtype: str = "f32"  # embeddings, attention, dense FFN, LM head
+    tokenizer: str = "spm"  # "spm" (llama) or "bpe" (gpt2-style, pre-tokenizer qwen2)
+    context_length: int = 256
 
     @property
     def path(self) -> Path:
@@ -130,9 +137,9 @@ class _TensorList(list):
         self.append((name, array, raw_dtype))
 
 
-def _add_metadata(writer: GGUFWriter, info: TinyMoEInfo, dense_first_layer: bool) -> None:
+def _add_metadata(writer: GGUFWriter, info: TinyMoEInfo, dense_first_layer: bool, add_bos: bool | None) -> None:
     writer.add_name(f"tiny-{info.arch}-moe")
-    writer.add_context_length(256)
+    writer.add_context_length(info.context_length)
     writer.add_embedding_length(info.d_model)
     writer.add_block_count(info.n_layers)
     writer.add_head_count(info.n_heads)
@@ -151,50 +158,137 @@ def _add_metadata(writer: GGUFWriter, info: TinyMoEInfo, dense_first_layer: bool
         writer.add_rope_dimension_count(info.head_dim)
     if dense_first_layer:
         writer.add_leading_dense_block_count(1)
-    _add_vocabulary(writer, info.vocab_size)
+    _add_vocabulary(writer, info.vocab_size, info.tokenizer, add_bos)
 
 
-def _add_vocabulary(writer: GGUFWriter, vocab_size: int) -> None:
+# A small text whose most frequent symbol pairs become the vocabulary's merged pieces.
+VOCABULARY_TEXT = (
+    "the quick brown fox jumps over the lazy dog while the experts stream from the disk into "
+    "memory and the router picks two of them for every token in every layer of the model then "
+    "the compute workers run their feed forward networks on the quantized weights and return "
+    "partial outputs that the router sums with the gate weights hello world this is a test of "
+    "tokens spaces tabs newlines and other things that people write in their prompts"
+)
+BPE_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_merges(words: Sequence[Sequence[str]], num_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE training: repeatedly merge the most frequent adjacent pair (ties: smallest pair)."""
+    words = [list(word) for word in words]
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        counts: dict[tuple[str, str], int] = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for index, word in enumerate(words):
+            merged, position = [], 0
+            while position < len(word):
+                if position + 1 < len(word) and (word[position], word[position + 1]) == best:
+                    merged.append(word[position] + word[position + 1])
+                    position += 2
+                else:
+                    merged.append(word[position])
+                    position += 1
+            words[index] = merged
+    return merges
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-to-character table: printable bytes map to themselves, the others to U+0100.."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for value in range(256):
+        if value in printable:
+            table[value] = chr(value)
+        else:
+            table[value] = chr(256 + extra)
+            extra += 1
+    return [table[value] for value in range(256)]
+
+
+def _add_vocabulary(writer: GGUFWriter, vocab_size: int, tokenizer: str, add_bos: bool | None) -> None:
+    if tokenizer == "spm":
+        _add_spm_vocabulary(writer, vocab_size)
+    elif tokenizer == "bpe":
+        _add_bpe_vocabulary(writer, vocab_size)
+        add_bos = False if add_bos is None else add_bos  # as Qwen's GGUFs say
+    else:
+        raise ValueError(f"tokenizer must be 'spm' or 'bpe', got {tokenizer!r}")
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+
+
+def _add_spm_vocabulary(writer: GGUFWriter, vocab_size: int) -> None:
     specials = ["<unk>", "<s>", "</s>"]
     byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
     if vocab_size < len(specials) + len(byte_tokens):
         raise ValueError(f"vocab_size must be at least {len(specials) + len(byte_tokens)}, got {vocab_size}")
-    fillers = [f"\u2581w{index}" for index in range(vocab_size - len(specials) - len(byte_tokens))]
+    words = ["\u2581" + word for word in VOCABULARY_TEXT.split()]
+    characters = sorted({character for word in words for character in word})
+    room = vocab_size - len(specials) - len(byte_tokens)
+    merged = ["".join(pair) for pair in train_merges(words, max(room - len(characters), 0))]
+    pieces = list(dict.fromkeys(merged + characters))[:room]
+    pieces += [f"\u2581w{index}" for index in range(room - len(pieces))]
     types = ([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * len(byte_tokens)
-             + [TokenType.NORMAL] * len(fillers))
+             + [TokenType.NORMAL] * len(pieces))
     writer.add_tokenizer_model("llama")
-    writer.add_token_list(specials + byte_tokens + fillers)
-    writer.add_token_scores([0.0] * (len(specials) + len(byte_tokens)) + [-float(i) for i in range(len(fillers))])
+    writer.add_token_list(specials + byte_tokens + pieces)
+    writer.add_token_scores([0.0] * (len(specials) + len(byte_tokens)) + [-float(i) for i in range(len(pieces))])
     writer.add_token_types(types)
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
 
 
+def _add_bpe_vocabulary(writer: GGUFWriter, vocab_size: int) -> None:
+    alphabet = byte_level_alphabet()
+    room = vocab_size - len(alphabet) - len(BPE_SPECIALS)
+    if room < 0:
+        raise ValueError(f"vocab_size must be at least {len(alphabet) + len(BPE_SPECIALS)}, got {vocab_size}")
+    space = alphabet[ord(" ")]
+    words = [[*word] for word in VOCABULARY_TEXT.split()[:1]] + [[space, *word] for word in VOCABULARY_TEXT.split()[1:]]
+    merges = train_merges(words, room)
+    tokens = alphabet + ["".join(pair) for pair in merges]
+    tokens += [f"{space}w{index}" for index in range(vocab_size - len(BPE_SPECIALS) - len(tokens))]
+    tokens += list(BPE_SPECIALS)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.NORMAL] * (len(tokens) - len(BPE_SPECIALS)) + [TokenType.CONTROL] * len(BPE_SPECIALS))
+    writer.add_token_merges([f"{left} {right}" for left, right in merges])
+    writer.add_bos_token_id(tokens.index("<|endoftext|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+
+
 def _add_attention(tensors: _TensorList, rng: np.random.Generator, info: TinyMoEInfo, block: int) -> None:
     prefix = f"blk.{block}"
     q_width, kv_width = info.n_heads * info.head_dim, info.n_kv_heads * info.head_dim
-    inverse_root = 1.0 / math.sqrt(info.d_model)
+    inverse_root, dtype = 1.0 / math.sqrt(info.d_model), info.dense_dtype
     tensors.add(f"{prefix}.attn_norm.weight", np.ones(info.d_model, np.float32))
-    tensors.add(f"{prefix}.attn_q.weight", random_weight_bytes(rng, "f32", (q_width, info.d_model), inverse_root))
-    tensors.add(f"{prefix}.attn_k.weight", random_weight_bytes(rng, "f32", (kv_width, info.d_model), inverse_root))
-    tensors.add(f"{prefix}.attn_v.weight", random_weight_bytes(rng, "f32", (kv_width, info.d_model), inverse_root))
+    tensors.add(f"{prefix}.attn_q.weight", random_weight_bytes(rng, dtype, (q_width, info.d_model), inverse_root), dtype)
+    tensors.add(f"{prefix}.attn_k.weight", random_weight_bytes(rng, dtype, (kv_width, info.d_model), inverse_root), dtype)
+    tensors.add(f"{prefix}.attn_v.weight", random_weight_bytes(rng, dtype, (kv_width, info.d_model), inverse_root), dtype)
     if info.arch == "qwen3moe":  # per-head RMS norms
         tensors.add(f"{prefix}.attn_q_norm.weight", np.ones(info.head_dim, np.float32))
         tensors.add(f"{prefix}.attn_k_norm.weight", np.ones(info.head_dim, np.float32))
     elif info.arch == "olmoe":  # RMS norms over the whole q / k projection
         tensors.add(f"{prefix}.attn_q_norm.weight", np.ones(q_width, np.float32))
         tensors.add(f"{prefix}.attn_k_norm.weight", np.ones(kv_width, np.float32))
-    output = random_weight_bytes(rng, "f32", (info.d_model, q_width), 0.2 / math.sqrt(q_width))
-    tensors.add(f"{prefix}.attn_output.weight", output)
+    output = random_weight_bytes(rng, dtype, (info.d_model, q_width), 0.2 / math.sqrt(q_width))
+    tensors.add(f"{prefix}.attn_output.weight", output, dtype)
     tensors.add(f"{prefix}.ffn_norm.weight", np.ones(info.d_model, np.float32))
 
 
 def _add_dense_ffn(tensors: _TensorList, rng: np.random.Generator, info: TinyMoEInfo, block: int) -> None:
     d_model, d_ff = info.d_model, info.dense_d_ff
     for name, shape in (("gate", (d_ff, d_model)), ("up", (d_ff, d_model)), ("down", (d_model, d_ff))):
-        weights = random_weight_bytes(rng, "f32", shape, 1.0 / math.sqrt(shape[1]))
-        tensors.add(f"blk.{block}.ffn_{name}.weight", weights)
+        weights = random_weight_bytes(rng, info.dense_dtype, shape, 1.0 / math.sqrt(shape[1]))
+        tensors.add(f"blk.{block}.ffn_{name}.weight", weights, info.dense_dtype)
 
 
 def _add_experts(tensors: _TensorList, rng: np.random.Generator, info: TinyMoEInfo, block: int,
@@ -233,6 +327,10 @@ def write_tiny_moe_gguf(
     split: int | None = None,
     seed: int = 0,
     metadata_overrides: Mapping[str, int] | None = None,
+    dense_dtype: str = "f32",
+    tokenizer: str = "spm",
+    add_bos: bool | None = None,
+    context_length: int = 256,
 ) -> TinyMoEInfo:
     """Write a tiny MoE model to `path` and describe it.
 
@@ -240,7 +338,10 @@ def write_tiny_moe_gguf(
     triple per MoE layer (e.g. Q4_K_M-like mixes). `split=N` writes N parts named
     `STEM-0000i-of-0000N.gguf` next to `path` (llama.cpp's split naming, `split.*` keys); the
     result's `path` is then the first part. `metadata_overrides` replaces uint32 keys after the
-    normal ones are set (to build inconsistent files). Same arguments and seed, same bytes.
+    normal ones are set (to build inconsistent files). `dense_dtype` is the type of the dense
+    matrices, `tokenizer` the vocabulary kind ("spm" or "bpe"), `add_bos` writes
+    `tokenizer.ggml.add_bos_token` (None: the key is absent for "spm", false for "bpe").
+    Same arguments and seed, same bytes.
     """
     if arch not in ARCHITECTURES or layout not in EXPERT_LAYOUTS:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, layout one of {EXPERT_LAYOUTS}")
@@ -253,10 +354,11 @@ def write_tiny_moe_gguf(
         d_model=d_model, d_ff=d_ff, dense_d_ff=dense_d_ff or 2 * d_ff, n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=d_model // n_heads, vocab_size=vocab_size, moe_blocks=moe_blocks,
         layer_dtypes=tuple(tuple(triple) for triple in layer_dtypes), seed=seed,  # type: ignore[misc]
+        dense_dtype=dense_dtype, tokenizer=tokenizer, context_length=context_length,
     )
     tensors = _model_tensors(np.random.default_rng(seed), info)
     writer = GGUFWriter(path, arch, split_max_tensors=math.ceil(len(tensors) / split) if split else 0)
-    _add_metadata(writer, info, dense_first_layer)
+    _add_metadata(writer, info, dense_first_layer, add_bos)
     for key, value in (metadata_overrides or {}).items():
         writer.add_uint32(key, value)
     for name, array, raw_dtype in tensors:
@@ -273,8 +375,8 @@ def write_tiny_moe_gguf(
 
 def _model_tensors(rng: np.random.Generator, info: TinyMoEInfo) -> _TensorList:
     tensors = _TensorList()
-    embedding = random_weight_bytes(rng, "f32", (info.vocab_size, info.d_model), 1.0)
-    tensors.add("token_embd.weight", embedding)
+    embedding = random_weight_bytes(rng, info.dense_dtype, (info.vocab_size, info.d_model), 1.0)
+    tensors.add("token_embd.weight", embedding, info.dense_dtype)
     for block in range(info.n_layers):
         _add_attention(tensors, rng, info, block)
         if block in info.moe_blocks:
@@ -282,6 +384,6 @@ def _model_tensors(rng: np.random.Generator, info: TinyMoEInfo) -> _TensorList:
         else:
             _add_dense_ffn(tensors, rng, info, block)
     tensors.add("output_norm.weight", np.ones(info.d_model, np.float32))
-    head = random_weight_bytes(rng, "f32", (info.vocab_size, info.d_model), 1.0 / math.sqrt(info.d_model))
-    tensors.add("output.weight", head)
+    head = random_weight_bytes(rng, info.dense_dtype, (info.vocab_size, info.d_model), 1.0 / math.sqrt(info.d_model))
+    tensors.add("output.weight", head, info.dense_dtype)
     return tensors

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from mer.expert_format import ExpertFormat, ExpertPayload  # noqa: E402
 from mer.quant.planar import to_planar  # noqa: E402
 from mer.quant.random_blocks import random_expert_payload  # noqa: E402
+from mer.quant.vector_ir import has_vnni_kernels  # noqa: E402
 from mer.swiglu import swiglu_expert  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,9 +41,13 @@ D_MODEL, D_FF = 4096, 14336
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batches 1 and 8 only, 3 repeats, no native layout")
+    parser.add_argument(
+        "--quick", action="store_true", help="batches 1 and 8 only, 3 repeats, no native layout"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method and configuration (default 7, quick 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per method and configuration (default 7, quick 3)"
+    )
     parser.add_argument("--dtype", default="q4_0", choices=("q4_0", "q8_0"), help="weight dtype of the expert")
     return parser.parse_args(argv)
 
@@ -72,7 +77,8 @@ def ggml_factory(dtype: str, payload: np.ndarray) -> tuple[Callable[[int], objec
         probe.close()
     except (ImportError, OSError, AttributeError) as error:
         return None, f"ggml skipped: {type(error).__name__}: {error}"
-    return (lambda batch: GgmlExpert(payload, D_MODEL, D_FF, dtype, batch)), "ggml via llama-cpp-python's libggml"
+    note = "ggml via llama-cpp-python's libggml"
+    return (lambda batch: GgmlExpert(payload, D_MODEL, D_FF, dtype, batch)), note
 
 
 def median_ms(samples: list[float]) -> float:
@@ -138,8 +144,14 @@ def run(arguments: argparse.Namespace) -> dict:
     x = np.random.default_rng(1).standard_normal((1, D_MODEL)).astype(np.float32)
     baseline = numpy_baseline_ms(native, x)
     return {
-        "shape": {"d_model": D_MODEL, "d_ff": D_FF, "dtype": arguments.dtype, "payload_bytes": native.format.payload_nbytes},
+        "shape": {
+            "d_model": D_MODEL,
+            "d_ff": D_FF,
+            "dtype": arguments.dtype,
+            "payload_bytes": native.format.payload_nbytes,
+        },
         "repeats": repeats,
+        "kernel": "vnni (AVX-512 VNNI intrinsics)" if has_vnni_kernels() else "portable (plain numba)",
         "ggml": ggml_note,
         "results": rows,
         "numpy_batch1_ms": baseline,
@@ -159,7 +171,8 @@ def add_rates_and_ratios(rows: list[dict], payload_bytes: int) -> None:
 
 def print_table(report: dict) -> None:
     shape = report["shape"]
-    print(f"{shape['dtype']} SwiGLU expert {shape['d_model']}x{shape['d_ff']} ({shape['payload_bytes'] / 1e6:.1f} MB), "
+    size = f"{shape['d_model']}x{shape['d_ff']} ({shape['payload_bytes'] / 1e6:.1f} MB)"
+    print(f"{shape['dtype']} SwiGLU expert {size}, kernel {report['kernel']}, "
           f"median of {report['repeats']} interleaved runs; {report['ggml']}")
     print(f"{'method':<12}{'batch':>6}{'threads':>8}{'ms':>10}{'GB/s':>8}{'GMAC/s':>9}{'vs ggml':>9}")
     for row in report["results"]:

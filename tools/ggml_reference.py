@@ -72,7 +72,8 @@ def _load_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     base.ggml_new_tensor_2d.restype = _TensorPointer
     for name in ("ggml_mul_mat", "ggml_swiglu_split"):
         function = getattr(base, name)
-        function.argtypes, function.restype = [ctypes.c_void_p, _TensorPointer, _TensorPointer], _TensorPointer
+        function.argtypes = [ctypes.c_void_p, _TensorPointer, _TensorPointer]
+        function.restype = _TensorPointer
     base.ggml_new_graph.argtypes, base.ggml_new_graph.restype = [ctypes.c_void_p], ctypes.c_void_p
     base.ggml_build_forward_expand.argtypes = [ctypes.c_void_p, _TensorPointer]
     cpu.ggml_cpu_init.argtypes = []

@@ -36,6 +36,7 @@ class ComputeWorker:
         self.arena: SlotArena | None = None
         self.socket = None
         self.jobs_done = 0
+        self.last_job: dict | None = None  # timing of the last job done, logged after its reply is sent
 
     async def start(self) -> dict:
         threads = self.context.config.kernel_threads
@@ -72,16 +73,24 @@ class ComputeWorker:
                 break
             reply = self._handle(frames)
             await self.socket.send_multipart(encode(reply), copy=False)
+            if self.last_job is not None:
+                self.context.log.info("compute_job", **self.last_job)
+                self.last_job = None
 
     def _handle(self, frames):
         job_id = -1
         try:
             job = decode(frames, expected_kinds=(ComputeJob,))
             job_id = job.job_id
+            t_start = time.monotonic()
             started = time.perf_counter()
             partials = self.compute(job)
+            compute_us = (time.perf_counter() - started) * 1e6
             self.jobs_done += 1
-            return ComputeResult(job_id, self.index, partials, (time.perf_counter() - started) * 1e6)
+            self.last_job = {"job_id": job_id, "expert_ids": [item.expert_id for item in job.items],
+                             "slices": len(job.slices), "t_start": t_start, "t_end": time.monotonic(),
+                             "compute_us": compute_us}
+            return ComputeResult(job_id, self.index, partials, compute_us)
         except Exception as error:  # a bad job is answered, never fatal
             self.context.log.warning("compute_job_failed", job_id=job_id, error=str(error))
             return error_reply(job_id, error)

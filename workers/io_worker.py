@@ -22,6 +22,7 @@ from pathlib import Path
 import zmq
 
 from mer.cache.slot_table import AcquireKind, SlotTable
+from mer.cache.step import acquire_order
 from mer.errors import ProtocolError
 from mer.io.backend import open_reader
 from mer.runtime.child import receive_unless_stopped
@@ -40,6 +41,9 @@ class Load:
     future: asyncio.Future  # resolves to the read latency in microseconds
     reader_future: asyncio.Future
     kind: str  # "foreground" or "prefetch"
+    token: int = -1  # the token whose acquire (or prefetch hints) started the read
+    t_submit: float = 0.0  # time.monotonic() when the read was submitted
+    queue_depth: int = 0  # reads queued or in flight in the reader just after this one was submitted
 
 
 class IoWorker:
@@ -105,10 +109,16 @@ class IoWorker:
 
     async def _answer_acquire(self, identity: bytes, request: Acquire) -> None:
         try:
+            t_received = time.monotonic()
             self.current_token = max(self.current_token, request.token)
-            waits = [await self._acquire_one(expert, request.token, request.foreground) for expert in request.expert_ids]
+            waits: list = [None] * len(request.expert_ids)
+            for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
+                waits[index] = await self._acquire_one(request.expert_ids[index], request.token, request.foreground)
             grants = [await wait for wait in waits]
+            t_answered = time.monotonic()
             await self._send(identity, SlotsReady(request.request_id, grants))
+            if self.context.config.log_file:
+                self._log_acquire_done(request, grants, t_received, t_answered)
         except Exception as error:
             self.context.log.warning("acquire_failed", request_id=request.request_id, error=str(error))
             await self._send(identity, error_reply(request.request_id, error))
@@ -125,7 +135,7 @@ class IoWorker:
         if result.kind is AcquireKind.HIT:
             return _done(SlotGrant(expert_id, slot, generation, True, 0.0, False))
         if result.kind is AcquireKind.MISS_ASSIGNED:
-            self._start_read(slot, generation, expert_id, "foreground")
+            self._start_read(slot, generation, expert_id, "foreground", token)
         load = self.loads[slot]
         joined_prefetch = load.kind == "prefetch"
         if joined_prefetch:
@@ -147,14 +157,15 @@ class IoWorker:
 
     # ---- reads -----------------------------------------------------------------------------------
 
-    def _start_read(self, slot: int, generation: int, expert_id: int, kind: str) -> None:
+    def _start_read(self, slot: int, generation: int, expert_id: int, kind: str, token: int = -1) -> None:
         entry = self.manifest.expert(expert_id)
         layer = self.manifest.layers[entry.moe_layer]
         self.arena.write_slot_header(slot, generation, expert_id, layer.format.payload_nbytes)
         nbytes = layer.format.read_nbytes
         destination = self.arena.slot_view(slot)[:nbytes]
         reader_future = self.reader.submit(entry.moe_layer, entry.offset, nbytes, destination, priority=kind)
-        load = Load(asyncio.get_running_loop().create_future(), reader_future, kind)
+        load = Load(asyncio.get_running_loop().create_future(), reader_future, kind, token, time.monotonic(),
+                    self.reader.num_in_flight + self.reader.num_queued)
         self.loads[slot] = load
         reader_future.add_done_callback(lambda done: self._finish_read(done, slot, generation, expert_id, kind))
 
@@ -169,7 +180,8 @@ class IoWorker:
             return
         result = done.result()
         record = {"expert_id": expert_id, "slot": slot, "nbytes": result.nbytes,
-                  "latency_us": result.latency_us, "kind": kind}
+                  "latency_us": result.latency_us, "kind": kind, "token": load.token, "t_submit": load.t_submit,
+                  "t_done": time.monotonic(), "queue_depth": load.queue_depth, "read_index": len(self.reads)}
         self.reads.append(record)
         self.context.log.info(EXPERT_READ, **record)
         if kind == "prefetch":
@@ -190,7 +202,26 @@ class IoWorker:
                 self.prefetch["dropped"] += 1
                 continue
             self.prefetch["issued"] += 1
-            self._start_read(assignment.slot, assignment.generation, hint.expert_id, "prefetch")
+            self._start_read(assignment.slot, assignment.generation, hint.expert_id, "prefetch", message.token)
+
+    def _log_acquire_done(self, request: Acquire, grants: list, t_received: float, t_answered: float) -> None:
+        """`acquire_done` (docs/events.md): the request's timing and a snapshot of the slots and counters."""
+        infos = self.table.slot_infos()
+        states = [info.state.value for info in infos]
+        pinned = sum(info.expert_id is not None and self.table.is_pinned(info.expert_id) for info in infos)
+        counters = self.table.counters
+        hits = sum(grant.hit for grant in grants)
+        self.context.log.info(
+            "acquire_done", token=request.token, request_id=request.request_id,
+            expert_ids=list(request.expert_ids), hits=hits, misses=len(grants) - hits,
+            t_received=t_received, t_answered=t_answered,
+            occupied_slots=len(states) - states.count("free"), loading_slots=states.count("loading"),
+            leased_slots=states.count("leased"), pinned_slots=pinned,
+            queue_depth=self.reader.num_in_flight + self.reader.num_queued,
+            prefetches_issued=self.prefetch["issued"], prefetches_completed=self.prefetch["completed"],
+            prefetches_dropped=self.prefetch["dropped"], prefetches_used=counters.prefetch_used,
+            prefetches_wasted=counters.prefetch_wasted,
+        )
 
     def stats(self) -> dict:
         counters = self.table.counters.as_dict()

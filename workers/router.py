@@ -45,11 +45,26 @@ class Router:
             self.start_job.set()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        waiting = asyncio.create_task(self.start_job.wait())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set():
+        """Wait for StartJob, run the job, then wait for Shutdown. A Shutdown that arrives first (the
+        supervisor bringing the graph down, e.g. after a child died) cancels the job at once: a job
+        waiting on a dead compute worker would otherwise never finish."""
+        if not await _first_of(self.start_job, stop):
             return
+        job_task = asyncio.create_task(self._run_job())
+        stop_task = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({job_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_task.cancel()
+        if not job_task.done():
+            job_task.cancel()
+            await asyncio.gather(job_task, return_exceptions=True)
+            self.context.log.warning("job_cancelled", reason="shutdown before the job finished")
+            return
+        job_task.result()  # a failed job is reported by the child bootstrap as ChildFailed
+        await stop.wait()
+
+    async def _run_job(self) -> None:
         job = BenchJob(self.context.config, self.manifest, self.io, self.compute, self.observe,
                        self.context.log, progress=_progress_printer(self.context.config.tokens))
         summary = await job.run()
@@ -57,7 +72,6 @@ class Router:
             np.save(self.context.config.dump_outputs, np.stack(job.outputs))
         self.context.log.info(RUN_SUMMARY, **summary.to_json_dict())
         await self.context.send_control(JobDone(summary.to_json_dict()))
-        await stop.wait()
 
     def close(self) -> None:
         for client in (self.io, self.compute):
@@ -65,6 +79,17 @@ class Router:
                 client.close()
         if self.observe is not None:
             self.observe.close(linger=0)
+
+
+async def _first_of(wanted: asyncio.Event, stop: asyncio.Event) -> bool:
+    """Wait until `wanted` or `stop` is set; True if `wanted` was set first (and `stop` is not set)."""
+    tasks = {asyncio.create_task(wanted.wait()), asyncio.create_task(stop.wait())}
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return wanted.is_set() and not stop.is_set()
 
 
 def _progress_printer(total_tokens: int):

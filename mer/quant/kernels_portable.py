@@ -2,7 +2,8 @@
 
 Same inputs and the same exact per-block integer dot as `mer.quant.kernels_vnni` (so the same
 q8_0-rounded activation layout of `mer.quant.activation`); only the float32 summation order of
-the block products differs. Activation arrays are `[group, token, ...]`, values stored as `q + 128`. Each function returns the dot of one weight row (a run of
+the block products differs (activation arrays are `[group, token, ...]`, values stored as
+`q + 128`). Each function returns the dot of one weight row (a run of
 `num_blocks` blocks at `quants_offset` / `scales_offset`, consecutive blocks `quant_stride` /
 `scale_stride` bytes apart) with the activation row of one token.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
 from mer.quant.dequant import _read_float16
 
 _FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}

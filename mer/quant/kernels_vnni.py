@@ -1,12 +1,12 @@
 """The fast q4_0 / q8_0 dot products: one numba intrinsic emitting AVX-512 VNNI vector IR.
 
-`vnni_dot(weights, quants_offset, scales_offset, row_quant_stride, row_scale_stride,
-num_blocks, activation_quants, activation_scales, batch, token_start, dtype, planar, num_rows,
-num_tokens)` returns, as a tuple of `num_rows * num_tokens` float32 (row-major: row 0's tokens
-first), the dot products of `num_rows` consecutive weight rows (each a run of `num_blocks`
-consecutive blocks; row i starts `i * row_quant_stride` / `i * row_scale_stride` bytes after the
-first) with the q8_0 activations of tokens `token_start ...` of a batch of `batch` (layout:
-`mer.quant.activation`; the activation arrays are C-contiguous).
+`vnni_dot(weights, position, activation_quants, activation_scales, token_start, dtype, planar,
+num_rows, num_tokens)` returns, as a tuple of `num_rows * num_tokens` float32 (row-major: row
+0's tokens first), the dot products of `num_rows` consecutive weight rows with the q8_0
+activations of tokens `token_start ...` (layout: `mer.quant.activation`; C-contiguous arrays).
+`position` = (quants_offset, scales_offset, row_quant_stride, row_scale_stride, num_blocks):
+each row is a run of `num_blocks` consecutive blocks whose quants and scales start at those
+byte offsets of `weights`, row i `i * row_quant_stride` / `i * row_scale_stride` bytes later.
 `dtype` ("q4_0" or "q8_0"), `planar`, `num_rows` and `num_tokens` must be compile-time constants.
 
 Each row is processed a GROUP at a time: 64 weight bytes, i.e. 4 q4_0 blocks or 2 q8_0 blocks,
@@ -46,6 +46,9 @@ from mer.quant import vector_ir as vir
 GROUP_BYTES = 64
 LANES = 16
 ACTIVATION_OFFSET = 128
+# How far ahead of a row's current group its quants are prefetched: measured on the Mixtral
+# gate matrix, batch 1, one thread: 4.3 ms without, 1.7-2.0 ms with 2048 or 4096 bytes.
+PREFETCH_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,9 @@ class _WeightRow:
         index = builder.add(builder.mul(group, vir.INT64(fmt.blocks_per_group)), vir.INT64(block))
         return builder.add(offset, builder.mul(index, vir.INT64(stride)))
 
-    def _load_native(self, offsets: list[ir.Value], piece_type: ir.VectorType, valid_blocks) -> list[ir.Value]:
+    def _load_native(
+        self, offsets: list[ir.Value], piece_type: ir.VectorType, valid_blocks: ir.Value | None
+    ) -> list[ir.Value]:
         builder = self.emitter.builder
         pieces = []
         for block, offset in enumerate(offsets):
@@ -110,6 +115,7 @@ class _WeightRow:
             offset = builder.add(self.quants_offset, builder.mul(group, vir.INT64(GROUP_BYTES)))
             pointer = builder.gep(emitter.weights, [offset])
             if valid_blocks is None:
+                vir.prefetch(builder, builder.gep(pointer, [vir.INT64(PREFETCH_BYTES)]))
                 return vir.load_vector(builder, pointer, group_vector)
             valid_bytes = builder.mul(valid_blocks, vir.INT64(fmt.quant_bytes_per_block))
             return vir.masked_load_vector(
@@ -119,6 +125,9 @@ class _WeightRow:
             self._block_offset(self.quants_offset, group, block, fmt.native_block_bytes)
             for block in range(fmt.blocks_per_group)
         ]
+        if valid_blocks is None:
+            ahead = builder.add(offsets[0], vir.INT64(PREFETCH_BYTES))
+            vir.prefetch(builder, builder.gep(emitter.weights, [ahead]))
         piece_type = vir.vector(vir.INT8, fmt.quant_bytes_per_block)
         return vir.concatenate(builder, self._load_native(offsets, piece_type, valid_blocks))
 
@@ -150,14 +159,18 @@ class _WeightRow:
 class _DotEmitter:
     """Emits the IR of one `vnni_dot` call."""
 
-    def __init__(self, context, builder, signature, args, dtype, planar, num_rows, num_tokens):  # type: ignore[no-untyped-def]
+    def __init__(  # type: ignore[no-untyped-def]
+        self, context, builder, signature, args, dtype: str, planar: bool, num_rows: int, num_tokens: int
+    ):
         self.builder = builder
         self.dtype = dtype
         self.format = GROUP_FORMATS[dtype]
         self.planar = planar
         self.num_tokens = num_tokens
-        (weights, quants_offset, scales_offset, row_quant_stride, row_scale_stride, num_blocks,
-         activation_quants, activation_scales, batch, token_start) = args[:10]
+        weights, position, activation_quants, activation_scales, token_start = args[:5]
+        quants_offset, scales_offset, row_quant_stride, row_scale_stride, num_blocks = cgutils.unpack_tuple(
+            builder, position
+        )
         weights_array = context.make_array(signature.args[0])(context, builder, weights)
         self.weights = builder.bitcast(weights_array.data, vir.INT8.as_pointer())
         self.num_blocks = num_blocks
@@ -169,14 +182,12 @@ class _DotEmitter:
             )
             for row in range(num_rows)
         ]
-        self.batch = batch
         self.token_start = token_start
-        self.activation_quants = self._data_pointer(context, signature.args[6], activation_quants, vir.INT8)
-        self.activation_scales = self._data_pointer(context, signature.args[7], activation_scales, vir.FLOAT)
-
-    def _data_pointer(self, context, array_type, value, element) -> ir.Value:  # type: ignore[no-untyped-def]
-        array = context.make_array(array_type)(context, self.builder, value)
-        return self.builder.bitcast(array.data, element.as_pointer())
+        quants_array = context.make_array(signature.args[2])(context, builder, activation_quants)
+        scales_array = context.make_array(signature.args[3])(context, builder, activation_scales)
+        self.batch = cgutils.unpack_tuple(builder, quants_array.shape)[1]
+        self.activation_quants = builder.bitcast(quants_array.data, vir.INT8.as_pointer())
+        self.activation_scales = builder.bitcast(scales_array.data, vir.FLOAT.as_pointer())
 
     def _first_token_index(self, group: ir.Value) -> ir.Value:
         """Index of (group, token_start) in the activation's [group, token] order."""
@@ -212,13 +223,14 @@ class _DotEmitter:
     def _token_quants(self, first_token: ir.Value, token: int, part: int) -> ir.Value:
         builder = self.builder
         group_bytes = vir.INT64(self.format.activation_bytes_per_group)
-        offset = builder.add(
-            builder.mul(builder.add(first_token, vir.INT64(token)), group_bytes), vir.INT64(GROUP_BYTES * part)
-        )
+        token_offset = builder.mul(builder.add(first_token, vir.INT64(token)), group_bytes)
+        offset = builder.add(token_offset, vir.INT64(GROUP_BYTES * part))
         pointer = builder.gep(self.activation_quants, [offset])
         return vir.load_vector(builder, pointer, vir.vector(vir.INT8, GROUP_BYTES))
 
-    def emit_group(self, group: ir.Value, accumulators: list[list[ir.Value]], valid_blocks) -> None:  # type: ignore[no-untyped-def]
+    def emit_group(
+        self, group: ir.Value, accumulators: list[list[ir.Value]], valid_blocks: ir.Value | None
+    ) -> None:
         """Add one group's contribution to every (row, token) float accumulator (allocas)."""
         builder = self.builder
         lanes_float = vir.vector(vir.FLOAT, LANES)
@@ -268,23 +280,18 @@ class _DotEmitter:
 
 
 @intrinsic(prefer_literal=True)
-def vnni_dot(
+def vnni_dot(  # type: ignore[no-untyped-def]
     typingctx,
     weights,
-    quants_offset,
-    scales_offset,
-    row_quant_stride,
-    row_scale_stride,
-    num_blocks,
+    position,
     activation_quants,
     activation_scales,
-    batch,
     token_start,
     dtype,
     planar,
     num_rows,
     num_tokens,
-):  # type: ignore[no-untyped-def]
+):
     """See the module docstring; dtype, planar, num_rows and num_tokens must be literals."""
     literals = (
         (dtype, types.StringLiteral),
@@ -298,9 +305,13 @@ def vnni_dot(
     row_count, token_count = num_rows.literal_value, num_tokens.literal_value
     if dtype_name not in GROUP_FORMATS or row_count < 1 or token_count < 1:
         return None
-    return_type = types.UniTuple(types.float32, row_count * token_count)
-    signature = return_type(
-        weights, *([types.int64] * 5), activation_quants, activation_scales, types.int64, types.int64,
+    arrays = (weights, activation_quants, activation_scales)
+    if any(not isinstance(array, types.Array) or array.layout != "C" for array in arrays):
+        return None  # the IR addresses the arrays' bytes directly
+    if weights.ndim != 1 or activation_quants.ndim != 3 or activation_scales.ndim != 3:
+        return None
+    signature = types.UniTuple(types.float32, row_count * token_count)(
+        weights, types.UniTuple(types.int64, 5), activation_quants, activation_scales, types.int64,
         dtype, planar, num_rows, num_tokens,
     )
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from mer.errors import ShapeError, UnsupportedDTypeError
+from mer.errors import ConfigError, ShapeError, UnsupportedDTypeError
 from mer.expert_format import MatrixSpec
 from mer.quant import planar as planar_layout
 from mer.quant.activation import BLOCKS_PER_GROUP, QuantizedActivation, quantize_activation
@@ -55,10 +55,27 @@ def prepare_activation(dtype: str, x: np.ndarray) -> Activation:
     return rows
 
 
+def round_float_activation(dtype: str, x: np.ndarray) -> np.ndarray:
+    """`x` (float32) rounded as ggml rounds the input of a `dtype` matmul before its dot
+    products: to f16 for f16 weights, to bf16 for bf16 weights (round to nearest even, NaN kept
+    quiet), unchanged otherwise (q4_0/q8_0 inputs are rounded to q8_0 by `prepare_activation`)."""
+    values = np.asarray(x, dtype=np.float32)
+    if dtype == "f16":
+        return values.astype(np.float16).astype(np.float32)
+    if dtype == "bf16":
+        bits = values.view(np.uint32)
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+        quiet_nan = (bits & np.uint32(0xFFFF0000)) | np.uint32(0x00400000)
+        return np.where(np.isnan(values), quiet_nan, rounded).astype(np.uint32).view(np.float32)
+    return values
+
+
 def _float_rows(x: np.ndarray) -> np.ndarray:
     array = np.asarray(x)
     if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
-        raise ShapeError(f"activation must be a float array of 1 or 2 dimensions, got {array.dtype} {array.shape}")
+        raise ShapeError(
+            f"activation must be a float array of 1 or 2 dimensions, got {array.dtype} {array.shape}"
+        )
     return np.ascontiguousarray(np.atleast_2d(array), dtype=np.float32)
 
 
@@ -100,9 +117,11 @@ def matmul(
     if kernel not in KERNELS or (kernel == "vnni" and not has_vnni_kernels()):
         raise UnsupportedDTypeError(f"kernel {kernel!r} is not one of {KERNELS} available on this CPU")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size != matrix.nbytes:
-        raise ShapeError(f"matrix {matrix.name}: expected {matrix.nbytes} uint8 bytes, got {getattr(data, 'size', data)}")
-    row_start, row_stop = _checked_range(rows, matrix.rows, f"matrix {matrix.name} row")
-    column_start, column_stop = _checked_range(columns, matrix.columns, f"matrix {matrix.name} column", dtype.block_size)
+        found = f"{data.dtype} x {data.size}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ShapeError(f"matrix {matrix.name}: expected {matrix.nbytes} uint8 bytes, got {found}")
+    name = f"matrix {matrix.name}"
+    row_start, row_stop = _checked_range(rows, matrix.rows, f"{name} row")
+    column_start, column_stop = _checked_range(columns, matrix.columns, f"{name} column", dtype.block_size)
     is_vector = isinstance(x, np.ndarray) and x.ndim == 1
     activation = x if isinstance(x, QuantizedActivation) else prepare_activation(dtype.name, x)
     if _activation_columns(activation) != column_stop - column_start:
@@ -113,11 +132,11 @@ def matmul(
     if uses_quantized_activation(dtype.name) != isinstance(activation, QuantizedActivation) or (
         isinstance(activation, QuantizedActivation) and activation.weight_dtype != dtype.name
     ):
-        raise UnsupportedDTypeError(f"matrix {matrix.name} ({dtype.name}): activation prepared for another dtype")
+        raise UnsupportedDTypeError(f"{name} ({dtype.name}): activation prepared for another dtype")
     batch = activation.batch if isinstance(activation, QuantizedActivation) else activation.shape[0]
     out = np.empty((batch, row_stop - row_start), dtype=np.float32)
     block_range = (column_start // dtype.block_size, (column_stop - column_start) // dtype.block_size)
-    flat = data.reshape(-1)
+    flat = np.ascontiguousarray(data).reshape(-1)
     if isinstance(activation, QuantizedActivation):
         use_vnni = kernel == "vnni" or (kernel == "auto" and has_vnni_kernels())
         _fused_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads, use_vnni)
@@ -133,48 +152,68 @@ def block_addressing(matrix: MatrixSpec, block_start: int, num_blocks: int) -> t
     if matrix.layout == "planar":
         quant_bytes = planar_layout.quant_bytes_per_block(dtype.name)
         scales_base = planar_layout.scales_offset(dtype.name, matrix.rows, matrix.columns)
-        return (0, quant_bytes, scales_base, planar_layout.SCALE_BYTES, blocks_per_row, block_start, num_blocks)
-    return (planar_layout.SCALE_BYTES, dtype.type_size, 0, dtype.type_size, blocks_per_row, block_start, num_blocks)
+        quants, scales = (0, quant_bytes), (scales_base, planar_layout.SCALE_BYTES)
+    else:
+        quants, scales = (planar_layout.SCALE_BYTES, dtype.type_size), (0, dtype.type_size)
+    return (*quants, *scales, blocks_per_row, block_start, num_blocks)
 
 
 def _num_threads(threads: int) -> int:
     if threads < 1:
-        raise ShapeError(f"threads must be at least 1, got {threads}")
+        raise ConfigError(f"threads must be at least 1, got {threads}")
     return min(threads, numba.config.NUMBA_NUM_THREADS)
 
 
-def _fused_matmul(matrix, data, activation, row_start, row_stop, block_range, out, threads, use_vnni) -> None:  # type: ignore[no-untyped-def]
+def _fused_matmul(
+    matrix: MatrixSpec,
+    data: np.ndarray,
+    activation: QuantizedActivation,
+    row_start: int,
+    row_stop: int,
+    block_range: tuple[int, int],
+    out: np.ndarray,
+    threads: int,
+    use_vnni: bool,
+) -> None:
     addressing = block_addressing(matrix, *block_range)
-    quants, scales = activation.quants, activation.block_scales
+    arguments = (data, addressing, row_start, row_stop, activation.quants, activation.block_scales, out)
     num_threads = _num_threads(threads)
     if use_vnni:
         code = VNNI_KERNEL_CODES[(matrix.dtype_info.name, matrix.layout == "planar")]
         if num_threads == 1:
-            vnni_matmul(data, addressing, row_start, row_stop, quants, scales, out, code)
+            vnni_matmul(*arguments, code)
         else:
             numba.set_num_threads(num_threads)
-            vnni_matmul_parallel(data, addressing, row_start, row_stop, quants, scales, out, code, num_threads * CHUNKS_PER_THREAD)
+            vnni_matmul_parallel(*arguments, code, num_threads * CHUNKS_PER_THREAD)
         return
     is_q4_0 = matrix.dtype_info.name == "q4_0"
     if num_threads == 1:
-        portable_matmul(data, addressing, row_start, row_stop, quants, scales, out, is_q4_0)
+        portable_matmul(*arguments, is_q4_0)
     else:
         numba.set_num_threads(num_threads)
-        portable_matmul_parallel(data, addressing, row_start, row_stop, quants, scales, out, is_q4_0, num_threads * CHUNKS_PER_THREAD)
+        portable_matmul_parallel(*arguments, is_q4_0, num_threads * CHUNKS_PER_THREAD)
 
 
-def _dequantizing_matmul(matrix, data, x, row_start, row_stop, block_range, out, threads) -> None:  # type: ignore[no-untyped-def]
+def _dequantizing_matmul(
+    matrix: MatrixSpec,
+    data: np.ndarray,
+    x: np.ndarray,
+    row_start: int,
+    row_stop: int,
+    block_range: tuple[int, int],
+    out: np.ndarray,
+    threads: int,
+) -> None:
     dtype = matrix.dtype_info
     if matrix.layout == "planar" and planar_layout.has_planar_form(dtype.name):
-        raise UnsupportedDTypeError(f"matrix {matrix.name}: planar {dtype.name} goes through the fused kernel")
+        raise UnsupportedDTypeError(f"matrix {matrix.name}: planar {dtype.name} needs the fused kernel")
     row_bytes = dtype.row_nbytes(matrix.columns)
     byte_start, byte_count = block_range[0] * dtype.type_size, block_range[1] * dtype.type_size
     code = DTYPE_CODES[dtype.name]
+    arguments = (code, data, row_bytes, byte_start, byte_count, row_start, row_stop, x, out)
     num_threads = _num_threads(threads)
     if num_threads == 1:
-        dequantizing_matmul(code, data, row_bytes, byte_start, byte_count, row_start, row_stop, x, out)
+        dequantizing_matmul(*arguments)
     else:
         numba.set_num_threads(num_threads)
-        dequantizing_matmul_parallel(
-            code, data, row_bytes, byte_start, byte_count, row_start, row_stop, x, out, num_threads * CHUNKS_PER_THREAD
-        )
+        dequantizing_matmul_parallel(*arguments, num_threads * CHUNKS_PER_THREAD)

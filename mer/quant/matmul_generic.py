@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
 from mer.quant.dequant import (
     dequantize_row_bf16,
     dequantize_row_f16,
@@ -49,7 +50,9 @@ def _dequantize_row(dtype_code, source, destination):  # type: ignore[no-untyped
 
 
 @njit(**_FAST)
-def dequantizing_matmul(dtype_code, weights, row_bytes, byte_start, byte_count, row_start, row_stop, x, out):  # type: ignore[no-untyped-def]
+def dequantizing_matmul(
+    dtype_code, weights, row_bytes, byte_start, byte_count, row_start, row_stop, x, out
+):  # type: ignore[no-untyped-def]
     """`out[t, r - row_start] = dequantized(weights row r, bytes [byte_start, +byte_count)) · x[t]`.
 
     `x` is float32 `[batch, columns]`, the columns being the elements of the byte range.
@@ -66,7 +69,9 @@ def dequantizing_matmul(dtype_code, weights, row_bytes, byte_start, byte_count, 
 
 
 @njit(parallel=True, **_FAST)
-def dequantizing_matmul_parallel(dtype_code, weights, row_bytes, byte_start, byte_count, row_start, row_stop, x, out, num_chunks):  # type: ignore[no-untyped-def]
+def dequantizing_matmul_parallel(
+    dtype_code, weights, row_bytes, byte_start, byte_count, row_start, row_stop, x, out, num_chunks
+):  # type: ignore[no-untyped-def]
     """`dequantizing_matmul` with the rows split into `num_chunks` chunks on numba's threads."""
     num_rows = row_stop - row_start
     for chunk in prange(num_chunks):

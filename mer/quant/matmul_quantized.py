@@ -9,14 +9,15 @@ kernel goes row by row, token by token. Rows are split into chunks over numba's 
 block_start, num_blocks): block `b` of row `r` (counted from the row start) has its quants at
 byte `quants_base + (r * blocks_per_row + b) * quant_stride` of the matrix bytes and its f16
 scale at `scales_base + (r * blocks_per_row + b) * scale_stride`; each row's blocks
-[block_start, block_start + num_blocks) are used.
+[block_start, block_start + num_blocks) are used. `quants` and `scales` are the arrays of a
+`mer.quant.activation.QuantizedActivation`.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from numba import literally, njit, prange
 
+from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
 from mer.quant.kernels_portable import portable_row_dot_q4_0, portable_row_dot_q8_0
 from mer.quant.kernels_vnni import vnni_dot
 
@@ -36,88 +37,92 @@ def _store(out, token, column, num_rows, num_tokens, results):  # type: ignore[n
 
 
 @njit(**_FAST)
+def _row_position(addressing, row):  # type: ignore[no-untyped-def]
+    """The `position` tuple of `vnni_dot` for the rows starting at `row`."""
+    quants_base, quant_stride, scales_base, scale_stride, blocks_per_row, block_start, num_blocks = addressing
+    first_block = row * blocks_per_row + block_start
+    return (
+        quants_base + first_block * quant_stride,
+        scales_base + first_block * scale_stride,
+        blocks_per_row * quant_stride,
+        blocks_per_row * scale_stride,
+        num_blocks,
+    )
+
+
+@njit(**_FAST)
 def _vnni_row_block(weights, addressing, row, num_rows, quants, scales, out, column, dtype, planar):  # type: ignore[no-untyped-def]
     """All tokens of `num_rows` (1 or 2, a literal) rows starting at `row`."""
     literally(dtype)
     literally(planar)
     literally(num_rows)
-    quants_base, quant_stride, scales_base, scale_stride, blocks_per_row, block_start, num_blocks = addressing
-    first_block = row * blocks_per_row + block_start
-    quants_at = quants_base + first_block * quant_stride
-    scales_at = scales_base + first_block * scale_stride
-    row_quant_stride = blocks_per_row * quant_stride
-    row_scale_stride = blocks_per_row * scale_stride
+    position = _row_position(addressing, row)
     batch = quants.shape[1]
     token = 0
     while batch - token >= 8:
-        results8 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
-                            quants, scales, batch, token, dtype, planar, num_rows, 8)
+        results8 = vnni_dot(weights, position, quants, scales, token, dtype, planar, num_rows, 8)
         _store(out, token, column, num_rows, 8, results8)
         token += 8
     if batch - token >= 4:
-        results4 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
-                            quants, scales, batch, token, dtype, planar, num_rows, 4)
+        results4 = vnni_dot(weights, position, quants, scales, token, dtype, planar, num_rows, 4)
         _store(out, token, column, num_rows, 4, results4)
         token += 4
     if batch - token >= 2:
-        results2 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
-                            quants, scales, batch, token, dtype, planar, num_rows, 2)
+        results2 = vnni_dot(weights, position, quants, scales, token, dtype, planar, num_rows, 2)
         _store(out, token, column, num_rows, 2, results2)
         token += 2
     if batch - token >= 1:
-        results1 = vnni_dot(weights, quants_at, scales_at, row_quant_stride, row_scale_stride, num_blocks,
-                            quants, scales, batch, token, dtype, planar, num_rows, 1)
+        results1 = vnni_dot(weights, position, quants, scales, token, dtype, planar, num_rows, 1)
         _store(out, token, column, num_rows, 1, results1)
 
 
 @njit(**_FAST)
-def _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, dtype, planar):  # type: ignore[no-untyped-def]
+def _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_base, dtype, planar):  # type: ignore[no-untyped-def]
     literally(dtype)
     literally(planar)
     row = row_start
     while row_stop - row >= 2:
-        _vnni_row_block(weights, addressing, row, 2, quants, scales, out, row - out_row_base, dtype, planar)
+        _vnni_row_block(weights, addressing, row, 2, quants, scales, out, row - out_base, dtype, planar)
         row += 2
     if row < row_stop:
-        _vnni_row_block(weights, addressing, row, 1, quants, scales, out, row - out_row_base, dtype, planar)
+        _vnni_row_block(weights, addressing, row, 1, quants, scales, out, row - out_base, dtype, planar)
 
 
 @njit(**_FAST)
-def _vnni_rows_by_code(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, kernel_code):  # type: ignore[no-untyped-def]
-    if kernel_code == 0:
-        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q4_0", True)
-    elif kernel_code == 1:
-        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q4_0", False)
-    elif kernel_code == 2:
-        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q8_0", True)
+def _vnni_rows_by_code(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
+    if code == 0:
+        _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q4_0", True)
+    elif code == 1:
+        _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q4_0", False)
+    elif code == 2:
+        _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", True)
     else:
-        _vnni_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_row_base, "q8_0", False)
+        _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", False)
 
 
 @njit(**_FAST)
-def vnni_matmul(weights, addressing, row_start, row_stop, quants, scales, out, kernel_code):  # type: ignore[no-untyped-def]
+def vnni_matmul(weights, addressing, row_start, row_stop, quants, scales, out, code):  # type: ignore[no-untyped-def]
     """`out[t, r - row_start]` for rows [row_start, row_stop), one thread (see VNNI_KERNEL_CODES)."""
-    _vnni_rows_by_code(weights, addressing, row_start, row_stop, quants, scales, out, row_start, kernel_code)
+    _vnni_rows_by_code(weights, addressing, row_start, row_stop, quants, scales, out, row_start, code)
 
 
 @njit(parallel=True, **_FAST)
-def vnni_matmul_parallel(weights, addressing, row_start, row_stop, quants, scales, out, kernel_code, num_chunks):  # type: ignore[no-untyped-def]
-    """`vnni_matmul` with the rows split into `num_chunks` even-sized chunks on numba's threads."""
+def vnni_matmul_parallel(weights, addressing, row_start, row_stop, quants, scales, out, code, num_chunks):  # type: ignore[no-untyped-def]
+    """`vnni_matmul` with the rows split into `num_chunks` chunks (even sizes) on numba's threads."""
     num_pairs = (row_stop - row_start + 1) // 2
     for chunk in prange(num_chunks):
         start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
         stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
-        _vnni_rows_by_code(weights, addressing, start, stop, quants, scales, out, row_start, kernel_code)
+        _vnni_rows_by_code(weights, addressing, start, stop, quants, scales, out, row_start, code)
 
 
 @njit(**_FAST)
 def portable_matmul(weights, addressing, row_start, row_stop, quants, scales, out, is_q4_0):  # type: ignore[no-untyped-def]
     """`out[t, r - row_start]` for rows [row_start, row_stop) with the portable kernel, one thread."""
-    quants_base, quant_stride, scales_base, scale_stride, blocks_per_row, block_start, num_blocks = addressing
+    quant_stride, scale_stride, num_blocks = addressing[1], addressing[3], addressing[6]
     for row in range(row_start, row_stop):
-        first_block = row * blocks_per_row + block_start
-        quants_at = quants_base + first_block * quant_stride
-        scales_at = scales_base + first_block * scale_stride
+        position = _row_position(addressing, row)
+        quants_at, scales_at = position[0], position[1]
         for token in range(quants.shape[1]):
             if is_q4_0:
                 value = portable_row_dot_q4_0(
@@ -137,4 +142,5 @@ def portable_matmul_parallel(weights, addressing, row_start, row_stop, quants, s
     for chunk in prange(num_chunks):
         start = row_start + chunk * num_rows // num_chunks
         stop = row_start + (chunk + 1) * num_rows // num_chunks
-        portable_matmul(weights, addressing, start, stop, quants, scales, out[:, start - row_start : stop - row_start], is_q4_0)
+        part = out[:, start - row_start : stop - row_start]
+        portable_matmul(weights, addressing, start, stop, quants, scales, part, is_q4_0)

@@ -14,6 +14,7 @@ from functools import lru_cache
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
 from numba.core import cgutils
+from numba.core import config as numba_config
 
 INT1 = ir.IntType(1)
 INT8 = ir.IntType(8)
@@ -27,7 +28,11 @@ REQUIRED_CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c"
 
 @lru_cache(maxsize=1)
 def has_vnni_kernels() -> bool:
-    """True when the host CPU runs AVX-512 BW + VNNI + F16C code (the fast q4_0/q8_0 kernels)."""
+    """True when numba compiles for a CPU with AVX-512 BW + VNNI + F16C (the fast q4_0/q8_0
+    kernels): the host CPU, or the one named by NUMBA_CPU_NAME / NUMBA_CPU_FEATURES."""
+    if numba_config.CPU_NAME not in (None, "host"):
+        enabled = {flag[1:] for flag in (numba_config.CPU_FEATURES or "").split(",") if flag.startswith("+")}
+        return all(name in enabled for name in REQUIRED_CPU_FEATURES)
     features = llvm_binding.get_host_cpu_features()
     return all(features.get(name, False) for name in REQUIRED_CPU_FEATURES)
 
@@ -150,3 +155,10 @@ def concatenate(builder: ir.IRBuilder, pieces: list[ir.Value]) -> ir.Value:
             for index in range(0, len(pieces), 2)
         ]
     return pieces[0]
+
+
+def prefetch(builder: ir.IRBuilder, pointer: ir.Value) -> None:
+    """Hint the CPU to bring the cache line at `pointer` (an i8*) into its caches for reading."""
+    function_type = ir.FunctionType(ir.VoidType(), [INT8.as_pointer(), INT32, INT32, INT32])
+    function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.prefetch.p0")
+    builder.call(function, [pointer, INT32(0), INT32(3), INT32(1)])

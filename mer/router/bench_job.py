@@ -115,9 +115,12 @@ class BenchJob:
         await self.observe.send_multipart(
             encode_observation(token, decision.layer, expert_ids, list(decision.weights)))
         self.observations += 1
+        t_acquire_start = time.monotonic()
         acquire_started = time.perf_counter()
         grants = await self.io.acquire(token, expert_ids)
         acquire_us = (time.perf_counter() - acquire_started) * 1e6
+        t_acquire_end = time.monotonic()
+        dispatched: list[tuple[int, int]] = []
         misses = sum(not grant.hit for grant in grants)
         timer.hits += len(grants) - misses
         timer.misses += misses
@@ -126,14 +129,21 @@ class BenchJob:
             timer.io_wait_us += acquire_us
         try:
             compute_started = time.perf_counter()
-            output = await self._compute(token, decision, grants)
+            output = await self._compute(token, decision, grants, dispatched)
             timer.compute_us += (time.perf_counter() - compute_started) * 1e6
+            t_compute_end = time.monotonic()
         finally:
             await self.io.release([grant.ref for grant in grants])
+        if self.config.log_file:  # docs/events.md: one per routing decision
+            self.log.info("decision_done", token=token, layer=decision.layer, expert_ids=expert_ids,
+                          hits=len(grants) - misses, misses=misses, t_acquire_start=t_acquire_start,
+                          t_acquire_end=t_acquire_end, t_compute_end=t_compute_end,
+                          jobs=[[job_id, worker] for job_id, worker in dispatched])
         if self.config.dump_outputs:
             self.outputs.append(output)
 
-    async def _compute(self, token: int, decision: RoutingDecision, grants: list[SlotGrant]) -> np.ndarray:
+    async def _compute(self, token: int, decision: RoutingDecision, grants: list[SlotGrant],
+                       dispatched: list[tuple[int, int]] | None = None) -> np.ndarray:
         per_layer = self.manifest.geometry.experts_per_layer
         items = [ComputeItem(g.expert_id, g.slot, g.generation, g.expert_id // per_layer) for g in grants]
         moe_layers = {item.moe_layer for item in items}
@@ -141,7 +151,7 @@ class BenchJob:
         output = np.zeros_like(x)
         for moe_layer in sorted(moe_layers):  # the flat pool may mix layers of different formats
             chosen = [index for index, item in enumerate(items) if item.moe_layer == moe_layer]
-            partials = await self.compute.compute([items[i] for i in chosen], self.slices[moe_layer], x)
+            partials = await self.compute.compute([items[i] for i in chosen], self.slices[moe_layer], x, dispatched)
             output += combine_partials(partials, np.array([decision.weights[i] for i in chosen], np.float32))
         return output
 
@@ -154,7 +164,7 @@ class BenchJob:
             used=int(io_stats["prefetches_used"]), wasted=int(io_stats["prefetches_wasted"]),
             dropped=int(io_stats["prefetches_dropped"]), predictor_observations=self.observations,
         )
-        self.log.info(PREFETCH_STATS, **counters.to_event_fields())
+        self.log.info(PREFETCH_STATS, **counters.to_event_fields(), reads_counted=len(io_stats["reads"]))
         events.append({"event": PREFETCH_STATS, **counters.to_event_fields()})
         return summarize_log_events(events)
 

@@ -144,8 +144,12 @@ class ComputeClient:
                 f"only {len(self.identities)} of {self.num_workers} compute workers connected within {timeout_s:g} s"
             ) from None
 
-    async def compute(self, items: list[ComputeItem], slices: list[SliceRange], x: np.ndarray) -> np.ndarray:
-        """Partials (items, slices, batch, d_model): slice s computed by worker s % N."""
+    async def compute(self, items: list[ComputeItem], slices: list[SliceRange], x: np.ndarray,
+                      dispatched: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Partials (items, slices, batch, d_model): slice s computed by worker s % N.
+
+        `dispatched`, when given, gets one `(job_id, worker)` per job sent (for the logs).
+        """
         partials = np.empty((len(items), len(slices), x.shape[0], x.shape[1]), dtype=np.float32)
         waits = []
         for worker in range(self.num_workers):
@@ -156,6 +160,8 @@ class ComputeClient:
             job = ComputeJob(job_id, items, [slices[s] for s in mine], x)
             await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
             waits.append((mine, future))
+            if dispatched is not None:
+                dispatched.append((job_id, worker))
         for mine, future in waits:
             result: ComputeResult = await future
             partials[:, mine] = result.partials

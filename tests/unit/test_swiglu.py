@@ -17,6 +17,9 @@ Consecutive d_ff slices summed equal the full output to 1e-5 of its largest valu
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
@@ -49,9 +52,19 @@ def make_expert(dtypes: tuple[str, str, str], layout: str) -> tuple[ExpertPayloa
     return ExpertPayload(expert_format, payload), references
 
 
-def reference_expert(dtypes, references, x, hidden=slice(None), round_activations=True):  # type: ignore[no-untyped-def]
+def reference_expert(
+    dtypes: tuple[str, str, str],
+    references: list[np.ndarray],
+    x: np.ndarray,
+    hidden: slice = slice(None),
+    round_activations: bool = True,
+) -> np.ndarray:
+    """The float64 expert; inputs of q4_0/q8_0 matrices rounded to q8_0 unless told not to."""
     gate, up, down = references
-    rounded = (lambda values, dtype: reference_q8_0(values) if round_activations and dtype in FUSED else values)
+
+    def rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+        return reference_q8_0(values) if round_activations and dtype in FUSED else values
+
     gate_out = rounded(x, dtypes[0]) @ gate[hidden].T
     up_out = rounded(x, dtypes[1]) @ up[hidden].T
     h = gate_out / (1 + np.exp(-gate_out)) * up_out
@@ -66,7 +79,8 @@ def tokens(batch: int) -> np.ndarray:
     return np.random.default_rng(SEED + batch).standard_normal((batch, D_MODEL)).astype(np.float32)
 
 
-CASES = [((dtype,) * 3, "native") for dtype in ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "f16", "bf16", "f32")] + [
+ALL_DTYPES = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "f16", "bf16", "f32")
+CASES = [((dtype,) * 3, "native") for dtype in ALL_DTYPES] + [
     (("q4_0",) * 3, "planar"),
     (("q8_0",) * 3, "planar"),
     (("q4_0", "q4_0", "q6_k"), "planar"),
@@ -130,3 +144,34 @@ def test_bad_slices_and_inputs_are_refused() -> None:
         swiglu_expert(payload, np.zeros((2, 128), dtype=np.float32))
     with pytest.raises(ShapeError, match="float32"):
         swiglu_expert(payload, np.zeros((1, 2, 256), dtype=np.float32))
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("dtype", FUSED)
+def test_matches_ggml_on_the_same_bytes(dtype: str) -> None:
+    """ggml's own kernels (llama-cpp-python's libggml) on the same native bytes: same q8_0
+    rounding of x and h, so the outputs agree to float32 rounding (measured ~1e-7 relative);
+    the 2e-3 bound leaves room for an h element rounding one q8_0 step apart (ggml's silu uses
+    its own exp)."""
+    pytest.importorskip("llama_cpp")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    from ggml_reference import GgmlExpert
+
+    payload, _ = make_expert((dtype,) * 3, "native")
+    x = tokens(3)
+    ggml_expert = GgmlExpert(payload.data, D_MODEL, D_FF, dtype, batch=3)
+    try:
+        expected = ggml_expert.compute(x, threads=1)
+    finally:
+        ggml_expert.close()
+    assert relative_error(swiglu_expert(payload, x), expected) < 2e-3
+
+
+@pytest.mark.parametrize("dtypes", [("q4_0",) * 3, ("q8_0", "q8_0", "q6_k")])
+def test_a_token_gets_the_same_bits_alone_or_in_a_batch(dtypes: tuple[str, str, str]) -> None:
+    """Every token has its own accumulators and its own q8_0 blocks, so batching changes nothing."""
+    payload, _ = make_expert(dtypes, "planar")
+    x = tokens(11)
+    batched = swiglu_expert(payload, x)
+    for index in range(len(x)):
+        assert np.array_equal(swiglu_expert(payload, x[index]), batched[index])

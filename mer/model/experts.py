@@ -1,0 +1,68 @@
+"""Where the forward pass gets its experts computed: an `ExpertFn`.
+
+    outputs = expert_fn(moe_layer, {expert: x_batch, ...})  # -> {expert: out_batch, ...}
+
+is called once per MoE block with every expert the block's tokens were routed to (ids within the
+layer, ascending) and the float32 `[tokens, d_model]` inputs of each; it returns each expert's
+float32 `[tokens, d_model]` output (ungated). `moe_layer` numbers the MoE blocks 0.. as the expert
+store does. The pipeline's router replaces the local implementations below by one that sends the
+layer's work to the compute workers.
+
+- `GGUFExperts`: computes on the experts' bytes in the GGUF (single process, no store).
+- `StoreExperts`: reads each payload from a converted expert store (`ExpertStore.read_payload`).
+
+Both run `swiglu_expert(payload, x_batch, ggml_rounding=True)`, llama.cpp's rounding of inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from mer.expert_format import ExpertPayload
+from mer.store.gguf_source import GGUFSource
+from mer.store.reader import ExpertStore
+from mer.swiglu import swiglu_expert
+
+
+class ExpertFn(Protocol):
+    """Computes one MoE block's experts on their token batches (see the module docstring)."""
+
+    def __call__(self, moe_layer: int, batches: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]: ...
+
+
+class GGUFExperts:
+    """Experts computed on the GGUF's own bytes (each payload assembled from its three matrices)."""
+
+    def __init__(self, source: GGUFSource, threads: int = 1):
+        self.source, self.threads = source, threads
+        self.calls: list[tuple[int, tuple[int, ...]]] = []  # (moe_layer, experts) of every call
+
+    def payload(self, moe_layer: int, expert: int) -> ExpertPayload:
+        layer = self.source.layers[moe_layer]
+        data = np.concatenate([matrix.expert_bytes(expert)[1] for matrix in layer.matrices])
+        return ExpertPayload(self.source.expert_format(moe_layer), data)
+
+    def __call__(self, moe_layer: int, batches: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+        self.calls.append((moe_layer, tuple(batches)))
+        return {
+            expert: swiglu_expert(self.payload(moe_layer, expert), x, threads=self.threads, ggml_rounding=True)
+            for expert, x in batches.items()
+        }
+
+
+class StoreExperts:
+    """Experts read from a converted expert store, one payload per expert and call."""
+
+    def __init__(self, store: ExpertStore, threads: int = 1):
+        self.store, self.threads = store, threads
+
+    def __call__(self, moe_layer: int, batches: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+        manifest = self.store.manifest
+        return {
+            expert: swiglu_expert(self.store.read_payload(manifest.expert_id(moe_layer, expert)), x,
+                                  threads=self.threads, ggml_rounding=True)
+            for expert, x in batches.items()
+        }

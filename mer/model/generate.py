@@ -1,0 +1,85 @@
+"""Single-process text generation: prefill the prompt, then decode one token at a time.
+
+The prompt runs as one batch (expert-major in every MoE block), then each new token runs alone
+with the KV cache. Generation stops after `max_tokens` tokens, on an end-of-generation token
+(unless `ignore_eos`; the token is kept in the output), or when the context is full.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mer.errors import ConfigError, ContextLengthError
+from mer.model.experts import ExpertFn
+from mer.model.forward import forward
+from mer.model.model import MoEModel
+from mer.model.moe import Routing
+from mer.model.sampling import Sampler
+
+STOP_MAX_TOKENS, STOP_END_OF_GENERATION, STOP_CONTEXT = "max_tokens", "end_of_generation", "context"
+
+
+@dataclass
+class GenerationResult:
+    """The generated tokens and how the run went."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]  # generated only, the end-of-generation token included when it stopped on one
+    stop_reason: str
+    prefill_seconds: float
+    decode_seconds: float
+    step_logits: list[np.ndarray] = field(default_factory=list)  # logits each token was chosen from (keep_logits)
+    routings: list[dict[int, Routing]] = field(default_factory=list)  # per forward call: prefill, then each step
+
+
+def generate(
+    model: MoEModel,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    sampler: Sampler,
+    expert_fn: ExpertFn,
+    *,
+    end_ids: Collection[int] = (),
+    ignore_eos: bool = False,
+    keep_logits: bool = False,
+    on_token: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Generate up to `max_tokens` tokens after `prompt_ids` (used exactly as given)."""
+    prompt = [int(token) for token in prompt_ids]
+    context = model.hparams.context_length
+    if not prompt:
+        raise ContextLengthError("the prompt is empty: generation needs at least one token")
+    if len(prompt) > context:
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens, the model's context is {context}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ConfigError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+    kv_cache = model.new_kv_cache(min(context, len(prompt) + max_tokens) or 1)
+    result = GenerationResult(prompt, [], STOP_MAX_TOKENS, 0.0, 0.0)
+    started = time.perf_counter()
+    step = forward(model, prompt, kv_cache, expert_fn, all_logits=False)
+    result.prefill_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    while len(result.tokens) < max_tokens:
+        result.routings.append(step.routings)
+        logits = step.logits[-1]
+        token = sampler.sample(logits)
+        result.tokens.append(token)
+        if keep_logits:
+            result.step_logits.append(logits)
+        if on_token is not None:
+            on_token(token)
+        if token in end_ids and not ignore_eos:
+            result.stop_reason = STOP_END_OF_GENERATION
+            break
+        if len(result.tokens) == max_tokens:
+            break
+        if kv_cache.length >= kv_cache.capacity:
+            result.stop_reason = STOP_CONTEXT
+            break
+        step = forward(model, [token], kv_cache, expert_fn, all_logits=False)
+    result.decode_seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,196 @@
+"""A MoE model's hyper-parameters, read from its GGUF metadata, and the per-architecture rules.
+
+Supported architectures (`general.architecture`) and what llama.cpp fixes in code for each
+(read from its `src/models/{llama,qwen3moe,olmoe}.cpp`, `llama_model_rope_type` and
+`build_moe_ffn`), since not all of it is in the GGUF keys:
+
+| arch       | RoPE pairs          | q/k RMS norm                      | gating                              |
+|------------|---------------------|-----------------------------------|-------------------------------------|
+| `llama` (Mixtral, needs `llama.expert_count`) | normal: (2i, 2i+1) | none | softmax, top-k, renormalised |
+| `qwen3moe` | neox: (i, i + n/2)  | per head (`head_dim` weights)     | softmax, top-k, renormalised        |
+| `olmoe`    | neox: (i, i + n/2)  | over the whole q / k projection   | softmax, top-k, not renormalised    |
+
+Required keys (`{arch}.` prefix): `context_length`, `embedding_length`, `block_count`,
+`attention.head_count`, `attention.layer_norm_rms_epsilon`, `expert_count`,
+`expert_used_count`. Optional keys take llama.cpp's defaults: `attention.head_count_kv`
+(= head_count), `attention.key_length` / `value_length` (= embedding_length / head_count),
+`rope.freq_base` (10000), `rope.dimension_count` (= key_length; must equal it, as llama.cpp
+asserts for these archs), `rope.scaling.type` (none; linear is supported, YaRN and others are
+refused), `expert_weights_scale` (none), `leading_dense_block_count` (0, mer-only: dense first
+blocks). A missing required key, a wrong type or an unsupported architecture raises
+`UnsupportedModelError` / `GGUFError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mer.errors import GGUFError, UnsupportedModelError
+from mer.store.gguf_files import GGUFPart
+
+ROPE_NORMAL = "normal"
+ROPE_NEOX = "neox"
+QK_NORM_NONE = "none"
+QK_NORM_PER_HEAD = "per_head"
+QK_NORM_WHOLE = "whole"
+DEFAULT_ROPE_BASE = 10000.0
+
+
+@dataclass(frozen=True)
+class ArchitectureRules:
+    """What llama.cpp fixes in code for one architecture."""
+
+    rope_style: str  # ROPE_NORMAL or ROPE_NEOX
+    qk_norm: str  # QK_NORM_NONE, QK_NORM_PER_HEAD or QK_NORM_WHOLE
+    normalize_expert_weights: bool  # renormalise the top-k softmax probabilities to sum to 1
+
+
+ARCHITECTURES: dict[str, ArchitectureRules] = {
+    "llama": ArchitectureRules(ROPE_NORMAL, QK_NORM_NONE, normalize_expert_weights=True),
+    "qwen3moe": ArchitectureRules(ROPE_NEOX, QK_NORM_PER_HEAD, normalize_expert_weights=True),
+    "olmoe": ArchitectureRules(ROPE_NEOX, QK_NORM_WHOLE, normalize_expert_weights=False),
+}
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Every hyper-parameter the forward pass needs."""
+
+    architecture: str
+    rules: ArchitectureRules
+    context_length: int
+    d_model: int
+    num_blocks: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_base: float
+    rope_dimensions: int
+    rope_position_scale: float  # positions are multiplied by this (linear rope scaling: 1 / factor)
+    num_experts: int
+    top_k: int
+    expert_weights_scale: float  # 0: the gate weights are not scaled
+    leading_dense_blocks: int
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def is_moe_block(self, block: int) -> bool:
+        return block >= self.leading_dense_blocks
+
+
+class _Metadata:
+    """Typed access to one GGUF part's keys, with errors naming the file and key."""
+
+    def __init__(self, part: GGUFPart, architecture: str):
+        self.part, self.prefix = part, architecture
+
+    def _value(self, key: str, default: Any) -> tuple[str, Any]:
+        full = f"{self.prefix}.{key}"
+        value = self.part.value(full)
+        if value is None and default is None:
+            raise UnsupportedModelError(f"{self.part.path}: metadata key {full} is missing")
+        return full, default if value is None else value
+
+    def integer(self, key: str, default: int | None = None, minimum: int = 1) -> int:
+        full, value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise GGUFError(f"{self.part.path}: metadata key {full} is {value!r}, expected an integer >= {minimum}")
+        return value
+
+    def number(self, key: str, default: float | None = None) -> float:
+        full, value = self._value(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise GGUFError(f"{self.part.path}: metadata key {full} is {value!r}, expected a number")
+        return float(value)
+
+    def text(self, key: str, default: str) -> str:
+        full, value = self._value(key, default)
+        if not isinstance(value, str):
+            raise GGUFError(f"{self.part.path}: metadata key {full} is {value!r}, expected a string")
+        return value
+
+
+def architecture_rules(part: GGUFPart) -> tuple[str, ArchitectureRules]:
+    """The model's architecture name and rules; UnsupportedModelError for any other."""
+    architecture = part.value("general.architecture")
+    if architecture is None:
+        raise UnsupportedModelError(f"{part.path}: metadata key general.architecture is missing")
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{part.path}: architecture {architecture!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
+        )
+    if part.value(f"{architecture}.expert_count") in (None, 0):
+        raise UnsupportedModelError(
+            f"{part.path}: {architecture} model without {architecture}.expert_count: a dense model, not a "
+            f"Mixture-of-Experts model"
+        )
+    return architecture, ARCHITECTURES[architecture]
+
+
+def read_hparams(part: GGUFPart) -> HParams:
+    """Read and check every hyper-parameter from the (first) GGUF part's metadata."""
+    architecture, rules = architecture_rules(part)
+    keys = _Metadata(part, architecture)
+    d_model = keys.integer("embedding_length")
+    num_heads = keys.integer("attention.head_count")
+    num_kv_heads = keys.integer("attention.head_count_kv", num_heads)
+    head_dim = keys.integer("attention.key_length", d_model // num_heads)
+    value_dim = keys.integer("attention.value_length", head_dim)
+    num_experts = keys.integer("expert_count")
+    top_k = keys.integer("expert_used_count")
+    _check(part.path, num_heads % num_kv_heads == 0,
+           f"attention.head_count {num_heads} is not a multiple of attention.head_count_kv {num_kv_heads}")
+    _check(part.path, value_dim == head_dim, f"attention.value_length {value_dim} differs from key_length {head_dim}")
+    _check(part.path, top_k <= num_experts, f"expert_used_count {top_k} exceeds expert_count {num_experts}")
+    rope_dimensions = keys.integer("rope.dimension_count", head_dim)
+    _check(part.path, rope_dimensions == head_dim,
+           f"rope.dimension_count {rope_dimensions} differs from the head size {head_dim} (partial RoPE is not supported)")
+    return HParams(
+        architecture=architecture,
+        rules=rules,
+        context_length=keys.integer("context_length"),
+        d_model=d_model,
+        num_blocks=keys.integer("block_count"),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=keys.number("attention.layer_norm_rms_epsilon"),
+        rope_base=keys.number("rope.freq_base", DEFAULT_ROPE_BASE),
+        rope_dimensions=rope_dimensions,
+        rope_position_scale=_rope_position_scale(keys),
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_weights_scale=keys.number("expert_weights_scale", 0.0),
+        leading_dense_blocks=keys.integer("leading_dense_block_count", 0, minimum=0),
+    )
+
+
+def _rope_position_scale(keys: _Metadata) -> float:
+    scaling = keys.text("rope.scaling.type", "none")
+    if scaling == "none":
+        return 1.0
+    if scaling != "linear":
+        raise UnsupportedModelError(
+            f"{keys.part.path}: {keys.prefix}.rope.scaling.type {scaling!r} is not supported (none, linear)"
+        )
+    factor = keys.number("rope.scaling.factor", 1.0)
+    _check(keys.part.path, factor > 0, f"rope.scaling.factor {factor} must be positive")
+    return 1.0 / factor
+
+
+def _check(path: Path, condition: bool, message: str) -> None:
+    if not condition:
+        raise GGUFError(f"{path}: {message}")

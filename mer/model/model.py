@@ -1,0 +1,139 @@
+"""A MoE model loaded from a GGUF: hyper-parameters, dense weights, and the blocks of its forward pass.
+
+`MoEModel` exposes the forward pass one block at a time so that a router can drive it and send
+the experts elsewhere:
+
+    hidden = model.embed(token_ids)
+    for block in range(model.hparams.num_blocks):
+        hidden = model.attention_block(block, hidden, kv_cache, positions)
+        normed = model.ffn_input(block, hidden)
+        routing = model.route(block, normed)            # MoE blocks; dense ones: model.dense_ffn
+        hidden = hidden + <gate-weighted experts of normed>   (mer.model.forward.moe_ffn)
+    logits = model.logits(hidden)
+
+Every method takes and returns float32 arrays `[tokens, ...]`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mer.errors import ContextLengthError, GGUFError, ShapeError, TokenizerError
+from mer.model.attention import KVCache, apply_rope, causal_attention, rms_norm, rope_tables
+from mer.model.hparams import QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, read_hparams
+from mer.model.moe import Routing, route_tokens
+from mer.model.weights import ModelWeights, load_weights
+from mer.store.gguf_source import GGUFSource, read_gguf_source
+from mer.swiglu import silu_gate
+
+
+@dataclass(frozen=True)
+class MoEModel:
+    """The dense part of a MoE model (its experts are located in `source`, computed elsewhere)."""
+
+    source: GGUFSource
+    hparams: HParams
+    weights: ModelWeights
+    moe_layers: dict[int, int]  # block index -> MoE layer index (the expert store's numbering)
+    threads: int = 1
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int = 1) -> "MoEModel":
+        """Open a MoE GGUF (any part of a split one); errors name the file and key or tensor."""
+        source = read_gguf_source(path)
+        hparams = read_hparams(source.parts[0])
+        weights = load_weights(source.parts, hparams)
+        moe_layers = {layer.block: layer.moe_layer for layer in source.layers}
+        expected = [block for block in range(hparams.num_blocks) if hparams.is_moe_block(block)]
+        if sorted(moe_layers) != expected:
+            raise GGUFError(f"{source.paths[0]}: expert tensors in blocks {sorted(moe_layers)}, but the metadata "
+                            f"makes blocks {expected} MoE blocks")
+        return cls(source, hparams, weights, moe_layers, threads)
+
+    @property
+    def path(self) -> Path:
+        return self.source.paths[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weights.vocab_size
+
+    def new_kv_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for `capacity` positions (default: the whole context)."""
+        return KVCache(self.hparams, capacity or self.hparams.context_length)
+
+    def embed(self, token_ids: np.ndarray | list[int]) -> np.ndarray:
+        """Token embeddings float32 `[tokens, d_model]`."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise TokenizerError(f"token id {int(bad[0])} is outside the vocabulary of {self.vocab_size} tokens")
+        return np.stack([self.weights.token_embedding.row(int(token)) for token in ids]).astype(np.float32)
+
+    def attention_block(self, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray) -> np.ndarray:
+        """`hidden + attention(rms_norm(hidden))` for tokens at `positions` (the cache's next
+        positions, in order); appends their keys and values to `kv_cache`."""
+        hparams, weights = self.hparams, self.weights.blocks[block]
+        positions = np.asarray(positions, dtype=np.int64)
+        expected = kv_cache.lengths[block] + np.arange(hidden.shape[0])
+        if positions.shape != expected.shape or not np.array_equal(positions, expected):
+            raise ContextLengthError(f"block {block}: positions {positions.tolist()[:4]}... must continue the KV cache "
+                                     f"at position {kv_cache.lengths[block]}")
+        if expected.size and expected[-1] >= kv_cache.capacity:
+            raise ContextLengthError(f"position {int(expected[-1])} does not fit in the KV cache of "
+                                     f"{kv_cache.capacity} positions")
+        x = rms_norm(hidden, weights.attn_norm, hparams.rms_norm_eps)
+        queries, keys, values = (matrix(x, self.threads) for matrix in (weights.attn_q, weights.attn_k, weights.attn_v))
+        queries, keys = self._qk_norm(weights, queries, keys)
+        cos, sin = rope_tables(positions, hparams.rope_dimensions, hparams.rope_base, hparams.rope_position_scale)
+        queries = apply_rope(queries, cos, sin, hparams.rules.rope_style)
+        keys = apply_rope(keys, cos, sin, hparams.rules.rope_style)
+        kv_cache.store(block, keys, values.reshape(-1, hparams.num_kv_heads, hparams.head_dim))
+        length = kv_cache.lengths[block]
+        attended = causal_attention(queries, kv_cache.keys[block, :length], kv_cache.values[block, :length],
+                                    positions, 1.0 / np.sqrt(hparams.head_dim))
+        return hidden + weights.attn_output(attended, self.threads)
+
+    def _qk_norm(self, weights, queries: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+        """q/k RMS norms (whole projection for olmoe, per head for qwen3moe), then `[T, heads, d]`."""
+        hparams, eps = self.hparams, self.hparams.rms_norm_eps
+        if hparams.rules.qk_norm == QK_NORM_WHOLE:
+            queries, keys = rms_norm(queries, weights.attn_q_norm, eps), rms_norm(keys, weights.attn_k_norm, eps)
+        queries = queries.reshape(-1, hparams.num_heads, hparams.head_dim)
+        keys = keys.reshape(-1, hparams.num_kv_heads, hparams.head_dim)
+        if hparams.rules.qk_norm == QK_NORM_PER_HEAD:
+            queries, keys = rms_norm(queries, weights.attn_q_norm, eps), rms_norm(keys, weights.attn_k_norm, eps)
+        return queries, keys
+
+    def ffn_input(self, block: int, hidden: np.ndarray) -> np.ndarray:
+        """`rms_norm(hidden)` with the block's ffn_norm: the input of the router and the experts."""
+        return rms_norm(hidden, self.weights.blocks[block].ffn_norm, self.hparams.rms_norm_eps)
+
+    def is_moe_block(self, block: int) -> bool:
+        return block in self.moe_layers
+
+    def route(self, block: int, normed: np.ndarray) -> Routing:
+        """The experts (ids within the block) and gate weights of each token of a MoE block."""
+        router = self.weights.blocks[block].router
+        if router is None:
+            raise ShapeError(f"block {block} is a dense block: it has no router")
+        logits = router(normed, self.threads)
+        rules = self.hparams.rules
+        return route_tokens(logits, self.hparams.top_k, rules.normalize_expert_weights, self.hparams.expert_weights_scale)
+
+    def dense_ffn(self, block: int, normed: np.ndarray) -> np.ndarray:
+        """The SwiGLU FFN of a dense block."""
+        ffn = self.weights.blocks[block].dense_ffn
+        if ffn is None:
+            raise ShapeError(f"block {block} is a MoE block: it has no dense FFN")
+        gate, up, down = ffn
+        return down(silu_gate(gate(normed, self.threads), up(normed, self.threads)), self.threads)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Output norm and LM head: float32 `[tokens, vocab]`."""
+        normed = rms_norm(hidden, self.weights.output_norm, self.hparams.rms_norm_eps)
+        return self.weights.output(normed, self.threads)

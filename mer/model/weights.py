@@ -1,0 +1,186 @@
+"""The dense weights of a MoE GGUF model, memory-mapped and computed in place.
+
+Matrices (embeddings, attention, router gates, dense FFNs, LM head) stay in the GGUF's
+memory-mapped bytes and are multiplied with `mer.quant.matmul` (nothing is dequantized as a
+whole; an embedding lookup dequantizes one row). Inputs are rounded as ggml rounds them: to q8_0
+per 32-block for q4_0/q8_0 weights, to f16 / bf16 for f16 / bf16 weights, unchanged for f32.
+Vectors (RMS norm weights) are small and read as float32.
+
+Tensor names and GGML shapes (ne, fastest first) are llama.cpp's:
+`token_embd` [d_model, vocab], `output` [d_model, vocab] (absent: tied to token_embd),
+`output_norm` [d_model], and per block N `blk.N.attn_norm` [d_model], `attn_q` [d_model, q_width],
+`attn_k` / `attn_v` [d_model, kv_width], `attn_output` [q_width, d_model], `attn_q_norm` /
+`attn_k_norm` (qwen3moe: [head_dim]; olmoe: [q_width] / [kv_width]), `ffn_norm` [d_model], then
+`ffn_gate_inp` [d_model, experts] for a MoE block (its experts are read by `mer.model.experts`)
+or `ffn_gate` / `ffn_up` [d_model, d_ff] and `ffn_down` [d_ff, d_model] for a dense block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from mer.dtypes import dtype_by_ggml
+from mer.errors import ShapeError, UnsupportedModelError
+from mer.expert_format import MatrixSpec
+from mer.model.hparams import QK_NORM_NONE, QK_NORM_PER_HEAD, HParams
+from mer.quant.dequant import dequantize
+from mer.quant.matmul import matmul, round_float_activation
+from mer.store.gguf_files import GGUFPart, TensorData
+from mer.store.gguf_source import MERGED_EXPERT_TENSOR, PER_EXPERT_TENSOR
+
+
+@dataclass(frozen=True)
+class DenseMatrix:
+    """One 2-D weight tensor (`rows` x `columns`, columns = GGML ne0) computed on its GGUF bytes."""
+
+    tensor: TensorData
+    spec: MatrixSpec
+
+    @classmethod
+    def of(cls, tensor: TensorData) -> "DenseMatrix":
+        dtype = dtype_by_ggml(tensor.ggml_type, f"{tensor.path}: tensor {tensor.name}")
+        columns, rows = tensor.shape
+        spec = MatrixSpec(tensor.name, dtype.name, rows, columns, 0, dtype.matrix_nbytes(rows, columns))
+        if spec.nbytes != tensor.nbytes:
+            raise ShapeError(f"{tensor.path}: tensor {tensor.name} has {tensor.nbytes} bytes, its shape needs {spec.nbytes}")
+        return cls(tensor, spec)
+
+    @property
+    def rows(self) -> int:
+        return self.spec.rows
+
+    @property
+    def columns(self) -> int:
+        return self.spec.columns
+
+    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        """`x @ W.T` for float32 `x` of shape `[tokens, columns]`: float32 `[tokens, rows]`."""
+        rows = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+        return matmul(self.spec, self.tensor.data, round_float_activation(self.spec.dtype, rows), threads=threads)
+
+    def row(self, index: int) -> np.ndarray:
+        """Row `index` dequantized to float32 (an embedding lookup)."""
+        row_bytes = self.spec.dtype_info.row_nbytes(self.columns)
+        data = self.tensor.data[index * row_bytes : (index + 1) * row_bytes]
+        return dequantize(data, self.spec.dtype, (self.columns,))
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """The dense weights of one transformer block."""
+
+    attn_norm: np.ndarray
+    attn_q: DenseMatrix
+    attn_k: DenseMatrix
+    attn_v: DenseMatrix
+    attn_output: DenseMatrix
+    attn_q_norm: np.ndarray | None
+    attn_k_norm: np.ndarray | None
+    ffn_norm: np.ndarray
+    router: DenseMatrix | None  # ffn_gate_inp of a MoE block
+    dense_ffn: tuple[DenseMatrix, DenseMatrix, DenseMatrix] | None  # (gate, up, down) of a dense block
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    """All dense weights of the model."""
+
+    token_embedding: DenseMatrix
+    output_norm: np.ndarray
+    output: DenseMatrix
+    blocks: tuple[BlockWeights, ...]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.token_embedding.rows
+
+
+class _Tensors:
+    """The model's tensors by name, fetched with shape checks that name the file and tensor."""
+
+    def __init__(self, parts: tuple[GGUFPart, ...]):
+        self.path = parts[0].path
+        self.by_name: Mapping[str, TensorData] = {tensor.name: tensor for part in parts for tensor in part.tensors}
+        self.used: set[str] = set()
+
+    def get(self, name: str, shape: tuple[int, ...], required: bool = True) -> TensorData | None:
+        tensor = self.by_name.get(name)
+        if tensor is None:
+            if required:
+                raise UnsupportedModelError(f"{self.path}: tensor {name} is missing")
+            return None
+        if tensor.shape != shape:
+            raise ShapeError(f"{tensor.path}: tensor {name} has GGML shape {list(tensor.shape)}, expected {list(shape)}")
+        self.used.add(name)
+        return tensor
+
+    def matrix(self, name: str, columns: int, rows: int) -> DenseMatrix:
+        return DenseMatrix.of(self.get(name, (columns, rows)))  # type: ignore[arg-type]
+
+    def vector(self, name: str, length: int, required: bool = True) -> np.ndarray | None:
+        tensor = self.get(name, (length,), required)
+        if tensor is None:
+            return None
+        dtype = dtype_by_ggml(tensor.ggml_type, f"{tensor.path}: tensor {name}")
+        return dequantize(tensor.data, dtype.name, (length,))
+
+    def check_all_used(self) -> None:
+        """Refuse tensors the forward pass would silently ignore (biases, rope factors, shared experts)."""
+        for name, tensor in self.by_name.items():
+            if name not in self.used and not (MERGED_EXPERT_TENSOR.match(name) or PER_EXPERT_TENSOR.match(name)):
+                raise UnsupportedModelError(f"{tensor.path}: tensor {name} is not supported by mer's forward pass")
+
+
+def load_weights(parts: tuple[GGUFPart, ...], hparams: HParams) -> ModelWeights:
+    """Locate and check every dense tensor of the model (no data is copied)."""
+    tensors = _Tensors(parts)
+    embedding_tensor = tensors.by_name.get("token_embd.weight")
+    if embedding_tensor is None or len(embedding_tensor.shape) != 2:
+        raise UnsupportedModelError(f"{tensors.path}: tensor token_embd.weight is missing or not 2-D")
+    vocab_size = embedding_tensor.shape[1]
+    embedding = tensors.matrix("token_embd.weight", hparams.d_model, vocab_size)
+    has_output = "output.weight" in tensors.by_name
+    output = tensors.matrix("output.weight", hparams.d_model, vocab_size) if has_output else embedding
+    blocks = tuple(_block_weights(tensors, hparams, block) for block in range(hparams.num_blocks))
+    output_norm = tensors.vector("output_norm.weight", hparams.d_model)
+    tensors.check_all_used()
+    return ModelWeights(embedding, output_norm, output, blocks)  # type: ignore[arg-type]
+
+
+def _block_weights(tensors: _Tensors, hparams: HParams, block: int) -> BlockWeights:
+    prefix, d_model = f"blk.{block}", hparams.d_model
+    q_norm_size, k_norm_size = _qk_norm_sizes(hparams)
+    has_qk_norm = hparams.rules.qk_norm != QK_NORM_NONE
+    is_moe = hparams.is_moe_block(block)
+    return BlockWeights(
+        attn_norm=tensors.vector(f"{prefix}.attn_norm.weight", d_model),  # type: ignore[arg-type]
+        attn_q=tensors.matrix(f"{prefix}.attn_q.weight", d_model, hparams.q_width),
+        attn_k=tensors.matrix(f"{prefix}.attn_k.weight", d_model, hparams.kv_width),
+        attn_v=tensors.matrix(f"{prefix}.attn_v.weight", d_model, hparams.kv_width),
+        attn_output=tensors.matrix(f"{prefix}.attn_output.weight", hparams.q_width, d_model),
+        attn_q_norm=tensors.vector(f"{prefix}.attn_q_norm.weight", q_norm_size) if has_qk_norm else None,
+        attn_k_norm=tensors.vector(f"{prefix}.attn_k_norm.weight", k_norm_size) if has_qk_norm else None,
+        ffn_norm=tensors.vector(f"{prefix}.ffn_norm.weight", d_model),  # type: ignore[arg-type]
+        router=tensors.matrix(f"{prefix}.ffn_gate_inp.weight", d_model, hparams.num_experts) if is_moe else None,
+        dense_ffn=None if is_moe else _dense_ffn(tensors, prefix, d_model),
+    )
+
+
+def _qk_norm_sizes(hparams: HParams) -> tuple[int, int]:
+    if hparams.rules.qk_norm == QK_NORM_PER_HEAD:
+        return hparams.head_dim, hparams.head_dim
+    return hparams.q_width, hparams.kv_width
+
+
+def _dense_ffn(tensors: _Tensors, prefix: str, d_model: int) -> tuple[DenseMatrix, DenseMatrix, DenseMatrix]:
+    gate = tensors.by_name.get(f"{prefix}.ffn_gate.weight")
+    if gate is None or len(gate.shape) != 2:
+        raise UnsupportedModelError(f"{tensors.path}: dense block {prefix}: tensor {prefix}.ffn_gate.weight is "
+                                    f"missing or not 2-D")
+    d_ff = gate.shape[1]
+    return (tensors.matrix(f"{prefix}.ffn_gate.weight", d_model, d_ff),
+            tensors.matrix(f"{prefix}.ffn_up.weight", d_model, d_ff),
+            tensors.matrix(f"{prefix}.ffn_down.weight", d_ff, d_model))

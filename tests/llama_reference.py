@@ -1,0 +1,52 @@
+"""llama.cpp (llama-cpp-python) as the parity oracle, run the way MEASUREMENTS.md says is exact.
+
+- `use_extra_bufts = False` on the model parameters: otherwise llama.cpp moves q4_0/q8_0 weights
+  to its AMX / repacked buffers and, on CPUs that advertise AMX here, dies with SIGILL. `Llama()`
+  has no keyword for it, so the default model parameters are patched while it loads.
+- f32 K and V caches (the default f16 cache costs ~3-5e-4 relative), flash attention off,
+  one thread, logits for every position.
+- tokens are fed with `Llama.eval`, which adds no BOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def open_llama(path: str | Path, n_ctx: int = 256):  # type: ignore[no-untyped-def]
+    """A llama_cpp.Llama for `path` set up for exact comparisons (see the module docstring)."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    original = llama_module.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():  # type: ignore[no-untyped-def]
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1, n_threads_batch=1,
+            logits_all=True, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False,
+            verbose=False,
+        )
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = original
+
+
+def llama_greedy(llm, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:  # type: ignore[no-untyped-def]
+    """Greedy continuation of `prompt` by llama.cpp (argmax of its logits, no sampler): the
+    tokens and the logits `[steps, vocab]` each was chosen from."""
+    llm.reset()
+    llm.eval(prompt)
+    tokens, logits = [], []
+    for _ in range(steps):
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        logits.append(row)
+        tokens.append(int(np.argmax(row)))
+        llm.eval([tokens[-1]])
+    return tokens, np.stack(logits)
