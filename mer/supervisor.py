@@ -38,6 +38,7 @@ from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
 
 KILL_WAIT_S = 2.0
+PREFAULT_MIN_BYTES_PER_S = 100e6
 SENTINEL_REAP_WAIT_S = 1.0  # longest wait for the exit status of a child whose sentinel fired
 FAILURE_REPORT_WAIT_S = 1.0  # how long a child's ChildFailed may trail its exit
 
@@ -195,14 +196,19 @@ class Supervisor:
             if kind == "ChildFailed" and payload.name == child.name:
                 await self._raise_for(kind, payload)
 
+    def handshake_allowance_s(self) -> float:
+        """The handshake timeout plus time for the I/O worker to prefault the arena (>= 100 MB/s)."""
+        arena_nbytes = pool_slots(self.config) * self.store.manifest.slot_nbytes
+        return self.config.handshake_timeout_s + arena_nbytes / PREFAULT_MIN_BYTES_PER_S
+
     async def _handshake(self) -> None:
-        deadline = time.monotonic() + self.config.handshake_timeout_s
+        deadline = time.monotonic() + self.handshake_allowance_s()
         while not all(child.ready for child in self.children.values()):
             kind, payload = await self._next_event(deadline)
             if kind == "timeout":
                 waiting = [c.name for c in self.children.values() if not c.ready]
                 raise PipelineError(
-                    f"start-up timed out after {self.config.handshake_timeout_s:g} s waiting for: {', '.join(waiting)}"
+                    f"start-up timed out after {self.handshake_allowance_s():.0f} s waiting for: {', '.join(waiting)}"
                 )
             if kind == "Ready":
                 child = self.children[payload.name]

@@ -65,6 +65,10 @@ class IoWorker:
     async def start(self) -> dict:
         run, config = self.context.run, self.context.config
         self.arena = SlotArena.attach(run.arena_path, writable=True)
+        started = time.perf_counter()
+        method = self.arena.prefault()
+        self.context.log.info("arena_prefaulted", method=method, seconds=round(time.perf_counter() - started, 3),
+                              nbytes=self.arena.num_slots * self.arena.slot_nbytes)
         files = [self.store_dir / layer.file for layer in self.manifest.layers]
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
                                   registration_unit=self.arena.slot_nbytes)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mer.logs.runs import RunLog  # noqa: E402
 from mer.logs.series import (DEFAULT_HIT_RATE_WINDOW, BusyLane, CycleSeries, HitRateSeries,  # noqa: E402
@@ -72,6 +74,7 @@ def figure_slot_occupancy(series: OccupancySeries, run_name: str) -> Figure:
         ax.axhline(series.pool_slots, color="black", linestyle="--", linewidth=1,
                    label=f"pool slots ({series.pool_slots})")
     ax.set_ylabel("slots")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(TIME_LABEL)
     ax.set_title("Slots by state after each acquire answered by the I/O worker")
     ax.legend(**LEGEND_OUTSIDE)
@@ -82,6 +85,7 @@ def figure_io_queue_depth(series: StepSeries, run_name: str) -> Figure:
     figure, (ax,) = _figure(f"I/O queue depth ({run_name})")
     ax.plot(series.t_s, series.value, drawstyle="steps-post", color="tab:red", linewidth=1)
     ax.set_ylabel("reads queued or in flight")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(TIME_LABEL)
     ax.set_title("Expert reads outstanding (submitted, not yet completed)")
     return figure
@@ -94,6 +98,7 @@ def figure_read_latency(histogram: LatencyHistogram, run_name: str) -> Figure:
         ax.stairs(counts, histogram.edges_ms, label=f"{kind} ({sum(counts)} reads)", color=color, linewidth=1.5)
     ax.set_xlabel("read latency, submission to completion (ms)")
     ax.set_ylabel("reads")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Histogram of expert read latencies")
     ax.legend(**LEGEND_OUTSIDE)
     return figure
@@ -117,6 +122,7 @@ def figure_prefetch(series: PrefetchSeries, run_name: str) -> Figure:
                                  (series.dropped, "dropped (not admitted)", "tab:gray")):
         ax.plot(series.t_s, values, drawstyle="steps-post", label=label, color=color, linewidth=1.2)
     ax.set_ylabel("prefetches so far (count)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(TIME_LABEL)
     ax.set_title("Cumulative prefetches issued, used, wasted and dropped")
     ax.legend(**LEGEND_OUTSIDE)
@@ -129,22 +135,31 @@ class PlotReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (plot name, why)
 
 
-def _plot_jobs(run: RunLog, window: int):
-    """(file stem, series, figure function, what is missing when the series is empty)."""
-    cycles = cycle_series(run)
+@dataclass(frozen=True)
+class _PlotJob:
+    name: str  # the PNG's file stem
+    series: object
+    draw: Callable[[object, str], Figure]
+    has_data: bool
+    missing: str  # why the plot is skipped when there is no data
+
+
+def _plot_jobs(run: RunLog, window: int) -> list[_PlotJob]:
+    cycles, hits = cycle_series(run), rolling_hit_rate(run, window)
+    slots, depth, histogram = slot_occupancy(run), outstanding_reads(run), read_latency_histogram(run)
+    lanes, prefetch = worker_busy(run), prefetch_series(run)
     return [
-        ("cycle_latency", cycles, figure_cycle_latency, "no token_done events", cycles.t_s),
-        ("hit_rate", (hits := rolling_hit_rate(run, window)), figure_hit_rate, "no token_done events", hits.t_s),
-        ("slot_occupancy", (slots := slot_occupancy(run)), figure_slot_occupancy,
-         "no acquire_done events with slot counts (a log of an older mer?)", slots.t_s),
-        ("io_queue_depth", (depth := outstanding_reads(run)), figure_io_queue_depth,
-         "no expert_read events with t_submit/t_done", depth.t_s),
-        ("read_latency_histogram", (histogram := read_latency_histogram(run)), figure_read_latency,
-         "no expert_read events", histogram.edges_ms),
-        ("worker_busy", (lanes := worker_busy(run)), figure_worker_busy,
-         "no compute_job or timed expert_read events", lanes),
-        ("prefetch", (prefetch := prefetch_series(run)), figure_prefetch,
-         "no acquire_done events with prefetch counters", prefetch.t_s),
+        _PlotJob("cycle_latency", cycles, figure_cycle_latency, bool(cycles.t_s), "no token_done events"),
+        _PlotJob("hit_rate", hits, figure_hit_rate, bool(hits.t_s), "no token_done events"),
+        _PlotJob("slot_occupancy", slots, figure_slot_occupancy, bool(slots.t_s),
+                 "no acquire_done events with slot counts (a log of an older mer?)"),
+        _PlotJob("io_queue_depth", depth, figure_io_queue_depth, bool(depth.t_s),
+                 "no expert_read events with t_submit/t_done"),
+        _PlotJob("read_latency_histogram", histogram, figure_read_latency, bool(histogram.edges_ms),
+                 "no expert_read events"),
+        _PlotJob("worker_busy", lanes, figure_worker_busy, bool(lanes), "no compute_job or timed expert_read events"),
+        _PlotJob("prefetch", prefetch, figure_prefetch, bool(prefetch.t_s),
+                 "no acquire_done events with prefetch counters"),
     ]
 
 
@@ -154,11 +169,11 @@ def write_plots(run: RunLog, out_dir: str | Path, window: int = DEFAULT_HIT_RATE
     out.mkdir(parents=True, exist_ok=True)
     run_name = f"run {run.run_id}" if run.run_id else Path(run.path).name
     report = PlotReport()
-    for name, series, draw, missing, data in _plot_jobs(run, window):
-        if not len(data):
-            report.skipped.append((name, missing))
+    for job in _plot_jobs(run, window):
+        if not job.has_data:
+            report.skipped.append((job.name, job.missing))
             continue
-        path = out / f"{name}.png"
-        draw(series, run_name).savefig(path, dpi=DPI)
+        path = out / f"{job.name}.png"
+        job.draw(job.series, run_name).savefig(path, dpi=DPI)
         report.written.append(path)
     return report

@@ -79,7 +79,8 @@ def _io_entries(run: RunLog, token: int, origin: float) -> list[TimelineEntry]:
     for event in run.named(ACQUIRE_DONE):
         if event["token"] == token:
             entries.append(TimelineEntry(
-                _ms(event["t_received"], origin), _ms(event["t_answered"], origin), short_process_name(event["process"]),
+                _ms(event["t_received"], origin), _ms(event["t_answered"], origin),
+                short_process_name(event["process"]),
                 f"acquire {event['expert_ids']} answered: {event['hits']} hit(s), {event['misses']} miss(es); "
                 f"slots occupied {event['occupied_slots']}, leased {event['leased_slots']}, "
                 f"loading {event['loading_slots']}"))

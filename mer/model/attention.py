@@ -30,7 +30,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray
     return normed if weight is None else normed * weight
 
 
-def rope_tables(positions: np.ndarray, dimensions: int, base: float, position_scale: float) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(
+    positions: np.ndarray, dimensions: int, base: float, position_scale: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(cos, sin) float32 `[tokens, dimensions // 2]` of the rotation angles at `positions`."""
     theta_scale = np.power(np.float32(base), np.float32(-2.0) / np.float32(dimensions), dtype=np.float32)
     theta = np.asarray(positions, dtype=np.float32)

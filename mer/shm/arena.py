@@ -64,6 +64,9 @@ def check_arena_fits(layout: ArenaLayout, shm_dir: Path = SHM_DIR) -> None:
         )
 
 
+MADV_POPULATE_WRITE = 23  # linux/mman.h; not exported by Python's mmap module
+
+
 class SlotArena:
     """A mapped slot arena. Build with `SlotArena.create` (owner) or `SlotArena.attach`."""
 
@@ -188,6 +191,23 @@ class SlotArena:
         """The slot's data (`slot_nbytes`, 4096-aligned) as a memoryview; read-only unless attached writable."""
         start = self.layout.slot_data_offset(self._check_slot_index(slot))
         return self._open_buffer()[start:start + self.slot_nbytes]
+
+    def prefault(self) -> str:
+        """Back every slot page with memory now (writable attach only), so reads never pay first touch.
+
+        First touch of fresh shared memory costs ~60-80 ms per 100 MB here; paying it once at start-up
+        keeps it out of the read latencies. Uses madvise(MADV_POPULATE_WRITE) where the kernel has it
+        (Linux 5.14+), else writes one zero byte per page. Returns the method used.
+        """
+        if not self.is_writable:
+            raise ArenaError(f"{self.path}: attached read-only, cannot prefault")
+        try:
+            self._mapping.madvise(MADV_POPULATE_WRITE, self.data_offset, self.layout.total_nbytes - self.data_offset)
+            return "madvise"
+        except (OSError, ValueError):
+            pages = np.frombuffer(self.data_view(), dtype=np.uint8)[::mmap.PAGESIZE]
+            pages[:] = 0
+            return "touch"
 
     def data_view(self) -> memoryview:
         """All slots' data (from `data_offset` to the end) as one memoryview, e.g. to register with io_uring."""
