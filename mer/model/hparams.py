@@ -157,7 +157,8 @@ def read_hparams(part: GGUFPart) -> HParams:
     _check(part.path, top_k <= num_experts, f"expert_used_count {top_k} exceeds expert_count {num_experts}")
     rope_dimensions = keys.integer("rope.dimension_count", head_dim)
     _check(part.path, rope_dimensions == head_dim,
-           f"rope.dimension_count {rope_dimensions} differs from the head size {head_dim} (partial RoPE is not supported)")
+           f"rope.dimension_count {rope_dimensions} differs from the head size {head_dim} "
+           f"(partial RoPE is not supported)")
     return HParams(
         architecture=architecture,
         rules=rules,

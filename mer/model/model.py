@@ -26,7 +26,7 @@ from mer.errors import ContextLengthError, GGUFError, ShapeError, TokenizerError
 from mer.model.attention import KVCache, apply_rope, causal_attention, rms_norm, rope_tables
 from mer.model.hparams import QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, read_hparams
 from mer.model.moe import Routing, route_tokens
-from mer.model.weights import ModelWeights, load_weights
+from mer.model.weights import BlockWeights, ModelWeights, load_weights
 from mer.store.gguf_source import GGUFSource, read_gguf_source
 from mer.swiglu import silu_gate
 
@@ -98,7 +98,9 @@ class MoEModel:
                                     positions, 1.0 / np.sqrt(hparams.head_dim))
         return hidden + weights.attn_output(attended, self.threads)
 
-    def _qk_norm(self, weights, queries: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    def _qk_norm(
+        self, weights: BlockWeights, queries: np.ndarray, keys: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """q/k RMS norms (whole projection for olmoe, per head for qwen3moe), then `[T, heads, d]`."""
         hparams, eps = self.hparams, self.hparams.rms_norm_eps
         if hparams.rules.qk_norm == QK_NORM_WHOLE:
@@ -122,8 +124,8 @@ class MoEModel:
         if router is None:
             raise ShapeError(f"block {block} is a dense block: it has no router")
         logits = router(normed, self.threads)
-        rules = self.hparams.rules
-        return route_tokens(logits, self.hparams.top_k, rules.normalize_expert_weights, self.hparams.expert_weights_scale)
+        hparams = self.hparams
+        return route_tokens(logits, hparams.top_k, hparams.rules.normalize_expert_weights, hparams.expert_weights_scale)
 
     def dense_ffn(self, block: int, normed: np.ndarray) -> np.ndarray:
         """The SwiGLU FFN of a dense block."""

@@ -178,8 +178,8 @@ def load_tokenizer(part: GGUFPart) -> Tokenizer:
         add_space_prefix=bool(part.value(_KEY + "add_space_prefix", kind == "spm")),
         merge_ranks=_merge_ranks(part) if kind == "bpe" else {},
         pre_tokenizer=pre,
-        extra_end_ids=tuple(token for token in (_token_id(part, "eot_token_id", None, len(pieces)),
-                                                _token_id(part, "eom_token_id", None, len(pieces))) if token is not None),
+        extra_end_ids=tuple(token for token in (_token_id(part, key, None, len(pieces))
+                                                for key in ("eot_token_id", "eom_token_id")) if token is not None),
         chat_template=part.value("tokenizer.chat_template"),
     )
 

@@ -116,7 +116,9 @@ def _merge_loop(symbols: list[str], priority: Callable[[str, str], float | None]
     return [symbol for symbol, is_alive in zip(symbols, alive) if is_alive]
 
 
-def spm_tokenize(text: str, piece_ids: Mapping[str, int], scores: Sequence[float], byte_token: Callable[[int], int]) -> list[int]:
+def spm_tokenize(
+    text: str, piece_ids: Mapping[str, int], scores: Sequence[float], byte_token: Callable[[int], int]
+) -> list[int]:
     """SentencePiece-style tokens of `text` (whitespace already escaped to U+2581)."""
     def priority(left: str, right: str) -> float | None:
         token = piece_ids.get(left + right)

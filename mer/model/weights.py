@@ -45,7 +45,8 @@ class DenseMatrix:
         columns, rows = tensor.shape
         spec = MatrixSpec(tensor.name, dtype.name, rows, columns, 0, dtype.matrix_nbytes(rows, columns))
         if spec.nbytes != tensor.nbytes:
-            raise ShapeError(f"{tensor.path}: tensor {tensor.name} has {tensor.nbytes} bytes, its shape needs {spec.nbytes}")
+            raise ShapeError(f"{tensor.path}: tensor {tensor.name} has {tensor.nbytes} bytes, "
+                             f"its shape needs {spec.nbytes}")
         return cls(tensor, spec)
 
     @property
@@ -113,7 +114,8 @@ class _Tensors:
                 raise UnsupportedModelError(f"{self.path}: tensor {name} is missing")
             return None
         if tensor.shape != shape:
-            raise ShapeError(f"{tensor.path}: tensor {name} has GGML shape {list(tensor.shape)}, expected {list(shape)}")
+            raise ShapeError(f"{tensor.path}: tensor {name} has GGML shape {list(tensor.shape)}, "
+                             f"expected {list(shape)}")
         self.used.add(name)
         return tensor
 
