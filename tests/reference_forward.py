@@ -5,7 +5,7 @@ and runs the whole model in float64 without any activation rounding: RMS norms, 
 angles `position * base^(-2i/d)`; pairs (2i, 2i+1) for llama, (i, i + d/2) for qwen3moe and
 olmoe), q/k norms (qwen3moe per head, olmoe over the whole projection), causal GQA attention,
 softmax gating with top-k (renormalised for llama and qwen3moe, not for olmoe) and SwiGLU
-experts. Only for tiny models: everything is dequantized up front.
+experts. Only for tiny models with merged expert tensors: everything is dequantized up front.
 """
 
 from __future__ import annotations

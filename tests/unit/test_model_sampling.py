@@ -17,14 +17,12 @@ def test_temperature_zero_is_greedy_with_ties_to_the_lowest_id():
 
 
 def test_same_seed_same_tokens_and_another_seed_differs():
-    draws = [[Sampler(temperature=1.5, seed=seed).sample(LOGITS) for _ in range(1)] for seed in range(3)]
     first = Sampler(temperature=1.5, seed=42)
     again = Sampler(temperature=1.5, seed=42)
     other = Sampler(temperature=1.5, seed=43)
     sequence = [first.sample(LOGITS) for _ in range(50)]
     assert sequence == [again.sample(LOGITS) for _ in range(50)]
     assert sequence != [other.sample(LOGITS) for _ in range(50)]
-    assert all(len(draw) == 1 for draw in draws)
 
 
 def test_frequencies_follow_the_tempered_softmax():

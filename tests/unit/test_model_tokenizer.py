@@ -10,7 +10,7 @@ from gguf import GGUFWriter
 
 from mer.errors import TokenizerError
 from mer.model.tokenizer import SPACE_MARK, load_tokenizer
-from mer.model.tokenizer_algorithms import from_byte_level, split_words, compile_pre_tokenizer, to_byte_level
+from mer.model.tokenizer_algorithms import compile_pre_tokenizer, from_byte_level, split_words, to_byte_level
 from mer.store.gguf_files import open_part
 from tests.gguf_models import write_tiny_moe_gguf
 
