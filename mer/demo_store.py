@@ -34,8 +34,10 @@ def demo_store() -> Path:
     return directory
 
 
-def converted_store(model: Path) -> Path:
-    """The expert store of a GGUF model, converted on first use and cached by the GGUF's identity."""
+def converted_store(model: Path, *, command: str = "up", start_phase=None) -> Path:
+    """The expert store of a GGUF model, converted on first use and cached by the GGUF's identity.
+    `command` names the caller in the message on stderr; `start_phase` (a `ProgressDisplay`'s)
+    shows the conversion's progress."""
     from mer.store.convert import convert_gguf
     from mer.store.gguf_identity import gguf_identity
     from mer.store.gguf_files import split_part_paths
@@ -44,6 +46,6 @@ def converted_store(model: Path) -> Path:
     directory = read_environment().cache_dir / "stores" / f"{Path(model).stem}-{identity[:16]}"
     if _is_usable(directory) and Manifest.load(directory).source.hash == identity:
         return directory
-    print(f"mer-pipeline up: converting {model} to {directory}", file=sys.stderr)
-    convert_gguf(model, directory, force=directory.exists())
+    print(f"mer-pipeline {command}: converting {model} to {directory}", file=sys.stderr)
+    convert_gguf(model, directory, force=directory.exists(), start_phase=start_phase)
     return directory

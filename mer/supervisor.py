@@ -6,9 +6,12 @@ One run:
 2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
    each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
    handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error;
-3. send `StartJob` to the router and wait for its `JobDone` (the run summary);
-4. shut down: `Shutdown` to every child, wait the grace period, then SIGTERM, then SIGKILL; unlink
-   the arena and remove the runtime directory (sockets included).
+3. send `StartJob` to the router (with the job dict: empty for the benchmark, a generation request
+   for `generate`) and wait for its `JobDone` (the run summary); `TokenGenerated` messages that
+   come before it are handed to `on_token` as they arrive;
+4. shut down: `Shutdown` to the router, then (once it has exited) to the other children; children
+   still starting get SIGTERM at once; whatever is alive after the grace period gets SIGTERM, then
+   SIGKILL; unlink the arena and remove the runtime directory (sockets included).
 
 Children are watched through their process sentinels, so a death (kill -9) is seen at once and
 reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
@@ -30,7 +33,7 @@ import zmq.asyncio
 from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
-from mer.protocol import ChildFailed, Hello, JobDone, Ready, Shutdown, StartJob, decode, encode
+from mer.protocol import ChildFailed, Hello, JobDone, Ready, Shutdown, StartJob, TokenGenerated, decode, encode
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
@@ -71,8 +74,11 @@ def pool_slots(config: PipelineConfig) -> int:
 class Supervisor:
     """Runs one job through a freshly started process graph."""
 
-    def __init__(self, config: PipelineConfig, store: ExpertStore, on_job_done=None):
+    def __init__(self, config: PipelineConfig, store: ExpertStore, on_job_done=None, job: dict | None = None,
+                 on_token=None):
         self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
+        self.job = job or {}  # StartJob.job for the router
+        self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
         self.config = config
         self.store = store
         self.log = get_logger()
@@ -101,7 +107,7 @@ class Supervisor:
                 self._spawn_all(run)
                 await self._handshake()
                 router = self._child_of_role("router")
-                await control.send_multipart([router.name.encode(), *encode(StartJob({}))], copy=False)
+                await control.send_multipart([router.name.encode(), *encode(StartJob(self.job))], copy=False)
                 summary = await self._wait_job_done()
                 if self.on_job_done is not None:
                     await self.on_job_done(summary, self)
@@ -154,7 +160,7 @@ class Supervisor:
             identity, *frames = await control.recv_multipart(copy=False)
             name = bytes(identity.buffer).decode(errors="replace")
             try:
-                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone))
+                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated))
             except ProtocolError as error:
                 self.log.warning("bad_control_message", child=name, error=str(error))
                 continue
@@ -178,10 +184,24 @@ class Supervisor:
                            exit=payload.describe_exit())
             raise ChildDiedError(f"{payload.name} (pid {payload.process.pid}) died: {payload.describe_exit()}")
         if kind == "ChildFailed":
+            killed = self._child_killed_by_signal()
+            if killed is not None and killed.name != payload.name:
+                # a failure caused by a death (e.g. the router losing a killed compute worker) may be
+                # reported before the death itself is seen: the death is the cause the user needs
+                self.log.warning("child_failed", child=payload.name, error_type=payload.error_type,
+                                 message=payload.message, after=f"{killed.name} died")
+                await self._raise_for("exited", killed)
             self.log.error("child_failed", child=payload.name, error_type=payload.error_type,
                            message=payload.message, traceback=payload.traceback)
             raise PipelineError(f"{payload.name} failed: {payload.error_type}: {payload.message}"
                                 + _traceback_detail(payload.error_type, payload.traceback))
+
+    def _child_killed_by_signal(self) -> Child | None:
+        """A child that has died of a signal (kill -9, OOM killer), if any."""
+        for child in self.children.values():
+            if not child.process.is_alive() and (child.process.exitcode or 0) < 0:
+                return child
+        return None
 
     async def _raise_reported_failure(self, child: Child) -> None:
         """A child that exits with an error code has sent ChildFailed just before; its sentinel may
@@ -221,6 +241,10 @@ class Supervisor:
             kind, payload = await self._next_event(None)
             if kind == "JobDone":
                 return dict(payload.summary)
+            if kind == "TokenGenerated":
+                if self.on_token is not None:
+                    self.on_token(payload)
+                continue
             await self._raise_for(kind, payload)
 
     def status_line(self) -> str:
@@ -234,25 +258,21 @@ class Supervisor:
     # ---- shutdown --------------------------------------------------------------------------------
 
     async def _shutdown(self, control: zmq.asyncio.Socket) -> None:
-        """Shutdown to all, then terminate, then kill; every child is joined before returning."""
+        """Shutdown in two stages, then terminate, then kill; every child is joined before returning.
+
+        The router, which drives the job, is stopped first and the other children only once it has
+        exited (or the grace period is over): stopped the other way round, a router still in its job
+        could fail on workers that are going away, and report that instead of the real cause."""
         self._shutting_down = True
+        deadline = time.monotonic() + self.config.shutdown_grace_s
         alive = [child for child in self.children.values() if child.process.is_alive()]
-        for child in alive:
-            if not child.ready:
-                # Still starting: it listens for Shutdown only once ready (and a Shutdown sent before
-                # it connected is dropped), and it has nothing to drain, so it is stopped at once.
-                self.log.warning("child_terminated", child=child.name, reason="not ready at shutdown")
-                child.process.terminate()
-                continue
-            try:
-                await control.send_multipart([child.name.encode(), *encode(Shutdown("job finished"))],
-                                             flags=zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError:
-                pass  # not connected yet or gone: the signals below still apply
-        await _wait_exit(alive, self.config.shutdown_grace_s)
+        for stage in ([c for c in alive if c.role == "router"], [c for c in alive if c.role != "router"]):
+            for child in stage:
+                await self._stop_child(control, child)
+            await _wait_exit(stage, max(0.0, deadline - time.monotonic()))
         for child in alive:
             if child.process.is_alive():
-                self.log.warning("child_terminated", child=child.name)
+                self.log.warning("child_terminated", child=child.name, reason="no exit within the grace period")
                 child.process.terminate()
         await _wait_exit(alive, KILL_WAIT_S)
         for child in alive:
@@ -267,6 +287,22 @@ class Supervisor:
             except (ValueError, OSError):
                 pass
             child.process.close() if child.process.exitcode is not None else None
+
+    async def _stop_child(self, control: zmq.asyncio.Socket, child: Child) -> None:
+        """Send `Shutdown` to a ready child; terminate one still starting (SIGTERM)."""
+        if not child.process.is_alive():
+            return
+        if not child.ready:
+            # Still starting: it listens for Shutdown only once ready (and a Shutdown sent before it
+            # connected is dropped), and it has nothing to drain, so it is stopped at once.
+            self.log.warning("child_terminated", child=child.name, reason="not ready at shutdown")
+            child.process.terminate()
+            return
+        try:
+            await control.send_multipart([child.name.encode(), *encode(Shutdown("graph shutting down"))],
+                                         flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            pass  # gone meanwhile: the signals of _shutdown still apply
 
     def _cleanup(self) -> None:
         if self.arena is not None:

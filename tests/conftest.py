@@ -120,13 +120,17 @@ class LeakGuard:
     # ---- finding leftovers ---------------------------------------------------------------------
 
     def marked_processes(self) -> list[ProcessEntry]:
+        """Live processes carrying this test's mark, or titled `mer-...-<run>` for a run of this test."""
         mark = f"{LEAK_MARK_VARIABLE}={self.mark}".encode()
         found = []
         for pid in _all_pids():
-            if pid == os.getpid() or not _carries_mark(pid, mark):
+            if pid == os.getpid():
                 continue
             entry = _read_process(pid)
-            if entry is not None and entry.state not in ("Z", "X") and not self._is_tolerated(entry):
+            if entry is None or entry.state in ("Z", "X") or self._is_tolerated(entry):
+                continue
+            title_run = _TITLE_RUN_ID.match(entry.title)
+            if _carries_mark(pid, mark) or (title_run is not None and title_run.group(1) in self.run_ids):
                 found.append(entry)
         return found
 
@@ -162,7 +166,7 @@ class LeakGuard:
                 run_ids.add(match.group(1))
         paths: list[Path] = []
         for path in sorted(self.runtime_base.rglob("*")):
-            if path.name.startswith("mer-") or stat.S_ISSOCK(path.lstat().st_mode):
+            if path.name.startswith("mer-") or _is_socket(path):
                 paths.append(path)
                 match = re.fullmatch(r"mer-([0-9a-f]{8})", path.name)
                 if match:
@@ -179,18 +183,29 @@ class LeakGuard:
         return paths
 
 
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _kill_and_reap(processes: list[ProcessEntry]) -> None:
+    """SIGKILL the processes; reap those that are children of the test process."""
+    multiprocessing_children = {process.pid for process in multiprocessing.active_children()}
     for entry in processes:
         try:
             os.kill(entry.pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
     for entry in processes:
-        if entry.ppid == os.getpid():
+        if entry.ppid == os.getpid() and entry.pid not in multiprocessing_children:
             try:
                 os.waitpid(entry.pid, 0)
             except ChildProcessError:
                 pass
+    for process in multiprocessing.active_children():  # reaps through their own Popen objects
+        process.join(PROCESS_EXIT_GRACE_S)
 
 
 def _remove(paths: list[Path]) -> None:

@@ -331,6 +331,7 @@ def write_tiny_moe_gguf(
     tokenizer: str = "spm",
     add_bos: bool | None = None,
     context_length: int = 256,
+    chat_template: str | None = None,
 ) -> TinyMoEInfo:
     """Write a tiny MoE model to `path` and describe it.
 
@@ -340,7 +341,8 @@ def write_tiny_moe_gguf(
     result's `path` is then the first part. `metadata_overrides` replaces uint32 keys after the
     normal ones are set (to build inconsistent files). `dense_dtype` is the type of the dense
     matrices, `tokenizer` the vocabulary kind ("spm" or "bpe"), `add_bos` writes
-    `tokenizer.ggml.add_bos_token` (None: the key is absent for "spm", false for "bpe").
+    `tokenizer.ggml.add_bos_token` (None: the key is absent for "spm", false for "bpe");
+    `chat_template` writes `tokenizer.chat_template`.
     Same arguments and seed, same bytes.
     """
     if arch not in ARCHITECTURES or layout not in EXPERT_LAYOUTS:
@@ -361,6 +363,8 @@ def write_tiny_moe_gguf(
     _add_metadata(writer, info, dense_first_layer, add_bos)
     for key, value in (metadata_overrides or {}).items():
         writer.add_uint32(key, value)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for name, array, raw_dtype in tensors:
         writer.add_tensor(name, array, raw_dtype=raw_dtype)
     paths = tuple(writer.format_shard_names(Path(path)))

@@ -1,5 +1,8 @@
 """The router: runs the job through the graph once the supervisor says every child is ready.
 
+The job is the expert-streaming benchmark (`mer.router.bench_job`) or, when `StartJob.job` has
+kind "generate", text generation from a model (`mer.router.generate_job`).
+
 Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
 (`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
 summary goes back to the supervisor as `JobDone`; the router then waits for `Shutdown`.
@@ -16,6 +19,8 @@ import zmq
 from mer.protocol import JobDone, StartJob
 from mer.router.bench_job import BenchJob
 from mer.router.clients import ComputeClient, IoClient
+from mer.router.generate_job import GenerateJob
+from mer.router.generation_request import GENERATE_KIND, GenerationRequest, job_kind
 from mer.run_events import RUN_SUMMARY
 from mer.store.manifest import Manifest
 
@@ -25,6 +30,7 @@ class Router:
         self.context = context
         self.manifest = Manifest.load(context.run.store)
         self.start_job = asyncio.Event()
+        self.job: dict = {}  # StartJob.job: empty (or kind "benchmark") for the benchmark, kind "generate"
         self.io: IoClient | None = None
         self.compute: ComputeClient | None = None
         self.observe = None
@@ -42,6 +48,7 @@ class Router:
 
     async def on_control(self, message) -> None:
         if isinstance(message, StartJob):
+            self.job = dict(message.job)
             self.start_job.set()
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -65,6 +72,9 @@ class Router:
         await stop.wait()
 
     async def _run_job(self) -> None:
+        if job_kind(self.job) == GENERATE_KIND:
+            await self._run_generation()
+            return
         job = BenchJob(self.context.config, self.manifest, self.io, self.compute, self.observe,
                        self.context.log, progress=_progress_printer(self.context.config.tokens))
         summary = await job.run()
@@ -72,6 +82,13 @@ class Router:
             np.save(self.context.config.dump_outputs, np.stack(job.outputs))
         self.context.log.info(RUN_SUMMARY, **summary.to_json_dict())
         await self.context.send_control(JobDone(summary.to_json_dict()))
+
+    async def _run_generation(self) -> None:
+        """Text generation from a model (mer.router.generate_job); tokens stream to the supervisor."""
+        job = GenerateJob(GenerationRequest.from_job(self.job), self.context.config, self.manifest, self.io,
+                          self.compute, self.observe, self.context.log, self.context.send_control)
+        summary = await job.run()
+        await self.context.send_control(JobDone(summary))
 
     def close(self) -> None:
         for client in (self.io, self.compute):

@@ -1,7 +1,8 @@
 """`mer-pipeline up`: bring the process graph up and run a job through it.
 
 With `--store` it runs the benchmark job with `run`'s flags; with `--model` it converts the GGUF's
-experts once (cached by the GGUF's identity) and runs the same job on them; with no arguments it
+experts once (cached by the GGUF's identity) and runs a short generation demo (`--tokens` tokens,
+greedy, after a fixed prompt; text streamed as `mer-pipeline generate` does); with no arguments it
 runs a short demonstration on an embedded default: a small synthetic store created once under the
 cache directory, with `configs/default.toml`. In a terminal the graph then stays up, showing live
 figures, until Ctrl-C; without a terminal on stdin, `up` exits after the job (0 on success).
@@ -16,7 +17,10 @@ from pathlib import Path
 from mer.cli.pipeline_flags import add_pipeline_flags, parse_worker_count
 from mer.cli.pipeline_job import run_pipeline_job
 from mer.config import config_overrides, load_config, shipped_config_path
-from mer.demo_store import converted_store, demo_store
+from mer.demo_store import demo_store
+
+DEMO_PROMPT = "Once upon a time"
+DEMO_GENERATED_TOKENS = 32
 
 
 def register(subparsers) -> None:
@@ -24,15 +28,17 @@ def register(subparsers) -> None:
         "up",
         help="start the process graph and run a job (a demo when given nothing)",
         description=(
-            "Start the process graph and run a job through it: the benchmark on --store, on the experts of "
-            "--model (converted once and cached), or with no arguments a short demo on an embedded default "
-            "store. In a terminal the graph stays up until Ctrl-C; otherwise up exits after the job."
+            "Start the process graph and run a job through it: the benchmark on --store, a short text generation "
+            "from --model (its experts converted once and cached), or with no arguments a short demo on an "
+            "embedded default store. In a terminal the benchmark's graph stays up until Ctrl-C; otherwise up "
+            "exits after the job."
         ),
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--store", type=str, metavar="DIR", default=None, help="Expert store directory.")
     source.add_argument("--model", type=Path, metavar="GGUF", default=None,
-                        help="A MoE GGUF; its experts are converted once into the cache directory.")
+                        help="A MoE GGUF: generate --tokens tokens (default 32) after a fixed prompt; its experts "
+                             "are converted once into the cache directory.")
     add_pipeline_flags(parser)
     parser.set_defaults(handler=run)
 
@@ -40,7 +46,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     args.compute_workers = parse_worker_count(args.compute_workers)
     if args.model is not None:
-        args.store = str(converted_store(args.model))
+        return generation_demo(args)
     config_path = args.config
     if args.store is None and config_path is None:
         config_path = shipped_config_path("default")
@@ -50,3 +56,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"mer-pipeline up: demo job on {config.store} ({config.tokens} tokens, "
               f"{config.compute_workers} compute workers)", file=sys.stderr)
     return run_pipeline_job(config, as_json=args.json, stay_up=sys.stdin.isatty() and sys.stderr.isatty())
+
+
+def generation_demo(args: argparse.Namespace) -> int:
+    """`up --model`: a short greedy generation through the graph, printed as `generate` prints it."""
+    from mer.cli.generate_command import configure_supervisor_logging, generate_and_print
+    from mer.cli.progress import ProgressDisplay
+    from mer.generation_setup import PromptSpec, prepare_generation
+
+    configure_supervisor_logging(args.log_file)
+    max_tokens = args.tokens or DEMO_GENERATED_TOKENS
+    with ProgressDisplay("up") as display:
+        prepared = prepare_generation(args.model, PromptSpec(DEMO_PROMPT), max_tokens=max_tokens,
+                                      config_path=args.config, overrides=config_overrides(args),
+                                      start_phase=display.start_phase)
+    print(f"mer-pipeline up: generating {max_tokens} tokens from {args.model} after {DEMO_PROMPT!r}",
+          file=sys.stderr)
+    return generate_and_print(prepared, as_json=args.json, command="up")

@@ -10,11 +10,14 @@ from mer.protocol.messages import (
     Acquire,
     Activations,
     ArraySpec,
+    BatchPartials,
     ChildFailed,
     ComputeItem,
     ComputeJob,
     ComputeResult,
     ErrorReply,
+    ExpertBatchJob,
+    ExpertBatchResult,
     Hello,
     IoStats,
     JobDone,
@@ -35,6 +38,7 @@ from mer.protocol.messages import (
     SlotsReady,
     StartJob,
     StatsRequest,
+    TokenGenerated,
 )
 from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, error_type_name, raise_remote
 
@@ -44,4 +48,5 @@ __all__ = [
     "Message", "MessageKind", "Partials", "PrefetchHint", "PrefetchHints", "Ready", "Release",
     "RoutingObserved", "ScalarMap", "Shutdown", "SliceRange", "SlotGrant", "SlotRef", "SlotsReady", "StartJob",
     "StatsRequest", "decode", "encode", "error_fields", "error_reply", "error_type_name", "raise_remote",
+    "TokenGenerated", "ExpertBatchJob", "ExpertBatchResult", "BatchPartials",
 ]

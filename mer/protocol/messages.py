@@ -30,6 +30,7 @@ class MessageKind(IntEnum):
     SHUTDOWN = 4
     JOB_DONE = 5
     START_JOB = 6
+    TOKEN_GENERATED = 7
     ACQUIRE = 10
     SLOTS_READY = 11
     RELEASE = 12
@@ -38,6 +39,8 @@ class MessageKind(IntEnum):
     IO_STATS = 15
     COMPUTE_JOB = 20
     COMPUTE_RESULT = 21
+    EXPERT_BATCH_JOB = 22
+    EXPERT_BATCH_RESULT = 23
     ROUTING_OBSERVED = 30
     ERROR_REPLY = 40
 
@@ -65,6 +68,7 @@ ScalarMap = Annotated[dict[str, Any], MapValues.SCALARS]
 JsonMap = Annotated[dict[str, Any], MapValues.JSON]
 Activations = Annotated[np.ndarray, ArraySpec("float32", ("batch", "d_model"))]
 Partials = Annotated[np.ndarray, ArraySpec("float32", ("items", "slices", "batch", "d_model"))]
+BatchPartials = Annotated[np.ndarray, ArraySpec("float32", ("slices", "rows", "d_model"))]
 
 
 class SlotRef(NamedTuple):
@@ -197,6 +201,14 @@ class StartJob:
     job: JsonMap
 
 
+@message(MessageKind.TOKEN_GENERATED)
+class TokenGenerated:
+    """The router chose the `index`-th generated token (a generation job), sent as soon as it is known."""
+
+    index: int
+    token: int
+
+
 # --- io.sock: slot leases and prefetch ------------------------------------------------------------
 
 
@@ -281,6 +293,46 @@ class ComputeResult:
     __eq__ = _equal_with_arrays
 
 
+@message(MessageKind.EXPERT_BATCH_JOB)
+class ExpertBatchJob:
+    """Compute the assigned slices of every item on the item's own token batch (a model's MoE block).
+
+    Item `i` is computed on the rows `x[row_offsets[i]:row_offsets[i + 1]]` (the tokens routed to
+    that expert, expert-major); `row_offsets` has one entry more than `items`, starts at 0, grows
+    strictly and ends at the number of rows of `x`."""
+
+    job_id: int
+    items: list[ComputeItem]
+    slices: list[SliceRange]
+    x: Activations
+    row_offsets: list[int]
+
+    __eq__ = _equal_with_arrays
+
+    def check(self) -> None:
+        for index, (start, stop) in enumerate(self.slices):
+            if not 0 <= start < stop:
+                raise ProtocolError(f"ExpertBatchJob.slices[{index}]: [{start}, {stop}) is not a non-empty range")
+        offsets, rows = self.row_offsets, self.x.shape[0]
+        if len(offsets) != len(self.items) + 1 or offsets[0] != 0 or offsets[-1] != rows:
+            raise ProtocolError(f"ExpertBatchJob.row_offsets {offsets[:8]}... must have {len(self.items) + 1} "
+                                f"entries from 0 to the {rows} rows of x")
+        if any(stop <= start for start, stop in zip(offsets, offsets[1:])):
+            raise ProtocolError(f"ExpertBatchJob.row_offsets {offsets[:8]}... must grow strictly (each item has rows)")
+
+
+@message(MessageKind.EXPERT_BATCH_RESULT)
+class ExpertBatchResult:
+    """The partial outputs of an `ExpertBatchJob`: one d_model vector per (assigned slice, row of x)."""
+
+    job_id: int
+    worker: int
+    partials: BatchPartials
+    compute_us: float
+
+    __eq__ = _equal_with_arrays
+
+
 # --- observe.sock: routing history for the predictor ----------------------------------------------
 
 
@@ -315,5 +367,6 @@ class ErrorReply:
 
 Message = (
     Hello | Ready | ChildFailed | Shutdown | JobDone | StartJob | Acquire | SlotsReady | Release | PrefetchHints
-    | StatsRequest | IoStats | ComputeJob | ComputeResult | RoutingObserved | ErrorReply
+    | StatsRequest | IoStats | ComputeJob | ComputeResult | RoutingObserved | ErrorReply | TokenGenerated
+    | ExpertBatchJob | ExpertBatchResult
 )

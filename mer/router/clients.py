@@ -16,8 +16,8 @@ import zmq.asyncio
 
 from mer.errors import PipelineError
 from mer.protocol import (
-    Acquire, ComputeItem, ComputeJob, ComputeResult, ErrorReply, Hello, IoStats, Release, SlotGrant, SlotRef,
-    SlotsReady, SliceRange, StatsRequest, decode, encode, raise_remote,
+    Acquire, ComputeItem, ComputeJob, ComputeResult, ErrorReply, ExpertBatchResult, Hello, IoStats, Release, SlotGrant,
+    SlotRef, SlotsReady, SliceRange, StatsRequest, decode, encode, raise_remote,
 )
 from mer.slicing import slices_of_worker
 
@@ -121,13 +121,13 @@ class ComputeClient:
         try:
             while True:
                 identity, *frames = await self.socket.recv_multipart(copy=False)
-                message = decode(frames, expected_kinds=(Hello, ComputeResult, ErrorReply))
+                message = decode(frames, expected_kinds=(Hello, ComputeResult, ExpertBatchResult, ErrorReply))
                 if isinstance(message, Hello):
                     identity_bytes = bytes(identity.buffer)
                     self.identities[worker_index(identity_bytes)] = identity_bytes
                     if len(self.identities) == self.num_workers:
                         self.all_connected.set()
-                elif isinstance(message, ComputeResult):
+                elif isinstance(message, (ComputeResult, ExpertBatchResult)):
                     self.pending.resolve(message.job_id, message)
                 else:
                     self.pending.resolve(message.request_id, message)
@@ -158,7 +158,13 @@ class ComputeClient:
                 continue
             job_id, future = self.pending.new()
             job = ComputeJob(job_id, items, [slices[s] for s in mine], x)
-            await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
+            try:
+                await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
+            except zmq.ZMQError as error:
+                self.pending.futures.pop(job_id, None)
+                if error.errno != zmq.EHOSTUNREACH:
+                    raise
+                raise PipelineError(f"compute worker {worker} is unreachable: it exited or disconnected") from None
             waits.append((mine, future))
             if dispatched is not None:
                 dispatched.append((job_id, worker))

@@ -1,8 +1,8 @@
 """A single-process reference of the benchmark's outputs, for tests and parity checks.
 
 It draws the same routing decisions and hidden states as the router, reads each expert with plain
-buffered reads, runs the same SwiGLU slices and combines them in the same order, with no processes,
-sockets or slots. The graph's outputs must equal these within float32 rounding.
+buffered reads, runs the same SwiGLU slices (with llama.cpp's input rounding, as the workers do)
+and combines them in the same order, with no processes, sockets or slots. The graph's outputs must equal these within float32 rounding.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def reference_outputs(config: PipelineConfig, store: ExpertStore) -> np.ndarray:
             for moe_layer in sorted(set(layers)):
                 chosen = [i for i, layer in enumerate(layers) if layer == moe_layer]
                 partials = np.stack([
-                    np.stack([swiglu_expert(store.read_payload(expert_ids[i]), x, slice(start, stop))
+                    np.stack([swiglu_expert(store.read_payload(expert_ids[i]), x, slice(start, stop), ggml_rounding=True)
                               for start, stop in slices[moe_layer]])
                     for i in chosen
                 ])

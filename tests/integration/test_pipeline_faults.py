@@ -8,6 +8,8 @@ it) and checks the exit status, the message the user gets, and, through the leak
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import os
 import re
 import shutil
@@ -17,8 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from mer.config import PipelineConfig
+from mer.errors import ChildDiedError
+from mer.protocol import ChildFailed
 from mer.runtime.paths import SUPERVISOR_RECORD_NAME, arena_path, new_run_id
 from mer.shm.arena import SlotArena
+from mer.store.reader import ExpertStore
+from mer.supervisor import Child, Supervisor
 from tests.pipeline_runs import RunningPipeline, dead_process, process_title, run_pipeline
 
 LONG_RUN_TOKENS = 20_000  # minutes of work: every test below ends the run long before
@@ -70,10 +77,18 @@ def test_kill_9_of_a_compute_worker_brings_the_graph_down(long_run):
     events = result.events
     (died,) = [event for event in events if event.get("event") == "child_died"]
     assert died["child"] == name and died["exit"] == "killed by SIGKILL"
-    survivors = {f"mer-{role}-{run_id}" for role in CHILD_ROLES} - {name}
-    assert _stopped_children(events) == survivors  # every other child stopped on Shutdown
+    # every other child stopped on Shutdown; the router may instead have failed first on the lost
+    # worker (a send to a peer that is gone), which must not change what the user is told (above)
+    router = f"mer-router-{run_id}"
+    survivors = {f"mer-{role}-{run_id}" for role in CHILD_ROLES} - {name, router}
+    stopped = _stopped_children(events)
+    assert survivors <= stopped
+    if router in stopped:
+        assert any(event.get("event") == "job_cancelled" for event in events)
+    else:
+        (failure,) = [event for event in events if event.get("event") == "child_failed" and event["process"] == router]
+        assert failure["message"] == "compute worker 0 is unreachable: it exited or disconnected"
     assert _forced_stops(events) == []
-    assert any(event.get("event") == "job_cancelled" for event in events)
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -160,3 +175,25 @@ def test_fewer_cache_slots_than_top_k_is_a_start_up_error(leak_guard, pipeline_s
     assert result.stdout == ""
     assert "cache_slots 2 is below top_k 3" in result.stderr
     assert result.events_named("child_spawned") == []  # refused before any process started
+
+
+def test_a_failure_that_follows_a_death_is_reported_as_the_death(pipeline_stores):
+    """The router may report its lost compute worker before the worker's death is seen: the user must
+    still be told of the death (the cause), not of the router's failure (a consequence)."""
+    supervisor = Supervisor(PipelineConfig(store=pipeline_stores["tiny"], compute_workers=1),
+                            ExpertStore.open(pipeline_stores["tiny"]))
+    process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,), name="sleeper")
+    process.start()
+    try:
+        name = f"mer-compute-0-{supervisor.run_id}"
+        supervisor.children[name] = Child(name, "compute", 0, process, ready=True)
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+        router_failure = ChildFailed(f"mer-router-{supervisor.run_id}", "mer.errors.PipelineError",
+                                     "compute worker 0 is unreachable: it exited or disconnected", "")
+        with pytest.raises(ChildDiedError, match=rf"{name} \(pid {process.pid}\) died: killed by SIGKILL"):
+            asyncio.run(asyncio.wait_for(supervisor._raise_for("ChildFailed", router_failure), 30))
+    finally:
+        process.kill()
+        process.join(10)
+        process.close()

@@ -16,6 +16,8 @@ from mer.protocol import (
     ComputeJob,
     ComputeResult,
     ErrorReply,
+    ExpertBatchJob,
+    ExpertBatchResult,
     Hello,
     IoStats,
     JobDone,
@@ -32,6 +34,7 @@ from mer.protocol import (
     SlotRef,
     SlotsReady,
     StatsRequest,
+    TokenGenerated,
     decode,
     encode,
     error_fields,
@@ -70,12 +73,21 @@ def sample_messages() -> list:
         RoutingObserved(5, 3, [1, 6], [0.625, 0.375]),
         ErrorReply(17, "ValueError", "slot 5 is stale", "Traceback (most recent call last): ...\n"),
         StartJob({"tokens": 300, "note": "go"}),
+        TokenGenerated(3, 271),
+        ExpertBatchJob(
+            32,
+            [ComputeItem(3, 0, 9, 0), ComputeItem(5, 2, 4, 0)],
+            [SliceRange(0, 896), SliceRange(1792, 2688)],
+            activations(batch=5),
+            [0, 2, 5],
+        ),
+        ExpertBatchResult(32, 0, np.arange(2 * 5 * 64, dtype=np.float32).reshape(2, 5, 64), 99.5),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 16
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 19
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
@@ -404,3 +416,11 @@ def test_a_bad_message_over_zeromq_does_not_stop_the_receiver(ipc_pair):
         decode(bad)
     _, *good = router.recv_multipart(copy=False)
     assert decode(good) == Hello("compute-0", 1)
+
+
+@pytest.mark.parametrize("offsets", [[0, 2], [1, 2, 5], [0, 2, 4], [0, 5, 5], [0, 0, 5], [0, 2, 3, 5]])
+def test_an_expert_batch_job_with_bad_row_offsets_is_refused(offsets):
+    job = ExpertBatchJob(1, [ComputeItem(3, 0, 9, 0), ComputeItem(5, 2, 4, 0)], [SliceRange(0, 32)],
+                         activations(batch=5, d_model=64), offsets)
+    with pytest.raises(ProtocolError, match="row_offsets"):
+        decode(encode(job))

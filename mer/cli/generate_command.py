@@ -1,0 +1,115 @@
+"""`mer-pipeline generate`: text generation from a MoE GGUF through the process graph.
+
+The experts are converted into the cached expert store on first use (progress on stderr); the
+router runs the dense part and streams the experts through the I/O worker, the slots and the
+compute workers. Generated text streams to stdout as it is produced, then one timing line goes to
+stderr. `--json` prints one JSON object instead (nothing else on stdout; nothing at all on error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import uvloop
+
+from mer.cli.generation_output import TextStream, json_result, timing_line
+from mer.cli.pipeline_flags import parse_worker_count
+from mer.cli.pipeline_job import _with_signals
+from mer.cli.progress import ProgressDisplay
+from mer.config import IO_BACKENDS, config_overrides
+from mer.generation_setup import (PreparedGeneration, PromptSpec, SamplerSettings, prepare_generation,
+                                 run_generation)
+from mer.logging_setup import configure_logging
+from mer.ram_budget import parse_size
+
+
+def token_id_list(text: str) -> tuple[int, ...]:
+    """`1,2,3` -> (1, 2, 3)."""
+    try:
+        ids = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of token ids") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: token ids must be integers >= 0")
+    return ids
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate", help="generate text from a MoE GGUF through the process graph",
+        description="Generate text from a Mixture-of-Experts GGUF: the router runs the dense part, the experts "
+                    "stream from the expert store (converted once, cached) through the graph. Text goes to "
+                    "stdout as it is generated; a timing line goes to stderr.")
+    parser.add_argument("--model", required=True, type=Path, metavar="MODEL.gguf", help="The MoE GGUF.")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="Prompt text (BOS added as the GGUF's add_bos_token says).")
+    prompt.add_argument("--prompt-tokens", type=token_id_list, metavar="1,2,3",
+                        help="Prompt token ids, used exactly as given (no BOS added).")
+    parser.add_argument("--chat", action="store_true",
+                        help="Render the prompt as one user message with the GGUF's tokenizer.chat_template.")
+    parser.add_argument("-n", "--max-tokens", type=int, default=64, metavar="N", help="Tokens to generate (64).")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy.")
+    parser.add_argument("--top-k", dest="sampler_top_k", type=int, default=0, metavar="K",
+                        help="The sampler's top-k (0: no cut); the routing k always comes from the model.")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="Nucleus sampling mass (1.0: no cut).")
+    parser.add_argument("--seed", dest="sampler_seed", type=int, default=None, metavar="S",
+                        help="Sampler seed: the same seed gives the same tokens (default: random).")
+    parser.add_argument("--ignore-eos", action="store_true", help="Do not stop on end-of-generation tokens.")
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument("--ram-budget", type=parse_size, metavar="SIZE",
+                        help="Bound the graph's resident memory (e.g. 8GiB): the slot arena gets what the dense "
+                             "weights, KV cache and processes leave.")
+    memory.add_argument("--cache-slots", type=int, metavar="C", help="Expert cache slots (at least the model's k).")
+    parser.add_argument("--compute-workers", metavar="N|auto", default=None, help="Compute worker processes.")
+    parser.add_argument("--kernel-threads", type=int, metavar="T", default=None, help="Kernel threads per worker.")
+    parser.add_argument("--io-backend", choices=IO_BACKENDS, default=None, help="Expert read backend.")
+    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
+                        help="Do not read predicted experts ahead.")
+    parser.add_argument("--log-file", type=Path, metavar="FILE", default=None, help="structlog JSON events here.")
+    parser.add_argument("--record-trace", type=Path, metavar="FILE", default=None,
+                        help="Record every routing decision (per token and MoE layer) to this JSONL trace.")
+    parser.add_argument("--dump-logits", type=Path, metavar="FILE.npy", default=None,
+                        help="Save the logits each generated token was chosen from ([tokens, vocab] float32).")
+    parser.add_argument("--handshake-timeout-s", type=float, metavar="SECONDS", default=None,
+                        help="Seconds each process has to start.")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration; flags override it.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object (tokens, text, speeds) instead.")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    args.compute_workers = parse_worker_count(args.compute_workers)
+    configure_supervisor_logging(args.log_file)
+    with ProgressDisplay("generate") as display:
+        prepared = prepare_generation(
+            args.model, PromptSpec(args.prompt, args.prompt_tokens, args.chat), max_tokens=args.max_tokens,
+            sampler=SamplerSettings(args.temperature, args.sampler_top_k, args.top_p, args.sampler_seed),
+            ignore_eos=args.ignore_eos, dump_logits=args.dump_logits, config_path=args.config,
+            overrides=config_overrides(args), ram_budget=args.ram_budget, start_phase=display.start_phase)
+    return generate_and_print(prepared, as_json=args.json)
+
+
+def configure_supervisor_logging(log_file: Path | None) -> None:
+    if log_file:
+        configure_logging("mer-supervisor", stream=open(log_file, "a", buffering=1), level="info")
+    else:
+        configure_logging("mer-supervisor", level="warning")
+
+
+def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: str = "generate") -> int:
+    """Run the generation; stream its text to stdout and the timing line to stderr, or print the JSON."""
+    if prepared.ram_plan is not None:
+        print(f"mer-pipeline {command}: {prepared.ram_plan.describe()}", file=sys.stderr)
+    stream = None if as_json else TextStream(prepared.tokenizer)
+    summary = uvloop.run(run_generation(prepared, None if stream is None else stream.add, supervise=_with_signals))
+    if stream is not None:
+        stream.finish()
+        print(timing_line(summary), file=sys.stderr)
+        return 0
+    plan = prepared.ram_plan
+    extra = {"ram_budget_bytes": plan.budget if plan else None, "arena_bytes": plan.arena_nbytes if plan else None}
+    print(json.dumps(json_result(summary, prepared.tokenizer, extra)), flush=True)
+    return 0

@@ -1,0 +1,147 @@
+"""Everything before and around a generation through the process graph (`mer-pipeline generate`).
+
+`prepare_generation` checks the model and the prompt BEFORE any process is started (so bad input
+leaves nothing behind): it loads the GGUF's metadata and dense tensors (an unsupported architecture,
+a dense model or a corrupt file is refused here), tokenizes the prompt (or takes its ids as given),
+checks it against the context, converts the experts into the cached store on first use, and sizes
+the configuration: routing k from the model, the cache from `--cache-slots` or `--ram-budget`
+(`mer.ram_budget`). `run_generation` then runs the graph with the generation job and hands every
+generated token to a callback as it arrives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mer.config import PipelineConfig, load_config, validate_against_geometry
+from mer.demo_store import converted_store
+from mer.errors import ConfigError, ContextLengthError, TokenizerError
+from mer.model.chat_template import chat_prompt_tokens
+from mer.model.model import MoEModel
+from mer.model.sampling import Sampler
+from mer.model.tokenizer import Tokenizer, load_tokenizer
+from mer.ram_budget import RamPlan, dense_nbytes, kv_cache_nbytes, plan_cache_slots
+from mer.router.generation_request import GenerationRequest
+from mer.store.reader import ExpertStore
+from mer.supervisor import Supervisor, pool_slots
+
+# One BLAS thread per process: the router's dense thread is one thread of the core budget, and a BLAS
+# pool next to numba's would oversubscribe the cores (see MEASUREMENTS.md). Inherited by the children.
+SINGLE_THREAD_BLAS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The prompt: text (with `chat`: one user message in the model's chat template) or token ids."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    chat: bool = False
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class PreparedGeneration:
+    """A checked generation, ready to run: configuration, store, request, tokenizer, RAM plan."""
+
+    config: PipelineConfig
+    store: ExpertStore
+    request: GenerationRequest
+    tokenizer: Tokenizer
+    ram_plan: RamPlan | None
+
+
+def prompt_token_ids(tokenizer: Tokenizer, vocab_size: int, prompt: PromptSpec) -> list[int]:
+    """The prompt's ids: `token_ids` exactly as given (no BOS), or the text tokenized (BOS as the
+    vocabulary's add_bos_token says; with `chat`, the rendered chat template, specials parsed)."""
+    if prompt.token_ids is not None:
+        if prompt.chat:
+            raise ConfigError("--chat renders a text prompt: it cannot be used with --prompt-tokens")
+        ids = list(prompt.token_ids)
+    elif prompt.text is None:
+        raise ConfigError("a prompt is needed: --prompt TEXT or --prompt-tokens 1,2,3")
+    elif prompt.chat:
+        ids = chat_prompt_tokens(tokenizer, prompt.text)
+    else:
+        ids = tokenizer.encode(prompt.text, add_special=True, parse_special=False)
+    bad = [token for token in ids if not 0 <= token < vocab_size]
+    if bad:
+        raise TokenizerError(f"prompt token id {bad[0]} is outside the vocabulary of {vocab_size} tokens")
+    if not ids:
+        raise ContextLengthError("the prompt is empty: generation needs at least one token")
+    return ids
+
+
+def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max_tokens: int,
+                       sampler: SamplerSettings = SamplerSettings(), ignore_eos: bool = False,
+                       dump_logits: str | os.PathLike | None = None, config_path: Path | None = None,
+                       overrides: Mapping[str, Any] | None = None, ram_budget: int | None = None,
+                       start_phase=None) -> PreparedGeneration:
+    """Check everything and size the run (see the module docstring); no process is started."""
+    Sampler(sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)  # checks the settings
+    if dump_logits and not Path(dump_logits).resolve().parent.is_dir():
+        raise ConfigError(f"--dump-logits {dump_logits}: the directory {Path(dump_logits).resolve().parent} "
+                          f"does not exist")
+    model = MoEModel.load(model_path)
+    tokenizer = load_tokenizer(model.source.parts[0])
+    ids = prompt_token_ids(tokenizer, model.vocab_size, prompt)
+    context = model.hparams.context_length
+    if len(ids) > context:
+        raise ContextLengthError(f"the prompt has {len(ids)} tokens, more than the model's context of {context}")
+    overrides = dict(overrides or {})
+    if ram_budget is not None and overrides.get("cache_slots") is not None:
+        raise ConfigError("--ram-budget sizes the cache itself: give --ram-budget or --cache-slots, not both")
+    overrides.update(top_k=model.hparams.top_k, layered=True)
+    config = load_config(config_path, overrides)
+    plan = None
+    if ram_budget is not None:  # checked before the (possibly long) conversion
+        plan = _ram_plan(ram_budget, model, config, positions=min(context, len(ids) + max_tokens))
+        config = dataclasses.replace(config, cache_slots=plan.cache_slots)
+    elif overrides.get("cache_slots") is None:  # the configured default, within k..all experts
+        cache = min(max(config.cache_slots, model.hparams.top_k), model.source.geometry.num_experts)
+        config = dataclasses.replace(config, cache_slots=cache)
+    store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase)
+    store = ExpertStore.open(store_dir)
+    config = dataclasses.replace(config, store=store_dir)
+    validate_against_geometry(config, store.manifest.geometry)
+    request = GenerationRequest(
+        model=str(Path(model_path).resolve()), prompt_tokens=tuple(ids), max_tokens=max_tokens,
+        temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p, seed=sampler.seed,
+        ignore_eos=ignore_eos, end_ids=tuple(sorted(tokenizer.end_of_generation_ids)),
+        dump_logits=str(Path(dump_logits).resolve()) if dump_logits else None)
+    return PreparedGeneration(config, store, request, tokenizer, plan)
+
+
+def _ram_plan(budget: int, model: MoEModel, config: PipelineConfig, positions: int) -> RamPlan:
+    source, hparams = model.source, model.hparams
+    slot_nbytes = max(source.expert_format(layer.moe_layer).read_nbytes for layer in source.layers)
+    reserve = pool_slots(dataclasses.replace(config, cache_slots=1)) - 1  # the prefetch reserve
+    return plan_cache_slots(
+        budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams.num_blocks, positions, hparams.kv_width),
+        num_compute_workers=config.num_compute_workers, slot_nbytes=slot_nbytes, top_k=hparams.top_k,
+        reserve_slots=reserve, num_experts=source.geometry.num_experts)
+
+
+async def run_generation(prepared: PreparedGeneration, on_token: Callable[[int, int], None] | None = None,
+                         supervise=None) -> dict:
+    """Run the graph with the generation job; `on_token(index, token)` as each token arrives.
+    `supervise(supervisor)` (default: `supervisor.run()`) lets the CLI add its signal handling."""
+    for name, value in SINGLE_THREAD_BLAS.items():
+        os.environ.setdefault(name, value)
+    forward = None if on_token is None else (lambda message: on_token(message.index, message.token))
+    supervisor = Supervisor(prepared.config, prepared.store, job=prepared.request.to_job(), on_token=forward)
+    if supervise is None:
+        return await supervisor.run()
+    return await supervise(supervisor)

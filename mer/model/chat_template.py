@@ -1,0 +1,58 @@
+"""Rendering a GGUF's chat template (`tokenizer.chat_template`, a Jinja2 template as in Hugging Face).
+
+`render_chat(tokenizer, messages)` renders the conversation with `add_generation_prompt=True`,
+`bos_token` / `eos_token` set to the vocabulary's pieces, `raise_exception` and `strftime_now`,
+in Jinja2's immutable sandbox (a template cannot reach Python objects). The result is tokenized
+with special tokens parsed; `chat_prompt_tokens` adds BOS as the vocabulary says unless the
+template already starts with it (no double BOS).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+
+from mer.errors import TokenizerError
+from mer.model.tokenizer import Tokenizer
+
+
+def _raise_exception(message: str) -> None:
+    raise TokenizerError(f"the chat template refused the conversation: {message}")
+
+
+def _strftime_now(format_string: str) -> str:
+    return datetime.datetime.now().strftime(format_string)
+
+
+def _piece(tokenizer: Tokenizer, token: int | None) -> str:
+    return tokenizer.pieces[token] if token is not None else ""
+
+
+def render_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> str:
+    """The prompt text for `messages` (`[{"role": "user", "content": ...}, ...]`)."""
+    if not tokenizer.chat_template:
+        raise TokenizerError("the model has no tokenizer.chat_template: --chat needs one (use --prompt alone)")
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # pragma: no cover - jinja2 is a dependency
+        raise TokenizerError("--chat needs the jinja2 package to render the chat template") from None
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    try:
+        template = environment.from_string(tokenizer.chat_template)
+        return template.render(messages=list(messages), add_generation_prompt=True,
+                               bos_token=_piece(tokenizer, tokenizer.bos_id),
+                               eos_token=_piece(tokenizer, tokenizer.eos_id))
+    except jinja2.TemplateError as error:
+        raise TokenizerError(f"the model's chat template cannot be rendered: {error}") from None
+
+
+def chat_prompt_tokens(tokenizer: Tokenizer, user_text: str) -> list[int]:
+    """Token ids of a one-message chat: the rendered template, special tokens parsed."""
+    text = render_chat(tokenizer, [{"role": "user", "content": user_text}])
+    bos_text = _piece(tokenizer, tokenizer.bos_id)
+    tokens = tokenizer.encode(text, add_special=False, parse_special=True)
+    if tokenizer.add_bos and tokenizer.bos_id is not None and not (bos_text and text.startswith(bos_text)):
+        tokens = [tokenizer.bos_id, *tokens]
+    return tokens

@@ -1,0 +1,108 @@
+"""Sizing the slot arena from a RAM budget for the whole process graph (`generate --ram-budget`).
+
+The graph's resident memory is counted as
+
+    dense weights (every non-expert tensor of the GGUF, memory-mapped by the router)
+  + KV cache (float32 K and V: 2 x blocks x positions x kv_heads x head_dim x 4 bytes)
+  + the processes themselves (interpreter, numpy, numba, ZeroMQ: `processes_nbytes`, measured)
+  + the slot arena (cache slots + prefetch reserve, `slot_nbytes` each)
+
+and the cache gets every slot that fits in what is left (at most one per expert of the model). A
+budget that cannot hold the fixed part plus k experts of one layer (and the prefetch reserve) is
+refused with the numbers. The processes are the supervisor, the router, the I/O worker, the
+predictor and the compute workers; shared pages (the arena, the GGUF's page cache) count once, as
+`/proc/PID/smaps_rollup`'s Pss counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from mer.errors import ConfigError
+from mer.store.gguf_source import MERGED_EXPERT_TENSOR, PER_EXPERT_TENSOR, GGUFSource
+
+MIB = 2**20
+# Pss of each process of the graph with its imports and kernels loaded, without the model's weights,
+# KV cache or slots: measured on this machine (docs/model.md, "RAM budget": supervisor 86, router 92,
+# compute worker 85, I/O worker 34, predictor 32, multiprocessing's resource tracker 7 MiB), rounded up.
+HEAVY_PROCESS_NBYTES = 96 * MIB  # numpy + numba + kernels: supervisor (the CLI), router, each compute worker
+LIGHT_PROCESS_NBYTES = 40 * MIB  # I/O worker, predictor
+TRACKER_NBYTES = 8 * MIB
+
+
+def processes_nbytes(num_compute_workers: int) -> int:
+    """The graph's processes without the model: supervisor, router, compute workers, I/O, predictor, tracker."""
+    return (2 + num_compute_workers) * HEAVY_PROCESS_NBYTES + 2 * LIGHT_PROCESS_NBYTES + TRACKER_NBYTES
+_SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `8GiB`, `512MiB`, `1.5G` (binary), `2GB` (decimal) or a plain byte count."""
+    match = _SIZE.match(str(text))
+    unit = match.group("unit").lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"RAM budget {text!r} is not a size: use e.g. 8GiB, 512MiB, 1.5G or a byte count")
+    return int(float(match.group("number")) * _UNITS[unit])
+
+
+def dense_nbytes(source: GGUFSource) -> int:
+    """Bytes of every tensor that is not an expert matrix (what the router maps and touches)."""
+    return sum(tensor.nbytes for part in source.parts for tensor in part.tensors
+               if not (MERGED_EXPERT_TENSOR.match(tensor.name) or PER_EXPERT_TENSOR.match(tensor.name)))
+
+
+def kv_cache_nbytes(num_blocks: int, positions: int, kv_width: int) -> int:
+    """Float32 keys and values of `positions` positions in every block."""
+    return 2 * num_blocks * positions * kv_width * 4
+
+
+@dataclass(frozen=True)
+class RamPlan:
+    """How a RAM budget is spent; `cache_slots` is what is left for the expert cache."""
+
+    budget: int
+    dense_nbytes: int
+    kv_cache_nbytes: int
+    num_processes: int
+    processes_nbytes: int
+    slot_nbytes: int
+    reserve_slots: int  # prefetch reserve (the arena holds cache_slots + reserve_slots)
+    cache_slots: int
+
+    @property
+    def fixed_nbytes(self) -> int:
+        return self.dense_nbytes + self.kv_cache_nbytes + self.processes_nbytes
+
+    @property
+    def arena_nbytes(self) -> int:
+        return (self.cache_slots + self.reserve_slots) * self.slot_nbytes
+
+    def describe(self) -> str:
+        return (f"RAM budget {self.budget / MIB:,.1f} MiB: dense weights {self.dense_nbytes / MIB:,.1f} MiB, "
+                f"KV cache {self.kv_cache_nbytes / MIB:,.1f} MiB, {self.num_processes} processes "
+                f"{self.processes_nbytes / MIB:,.0f} MiB, slot arena {self.cache_slots} + {self.reserve_slots} slots x "
+                f"{self.slot_nbytes / MIB:,.2f} MiB = {self.arena_nbytes / MIB:,.1f} MiB")
+
+
+def plan_cache_slots(budget: int, *, dense: int, kv_cache: int, num_compute_workers: int, slot_nbytes: int,
+                     top_k: int, reserve_slots: int, num_experts: int) -> RamPlan:
+    """The cache slots a budget allows (at most `num_experts`); ConfigError with the numbers when it
+    cannot hold the fixed part plus `top_k` experts of one layer and the prefetch reserve."""
+    processes = 5 + num_compute_workers
+    plan = RamPlan(budget, dense, kv_cache, processes, processes_nbytes(num_compute_workers), slot_nbytes,
+                   reserve_slots, 0)
+    fitting = (budget - plan.fixed_nbytes) // slot_nbytes - reserve_slots
+    if fitting < top_k:
+        needed = plan.fixed_nbytes + (top_k + reserve_slots) * slot_nbytes
+        reserve = f" and {reserve_slots} prefetch slots (--no-prefetch frees them)" if reserve_slots else ""
+        raise ConfigError(
+            f"RAM budget {budget / MIB:,.1f} MiB cannot hold the dense part ({plan.fixed_nbytes / MIB:,.1f} MiB: "
+            f"dense weights {dense / MIB:,.1f} MiB, KV cache {kv_cache / MIB:,.1f} MiB, {processes} processes "
+            f"{plan.processes_nbytes / MIB:,.0f} MiB) plus {top_k} experts of one layer ({top_k} x "
+            f"{slot_nbytes / MIB:,.2f} MiB){reserve}: it needs at least {needed / MIB:,.1f} MiB"
+        )
+    return dataclasses.replace(plan, cache_slots=int(min(fitting, num_experts)))

@@ -1,0 +1,67 @@
+"""Expert-major batches as the graph computes them: layout, per-expert slice partials, their sum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from mer.errors import ShapeError
+from mer.expert_batches import expert_outputs, item_partials, pack_batches
+from mer.expert_format import ExpertFormat, ExpertPayload
+from mer.slicing import plan_slices
+from mer.swiglu import swiglu_expert
+
+D_MODEL, D_FF = 64, 256
+
+
+def random_payload(dtype: str, seed: int) -> tuple[ExpertPayload, list[np.ndarray]]:
+    """A payload of random gate/up/down in `dtype` and the float64 matrices it holds."""
+    rng = np.random.default_rng(seed)
+    expert_format = ExpertFormat.build(D_MODEL, D_FF, (dtype,) * 3)
+    qtype = GGMLQuantizationType[dtype.upper()]
+    parts, matrices = [], []
+    for rows, columns in ((D_FF, D_MODEL), (D_FF, D_MODEL), (D_MODEL, D_FF)):
+        quantized = quantize((rng.standard_normal((rows, columns)) / np.sqrt(columns)).astype(np.float32), qtype)
+        parts.append(np.frombuffer(quantized.tobytes(), np.uint8))
+        matrices.append(dequantize(quantized, qtype).astype(np.float64).reshape(rows, columns))
+    return ExpertPayload(expert_format, np.concatenate(parts)), matrices
+
+
+def numpy_swiglu(matrices: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    gate, up, down = matrices
+    g, u = x.astype(np.float64) @ gate.T, x.astype(np.float64) @ up.T
+    return (g / (1 + np.exp(-g)) * u) @ down.T
+
+
+def test_packed_batches_lay_experts_end_to_end():
+    rng = np.random.default_rng(0)
+    batches = {5: rng.standard_normal((3, D_MODEL)).astype(np.float32), 1: rng.standard_normal((1, D_MODEL)).astype(np.float32)}
+    packed = pack_batches(batches, [1, 5])
+    assert packed.experts == (1, 5) and packed.row_offsets == (0, 1, 4)
+    assert np.array_equal(packed.x[packed.rows_of(1)], batches[5]) and np.array_equal(packed.x[0:1], batches[1])
+    with pytest.raises(ShapeError):
+        pack_batches({1: np.zeros((0, D_MODEL), np.float32)})
+    with pytest.raises(ShapeError):
+        expert_outputs(packed, np.zeros((2, 3, D_MODEL), np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_each_expert_gets_its_own_rows_and_the_slices_sum_to_its_output(dtype):
+    rng = np.random.default_rng(1)
+    payloads = {expert: random_payload(dtype, seed=expert) for expert in (2, 6)}
+    batches = {2: rng.standard_normal((4, D_MODEL)).astype(np.float32), 6: rng.standard_normal((2, D_MODEL)).astype(np.float32)}
+    packed = pack_batches(batches)
+    slices = plan_slices(payloads[2][0].format)
+    assert len(slices) > 1
+    partials = np.empty((len(slices), *packed.x.shape), np.float32)
+    for index, expert in enumerate(packed.experts):  # as a worker fills its job's rows
+        partials[:, packed.rows_of(index)] = item_partials(payloads[expert][0], batches[expert], slices)
+    outputs = expert_outputs(packed, partials)
+    for expert, x in batches.items():
+        full = swiglu_expert(payloads[expert][0], x, ggml_rounding=True)
+        np.testing.assert_allclose(outputs[expert], full, rtol=0, atol=1e-5 * np.abs(full).max())
+        reference = numpy_swiglu(payloads[expert][1], x)
+        tolerance = 1e-5 if dtype == "f32" else 3e-2  # q8_0: the kernels round x and h to q8_0, as llama.cpp
+        assert np.abs(outputs[expert] - reference).max() <= tolerance * np.abs(reference).max()

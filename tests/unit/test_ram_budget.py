@@ -1,0 +1,69 @@
+"""RAM budget arithmetic: sizes, the dense part of a GGUF, the KV cache, and the cache slots a budget allows."""
+
+from __future__ import annotations
+
+import pytest
+from gguf import GGUFReader
+
+from mer.errors import ConfigError
+from mer.model.model import MoEModel
+from mer.ram_budget import MIB, dense_nbytes, kv_cache_nbytes, parse_size, plan_cache_slots, processes_nbytes
+from tests.gguf_models import write_tiny_moe_gguf
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", 3 * 2**29),
+                                            ("2GB", 2 * 10**9), ("4096", 4096), (" 64 kib ", 65536), ("3m", 3 * 2**20)])
+def test_sizes_are_parsed_with_binary_and_decimal_units(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GiB", "8XB", "", "1e9"])
+def test_a_malformed_size_is_a_config_error_naming_it(text):
+    with pytest.raises(ConfigError, match="is not a size"):
+        parse_size(text)
+
+
+def test_dense_bytes_are_every_tensor_but_the_experts(tmp_path):
+    for layout in ("merged", "per_expert"):
+        info = write_tiny_moe_gguf(tmp_path / f"{layout}.gguf", layout=layout, dense_first_layer=True, n_layers=3)
+        reader = GGUFReader(info.path)
+        expected = sum(int(tensor.n_bytes) for tensor in reader.tensors
+                       if not any(f"ffn_{name}_exps" in tensor.name or (f"ffn_{name}." in tensor.name
+                                                                       and tensor.name.split(".")[-2].isdigit())
+                                  for name in ("gate", "up", "down")))
+        assert dense_nbytes(MoEModel.load(info.path).source) == expected
+        assert 0 < expected < info.path.stat().st_size
+
+
+def test_kv_cache_bytes_are_what_the_kv_cache_allocates(tmp_path):
+    model = MoEModel.load(write_tiny_moe_gguf(tmp_path / "m.gguf", n_kv_heads=2).path)
+    cache = model.new_kv_cache(37)
+    hparams = model.hparams
+    assert kv_cache_nbytes(hparams.num_blocks, 37, hparams.kv_width) == cache.keys.nbytes + cache.values.nbytes
+
+
+PLAN = dict(dense=10 * MIB, kv_cache=2 * MIB, num_compute_workers=2, slot_nbytes=4 * MIB, top_k=2, reserve_slots=2,
+            num_experts=64)
+
+
+def test_the_cache_gets_every_slot_left_by_the_fixed_part():
+    fixed = 12 * MIB + processes_nbytes(2)
+    smallest = plan_cache_slots(fixed + 4 * 4 * MIB, **PLAN)
+    assert smallest.cache_slots == 2 and smallest.arena_nbytes == 16 * MIB
+    assert smallest.fixed_nbytes + smallest.arena_nbytes == fixed + 16 * MIB
+    assert plan_cache_slots(fixed + 4 * 4 * MIB + 4 * MIB - 1, **PLAN).cache_slots == 2
+    assert plan_cache_slots(fixed + 10 * 4 * MIB, **PLAN).cache_slots == 8
+    assert plan_cache_slots(100 * 2**30, **PLAN).cache_slots == 64  # never more slots than experts
+    assert smallest.num_processes == 7 and "2 + 2 slots" in smallest.describe()
+
+
+def test_a_budget_below_the_dense_part_plus_k_experts_is_refused_with_the_numbers():
+    fixed = 12 * MIB + processes_nbytes(2)
+    with pytest.raises(ConfigError) as refused:
+        plan_cache_slots(fixed + 4 * 4 * MIB - 1, **PLAN)
+    message = str(refused.value)
+    assert f"needs at least {(fixed + 16 * MIB) / MIB:,.1f} MiB" in message
+    assert "dense weights 10.0 MiB" in message and "KV cache 2.0 MiB" in message
+    assert "2 experts of one layer (2 x 4.00 MiB)" in message and "2 prefetch slots" in message
+    with pytest.raises(ConfigError, match="needs at least"):
+        plan_cache_slots(MIB, **{**PLAN, "reserve_slots": 0})
