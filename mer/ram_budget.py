@@ -5,6 +5,9 @@ The graph's resident memory is counted as
     dense weights (every non-expert tensor of the GGUF, memory-mapped by the router)
   + KV cache (float32 K and V: 2 x blocks x positions x kv_heads x head_dim x 4 bytes)
   + the processes themselves (interpreter, numpy, numba, ZeroMQ: `processes_nbytes`, measured)
+  + the GGUF's parsed metadata in the two processes that open it, the CLI and the router (the `gguf`
+    library's reader keeps ~1 KiB of numpy views per metadata array element: ~85 MiB per process
+    for a 32k SentencePiece vocabulary, ~400 MiB for a 150k BPE one; `metadata_nbytes`, measured)
   + the slot arena (cache slots + prefetch reserve, `slot_nbytes` each)
 
 and the cache gets every slot that fits in what is left (at most one per expert of the model). A
@@ -30,6 +33,10 @@ MIB = 2**20
 HEAVY_PROCESS_NBYTES = 96 * MIB  # numpy + numba + kernels: supervisor (the CLI), router, each compute worker
 LIGHT_PROCESS_NBYTES = 40 * MIB  # I/O worker, predictor
 TRACKER_NBYTES = 8 * MIB
+# Pss per metadata array element after `gguf.GGUFReader` parsed a file: 0.87-1.05 KiB measured on
+# vocabularies of 32k and 150k tokens (SentencePiece: tokens, scores, types; BPE: tokens, types, merges).
+METADATA_BYTES_PER_ELEMENT = 1024
+GGUF_READING_PROCESSES = 2  # the CLI (supervisor) and the router parse the GGUF's metadata
 
 
 def processes_nbytes(num_compute_workers: int) -> int:
@@ -55,6 +62,12 @@ def dense_nbytes(source: GGUFSource) -> int:
                if not (MERGED_EXPERT_TENSOR.match(tensor.name) or PER_EXPERT_TENSOR.match(tensor.name)))
 
 
+def metadata_nbytes(source: GGUFSource) -> int:
+    """The parsed metadata of the GGUF in every process that opens it (see METADATA_BYTES_PER_ELEMENT)."""
+    elements = sum(len(field.data) for part in source.parts for field in part.reader.fields.values())
+    return GGUF_READING_PROCESSES * elements * METADATA_BYTES_PER_ELEMENT
+
+
 def kv_cache_nbytes(num_blocks: int, positions: int, kv_width: int) -> int:
     """Float32 keys and values of `positions` positions in every block."""
     return 2 * num_blocks * positions * kv_width * 4
@@ -72,37 +85,40 @@ class RamPlan:
     slot_nbytes: int
     reserve_slots: int  # prefetch reserve (the arena holds cache_slots + reserve_slots)
     cache_slots: int
+    metadata_nbytes: int = 0
 
     @property
     def fixed_nbytes(self) -> int:
-        return self.dense_nbytes + self.kv_cache_nbytes + self.processes_nbytes
+        return self.dense_nbytes + self.kv_cache_nbytes + self.processes_nbytes + self.metadata_nbytes
 
     @property
     def arena_nbytes(self) -> int:
         return (self.cache_slots + self.reserve_slots) * self.slot_nbytes
 
+    def describe_fixed(self) -> str:
+        return (f"dense weights {self.dense_nbytes / MIB:,.1f} MiB, KV cache {self.kv_cache_nbytes / MIB:,.1f} MiB, "
+                f"{self.num_processes} processes {self.processes_nbytes / MIB:,.0f} MiB, "
+                f"GGUF metadata {self.metadata_nbytes / MIB:,.1f} MiB")
+
     def describe(self) -> str:
-        return (f"RAM budget {self.budget / MIB:,.1f} MiB: dense weights {self.dense_nbytes / MIB:,.1f} MiB, "
-                f"KV cache {self.kv_cache_nbytes / MIB:,.1f} MiB, {self.num_processes} processes "
-                f"{self.processes_nbytes / MIB:,.0f} MiB, slot arena {self.cache_slots} + {self.reserve_slots} slots x "
-                f"{self.slot_nbytes / MIB:,.2f} MiB = {self.arena_nbytes / MIB:,.1f} MiB")
+        return (f"RAM budget {self.budget / MIB:,.1f} MiB: {self.describe_fixed()}, slot arena {self.cache_slots} + "
+                f"{self.reserve_slots} slots x {self.slot_nbytes / MIB:,.2f} MiB = {self.arena_nbytes / MIB:,.1f} MiB")
 
 
 def plan_cache_slots(budget: int, *, dense: int, kv_cache: int, num_compute_workers: int, slot_nbytes: int,
-                     top_k: int, reserve_slots: int, num_experts: int) -> RamPlan:
+                     top_k: int, reserve_slots: int, num_experts: int, metadata: int = 0) -> RamPlan:
     """The cache slots a budget allows (at most `num_experts`); ConfigError with the numbers when it
     cannot hold the fixed part plus `top_k` experts of one layer and the prefetch reserve."""
     processes = 5 + num_compute_workers
     plan = RamPlan(budget, dense, kv_cache, processes, processes_nbytes(num_compute_workers), slot_nbytes,
-                   reserve_slots, 0)
+                   reserve_slots, 0, metadata)
     fitting = (budget - plan.fixed_nbytes) // slot_nbytes - reserve_slots
     if fitting < top_k:
         needed = plan.fixed_nbytes + (top_k + reserve_slots) * slot_nbytes
         reserve = f" and {reserve_slots} prefetch slots (--no-prefetch frees them)" if reserve_slots else ""
         raise ConfigError(
             f"RAM budget {budget / MIB:,.1f} MiB cannot hold the dense part ({plan.fixed_nbytes / MIB:,.1f} MiB: "
-            f"dense weights {dense / MIB:,.1f} MiB, KV cache {kv_cache / MIB:,.1f} MiB, {processes} processes "
-            f"{plan.processes_nbytes / MIB:,.0f} MiB) plus {top_k} experts of one layer ({top_k} x "
-            f"{slot_nbytes / MIB:,.2f} MiB){reserve}: it needs at least {needed / MIB:,.1f} MiB"
+            f"{plan.describe_fixed()}) plus {top_k} experts of one layer ({top_k} x {slot_nbytes / MIB:,.2f} MiB)"
+            f"{reserve}: it needs at least {needed / MIB:,.1f} MiB"
         )
     return dataclasses.replace(plan, cache_slots=int(min(fitting, num_experts)))

@@ -22,7 +22,8 @@ import zmq
 from mer.expert_format import ExpertPayload
 from mer.runtime.child import receive_unless_stopped
 from mer.expert_batches import item_partials
-from mer.protocol import ComputeJob, ComputeResult, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
+from mer.protocol import (ComputeJob, ComputeResult, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode,
+                          error_reply)
 from mer.shm.arena import SlotArena
 from mer.store.manifest import Manifest
 from mer.swiglu import swiglu_expert

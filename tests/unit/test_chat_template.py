@@ -20,9 +20,9 @@ LLAMA2 = "{{ bos_token }}{% for message in messages %}[INST] {{ message['content
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
     directory = tmp_path_factory.mktemp("chat")
-    return {kind: load_tokenizer(MoEModel.load(write_tiny_moe_gguf(directory / f"{kind}.gguf", n_layers=1,
-                                                                   tokenizer=kind, vocab_size=400).path).source.parts[0])
-            for kind in ("spm", "bpe")}
+    paths = {kind: write_tiny_moe_gguf(directory / f"{kind}.gguf", n_layers=1, tokenizer=kind, vocab_size=400).path
+             for kind in ("spm", "bpe")}
+    return {kind: load_tokenizer(MoEModel.load(path).source.parts[0]) for kind, path in paths.items()}
 
 
 def test_chatml_is_rendered_and_its_special_tokens_parsed(tokenizers):
@@ -31,7 +31,8 @@ def test_chatml_is_rendered_and_its_special_tokens_parsed(tokenizers):
     assert text == "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n"
     tokens = chat_prompt_tokens(tokenizer, "hi there")
     assert tokens == tokenizer.encode(text, add_special=False, parse_special=True)
-    assert tokens.count(tokenizer.piece_ids["<|im_start|>"]) == 2 and tokens.count(tokenizer.piece_ids["<|im_end|>"]) == 1
+    assert tokens.count(tokenizer.piece_ids["<|im_start|>"]) == 2
+    assert tokens.count(tokenizer.piece_ids["<|im_end|>"]) == 1
 
 
 def test_a_template_that_writes_bos_gets_no_second_bos(tokenizers):

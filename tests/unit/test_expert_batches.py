@@ -37,7 +37,8 @@ def numpy_swiglu(matrices: list[np.ndarray], x: np.ndarray) -> np.ndarray:
 
 def test_packed_batches_lay_experts_end_to_end():
     rng = np.random.default_rng(0)
-    batches = {5: rng.standard_normal((3, D_MODEL)).astype(np.float32), 1: rng.standard_normal((1, D_MODEL)).astype(np.float32)}
+    batches = {5: rng.standard_normal((3, D_MODEL)).astype(np.float32),
+               1: rng.standard_normal((1, D_MODEL)).astype(np.float32)}
     packed = pack_batches(batches, [1, 5])
     assert packed.experts == (1, 5) and packed.row_offsets == (0, 1, 4)
     assert np.array_equal(packed.x[packed.rows_of(1)], batches[5]) and np.array_equal(packed.x[0:1], batches[1])
@@ -51,7 +52,8 @@ def test_packed_batches_lay_experts_end_to_end():
 def test_each_expert_gets_its_own_rows_and_the_slices_sum_to_its_output(dtype):
     rng = np.random.default_rng(1)
     payloads = {expert: random_payload(dtype, seed=expert) for expert in (2, 6)}
-    batches = {2: rng.standard_normal((4, D_MODEL)).astype(np.float32), 6: rng.standard_normal((2, D_MODEL)).astype(np.float32)}
+    batches = {2: rng.standard_normal((4, D_MODEL)).astype(np.float32),
+               6: rng.standard_normal((2, D_MODEL)).astype(np.float32)}
     packed = pack_batches(batches)
     slices = plan_slices(payloads[2][0].format)
     assert len(slices) > 1

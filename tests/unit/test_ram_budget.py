@@ -7,7 +7,8 @@ from gguf import GGUFReader
 
 from mer.errors import ConfigError
 from mer.model.model import MoEModel
-from mer.ram_budget import MIB, dense_nbytes, kv_cache_nbytes, parse_size, plan_cache_slots, processes_nbytes
+from mer.ram_budget import (MIB, dense_nbytes, kv_cache_nbytes, metadata_nbytes, parse_size, plan_cache_slots,
+                            processes_nbytes)
 from tests.gguf_models import write_tiny_moe_gguf
 
 
@@ -42,6 +43,13 @@ def test_kv_cache_bytes_are_what_the_kv_cache_allocates(tmp_path):
     assert kv_cache_nbytes(hparams.num_blocks, 37, hparams.kv_width) == cache.keys.nbytes + cache.values.nbytes
 
 
+def test_metadata_counts_every_array_element_in_the_two_processes_that_parse_it(tmp_path):
+    for vocab in (400, 800):
+        source = MoEModel.load(write_tiny_moe_gguf(tmp_path / f"v{vocab}.gguf", vocab_size=vocab).path).source
+        elements = metadata_nbytes(source) / 2 / 1024
+        assert 3 * vocab <= elements <= 3 * vocab + 64  # tokens, scores, types (+ the scalar keys)
+
+
 PLAN = dict(dense=10 * MIB, kv_cache=2 * MIB, num_compute_workers=2, slot_nbytes=4 * MIB, top_k=2, reserve_slots=2,
             num_experts=64)
 
@@ -55,6 +63,8 @@ def test_the_cache_gets_every_slot_left_by_the_fixed_part():
     assert plan_cache_slots(fixed + 10 * 4 * MIB, **PLAN).cache_slots == 8
     assert plan_cache_slots(100 * 2**30, **PLAN).cache_slots == 64  # never more slots than experts
     assert smallest.num_processes == 7 and "2 + 2 slots" in smallest.describe()
+    with_metadata = plan_cache_slots(fixed + 100 * MIB + 4 * 4 * MIB, **PLAN, metadata=100 * MIB)
+    assert with_metadata.cache_slots == 2 and "GGUF metadata 100.0 MiB" in with_metadata.describe()
 
 
 def test_a_budget_below_the_dense_part_plus_k_experts_is_refused_with_the_numbers():
