@@ -13,7 +13,7 @@ from mer.expert_format import ExpertFormat, ExpertPayload
 from mer.slicing import plan_slices
 from mer.swiglu import swiglu_expert
 
-D_MODEL, D_FF = 64, 256
+D_MODEL, D_FF = 64, 768  # d_ff of 3 slices (MIN_SLICE_ROWS = 256), so slices are really summed
 
 
 def random_payload(dtype: str, seed: int) -> tuple[ExpertPayload, list[np.ndarray]]:
