@@ -69,6 +69,17 @@ class PipelineConfig:
     )
     pipeline_depth: int = setting(1, "Iterations the predictor looks ahead when hinting.", minimum=1, maximum=64)
     prefetch: bool = setting(True, "Whether predicted experts are read ahead (--no-prefetch turns it off).")
+    predictors: str = setting(
+        "markov", "Predictors switched on, comma-separated: markov, locality, affinity (hints are fused)."
+    )
+    governor_threshold: float = setting(
+        0.0, "Prefetch governor: admit a hint when score x recent accuracy >= this x (1 + reads pending); "
+        "0 turns the governor off.", minimum=0.0, maximum=1.0,
+    )
+    max_pinned: int = setting(
+        0, "Experts the locality predictor may pin in the cache (0: no pins; at most cache_slots - top_k).",
+        minimum=0, maximum=1_000_000,
+    )
     compute_workers: WorkerCount = setting(
         AUTO, "Compute worker processes: a count, or auto (available cores / kernel_threads).", minimum=1, maximum=1024
     )
@@ -93,6 +104,7 @@ class PipelineConfig:
             value = _coerce(item, getattr(self, item.name), "configuration", Path.cwd())
             object.__setattr__(self, item.name, value)
         _check_trace(self)
+        _check_predictors(self)
 
     @property
     def num_compute_workers(self) -> int:
@@ -186,6 +198,17 @@ def _check_trace(config: PipelineConfig) -> None:
         raise ConfigError(
             f"trace {config.trace} is set but workload is {config.workload!r}; a trace is only read with "
             "workload 'replay' (to write one, use record_trace)"
+        )
+
+
+def _check_predictors(config: PipelineConfig) -> None:
+    from mer.predict.fusion import parse_predictor_names
+
+    parse_predictor_names(config.predictors)
+    if config.max_pinned > 0 and config.max_pinned > config.cache_slots - config.top_k:
+        raise ConfigError(
+            f"max_pinned {config.max_pinned} leaves fewer than top_k {config.top_k} unpinned slots of cache_slots "
+            f"{config.cache_slots}: use at most {max(config.cache_slots - config.top_k, 0)}"
         )
 
 

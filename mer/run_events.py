@@ -17,7 +17,11 @@ Events (name, emitter, fields with units):
 - `expert_read` (I/O worker), one per read: expert_id, slot, nbytes (bytes read into the slot,
   header page included), latency_us (submission to completion), kind (`foreground` or `prefetch`).
 - `prefetch_stats` (router, at the end of the run): cumulative counters issued, completed, used,
-  wasted, dropped, predictor_observations; when several are logged, the last one counts.
+  wasted, dropped, predictor_observations; when several are logged, the last one counts. It may
+  carry `predictors`, `{name: {hints, issued, completed, used, wasted, dropped, predictions,
+  top1_hits, topk_found, topk_observed, ...}}` (`PredictorCounters`; missing counters are 0).
+- `predictor_stats` (router, at the end of the run), one per predictor: `predictor` (its name) and
+  the fields of `PredictorCounters.to_summary_dict()`; informative (the summary reads `prefetch_stats`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ RUN_STARTED = "run_started"
 TOKEN_DONE = "token_done"
 EXPERT_READ = "expert_read"
 PREFETCH_STATS = "prefetch_stats"
+PREDICTOR_STATS = "predictor_stats"
 RUN_SUMMARY = "run_summary"
 READ_KINDS = ("foreground", "prefetch")
 
@@ -146,3 +151,60 @@ class PrefetchCounters(_EventRecord):
     wasted: int = 0
     dropped: int = 0
     predictor_observations: int = 0
+
+
+@dataclass(frozen=True)
+class PredictorCounters(_EventRecord):
+    """One predictor's prefetch counters (I/O worker) and hint accuracy counters (predictor).
+
+    hints received, reads issued for them, completed, used before eviction, wasted (evicted unused),
+    dropped by the governor, cancelled (queued reads found stale); predictions scored against the
+    next decision, top-1 hits, and the observed experts found among the k best hints (`topk_found`)
+    out of `topk_observed`.
+    """
+
+    hints: int = 0
+    issued: int = 0
+    completed: int = 0
+    used: int = 0
+    wasted: int = 0
+    dropped: int = 0
+    cancelled: int = 0
+    predictions: int = 0
+    top1_hits: int = 0
+    topk_found: int = 0
+    topk_observed: int = 0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str) -> "PredictorCounters":
+        """The counters of `values` (missing ones are 0; others are checked and extra keys ignored)."""
+        if not isinstance(values, Mapping):
+            raise EventLogError(f"{where}: predictor counters must be a mapping, got {values!r}")
+        checked = {f.name: _checked(values[f.name], "int", f.name, where) for f in fields(cls) if f.name in values}
+        return cls(**checked)
+
+    @property
+    def top1_accuracy_pct(self) -> float:
+        return self.top1_hits / self.predictions * 100 if self.predictions else 0.0
+
+    @property
+    def topk_accuracy_pct(self) -> float:
+        return self.topk_found / self.topk_observed * 100 if self.topk_observed else 0.0
+
+    def to_summary_dict(self) -> dict[str, Any]:
+        """The counters plus top1_accuracy_pct and topk_accuracy_pct (0-100; 0.0 before any prediction)."""
+        return {**asdict(self), "top1_accuracy_pct": self.top1_accuracy_pct,
+                "topk_accuracy_pct": self.topk_accuracy_pct}
+
+
+def predictors_from_event(event: Mapping[str, Any], where: str) -> dict[str, PredictorCounters]:
+    """The `predictors` field of a `prefetch_stats` event by name ({} when absent)."""
+    predictors = event.get("predictors", {})
+    if not isinstance(predictors, Mapping):
+        raise EventLogError(f"{where}: field 'predictors' must be a mapping of name to counters, got {predictors!r}")
+    result = {}
+    for name, values in predictors.items():
+        if not isinstance(name, str):
+            raise EventLogError(f"{where}: predictor name {name!r} is not a string")
+        result[name] = PredictorCounters.from_mapping(values, f"{where} predictor {name!r}")
+    return result

@@ -14,7 +14,11 @@ recomputes a run's `run_summary` exactly. Definitions:
 - `io_wait_us_per_token`, `compute_us_per_token`: means over ALL tokens (a token with no miss
   counts with io_wait 0, as in the seed's "over N tokens");
 - `io_share_pct` = sum(io_wait_us) / sum(cycle_us) x 100;
-- prefetch counters and predictor observations: the last `prefetch_stats` event (0 when none).
+- prefetch counters and predictor observations: the last `prefetch_stats` event (0 when none);
+- `predictors`: `{name: {hints, issued, completed, used, wasted, dropped, cancelled, predictions, top1_hits,
+  topk_found, topk_observed, top1_accuracy_pct, topk_accuracy_pct}}` from the `predictors` field of
+  that event ({} when absent, e.g. with --no-prefetch); see `mer.predict.accuracy` and
+  `mer.cache.prefetch_ledger` for the definitions.
 
 Percentiles are nearest-rank on exact values (`mer.stats`); sums of floats use math.fsum, so
 the result does not depend on the order of events. Percentages are 0-100.
@@ -23,13 +27,13 @@ the result does not depend on the order of events. Percentages are 0-100.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field as dataclass_field, fields
 from typing import Any, Iterable, Mapping
 
 from mer.errors import EventLogError
 from mer.logging_setup import LOG_SCHEMA_VERSION
-from mer.run_events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PrefetchCounters, ReadRecord,
-                            RunInfo, TokenRecord)
+from mer.run_events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PredictorCounters, PrefetchCounters,
+                            ReadRecord, RunInfo, TokenRecord, predictors_from_event)
 from mer.stats import Percentiles
 
 MIB = 2**20
@@ -72,6 +76,7 @@ class RunSummary:
     compute_workers: int
     io_backend: str
     lookups: int
+    predictors: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain JSON types; latency groups nested ({p50, p95, p99}, cycle_us with max)."""
@@ -80,6 +85,8 @@ class RunSummary:
             value = getattr(self, field.name)
             if field.name in _LATENCY_GROUPS:
                 value = value.to_json_dict()
+            elif field.name == "predictors":
+                value = {name: dict(counters) for name, counters in value.items()}
             data[field.name] = value
         return data
 
@@ -87,7 +94,8 @@ class RunSummary:
     def from_json_dict(cls, data: Mapping[str, Any]) -> "RunSummary":
         """The summary of a `to_json_dict()` result (e.g. a logged `run_summary` event)."""
         try:
-            values = {field.name: data[field.name] for field in fields(cls)}
+            values = {field.name: data[field.name] for field in fields(cls) if field.name != "predictors"}
+            values["predictors"] = {name: dict(counters) for name, counters in data.get("predictors", {}).items()}
             for name in _LATENCY_GROUPS:
                 values[name] = Percentiles.from_json_dict(values[name])
         except (KeyError, TypeError) as error:
@@ -103,6 +111,7 @@ class CollectedEvents:
     reads: list[ReadRecord]
     prefetch: PrefetchCounters
     run_infos: list[RunInfo]
+    predictors: dict[str, PredictorCounters] = dataclass_field(default_factory=dict)
 
 
 def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
@@ -128,6 +137,7 @@ def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
             collected.reads.append(ReadRecord.from_event(event, where))
         elif name == PREFETCH_STATS:
             collected.prefetch = PrefetchCounters.from_event(event, where)
+            collected.predictors = predictors_from_event(event, where)
         else:
             collected.run_infos.append(RunInfo.from_event(event, where))
     return collected
@@ -190,6 +200,7 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         compute_workers=info.compute_workers,
         io_backend=info.io_backend,
         lookups=lookups,
+        predictors={name: collected.predictors[name].to_summary_dict() for name in sorted(collected.predictors)},
     )
 
 
@@ -219,4 +230,11 @@ def format_seed_block(summary: RunSummary) -> str:
         f"I/O share: {s.io_share_pct:.2f}% of token cycle time spent waiting on SSD reads",
         f"workers: compute={s.compute_workers} io_backend={s.io_backend}",
     ]
+    for name, p in s.predictors.items():
+        lines.append(
+            f"predictor {name}: hints={p['hints']} issued={p['issued']} completed={p['completed']} "
+            f"used={p['used']} wasted={p['wasted']} dropped={p['dropped']} "
+            f"top1={p['top1_accuracy_pct']:.1f}% topk={p['topk_accuracy_pct']:.1f}% "
+            f"(over {p['predictions']} predictions)"
+        )
     return "\n".join(lines)

@@ -2,14 +2,24 @@
 
 Binds a ROUTER on `io.sock`. The router sends `Acquire` (answered with `SlotsReady` once every
 requested expert is in a slot and leased), `Release` and `StatsRequest`; the predictor sends
-`PrefetchHints`. Misses become reads (io_uring with O_DIRECT when available, else thread-pool
-preadv; `io_backend`) straight into the slot; concurrent requests for one expert share one read;
-foreground reads go before queued prefetches, and a miss that finds its expert in a queued
-prefetch promotes that read. Every read is logged as an `expert_read` event.
+`PrefetchHints`, `PredictorStats` and `PinSet`. Misses become reads (io_uring with O_DIRECT when
+available, else thread-pool preadv; `io_backend`) straight into the slot; concurrent requests for
+one expert share one read; foreground reads go before queued prefetches, and a miss that finds its
+expert in a queued prefetch promotes that read. Every read is logged as an `expert_read` event.
 
-Prefetch admission (a first governor): a hint is read only if its expert is not resident, a slot
-is FREE or evictable without touching anything leased, pinned or used in the current token, and
-fewer than `predict_fanout x pipeline_depth` prefetch reads are in flight; otherwise it is dropped.
+Prefetch admission: a hint is read only if its expert is not resident, a slot is FREE or evictable
+without touching anything leased, pinned or used in the current token, fewer than
+`predict_fanout x pipeline_depth` prefetch reads are in flight and, with `governor_threshold > 0`,
+the governor (`mer.cache.governor`) finds its score x the recent accuracy of its predictor worth
+the reads already pending; otherwise it is dropped. With the governor on, a foreground miss cancels
+the queued (not started) prefetch reads that became stale (hinted `pipeline_depth` or more tokens
+ago and not joined by this acquire): their slots are freed for the foreground.
+
+Every hint's fate is also counted per predictor (`PrefetchHints.source`) in a `PrefetchLedger`,
+with the accuracy each predictor reports about itself; `stats()["predictors"]` returns them.
+Pins: the slot table is built with `max_pinned` from the configuration; a `PinSet` replaces the
+pins of the experts the table holds pinned (unpinned first, then pinned in order until
+`max_pinned` is reached).
 """
 
 from __future__ import annotations
@@ -21,13 +31,16 @@ from pathlib import Path
 
 import zmq
 
+from mer.cache.governor import PrefetchGovernor
+from mer.cache.prefetch_ledger import PrefetchLedger
 from mer.cache.slot_table import AcquireKind, SlotTable
 from mer.cache.step import acquire_order
 from mer.errors import ProtocolError
 from mer.io.backend import open_reader
 from mer.runtime.child import receive_unless_stopped
 from mer.protocol import (
-    Acquire, IoStats, PrefetchHints, Release, SlotGrant, SlotsReady, StatsRequest, decode, encode, error_reply,
+    Acquire, IoStats, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, StatsRequest, decode,
+    encode, error_reply,
 )
 from mer.run_events import EXPERT_READ
 from mer.shm.arena import SlotArena
@@ -59,7 +72,10 @@ class IoWorker:
         self.slot_released = asyncio.Event()
         self.current_token = -1
         self.reads: list[dict] = []
-        self.prefetch = {"issued": 0, "completed": 0, "dropped": 0}
+        self.prefetch = {"issued": 0, "completed": 0, "dropped": 0, "cancelled": 0}
+        self.ledger = PrefetchLedger()
+        self.pins_set = 0  # PinSet messages applied
+        self.governor = PrefetchGovernor(context.config.governor_threshold)
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self) -> dict:
@@ -72,7 +88,7 @@ class IoWorker:
         files = [self.store_dir / layer.file for layer in self.manifest.layers]
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
                                   registration_unit=self.arena.slot_nbytes)
-        self.table = SlotTable(self.arena.num_slots)
+        self.table = SlotTable(self.arena.num_slots, max_pinned=config.max_pinned)
         self.socket = self.context.zmq.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(run.endpoint("io"))
@@ -85,7 +101,8 @@ class IoWorker:
                 return
             identity, *frames = frames
             try:
-                message = decode(frames, expected_kinds=(Acquire, Release, PrefetchHints, StatsRequest))
+                message = decode(frames, expected_kinds=(Acquire, Release, PrefetchHints, PredictorStats, PinSet,
+                                                         StatsRequest))
             except ProtocolError as error:
                 self.context.log.warning("bad_io_message", error=str(error))
                 continue
@@ -98,6 +115,11 @@ class IoWorker:
             self._release(message)
         elif isinstance(message, PrefetchHints):
             self._admit_prefetches(message)
+        elif isinstance(message, PredictorStats):
+            self.ledger.reported(message.source, message.stats)
+            self.governor.reported(message.source, message.stats)
+        elif isinstance(message, PinSet):
+            self._set_pins(message.expert_ids)
         else:
             self._spawn(self._send(identity, IoStats(message.request_id, self.stats())))
 
@@ -118,6 +140,8 @@ class IoWorker:
             waits: list = [None] * len(request.expert_ids)
             for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
                 waits[index] = await self._acquire_one(request.expert_ids[index], request.token, request.foreground)
+            if request.foreground and any(not isinstance(wait, asyncio.Future) for wait in waits):  # a miss
+                self._cancel_stale_prefetches(request)
             grants = [await wait for wait in waits]
             t_answered = time.monotonic()
             await self._send(identity, SlotsReady(request.request_id, grants))
@@ -130,8 +154,10 @@ class IoWorker:
     async def _acquire_one(self, expert_id: int, token: int, foreground: bool):
         """Lease `expert_id` (starting or joining its read); returns an awaitable of its SlotGrant."""
         while True:
+            before = self.table.counters.prefetch_used, self.table.counters.prefetch_wasted
             result = self.table.acquire(expert_id, token, foreground)
             if result.kind is not AcquireKind.NO_SLOT:
+                self._attribute_prefetch_changes(result.slot, before)
                 break
             self.slot_released.clear()
             await self.slot_released.wait()
@@ -150,6 +176,22 @@ class IoWorker:
         waited_started = time.perf_counter()
         await asyncio.shield(load.future)
         return grant._replace(read_us=(time.perf_counter() - waited_started) * 1e6)
+
+    def _cancel_stale_prefetches(self, request: Acquire) -> None:
+        """With the governor on: cancel queued prefetch reads of earlier hints this acquire did not join."""
+        if self.governor.threshold == 0:
+            return
+        requested = set(request.expert_ids)
+        depth = self.context.config.pipeline_depth
+        for slot, load in list(self.loads.items()):
+            if load.kind != "prefetch" or not self.governor.is_stale(load.token, request.token, depth):
+                continue
+            info = self.table.slot_info(slot)
+            if info.expert_id in requested or info.pending_leases:  # joined by this or an earlier acquire
+                continue
+            if self.reader.cancel(load.reader_future):  # the done callback frees the slot
+                self.prefetch["cancelled"] += 1
+                self.ledger.cancelled(slot)
 
     def _release(self, message: Release) -> None:
         for ref in message.refs:
@@ -177,7 +219,12 @@ class IoWorker:
         load = self.loads.pop(slot)
         error = done.exception() if not done.cancelled() else asyncio.CancelledError()
         self.table.finish_load(slot, generation, ok=error is None)
+        if kind == "prefetch":
+            self.ledger.completed(slot, ok=error is None)
         self.slot_released.set()
+        if done.cancelled() and kind == "prefetch":  # a stale prefetch cancelled by the governor
+            load.future.cancel()
+            return
         if error is not None:
             self.context.log.warning("expert_read_failed", expert_id=expert_id, slot=slot, error=str(error))
             load.future.set_exception(error)
@@ -197,16 +244,39 @@ class IoWorker:
     def _admit_prefetches(self, message: PrefetchHints) -> None:
         config = self.context.config
         limit = config.predict_fanout * config.pipeline_depth
+        self.ledger.hinted(message.source, len(message.hints))
         for hint in message.hints:
             if self.table.lookup(hint.expert_id) is not None:
                 continue  # resident or already loading: nothing to do
             in_flight = sum(load.kind == "prefetch" for load in self.loads.values())
-            assignment = self.table.assign_prefetch(hint.expert_id, self.current_token) if in_flight < limit else None
+            pending = self.reader.num_in_flight + self.reader.num_queued
+            worth = in_flight < limit and self.governor.admits(message.source, hint.score, pending)
+            before = self.table.counters.prefetch_used, self.table.counters.prefetch_wasted
+            assignment = self.table.assign_prefetch(hint.expert_id, self.current_token) if worth else None
             if assignment is None:
                 self.prefetch["dropped"] += 1
+                self.ledger.dropped(message.source)
                 continue
+            self._attribute_prefetch_changes(assignment.slot, before)
+            self.ledger.issued(message.source, assignment.slot)
             self.prefetch["issued"] += 1
             self._start_read(assignment.slot, assignment.generation, hint.expert_id, "prefetch", message.token)
+
+    def _set_pins(self, expert_ids: list[int]) -> None:
+        """Pin `expert_ids` (in order, until `max_pinned`); experts pinned before and not named are unpinned."""
+        wanted = [expert for expert in dict.fromkeys(expert_ids) if 0 <= expert < self.manifest.geometry.num_experts]
+        for expert in range(self.manifest.geometry.num_experts):
+            if self.table.is_pinned(expert) and expert not in wanted:
+                self.table.unpin(expert)
+        for expert in wanted:
+            if not self.table.pin(expert):
+                break
+        self.pins_set += 1
+
+    def _attribute_prefetch_changes(self, slot: int, before: tuple[int, int]) -> None:
+        """Credit the prefetch use or waste a slot-table call on `slot` just counted to its predictor."""
+        counters = self.table.counters
+        self.ledger.table_changed(slot, counters.prefetch_used - before[0], counters.prefetch_wasted - before[1])
 
     def _log_acquire_done(self, request: Acquire, grants: list, t_received: float, t_answered: float) -> None:
         """`acquire_done` (docs/events.md): the request's timing and a snapshot of the slots and counters."""
@@ -234,6 +304,9 @@ class IoWorker:
             "prefetches_issued": self.prefetch["issued"], "prefetches_completed": self.prefetch["completed"],
             "prefetches_dropped": self.prefetch["dropped"], "prefetches_used": counters["prefetch_used"],
             "prefetches_wasted": counters["prefetch_wasted"], "cache": counters,
+            "prefetches_cancelled": self.prefetch["cancelled"],
+            "predictors": self.ledger.as_dict(), "pin_sets": self.pins_set,
+            "pinned_experts": [e for e in range(self.manifest.geometry.num_experts) if self.table.is_pinned(e)],
         }
 
     async def on_control(self, message) -> None:

@@ -26,7 +26,9 @@ from mer.protocol.messages import (
     MessageKind,
     Partials,
     PrefetchHint,
+    PinSet,
     PrefetchHints,
+    PredictorStats,
     Ready,
     Release,
     RoutingObserved,
@@ -45,7 +47,7 @@ from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, e
 __all__ = [
     "ARRAY_KEY", "MESSAGE_TYPES", "Acquire", "Activations", "ArraySpec", "ChildFailed", "ComputeItem",
     "ComputeJob", "ComputeResult", "ErrorFields", "ErrorReply", "Hello", "IoStats", "JobDone", "JsonMap",
-    "Message", "MessageKind", "Partials", "PrefetchHint", "PrefetchHints", "Ready", "Release",
+    "Message", "MessageKind", "Partials", "PrefetchHint", "PinSet", "PrefetchHints", "PredictorStats", "Ready", "Release",
     "RoutingObserved", "ScalarMap", "Shutdown", "SliceRange", "SlotGrant", "SlotRef", "SlotsReady", "StartJob",
     "StatsRequest", "decode", "encode", "error_fields", "error_reply", "error_type_name", "raise_remote",
     "TokenGenerated", "ExpertBatchJob", "ExpertBatchResult", "BatchPartials",

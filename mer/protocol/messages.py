@@ -37,6 +37,8 @@ class MessageKind(IntEnum):
     PREFETCH_HINTS = 13
     STATS_REQUEST = 14
     IO_STATS = 15
+    PREDICTOR_STATS = 16
+    PIN_SET = 17
     COMPUTE_JOB = 20
     COMPUTE_RESULT = 21
     EXPERT_BATCH_JOB = 22
@@ -244,6 +246,22 @@ class PrefetchHints:
     token: int
     hints: list[PrefetchHint]
     source: str
+
+
+@message(MessageKind.PREDICTOR_STATS)
+class PredictorStats:
+    """The predictor's own cumulative counters for the named predictor `source` (hint accuracy)."""
+
+    source: str
+    stats: JsonMap
+
+
+@message(MessageKind.PIN_SET)
+class PinSet:
+    """The experts predictor `source` wants pinned now, most wanted first (replaces its previous set)."""
+
+    source: str
+    expert_ids: list[int]
 
 
 @message(MessageKind.STATS_REQUEST)

@@ -25,7 +25,8 @@ from mer.protocol import ComputeItem, RoutingObserved, SlotGrant
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.hidden_states import synthetic_hidden_state
 from mer.routing import RoutingDecision, RoutingSpace
-from mer.run_events import EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PrefetchCounters, RunInfo, TokenRecord
+from mer.run_events import (EXPERT_READ, PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PrefetchCounters,
+                            RunInfo, TokenRecord, predictors_from_event)
 from mer.slicing import combine_partials, plan_slices
 from mer.store.manifest import Manifest
 from mer.summary import RunSummary, summarize_log_events
@@ -164,8 +165,13 @@ class BenchJob:
             used=int(io_stats["prefetches_used"]), wasted=int(io_stats["prefetches_wasted"]),
             dropped=int(io_stats["prefetches_dropped"]), predictor_observations=self.observations,
         )
-        self.log.info(PREFETCH_STATS, **counters.to_event_fields(), reads_counted=len(io_stats["reads"]))
-        events.append({"event": PREFETCH_STATS, **counters.to_event_fields()})
+        predictors = dict(io_stats.get("predictors", {}))
+        self.log.info(PREFETCH_STATS, **counters.to_event_fields(), predictors=predictors,
+                      reads_counted=len(io_stats["reads"]))
+        event = {"event": PREFETCH_STATS, **counters.to_event_fields(), "predictors": predictors}
+        for name, predictor in predictors_from_event(event, PREFETCH_STATS).items():
+            self.log.info(PREDICTOR_STATS, predictor=name, **predictor.to_summary_dict())
+        events.append(event)
         return summarize_log_events(events)
 
 

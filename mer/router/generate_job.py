@@ -28,6 +28,7 @@ from mer.model.sampling import Sampler
 from mer.protocol import TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.expert_client import ExpertDispatcher
+from mer.run_events import PredictorCounters
 from mer.router.generation_request import GenerationRequest
 from mer.router.graph_forward import DenseThread, ForwardCosts, GraphForward
 from mer.routing import RoutingDecision
@@ -163,6 +164,8 @@ class GenerateJob:
             "mib_read_per_token": decode_bytes / MIB / phases.decode_steps if phases.decode_steps else 0.0,
             "prefetches_issued": int(stats["prefetches_issued"]), "prefetches_used": int(stats["prefetches_used"]),
             "prefetches_wasted": int(stats["prefetches_wasted"]), "predictor_observations": observations,
+            "predictors": {name: PredictorCounters.from_mapping(values, "I/O stats").to_summary_dict()
+                           for name, values in sorted(dict(stats.get("predictors", {})).items())},
             "dense_us_per_block": decode.dense_us / blocks if decode.moe_blocks else 0.0,
             "expert_us_per_block": decode.expert_us / blocks if decode.moe_blocks else 0.0,
             "io_wait_us_per_block": decode.experts.io_wait_us / blocks if decode.moe_blocks else 0.0,

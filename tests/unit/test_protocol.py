@@ -23,7 +23,9 @@ from mer.protocol import (
     JobDone,
     MessageKind,
     PrefetchHint,
+    PinSet,
     PrefetchHints,
+    PredictorStats,
     Ready,
     Release,
     RoutingObserved,
@@ -82,12 +84,14 @@ def sample_messages() -> list:
             [0, 2, 5],
         ),
         ExpertBatchResult(32, 0, np.arange(2 * 5 * 64, dtype=np.float32).reshape(2, 5, 64), 99.5),
+        PredictorStats("markov", {"predictions": 7, "top1_hits": 3, "topk_accuracy_pct": 42.5}),
+        PinSet("locality", [4, 9]),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 19
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 21
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
