@@ -1,0 +1,95 @@
+"""Per-predictor prefetch counters of the I/O worker: who hinted what, and what became of it.
+
+The slot table counts prefetch use and waste for all prefetches together; the ledger attributes
+them to the predictor (`PrefetchHints.source`) whose hint started each read, by slot:
+
+- `hints`: hints received; `issued`: reads started for them; `dropped`: hints refused by the
+  governor (resident or loading experts are neither issued nor dropped);
+- `completed`: prefetch reads finished successfully; `cancelled`: queued reads the governor
+  cancelled as stale before they started (their slots are vacated: neither used nor wasted);
+- `used`: prefetched slots whose first foreground acquire came before their eviction (a hit or a
+  join of the read in flight); `wasted`: prefetched slots evicted before any foreground use.
+So at any moment `used + wasted <= completed`, `completed + cancelled <= issued` (a joined read
+completes before the acquire that joined it is answered) and `issued + dropped <= hints`.
+The accuracy counters the predictor reports about itself (`PredictorStats`) are merged in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+COUNTER_NAMES = ("hints", "issued", "completed", "used", "wasted", "dropped", "cancelled")
+
+
+@dataclass
+class PrefetchCounts:
+    """One predictor's prefetch counters."""
+
+    hints: int = 0
+    issued: int = 0
+    completed: int = 0
+    used: int = 0
+    wasted: int = 0
+    dropped: int = 0
+    cancelled: int = 0
+
+
+class PrefetchLedger:
+    """Prefetch counters by predictor name, with the predictor of every unused prefetched slot."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, PrefetchCounts] = {}
+        self.accuracy: dict[str, dict[str, Any]] = {}
+        self._slot_source: dict[int, str] = {}  # prefetched slots not yet used, wasted or failed
+
+    def _of(self, source: str) -> PrefetchCounts:
+        return self.counts.setdefault(source, PrefetchCounts())
+
+    def hinted(self, source: str, count: int = 1) -> None:
+        self._of(source).hints += count
+
+    def dropped(self, source: str) -> None:
+        self._of(source).dropped += 1
+
+    def issued(self, source: str, slot: int) -> None:
+        self._of(source).issued += 1
+        self._slot_source[slot] = source
+
+    def completed(self, slot: int, ok: bool) -> None:
+        """A prefetch read into `slot` finished (a failed read's slot is vacated: neither used nor wasted)."""
+        source = self._slot_source.get(slot)
+        if source is None:
+            return
+        if ok:
+            self._of(source).completed += 1
+        else:
+            del self._slot_source[slot]
+
+    def cancelled(self, slot: int) -> None:
+        """The queued prefetch read into `slot` was cancelled (its completion callback then sees it failed)."""
+        source = self._slot_source.get(slot)
+        if source is not None:
+            self._of(source).cancelled += 1
+
+    def table_changed(self, slot: int, used: int, wasted: int) -> None:
+        """The slot table's prefetch_used / prefetch_wasted grew by `used` / `wasted` in a call on `slot`.
+
+        A waste is the eviction of `slot`'s unused prefetch (the slot is reassigned at once); a use is
+        the first foreground acquire of `slot`'s prefetch.
+        """
+        source = self._slot_source.pop(slot, None) if used or wasted else None
+        if source is None:
+            return
+        counts = self._of(source)
+        counts.used += used
+        counts.wasted += wasted
+
+    def reported(self, source: str, accuracy: Mapping[str, Any]) -> None:
+        """The predictor's own latest accuracy counters for `source`."""
+        self._of(source)
+        self.accuracy[source] = dict(accuracy)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """`{name: {hints, issued, completed, used, wasted, dropped, <accuracy counters>}}`, names sorted."""
+        return {name: {**asdict(self.counts[name]), **self.accuracy.get(name, {})} for name in sorted(self.counts)}

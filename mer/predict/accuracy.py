@@ -1,0 +1,82 @@
+"""How well a predictor's hints match the routing decision that follows them (top-1 / top-k accuracy).
+
+A predictor scores its own previous hints against the next decision it observes: after hints
+H = (h_1, h_2, ...) (best first) and the next observed decision D (a set of k experts),
+- top-1: a hit when h_1 is in D;
+- top-k: |{h_1..h_k} ∩ D| experts found, out of |D| (k = the decision's size).
+A prediction with no hints is not scored. Accuracies are percentages of the scored predictions
+(top-1) and of the observed experts of the scored predictions (top-k); 0.0 before any score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass
+class HintAccuracy:
+    """Cumulative top-1 / top-k scores of one predictor's hints."""
+
+    predictions: int = 0  # scored predictions (hints followed by an observed decision)
+    top1_hits: int = 0
+    topk_found: int = 0  # observed experts that were among the k best hints
+    topk_observed: int = 0  # observed experts of the scored predictions (the top-k denominator)
+
+    def score(self, hints: Sequence[int], observed: Iterable[int]) -> None:
+        """Score `hints` (expert ids, best first) against the decision `observed` that followed them."""
+        if not hints:
+            return
+        decision = set(observed)
+        k = len(decision)
+        self.predictions += 1
+        self.top1_hits += hints[0] in decision
+        self.topk_found += len(decision.intersection(hints[:k]))
+        self.topk_observed += k
+
+    @property
+    def top1_accuracy_pct(self) -> float:
+        return self.top1_hits / self.predictions * 100 if self.predictions else 0.0
+
+    @property
+    def topk_accuracy_pct(self) -> float:
+        return self.topk_found / self.topk_observed * 100 if self.topk_observed else 0.0
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The counters and both accuracies, as JSON-ready values."""
+        return {
+            "predictions": self.predictions, "top1_hits": self.top1_hits, "topk_found": self.topk_found,
+            "topk_observed": self.topk_observed, "top1_accuracy_pct": self.top1_accuracy_pct,
+            "topk_accuracy_pct": self.topk_accuracy_pct,
+        }
+
+
+class AccuracyTracker:
+    """Top-1 / top-k accuracy per predictor name: remembers each one's last hints until the next decision."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, HintAccuracy] = {}
+        self._pending: dict[str, list[int]] = {}
+
+    def observe(self, observed: Iterable[int]) -> list[str]:
+        """Score every predictor's pending hints against `observed`; returns the names scored."""
+        decision = list(observed)
+        scored = []
+        for name, hints in self._pending.items():
+            self.scores.setdefault(name, HintAccuracy()).score(hints, decision)
+            scored.append(name)
+        self._pending.clear()
+        return scored
+
+    def hinted(self, name: str, hints: Sequence[int]) -> None:
+        """`name` just hinted `hints` (best first) for the next decision."""
+        self.scores.setdefault(name, HintAccuracy())
+        self._pending[name] = list(hints)
+
+    def as_dict(self, name: str) -> dict[str, int | float]:
+        return self.scores.setdefault(name, HintAccuracy()).as_dict()
+
+    def weight(self, name: str) -> float:
+        """`name`'s top-k accuracy so far, Laplace-smoothed: (found + 1) / (observed + 2), 0.5 at first."""
+        scores = self.scores.get(name, HintAccuracy())
+        return (scores.topk_found + 1) / (scores.topk_observed + 2)

@@ -1,0 +1,89 @@
+"""The active predictors behind one interface, and their fusion into scored, attributed hints.
+
+`PREDICTOR_NAMES` are the predictors `predictors = "markov,locality,affinity"` may switch on
+(`parse_predictor_names`). `make_predictors` builds them; each `ActivePredictor` observes
+`(layer, experts)` and predicts `(expert, score)` hints for the next `depth` decisions, at most
+`fanout` per step.
+
+`fuse(ranked, limit, weights)`: with one predictor its hints pass through unchanged (first
+`limit`); with several, each hint is ranked by its expected usefulness, score x its predictor's
+weight (the predictor's smoothed accuracy so far; 1 when not given); an expert keeps its most
+useful hint, whose predictor becomes its source (ties: the first in `PREDICTOR_NAMES` order). The
+`limit` most useful (ties by expert id) are returned with their raw scores (every predictor scores
+on 0..1: a probability, a window frequency, a co-activation share), so the I/O worker's governor
+weighs each by its source's recent accuracy once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from mer.errors import ConfigError
+from mer.predict.affinity import AffinityPredictor
+from mer.predict.locality import LocalityPredictor
+from mer.predict.markov import MarkovPredictor
+
+PREDICTOR_NAMES = ("markov", "locality", "affinity")
+
+Hints = list[tuple[int, float]]
+
+
+def parse_predictor_names(value: str) -> tuple[str, ...]:
+    """The names of a comma-separated list, in `PREDICTOR_NAMES` order; unknown, empty or repeated is an error."""
+    names = [name.strip() for name in value.split(",")]
+    unknown = [name for name in names if name not in PREDICTOR_NAMES]
+    if not names or unknown:
+        raise ConfigError(f"predictors: unknown predictor {unknown[0] if unknown else ''!r} in {value!r} "
+                          f"(known: {', '.join(PREDICTOR_NAMES)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"predictors: {value!r} names a predictor twice")
+    return tuple(name for name in PREDICTOR_NAMES if name in names)
+
+
+@dataclass
+class ActivePredictor:
+    """One switched-on predictor: its name, how it learns and how it predicts."""
+
+    name: str
+    observe: Callable[[int, list[int]], None]  # (layer, global expert ids)
+    predict: Callable[[int, int], Hints]  # (fanout, depth) -> hints, best first
+    model: object
+
+
+def make_predictors(names: tuple[str, ...], num_experts: int, top_k: int, *,
+                    max_pinned: int = 0) -> list[ActivePredictor]:
+    """The predictors named, in `PREDICTOR_NAMES` order; `max_pinned` bounds the locality predictor's pins."""
+    active = []
+    for name in names:
+        if name == "markov":
+            markov = MarkovPredictor(num_experts, top_k)
+            observe = lambda layer, experts, model=markov: model.observe(experts)  # noqa: E731 (no layer)
+            active.append(ActivePredictor(name, observe, markov.predict, markov))
+        elif name == "locality":
+            locality = LocalityPredictor(max_pinned=max_pinned)
+            active.append(ActivePredictor(name, locality.observe, locality.predict, locality))
+        elif name == "affinity":
+            affinity = AffinityPredictor()
+            active.append(ActivePredictor(name, affinity.observe, affinity.predict, affinity))
+        else:
+            raise ConfigError(f"predictors: unknown predictor {name!r} (known: {', '.join(PREDICTOR_NAMES)})")
+    return active
+
+
+def fuse(ranked: dict[str, Hints], limit: int, weights: dict[str, float] | None = None) -> list[tuple[int, float, str]]:
+    """The `limit` best fused hints `(expert, score, source)` of each predictor's hints (see the module doc)."""
+    active = {name: hints for name, hints in ranked.items() if hints}
+    if len(active) == 1:
+        ((name, hints),) = active.items()
+        return [(expert, score, name) for expert, score in hints[:limit]]
+    order = {name: index for index, name in enumerate(PREDICTOR_NAMES)}
+    best: dict[int, tuple[float, int, str, float]] = {}  # expert -> (usefulness, -order, source, score)
+    for name, hints in active.items():
+        weight = 1.0 if weights is None else weights.get(name, 1.0)
+        for expert, score in hints:
+            candidate = (score * weight, -order.get(name, len(order)), name, score)
+            if expert not in best or candidate[:2] > best[expert][:2]:
+                best[expert] = candidate
+    chosen = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
+    return [(expert, score, source) for expert, (_, _, source, score) in chosen]
