@@ -115,9 +115,16 @@ class CollectedEvents:
 
 
 def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
-    """Gather the summary's records from event dicts (others are ignored), checking every field."""
+    """Gather the summary's records from event dicts (others are ignored), checking every field.
+
+    A prefetch read can finish after the router took the I/O worker's final statistics, so a log may
+    hold `expert_read` events the run's summary did not count: when `prefetch_stats` carries
+    `reads_counted`, only the reads whose `read_index` is below it count.
+    """
     collected = CollectedEvents([], [], PrefetchCounters(), [])
     seen_tokens: set[int] = set()
+    read_indices: list[int | None] = []
+    reads_counted: int | None = None
     for index, event in enumerate(events):
         name = event.get("event") if isinstance(event, Mapping) else None
         where = f"event {index} ({name})"
@@ -135,11 +142,16 @@ def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
             collected.tokens.append(record)
         elif name == EXPERT_READ:
             collected.reads.append(ReadRecord.from_event(event, where))
+            read_indices.append(event.get("read_index"))
         elif name == PREFETCH_STATS:
             collected.prefetch = PrefetchCounters.from_event(event, where)
+            reads_counted = event.get("reads_counted")
             collected.predictors = predictors_from_event(event, where)
         else:
             collected.run_infos.append(RunInfo.from_event(event, where))
+    if isinstance(reads_counted, int):
+        collected.reads = [read for read, index in zip(collected.reads, read_indices)
+                           if not isinstance(index, int) or index < reads_counted]
     return collected
 
 

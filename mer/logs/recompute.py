@@ -4,7 +4,8 @@ The run computes its summary (`mer.summary.summarize_log_events`) from its `run_
 `token_done` events, the I/O worker's reads as reported when the router asked for the final
 statistics, and the final `prefetch_stats`. A read can still finish after that request (a prefetch
 for a token that never comes); its `expert_read` is in the log but was not in the summary. So the
-reads counted here are those whose `read_index` is below the `reads_counted` of `prefetch_stats`.
+reads counted are those whose `read_index` is below the `reads_counted` of `prefetch_stats` (the cut is
+`mer.summary.collect_events`'s, so every reader of raw events agrees).
 
 A run that did not finish (interrupted, or a child died) has no `run_summary` and no
 `prefetch_stats`: the summary is then recomputed from the tokens logged, the prefetch counters
@@ -58,15 +59,6 @@ def _checked_records(run: RunLog) -> None:
         raise EventLogError(f"{run.label}: {len(starts)} {RUN_STARTED} events (lines {lines}) in one run")
 
 
-def counted_reads(run: RunLog, prefetch_stats: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The `expert_read` events the run's summary counted (see the module docstring)."""
-    reads = run.named(EXPERT_READ)
-    limit = prefetch_stats.get("reads_counted") if prefetch_stats else None
-    if not isinstance(limit, int):
-        return reads
-    return [read for read in reads if not isinstance(read.get("read_index"), int) or read["read_index"] < limit]
-
-
 def _counters_of_unfinished_run(run: RunLog, warnings: list[str]) -> dict[str, Any]:
     """A `prefetch_stats` stand-in for a run that did not log one."""
     snapshot = run.last(ACQUIRE_DONE)
@@ -93,7 +85,7 @@ def recompute_summary(run: RunLog) -> RecomputedSummary:
     if prefetch_stats is None:
         prefetch_stats = _counters_of_unfinished_run(run, warnings)
     tokens = run.named(TOKEN_DONE)
-    events = [*run.named(RUN_STARTED), *tokens, *counted_reads(run, prefetch_stats), prefetch_stats]
+    events = [*run.named(RUN_STARTED), *tokens, *run.named(EXPERT_READ), prefetch_stats]
     summary = summarize_log_events(events)
     logged_event = run.last(RUN_SUMMARY)
     logged = None

@@ -225,3 +225,25 @@ def test_seed_summary_json_values():
     assert data["compute_us_per_token"] == 40850.5
     assert data["cycle_us"] == {"p50": 40287, "p95": 42047, "p99": 286975, "max": 431615}
     assert round(data["io_share_pct"], 2) == 12.37
+
+
+def test_reads_finished_after_the_final_statistics_are_not_counted():
+    """A prefetch read logged after the router took the I/O worker's statistics (read_index >= reads_counted)
+    is in the log but not in the run's summary; summarizing the log must leave it out too."""
+    events = [
+        {"event": "run_started", "experts": 16, "top_k": 2, "cache_slots": 4, "pool_slots": 6, "d_model": 8,
+         "d_ff": 32, "bytes_per_expert": 100, "dtype": "q4_0", "compute_workers": 1, "io_backend": "uring"},
+        {"event": "token_done", "token": 0, "t_start_s": 1.0, "t_end_s": 2.0, "cycle_us": 1e6, "io_wait_us": 10.0,
+         "compute_us": 5.0, "hits": 1, "misses": 1, "lookups": 2, "prefetch_used": 0},
+        {"event": "expert_read", "expert_id": 3, "slot": 0, "nbytes": 4096, "latency_us": 100.0,
+         "kind": "foreground", "read_index": 0},
+        {"event": "prefetch_stats", "issued": 1, "completed": 0, "used": 0, "wasted": 0, "dropped": 0,
+         "predictor_observations": 1, "reads_counted": 1},
+        {"event": "expert_read", "expert_id": 5, "slot": 1, "nbytes": 4096, "latency_us": 90.0,
+         "kind": "prefetch", "read_index": 1},
+    ]
+    summary = summarize_log_events(events)
+    assert (summary.reads, summary.bytes_read) == (1, 4096)
+    without_limit = [dict(event) for event in events]
+    del without_limit[3]["reads_counted"]
+    assert summarize_log_events(without_limit).reads == 2
