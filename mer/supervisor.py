@@ -286,7 +286,8 @@ class Supervisor:
                 loop.remove_reader(child.process.sentinel)
             except (ValueError, OSError):
                 pass
-            child.process.close() if child.process.exitcode is not None else None
+            if child.process.exitcode is not None:
+                child.process.close()  # frees the sentinel and pipe; a child still alive here keeps them
 
     async def _stop_child(self, control: zmq.asyncio.Socket, child: Child) -> None:
         """Send `Shutdown` to a ready child; terminate one still starting (SIGTERM)."""
