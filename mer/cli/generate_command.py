@@ -1,5 +1,7 @@
 """`mer-pipeline generate`: text generation from a MoE GGUF through the process graph.
 
+Without `--model` it uses the tiny MoE model shipped inside the package (`mer.models`).
+
 The experts are converted into the cached expert store on first use (progress on stderr); the
 router runs the dense part and streams the experts through the I/O worker, the slots and the
 compute workers. Generated text streams to stdout as it is produced, then one timing line goes to
@@ -23,6 +25,7 @@ from mer.config import IO_BACKENDS, config_overrides
 from mer.generation_setup import (PreparedGeneration, PromptSpec, SamplerSettings, prepare_generation,
                                  run_generation)
 from mer.logging_setup import configure_logging
+from mer.models import tiny_model_path
 from mer.ram_budget import parse_size
 
 
@@ -43,7 +46,8 @@ def register(subparsers) -> None:
         description="Generate text from a Mixture-of-Experts GGUF: the router runs the dense part, the experts "
                     "stream from the expert store (converted once, cached) through the graph. Text goes to "
                     "stdout as it is generated; a timing line goes to stderr.")
-    parser.add_argument("--model", required=True, type=Path, metavar="MODEL.gguf", help="The MoE GGUF.")
+    parser.add_argument("--model", type=Path, default=None, metavar="MODEL.gguf",
+                        help="The MoE GGUF (default: the tiny model shipped with mer, docs/tiny-model.md).")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="Prompt text (BOS added as the GGUF's add_bos_token says).")
     prompt.add_argument("--prompt-tokens", type=token_id_list, metavar="1,2,3",
@@ -83,9 +87,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     args.compute_workers = parse_worker_count(args.compute_workers)
     configure_supervisor_logging(args.log_file)
+    model = args.model if args.model is not None else tiny_model_path()
     with ProgressDisplay("generate") as display:
         prepared = prepare_generation(
-            args.model, PromptSpec(args.prompt, args.prompt_tokens, args.chat), max_tokens=args.max_tokens,
+            model, PromptSpec(args.prompt, args.prompt_tokens, args.chat), max_tokens=args.max_tokens,
             sampler=SamplerSettings(args.temperature, args.sampler_top_k, args.top_p, args.sampler_seed),
             ignore_eos=args.ignore_eos, dump_logits=args.dump_logits, config_path=args.config,
             overrides=config_overrides(args), ram_budget=args.ram_budget, start_phase=display.start_phase)
