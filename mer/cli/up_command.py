@@ -3,9 +3,11 @@
 With `--store` it runs the benchmark job with `run`'s flags; with `--model` it converts the GGUF's
 experts once (cached by the GGUF's identity) and runs a short generation demo (`--tokens` tokens,
 greedy, after a fixed prompt; text streamed as `mer-pipeline generate` does); with no arguments it
-runs a short demonstration on an embedded default: a small synthetic store created once under the
-cache directory, with `configs/default.toml`. In a terminal the graph then stays up, showing live
-figures, until Ctrl-C; without a terminal on stdin, `up` exits after the job (0 on success).
+runs that demonstration on the embedded default, the trained tiny model shipped in `mer/models`
+(docs/tiny-model.md), after the prompt "def ". With only `--config` it runs the benchmark on a
+small synthetic store created once under the cache directory. After a benchmark job in a terminal
+the graph stays up, showing live figures, until Ctrl-C; without a terminal on stdin, and after a
+generation demo, `up` exits after the job (0 on success).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 from mer.cli.pipeline_flags import add_pipeline_flags, parse_worker_count
 from mer.cli.pipeline_job import run_pipeline_job
 from mer.config import config_overrides, load_config, shipped_config_path
+from mer.models import tiny_model_path
 from mer.demo_store import demo_store
 
 DEMO_PROMPT = "Once upon a time"
+EMBEDDED_DEMO_PROMPT = "def "  # the embedded model was trained on Python source
 DEMO_GENERATED_TOKENS = 32
 
 
@@ -45,6 +49,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     args.compute_workers = parse_worker_count(args.compute_workers)
+    if args.model is None and args.store is None and args.config is None:
+        args.model = tiny_model_path()  # the embedded default: the trained tiny model (docs/tiny-model.md)
+        return generation_demo(args, prompt=EMBEDDED_DEMO_PROMPT)
     if args.model is not None:
         return generation_demo(args)
     config_path = args.config
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     return run_pipeline_job(config, as_json=args.json, stay_up=sys.stdin.isatty() and sys.stderr.isatty())
 
 
-def generation_demo(args: argparse.Namespace) -> int:
+def generation_demo(args: argparse.Namespace, prompt: str = DEMO_PROMPT) -> int:
     """`up --model`: a short greedy generation through the graph, printed as `generate` prints it."""
     from mer.cli.generate_command import configure_supervisor_logging, generate_and_print
     from mer.cli.progress import ProgressDisplay
@@ -67,9 +74,9 @@ def generation_demo(args: argparse.Namespace) -> int:
     configure_supervisor_logging(args.log_file)
     max_tokens = args.tokens or DEMO_GENERATED_TOKENS
     with ProgressDisplay("up") as display:
-        prepared = prepare_generation(args.model, PromptSpec(DEMO_PROMPT), max_tokens=max_tokens,
+        prepared = prepare_generation(args.model, PromptSpec(prompt), max_tokens=max_tokens,
                                       config_path=args.config, overrides=config_overrides(args),
                                       start_phase=display.start_phase)
-    print(f"mer-pipeline up: generating {max_tokens} tokens from {args.model} after {DEMO_PROMPT!r}",
+    print(f"mer-pipeline up: generating {max_tokens} tokens from {args.model} after {prompt!r}",
           file=sys.stderr)
     return generate_and_print(prepared, as_json=args.json, command="up")
