@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,15 +25,7 @@ import time
 from pathlib import Path
 
 from mer.summary import RunSummary, format_seed_block
-
-
-def drop_page_cache() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from page_cache import drop_page_cache  # tools/page_cache.py (tools run as scripts)
 
 
 def ensure_store(path: Path, preset: str) -> Path:

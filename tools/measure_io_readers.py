@@ -19,15 +19,7 @@ from pathlib import Path
 import uvloop
 
 from mer.io import open_reader
-
-
-def drop_page_cache() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from page_cache import drop_page_cache  # tools/page_cache.py (tools run as scripts)
 
 
 async def loop_lag_probe(stop: asyncio.Event, lags: list[float]) -> None:
