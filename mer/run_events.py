@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, TypeVar
 
 from mer.errors import EventLogError
+from mer.stats import percent
 
 RUN_STARTED = "run_started"
 TOKEN_DONE = "token_done"
@@ -185,11 +186,11 @@ class PredictorCounters(_EventRecord):
 
     @property
     def top1_accuracy_pct(self) -> float:
-        return self.top1_hits / self.predictions * 100 if self.predictions else 0.0
+        return percent(self.top1_hits, self.predictions)
 
     @property
     def topk_accuracy_pct(self) -> float:
-        return self.topk_found / self.topk_observed * 100 if self.topk_observed else 0.0
+        return percent(self.topk_found, self.topk_observed)
 
     def to_summary_dict(self) -> dict[str, Any]:
         """The counters plus top1_accuracy_pct and topk_accuracy_pct (0-100; 0.0 before any prediction)."""

@@ -17,6 +17,11 @@ from fractions import Fraction
 from typing import Iterable, Sequence
 
 
+def percent(part: float, whole: float) -> float:
+    """`part` as a percentage of `whole` (0-100 for a share), 0.0 when `whole` is 0."""
+    return part / whole * 100 if whole else 0.0
+
+
 def nearest_rank(sorted_values: Sequence[float], percent: float) -> float:
     """The `percent`-th percentile (0-100) of values already sorted ascending (nearest rank)."""
     if not sorted_values:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-COUNTER_NAMES = ("hints", "issued", "completed", "used", "wasted", "dropped", "cancelled")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from mer.stats import percent
 
 
 @dataclass
@@ -36,11 +37,11 @@ class HintAccuracy:
 
     @property
     def top1_accuracy_pct(self) -> float:
-        return self.top1_hits / self.predictions * 100 if self.predictions else 0.0
+        return percent(self.top1_hits, self.predictions)
 
     @property
     def topk_accuracy_pct(self) -> float:
-        return self.topk_found / self.topk_observed * 100 if self.topk_observed else 0.0
+        return percent(self.topk_found, self.topk_observed)
 
     def as_dict(self) -> dict[str, int | float]:
         """The counters and both accuracies, as JSON-ready values."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from mer.errors import ConfigError
 from mer.predict.markov import MarkovPredictor
+from mer.stats import percent
 
 if TYPE_CHECKING:
     from mer.simulate.simulator import ReplayTrace
@@ -76,11 +77,11 @@ class PredictorScore:
 
     @property
     def precision_pct(self) -> float:
-        return self.hinted_used / self.hints * 100 if self.hints else 0.0
+        return percent(self.hinted_used, self.hints)
 
     @property
     def coverage_pct(self) -> float:
-        return self.hinted_used / self.lookups * 100 if self.lookups else 0.0
+        return percent(self.hinted_used, self.lookups)
 
 
 def evaluate_predictor(trace: "ReplayTrace", name: str, predict_fanout: int = 2,

@@ -32,6 +32,7 @@ from mer.cache.step import acquire_order
 from mer.errors import ConfigError
 from mer.simulate.predictors import HintSource, make_hint_source
 from mer.trace import TraceHeader, read_trace
+from mer.stats import percent
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class SimulationResult:
 
     @property
     def hit_rate_pct(self) -> float:
-        return self.hits / self.lookups * 100 if self.lookups else 0.0
+        return percent(self.hits, self.lookups)
 
     @property
     def reads(self) -> int:
