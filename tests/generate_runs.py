@@ -72,6 +72,24 @@ def run_generate(guard, model: Path, *flags: Any, workdir: Path, cache_dir: Path
                        memory.peak_bytes if memory is not None else 0)
 
 
+def run_cli_to_end(guard, argv: list[str], *, cache_dir: Path, log_path: Path | None = None,
+                   timeout_s: float = GENERATE_TIMEOUT_S) -> tuple[int, str, str]:
+    """Run a `mer-pipeline` command line (no stdin) to its end under the leak guard: (returncode, stdout, stderr)."""
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "MER_CACHE_DIR": str(cache_dir)})
+    guard.add_supervisor_pid(process.pid)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(argv[1:3])} did not exit within {timeout_s:g} s:\n{stderr}") from None
+    finally:
+        for run_id in run_ids_in_log(log_path) if log_path is not None else ():
+            guard.add_run(run_id)
+    return process.returncode, stdout, stderr
+
+
 def _parent_of(pid: int) -> int | None:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()

@@ -3,9 +3,6 @@ real process graph, prints it and the timing line, and exits by itself without a
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 from mer.cli.up_command import DEMO_GENERATED_TOKENS, EMBEDDED_DEMO_PROMPT
 from mer.model.experts import GGUFExperts
 from mer.model.generate import generate
@@ -13,22 +10,13 @@ from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
-from tests.generate_runs import GENERATE_TIMEOUT_S
+from tests.generate_runs import run_cli_to_end
 from tests.pipeline_runs import MER_PIPELINE
 
 
 def test_up_without_arguments_generates_with_the_embedded_model(leak_guard, tmp_path):
-    process = subprocess.Popen([MER_PIPELINE, "up"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "MER_CACHE_DIR": str(tmp_path / "cache")})
-    leak_guard.add_supervisor_pid(process.pid)
-    try:
-        stdout, stderr = process.communicate(timeout=GENERATE_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, stderr
+    returncode, stdout, stderr = run_cli_to_end(leak_guard, [MER_PIPELINE, "up"], cache_dir=tmp_path / "cache")
+    assert returncode == 0, stderr
     assert f"from {tiny_model_path()} after {EMBEDDED_DEMO_PROMPT!r}" in stderr
     assert "decode" in stderr and "tok/s" in stderr and "hit rate" in stderr
     model = MoEModel.load(tiny_model_path())
