@@ -8,6 +8,9 @@ recomputes a run's `run_summary` exactly. Definitions:
   over the `token_done` events (gaps between tokens included);
 - `sustained_tps` = tokens / wall_s; `avg_throughput_mibps` = bytes_read / 2^20 / wall_s;
 - `hits`, `misses`: sums over `token_done`; `hit_rate_pct` = hits / (hits + misses) x 100;
+  `prefetch_joins`: misses that joined a prefetch read already in flight (`token_done.prefetch_used`);
+  `demand_misses` = misses - prefetch_joins, the stalls: lookups whose read the foreground itself
+  had to start (the simulator's `stalls`);
 - `reads`, `bytes_read`: count and byte sum of every `expert_read` (foreground and prefetch; the
   seed printed demand reads only beside bytes of all reads); `io_latency_us` over their latency_us;
 - `compute_us`, `cycle_us`: percentiles over the tokens' compute_us and cycle_us (plus max);
@@ -38,6 +41,7 @@ from mer.stats import Percentiles
 
 MIB = 2**20
 _LATENCY_GROUPS = ("io_latency_us", "compute_us", "cycle_us")  # nested {p50, p95, p99}; cycle_us adds max
+_OPTIONAL_FIELDS = ("prefetch_joins", "demand_misses", "predictors")  # absent from summaries of older logs
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class RunSummary:
     compute_workers: int
     io_backend: str
     lookups: int
+    prefetch_joins: int = 0
+    demand_misses: int = 0
     predictors: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -94,7 +100,8 @@ class RunSummary:
     def from_json_dict(cls, data: Mapping[str, Any]) -> "RunSummary":
         """The summary of a `to_json_dict()` result (e.g. a logged `run_summary` event)."""
         try:
-            values = {field.name: data[field.name] for field in fields(cls) if field.name != "predictors"}
+            values = {field.name: data[field.name] for field in fields(cls) if field.name not in _OPTIONAL_FIELDS}
+            values.update({name: int(data.get(name, 0)) for name in _OPTIONAL_FIELDS if name != "predictors"})
             values["predictors"] = {name: dict(counters) for name, counters in data.get("predictors", {}).items()}
             for name in _LATENCY_GROUPS:
                 values[name] = Percentiles.from_json_dict(values[name])
@@ -181,6 +188,7 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         raise EventLogError(f"wall time {wall_s} s is not positive (t_start_s / t_end_s of the tokens)")
     hits = sum(t.hits for t in tokens)
     misses = sum(t.misses for t in tokens)
+    joins = sum(t.prefetch_used for t in tokens)
     lookups = hits + misses
     bytes_read = sum(r.nbytes for r in reads)
     io_wait_sum = math.fsum(t.io_wait_us for t in tokens)
@@ -212,6 +220,8 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         compute_workers=info.compute_workers,
         io_backend=info.io_backend,
         lookups=lookups,
+        prefetch_joins=joins,
+        demand_misses=misses - joins,
         predictors={name: collected.predictors[name].to_summary_dict() for name in sorted(collected.predictors)},
     )
 
@@ -232,7 +242,8 @@ def format_seed_block(summary: RunSummary) -> str:
         f"lookups: hits={s.hits} misses={s.misses} hit_rate={s.hit_rate_pct:.2f}%",
         f"prefetches: issued={s.prefetches_issued} completed={s.prefetches_completed} "
         f"used={s.prefetches_used} wasted={s.prefetches_wasted} dropped={s.prefetches_dropped} "
-        f"predictor_observations={s.predictor_observations}",
+        f"predictor_observations={s.predictor_observations} joins={s.prefetch_joins} "
+        f"demand_misses={s.demand_misses}",
         f"i/o: reads={s.reads} bytes={s.bytes_read / MIB:.2f} MiB",
         f"i/o latency: p50={_us(io.p50)} p95={_us(io.p95)} p99={_us(io.p99)}",
         f"compute: p50={_us(compute.p50)} p95={_us(compute.p95)} p99={_us(compute.p99)} (SwiGLU FFN per token)",

@@ -10,10 +10,12 @@ expert in a queued prefetch promotes that read. Every read is logged as an `expe
 Prefetch admission: a hint is read only if its expert is not resident, a slot is FREE or evictable
 without touching anything leased, pinned or used in the current token, fewer than
 `predict_fanout x pipeline_depth` prefetch reads are in flight and, with `governor_threshold > 0`,
-the governor (`mer.cache.governor`) finds its score x the recent accuracy of its predictor worth
-the reads already pending; otherwise it is dropped. With the governor on, a foreground miss cancels
-the queued (not started) prefetch reads that became stale (hinted `pipeline_depth` or more tokens
-ago and not joined by this acquire): their slots are freed for the foreground.
+the governor (`mer.cache.governor`) finds the measured precision of its predictor's hints at its
+rank worth the reads already pending; otherwise it is dropped. The governor scores every
+non-resident hint in its shadow (admitted or not) against the foreground's acquires. With the
+governor on, a foreground miss cancels the queued (not started) prefetch reads that became stale
+(hinted `pipeline_depth` or more tokens ago and not joined by this acquire): their slots are freed
+for the foreground.
 
 Every hint's fate is also counted per predictor (`PrefetchHints.source`) in a `PrefetchLedger`,
 with the accuracy each predictor reports about itself; `stats()["predictors"]` returns them.
@@ -75,7 +77,7 @@ class IoWorker:
         self.prefetch = {"issued": 0, "completed": 0, "dropped": 0, "cancelled": 0}
         self.ledger = PrefetchLedger()
         self.pins_set = 0  # PinSet messages applied
-        self.governor = PrefetchGovernor(context.config.governor_threshold)
+        self.governor = PrefetchGovernor(context.config.governor_threshold, horizon=context.config.pipeline_depth)
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self) -> dict:
@@ -117,7 +119,6 @@ class IoWorker:
             self._admit_prefetches(message)
         elif isinstance(message, PredictorStats):
             self.ledger.reported(message.source, message.stats)
-            self.governor.reported(message.source, message.stats)
         elif isinstance(message, PinSet):
             self._set_pins(message.expert_ids)
         else:
@@ -137,6 +138,8 @@ class IoWorker:
         try:
             t_received = time.monotonic()
             self.current_token = max(self.current_token, request.token)
+            if request.foreground:
+                self.governor.demanded(request.expert_ids, request.token)
             waits: list = [None] * len(request.expert_ids)
             for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
                 waits[index] = await self._acquire_one(request.expert_ids[index], request.token, request.foreground)
@@ -179,7 +182,7 @@ class IoWorker:
 
     def _cancel_stale_prefetches(self, request: Acquire) -> None:
         """With the governor on: cancel queued prefetch reads of earlier hints this acquire did not join."""
-        if self.governor.threshold == 0:
+        if not self.governor.enabled:
             return
         requested = set(request.expert_ids)
         depth = self.context.config.pipeline_depth
@@ -245,12 +248,13 @@ class IoWorker:
         config = self.context.config
         limit = config.predict_fanout * config.pipeline_depth
         self.ledger.hinted(message.source, len(message.hints))
-        for hint in message.hints:
+        for rank, hint in enumerate(message.hints):
             if self.table.lookup(hint.expert_id) is not None:
                 continue  # resident or already loading: nothing to do
+            self.governor.noted(message.source, rank, hint.expert_id, message.token)
             in_flight = sum(load.kind == "prefetch" for load in self.loads.values())
             pending = self.reader.num_in_flight + self.reader.num_queued
-            worth = in_flight < limit and self.governor.admits(message.source, hint.score, pending)
+            worth = in_flight < limit and self.governor.admits(message.source, rank, pending)
             before = self.table.counters.prefetch_used, self.table.counters.prefetch_wasted
             assignment = self.table.assign_prefetch(hint.expert_id, self.current_token) if worth else None
             if assignment is None:

@@ -1,16 +1,25 @@
 """The prefetch governor: admit a hint only when its expected usefulness outweighs the disk's load.
 
-Expected usefulness of a hint = its score x the recent accuracy of the predictor that sent it.
-Recent accuracy is the predictor's own top-k accuracy (`PredictorStats`, cumulative counters
-`topk_found` / `topk_observed`) over its last `window` reports: the difference between the newest
-and the oldest report kept, Laplace-smoothed, (found + 1) / (observed + 2) (0.5 before any report).
-It does not depend on which prefetches were admitted, so a predictor refused for a while can earn
-its way back.
+Expected usefulness of a hint is its measured precision: the share of the recent hints of the same
+predictor at the same rank (0 = the best hint of a `PrefetchHints` message, ranks past
+`MAX_RANK` share one bucket) whose expert the foreground then asked for in time. The governor
+keeps this score itself, in the shadow of admission ("shadow precision"): every hint for an expert
+that is neither resident nor loading is noted, admitted or not, and resolves as
+
+- useful, when a foreground acquire of a token T <= hint token + `horizon` requests its expert;
+- useless, when the foreground reaches a token past that without requesting it.
+
+Precision over the last `window` resolved hints of a (predictor, rank) is Laplace-smoothed,
+(useful + 1) / (resolved + 2), 0.5 before any. Because a refused hint is scored like an admitted
+one, a predictor refused for a while earns its way back as soon as its hints come true; and the
+predictor's raw scores (probabilities, frequencies, co-activation shares: not calibrated against
+each other) only rank hints, they are not trusted as probabilities. Resident experts are not
+noted: a hint that costs no read needs no admission.
 
 Cost: each read already in flight or queued (foreground or prefetch) delays the next foreground
-miss, so a hint must be worth more the busier the disk is:
-admit iff usefulness >= threshold x (1 + reads in flight or queued). threshold 0 admits every hint
-(the other limits of the I/O worker still apply: a free or evictable slot, fewer than
+miss, and a wasted prefetch costs a whole expert read, so a hint must be surer the busier the disk
+is: admit iff precision >= threshold x (1 + reads in flight or queued). threshold 0 turns the
+governor off (the other limits of the I/O worker still apply: a free or evictable slot, fewer than
 `predict_fanout x pipeline_depth` prefetch reads in flight).
 
 Staleness: a hint from token t targets at most the next `pipeline_depth` decisions, so once the
@@ -22,45 +31,76 @@ foreground needs the disk (a miss).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from mer.errors import ConfigError
 
+MAX_RANK = 3  # hints ranked 3 and worse share one precision bucket
+
 
 class PrefetchGovernor:
-    def __init__(self, threshold: float, *, window: int = 32):
+    def __init__(self, threshold: float, *, window: int = 64, horizon: int = 1):
         if not threshold >= 0.0:
             raise ConfigError(f"governor_threshold must not be negative, got {threshold}")
         if window < 1:
-            raise ConfigError(f"governor window must be at least 1 report, got {window}")
+            raise ConfigError(f"governor window must be at least 1 hint, got {window}")
+        if horizon < 0:
+            raise ConfigError(f"governor horizon must not be negative, got {horizon}")
         self.threshold = threshold
         self.window = window
-        self._reports: dict[str, deque[tuple[int, int]]] = {}
+        self.horizon = horizon
+        self._open: dict[int, list[tuple[str, int, int]]] = {}  # expert -> [(source, rank, token)] unresolved
+        self._outcomes: dict[tuple[str, int], deque[bool]] = {}
+        self.resolved = {"useful": 0, "useless": 0}
 
-    def reported(self, source: str, stats: Mapping[str, Any]) -> None:
-        """Note a predictor's cumulative accuracy counters (`PredictorStats.stats`)."""
-        found, observed = stats.get("topk_found"), stats.get("topk_observed")
-        if not isinstance(found, int) or not isinstance(observed, int):
-            return
-        reports = self._reports.setdefault(source, deque([(0, 0)], maxlen=self.window + 1))
-        reports.append((found, observed))
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0.0
 
-    def recent_accuracy(self, source: str) -> float:
-        """Top-k accuracy of `source` over its last `window` reports, Laplace-smoothed (0..1)."""
-        reports = self._reports.get(source)
-        if not reports:
+    # ---- shadow scoring -------------------------------------------------------------------------
+
+    def noted(self, source: str, rank: int, expert_id: int, token: int) -> None:
+        """A hint of `source` at `rank` (hinted at `token`) for an expert that is not resident."""
+        self._open.setdefault(expert_id, []).append((source, min(rank, MAX_RANK), token))
+
+    def demanded(self, expert_ids: Iterable[int], token: int) -> None:
+        """A foreground acquire of `token` requested `expert_ids`: resolve the open hints (useful ones first)."""
+        self.expire(token)
+        for expert_id in expert_ids:
+            for source, rank, _ in self._open.pop(expert_id, ()):
+                self._resolve(source, rank, True)
+
+    def expire(self, token: int) -> None:
+        """Resolve as useless every open hint whose horizon ends before `token`."""
+        for expert_id in list(self._open):
+            hints = self._open[expert_id]
+            kept = [hint for hint in hints if hint[2] + self.horizon >= token]
+            for source, rank, _ in (hint for hint in hints if hint[2] + self.horizon < token):
+                self._resolve(source, rank, False)
+            if kept:
+                self._open[expert_id] = kept
+            else:
+                del self._open[expert_id]
+
+    def _resolve(self, source: str, rank: int, useful: bool) -> None:
+        outcomes = self._outcomes.setdefault((source, rank), deque(maxlen=self.window))
+        outcomes.append(useful)
+        self.resolved["useful" if useful else "useless"] += 1
+
+    def precision(self, source: str, rank: int) -> float:
+        """Recent shadow precision of `source`'s hints at `rank`, Laplace-smoothed (0..1)."""
+        outcomes = self._outcomes.get((source, min(rank, MAX_RANK)))
+        if not outcomes:
             return 0.5
-        found = reports[-1][0] - reports[0][0]
-        observed = reports[-1][1] - reports[0][1]
-        return (found + 1) / (observed + 2)
+        return (sum(outcomes) + 1) / (len(outcomes) + 2)
 
-    def usefulness(self, source: str, score: float) -> float:
-        return score * self.recent_accuracy(source)
+    # ---- admission ------------------------------------------------------------------------------
 
-    def admits(self, source: str, score: float, reads_pending: int) -> bool:
-        """Whether a hint of `source` with `score` is worth a read with `reads_pending` reads in flight or queued."""
-        return self.usefulness(source, score) >= self.threshold * (1 + reads_pending)
+    def admits(self, source: str, rank: int, reads_pending: int) -> bool:
+        """Whether a hint of `source` at `rank` is worth a read with `reads_pending` reads in flight or queued."""
+        if not self.enabled:
+            return True
+        return self.precision(source, rank) >= self.threshold * (1 + reads_pending)
 
     @staticmethod
     def is_stale(hint_token: int, current_token: int, pipeline_depth: int) -> bool:

@@ -112,7 +112,8 @@ def test_plain_output_is_the_seed_format_block(leak_guard, pipeline_stores, tmp_
         r"experts: 16 \(top-2\), cache=4 slots, pool=4 slots",
         rf"ffn shape: d_model=256 d_ff=512 bytes/expert={TINY_PAYLOAD_NBYTES} \(dtype=q4_0\)",
         rf"lookups: hits={summary['hits']} misses={summary['misses']} hit_rate={summary['hit_rate_pct']:.2f}%",
-        r"prefetches: issued=0 completed=0 used=0 wasted=0 dropped=0 predictor_observations=10",
+        rf"prefetches: issued=0 completed=0 used=0 wasted=0 dropped=0 predictor_observations=10 "
+        rf"joins=0 demand_misses={summary['misses']}",
         rf"i/o: reads={summary['reads']} bytes={summary['bytes_read'] / 2**20:.2f} MiB",
         r"i/o latency: p50=\d+us p95=\d+us p99=\d+us",
         r"compute: p50=\d+us p95=\d+us p99=\d+us \(SwiGLU FFN per token\)",

@@ -61,12 +61,13 @@ def test_fused_predictors_each_report_and_pins_stay_bounded(leak_guard, pipeline
 
 def test_governor_drops_the_hints_of_unpredictable_routing(leak_guard, pipeline_stores, tmp_path):
     flags = ("--tokens", 40, "--cache-slots", 6, "--compute-workers", 1, "--seed", 5, "--workload", "uniform",
-             "--governor-threshold", 0.05)
+             "--governor-threshold", 0.3)
     run = run_pipeline(leak_guard, pipeline_stores["tiny"], *flags, workdir=tmp_path).check_ok()
     markov = run.summary["predictors"]["markov"]
     assert markov["used"] + markov["wasted"] <= markov["completed"]
     assert markov["completed"] + markov["cancelled"] <= markov["issued"]
-    # i.i.d. routing: Markov's top-k accuracy is near k / experts, so score x accuracy stays below
-    # the threshold and nearly every hint is dropped (measured: 26 dropped, 0 issued)
+    # i.i.d. routing: a hinted expert is asked for within the horizon about as often as any other
+    # (2 of 16 per token), so the governor's shadow precision stays below the threshold 0.3 and
+    # nearly every hint is dropped
     assert markov["dropped"] > 0 and markov["issued"] <= markov["dropped"] / 4
     assert markov["topk_accuracy_pct"] < 30.0

@@ -1,4 +1,4 @@
-"""The prefetch governor (`mer.cache.governor`): recent accuracy, admission against the disk's load,
+"""The prefetch governor (`mer.cache.governor`): shadow precision, admission against the disk's load,
 staleness; and on an i.i.d. uniform stream vs a fixed cycle with the real Markov predictor."""
 
 from __future__ import annotations
@@ -9,30 +9,43 @@ import pytest
 
 from mer.cache.governor import PrefetchGovernor
 from mer.errors import ConfigError
-from mer.predict.accuracy import AccuracyTracker
 from mer.predict.markov import MarkovPredictor
 
 
-def test_recent_accuracy_is_smoothed_over_the_last_reports():
-    governor = PrefetchGovernor(0.1, window=2)
-    assert governor.recent_accuracy("markov") == 0.5  # no report yet
-    governor.reported("markov", {"topk_found": 2, "topk_observed": 2})
-    assert governor.recent_accuracy("markov") == 3 / 4  # (2 + 1) / (2 + 2)
-    governor.reported("markov", {"topk_found": 2, "topk_observed": 4})
-    governor.reported("markov", {"topk_found": 2, "topk_observed": 6})  # window 2: from the first report on
-    assert governor.recent_accuracy("markov") == 1 / 6  # (0 + 1) / (4 + 2)
-    governor.reported("markov", {"predictions": 3})  # no top-k counters: ignored
-    assert governor.recent_accuracy("markov") == 1 / 6
+def test_shadow_precision_resolves_hints_against_the_foreground():
+    governor = PrefetchGovernor(0.1, window=4, horizon=1)
+    assert governor.precision("markov", 0) == 0.5  # nothing resolved yet
+    governor.noted("markov", 0, expert_id=7, token=3)
+    governor.noted("markov", 1, expert_id=8, token=3)
+    governor.noted("markov", 0, expert_id=9, token=3)
+    governor.demanded([7, 1], token=4)  # within the horizon: 7 was useful; 8 and 9 still open
+    assert governor.precision("markov", 0) == 2 / 3  # (1 + 1) / (1 + 2)
+    governor.demanded([9], token=5)  # 9 came too late: token 5 > 3 + 1, so both open hints expire useless
+    assert governor.precision("markov", 0) == 2 / 4  # outcomes [True, False]
+    assert governor.precision("markov", 1) == 1 / 3  # outcomes [False]
+    assert governor.resolved == {"useful": 1, "useless": 2}
+    for token in range(6, 12):  # window 4: only the last four outcomes of a bucket count
+        governor.noted("markov", 0, expert_id=20 + token, token=token)
+        governor.demanded([20 + token], token=token)
+    assert governor.precision("markov", 0) == 5 / 6
+    assert governor.precision("affinity", 0) == 0.5  # buckets are per predictor ...
+    governor.noted("markov", 9, expert_id=1, token=12)
+    governor.demanded([1], token=12)
+    assert governor.precision("markov", 3) == governor.precision("markov", 7) == 2 / 3  # ... ranks >= 3 share one
 
 
-def test_admission_weighs_usefulness_against_reads_pending():
-    governor = PrefetchGovernor(0.1)
-    governor.reported("markov", {"topk_found": 8, "topk_observed": 8})  # accuracy 0.9
-    assert governor.usefulness("markov", 0.5) == pytest.approx(0.45)
-    assert governor.admits("markov", 0.5, reads_pending=0)
-    assert governor.admits("markov", 0.5, reads_pending=3)  # 0.45 >= 0.4
-    assert not governor.admits("markov", 0.5, reads_pending=4)  # 0.45 < 0.5
-    assert PrefetchGovernor(0.0).admits("other", 0.0, reads_pending=100)  # threshold 0: everything
+def test_admission_weighs_precision_against_reads_pending():
+    governor = PrefetchGovernor(0.2, horizon=0)
+    for token in range(8):  # rank 0 always comes true, rank 1 never
+        governor.noted("markov", 0, expert_id=token, token=token)
+        governor.noted("markov", 1, expert_id=100 + token, token=token)
+        governor.demanded([token], token=token)
+    governor.expire(9)
+    assert governor.precision("markov", 0) == 0.9 and governor.precision("markov", 1) == 0.1
+    assert governor.admits("markov", 0, reads_pending=3)  # 0.9 >= 0.2 x 4
+    assert not governor.admits("markov", 0, reads_pending=4)  # 0.9 < 0.2 x 5
+    assert not governor.admits("markov", 1, reads_pending=0)  # 0.1 < 0.2
+    assert PrefetchGovernor(0.0).admits("other", 5, reads_pending=100)  # threshold 0: everything
     with pytest.raises(ConfigError, match="governor_threshold"):
         PrefetchGovernor(-1.0)
 
@@ -44,17 +57,17 @@ def test_staleness_follows_the_pipeline_depth():
 
 
 def admitted_share(decisions: list[list[int]], num_experts: int) -> float:
-    """Share of the Markov predictor's hints the governor (threshold 0.05, idle disk) admits."""
-    model, tracker, governor = MarkovPredictor(num_experts, 2), AccuracyTracker(), PrefetchGovernor(0.05)
+    """Share of the Markov predictor's hints the governor (threshold 0.3, idle disk) admits, on a
+    cache that holds only the current decision (so every hint is for an expert that is not resident)."""
+    model, governor = MarkovPredictor(num_experts, 2), PrefetchGovernor(0.3, horizon=1)
     hints_seen = admitted = 0
-    for decision in decisions:
-        if tracker.observe(decision):
-            governor.reported("markov", tracker.as_dict("markov"))
+    for token, decision in enumerate(decisions):
+        governor.demanded(decision, token)
         model.observe(decision)
-        hints = model.predict(2)
-        tracker.hinted("markov", [expert for expert, _ in hints])
-        hints_seen += len(hints)
-        admitted += sum(governor.admits("markov", score, reads_pending=0) for _, score in hints)
+        for rank, (expert, _) in enumerate(model.predict(2)):
+            governor.noted("markov", rank, expert, token)
+            hints_seen += 1
+            admitted += governor.admits("markov", rank, reads_pending=0)
     return admitted / hints_seen
 
 

@@ -104,6 +104,7 @@ def test_every_field_of_a_hand_built_run():
     assert summary.bytes_read == 4 * 99_094_528 and summary.reads == 4
     assert summary.avg_throughput_mibps == pytest.approx(4 * 94.50390625 / 0.5625, rel=1e-15)
     assert (summary.hits, summary.misses, summary.lookups) == (5, 3, 8)
+    assert (summary.prefetch_joins, summary.demand_misses) == (1, 2)  # token 2's miss joined a prefetch read
     assert summary.hit_rate_pct == 62.5
     assert (summary.experts, summary.top_k, summary.cache_slots, summary.pool_slots) == (256, 2, 64, 66)
     assert (summary.d_model, summary.d_ff, summary.bytes_per_expert, summary.dtype) == (4096, 14336, 99_090_432, "q4_0")
@@ -116,6 +117,14 @@ def test_every_field_of_a_hand_built_run():
     assert summary.compute_us_per_token == 41_000.0
     assert summary.io_share_pct == pytest.approx(52.0, rel=1e-15)  # 260,000 / 500,000
     assert (summary.compute_workers, summary.io_backend) == (2, "uring")
+
+
+def test_summaries_of_older_logs_read_without_the_stall_fields():
+    data = summarize(small_run_events(), INFO).to_json_dict()
+    older = {key: value for key, value in data.items() if key not in ("prefetch_joins", "demand_misses")}
+    summary = RunSummary.from_json_dict(older)
+    assert (summary.prefetch_joins, summary.demand_misses) == (0, 0)
+    assert RunSummary.from_json_dict(data).demand_misses == 2
 
 
 def test_json_keys_and_nesting():
@@ -209,7 +218,8 @@ def seed_like_events() -> list[dict]:
 def test_seed_block_is_reproduced_from_events():
     lines = format_seed_block(summarize_log_events(seed_like_events())).splitlines()
     assert lines[:4] == SEED_BLOCK[:4]
-    assert lines[4] == "prefetches: issued=2 completed=2 used=2 wasted=0 dropped=0 predictor_observations=19996"
+    assert lines[4] == ("prefetches: issued=2 completed=2 used=2 wasted=0 dropped=0 predictor_observations=19996 "
+                        "joins=0 demand_misses=254")
     assert lines[5] == "i/o: reads=256 bytes=24193.00 MiB"  # every read counted, as the bytes are
     assert lines[6:11] == SEED_BLOCK[6:11]
     assert lines[11] == "workers: compute=2 io_backend=uring"
