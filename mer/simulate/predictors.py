@@ -5,8 +5,11 @@ reports them to the predictor process) and then names the experts to prefetch fo
 next, best first. Names (`PREDICTOR_NAMES`):
 
 - `none`: no prefetch (the simulator runs demand fetch only);
-- `markov`: the live predictor (`mer.predict.markov.MarkovPredictor`, built as `workers/predictor.py`
-  builds it), asked for `predict_fanout` hints per step for `pipeline_depth` steps ahead.
+- `markov`, `locality`, `affinity`: the live predictors (`mer.predict`, built by
+  `mer.predict.fusion.make_predictors` as `workers/predictor.py` builds them), asked for
+  `predict_fanout` hints per step for `pipeline_depth` steps ahead;
+- `fused`: the three together, their hints fused as the live predictor process fuses them
+  (`mer.predict.fusion.fuse`, weighted by each predictor's smoothed top-k accuracy so far).
 
 `evaluate_predictor` scores a predictor's hints against the decision that actually follows,
 independent of any cache: precision (hints that the next decision used) and coverage (the next
@@ -19,13 +22,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from mer.errors import ConfigError
-from mer.predict.markov import MarkovPredictor
+from mer.predict.accuracy import AccuracyTracker
+from mer.predict.fusion import fuse, make_predictors
 from mer.stats import percent
 
 if TYPE_CHECKING:
     from mer.simulate.simulator import ReplayTrace
 
-PREDICTOR_NAMES = ("none", "markov")
+PREDICTOR_NAMES = ("none", "markov", "locality", "affinity", "fused")
+FUSED = ("markov", "locality", "affinity")
 
 
 class HintSource(Protocol):
@@ -33,26 +38,36 @@ class HintSource(Protocol):
 
     name: str
 
-    def observe(self, expert_ids: Sequence[int]) -> None: ...
+    def observe(self, layer: int, expert_ids: Sequence[int]) -> None: ...
 
     def hints(self) -> list[int]: ...
 
 
-class MarkovHints:
-    """The live Markov predictor as a hint source."""
+class LiveHints:
+    """One or more of the live predictors as a hint source, fused as the predictor process fuses them."""
 
-    name = "markov"
-
-    def __init__(self, num_experts: int, top_k: int, predict_fanout: int, pipeline_depth: int):
-        self.model = MarkovPredictor(num_experts, top_k)
+    def __init__(self, name: str, names: tuple[str, ...], num_experts: int, top_k: int, predict_fanout: int,
+                 pipeline_depth: int):
+        self.name = name
+        self.predictors = make_predictors(names, num_experts, top_k)
+        self.accuracy = AccuracyTracker()
         self.predict_fanout = predict_fanout
         self.pipeline_depth = pipeline_depth
 
-    def observe(self, expert_ids: Sequence[int]) -> None:
-        self.model.observe(list(expert_ids))
+    def observe(self, layer: int, expert_ids: Sequence[int]) -> None:
+        experts = list(expert_ids)
+        self.accuracy.observe(experts)
+        for predictor in self.predictors:
+            predictor.observe(layer, experts)
 
     def hints(self) -> list[int]:
-        return [expert for expert, _ in self.model.predict(self.predict_fanout, self.pipeline_depth)]
+        ranked = {}
+        for predictor in self.predictors:
+            ranked[predictor.name] = predictor.predict(self.predict_fanout, self.pipeline_depth)
+            if ranked[predictor.name]:
+                self.accuracy.hinted(predictor.name, [expert for expert, _ in ranked[predictor.name]])
+        weights = {name: self.accuracy.weight(name) for name in ranked}
+        return [expert for expert, _, _ in fuse(ranked, self.predict_fanout * self.pipeline_depth, weights)]
 
 
 def make_hint_source(name: str, num_experts: int, top_k: int, predict_fanout: int,
@@ -60,9 +75,10 @@ def make_hint_source(name: str, num_experts: int, top_k: int, predict_fanout: in
     """The hint source `name` (None for `none`); ConfigError naming the known predictors otherwise."""
     if name == "none":
         return None
-    if name == "markov":
-        return MarkovHints(num_experts, top_k, predict_fanout, pipeline_depth)
-    raise ConfigError(f"unknown predictor {name!r}; known: {', '.join(PREDICTOR_NAMES)}")
+    if name not in PREDICTOR_NAMES:
+        raise ConfigError(f"unknown predictor {name!r}; known: {', '.join(PREDICTOR_NAMES)}")
+    names = FUSED if name == "fused" else (name,)
+    return LiveHints(name, names, num_experts, top_k, predict_fanout, pipeline_depth)
 
 
 @dataclass(frozen=True)
@@ -90,7 +106,7 @@ def evaluate_predictor(trace: "ReplayTrace", name: str, predict_fanout: int = 2,
     source = make_hint_source(name, trace.num_experts, trace.header.top_k, predict_fanout, pipeline_depth)
     hints = hinted_used = lookups = 0
     previous_hints: set[int] | None = None
-    for expert_ids in trace.steps:
+    for index, expert_ids in enumerate(trace.steps):
         if previous_hints is not None:
             hints += len(previous_hints)
             hinted_used += len(previous_hints.intersection(expert_ids))
@@ -98,6 +114,6 @@ def evaluate_predictor(trace: "ReplayTrace", name: str, predict_fanout: int = 2,
         if source is None:
             previous_hints = set()
             continue
-        source.observe(expert_ids)
+        source.observe(trace.step_layer(index), expert_ids)
         previous_hints = set(source.hints())
     return PredictorScore(name, max(len(trace.steps) - 1, 0), hints, hinted_used, lookups)

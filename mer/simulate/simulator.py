@@ -57,6 +57,10 @@ class ReplayTrace:
     def lookups(self) -> int:
         return len(self.steps) * self.header.top_k
 
+    def step_layer(self, index: int) -> int:
+        """The layer of step `index` (every token holds its layers 0..L-1 in order)."""
+        return index % self.header.layers
+
 
 def load_trace(path: str | Path) -> ReplayTrace:
     """Read and check a whole trace (TraceError naming the file and line on a bad one)."""
@@ -122,8 +126,8 @@ def simulate(trace: ReplayTrace, cache_slots: int, policy: str = "lru", *, predi
     table = SlotTable(pool_slots, make_replay_policy(policy, pool_slots, trace.steps))
     result = SimulationResult(policy, predictor, cache_slots, pool_slots, trace.num_tokens)
     replay = _Replay(table, result, hint_source, predict_fanout * pipeline_depth)
-    for expert_ids, token in zip(trace.steps, trace.step_tokens):
-        replay.step(expert_ids, token)
+    for index, (expert_ids, token) in enumerate(zip(trace.steps, trace.step_tokens)):
+        replay.step(expert_ids, token, trace.step_layer(index))
     counters = table.counters
     result.hits, result.misses = counters.hits, counters.misses
     result.prefetches_used, result.prefetches_wasted = counters.prefetch_used, counters.prefetch_wasted
@@ -141,7 +145,7 @@ class _Replay:
         self.prefetch_limit = prefetch_limit
         self.prefetches_in_flight: list[Assignment] = []
 
-    def step(self, expert_ids: Sequence[int], token: int) -> None:
+    def step(self, expert_ids: Sequence[int], token: int, layer: int = 0) -> None:
         self._complete_prefetches()
         self.table.policy.record_step(expert_ids)
         before_hits, before_misses = self.table.counters.hits, self.table.counters.misses
@@ -150,7 +154,7 @@ class _Replay:
             if lease.kind is AcquireKind.MISS_ASSIGNED:
                 self.table.finish_load(lease.slot, lease.generation, ok=True)
         if self.hint_source is not None:
-            self.hint_source.observe(expert_ids)
+            self.hint_source.observe(layer, expert_ids)
             self._admit_prefetches(self.hint_source.hints(), token)
         for lease in leases:
             self.table.release(lease.slot, lease.generation)

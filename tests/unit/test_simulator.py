@@ -116,6 +116,23 @@ def test_markov_prefetch_cuts_stalls_below_min_but_never_bytes():
     assert prefetch.hits + prefetch.misses == trace.lookups
 
 
+def test_every_live_predictor_and_their_fusion_replay_offline():
+    cycle = make_trace(cycle_steps(num_pairs=6, repeats=20), 12)
+    assert simulate(cycle, 4, "lru", predictor="fused").stalls < 0.1 * cycle.lookups  # Markov's hints win the fusion
+    assert simulate(cycle, 4, "lru", predictor="affinity").prefetches_issued == 0  # pairs never meet another pair
+    rng = random.Random(3)  # expert 0 in every other step, the rest uniform: a hot expert, no sequence
+    hot = make_trace([[0, rng.choice(range(1, 12))] if step % 2 == 0 else rng.sample(range(1, 12), 2)
+                      for step in range(200)], 12)
+    demand = simulate(hot, 4, "lru")
+    locality = simulate(hot, 4, "lru", predictor="locality")
+    assert locality.prefetches_issued > 0 and locality.stalls < 0.85 * demand.stalls  # it keeps 0 coming back
+    for predictor in ("locality", "affinity", "fused"):
+        result = simulate(hot, 4, "lru", predictor=predictor)
+        assert result.predictor == predictor and result.hits + result.misses == hot.lookups
+        assert result.reads >= simulate(hot, result.pool_slots, "belady").misses
+        assert result == simulate(hot, 4, "lru", predictor=predictor)  # deterministic
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), num_experts=st.integers(3, 16), extra_slots=st.integers(0, 6),
        num_steps=st.integers(1, 60), policy=st.sampled_from(["lru", "lfu", "lru+pin", "belady"]))
@@ -150,7 +167,7 @@ def test_simulate_argument_errors():
         simulate(trace, 1)
     with pytest.raises(ConfigError, match="unknown cache policy 'fifo'"):
         simulate(trace, 2, "fifo")
-    with pytest.raises(ConfigError, match="unknown predictor 'oracle'; known: none, markov"):
+    with pytest.raises(ConfigError, match="unknown predictor 'oracle'; known: none, markov, locality, affinity, fused"):
         simulate(trace, 2, predictor="oracle")
     with pytest.raises(ConfigError, match="predict_fanout must be a positive integer, got 0"):
         simulate(trace, 2, predictor="markov", predict_fanout=0)
