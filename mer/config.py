@@ -70,7 +70,13 @@ class PipelineConfig:
     pipeline_depth: int = setting(1, "Iterations the predictor looks ahead when hinting.", minimum=1, maximum=64)
     prefetch: bool = setting(True, "Whether predicted experts are read ahead (--no-prefetch turns it off).")
     predictors: str = setting(
-        "markov", "Predictors switched on, comma-separated: markov, locality, affinity (hints are fused)."
+        "markov", "Predictors switched on, comma-separated: markov, locality, affinity, gate (hints are fused; "
+        "gate, the next-layer router gate, needs a model: generation only)."
+    )
+    gate_min_ratio: float = setting(
+        1.5, "Gate predictor: hint only experts whose gate probability is at least this multiple of uniform "
+        "(1 / experts per layer), so unlikely experts do not evict cached ones; 0 hints the top predict_fanout.",
+        minimum=0.0, maximum=1_000_000.0,
     )
     governor_threshold: float = setting(
         0.0, "Prefetch governor: admit a hint when score x recent accuracy >= this x (1 + reads pending); "

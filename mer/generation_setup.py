@@ -25,6 +25,7 @@ from mer.model.chat_template import chat_prompt_tokens
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
+from mer.predict.fusion import GATE, parse_predictor_names
 from mer.ram_budget import RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots
 from mer.router.generation_request import GenerationRequest
 from mer.store.reader import ExpertStore
@@ -128,10 +129,12 @@ def _ram_plan(budget: int, model: MoEModel, config: PipelineConfig, positions: i
     source, hparams = model.source, model.hparams
     slot_nbytes = max(source.expert_format(layer.moe_layer).read_nbytes for layer in source.layers)
     reserve = pool_slots(dataclasses.replace(config, cache_slots=1)) - 1  # the prefetch reserve
+    gate = GATE in parse_predictor_names(config.predictors)  # the predictor loads the gates: a heavy process
     return plan_cache_slots(
         budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams.num_blocks, positions, hparams.kv_width),
         num_compute_workers=config.num_compute_workers, slot_nbytes=slot_nbytes, top_k=hparams.top_k,
-        reserve_slots=reserve, num_experts=source.geometry.num_experts, metadata=metadata_nbytes(source))
+        reserve_slots=reserve, num_experts=source.geometry.num_experts, metadata=metadata_nbytes(source, gate),
+        gate_predictor=gate)
 
 
 async def run_generation(prepared: PreparedGeneration, on_token: Callable[[int, int], None] | None = None,

@@ -5,12 +5,15 @@ The graph's resident memory is counted as
     dense weights (every non-expert tensor of the GGUF, memory-mapped by the router)
   + KV cache (float32 K and V: 2 x blocks x positions x kv_heads x head_dim x 4 bytes)
   + the processes themselves (interpreter, numpy, numba, ZeroMQ: `processes_nbytes`, measured)
-  + the GGUF's parsed metadata in the two processes that open it, the CLI and the router (the `gguf`
-    library's reader keeps ~1 KiB of numpy views per metadata array element: ~85 MiB per process
-    for a 32k SentencePiece vocabulary, ~400 MiB for a 150k BPE one; `metadata_nbytes`, measured)
+  + the GGUF's parsed metadata in the processes that open it, the CLI and the router, and the
+    predictor when the gate predictor is on (the `gguf` library's reader keeps ~1 KiB of numpy
+    views per metadata array element: ~85 MiB per process for a 32k SentencePiece vocabulary,
+    ~400 MiB for a 150k BPE one; `metadata_nbytes`, measured)
   + the slot arena (cache slots + prefetch reserve, `slot_nbytes` each)
 
-and the cache gets every slot that fits in what is left (at most one per expert of the model). A
+and the cache gets every slot that fits in what is left (at most one per expert of the model). With
+the gate predictor (`gate_predictor`), the predictor loads the model's gates with mer's model code
+(numpy, numba: 88 MiB Pss measured against 33 without) and counts as a heavy process. A
 budget that cannot hold the fixed part plus k experts of one layer (and the prefetch reserve) is
 refused with the numbers. The processes are the supervisor, the router, the I/O worker, the
 predictor and the compute workers; shared pages (the arena, the GGUF's page cache) count once, as
@@ -39,9 +42,12 @@ METADATA_BYTES_PER_ELEMENT = 1024
 GGUF_READING_PROCESSES = 2  # the CLI (supervisor) and the router parse the GGUF's metadata
 
 
-def processes_nbytes(num_compute_workers: int) -> int:
-    """The graph's processes without the model: supervisor, router, compute workers, I/O, predictor, tracker."""
-    return (2 + num_compute_workers) * HEAVY_PROCESS_NBYTES + 2 * LIGHT_PROCESS_NBYTES + TRACKER_NBYTES
+def processes_nbytes(num_compute_workers: int, gate_predictor: bool = False) -> int:
+    """The graph's processes without the model: supervisor, router, compute workers, I/O, predictor, tracker
+    (the predictor is a heavy process with the gate predictor)."""
+    heavy = 2 + num_compute_workers + gate_predictor  # supervisor, router, compute workers (, predictor)
+    light = 2 - gate_predictor  # I/O worker (, predictor)
+    return heavy * HEAVY_PROCESS_NBYTES + light * LIGHT_PROCESS_NBYTES + TRACKER_NBYTES
 _SIZE = re.compile(r"^\s*(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]*)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -62,10 +68,11 @@ def dense_nbytes(source: GGUFSource) -> int:
                if not (MERGED_EXPERT_TENSOR.match(tensor.name) or PER_EXPERT_TENSOR.match(tensor.name)))
 
 
-def metadata_nbytes(source: GGUFSource) -> int:
-    """The parsed metadata of the GGUF in every process that opens it (see METADATA_BYTES_PER_ELEMENT)."""
+def metadata_nbytes(source: GGUFSource, gate_predictor: bool = False) -> int:
+    """The parsed metadata of the GGUF in every process that opens it (see METADATA_BYTES_PER_ELEMENT);
+    with the gate predictor, the predictor opens it too."""
     elements = sum(len(field.data) for part in source.parts for field in part.reader.fields.values())
-    return GGUF_READING_PROCESSES * elements * METADATA_BYTES_PER_ELEMENT
+    return (GGUF_READING_PROCESSES + gate_predictor) * elements * METADATA_BYTES_PER_ELEMENT
 
 
 def kv_cache_nbytes(num_blocks: int, positions: int, kv_width: int) -> int:
@@ -106,11 +113,12 @@ class RamPlan:
 
 
 def plan_cache_slots(budget: int, *, dense: int, kv_cache: int, num_compute_workers: int, slot_nbytes: int,
-                     top_k: int, reserve_slots: int, num_experts: int, metadata: int = 0) -> RamPlan:
+                     top_k: int, reserve_slots: int, num_experts: int, metadata: int = 0,
+                     gate_predictor: bool = False) -> RamPlan:
     """The cache slots a budget allows (at most `num_experts`); ConfigError with the numbers when it
     cannot hold the fixed part plus `top_k` experts of one layer and the prefetch reserve."""
     processes = 5 + num_compute_workers
-    plan = RamPlan(budget, dense, kv_cache, processes, processes_nbytes(num_compute_workers), slot_nbytes,
+    plan = RamPlan(budget, dense, kv_cache, processes, processes_nbytes(num_compute_workers, gate_predictor), slot_nbytes,
                    reserve_slots, 0, metadata)
     fitting = (budget - plan.fixed_nbytes) // slot_nbytes - reserve_slots
     if fitting < top_k:

@@ -5,7 +5,9 @@ One run:
    runtime directory and the slot arena;
 2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
    each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
-   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error;
+   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error. The run
+   spec every child gets names the generation job's GGUF (`RunSpec.model`: the gate predictor reads
+   its router gates at start-up; a `gate` predictor without a model is refused before anything starts);
 3. send `StartJob` to the router (with the job dict: empty for the benchmark, a generation request
    for `generate`) and wait for its `JobDone` (the run summary); `TokenGenerated` messages that
    come before it are handed to `on_token` as they arrive;
@@ -33,7 +35,9 @@ import zmq.asyncio
 from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
+from mer.predict.fusion import check_model_for_predictors, parse_predictor_names
 from mer.protocol import ChildFailed, Hello, JobDone, Ready, Shutdown, StartJob, TokenGenerated, decode, encode
+from mer.router.generation_request import GENERATE_KIND, GenerationRequest, job_kind
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
@@ -66,6 +70,11 @@ class Child:
         return f"exit code {code}"
 
 
+def job_model(job: dict) -> str | None:
+    """The GGUF a job runs (a generation job's `model`), for the children that read it; None for the benchmark."""
+    return GenerationRequest.from_job(job).model if job_kind(job) == GENERATE_KIND else None
+
+
 def pool_slots(config: PipelineConfig) -> int:
     """Slots in the arena: the cache plus the prefetch reserve (one per hint of a prediction)."""
     return config.cache_slots + (config.predict_fanout if config.prefetch else 0)
@@ -79,6 +88,8 @@ class Supervisor:
         self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
         self.job = job or {}  # StartJob.job for the router
         self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
+        self.model = job_model(self.job)  # the generation job's GGUF (None: the benchmark)
+        check_model_for_predictors(parse_predictor_names(config.predictors), self.model, job_kind(self.job))
         self.config = config
         self.store = store
         self.log = get_logger()
@@ -126,7 +137,7 @@ class Supervisor:
             run_id=self.run_id, runtime_dir=runtime_dir, arena_path=str(self.arena.path),
             num_slots=self.arena.num_slots, slot_nbytes=self.arena.slot_nbytes,
             store=str(self.store.directory), supervisor_pid=os.getpid(),
-            num_compute_workers=self.config.num_compute_workers, config=self.config.to_dict(),
+            num_compute_workers=self.config.num_compute_workers, config=self.config.to_dict(), model=self.model,
         )
 
     # ---- spawning and watching -------------------------------------------------------------------

@@ -15,19 +15,28 @@ Each predictor scores its own previous hints against the next decision it observ
 (`mer.predict.accuracy`) and reports its cumulative top-1 / top-k counters to the I/O worker as
 `PredictorStats` after every scored observation (the I/O worker merges them into its per-predictor
 prefetch counters, which reach the run summary).
+
+The next-layer gate predictor (`gate`, `mer.predict.gate`) reads the router gates of the generation
+job's GGUF, named by the supervisor in the run spec (`RunSpec.model`), at start-up (so a bad model
+fails the handshake); the router then sends a `HiddenObserved` (the token's residual at that MoE
+layer) just before each `RoutingObserved`. Its hints name their target decision, so they are scored
+against exactly that decision, per target layer (`LayerAccuracy`; `per_layer` in its stats).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import numpy as np
 import zmq
 
 from mer.errors import ProtocolError
-from mer.predict.accuracy import AccuracyTracker
-from mer.predict.fusion import fuse, make_predictors, parse_predictor_names
+from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
+from mer.predict.fusion import GATE, fuse, make_predictors, parse_predictor_names
 from mer.runtime.child import receive_unless_stopped
-from mer.protocol import PinSet, PredictorStats, PrefetchHint, PrefetchHints, RoutingObserved, decode, encode
+from mer.protocol import (HiddenObserved, PinSet, PredictorStats, PrefetchHint, PrefetchHints, RoutingObserved, decode,
+                          encode)
 from mer.store.manifest import Manifest
 
 
@@ -35,14 +44,21 @@ class Predictor:
     def __init__(self, context):
         self.context = context
         config = context.config
-        geometry = Manifest.load(context.run.store).geometry
+        manifest = Manifest.load(context.run.store)
         self.names = parse_predictor_names(config.predictors)
-        self.predictors = make_predictors(self.names, geometry.num_experts, config.top_k, max_pinned=config.max_pinned)
+        self.gate = None
+        if GATE in self.names:
+            from mer.predict.gate import load_gate_predictor  # numpy + numba: only when the gate is on
+
+            self.gate = load_gate_predictor(context.run.model, manifest, config.gate_min_ratio)
+        self.predictors = make_predictors(self.names, manifest.geometry.num_experts, config.top_k,
+                                          max_pinned=config.max_pinned, gate=self.gate)
         self.pins: list[int] = []
         self.observe = None
         self.io = None
         self.hints_sent = 0
-        self.accuracy = AccuracyTracker()
+        self.accuracy = AccuracyTracker()  # every predictor but the gate: against the next decision
+        self.layer_accuracy = LayerAccuracy()  # the gate: against the decision each hint was for
 
     async def start(self) -> dict:
         run, zmq_context = self.context.run, self.context.zmq
@@ -52,7 +68,12 @@ class Predictor:
         self.io = zmq_context.socket(zmq.DEALER)
         self.io.setsockopt(zmq.LINGER, 0)
         self.io.connect(run.endpoint("io"))
-        return {"predictor": ",".join(self.names), "prefetch": self.context.config.prefetch}
+        info = {"predictor": ",".join(self.names), "prefetch": self.context.config.prefetch}
+        if self.gate is not None:
+            started = time.perf_counter()
+            self.gate.weights.ranking(0, np.zeros(self.gate.weights.d_model, np.float32))  # compile the gate's kernel
+            info.update(gate_model=self.gate.weights.path, gate_warm_up_s=round(time.perf_counter() - started, 3))
+        return info
 
     async def serve(self, stop: asyncio.Event) -> None:
         while True:
@@ -60,11 +81,19 @@ class Predictor:
             if frames is None:
                 return
             try:
-                message = decode(frames, expected_kinds=(RoutingObserved,))
+                message = decode(frames, expected_kinds=(RoutingObserved, HiddenObserved))
             except ProtocolError as error:
                 self.context.log.warning("bad_observation", error=str(error))
                 continue
-            await self._observe(message)
+            if isinstance(message, HiddenObserved):
+                self._observe_hidden(message)
+            else:
+                await self._observe(message)
+
+    def _observe_hidden(self, message: HiddenObserved) -> None:
+        for predictor in self.predictors:
+            if predictor.observe_hidden is not None:
+                predictor.observe_hidden(message.token, message.layer, message.hidden)
 
     async def _observe(self, message: RoutingObserved) -> None:
         """Learn from one decision, report accuracies, then send pins and fused hints."""
@@ -74,6 +103,8 @@ class Predictor:
             predictor.observe(message.layer, expert_ids)
         for name in self.accuracy.observe(expert_ids):
             await self.io.send_multipart(encode(PredictorStats(name, self.accuracy.as_dict(name))))
+        if self.layer_accuracy.observe(message.token, message.layer, expert_ids):
+            await self.io.send_multipart(encode(PredictorStats(GATE, self.layer_accuracy.as_dict())))
         await self._send_pins()
         if not config.prefetch:
             return
@@ -81,9 +112,13 @@ class Predictor:
         for predictor in self.predictors:
             hints = predictor.predict(config.predict_fanout, config.pipeline_depth)
             ranked[predictor.name] = hints
-            if hints:
+            if predictor.name == GATE:
+                for target in self.gate.targets:
+                    self.layer_accuracy.hinted(target.token, target.layer, target.ahead, list(target.experts))
+            elif hints:
                 self.accuracy.hinted(predictor.name, [expert for expert, _ in hints])
-        weights = {name: self.accuracy.weight(name) for name in ranked}
+        weights = {name: self.layer_accuracy.weight() if name == GATE else self.accuracy.weight(name)
+                   for name in ranked}
         fused = fuse(ranked, config.predict_fanout * config.pipeline_depth, weights)
         by_source: dict[str, list[PrefetchHint]] = {}
         for expert, score, source in fused:  # one message per source, best first within and across

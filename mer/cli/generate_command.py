@@ -17,7 +17,7 @@ from pathlib import Path
 
 import uvloop
 
-from mer.cli.generation_output import TextStream, json_result, timing_line
+from mer.cli.generation_output import TextStream, experts_line, json_result, timing_line
 from mer.cli.pipeline_flags import parse_worker_count
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
@@ -72,6 +72,17 @@ def register(subparsers) -> None:
     parser.add_argument("--io-backend", choices=IO_BACKENDS, default=None, help="Expert read backend.")
     parser.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
                         help="Do not read predicted experts ahead.")
+    parser.add_argument("--predictors", metavar="NAME[,NAME...]", default=None,
+                        help="Predictors whose hints are prefetched: markov (default), locality, affinity, gate "
+                             "(the next MoE layers' router gates applied to the current hidden state), fused "
+                             "when several.")
+    parser.add_argument("--predict-fanout", type=int, metavar="F", default=None,
+                        help="Experts hinted per predicted layer (and slots reserved for them; default 2).")
+    parser.add_argument("--pipeline-depth", type=int, metavar="D", default=None,
+                        help="MoE layers (decisions) the predictors look ahead (default 1).")
+    parser.add_argument("--gate-min-ratio", type=float, metavar="R", default=None,
+                        help="The gate predictor hints an expert only if its gate probability is at least R x "
+                             "uniform (1 / experts per layer); 0: always the top --predict-fanout (default 1.5).")
     parser.add_argument("--log-file", type=Path, metavar="FILE", default=None, help="structlog JSON events here.")
     parser.add_argument("--record-trace", type=Path, metavar="FILE", default=None,
                         help="Record every routing decision (per token and MoE layer) to this JSONL trace.")
@@ -113,6 +124,7 @@ def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: 
     if stream is not None:
         stream.finish()
         print(timing_line(summary), file=sys.stderr)
+        print(experts_line(summary), file=sys.stderr)
         return 0
     plan = prepared.ram_plan
     extra = {"ram_budget_bytes": plan.budget if plan else None, "arena_bytes": plan.arena_nbytes if plan else None}

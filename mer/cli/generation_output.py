@@ -1,4 +1,4 @@
-"""What `mer-pipeline generate` prints: streamed text, the timing line, the `--json` result."""
+"""What `mer-pipeline generate` prints: streamed text, the timing and experts lines, the `--json` result."""
 
 from __future__ import annotations
 
@@ -36,6 +36,21 @@ def timing_line(summary: dict[str, Any]) -> str:
             f"{summary['mib_read_per_token']:.2f} MiB read per token; per MoE block: dense "
             f"{summary['dense_us_per_block']:.0f} us, experts {summary['expert_us_per_block']:.0f} us; "
             f"{len(summary['tokens'])} tokens, stop: {summary['stop_reason']}")
+
+
+def experts_line(summary: dict[str, Any]) -> str:
+    """One line: how the expert lookups were served, and each predictor's accuracy (the gate's per layer)."""
+    line = (f"experts: {summary['lookups']} lookups, {summary['hits']} hits, {summary['prefetch_joins']} joined a "
+            f"prefetch read, {summary['demand_misses']} demand misses")
+    for name, entry in summary.get("predictors", {}).items():
+        line += (f"; {name}: top-1 {entry['top1_accuracy_pct']:.1f}%, top-k {entry['topk_accuracy_pct']:.1f}%, "
+                 f"{entry['used']}/{entry['issued']} prefetches used")
+        layers = [f"layer {layer['layer']}" + (f" ({layer['ahead']} ahead)" if layer["ahead"] > 1 else "")
+                  + f" {layer['topk_accuracy_pct']:.1f}/{layer['top1_accuracy_pct']:.1f}%"
+                  for layer in entry.get("per_layer", [])]
+        if layers:
+            line += f" (per layer top-k/top-1: {', '.join(layers)})"
+    return line
 
 
 def json_result(summary: dict[str, Any], tokenizer: Tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ _FLAG_TYPES = {
     "predict_fanout": (int, "F", "experts"),
     "pipeline_depth": (int, "D", "iterations"),
     "predictors": (str, "NAME[,NAME...]", ""),
+    "gate_min_ratio": (float, "R", "x uniform probability"),
     "max_pinned": (int, "P", "experts"),
     "governor_threshold": (float, "G", "usefulness per pending read"),
     "compute_workers": (str, "N|auto", "processes"),

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mer.errors import ContextLengthError, GGUFError, ShapeError, TokenizerError
+from mer.errors import ContextLengthError, GGUFError, ShapeError, StoreError, TokenizerError
 from mer.model.attention import KVCache, apply_rope, causal_attention, rms_norm, rope_tables
 from mer.model.hparams import QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, read_hparams
 from mer.model.moe import Routing, route_tokens
 from mer.model.weights import BlockWeights, ModelWeights, load_weights
 from mer.store.gguf_source import GGUFSource, read_gguf_source
+from mer.store.manifest import Manifest
 from mer.swiglu import silu_gate
 
 
@@ -139,3 +140,13 @@ class MoEModel:
         """Output norm and LM head: float32 `[tokens, vocab]`."""
         normed = rms_norm(hidden, self.weights.output_norm, self.hparams.rms_norm_eps)
         return self.weights.output(normed, self.threads)
+
+
+def check_model_matches_store(model: MoEModel, manifest: Manifest, path: str) -> None:
+    """The run's store must hold this model's experts (same MoE layers, experts, d_model)."""
+    geometry = manifest.geometry
+    ours = (len(model.moe_layers), model.hparams.num_experts, model.hparams.d_model)
+    theirs = (geometry.num_moe_layers, geometry.experts_per_layer, geometry.d_model)
+    if ours != theirs:
+        raise StoreError(f"{path}: the model has (MoE layers, experts, d_model) = {ours}, the expert store "
+                         f"{theirs}: the store was not converted from this model")

@@ -6,6 +6,10 @@ H = (h_1, h_2, ...) (best first) and the next observed decision D (a set of k ex
 - top-k: |{h_1..h_k} ∩ D| experts found, out of |D| (k = the decision's size).
 A prediction with no hints is not scored. Accuracies are percentages of the scored predictions
 (top-1) and of the observed experts of the scored predictions (top-k); 0.0 before any score.
+
+`AccuracyTracker` scores each predictor's latest hints against the next decision observed;
+`LayerAccuracy` scores hints that name their target decision (the gate predictor's: token t, MoE
+layer L+s) against exactly that decision, per target layer and distance s.
 """
 
 from __future__ import annotations
@@ -81,3 +85,81 @@ class AccuracyTracker:
         """`name`'s top-k accuracy so far, Laplace-smoothed: (found + 1) / (observed + 2), 0.5 at first."""
         scores = self.scores.get(name, HintAccuracy())
         return (scores.topk_found + 1) / (scores.topk_observed + 2)
+
+
+@dataclass
+class LayerHintAccuracy(HintAccuracy):
+    """`HintAccuracy` of the hints for one target layer, plus the decision's experts found among all of
+    them (`hinted_found`: a prefetch of any hinted expert serves, not only of the k best). Every
+    prediction made for a decision is scored, also one that hinted nothing (all its experts below the
+    gate's probability floor): it finds nothing."""
+
+    hinted_found: int = 0
+
+    def score(self, hints: Sequence[int], observed: Iterable[int]) -> None:
+        decision = set(observed)
+        self.hinted_found += len(decision.intersection(hints))
+        if hints:
+            super().score(hints, decision)
+        else:
+            self.predictions += 1
+            self.topk_observed += len(decision)
+
+    @property
+    def hinted_recall_pct(self) -> float:
+        return percent(self.hinted_found, self.topk_observed)
+
+    def as_dict(self) -> dict[str, int | float]:
+        return {**super().as_dict(), "hinted_found": self.hinted_found, "hinted_recall_pct": self.hinted_recall_pct}
+
+
+class LayerAccuracy:
+    """Hints scored against the very decision they were made for, per target layer and distance.
+
+    For predictors whose hints name their target (the gate: hints for token t's MoE layer L+s made at
+    layer L). `hinted(token, layer, ahead, hints)` remembers them until the decision of (token, layer)
+    is observed; each (layer, ahead) is scored on its own. The totals (`as_dict`, `weight`) are those
+    of the next-layer hints (ahead = 1), the ones `AccuracyTracker` would score for the others.
+    """
+
+    def __init__(self) -> None:
+        self.scores: dict[tuple[int, int], LayerHintAccuracy] = {}  # (target layer, ahead) -> scores
+        self._pending: dict[tuple[int, int], list[tuple[int, list[int]]]] = {}  # (token, layer) -> [(ahead, hints)]
+
+    def hinted(self, token: int, layer: int, ahead: int, hints: Sequence[int]) -> None:
+        self.scores.setdefault((layer, ahead), LayerHintAccuracy())
+        self._pending.setdefault((token, layer), []).append((ahead, list(hints)))
+
+    def observe(self, token: int, layer: int, observed: Iterable[int]) -> bool:
+        """Score the hints made for the decision of (`token`, `layer`); True if there were any."""
+        pending = self._pending.pop((token, layer), None)
+        if not pending:
+            return False
+        decision = list(observed)
+        for ahead, hints in pending:
+            self.scores[(layer, ahead)].score(hints, decision)
+        return True
+
+    def totals(self) -> HintAccuracy:
+        total = HintAccuracy()
+        for (_, ahead), scores in self.scores.items():
+            if ahead == 1:
+                total.predictions += scores.predictions
+                total.top1_hits += scores.top1_hits
+                total.topk_found += scores.topk_found
+                total.topk_observed += scores.topk_observed
+        return total
+
+    def per_layer(self) -> list[dict[str, int | float]]:
+        """One entry per (target layer, ahead), by distance then layer: `layer`, `ahead` and the scores."""
+        return [{"layer": layer, "ahead": ahead, **self.scores[(layer, ahead)].as_dict()}
+                for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)]
+
+    def as_dict(self) -> dict[str, object]:
+        """The next-layer totals (as `HintAccuracy.as_dict`) and `per_layer`."""
+        return {**self.totals().as_dict(), "per_layer": self.per_layer()}
+
+    def weight(self) -> float:
+        """The next-layer top-k accuracy so far, Laplace-smoothed as `AccuracyTracker.weight`."""
+        total = self.totals()
+        return (total.topk_found + 1) / (total.topk_observed + 2)

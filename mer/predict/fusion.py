@@ -1,9 +1,10 @@
 """The active predictors behind one interface, and their fusion into scored, attributed hints.
 
-`PREDICTOR_NAMES` are the predictors `predictors = "markov,locality,affinity"` may switch on
+`PREDICTOR_NAMES` are the predictors `predictors = "markov,locality,affinity,gate"` may switch on
 (`parse_predictor_names`). `make_predictors` builds them; each `ActivePredictor` observes
 `(layer, experts)` and predicts `(expert, score)` hints for the next `depth` decisions, at most
-`fanout` per step.
+`fanout` per step. `gate` (`mer.predict.gate`) also observes the router's hidden states and needs a
+model: only a generation job has one (`check_model_for_predictors`).
 
 `fuse(ranked, limit, weights)`: with one predictor its hints pass through unchanged (first
 `limit`); with several, each hint is ranked by its expected usefulness, score x its predictor's
@@ -19,12 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from mer.errors import ConfigError
 from mer.predict.affinity import AffinityPredictor
 from mer.predict.locality import LocalityPredictor
 from mer.predict.markov import MarkovPredictor
 
-PREDICTOR_NAMES = ("markov", "locality", "affinity")
+PREDICTOR_NAMES = ("markov", "locality", "affinity", "gate")
+GATE = "gate"  # the next-layer gate predictor: needs the model's gates and the router's hidden states
 
 Hints = list[tuple[int, float]]
 
@@ -49,11 +53,21 @@ class ActivePredictor:
     observe: Callable[[int, list[int]], None]  # (layer, global expert ids)
     predict: Callable[[int, int], Hints]  # (fanout, depth) -> hints, best first
     model: object
+    observe_hidden: Callable[[int, int, np.ndarray], None] | None = None  # (token, layer, residual): the gate
+
+
+def check_model_for_predictors(names: tuple[str, ...], model: str | None, job: str) -> None:
+    """A ConfigError when `gate` is switched on for a job without a model (the benchmark)."""
+    if GATE in names and model is None:
+        raise ConfigError(f"predictors = {','.join(names)!r}: the gate predictor applies a model's router gates "
+                          f"to its hidden states, and the {job} job has no model; use gate with mer-pipeline "
+                          f"generate (or up --model), or choose other predictors (--predictors markov)")
 
 
 def make_predictors(names: tuple[str, ...], num_experts: int, top_k: int, *,
-                    max_pinned: int = 0) -> list[ActivePredictor]:
-    """The predictors named, in `PREDICTOR_NAMES` order; `max_pinned` bounds the locality predictor's pins."""
+                    max_pinned: int = 0, gate=None) -> list[ActivePredictor]:
+    """The predictors named, in `PREDICTOR_NAMES` order; `max_pinned` bounds the locality predictor's pins;
+    `gate` is the `mer.predict.gate.GatePredictor` to use for `gate` (built from the model)."""
     active = []
     for name in names:
         if name == "markov":
@@ -66,6 +80,10 @@ def make_predictors(names: tuple[str, ...], num_experts: int, top_k: int, *,
         elif name == "affinity":
             affinity = AffinityPredictor()
             active.append(ActivePredictor(name, affinity.observe, affinity.predict, affinity))
+        elif name == GATE:
+            if gate is None:
+                raise ConfigError("predictors: 'gate' needs the model's gates (a generation job's GGUF)")
+            active.append(ActivePredictor(name, gate.observe, gate.predict, gate, gate.observe_hidden))
         else:
             raise ConfigError(f"predictors: unknown predictor {name!r} (known: {', '.join(PREDICTOR_NAMES)})")
     return active

@@ -19,6 +19,8 @@ from mer.protocol.messages import (
     ExpertBatchJob,
     ExpertBatchResult,
     Hello,
+    HiddenObserved,
+    HiddenState,
     IoStats,
     JobDone,
     JsonMap,
@@ -50,5 +52,5 @@ __all__ = [
     "Message", "MessageKind", "Partials", "PrefetchHint", "PinSet", "PrefetchHints", "PredictorStats", "Ready", "Release",
     "RoutingObserved", "ScalarMap", "Shutdown", "SliceRange", "SlotGrant", "SlotRef", "SlotsReady", "StartJob",
     "StatsRequest", "decode", "encode", "error_fields", "error_reply", "error_type_name", "raise_remote",
-    "TokenGenerated", "ExpertBatchJob", "ExpertBatchResult", "BatchPartials",
+    "TokenGenerated", "ExpertBatchJob", "ExpertBatchResult", "BatchPartials", "HiddenObserved", "HiddenState",
 ]

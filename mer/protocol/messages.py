@@ -44,6 +44,7 @@ class MessageKind(IntEnum):
     EXPERT_BATCH_JOB = 22
     EXPERT_BATCH_RESULT = 23
     ROUTING_OBSERVED = 30
+    HIDDEN_OBSERVED = 31
     ERROR_REPLY = 40
 
 
@@ -71,6 +72,7 @@ JsonMap = Annotated[dict[str, Any], MapValues.JSON]
 Activations = Annotated[np.ndarray, ArraySpec("float32", ("batch", "d_model"))]
 Partials = Annotated[np.ndarray, ArraySpec("float32", ("items", "slices", "batch", "d_model"))]
 BatchPartials = Annotated[np.ndarray, ArraySpec("float32", ("slices", "rows", "d_model"))]
+HiddenState = Annotated[np.ndarray, ArraySpec("float32", ("d_model",))]
 
 
 class SlotRef(NamedTuple):
@@ -370,6 +372,19 @@ class RoutingObserved:
             )
 
 
+@message(MessageKind.HIDDEN_OBSERVED)
+class HiddenObserved:
+    """The residual stream of one token at a MoE layer, after its attention (the input of that layer's
+    ffn_norm), for the next-layer gate predictor; sent just before that layer's `RoutingObserved`,
+    and only when the `gate` predictor is on with prefetch."""
+
+    token: int
+    layer: int
+    hidden: HiddenState
+
+    __eq__ = _equal_with_arrays
+
+
 # --- any request/reply socket ---------------------------------------------------------------------
 
 
@@ -386,5 +401,5 @@ class ErrorReply:
 Message = (
     Hello | Ready | ChildFailed | Shutdown | JobDone | StartJob | Acquire | SlotsReady | Release | PrefetchHints
     | StatsRequest | IoStats | ComputeJob | ComputeResult | RoutingObserved | ErrorReply | TokenGenerated
-    | ExpertBatchJob | ExpertBatchResult
+    | ExpertBatchJob | ExpertBatchResult | HiddenObserved
 )

@@ -35,7 +35,7 @@ class ExpertStats:
 
     hits: int = 0
     misses: int = 0
-    prefetch_used: int = 0
+    prefetch_joins: int = 0  # misses that joined a prefetch read already in flight (the rest are demand misses)
     io_wait_us: float = 0.0  # acquires that had a miss, from request to answer
     compute_us: float = 0.0  # batch jobs sent until every partial is back
     chunks: int = 0
@@ -97,7 +97,7 @@ class ExpertDispatcher:
         misses = sum(not grant.hit for grant in grants)
         stats.hits += len(grants) - misses
         stats.misses += misses
-        stats.prefetch_used += sum(grant.joined_prefetch for grant in grants)
+        stats.prefetch_joins += sum(grant.joined_prefetch for grant in grants)
         stats.io_wait_us += acquire_us if misses else 0.0
         stats.chunks += 1
         try:

@@ -9,7 +9,11 @@ trace (layered: one decision per MoE layer per token, ids within the layer, writ
 
 The summary (`JobDone`) holds the tokens, timings and cache figures; `mib_read_per_token` counts
 the bytes the I/O worker read for the decode steps (reads started by an acquire or by prefetch
-hints of a generated token's position) per decode step.
+hints of a generated token's position) per decode step. Expert lookups are `hits`, `prefetch_joins`
+(misses that joined a prefetch read already in flight) and `demand_misses` (reads the foreground had
+to start): hits + prefetch_joins + demand_misses = lookups. With the gate predictor on, the router
+also sends each token's residual to the predictor (`gate_hints_on`), and the gate's per-layer
+accuracies (`predictors.gate.per_layer`) are logged as `gate_layer_accuracy` events.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from mer.config import PipelineConfig
-from mer.errors import ContextLengthError, StoreError
+from mer.errors import ContextLengthError
 from mer.model.generate import STOP_CONTEXT, STOP_END_OF_GENERATION, STOP_MAX_TOKENS
-from mer.model.model import MoEModel
+from mer.model.model import MoEModel, check_model_matches_store
 from mer.model.sampling import Sampler
 from mer.protocol import TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
-from mer.router.expert_client import ExpertDispatcher
+from mer.predict.fusion import GATE, parse_predictor_names
+from mer.router.expert_client import ExpertDispatcher, ExpertStats
 from mer.run_events import PredictorCounters
 from mer.router.generation_request import GenerationRequest
 from mer.router.graph_forward import DenseThread, ForwardCosts, GraphForward
@@ -72,7 +77,7 @@ class GenerateJob:
             check_model_matches_store(model, self.manifest, self.request.model)
             warm_up_s = await self.dense.run(warm_up_dense, model)
             forward = GraphForward(model, self.dispatcher, self.dense, self.observe, self.log,
-                                   log_blocks=bool(self.config.log_file))
+                                   log_blocks=bool(self.config.log_file), send_hidden=gate_hints_on(self.config))
             self.log.info("generation_started", model=self.request.model, architecture=model.hparams.architecture,
                           prompt_tokens=len(self.request.prompt_tokens), max_tokens=self.request.max_tokens,
                           dense_warm_up_s=round(warm_up_s, 3), cache_slots=self.config.cache_slots)
@@ -86,6 +91,8 @@ class GenerateJob:
                 np.save(self.request.dump_logits, np.stack(self.step_logits) if self.step_logits
                         else np.zeros((0, model.vocab_size), np.float32))
             summary = await self._summary(tokens, stop_reason, phases, forward.observations)
+            for entry in summary["predictors"].get(GATE, {}).get("per_layer", []):
+                self.log.info("gate_layer_accuracy", **entry)
             self.log.info("generation_summary", **summary)
             return summary
         finally:
@@ -147,9 +154,10 @@ class GenerateJob:
         reads = stats["reads"]
         decode_bytes = sum(read["nbytes"] for read in reads if read["token"] >= prompt_length)
         total_bytes = sum(read["nbytes"] for read in reads)
-        experts = phases.prefill.experts
-        lookups = experts.hits + experts.misses + phases.decode.experts.hits + phases.decode.experts.misses
-        hits = experts.hits + phases.decode.experts.hits
+        experts = ExpertStats()
+        experts.add(phases.prefill.experts)
+        experts.add(phases.decode.experts)
+        lookups, hits = experts.hits + experts.misses, experts.hits
         decode = phases.decode
         blocks = max(decode.moe_blocks, 1)
         return {
@@ -159,12 +167,13 @@ class GenerateJob:
             "prefill_tps": prompt_length / phases.prefill_s if phases.prefill_s > 0 else 0.0,
             "decode_tps": phases.decode_steps / phases.decode_s if phases.decode_steps else 0.0,
             "hits": hits, "misses": lookups - hits, "lookups": lookups,
+            "prefetch_joins": experts.prefetch_joins, "demand_misses": experts.misses - experts.prefetch_joins,
             "hit_rate_pct": 100.0 * hits / lookups if lookups else 0.0,
             "reads": len(reads), "bytes_read": total_bytes, "decode_bytes_read": decode_bytes,
             "mib_read_per_token": decode_bytes / MIB / phases.decode_steps if phases.decode_steps else 0.0,
             "prefetches_issued": int(stats["prefetches_issued"]), "prefetches_used": int(stats["prefetches_used"]),
             "prefetches_wasted": int(stats["prefetches_wasted"]), "predictor_observations": observations,
-            "predictors": {name: PredictorCounters.from_mapping(values, "I/O stats").to_summary_dict()
+            "predictors": {name: predictor_summary(values)
                            for name, values in sorted(dict(stats.get("predictors", {})).items())},
             "dense_us_per_block": decode.dense_us / blocks if decode.moe_blocks else 0.0,
             "expert_us_per_block": decode.expert_us / blocks if decode.moe_blocks else 0.0,
@@ -176,14 +185,17 @@ class GenerateJob:
         }
 
 
-def check_model_matches_store(model: MoEModel, manifest: Manifest, path: str) -> None:
-    """The run's store must hold this model's experts (same MoE layers, experts, d_model)."""
-    geometry = manifest.geometry
-    ours = (len(model.moe_layers), model.hparams.num_experts, model.hparams.d_model)
-    theirs = (geometry.num_moe_layers, geometry.experts_per_layer, geometry.d_model)
-    if ours != theirs:
-        raise StoreError(f"{path}: the model has (MoE layers, experts, d_model) = {ours}, the expert store "
-                         f"{theirs}: the store was not converted from this model")
+def gate_hints_on(config: PipelineConfig) -> bool:
+    """Whether the router sends its hidden states to the predictor: the gate predictor hints (with prefetch)."""
+    return config.prefetch and GATE in parse_predictor_names(config.predictors)
+
+
+def predictor_summary(values: dict) -> dict:
+    """One predictor's summary entry: its counters and accuracies, and the gate's `per_layer` accuracies."""
+    entry = PredictorCounters.from_mapping(values, "I/O stats").to_summary_dict()
+    if "per_layer" in values:
+        entry["per_layer"] = list(values["per_layer"])
+    return entry
 
 
 def warm_up_dense(model: MoEModel) -> float:

@@ -9,9 +9,10 @@ compute (a block's experts need its routing, the next block needs the experts), 
 run at once. See docs/model.md ("The generation path") for the measured per-block costs.
 
 Per MoE block: attention + ffn_norm + gate + expert-major grouping (thread) -> routing observed by
-the predictor (one `RoutingObserved` per token, global ids) -> experts (graph) -> combine exactly as
-`mer.model.moe.combine_experts` (thread). Each MoE block logs `moe_block_done` with its dense and
-expert microseconds.
+the predictor (one `RoutingObserved` per token, global ids; with `send_hidden`, for the next-layer
+gate predictor, each preceded by a `HiddenObserved` with the token's post-attention residual) ->
+experts (graph) -> combine exactly as `mer.model.moe.combine_experts` (thread). Each MoE block logs
+`moe_block_done` with its dense and expert microseconds.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from mer.model.attention import KVCache, next_positions
 from mer.model.model import MoEModel
 from mer.model.moe import Routing, combine_experts, expert_batches, group_by_expert
-from mer.protocol import RoutingObserved, encode
+from mer.protocol import HiddenObserved, RoutingObserved, encode
 from mer.router.expert_client import ExpertDispatcher, ExpertStats
 from mer.routing import RoutingDecision
 
@@ -65,11 +66,12 @@ class GraphForward:
     """Runs new tokens through the model (see the module docstring)."""
 
     def __init__(self, model: MoEModel, dispatcher: ExpertDispatcher, dense: DenseThread, observe, log,
-                 log_blocks: bool = False):
+                 log_blocks: bool = False, send_hidden: bool = False):
         self.model = model
         self.dispatcher = dispatcher
         self.dense = dense
         self.observe = observe  # a PUSH socket to the predictor
+        self.send_hidden = send_hidden  # the gate predictor is on: it gets each token's residual too
         self.log = log
         self.log_blocks = log_blocks
         self.observations = 0
@@ -100,7 +102,7 @@ class GraphForward:
             costs.other_us += dense_us
             return hidden
         moe_layer = self.model.moe_layers[block]
-        await self._observe(moe_layer, positions, routing, decisions)
+        await self._observe(moe_layer, positions, hidden, routing, decisions)
         started = time.perf_counter()
         outputs, stats = await self.dispatcher.run(moe_layer, int(positions[-1]), batches)
         expert_us = (time.perf_counter() - started) * 1e6
@@ -116,7 +118,7 @@ class GraphForward:
                           moe_layer=moe_layer, experts=len(batches), dense_us=round(dense_us, 1),
                           expert_us=round(expert_us, 1), io_wait_us=round(stats.io_wait_us, 1),
                           compute_us=round(stats.compute_us, 1), hits=stats.hits, misses=stats.misses,
-                          chunks=stats.chunks)
+                          prefetch_joins=stats.prefetch_joins, chunks=stats.chunks)
         return hidden
 
     def _front(self, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray):
@@ -133,13 +135,16 @@ class GraphForward:
     def _combine(self, hidden: np.ndarray, routing: Routing, groups, outputs) -> np.ndarray:
         return hidden + combine_experts(routing, groups, outputs, self.model.hparams.d_model)
 
-    async def _observe(self, moe_layer: int, positions: np.ndarray, routing: Routing,
+    async def _observe(self, moe_layer: int, positions: np.ndarray, hidden: np.ndarray, routing: Routing,
                        decisions: list[RoutingDecision]) -> None:
-        """One `RoutingObserved` per token (global ids) to the predictor, before the experts are acquired."""
+        """One `RoutingObserved` per token (global ids) to the predictor, before the experts are acquired;
+        with `send_hidden`, each after a `HiddenObserved` of the token's residual `hidden[index]`."""
         for index, position in enumerate(positions):
             experts = [int(expert) for expert in routing.experts[index]]
             weights = [float(weight) for weight in routing.weights[index]]
             global_ids = [self.dispatcher.global_id(moe_layer, expert) for expert in experts]
+            if self.send_hidden:
+                await self.observe.send_multipart(encode(HiddenObserved(int(position), moe_layer, hidden[index])))
             await self.observe.send_multipart(encode(RoutingObserved(int(position), moe_layer, global_ids, weights)))
             self.observations += 1
             decisions.append(RoutingDecision(int(position), moe_layer, tuple(experts), tuple(weights)))

@@ -20,6 +20,7 @@ class RunSpec:
     supervisor_pid: int
     num_compute_workers: int
     config: dict[str, Any]
+    model: str | None = None  # the GGUF of a generation job (the gate predictor reads its router gates); None: benchmark
 
     def endpoint(self, name: str) -> str:
         """ipc endpoint of a socket of this run (`control`, `io`, `compute`, `observe`)."""

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from mer.cli.generation_output import TextStream, timing_line
+from mer.cli.generation_output import TextStream, experts_line, timing_line
 from mer.errors import ConfigError
 from mer.model.model import MoEModel
 from mer.model.tokenizer import load_tokenizer
@@ -59,3 +59,14 @@ def test_the_timing_line_names_speeds_hit_rate_and_bytes():
     assert timing_line(summary) == ("prefill 3 tokens 120.5 tok/s, decode 1 steps 33.2 tok/s, hit rate 75.0%, "
                                     "1.50 MiB read per token; per MoE block: dense 900 us, experts 2100 us; "
                                     "2 tokens, stop: max_tokens")
+
+
+def test_the_experts_line_splits_the_lookups_and_gives_each_predictors_accuracy_per_layer():
+    summary = {"lookups": 400, "hits": 289, "prefetch_joins": 2, "demand_misses": 109, "predictors": {}}
+    assert experts_line(summary) == "experts: 400 lookups, 289 hits, 2 joined a prefetch read, 109 demand misses"
+    layer = {"layer": 2, "ahead": 1, "topk_accuracy_pct": 57.7, "top1_accuracy_pct": 94.23}
+    summary["predictors"] = {"gate": {"top1_accuracy_pct": 70.0, "topk_accuracy_pct": 47.44, "used": 67, "issued": 96,
+                                      "per_layer": [layer, {**layer, "layer": 3, "ahead": 2}]}}
+    assert experts_line(summary).endswith(
+        "109 demand misses; gate: top-1 70.0%, top-k 47.4%, 67/96 prefetches used "
+        "(per layer top-k/top-1: layer 2 57.7/94.2%, layer 3 (2 ahead) 57.7/94.2%)")

@@ -9,7 +9,7 @@ from mer.config import PipelineConfig
 from mer.errors import ConfigError
 from mer.predict.accuracy import AccuracyTracker, HintAccuracy
 from mer.predict.affinity import AffinityPredictor
-from mer.predict.fusion import PREDICTOR_NAMES, fuse, make_predictors, parse_predictor_names
+from mer.predict.fusion import GATE, PREDICTOR_NAMES, fuse, make_predictors, parse_predictor_names
 from mer.predict.locality import LocalityPredictor
 
 
@@ -93,8 +93,9 @@ def test_fusion_of_one_predictor_passes_its_hints_through():
 
 
 def test_predictor_names_parse_in_canonical_order():
-    assert PREDICTOR_NAMES == ("markov", "locality", "affinity")
+    assert PREDICTOR_NAMES == ("markov", "locality", "affinity", "gate")
     assert parse_predictor_names("affinity, markov") == ("markov", "affinity")
+    assert parse_predictor_names("gate,markov") == ("markov", "gate")
     for bad, message in (("bogus", "unknown predictor 'bogus'"), ("markov,markov", "twice"), ("", "unknown")):
         with pytest.raises(ConfigError, match=message):
             parse_predictor_names(bad)
@@ -102,7 +103,7 @@ def test_predictor_names_parse_in_canonical_order():
 
 def test_every_predictor_learns_a_fixed_cycle_perfectly():
     cycle = [[0, 1], [2, 3], [4, 5], [6, 7]]
-    for predictor in make_predictors(PREDICTOR_NAMES, 8, 2):
+    for predictor in make_predictors(tuple(name for name in PREDICTOR_NAMES if name != GATE), 8, 2):
         if predictor.name == "affinity":
             continue  # co-activation in a layer does not predict the next decision of the flat pool
         accuracy, hints = HintAccuracy(), []

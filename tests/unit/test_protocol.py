@@ -19,6 +19,7 @@ from mer.protocol import (
     ExpertBatchJob,
     ExpertBatchResult,
     Hello,
+    HiddenObserved,
     IoStats,
     JobDone,
     MessageKind,
@@ -86,12 +87,13 @@ def sample_messages() -> list:
         ExpertBatchResult(32, 0, np.arange(2 * 5 * 64, dtype=np.float32).reshape(2, 5, 64), 99.5),
         PredictorStats("markov", {"predictions": 7, "top1_hits": 3, "topk_accuracy_pct": 42.5}),
         PinSet("locality", [4, 9]),
+        HiddenObserved(7, 2, activations(d_model=64)[0]),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 21
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 22
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)

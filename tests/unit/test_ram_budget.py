@@ -50,6 +50,16 @@ def test_metadata_counts_every_array_element_in_the_two_processes_that_parse_it(
         assert 3 * vocab <= elements <= 3 * vocab + 64  # tokens, scores, types (+ the scalar keys)
 
 
+def test_the_gate_predictor_makes_the_predictor_a_heavy_process_that_parses_the_metadata(tmp_path):
+    source = MoEModel.load(write_tiny_moe_gguf(tmp_path / "m.gguf", vocab_size=400).path).source
+    assert metadata_nbytes(source, gate_predictor=True) == metadata_nbytes(source) * 3 // 2
+    assert processes_nbytes(2, gate_predictor=True) - processes_nbytes(2) == 96 * MIB - 40 * MIB
+    fixed = 12 * MIB + processes_nbytes(2, gate_predictor=True)
+    assert plan_cache_slots(fixed + 4 * 4 * MIB, **PLAN, gate_predictor=True).cache_slots == 2
+    with pytest.raises(ConfigError, match="needs at least"):
+        plan_cache_slots(fixed + 4 * 4 * MIB - 1, **PLAN, gate_predictor=True)
+
+
 PLAN = dict(dense=10 * MIB, kv_cache=2 * MIB, num_compute_workers=2, slot_nbytes=4 * MIB, top_k=2, reserve_slots=2,
             num_experts=64)
 

@@ -1,0 +1,181 @@
+"""The next-layer gate predictor: its ranking against a plain numpy computation of the model's gate
+(weights read with the `gguf` library alone) and against the router's own routing, its hints (fanout,
+depth, the last layer, the probability floor, global ids), its per-layer accuracy, and the
+`predictors` checks that keep it to runs with a model."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from mer.errors import ConfigError, ShapeError
+from mer.model.attention import next_positions
+from mer.model.model import MoEModel
+from mer.models import tiny_model_path
+from mer.predict.accuracy import LayerAccuracy
+from mer.predict.fusion import GATE, check_model_for_predictors, fuse, make_predictors, parse_predictor_names
+from mer.predict.gate import GatePredictor, GateTarget, GateWeights, load_gate_predictor
+from tests.gguf_models import write_tiny_moe_gguf
+
+EXPERTS_PER_LAYER = 8  # the tiny model: 4 MoE layers x 8 experts, top-2, d_model 128
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[MoEModel, GateWeights]:
+    return MoEModel.load(tiny_model_path()), GateWeights.load(tiny_model_path())
+
+
+def residuals(model: MoEModel, count: int = 6) -> np.ndarray:
+    """Real post-attention residuals of the first block (a few prompt tokens), plus random ones."""
+    cache = model.new_kv_cache(count)
+    hidden = model.embed(list(range(10, 10 + count)))
+    real = model.attention_block(0, hidden, cache, next_positions(cache, 0, count))
+    rng = np.random.default_rng(3)
+    return np.concatenate([real, rng.standard_normal((count, model.hparams.d_model), dtype=np.float32) * 2])
+
+
+def numpy_gate_probabilities(path, block: int, hidden: np.ndarray, eps: float) -> np.ndarray:
+    """softmax(W @ rms_norm(h) * norm) in float64, from the GGUF's f32 tensors read by `gguf` directly."""
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    gate = np.asarray(tensors[f"blk.{block}.ffn_gate_inp.weight"].data, dtype=np.float64)  # [experts, d_model]
+    norm = np.asarray(tensors[f"blk.{block}.ffn_norm.weight"].data, dtype=np.float64)
+    x = hidden.astype(np.float64)
+    normed = x / np.sqrt(np.mean(x * x) + eps) * norm
+    logits = gate @ normed
+    exp = np.exp(logits - logits.max())
+    return exp / exp.sum()
+
+
+def test_the_ranking_is_the_softmax_of_the_gate_computed_with_plain_numpy(tiny):
+    model, weights = tiny
+    assert weights.num_layers == 4 and weights.num_experts == EXPERTS_PER_LAYER and weights.d_model == 128
+    for moe_layer in range(weights.num_layers):
+        for hidden in residuals(model):
+            expected = numpy_gate_probabilities(tiny_model_path(), moe_layer, hidden, model.hparams.rms_norm_eps)
+            ranking = weights.ranking(moe_layer, hidden)
+            assert [expert for expert, _ in ranking] == list(np.argsort(-expected, kind="stable"))
+            probabilities = np.array([probability for _, probability in sorted(ranking)])
+            np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+            assert abs(probabilities.sum() - 1.0) < 1e-5
+
+
+def test_the_ranking_routes_exactly_as_the_router_on_the_residual_it_has_there(tiny):
+    model, weights = tiny
+    k = model.hparams.top_k
+    for block, moe_layer in model.moe_layers.items():
+        hidden = residuals(model)
+        routing = model.route(block, model.ffn_input(block, hidden))
+        for row, residual in enumerate(hidden):
+            ranking = weights.ranking(moe_layer, residual)
+            assert [expert for expert, _ in ranking[:k]] == routing.experts[row].tolist()
+            top = np.array([probability for _, probability in ranking[:k]], dtype=np.float32)
+            np.testing.assert_allclose(top / top.sum(), routing.weights[row], rtol=1e-6)  # Mixtral renormalises
+
+
+def test_moe_layers_are_numbered_without_the_dense_blocks(tmp_path):
+    info = write_tiny_moe_gguf(tmp_path / "dense-first.gguf", n_layers=3, n_experts=4, dense_first_layer=True,
+                               dtypes=("q8_0",) * 3)
+    model, weights = MoEModel.load(info.path), GateWeights.load(info.path)
+    assert model.moe_layers == {1: 0, 2: 1} and [layer.block for layer in weights.layers] == [1, 2]
+    hidden = residuals(model, 3)
+    for block, moe_layer in model.moe_layers.items():
+        routing = model.route(block, model.ffn_input(block, hidden))
+        for row, residual in enumerate(hidden):
+            assert [e for e, _ in weights.ranking(moe_layer, residual)[:2]] == routing.experts[row].tolist()
+    with pytest.raises(ShapeError, match="hidden state of 63 values, the model's d_model is 64"):
+        weights.ranking(0, np.zeros(63, np.float32))
+
+
+def global_id(layer: int, expert: int) -> int:
+    return layer * EXPERTS_PER_LAYER + expert
+
+
+def test_hints_are_the_top_fanout_of_the_next_layers_as_global_ids(tiny):
+    model, weights = tiny
+    hidden = residuals(model)[0]
+    gate = GatePredictor(weights, global_id)
+    gate.observe_hidden(5, 1, hidden)
+    gate.observe(1, [global_id(1, 0), global_id(1, 1)])
+    hints = gate.predict(3, 2)
+    expected = [(global_id(layer, e), p) for layer in (2, 3) for e, p in weights.ranking(layer, hidden)[:3]]
+    assert hints == expected  # the nearer layer first, each best first; score = probability
+    assert all(0.0 < score <= 1.0 for _, score in hints)
+    assert gate.targets == [GateTarget(5, 2, 1, tuple(e for e, _ in expected[:3])),
+                            GateTarget(5, 3, 2, tuple(e for e, _ in expected[3:]))]
+    assert gate.predict(3, 2) == [] and gate.targets == []  # one prediction per residual
+
+
+def test_nothing_is_predicted_past_the_last_layer_or_without_the_decisions_residual(tiny):
+    model, weights = tiny
+    hidden = residuals(model)[1]
+    gate = GatePredictor(weights, global_id)
+    gate.observe_hidden(9, 2, hidden)
+    gate.observe(2, [16, 17])
+    assert [expert // EXPERTS_PER_LAYER for expert, _ in gate.predict(2, 2)] == [3, 3]  # depth cut at the last
+    gate.observe_hidden(9, 3, hidden)
+    gate.observe(3, [24, 25])
+    assert gate.predict(2, 1) == [] and gate.targets == []  # the last MoE layer: nothing to predict
+    gate.observe(0, [0, 1])  # a decision without its residual
+    assert gate.predict(2, 1) == []
+    gate.observe_hidden(10, 0, hidden)
+    gate.observe(1, [8, 9])  # the residual of another layer
+    assert gate.predict(2, 1) == []
+
+
+def test_the_probability_floor_keeps_only_likely_experts(tiny):
+    model, weights = tiny
+    hidden = residuals(model)[2]
+    ranking = weights.ranking(1, hidden)
+    floor = (ranking[1][1] + ranking[2][1]) / 2  # between the 2nd and the 3rd most probable
+    gate = GatePredictor(weights, global_id, min_probability=floor)
+    gate.observe_hidden(0, 0, hidden)
+    gate.observe(0, [0, 1])
+    assert gate.predict(4, 1) == [(global_id(1, e), p) for e, p in ranking[:2]]
+    gate = GatePredictor(weights, global_id, min_probability=1.01)
+    gate.observe_hidden(0, 0, hidden)
+    gate.observe(0, [0, 1])
+    assert gate.predict(4, 1) == [] and gate.targets == [GateTarget(0, 1, 1, ())]  # predicted, nothing hinted
+
+
+def test_per_layer_accuracy_scores_each_hint_list_against_its_own_decision():
+    accuracy = LayerAccuracy()
+    accuracy.hinted(7, 1, 1, [8, 9, 10])  # token 7: layer 1 from layer 0
+    accuracy.hinted(7, 2, 2, [16, 17])  # token 7: layer 2 from layer 0
+    accuracy.hinted(8, 1, 1, [])  # token 8: nothing likely enough to hint
+    assert accuracy.observe(7, 0, [0, 1]) is False  # no hints were made for this decision
+    assert accuracy.observe(7, 1, [9, 10]) is True  # top-1 miss, 1 of 2 among the best 2, 2 of 2 among all
+    accuracy.hinted(7, 2, 1, [17, 18])
+    assert accuracy.observe(7, 2, [17, 20]) is True  # scored twice: from 2 layers back and from 1
+    assert accuracy.observe(8, 1, [11, 12]) is True  # an empty hint list finds nothing
+    assert accuracy.per_layer() == [
+        {"layer": 1, "ahead": 1, "predictions": 2, "top1_hits": 0, "topk_found": 1, "topk_observed": 4,
+         "top1_accuracy_pct": 0.0, "topk_accuracy_pct": 25.0, "hinted_found": 2, "hinted_recall_pct": 50.0},
+        {"layer": 2, "ahead": 1, "predictions": 1, "top1_hits": 1, "topk_found": 1, "topk_observed": 2,
+         "top1_accuracy_pct": 100.0, "topk_accuracy_pct": 50.0, "hinted_found": 1, "hinted_recall_pct": 50.0},
+        {"layer": 2, "ahead": 2, "predictions": 1, "top1_hits": 0, "topk_found": 1, "topk_observed": 2,
+         "top1_accuracy_pct": 0.0, "topk_accuracy_pct": 50.0, "hinted_found": 1, "hinted_recall_pct": 50.0},
+    ]
+    totals = accuracy.as_dict()  # the next-layer hints only
+    assert (totals["predictions"], totals["top1_hits"], totals["topk_found"], totals["topk_observed"]) == (3, 1, 2, 6)
+    assert totals["per_layer"] == accuracy.per_layer()
+    assert accuracy.weight() == (2 + 1) / (6 + 2)
+
+
+def test_gate_is_a_predictor_name_that_needs_a_model(tiny):
+    assert parse_predictor_names("gate") == (GATE,) and parse_predictor_names("gate,markov") == ("markov", GATE)
+    with pytest.raises(ConfigError, match=r"predictors = 'markov,gate'.*benchmark job has no model"):
+        check_model_for_predictors(("markov", GATE), None, "benchmark")
+    check_model_for_predictors(("markov",), None, "benchmark")
+    check_model_for_predictors((GATE,), "model.gguf", "generate")
+    with pytest.raises(ConfigError, match="'gate' needs the model's gates"):
+        make_predictors((GATE,), 32, 2)
+    with pytest.raises(ConfigError, match="this run has no model"):
+        load_gate_predictor(None, manifest=None)
+    gate = GatePredictor(tiny[1], global_id)
+    markov, active_gate = make_predictors(("markov", GATE), 32, 2, gate=gate)
+    assert active_gate.name == GATE and active_gate.model is gate and active_gate.observe_hidden is not None
+    assert markov.observe_hidden is None
+    # fused with markov: each hint ranked by score x its predictor's accuracy, the best expert's source kept
+    fused = fuse({"markov": [(9, 0.5), (12, 0.25)], GATE: [(9, 0.75), (10, 0.5)]}, 3, {"markov": 0.5, GATE: 0.5})
+    assert fused == [(9, 0.75, GATE), (10, 0.5, GATE), (12, 0.25, "markov")]
