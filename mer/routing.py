@@ -14,12 +14,14 @@ space: a flat pool is one layer of `num_layers x experts_per_layer` experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mer.errors import ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from mer.store.manifest import Geometry
 
 
@@ -31,6 +33,9 @@ class RoutingDecision:
     layer: int
     experts: tuple[int, ...]  # ids within the layer; global store ids for the flat pool
     weights: tuple[float, ...]  # gate weights, one per expert, in the same order
+    # the token's residual stream at this layer (float32 [d_model]) when a model made the decision
+    # and it was recorded (`generate --record-hidden`); the gate predictor replays from it
+    hidden: "np.ndarray | None" = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

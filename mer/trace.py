@@ -13,6 +13,13 @@ records its pool as one layer: `layers: 1`, `experts_per_layer: num_layers x exp
 layer 0 and global store ids. Extra keys are ignored (room for later additions); blank lines are
 skipped. A trace that ends inside a token is malformed.
 
+Optional per decision: `"hidden": "<base64>"`, the token's residual stream at that layer (after
+its attention, the input of the layer's ffn_norm) as little-endian float32 values, base64-encoded
+(exact and ~4/3 bytes per value: 683 characters for d_model 128). `generate --record-trace FILE
+--record-hidden` writes it, so that a replay can run the next-layer gate predictor
+(`mer.predict.gate`) on the residuals the model really had. Either every decision of a trace has
+it, with one length, or none does.
+
 `TraceWriter` writes a token's lines with one write and flushes after every complete token, so a
 killed run leaves a readable trace of the tokens it finished. Flushes are plain writes to the page
 cache (no fsync), cheap enough to call from an asyncio event loop.
@@ -20,12 +27,15 @@ cache (no fsync), cheap enough to call from an asyncio event loop.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 from mer.errors import TraceError
 from mer.routing import RoutingDecision, RoutingSpace
@@ -113,9 +123,30 @@ def _parse_decision(line: str, header: TraceHeader, where: str) -> RoutingDecisi
     for key in ("experts", "weights"):
         if not isinstance(data[key], list):
             raise TraceError(f"{where}: field {key!r} must be a list, got {data[key]!r}")
-    decision = RoutingDecision(data["token"], data["layer"], tuple(data["experts"]), tuple(data["weights"]))
+    hidden = _parse_hidden(data["hidden"], where) if "hidden" in data else None
+    decision = RoutingDecision(data["token"], data["layer"], tuple(data["experts"]), tuple(data["weights"]), hidden)
     check_decision(header, decision, where)
     return decision
+
+
+def encode_hidden(hidden: np.ndarray) -> str:
+    """A residual as the trace stores it: little-endian float32 bytes, base64."""
+    return base64.b64encode(np.ascontiguousarray(hidden, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _parse_hidden(value: object, where: str) -> np.ndarray:
+    if not isinstance(value, str):
+        raise TraceError(f"{where}: field 'hidden' must be a base64 string of float32 values, got {type(value).__name__}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError as error:
+        raise TraceError(f"{where}: field 'hidden' is not valid base64 ({error})") from error
+    if not raw or len(raw) % 4:
+        raise TraceError(f"{where}: field 'hidden' holds {len(raw)} bytes, not a whole number of float32 values")
+    hidden = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if not np.all(np.isfinite(hidden)):
+        raise TraceError(f"{where}: field 'hidden' holds a value that is not finite")
+    return hidden
 
 
 class _DecisionOrder:
@@ -125,6 +156,7 @@ class _DecisionOrder:
         self.layers = layers
         self.token: int | None = None
         self.next_layer = 0
+        self.hidden_size: int | None | bool = False  # False until the first decision: None = no hidden states
 
     def check(self, decision: RoutingDecision, where: str) -> None:
         if self.is_inside_token:
@@ -137,6 +169,12 @@ class _DecisionOrder:
             raise TraceError(
                 f"{where}: layer {decision.layer} of token {decision.token}, expected layer {self.next_layer}"
             )
+        hidden_size = None if decision.hidden is None else len(decision.hidden)
+        if self.hidden_size is not False and hidden_size != self.hidden_size:
+            have = "no hidden state" if hidden_size is None else f"a hidden state of {hidden_size} values"
+            before = "none" if self.hidden_size is None else f"{self.hidden_size} values"
+            raise TraceError(f"{where}: {have}, but the decisions before had {before} (all or none, one length)")
+        self.hidden_size = hidden_size
         self.token = decision.token
         self.next_layer = (self.next_layer + 1) % self.layers
 
@@ -205,6 +243,7 @@ def _as_python_numbers(decision: RoutingDecision, where: str) -> RoutingDecision
             operator.index(decision.token), operator.index(decision.layer),
             tuple(operator.index(expert) for expert in decision.experts),
             tuple(float(weight) for weight in decision.weights),
+            None if decision.hidden is None else np.asarray(decision.hidden, dtype=np.float32).reshape(-1),
         )
     except (TypeError, ValueError) as error:
         raise TraceError(f"{where}: not a valid decision ({error})") from error
@@ -249,6 +288,8 @@ class TraceWriter:
         self._order.check(decision, where)
         record = {"token": decision.token, "layer": decision.layer,
                   "experts": list(decision.experts), "weights": list(decision.weights)}
+        if decision.hidden is not None:
+            record["hidden"] = encode_hidden(decision.hidden)
         self._pending.append(json.dumps(record, separators=(",", ":")) + "\n")
         if not self._order.is_inside_token:
             self._file.write("".join(self._pending))

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from page_cache import drop_page_cache  # tools/page_cache.py (tools run as scripts)
 
-STORES = Path("/work/stores")
+STORES = Path("/work/stores")  # where the stores and the recorded trace live unless --data says otherwise
 TRACES = Path("/work/traces")
 PREDICTOR_MODES = ("markov", "locality", "affinity")
 ALL_MODES = ("none", "fused", *PREDICTOR_MODES)
@@ -71,13 +71,15 @@ def workloads(args) -> dict[str, Workload]:
     mixtral_synth = ["--preset", "mixtral-8x7b"]
     replay_synth = ["--layers", "4", "--experts", "8", "--top-k", "2", "--d-model", "4096", "--d-ff", "14336",
                     "--dtype", "q4_0"]
-    mixtral, replay_store, slots, replay_slots = (STORES / "mixtral-8x7b-q4_0",
-                                                  STORES / "tiny-geometry-mixtral-q4_0", 64, 8)
+    stores, traces = (Path(args.data), Path(args.data)) if args.data else (STORES, TRACES)
+    mixtral, replay_store, slots, replay_slots = (stores / "mixtral-8x7b-q4_0",
+                                                  stores / "tiny-geometry-mixtral-q4_0", 64, 8)
     if args.quick:
         mixtral_synth, replay_synth = ["--preset", "tiny"], replay_synth[:6] + ["--d-model", "256", "--d-ff", "512",
                                                                                  "--dtype", "q4_0"]
-        mixtral, replay_store, slots = Path("/tmp/mer-bench-tiny"), Path("/tmp/mer-bench-tiny-geometry"), 4
-    trace = TRACES / "tiny-moe-sampled.trace"
+        base = Path(args.data) if args.data else Path("/tmp")
+        mixtral, replay_store, slots = base / "mer-bench-tiny", base / "mer-bench-tiny-geometry", 4
+    trace = traces / "tiny-moe-sampled.trace"
     return {
         "markov": Workload("markov", mixtral, mixtral_synth, slots, ["--workload", "markov"]),
         "skewed": Workload("skewed", mixtral, mixtral_synth, slots,
@@ -219,6 +221,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="seconds allowed per run")
     parser.add_argument("--workdir", default="/tmp/mer-bench-prefetch", help="recorded traces go here")
+    parser.add_argument("--data", help=f"directory for the stores and the model's trace (default {STORES} and "
+                                       f"{TRACES}; /tmp with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny stores, 40 tokens, 1 pair")
     parser.add_argument("--json", action="store_true", help="print every run and the table as JSON on stdout")
     args = parser.parse_args()

@@ -182,3 +182,45 @@ def test_binary_files_are_reported(tmp_path):
     path.write_bytes((GOOD_HEADER + "\n" + line(0, 0, (0, 1)) + "\n").encode() + b"\xff\xfe\n")
     with pytest.raises(TraceError, match=r"binary\.jsonl:3: not UTF-8 text"):
         list(read_trace(path)[1])
+
+
+def with_hidden(decisions, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return [RoutingDecision(d.token, d.layer, d.experts, d.weights, rng.standard_normal(size).astype(np.float32))
+            for d in decisions]
+
+
+def test_hidden_states_round_trip_bit_exactly_as_base64_float32(tmp_path):
+    decisions = with_hidden(DECISIONS, 128)
+    path = write_trace(tmp_path / "t.jsonl", decisions=decisions)
+    line = json.loads(path.read_text().splitlines()[1])
+    assert isinstance(line["hidden"], str) and len(line["hidden"]) == 684  # 512 bytes in base64
+    _, read_back = read_trace(path)
+    for original, back in zip(decisions, read_back):
+        assert back == original and back.hidden.dtype == np.float32
+        assert back.hidden.tobytes() == original.hidden.tobytes()
+    _, plain = read_trace(write_trace(tmp_path / "plain.jsonl"))
+    assert all(decision.hidden is None for decision in plain)
+
+
+def test_hidden_states_are_all_or_none_with_one_length(tmp_path):
+    mixed = with_hidden(DECISIONS[:2], 8) + DECISIONS[2:]
+    with pytest.raises(TraceError, match="no hidden state, but the decisions before had 8 values"):
+        write_trace(tmp_path / "mixed.jsonl", decisions=mixed)
+    lengths = with_hidden(DECISIONS[:2], 8) + with_hidden(DECISIONS[2:], 16)
+    with pytest.raises(TraceError, match="a hidden state of 16 values, but the decisions before had 8 values"):
+        write_trace(tmp_path / "lengths.jsonl", decisions=lengths)
+
+
+@pytest.mark.parametrize("hidden, message", [
+    (12, "field 'hidden' must be a base64 string of float32 values, got int"),
+    ("not base64!", "field 'hidden' is not valid base64"),
+    ("AAAAAAA=", "field 'hidden' holds 5 bytes, not a whole number of float32 values"),
+    ("AADAfw==", "field 'hidden' holds a value that is not finite"),  # a float32 NaN
+])
+def test_bad_hidden_states_name_the_line(tmp_path, hidden, message):
+    path = tmp_path / "t.jsonl"
+    line = {"token": 0, "layer": 0, "experts": [0, 1], "weights": [0.5, 0.5], "hidden": hidden}
+    path.write_text(json.dumps(HEADER.to_json_dict()) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(TraceError, match=rf"t.jsonl:2: {message}"):
+        list(read_trace(path)[1])
