@@ -24,6 +24,7 @@ from mer.store.manifest import Geometry
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 WORKLOADS = ("markov", "uniform", "skewed", "replay")
 IO_BACKENDS = ("auto", "uring", "preadv")
+CACHE_POLICIES = ("lru", "layer")  # live eviction policies (mer.cache.policy)
 AUTO = "auto"
 OptionalPath = Path | None
 WorkerCount = int | str
@@ -91,10 +92,22 @@ class PipelineConfig:
     )
     kernel_threads: int = setting(1, "Kernel threads per compute worker.", minimum=1, maximum=256)
     io_backend: str = setting("auto", "Read backend: io_uring, thread-pool preadv, or auto.", choices=IO_BACKENDS)
+    cache_policy: str = setting(
+        "lru", "Eviction policy: lru, or layer (evict the expert whose MoE layer comes back last; for layered "
+        "routing and models, LRU on the flat pool).", choices=CACHE_POLICIES,
+    )
     io_queue_depth: int = setting(4, "Reads in flight at once in the I/O worker.", minimum=1, maximum=4096)
     layered: bool = setting(False, "Route every token through every layer instead of the flat pool.")
     log_file: OptionalPath = setting(None, "Write structlog JSON events here instead of stderr.")
     record_trace: OptionalPath = setting(None, "Record every routing decision to this JSONL trace.")
+    record_hidden: bool = setting(
+        False, "With record_trace, generation also records each decision's residual stream (base64 float32), "
+        "so a replay can run the gate predictor.",
+    )
+    gate_model: OptionalPath = setting(
+        None, "The GGUF whose router gates the gate predictor applies in a benchmark replay of a trace recorded "
+        "with record_hidden (generation uses its own model).",
+    )
     handshake_timeout_s: float = setting(
         30.0, "Seconds a child has to answer Hello and Ready at start-up.", minimum=0.1, maximum=3600.0
     )
@@ -210,7 +223,9 @@ def _check_trace(config: PipelineConfig) -> None:
 def _check_predictors(config: PipelineConfig) -> None:
     from mer.predict.fusion import parse_predictor_names
 
-    parse_predictor_names(config.predictors)
+    names = parse_predictor_names(config.predictors)
+    if config.gate_model is not None and "gate" not in names:
+        raise ConfigError(f"gate_model {config.gate_model} is set but predictors {config.predictors!r} has no gate")
     if config.max_pinned > 0 and config.max_pinned > config.cache_slots - config.top_k:
         raise ConfigError(
             f"max_pinned {config.max_pinned} leaves fewer than top_k {config.top_k} unpinned slots of cache_slots "

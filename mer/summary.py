@@ -20,7 +20,8 @@ recomputes a run's `run_summary` exactly. Definitions:
 - prefetch counters and predictor observations: the last `prefetch_stats` event (0 when none);
 - `predictors`: `{name: {hints, issued, completed, used, wasted, dropped, cancelled, predictions, top1_hits,
   topk_found, topk_observed, top1_accuracy_pct, topk_accuracy_pct}}` from the `predictors` field of
-  that event ({} when absent, e.g. with --no-prefetch); see `mer.predict.accuracy` and
+  that event ({} when absent, e.g. with --no-prefetch), plus the gate predictor's `per_layer`
+  accuracies (`mer.predict.accuracy.LayerAccuracy`) when it has them; see `mer.predict.accuracy` and
   `mer.cache.prefetch_ledger` for the definitions.
 
 Percentiles are nearest-rank on exact values (`mer.stats`); sums of floats use math.fsum, so
@@ -119,6 +120,7 @@ class CollectedEvents:
     prefetch: PrefetchCounters
     run_infos: list[RunInfo]
     predictors: dict[str, PredictorCounters] = dataclass_field(default_factory=dict)
+    per_layer: dict[str, list] = dataclass_field(default_factory=dict)  # the gate's per-target-layer accuracy
 
 
 def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
@@ -154,6 +156,9 @@ def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
             collected.prefetch = PrefetchCounters.from_event(event, where)
             reads_counted = event.get("reads_counted")
             collected.predictors = predictors_from_event(event, where)
+            collected.per_layer = {name: list(values["per_layer"])
+                                   for name, values in dict(event.get("predictors") or {}).items()
+                                   if isinstance(values, Mapping) and isinstance(values.get("per_layer"), list)}
         else:
             collected.run_infos.append(RunInfo.from_event(event, where))
     if isinstance(reads_counted, int):
@@ -222,7 +227,9 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         lookups=lookups,
         prefetch_joins=joins,
         demand_misses=misses - joins,
-        predictors={name: collected.predictors[name].to_summary_dict() for name in sorted(collected.predictors)},
+        predictors={name: {**collected.predictors[name].to_summary_dict(),
+                           **({"per_layer": collected.per_layer[name]} if name in collected.per_layer else {})}
+                    for name in sorted(collected.predictors)},
     )
 
 

@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from mer.config import PipelineConfig
-from mer.errors import ChildDiedError, PipelineError, ProtocolError
+from mer.errors import ChildDiedError, ConfigError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors, parse_predictor_names
 from mer.protocol import ChildFailed, Hello, JobDone, Ready, Shutdown, StartJob, TokenGenerated, decode, encode
@@ -75,6 +75,19 @@ def job_model(job: dict) -> str | None:
     return GenerationRequest.from_job(job).model if job_kind(job) == GENERATE_KIND else None
 
 
+def replay_gate_model(config: PipelineConfig, job: dict) -> str | None:
+    """A benchmark's `gate_model` (the gate predictor replaying a trace recorded with its residuals); it must
+    be a layered replay, whose decisions carry the residuals the gates are applied to."""
+    if config.gate_model is None or job_kind(job) == GENERATE_KIND:
+        return None
+    if config.workload != "replay" or not config.layered:
+        raise ConfigError(f"gate_model {config.gate_model}: the gate predictor replays a layered trace recorded "
+                          f"with its residuals (generate --record-trace FILE --record-hidden); use --workload "
+                          f"replay --trace FILE --layered, not workload {config.workload!r}"
+                          f"{'' if config.layered else ' without --layered'}")
+    return str(config.gate_model)
+
+
 def pool_slots(config: PipelineConfig) -> int:
     """Slots in the arena: the cache plus the prefetch reserve (one per hint of a prediction)."""
     return config.cache_slots + (config.predict_fanout if config.prefetch else 0)
@@ -88,7 +101,7 @@ class Supervisor:
         self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
         self.job = job or {}  # StartJob.job for the router
         self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
-        self.model = job_model(self.job)  # the generation job's GGUF (None: the benchmark)
+        self.model = job_model(self.job) or replay_gate_model(config, self.job)  # None: a benchmark without gate
         check_model_for_predictors(parse_predictor_names(config.predictors), self.model, job_kind(self.job))
         self.config = config
         self.store = store

@@ -34,6 +34,7 @@ from pathlib import Path
 import zmq
 
 from mer.cache.governor import PrefetchGovernor
+from mer.cache.policy import LruPolicy, make_policy
 from mer.cache.prefetch_ledger import PrefetchLedger
 from mer.cache.slot_table import AcquireKind, SlotTable
 from mer.cache.step import acquire_order
@@ -90,11 +91,21 @@ class IoWorker:
         files = [self.store_dir / layer.file for layer in self.manifest.layers]
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
                                   registration_unit=self.arena.slot_nbytes)
-        self.table = SlotTable(self.arena.num_slots, max_pinned=config.max_pinned)
+        self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned)
         self.socket = self.context.zmq.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(run.endpoint("io"))
         return {"io_backend": self.reader.name, "o_direct": self.reader.o_direct, "slots": self.arena.num_slots}
+
+    def _policy(self):
+        """The configured eviction policy; `layer` sees the store's MoE layers when requests are per layer
+        (a model, or a `layered` benchmark) and one layer (LRU) on the flat pool."""
+        config, geometry = self.context.config, self.manifest.geometry
+        if config.cache_policy == "lru":
+            return LruPolicy()
+        per_layer = config.layered or self.context.run.model is not None
+        return make_policy(config.cache_policy, experts_per_layer=geometry.experts_per_layer if per_layer else
+                           geometry.num_experts, num_layers=geometry.num_moe_layers if per_layer else 1)
 
     async def serve(self, stop: asyncio.Event) -> None:
         while True:
@@ -140,6 +151,7 @@ class IoWorker:
             self.current_token = max(self.current_token, request.token)
             if request.foreground:
                 self.governor.demanded(request.expert_ids, request.token)
+                self.table.policy.record_step(request.expert_ids)
             waits: list = [None] * len(request.expert_ids)
             for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
                 waits[index] = await self._acquire_one(request.expert_ids[index], request.token, request.foreground)

@@ -50,7 +50,8 @@ class Predictor:
         if GATE in self.names:
             from mer.predict.gate import load_gate_predictor  # numpy + numba: only when the gate is on
 
-            self.gate = load_gate_predictor(context.run.model, manifest, config.gate_min_ratio)
+            self.gate = load_gate_predictor(context.run.model, manifest, config.gate_min_ratio,
+                                            replay=config.gate_model is not None)
         self.predictors = make_predictors(self.names, manifest.geometry.num_experts, config.top_k,
                                           max_pinned=config.max_pinned, gate=self.gate)
         self.pins: list[int] = []

@@ -29,6 +29,12 @@ Policies (`POLICIES`, by name):
   `min_count` requests among the last `window`, at most `max_pinned` of them, most requested first,
   ties by lower id) are evicted only when nothing else is evictable; soft pins, so the cache never
   blocks on them.
+- `layer`: for layered routing, where every token visits the MoE layers 0..L-1 in order: the
+  evictable slot whose expert's layer comes back last, counting from the layer of the latest step
+  (`record_step`): its own layer first (its next use is a whole token away), then the layers before
+  it, and the next layer last; ties by LRU. An expert's layer is `expert_id // experts_per_layer`
+  (global store ids); with one layer (the flat pool) it is LRU. It approximates MIN on the cyclic
+  layer stream, where LRU evicts exactly the experts the next layers need.
 - `belady`: Belady's MIN, the optimal demand-fetch policy: the evictable slot whose expert is next
   requested furthest ahead (ties by lowest slot). Offline: it needs the whole request sequence
   (`offline = True`; build it with `make_replay_policy`).
@@ -151,6 +157,41 @@ class LfuPolicy(_RecencyTracked):
         return min(candidates, key=lambda slot: self.request_counts[self._expert_of_slot[slot]])  # first min: LRU
 
 
+class LayerCyclicPolicy(_RecencyTracked):
+    """Evict the expert whose layer comes back last in the token's layer cycle; ties by LRU."""
+
+    name = "layer"
+
+    def __init__(self, experts_per_layer: int = 1, num_layers: int = 1) -> None:
+        if experts_per_layer < 1 or num_layers < 1:
+            raise ConfigError(f"layer policy: experts_per_layer {experts_per_layer} and num_layers {num_layers} "
+                              "must be positive")
+        super().__init__()
+        self.experts_per_layer = experts_per_layer
+        self.num_layers = num_layers
+        self.current_layer = 0
+
+    @classmethod
+    def for_replay(cls, num_slots: int, steps: Sequence[Sequence[int]], *, experts_per_layer: int = 1,
+                   num_layers: int = 1) -> "LayerCyclicPolicy":
+        return cls(experts_per_layer, num_layers)
+
+    def record_step(self, expert_ids: Sequence[int]) -> None:
+        if expert_ids:
+            self.current_layer = (expert_ids[0] // self.experts_per_layer) % self.num_layers
+
+    def steps_until_needed(self, expert_id: int) -> int:
+        """Steps from the current one until the expert's layer comes again (1 = the next step)."""
+        layer = (expert_id // self.experts_per_layer) % self.num_layers
+        return (layer - self.current_layer - 1) % self.num_layers + 1
+
+    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
+        candidates = self._evictable_by_recency(is_evictable)
+        if not candidates:
+            return None
+        return max(candidates, key=lambda slot: self.steps_until_needed(self._expert_of_slot[slot]))  # first max: LRU
+
+
 class LruPinPolicy(_RecencyTracked):
     """LRU that spares the experts hot in a sliding window of recent requests (soft, bounded pins)."""
 
@@ -234,7 +275,7 @@ class BeladyPolicy(EvictionPolicy):
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    policy.name: policy for policy in (LruPolicy, LfuPolicy, LruPinPolicy, BeladyPolicy)
+    policy.name: policy for policy in (LruPolicy, LfuPolicy, LruPinPolicy, LayerCyclicPolicy, BeladyPolicy)
 }
 
 
@@ -254,6 +295,11 @@ def make_policy(name: str, **options) -> EvictionPolicy:
     return cls(**options)
 
 
-def make_replay_policy(name: str, num_slots: int, steps: Sequence[Sequence[int]]) -> EvictionPolicy:
-    """The policy `name` set up for replaying `steps` (sets of experts requested together) on `num_slots` slots."""
-    return policy_class(name).for_replay(num_slots, steps)
+def make_replay_policy(name: str, num_slots: int, steps: Sequence[Sequence[int]], *, experts_per_layer: int = 1,
+                       num_layers: int = 1) -> EvictionPolicy:
+    """The policy `name` set up for replaying `steps` (sets of experts requested together) on `num_slots` slots
+    of a store with `num_layers` x `experts_per_layer` experts (global ids)."""
+    cls = policy_class(name)
+    if cls is LayerCyclicPolicy:
+        return cls.for_replay(num_slots, steps, experts_per_layer=experts_per_layer, num_layers=num_layers)
+    return cls.for_replay(num_slots, steps)

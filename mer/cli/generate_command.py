@@ -86,6 +86,9 @@ def register(subparsers) -> None:
     parser.add_argument("--log-file", type=Path, metavar="FILE", default=None, help="structlog JSON events here.")
     parser.add_argument("--record-trace", type=Path, metavar="FILE", default=None,
                         help="Record every routing decision (per token and MoE layer) to this JSONL trace.")
+    parser.add_argument("--record-hidden", action="store_true", default=None,
+                        help="With --record-trace: record each decision's residual stream too (for replaying the "
+                             "gate predictor: run --predictors gate --gate-model).")
     parser.add_argument("--dump-logits", type=Path, metavar="FILE.npy", default=None,
                         help="Save the logits each generated token was chosen from ([tokens, vocab] float32).")
     parser.add_argument("--handshake-timeout-s", type=float, metavar="SECONDS", default=None,

@@ -61,7 +61,8 @@ def check_model_for_predictors(names: tuple[str, ...], model: str | None, job: s
     if GATE in names and model is None:
         raise ConfigError(f"predictors = {','.join(names)!r}: the gate predictor applies a model's router gates "
                           f"to its hidden states, and the {job} job has no model; use gate with mer-pipeline "
-                          f"generate (or up --model), or choose other predictors (--predictors markov)")
+                          f"generate (or up --model), replay a trace recorded with --record-hidden with "
+                          f"--gate-model MODEL.gguf, or choose other predictors (--predictors markov)")
 
 
 def make_predictors(names: tuple[str, ...], num_experts: int, top_k: int, *,

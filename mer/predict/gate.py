@@ -143,11 +143,19 @@ class GatePredictor:
         return hints
 
 
-def load_gate_predictor(model: str | None, manifest: Manifest, min_ratio: float = 0.0) -> GatePredictor:
+def load_gate_predictor(model: str | None, manifest: Manifest, min_ratio: float = 0.0, *,
+                        replay: bool = False) -> GatePredictor:
     """The gate predictor of a generation job's GGUF, checked against the run's expert store; it hints
-    only experts at least `min_ratio` x uniform probable (`gate_min_ratio`)."""
+    only experts at least `min_ratio` x uniform probable (`gate_min_ratio`). With `replay` (a benchmark
+    replaying a trace recorded with residuals, `gate_model`), the store only needs the model's routing
+    geometry (MoE layers x experts per layer): its experts may be synthetic, of any size."""
     if model is None:
         raise ConfigError("predictors: 'gate' applies a model's router gates, but this run has no model "
-                          "(only generation jobs do: mer-pipeline generate / up --model)")
-    weights = GateWeights.load(model, manifest)
+                          "(generation jobs: mer-pipeline generate / up --model; replays: --gate-model)")
+    weights = GateWeights.load(model, None if replay else manifest)
+    geometry = manifest.geometry
+    if replay and (weights.num_layers, weights.num_experts) != (geometry.num_moe_layers, geometry.experts_per_layer):
+        raise ConfigError(f"gate_model {model}: {weights.num_layers} MoE layers x {weights.num_experts} experts, "
+                          f"the store has {geometry.num_moe_layers} x {geometry.experts_per_layer}: the replayed "
+                          f"routing cannot be this model's")
     return GatePredictor(weights, manifest.expert_id, min_ratio / weights.num_experts)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mer.config import PipelineConfig
-from mer.protocol import ComputeItem, RoutingObserved, SlotGrant
+from mer.errors import ConfigError
+from mer.predict.fusion import GATE, parse_predictor_names
+from mer.protocol import ComputeItem, HiddenObserved, RoutingObserved, SlotGrant, encode
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.hidden_states import synthetic_hidden_state
 from mer.routing import RoutingDecision, RoutingSpace
@@ -30,7 +32,7 @@ from mer.run_events import (EXPERT_READ, PREDICTOR_STATS, PREFETCH_STATS, RUN_ST
 from mer.slicing import combine_partials, plan_slices
 from mer.store.manifest import Manifest
 from mer.summary import RunSummary, summarize_log_events
-from mer.trace import TraceHeader, TraceWriter
+from mer.trace import TraceHeader, TraceWriter, read_trace
 from mer.workloads.factory import make_workload
 
 
@@ -65,6 +67,9 @@ class BenchJob:
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
         self.slices = [plan_slices(layer.format) for layer in self.manifest.layers]
+        self.send_hidden = self.config.prefetch and GATE in parse_predictor_names(self.config.predictors)
+        if self.send_hidden:
+            check_trace_has_residuals(self.config.trace)
 
     def run_info(self, io_backend: str) -> RunInfo:
         layers = self.manifest.layers
@@ -113,6 +118,8 @@ class BenchJob:
 
     async def _run_decision(self, token: int, decision: RoutingDecision, timer: TokenTimer) -> None:
         expert_ids = list(self.space.global_ids(decision))
+        if self.send_hidden:  # the gate predictor replays the recorded residual (checked at start)
+            await self.observe.send_multipart(encode(HiddenObserved(token, decision.layer, decision.hidden)))
         await self.observe.send_multipart(
             encode_observation(token, decision.layer, expert_ids, list(decision.weights)))
         self.observations += 1
@@ -175,7 +182,17 @@ class BenchJob:
         return summarize_log_events(events)
 
 
-def encode_observation(token: int, layer: int, expert_ids: list[int], weights: list[float]):
-    from mer.protocol import encode
+def check_trace_has_residuals(trace_path) -> None:
+    """The gate predictor in a benchmark replays residuals: the trace's decisions must carry them."""
+    if trace_path is None:
+        raise ConfigError("predictors: the gate predictor in a benchmark run replays a trace recorded with "
+                          "residuals: --workload replay --trace FILE (generate --record-trace FILE --record-hidden)")
+    _, decisions = read_trace(trace_path)
+    first = next(decisions, None)
+    if first is None or first.hidden is None:
+        raise ConfigError(f"{trace_path}: the trace holds no residuals ('hidden'), which the gate predictor "
+                          f"replays; record it with generate --record-trace FILE --record-hidden")
 
+
+def encode_observation(token: int, layer: int, expert_ids: list[int], weights: list[float]):
     return encode(RoutingObserved(token, layer, expert_ids, weights))

@@ -77,7 +77,8 @@ class GenerateJob:
             check_model_matches_store(model, self.manifest, self.request.model)
             warm_up_s = await self.dense.run(warm_up_dense, model)
             forward = GraphForward(model, self.dispatcher, self.dense, self.observe, self.log,
-                                   log_blocks=bool(self.config.log_file), send_hidden=gate_hints_on(self.config))
+                                   log_blocks=bool(self.config.log_file), send_hidden=gate_hints_on(self.config),
+                                   record_hidden=bool(self.config.record_trace and self.config.record_hidden))
             self.log.info("generation_started", model=self.request.model, architecture=model.hparams.architecture,
                           prompt_tokens=len(self.request.prompt_tokens), max_tokens=self.request.max_tokens,
                           dense_warm_up_s=round(warm_up_s, 3), cache_slots=self.config.cache_slots)

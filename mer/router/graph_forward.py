@@ -66,12 +66,13 @@ class GraphForward:
     """Runs new tokens through the model (see the module docstring)."""
 
     def __init__(self, model: MoEModel, dispatcher: ExpertDispatcher, dense: DenseThread, observe, log,
-                 log_blocks: bool = False, send_hidden: bool = False):
+                 log_blocks: bool = False, send_hidden: bool = False, record_hidden: bool = False):
         self.model = model
         self.dispatcher = dispatcher
         self.dense = dense
         self.observe = observe  # a PUSH socket to the predictor
         self.send_hidden = send_hidden  # the gate predictor is on: it gets each token's residual too
+        self.record_hidden = record_hidden  # decisions keep their token's residual (for the trace)
         self.log = log
         self.log_blocks = log_blocks
         self.observations = 0
@@ -147,4 +148,5 @@ class GraphForward:
                 await self.observe.send_multipart(encode(HiddenObserved(int(position), moe_layer, hidden[index])))
             await self.observe.send_multipart(encode(RoutingObserved(int(position), moe_layer, global_ids, weights)))
             self.observations += 1
-            decisions.append(RoutingDecision(int(position), moe_layer, tuple(experts), tuple(weights)))
+            residual = hidden[index].copy() if self.record_hidden else None
+            decisions.append(RoutingDecision(int(position), moe_layer, tuple(experts), tuple(weights), residual))

@@ -123,7 +123,9 @@ def simulate(trace: ReplayTrace, cache_slots: int, policy: str = "lru", *, predi
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     hint_source = make_hint_source(predictor, trace.num_experts, top_k, predict_fanout, pipeline_depth)
     pool_slots = pool_slots_for(cache_slots, predictor, predict_fanout)
-    table = SlotTable(pool_slots, make_replay_policy(policy, pool_slots, trace.steps))
+    table = SlotTable(pool_slots, make_replay_policy(policy, pool_slots, trace.steps,
+                                                     experts_per_layer=trace.header.experts_per_layer,
+                                                     num_layers=trace.header.layers))
     result = SimulationResult(policy, predictor, cache_slots, pool_slots, trace.num_tokens)
     replay = _Replay(table, result, hint_source, predict_fanout * pipeline_depth)
     for index, (expert_ids, token) in enumerate(zip(trace.steps, trace.step_tokens)):

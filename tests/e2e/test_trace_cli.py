@@ -81,7 +81,7 @@ def test_default_policies_and_bytes_unknown(flat_trace):
     result = mer("trace", "simulate", flat_trace, "--cache-slots", "6", "--json")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
-    assert [r["policy"] for r in document["results"]] == ["lru", "lfu", "lru+pin", "belady"]
+    assert [r["policy"] for r in document["results"]] == ["lru", "lfu", "lru+pin", "layer", "belady"]
     assert all(r["predictor"] == "none" for r in document["results"])
     assert all(r["bytes_read"] is None and "projected_s_per_token" not in r for r in document["results"])
     assert any("bytes unknown" in note for note in document["notes"])
@@ -94,7 +94,7 @@ def test_human_table_with_store_sizes_and_plot(flat_trace, tiny_store, tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{flat_trace}: 300 tokens, 1 layer(s) x 16 experts, top-2, 600 lookups")
-    assert lines[1].split()[:4] == ["predictor", "policy", "slots", "hits"] and len(lines) == 2 + 12
+    assert lines[1].split()[:4] == ["predictor", "policy", "slots", "hits"] and len(lines) == 2 + 15  # 5 policies x 3
     sixteen = [line.split() for line in lines[2:] if line.split()[2] == "16"]
     assert all(cells[3:5] == ["584", "16"] for cells in sixteen)  # everything fits: one miss per expert
     assert all(cells[-1] == f"{16 * TINY_READ_NBYTES // 300:,}" for cells in sixteen)

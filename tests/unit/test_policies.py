@@ -228,9 +228,9 @@ def test_acquire_order_puts_resident_experts_first():
 
 
 def test_policy_construction_errors():
-    assert list(POLICIES) == ["lru", "lfu", "lru+pin", "belady"]
+    assert list(POLICIES) == ["lru", "lfu", "lru+pin", "layer", "belady"]
     assert isinstance(make_policy("lru"), LruPolicy) and isinstance(make_policy("lfu"), LfuPolicy)
-    with pytest.raises(ConfigError, match="unknown cache policy 'mru'; known: lru, lfu, lru\\+pin, belady"):
+    with pytest.raises(ConfigError, match="unknown cache policy 'mru'; known: lru, lfu, lru\\+pin, layer, belady"):
         make_policy("mru")
     with pytest.raises(ConfigError, match="'belady' is offline"):
         make_policy("belady")
@@ -239,3 +239,31 @@ def test_policy_construction_errors():
         LruPinPolicy(window=0)
     replay = make_replay_policy("lru+pin", 16, [[1]])
     assert isinstance(replay, LruPinPolicy) and replay.max_pinned == 4
+
+
+def test_layer_policy_evicts_the_layer_that_comes_back_last():
+    from mer.cache.policy import LayerCyclicPolicy
+
+    policy = LayerCyclicPolicy(experts_per_layer=4, num_layers=3)  # global ids: layer = id // 4
+    for slot, expert in enumerate((0, 5, 9, 1, 6)):  # layers 0, 1, 2, 0, 1 (slot 0 least recently used)
+        policy.record_insert(slot, expert)
+    policy.record_step([4, 7])  # the router is at layer 1: layer 1 comes back last, then 0, then 2
+    assert [policy.steps_until_needed(e) for e in (0, 5, 9)] == [2, 3, 1]
+    assert policy.choose_victim(lambda slot: True) == 1  # expert 5 (layer 1), the LRU of its layer
+    assert policy.choose_victim(lambda slot: slot != 1) == 4  # expert 6: layer 1 again
+    assert policy.choose_victim(lambda slot: slot not in (1, 4)) == 0  # then layer 0, LRU first
+    assert policy.choose_victim(lambda slot: slot == 2) == 2  # layer 2 only when nothing else may go
+    assert policy.choose_victim(lambda slot: False) is None
+    policy.record_step([9, 10])  # layer 2: layer 2 now comes back last
+    assert policy.choose_victim(lambda slot: True) == 2
+    flat = LayerCyclicPolicy(experts_per_layer=12, num_layers=1)  # the flat pool: plain LRU
+    lru = LruPolicy()
+    for slot, expert in enumerate((3, 11, 0)):
+        flat.record_insert(slot, expert)
+        lru.record_insert(slot, expert)
+    flat.record_step([11])
+    lru.record_access(1, 11)
+    flat.record_access(1, 11)
+    assert flat.choose_victim(lambda slot: True) == lru.choose_victim(lambda slot: True) == 0
+    with pytest.raises(ConfigError, match="layer policy"):
+        LayerCyclicPolicy(0, 2)

@@ -135,7 +135,7 @@ def test_every_live_predictor_and_their_fusion_replay_offline():
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), num_experts=st.integers(3, 16), extra_slots=st.integers(0, 6),
-       num_steps=st.integers(1, 60), policy=st.sampled_from(["lru", "lfu", "lru+pin", "belady"]))
+       num_steps=st.integers(1, 60), policy=st.sampled_from(["lru", "lfu", "lru+pin", "layer", "belady"]))
 def test_prefetch_never_reads_less_than_min(seed, num_experts, extra_slots, num_steps, policy):
     trace = make_trace(random_steps(seed, num_experts, 2, num_steps), num_experts)
     result = simulate(trace, 2 + extra_slots, policy, predictor="markov", predict_fanout=2)
@@ -147,7 +147,7 @@ def test_prefetch_never_reads_less_than_min(seed, num_experts, extra_slots, num_
 
 def test_replays_are_deterministic():
     trace = make_trace(random_steps(7, 10, 2, 200), 10)
-    for policy in ("lru", "lfu", "lru+pin", "belady"):
+    for policy in ("lru", "lfu", "lru+pin", "layer", "belady"):
         first, second = (simulate(trace, 5, policy, predictor="markov") for _ in range(2))
         assert first == second
 
