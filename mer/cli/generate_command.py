@@ -21,7 +21,7 @@ from mer.cli.generation_output import TextStream, experts_line, json_result, tim
 from mer.cli.pipeline_flags import parse_worker_count
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
-from mer.config import IO_BACKENDS, config_overrides
+from mer.config import CACHE_POLICIES, IO_BACKENDS, config_overrides
 from mer.generation_setup import (PreparedGeneration, PromptSpec, SamplerSettings, prepare_generation,
                                  run_generation)
 from mer.logging_setup import configure_logging
@@ -83,6 +83,12 @@ def register(subparsers) -> None:
     parser.add_argument("--gate-min-ratio", type=float, metavar="R", default=None,
                         help="The gate predictor hints an expert only if its gate probability is at least R x "
                              "uniform (1 / experts per layer); 0: always the top --predict-fanout (default 1.5).")
+    parser.add_argument("--governor-threshold", type=float, metavar="G", default=None,
+                        help="Prefetch governor: admit a hint only if its measured precision >= G x (1 + reads "
+                             "pending); 0 (default): off.")
+    parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,
+                        help="Expert cache eviction: lru (default), or layer (the expert whose MoE layer comes back "
+                             "last: fewer misses with a small cache).")
     parser.add_argument("--log-file", type=Path, metavar="FILE", default=None, help="structlog JSON events here.")
     parser.add_argument("--record-trace", type=Path, metavar="FILE", default=None,
                         help="Record every routing decision (per token and MoE layer) to this JSONL trace.")

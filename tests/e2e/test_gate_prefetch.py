@@ -75,3 +75,19 @@ def test_the_benchmark_refuses_the_gate_predictor(leak_guard, pipeline_stores, t
     assert run.returncode == 1 and run.stdout == ""
     assert "ConfigError" not in run.stderr  # mer's own error, said plainly
     assert "predictors = 'markov,gate'" in run.stderr and "benchmark job has no model" in run.stderr
+
+
+def test_with_the_layer_policy_the_gate_pays_without_its_floor(leak_guard, tmp_path):
+    """`--cache-policy layer` never evicts an expert of a layer still ahead in the token first, so even
+    the gate's unlikely hints stop evicting what the next layers need (with LRU they cost more than
+    they save: see the module doc and docs/pipeline.md)."""
+    _, gate = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS, "--predictors", "gate",
+                       "--predict-fanout", FANOUT, "--gate-min-ratio", 0, "--cache-policy", "layer")
+    _, lru = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS + FANOUT, "--no-prefetch")
+    _, layer = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS + FANOUT, "--no-prefetch",
+                        "--cache-policy", "layer")
+    print(f"\n{lookups_line('gate, no floor, layer policy', gate)}\n{lookups_line('no prefetch, LRU', lru)}\n"
+          f"{lookups_line('no prefetch, layer policy', layer)}")
+    assert gate["tokens"] == lru["tokens"] == layer["tokens"]
+    assert layer["demand_misses"] < lru["demand_misses"]  # the policy alone helps a little ...
+    assert gate["demand_misses"] <= 0.7 * layer["demand_misses"]  # ... the gate's prefetches much more
