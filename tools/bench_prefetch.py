@@ -22,9 +22,10 @@ the table separates what the policy does from what prefetch does. A prefetch run
 `cache_slots + predict_fanout` slots (the prefetch reserve); `none` runs get them as cache slots,
 so every mode has the same RAM.
 
-The host drifts by 25-30% between runs, so runs are compared in pairs: each round runs `none`
-first, then every other mode (`fused` right after `none`, the rest in an order that rotates by
-round), and each mode's tokens/s is divided by the same round's `none`. The table gives, per mode,
+The host drifts by 25-30% between runs, so runs are compared in pairs: each round runs `none`,
+then every other mode (`fused` right after `none`, the rest in an order that rotates by round),
+every other round in reverse order (ABBA, so steady drift cancels), and each mode's tokens/s is
+divided by the same round's `none`. The table gives, per mode,
 the median over rounds of tokens/s and of that ratio with its spread (min-max), and the medians of
 demand misses (stalls: reads the foreground had to start), joins (misses that joined a prefetch
 read already in flight), hit rate, I/O share, GB read per token and the prefetch counters. `MIN
@@ -176,13 +177,16 @@ def run_workload(workload: Workload, modes: list[str], args) -> dict:
     for round_index in range(args.pairs):
         shift = round_index % max(len(others), 1)
         order = ["none"] + (["fused"] if "fused" in modes else []) + others[shift:] + others[:shift]
-        baseline = None
+        if round_index % 2:  # ABBA: every other round runs backwards, so steady drift cancels in the medians
+            order.reverse()
+        summaries = {}
         for mode in order:
-            summary = run_once(workload, mode, args, trace if (mode == "none" and round_index == 0) else None)
-            results[mode].runs.append(summary)
-            if mode == "none":
-                baseline = summary["sustained_tps"]
+            summaries[mode] = run_once(workload, mode, args, trace if (mode == "none" and round_index == 0) else None)
+        baseline = summaries["none"]["sustained_tps"]
+        for mode in order:
+            summary = summaries[mode]
             ratio = summary["sustained_tps"] / baseline
+            results[mode].runs.append(summary)
             results[mode].ratios.append(ratio)
             print(f"[{workload.name}] round {round_index + 1}/{args.pairs} {mode:>11}: "
                   f"{summary['sustained_tps']:6.2f} tok/s ({ratio:4.2f}x none), stalls {summary['demand_misses']}, "
