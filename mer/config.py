@@ -123,6 +123,7 @@ class PipelineConfig:
             value = _coerce(item, getattr(self, item.name), "configuration", Path.cwd())
             object.__setattr__(self, item.name, value)
         _check_trace(self)
+        _check_record_hidden(self)
         _check_predictors(self)
 
     @property
@@ -218,6 +219,12 @@ def _check_trace(config: PipelineConfig) -> None:
             f"trace {config.trace} is set but workload is {config.workload!r}; a trace is only read with "
             "workload 'replay' (to write one, use record_trace)"
         )
+
+
+def _check_record_hidden(config: PipelineConfig) -> None:
+    if config.record_hidden and config.record_trace is None:
+        raise ConfigError("record_hidden records residuals into the routing trace, but no trace is written: "
+                          "set record_trace (--record-trace FILE)")
 
 
 def _check_predictors(config: PipelineConfig) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 import zmq
 
 from mer.cache.governor import PrefetchGovernor
-from mer.cache.policy import LruPolicy, make_policy
+from mer.cache.policy import make_policy
 from mer.cache.prefetch_ledger import PrefetchLedger
 from mer.cache.slot_table import AcquireKind, SlotTable
 from mer.cache.step import acquire_order
@@ -101,10 +101,10 @@ class IoWorker:
         """The configured eviction policy; `layer` sees the store's MoE layers when requests are per layer
         (a model, or a `layered` benchmark) and one layer (LRU) on the flat pool."""
         config, geometry = self.context.config, self.manifest.geometry
-        if config.cache_policy == "lru":
-            return LruPolicy()
+        if config.cache_policy != "layer":
+            return make_policy(config.cache_policy)
         per_layer = config.layered or self.context.run.model is not None
-        return make_policy(config.cache_policy, experts_per_layer=geometry.experts_per_layer if per_layer else
+        return make_policy("layer", experts_per_layer=geometry.experts_per_layer if per_layer else
                            geometry.num_experts, num_layers=geometry.num_moe_layers if per_layer else 1)
 
     async def serve(self, stop: asyncio.Event) -> None:

@@ -146,6 +146,14 @@ def test_invalid_toml_and_missing_file_are_config_errors(tmp_path):
         load_config(tmp_path / "absent.toml")
 
 
+def test_residuals_are_recorded_into_a_trace_and_a_gate_model_needs_the_gate(tmp_path):
+    with pytest.raises(ConfigError, match=r"record_hidden records residuals .* set record_trace"):
+        load_config(write_config(tmp_path, "record_hidden = true\n"))
+    assert load_config(write_config(tmp_path, "record_hidden = true\nrecord_trace = 't.jsonl'\n")).record_hidden
+    with pytest.raises(ConfigError, match=r"gate_model .*model\.gguf is set but predictors 'markov' has no gate"):
+        load_config(write_config(tmp_path, "gate_model = 'model.gguf'\n"))
+
+
 def test_replay_needs_a_trace_and_a_trace_needs_replay(tmp_path):
     with pytest.raises(ConfigError, match=r"workload 'replay' needs a trace file: set trace \(--trace FILE\)"):
         load_config(write_config(tmp_path, "workload = 'replay'\n"))

@@ -179,3 +179,18 @@ def test_gate_is_a_predictor_name_that_needs_a_model(tiny):
     # fused with markov: each hint ranked by score x its predictor's accuracy, the best expert's source kept
     fused = fuse({"markov": [(9, 0.5), (12, 0.25)], GATE: [(9, 0.75), (10, 0.5)]}, 3, {"markov": 0.5, GATE: 0.5})
     assert fused == [(9, 0.75, GATE), (10, 0.5, GATE), (12, 0.25, "markov")]
+
+
+def test_a_replay_needs_only_the_models_routing_geometry_in_the_store():
+    from types import SimpleNamespace
+
+    from mer.store.manifest import Geometry
+
+    def store(layers: int, experts: int, d_model: int):
+        geometry = Geometry("llama", layers, layers, experts, 2, d_model, 512)
+        return SimpleNamespace(geometry=geometry, expert_id=lambda layer, expert: layer * experts + expert)
+
+    gate = load_gate_predictor(str(tiny_model_path()), store(4, 8, 4096), 1.5, replay=True)  # Mixtral-sized experts
+    assert gate.global_id(3, 5) == 29 and gate.min_probability == 1.5 / 8
+    with pytest.raises(ConfigError, match=r"4 MoE layers x 8 experts, the store has 2 x 8: the replayed routing"):
+        load_gate_predictor(str(tiny_model_path()), store(2, 8, 128), replay=True)
