@@ -3,14 +3,14 @@ the forward pass, tokenizer, sampling and generation (single process; the pipeli
 drives the same blocks and sends the experts to its compute workers). See docs/model.md."""
 
 from mer.model.experts import ExpertFn, GGUFExperts, StoreExperts
-from mer.model.forward import ForwardResult, forward, forward_block, moe_ffn
-from mer.model.generate import GenerationResult, generate
+from mer.model.forward import ForwardPass, ForwardResult, forward
+from mer.model.generate import GenerationResult, generate, generate_tokens
 from mer.model.model import MoEModel
 from mer.model.moe import Routing
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
-    "ExpertFn", "ForwardResult", "GGUFExperts", "GenerationResult", "MoEModel", "Routing", "Sampler", "StoreExperts",
-    "Tokenizer", "forward", "forward_block", "generate", "load_tokenizer", "moe_ffn",
+    "ExpertFn", "ForwardPass", "ForwardResult", "GGUFExperts", "GenerationResult", "MoEModel", "Routing", "Sampler",
+    "StoreExperts", "Tokenizer", "forward", "generate", "generate_tokens", "load_tokenizer",
 ]

@@ -1,15 +1,30 @@
-"""The whole forward pass over a batch of new tokens (a prompt or one decode step).
+"""THE forward pass over a batch of new tokens (a prompt or one decode step), wherever its parts run.
 
 Each block: attention with the KV cache, then the FFN: for a MoE block the tokens are routed,
 grouped by expert (expert-major: every token routed to the same expert is computed in one batch,
 so a prompt needs each chosen expert once per block), the block's groups are handed to the
-`ExpertFn` in ONE call, and the outputs are summed with the gate weights.
+experts in ONE call, and the outputs are summed with the gate weights.
+
+`ForwardPass(model, experts, dense, observer)` says where the parts run:
+
+- `experts`: an async expert function, `await experts(moe_layer, batches, token)` ->
+  `{expert: out}` (see `mer.model.experts`; `token`: the position of the pass's last token);
+- `dense`: how the dense steps run, `await dense(function, *args)`: `inline` here, or the router's
+  one dense thread, so that its event loop never blocks;
+- `observer` (optional): told of each MoE block's routing and residual before its experts run
+  (the router tells the predictor and records the trace) and of the block's costs after.
+
+In one process (tests, llama.cpp parity, tools) `forward(model, ids, cache, expert_fn)` runs the
+same pass inline with a synchronous `ExpertFn`; the router runs it with its experts on the graph.
+Both execute the same steps on the same arrays, so their numbers are identical.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -18,52 +33,150 @@ from mer.model.experts import ExpertFn
 from mer.model.model import MoEModel
 from mer.model.moe import Routing, combine_experts, expert_batches, group_by_expert
 
+Experts = Callable[[int, Mapping[int, np.ndarray], int], Awaitable[dict[int, np.ndarray]]]
+DenseRunner = Callable[..., Awaitable[Any]]
+Result = TypeVar("Result")
+
+
+async def inline(function: Callable[..., Result], *args: Any) -> Result:
+    """Run a dense step where the pass runs (in one process)."""
+    return function(*args)
+
+
+def in_process(expert_fn: ExpertFn) -> Experts:
+    """The async expert function of a synchronous `ExpertFn`."""
+
+    async def experts(moe_layer: int, batches: Mapping[int, np.ndarray], token: int) -> dict[int, np.ndarray]:
+        return expert_fn(moe_layer, batches)
+
+    return experts
+
+
+def run_inline(coroutine: Coroutine[Any, Any, Result]) -> Result:
+    """The result of a coroutine that never waits (inline dense steps, in-process experts), without an event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        return finished.value
+    coroutine.close()
+    raise RuntimeError("an in-process forward pass waited on something: run it in an event loop instead")
+
+
+@dataclass(frozen=True)
+class MoEBlockCosts:
+    """One MoE block of a pass: where, how many experts, and its dense and expert microseconds."""
+
+    block: int
+    moe_layer: int
+    positions: np.ndarray  # the pass's positions
+    num_experts: int  # distinct experts of the block
+    dense_us: float  # attention, norms, gate, grouping and combine (thread hand-offs included)
+    expert_us: float  # the experts' call
+
+
+class ForwardObserver(Protocol):
+    """What the router learns from a pass (see the module docstring)."""
+
+    async def routed(self, moe_layer: int, positions: np.ndarray, residual: np.ndarray, routing: Routing) -> None: ...
+
+    def block_done(self, costs: MoEBlockCosts) -> None: ...
+
+
+@dataclass
+class ForwardCosts:
+    """Where one or more passes spent their time, in microseconds."""
+
+    moe_blocks: int = 0
+    dense_us: float = 0.0  # attention, norms, gate, grouping and combine of the MoE blocks
+    expert_us: float = 0.0  # the experts' calls
+    other_us: float = 0.0  # embedding, dense FFN blocks, LM head
+
+    def add(self, other: "ForwardCosts") -> None:
+        self.moe_blocks += other.moe_blocks
+        self.dense_us += other.dense_us
+        self.expert_us += other.expert_us
+        self.other_us += other.other_us
+
 
 @dataclass
 class ForwardResult:
     """Logits float32 `[tokens, vocab]` (or `[1, vocab]`, the last token's, when not all were
-    asked for) and the routing of every MoE block, by block index."""
+    asked for), the routing of every MoE block by block index, and the pass's costs."""
 
     logits: np.ndarray
     routings: dict[int, Routing] = field(default_factory=dict)
+    costs: ForwardCosts = field(default_factory=ForwardCosts)
 
 
-def moe_ffn(model: MoEModel, block: int, normed: np.ndarray, expert_fn: ExpertFn) -> tuple[np.ndarray, Routing]:
-    """The gate-weighted expert output of a MoE block for `normed` (ffn_norm output) and its routing."""
-    routing = model.route(block, normed)
-    groups = group_by_expert(routing)
-    outputs = expert_fn(model.moe_layers[block], expert_batches(normed, groups))
-    return combine_experts(routing, groups, outputs, model.hparams.d_model), routing
+def _elapsed_us(started: float) -> float:
+    return (time.perf_counter() - started) * 1e6
 
 
-def forward_block(
-    model: MoEModel, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray, expert_fn: ExpertFn
-) -> tuple[np.ndarray, Routing | None]:
-    """One transformer block: hidden states in, hidden states out (and the block's routing)."""
+def _block_front(model: MoEModel, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray):
+    """Attention and ffn_norm, then the dense FFN, or the gate and the expert-major batches."""
     hidden = model.attention_block(block, hidden, kv_cache, positions)
     normed = model.ffn_input(block, hidden)
     if not model.is_moe_block(block):
-        return hidden + model.dense_ffn(block, normed), None
-    expert_out, routing = moe_ffn(model, block, normed, expert_fn)
-    return hidden + expert_out, routing
+        return hidden + model.dense_ffn(block, normed), None, None, None
+    routing = model.route(block, normed)
+    groups = group_by_expert(routing)
+    return hidden, routing, groups, expert_batches(normed, groups)
 
 
-def forward(
-    model: MoEModel,
-    token_ids: Sequence[int] | np.ndarray,
-    kv_cache: KVCache,
-    expert_fn: ExpertFn,
-    *,
-    all_logits: bool = True,
-) -> ForwardResult:
-    """Run new tokens (continuing the sequence in `kv_cache`) through the model."""
-    hidden = model.embed(token_ids)
-    positions = next_positions(kv_cache, 0, hidden.shape[0])
-    routings: dict[int, Routing] = {}
-    for block in range(model.hparams.num_blocks):
-        hidden, routing = forward_block(model, block, hidden, kv_cache, positions, expert_fn)
-        if routing is not None:
-            routings[block] = routing
-    if not all_logits:
-        hidden = hidden[-1:]
-    return ForwardResult(model.logits(hidden), routings)
+def _combine(model: MoEModel, hidden: np.ndarray, routing: Routing, groups, outputs) -> np.ndarray:
+    return hidden + combine_experts(routing, groups, outputs, model.hparams.d_model)
+
+
+@dataclass
+class ForwardPass:
+    """A model's forward pass with its experts, dense runner and observer (see the module docstring)."""
+
+    model: MoEModel
+    experts: Experts
+    dense: DenseRunner = inline
+    observer: ForwardObserver | None = None
+
+    async def __call__(self, token_ids: Sequence[int] | np.ndarray, kv_cache: KVCache, *,
+                       all_logits: bool = True) -> ForwardResult:
+        """Run new tokens (continuing the sequence in `kv_cache`) through the model."""
+        result = ForwardResult(np.empty(0, np.float32))
+        started = time.perf_counter()
+        hidden = await self.dense(self.model.embed, token_ids)
+        result.costs.other_us += _elapsed_us(started)
+        positions = next_positions(kv_cache, 0, hidden.shape[0])
+        for block in range(self.model.hparams.num_blocks):
+            hidden = await self._block(block, hidden, kv_cache, positions, result)
+        started = time.perf_counter()
+        result.logits = await self.dense(self.model.logits, hidden if all_logits else hidden[-1:])
+        result.costs.other_us += _elapsed_us(started)
+        return result
+
+    async def _block(self, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray,
+                     result: ForwardResult) -> np.ndarray:
+        model, costs = self.model, result.costs
+        started = time.perf_counter()
+        hidden, routing, groups, batches = await self.dense(_block_front, model, block, hidden, kv_cache, positions)
+        dense_us = _elapsed_us(started)
+        if routing is None:
+            costs.other_us += dense_us
+            return hidden
+        moe_layer = model.moe_layers[block]
+        if self.observer is not None:
+            await self.observer.routed(moe_layer, positions, hidden, routing)
+        started = time.perf_counter()
+        outputs = await self.experts(moe_layer, batches, int(positions[-1]))
+        expert_us = _elapsed_us(started)
+        started = time.perf_counter()
+        hidden = await self.dense(_combine, model, hidden, routing, groups, outputs)
+        dense_us += _elapsed_us(started)
+        costs.add(ForwardCosts(1, dense_us, expert_us))
+        result.routings[block] = routing
+        if self.observer is not None:
+            self.observer.block_done(MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us))
+        return hidden
+
+
+def forward(model: MoEModel, token_ids: Sequence[int] | np.ndarray, kv_cache: KVCache, expert_fn: ExpertFn, *,
+            all_logits: bool = True) -> ForwardResult:
+    """The pass in one process: dense steps inline, experts from a synchronous `ExpertFn`."""
+    return run_inline(ForwardPass(model, in_process(expert_fn))(token_ids, kv_cache, all_logits=all_logits))

@@ -1,21 +1,26 @@
-"""Single-process text generation: prefill the prompt, then decode one token at a time.
+"""THE generation loop: prefill the prompt, then decode one token at a time.
 
 The prompt runs as one batch (expert-major in every MoE block), then each new token runs alone
-with the KV cache. Generation stops after `max_tokens` tokens, on an end-of-generation token
-(unless `ignore_eos`; the token is kept in the output), or when the context is full.
+with the KV cache. The stop rules: after `max_tokens` tokens, on an end-of-generation token
+(unless `ignore_eos`; the token is kept in the output), or when the context is full. An empty
+prompt, one longer than the context or a bad `max_tokens` is refused.
+
+`generate_tokens(forward_pass, ...)` runs the loop with any `ForwardPass` (the router's: experts
+through the graph, dense steps in its thread, `on_token` streaming each token); `generate(model,
+..., expert_fn)` runs it in one process.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mer.errors import ConfigError, ContextLengthError
 from mer.model.experts import ExpertFn
-from mer.model.forward import forward
+from mer.model.forward import ForwardCosts, ForwardPass, in_process, run_inline
 from mer.model.model import MoEModel
 from mer.model.moe import Routing
 from mer.model.sampling import Sampler
@@ -31,9 +36,76 @@ class GenerationResult:
     tokens: list[int]  # generated only, the end-of-generation token included when it stopped on one
     stop_reason: str
     prefill_seconds: float
-    decode_seconds: float
+    decode_seconds: float  # from the end of the prefill to the end (the decode steps and every sampling)
     step_logits: list[np.ndarray] = field(default_factory=list)  # logits each token was chosen from (keep_logits)
-    routings: list[dict[int, Routing]] = field(default_factory=list)  # per forward call: prefill, then each step
+    routings: list[dict[int, Routing]] = field(default_factory=list)  # per pass: prefill, then each step (keep_routings)
+    decode_steps: int = 0  # passes after the prefill
+    prefill_costs: ForwardCosts = field(default_factory=ForwardCosts)
+    decode_costs: ForwardCosts = field(default_factory=ForwardCosts)  # summed over the decode steps
+
+
+def check_prompt(prompt: Sequence[int], context: int) -> None:
+    """An empty prompt, or one longer than the model's context, is a `ContextLengthError`."""
+    if not prompt:
+        raise ContextLengthError("the prompt is empty: generation needs at least one token")
+    if len(prompt) > context:
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens, the model's context is {context}")
+
+
+def check_max_tokens(max_tokens: object) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ConfigError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
+
+
+async def generate_tokens(
+    forward_pass: ForwardPass,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    sampler: Sampler,
+    *,
+    end_ids: Collection[int] = (),
+    ignore_eos: bool = False,
+    keep_logits: bool = False,
+    keep_routings: bool = True,
+    on_token: Callable[[int, int], Awaitable[None]] | None = None,
+) -> GenerationResult:
+    """Generate up to `max_tokens` tokens after `prompt_ids` (used exactly as given);
+    `await on_token(index, token)` as each token is chosen."""
+    model, dense = forward_pass.model, forward_pass.dense
+    prompt = [int(token) for token in prompt_ids]
+    context = model.hparams.context_length
+    check_prompt(prompt, context)
+    check_max_tokens(max_tokens)
+    kv_cache = await dense(model.new_kv_cache, min(context, len(prompt) + max_tokens) or 1)
+    result = GenerationResult(prompt, [], STOP_MAX_TOKENS, 0.0, 0.0)
+    started = time.perf_counter()
+    step = await forward_pass(prompt, kv_cache, all_logits=False)
+    result.prefill_seconds = time.perf_counter() - started
+    result.prefill_costs = step.costs
+    started = time.perf_counter()
+    while len(result.tokens) < max_tokens:
+        if keep_routings:
+            result.routings.append(step.routings)
+        logits = step.logits[-1]
+        token = await dense(sampler.sample, logits)
+        result.tokens.append(token)
+        if keep_logits:
+            result.step_logits.append(logits)
+        if on_token is not None:
+            await on_token(len(result.tokens) - 1, token)
+        if token in end_ids and not ignore_eos:
+            result.stop_reason = STOP_END_OF_GENERATION
+            break
+        if len(result.tokens) == max_tokens:
+            break
+        if kv_cache.length >= kv_cache.capacity:
+            result.stop_reason = STOP_CONTEXT
+            break
+        step = await forward_pass([token], kv_cache, all_logits=False)
+        result.decode_costs.add(step.costs)
+        result.decode_steps += 1
+    result.decode_seconds = time.perf_counter() - started
+    return result
 
 
 def generate(
@@ -48,38 +120,11 @@ def generate(
     keep_logits: bool = False,
     on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
-    """Generate up to `max_tokens` tokens after `prompt_ids` (used exactly as given)."""
-    prompt = [int(token) for token in prompt_ids]
-    context = model.hparams.context_length
-    if not prompt:
-        raise ContextLengthError("the prompt is empty: generation needs at least one token")
-    if len(prompt) > context:
-        raise ContextLengthError(f"the prompt has {len(prompt)} tokens, the model's context is {context}")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise ConfigError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-    kv_cache = model.new_kv_cache(min(context, len(prompt) + max_tokens) or 1)
-    result = GenerationResult(prompt, [], STOP_MAX_TOKENS, 0.0, 0.0)
-    started = time.perf_counter()
-    step = forward(model, prompt, kv_cache, expert_fn, all_logits=False)
-    result.prefill_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    while len(result.tokens) < max_tokens:
-        result.routings.append(step.routings)
-        logits = step.logits[-1]
-        token = sampler.sample(logits)
-        result.tokens.append(token)
-        if keep_logits:
-            result.step_logits.append(logits)
-        if on_token is not None:
-            on_token(token)
-        if token in end_ids and not ignore_eos:
-            result.stop_reason = STOP_END_OF_GENERATION
-            break
-        if len(result.tokens) == max_tokens:
-            break
-        if kv_cache.length >= kv_cache.capacity:
-            result.stop_reason = STOP_CONTEXT
-            break
-        step = forward(model, [token], kv_cache, expert_fn, all_logits=False)
-    result.decode_seconds = time.perf_counter() - started
-    return result
+    """The loop in one process (dense steps inline, experts from `expert_fn`); `on_token(token)` as each comes."""
+
+    async def stream(index: int, token: int) -> None:
+        on_token(token)
+
+    return run_inline(generate_tokens(ForwardPass(model, in_process(expert_fn)), prompt_ids, max_tokens, sampler,
+                                      end_ids=end_ids, ignore_eos=ignore_eos, keep_logits=keep_logits,
+                                      on_token=None if on_token is None else stream))

@@ -8,7 +8,7 @@ the experts elsewhere:
         hidden = model.attention_block(block, hidden, kv_cache, positions)
         normed = model.ffn_input(block, hidden)
         routing = model.route(block, normed)            # MoE blocks; dense ones: model.dense_ffn
-        hidden = hidden + <gate-weighted experts of normed>   (mer.model.forward.moe_ffn)
+        hidden = hidden + <gate-weighted experts of normed>   (mer.model.forward)
     logits = model.logits(hidden)
 
 Every method takes and returns float32 arrays `[tokens, ...]`.
