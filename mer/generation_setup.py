@@ -1,12 +1,13 @@
 """Everything before and around a generation through the process graph (`mer-pipeline generate`).
 
 `prepare_generation` checks the model and the prompt BEFORE any process is started (so bad input
-leaves nothing behind): it loads the GGUF's metadata and dense tensors (an unsupported architecture,
-a dense model or a corrupt file is refused here), tokenizes the prompt (or takes its ids as given),
-checks it against the context, converts the experts into the cached store on first use, and sizes
-the configuration: routing k from the model, the cache from `--cache-slots` or `--ram-budget`
-(`mer.ram_budget`). `run_generation` then runs the graph with the generation job and hands every
-generated token to a callback as it arrives.
+leaves nothing behind): it reads the GGUF's metadata, hyper-parameters and tokenizer (an unsupported
+architecture, a dense model or a corrupt file is refused here; the dense weights are loaded once,
+by the router), tokenizes the prompt (or takes its ids as given), checks it against the context,
+converts the experts into the cached store on first use, and sizes the configuration: routing k from
+the model, the cache from `--cache-slots` or `--ram-budget` (`mer.ram_budget`). The job travels as
+a `StartGeneration` message. `run_generation` then runs the graph with it and hands every generated
+token to a callback as it arrives.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ from mer.config import PipelineConfig, load_config, validate_against_geometry
 from mer.demo_store import converted_store
 from mer.errors import ConfigError, ContextLengthError, TokenizerError
 from mer.model.chat_template import chat_prompt_tokens
-from mer.model.model import MoEModel
+from mer.model.hparams import HParams, moe_layers_of, read_hparams
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
 from mer.predict.fusion import GATE, parse_predictor_names
-from mer.ram_budget import RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots
-from mer.router.generation_request import GenerationRequest
+from mer.protocol import StartGeneration
+from mer.ram_budget import (RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots,
+                            prefetch_reserve_slots)
+from mer.store.gguf_source import GGUFSource, read_gguf_source
 from mer.store.reader import ExpertStore
-from mer.supervisor import Supervisor, pool_slots
+from mer.summary import GenerationSummary
+from mer.supervisor import Supervisor
 
 # One BLAS thread per process: the router's dense thread is one thread of the core budget, and a BLAS
 # pool next to numba's would oversubscribe the cores (see MEASUREMENTS.md). Inherited by the children.
@@ -55,11 +59,11 @@ class SamplerSettings:
 
 @dataclass(frozen=True)
 class PreparedGeneration:
-    """A checked generation, ready to run: configuration, store, request, tokenizer, RAM plan."""
+    """A checked generation, ready to run: configuration, store, start message, tokenizer, RAM plan."""
 
     config: PipelineConfig
     store: ExpertStore
-    request: GenerationRequest
+    start: StartGeneration
     tokenizer: Tokenizer
     ram_plan: RamPlan | None
 
@@ -95,40 +99,41 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     if dump_logits and not Path(dump_logits).resolve().parent.is_dir():
         raise ConfigError(f"--dump-logits {dump_logits}: the directory {Path(dump_logits).resolve().parent} "
                           f"does not exist")
-    model = MoEModel.load(model_path)
-    tokenizer = load_tokenizer(model.source.parts[0])
-    ids = prompt_token_ids(tokenizer, model.vocab_size, prompt)
-    context = model.hparams.context_length
+    source = read_gguf_source(model_path)
+    hparams = read_hparams(source.parts[0])
+    moe_layers_of(source, hparams)  # the expert tensors are where the metadata says
+    tokenizer = load_tokenizer(source.parts[0])
+    ids = prompt_token_ids(tokenizer, tokenizer.vocab_size, prompt)
+    context = hparams.context_length
     if len(ids) > context:
         raise ContextLengthError(f"the prompt has {len(ids)} tokens, more than the model's context of {context}")
     overrides = dict(overrides or {})
     if ram_budget is not None and overrides.get("cache_slots") is not None:
         raise ConfigError("--ram-budget sizes the cache itself: give --ram-budget or --cache-slots, not both")
-    overrides.update(top_k=model.hparams.top_k, layered=True)
+    overrides.update(top_k=hparams.top_k, layered=True)
     config = load_config(config_path, overrides)
     plan = None
     if ram_budget is not None:  # checked before the (possibly long) conversion
-        plan = _ram_plan(ram_budget, model, config, positions=min(context, len(ids) + max_tokens))
+        plan = _ram_plan(ram_budget, source, hparams, config, positions=min(context, len(ids) + max_tokens))
         config = dataclasses.replace(config, cache_slots=plan.cache_slots)
     elif overrides.get("cache_slots") is None:  # the configured default, within k..all experts
-        cache = min(max(config.cache_slots, model.hparams.top_k), model.source.geometry.num_experts)
+        cache = min(max(config.cache_slots, hparams.top_k), source.geometry.num_experts)
         config = dataclasses.replace(config, cache_slots=cache)
     store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase)
     store = ExpertStore.open(store_dir)
     config = dataclasses.replace(config, store=store_dir)
     validate_against_geometry(config, store.manifest.geometry)
-    request = GenerationRequest(
-        model=str(Path(model_path).resolve()), prompt_tokens=tuple(ids), max_tokens=max_tokens,
+    start = StartGeneration(
+        model=str(Path(model_path).resolve()), prompt_tokens=list(ids), max_tokens=max_tokens,
         temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p, seed=sampler.seed,
-        ignore_eos=ignore_eos, end_ids=tuple(sorted(tokenizer.end_of_generation_ids)),
+        ignore_eos=ignore_eos, end_ids=sorted(tokenizer.end_of_generation_ids),
         dump_logits=str(Path(dump_logits).resolve()) if dump_logits else None)
-    return PreparedGeneration(config, store, request, tokenizer, plan)
+    return PreparedGeneration(config, store, start, tokenizer, plan)
 
 
-def _ram_plan(budget: int, model: MoEModel, config: PipelineConfig, positions: int) -> RamPlan:
-    source, hparams = model.source, model.hparams
+def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: PipelineConfig, positions: int) -> RamPlan:
     slot_nbytes = max(source.expert_format(layer.moe_layer).read_nbytes for layer in source.layers)
-    reserve = pool_slots(dataclasses.replace(config, cache_slots=1)) - 1  # the prefetch reserve
+    reserve = prefetch_reserve_slots(config)
     gate = GATE in parse_predictor_names(config.predictors)  # the predictor loads the gates: a heavy process
     return plan_cache_slots(
         budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams.num_blocks, positions, hparams.kv_width),
@@ -138,13 +143,13 @@ def _ram_plan(budget: int, model: MoEModel, config: PipelineConfig, positions: i
 
 
 async def run_generation(prepared: PreparedGeneration, on_token: Callable[[int, int], None] | None = None,
-                         supervise=None) -> dict:
+                         supervise=None) -> GenerationSummary:
     """Run the graph with the generation job; `on_token(index, token)` as each token arrives.
     `supervise(supervisor)` (default: `supervisor.run()`) lets the CLI add its signal handling."""
     for name, value in SINGLE_THREAD_BLAS.items():
         os.environ.setdefault(name, value)
     forward = None if on_token is None else (lambda message: on_token(message.index, message.token))
-    supervisor = Supervisor(prepared.config, prepared.store, job=prepared.request.to_job(), on_token=forward)
+    supervisor = Supervisor(prepared.config, prepared.store, job=prepared.start, on_token=forward)
     if supervise is None:
         return await supervisor.run()
     return await supervise(supervisor)

@@ -42,6 +42,16 @@ METADATA_BYTES_PER_ELEMENT = 1024
 GGUF_READING_PROCESSES = 2  # the CLI (supervisor) and the router parse the GGUF's metadata
 
 
+def prefetch_reserve_slots(config) -> int:
+    """Arena slots kept for prefetch reads beyond the cache: one per hint of a prediction (with prefetch)."""
+    return config.predict_fanout if config.prefetch else 0
+
+
+def pool_slots(config) -> int:
+    """Slots in the arena (a `PipelineConfig`'s): the cache plus the prefetch reserve."""
+    return config.cache_slots + prefetch_reserve_slots(config)
+
+
 def processes_nbytes(num_compute_workers: int, gate_predictor: bool = False) -> int:
     """The graph's processes without the model: supervisor, router, compute workers, I/O, predictor, tracker
     (the predictor is a heavy process with the gate predictor)."""

@@ -111,6 +111,62 @@ class RunSummary:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class GenerationSummary:
+    """A generation job's summary (`generate --json`, the `generation_summary` event).
+
+    The lookup, read, prefetch and predictor figures have the names and meanings of `RunSummary`'s
+    (hits + prefetch_joins + demand_misses = lookups); `decode_bytes_read` counts the reads started
+    for the decode steps' positions, `mib_read_per_token` is that per decode step; the `*_per_block`
+    costs are means over the decode steps' MoE blocks (`mer.model.forward.ForwardCosts`)."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    stop_reason: str
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    prefill_tps: float
+    decode_tps: float
+    hits: int
+    misses: int
+    lookups: int
+    prefetch_joins: int
+    demand_misses: int
+    hit_rate_pct: float
+    reads: int
+    bytes_read: int
+    decode_bytes_read: int
+    mib_read_per_token: float
+    prefetches_issued: int
+    prefetches_used: int
+    prefetches_wasted: int
+    predictor_observations: int
+    predictors: dict[str, dict[str, Any]]
+    dense_us_per_block: float
+    expert_us_per_block: float
+    io_wait_us_per_block: float
+    expert_compute_us_per_block: float
+    other_us_per_token: float
+    cache_slots: int
+    compute_workers: int
+    io_backend: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON types, `kind: "generate"` first."""
+        return {"kind": "generate", **{field.name: getattr(self, field.name) for field in fields(self)}}
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> "GenerationSummary":
+        missing = sorted({field.name for field in fields(cls)} - set(data))
+        if missing:
+            raise EventLogError(f"generation summary: missing fields {missing}")
+        return cls(**{field.name: data[field.name] for field in fields(cls)})
+
+
+JobSummary = RunSummary | GenerationSummary
+
+
 @dataclass
 class CollectedEvents:
     """The records of a run, gathered from its event dicts."""

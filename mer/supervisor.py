@@ -8,9 +8,10 @@ One run:
    handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error. The run
    spec every child gets names the generation job's GGUF (`RunSpec.model`: the gate predictor reads
    its router gates at start-up; a `gate` predictor without a model is refused before anything starts);
-3. send `StartJob` to the router (with the job dict: empty for the benchmark, a generation request
-   for `generate`) and wait for its `JobDone` (the run summary); `TokenGenerated` messages that
-   come before it are handed to `on_token` as they arrive;
+3. send the job's start message to the router (`StartBenchmark`, or `StartGeneration` for `generate`)
+   and wait for its `JobDone`, returned as the job's typed summary (`RunSummary`,
+   `GenerationSummary`); `TokenGenerated` messages that come before it are handed to `on_token` as
+   they arrive;
 4. shut down: `Shutdown` to the router, then (once it has exited) to the other children; children
    still starting get SIGTERM at once; whatever is alive after the grace period gets SIGTERM, then
    SIGKILL; unlink the arena and remove the runtime directory (sockets included).
@@ -36,13 +37,15 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, ConfigError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors, parse_predictor_names
-from mer.protocol import ChildFailed, Hello, JobDone, Ready, Shutdown, StartJob, TokenGenerated, decode, encode
-from mer.router.generation_request import GENERATE_KIND, GenerationRequest, job_kind
+from mer.protocol import (ChildFailed, Hello, JobDone, Ready, Shutdown, StartBenchmark, StartGeneration,
+                          TokenGenerated, decode, encode)
+from mer.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
+from mer.summary import GenerationSummary, JobSummary, RunSummary
 
 KILL_WAIT_S = 2.0
 PREFAULT_MIN_BYTES_PER_S = 100e6
@@ -70,15 +73,18 @@ class Child:
         return f"exit code {code}"
 
 
-def job_model(job: dict) -> str | None:
-    """The GGUF a job runs (a generation job's `model`), for the children that read it; None for the benchmark."""
-    return GenerationRequest.from_job(job).model if job_kind(job) == GENERATE_KIND else None
+StartMessage = StartBenchmark | StartGeneration
 
 
-def replay_gate_model(config: PipelineConfig, job: dict) -> str | None:
+def job_model(job: StartMessage) -> str | None:
+    """The GGUF a job runs (a generation's `model`), for the children that read it; None for the benchmark."""
+    return job.model if isinstance(job, StartGeneration) else None
+
+
+def replay_gate_model(config: PipelineConfig, job: StartMessage) -> str | None:
     """A benchmark's `gate_model` (the gate predictor replaying a trace recorded with its residuals); it must
     be a layered replay, whose decisions carry the residuals the gates are applied to."""
-    if config.gate_model is None or job_kind(job) == GENERATE_KIND:
+    if config.gate_model is None or isinstance(job, StartGeneration):
         return None
     if config.workload != "replay" or not config.layered:
         raise ConfigError(f"gate_model {config.gate_model}: the gate predictor replays a layered trace recorded "
@@ -88,21 +94,17 @@ def replay_gate_model(config: PipelineConfig, job: dict) -> str | None:
     return str(config.gate_model)
 
 
-def pool_slots(config: PipelineConfig) -> int:
-    """Slots in the arena: the cache plus the prefetch reserve (one per hint of a prediction)."""
-    return config.cache_slots + (config.predict_fanout if config.prefetch else 0)
-
-
 class Supervisor:
     """Runs one job through a freshly started process graph."""
 
-    def __init__(self, config: PipelineConfig, store: ExpertStore, on_job_done=None, job: dict | None = None,
-                 on_token=None):
+    def __init__(self, config: PipelineConfig, store: ExpertStore, on_job_done=None,
+                 job: StartMessage = StartBenchmark(), on_token=None):
         self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
-        self.job = job or {}  # StartJob.job for the router
+        self.job = job  # the router's start message
         self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
-        self.model = job_model(self.job) or replay_gate_model(config, self.job)  # None: a benchmark without gate
-        check_model_for_predictors(parse_predictor_names(config.predictors), self.model, job_kind(self.job))
+        self.model = job_model(job) or replay_gate_model(config, job)  # None: a benchmark without gate
+        check_model_for_predictors(parse_predictor_names(config.predictors), self.model,
+                                   "generation" if isinstance(job, StartGeneration) else "benchmark")
         self.config = config
         self.store = store
         self.log = get_logger()
@@ -114,8 +116,8 @@ class Supervisor:
 
     # ---- the whole run ---------------------------------------------------------------------------
 
-    async def run(self) -> dict:
-        """Start the graph, run the job, shut down; return the router's run summary."""
+    async def run(self) -> JobSummary:
+        """Start the graph, run the job, shut down; return the job's summary."""
         remove_stale_runs()
         runtime_dir = create_runtime_dir(self.run_id)
         zmq_context = zmq.asyncio.Context()
@@ -131,7 +133,7 @@ class Supervisor:
                 self._spawn_all(run)
                 await self._handshake()
                 router = self._child_of_role("router")
-                await control.send_multipart([router.name.encode(), *encode(StartJob(self.job))], copy=False)
+                await control.send_multipart([router.name.encode(), *encode(self.job)], copy=False)
                 summary = await self._wait_job_done()
                 if self.on_job_done is not None:
                     await self.on_job_done(summary, self)
@@ -260,11 +262,12 @@ class Supervisor:
                 self.log.info("child_ready", child=payload.name, **payload.info)
             await self._raise_for(kind, payload)
 
-    async def _wait_job_done(self) -> dict:
+    async def _wait_job_done(self) -> JobSummary:
+        summary_type = GenerationSummary if isinstance(self.job, StartGeneration) else RunSummary
         while True:
             kind, payload = await self._next_event(None)
             if kind == "JobDone":
-                return dict(payload.summary)
+                return summary_type.from_json_dict(payload.summary)
             if kind == "TokenGenerated":
                 if self.on_token is not None:
                     self.on_token(payload)

@@ -1,7 +1,8 @@
 """The router: runs the job through the graph once the supervisor says every child is ready.
 
-The job is the expert-streaming benchmark (`mer.router.bench_job`) or, when `StartJob.job` has
-kind "generate", text generation from a model (`mer.router.generate_job`).
+The start message's type picks the job (`mer.router.job`): `StartBenchmark` runs the
+expert-streaming benchmark (`mer.router.bench_job`), `StartGeneration` text generation from a
+model (`mer.router.generate_job`).
 
 Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
 (`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
@@ -13,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import numpy as np
 import zmq
 
-from mer.protocol import JobDone, StartJob
+from mer.protocol import JobDone, StartBenchmark, StartGeneration
 from mer.router.bench_job import BenchJob
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.generate_job import GenerateJob
-from mer.router.generation_request import GENERATE_KIND, GenerationRequest, job_kind
-from mer.run_events import RUN_SUMMARY
+from mer.router.job import Job
 from mer.store.manifest import Manifest
 
 
@@ -30,7 +29,7 @@ class Router:
         self.context = context
         self.manifest = Manifest.load(context.run.store)
         self.start_job = asyncio.Event()
-        self.job: dict = {}  # StartJob.job: empty (or kind "benchmark") for the benchmark, kind "generate"
+        self.start: StartBenchmark | StartGeneration | None = None
         self.io: IoClient | None = None
         self.compute: ComputeClient | None = None
         self.observe = None
@@ -47,12 +46,12 @@ class Router:
         return {"compute_workers": run.num_compute_workers}
 
     async def on_control(self, message) -> None:
-        if isinstance(message, StartJob):
-            self.job = dict(message.job)
+        if isinstance(message, (StartBenchmark, StartGeneration)):
+            self.start = message
             self.start_job.set()
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Wait for StartJob, run the job, then wait for Shutdown. A Shutdown that arrives first (the
+        """Wait for the start message, run the job, then wait for Shutdown. A Shutdown that arrives first (the
         supervisor bringing the graph down, e.g. after a child died) cancels the job at once: a job
         waiting on a dead compute worker would otherwise never finish."""
         if not await _first_of(self.start_job, stop):
@@ -72,23 +71,16 @@ class Router:
         await stop.wait()
 
     async def _run_job(self) -> None:
-        if job_kind(self.job) == GENERATE_KIND:
-            await self._run_generation()
-            return
-        job = BenchJob(self.context.config, self.manifest, self.io, self.compute, self.observe,
-                       self.context.log, progress=_progress_printer(self.context.config.tokens))
-        summary = await job.run()
-        if self.context.config.dump_outputs:
-            np.save(self.context.config.dump_outputs, np.stack(job.outputs))
-        self.context.log.info(RUN_SUMMARY, **summary.to_json_dict())
+        summary = await self._job().run()
         await self.context.send_control(JobDone(summary.to_json_dict()))
 
-    async def _run_generation(self) -> None:
-        """Text generation from a model (mer.router.generate_job); tokens stream to the supervisor."""
-        job = GenerateJob(GenerationRequest.from_job(self.job), self.context.config, self.manifest, self.io,
-                          self.compute, self.observe, self.context.log, self.context.send_control)
-        summary = await job.run()
-        await self.context.send_control(JobDone(summary))
+    def _job(self) -> Job:
+        """The job the start message asks for."""
+        context = self.context
+        common = (context.config, self.manifest, self.io, self.compute, self.observe, context.log)
+        if isinstance(self.start, StartGeneration):
+            return GenerateJob(self.start, *common, context.send_control)
+        return BenchJob(*common, progress=_progress_printer(context.config.tokens))
 
     def close(self) -> None:
         for client in (self.io, self.compute):

@@ -11,13 +11,14 @@ stderr. `--json` prints one JSON object instead (nothing else on stdout; nothing
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from pathlib import Path
+from typing import IO, Any
 
 import uvloop
 
-from mer.cli.generation_output import TextStream, experts_line, json_result, timing_line
 from mer.cli.pipeline_flags import parse_worker_count
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
@@ -25,6 +26,7 @@ from mer.config import CACHE_POLICIES, IO_BACKENDS, config_overrides
 from mer.generation_setup import (PreparedGeneration, PromptSpec, SamplerSettings, prepare_generation,
                                  run_generation)
 from mer.logging_setup import configure_logging
+from mer.model.tokenizer import Tokenizer
 from mer.models import tiny_model_path
 from mer.ram_budget import parse_size
 
@@ -129,7 +131,8 @@ def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: 
     if prepared.ram_plan is not None:
         print(f"mer-pipeline {command}: {prepared.ram_plan.describe()}", file=sys.stderr)
     stream = None if as_json else TextStream(prepared.tokenizer)
-    summary = uvloop.run(run_generation(prepared, None if stream is None else stream.add, supervise=_with_signals))
+    summary = uvloop.run(run_generation(prepared, None if stream is None else stream.add,
+                                        supervise=_with_signals)).to_json_dict()
     if stream is not None:
         stream.finish()
         print(timing_line(summary), file=sys.stderr)
@@ -139,3 +142,52 @@ def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: 
     extra = {"ram_budget_bytes": plan.budget if plan else None, "arena_bytes": plan.arena_nbytes if plan else None}
     print(json.dumps(json_result(summary, prepared.tokenizer, extra)), flush=True)
     return 0
+
+
+class TextStream:
+    """Prints generated tokens' text as it comes; a character split over tokens waits for its last byte."""
+
+    def __init__(self, tokenizer: Tokenizer, stream: IO[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stream = stream or sys.stdout
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, index: int, token: int) -> None:
+        text = self.decoder.decode(self.tokenizer.token_bytes(token))
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def finish(self) -> None:
+        self.stream.write(self.decoder.decode(b"", final=True) + "\n")
+        self.stream.flush()
+
+
+def timing_line(summary: dict[str, Any]) -> str:
+    """One line: prefill and decode speed, hit rate, MiB read per token, per-block costs, stop reason."""
+    prompt, steps = len(summary["prompt_tokens"]), summary["decode_steps"]
+    return (f"prefill {prompt} tokens {summary['prefill_tps']:.1f} tok/s, decode {steps} steps "
+            f"{summary['decode_tps']:.1f} tok/s, hit rate {summary['hit_rate_pct']:.1f}%, "
+            f"{summary['mib_read_per_token']:.2f} MiB read per token; per MoE block: dense "
+            f"{summary['dense_us_per_block']:.0f} us, experts {summary['expert_us_per_block']:.0f} us; "
+            f"{len(summary['tokens'])} tokens, stop: {summary['stop_reason']}")
+
+
+def experts_line(summary: dict[str, Any]) -> str:
+    """One line: how the expert lookups were served, and each predictor's accuracy (the gate's per layer)."""
+    line = (f"experts: {summary['lookups']} lookups, {summary['hits']} hits, {summary['prefetch_joins']} joined a "
+            f"prefetch read, {summary['demand_misses']} demand misses")
+    for name, entry in summary.get("predictors", {}).items():
+        line += (f"; {name}: top-1 {entry['top1_accuracy_pct']:.1f}%, top-k {entry['topk_accuracy_pct']:.1f}%, "
+                 f"{entry['used']}/{entry['issued']} prefetches used")
+        layers = [f"layer {layer['layer']}" + (f" ({layer['ahead']} ahead)" if layer["ahead"] > 1 else "")
+                  + f" {layer['topk_accuracy_pct']:.1f}/{layer['top1_accuracy_pct']:.1f}%"
+                  for layer in entry.get("per_layer", [])]
+        if layers:
+            line += f" (per layer top-k/top-1: {', '.join(layers)})"
+    return line
+
+
+def json_result(summary: dict[str, Any], tokenizer: Tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `--json` object: the run summary plus `text` (the completion only)."""
+    return {**summary, "text": tokenizer.decode(list(summary["tokens"])), **(extra or {})}

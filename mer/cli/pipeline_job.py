@@ -11,7 +11,7 @@ import uvloop
 from mer.config import PipelineConfig, validate_against_geometry
 from mer.logging_setup import configure_logging
 from mer.store.reader import ExpertStore
-from mer.summary import RunSummary, format_seed_block
+from mer.summary import JobSummary, RunSummary, format_seed_block
 from mer.supervisor import Supervisor
 
 
@@ -28,14 +28,14 @@ def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = F
         configure_logging("mer-supervisor", stream=log_stream, level="info")
     else:
         configure_logging("mer-supervisor", level="warning")
-    printed: list[dict] = []
+    printed: list[RunSummary] = []
 
-    def print_summary(summary: dict) -> None:
+    def print_summary(summary: RunSummary) -> None:
         printed.append(summary)
         if as_json:
-            print(json.dumps(summary), flush=True)
+            print(json.dumps(summary.to_json_dict()), flush=True)
         else:
-            print(format_seed_block(RunSummary.from_json_dict(summary)), flush=True)
+            print(format_seed_block(summary), flush=True)
 
     supervisor = Supervisor(config, store, on_job_done=show_live_figures(print_summary) if stay_up else None)
     try:
@@ -51,7 +51,7 @@ def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = F
 def show_live_figures(print_summary):
     """After the job: print the summary, then one live status line a second until cancelled."""
 
-    async def hold(summary: dict, supervisor: Supervisor) -> None:
+    async def hold(summary: RunSummary, supervisor: Supervisor) -> None:
         import asyncio
 
         print_summary(summary)
@@ -63,7 +63,7 @@ def show_live_figures(print_summary):
     return hold
 
 
-async def _with_signals(supervisor: Supervisor) -> dict:
+async def _with_signals(supervisor: Supervisor) -> JobSummary:
     """Run the supervisor; SIGINT/SIGTERM cancel it, which shuts the graph down cleanly."""
     import asyncio
 

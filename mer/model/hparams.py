@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mer.errors import GGUFError, UnsupportedModelError
 from mer.store.gguf_files import GGUFPart
+
+if TYPE_CHECKING:
+    from mer.store.gguf_source import GGUFSource
 
 ROPE_NORMAL = "normal"
 ROPE_NEOX = "neox"
@@ -195,3 +198,13 @@ def _rope_position_scale(keys: _Metadata) -> float:
 def _check(path: Path, condition: bool, message: str) -> None:
     if not condition:
         raise GGUFError(f"{path}: {message}")
+
+
+def moe_layers_of(source: GGUFSource, hparams: HParams) -> dict[int, int]:
+    """Block index -> MoE layer index; the expert tensors must be in the blocks the metadata makes MoE blocks."""
+    moe_layers = {layer.block: layer.moe_layer for layer in source.layers}
+    expected = [block for block in range(hparams.num_blocks) if hparams.is_moe_block(block)]
+    if sorted(moe_layers) != expected:
+        raise GGUFError(f"{source.paths[0]}: expert tensors in blocks {sorted(moe_layers)}, but the metadata "
+                        f"makes blocks {expected} MoE blocks")
+    return moe_layers

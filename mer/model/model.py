@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mer.errors import ContextLengthError, GGUFError, ShapeError, StoreError, TokenizerError
+from mer.errors import ContextLengthError, ShapeError, StoreError, TokenizerError
 from mer.model.attention import KVCache, apply_rope, causal_attention, rms_norm, rope_tables
-from mer.model.hparams import QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, read_hparams
+from mer.model.hparams import QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, moe_layers_of, read_hparams
 from mer.model.moe import Routing, route_tokens
 from mer.model.weights import BlockWeights, ModelWeights, load_weights
 from mer.store.gguf_source import GGUFSource, read_gguf_source
@@ -47,13 +47,8 @@ class MoEModel:
         """Open a MoE GGUF (any part of a split one); errors name the file and key or tensor."""
         source = read_gguf_source(path)
         hparams = read_hparams(source.parts[0])
-        weights = load_weights(source.parts, hparams)
-        moe_layers = {layer.block: layer.moe_layer for layer in source.layers}
-        expected = [block for block in range(hparams.num_blocks) if hparams.is_moe_block(block)]
-        if sorted(moe_layers) != expected:
-            raise GGUFError(f"{source.paths[0]}: expert tensors in blocks {sorted(moe_layers)}, but the metadata "
-                            f"makes blocks {expected} MoE blocks")
-        return cls(source, hparams, weights, moe_layers, threads)
+        moe_layers = moe_layers_of(source, hparams)
+        return cls(source, hparams, load_weights(source.parts, hparams), moe_layers, threads)
 
     @property
     def path(self) -> Path:

@@ -40,7 +40,8 @@ from mer.protocol.messages import (
     SlotGrant,
     SlotRef,
     SlotsReady,
-    StartJob,
+    StartBenchmark,
+    StartGeneration,
     StatsRequest,
     TokenGenerated,
 )
@@ -50,7 +51,7 @@ __all__ = [
     "ARRAY_KEY", "MESSAGE_TYPES", "Acquire", "Activations", "ArraySpec", "ChildFailed", "ComputeItem",
     "ComputeJob", "ComputeResult", "ErrorFields", "ErrorReply", "Hello", "IoStats", "JobDone", "JsonMap",
     "Message", "MessageKind", "Partials", "PrefetchHint", "PinSet", "PrefetchHints", "PredictorStats", "Ready", "Release",
-    "RoutingObserved", "ScalarMap", "Shutdown", "SliceRange", "SlotGrant", "SlotRef", "SlotsReady", "StartJob",
+    "RoutingObserved", "ScalarMap", "Shutdown", "SliceRange", "SlotGrant", "SlotRef", "SlotsReady", "StartBenchmark", "StartGeneration",
     "StatsRequest", "decode", "encode", "error_fields", "error_reply", "error_type_name", "raise_remote",
     "TokenGenerated", "ExpertBatchJob", "ExpertBatchResult", "BatchPartials", "HiddenObserved", "HiddenState",
 ]

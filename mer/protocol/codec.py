@@ -12,6 +12,7 @@ onto its received frame (no copy): keep the frame's message alive as long as the
 from __future__ import annotations
 
 import math
+import types
 import typing
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, fields
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import msgpack
 import numpy as np
 
-from mer.errors import ProtocolError
+from mer.errors import ConfigError, ProtocolError
 from mer.protocol.messages import MESSAGE_TYPES, ArraySpec, MapValues, MessageKind
 
 ARRAY_KEY = "__array__"
@@ -127,6 +128,13 @@ def _fails(checker: Checker, value: Any) -> bool:
 
 def _first_failing(checker: Checker, values: list) -> int:
     return next(index for index, value in enumerate(values) if _fails(checker, value))
+
+
+def _optional_checker(value_checker: Checker) -> Checker:
+    def check_optional(value: Any, arrays: _ArrayFrames) -> Any:
+        return None if value is None else value_checker(value, arrays)
+
+    return check_optional
 
 
 def _list_checker(item_checker: Checker) -> Checker:
@@ -246,6 +254,9 @@ def _checker_for(annotation: Any, top_level: bool = False) -> Checker:
             return _array_checker(marker)
         if isinstance(marker, MapValues):
             return _map_checker(marker)
+    if origin is types.UnionType and type(None) in typing.get_args(annotation):
+        (value_type,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _optional_checker(_checker_for(value_type))
     if origin is list:
         return _list_checker(_checker_for(typing.get_args(annotation)[0]))
     if isinstance(annotation, type) and issubclass(annotation, tuple) and hasattr(annotation, "_fields"):
@@ -378,7 +389,10 @@ def decode(frames: Sequence[Frame], expected_kinds: Collection | None = None) ->
                 f"{name}.{field.name}{mismatch.path}: expected {mismatch.expected}, got {mismatch.got}"
             ) from None
     arrays.check_all_taken(name)
-    message = message_type(*values)
+    try:
+        message = message_type(*values)
+    except ConfigError as error:  # a message that checks its fields when built (StartGeneration)
+        raise ProtocolError(f"{name}: {error}") from None
     if hasattr(message, "check"):
         message.check()
     return message

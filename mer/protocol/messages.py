@@ -5,20 +5,20 @@ A message is a frozen dataclass registered with `@message(kind)`: it gets a `KIN
 only ever added at the end (and the version bumped). Field annotations are the wire schema that
 `mer.protocol.codec` checks on receipt:
 
-- `int`, `float`, `str`, `bool`; `list[T]`; a record (`NamedTuple`) travels as a list of its fields;
+- `int`, `float`, `str`, `bool`; `T | None`; `list[T]`; a record (`NamedTuple`) travels as a list of its fields;
 - `ScalarMap` (str -> int | float | str | bool | None) and `JsonMap` (str -> JSON-like values);
 - `Annotated[np.ndarray, ArraySpec(...)]`: a numpy array sent as its own zero-copy frame.
 
 Weights never travel in messages: compute work names slots by `(expert_id, slot, generation)`.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field as dataclass_field, fields
 from enum import IntEnum
 from typing import Annotated, Any, NamedTuple, dataclass_transform
 
 import numpy as np
 
-from mer.errors import ProtocolError
+from mer.errors import ConfigError, ProtocolError
 
 
 class MessageKind(IntEnum):
@@ -29,8 +29,9 @@ class MessageKind(IntEnum):
     CHILD_FAILED = 3
     SHUTDOWN = 4
     JOB_DONE = 5
-    START_JOB = 6
+    START_BENCHMARK = 6
     TOKEN_GENERATED = 7
+    START_GENERATION = 8
     ACQUIRE = 10
     SLOTS_READY = 11
     RELEASE = 12
@@ -193,16 +194,43 @@ class Shutdown:
 
 @message(MessageKind.JOB_DONE)
 class JobDone:
-    """The router finished its job; `summary` is the run summary."""
+    """The router finished its job; `summary` is the job's typed summary as JSON (`mer.summary`)."""
 
     summary: JsonMap
 
 
-@message(MessageKind.START_JOB)
-class StartJob:
-    """The supervisor tells the router that every child is ready and the job may start."""
+@message(MessageKind.START_BENCHMARK)
+class StartBenchmark:
+    """Every child is ready: run the expert-streaming benchmark of the run's configuration."""
 
-    job: JsonMap
+
+@message(MessageKind.START_GENERATION)
+class StartGeneration:
+    """Every child is ready: generate from `model` after the prompt's token ids (used exactly as given).
+
+    Checked when built (in the CLI, before any process starts) and when decoded: a bad field is a
+    `ConfigError` naming it."""
+
+    model: str  # the GGUF whose dense weights the router maps (its experts are in the run's store)
+    prompt_tokens: list[int]
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # the sampler's top-k (0: no cut); the routing k comes from the model
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    end_ids: list[int] = dataclass_field(default_factory=list)  # ids that end generation (EOS, end of turn)
+    dump_logits: str | None = None  # .npy file for the logits each generated token was chosen from
+
+    def __post_init__(self) -> None:
+        if not self.prompt_tokens:
+            raise ConfigError("the prompt is empty: generation needs at least one token")
+        for name in ("prompt_tokens", "end_ids"):
+            values = getattr(self, name)
+            if any(isinstance(value, bool) or not isinstance(value, int) or value < 0 for value in values):
+                raise ConfigError(f"{name} must be token ids (integers >= 0), got {list(values)[:8]}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
 
 
 @message(MessageKind.TOKEN_GENERATED)
@@ -399,7 +427,7 @@ class ErrorReply:
 
 
 Message = (
-    Hello | Ready | ChildFailed | Shutdown | JobDone | StartJob | Acquire | SlotsReady | Release | PrefetchHints
+    Hello | Ready | ChildFailed | Shutdown | JobDone | StartBenchmark | StartGeneration | Acquire | SlotsReady | Release | PrefetchHints
     | StatsRequest | IoStats | ComputeJob | ComputeResult | RoutingObserved | ErrorReply | TokenGenerated
     | ExpertBatchJob | ExpertBatchResult | HiddenObserved
 )

@@ -22,12 +22,14 @@ import numpy as np
 
 from mer.config import PipelineConfig
 from mer.errors import ConfigError
-from mer.predict.fusion import GATE, parse_predictor_names
 from mer.protocol import ComputeItem, HiddenObserved, RoutingObserved, SlotGrant, encode
 from mer.router.clients import ComputeClient, IoClient
+from mer.ram_budget import pool_slots
 from mer.router.hidden_states import synthetic_hidden_state
+from mer.router.job import Job, sends_hidden
 from mer.routing import RoutingDecision, RoutingSpace
-from mer.run_events import (EXPERT_READ, PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PrefetchCounters,
+from mer.run_events import (EXPERT_READ, PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE,
+                            PrefetchCounters,
                             RunInfo, TokenRecord, predictors_from_event)
 from mer.slicing import combine_partials, plan_slices
 from mer.store.manifest import Manifest
@@ -48,7 +50,7 @@ class TokenTimer:
 
 
 @dataclass
-class BenchJob:
+class BenchJob(Job):
     config: PipelineConfig
     manifest: Manifest
     io: IoClient
@@ -67,7 +69,7 @@ class BenchJob:
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
         self.slices = [plan_slices(layer.format) for layer in self.manifest.layers]
-        self.send_hidden = self.config.prefetch and GATE in parse_predictor_names(self.config.predictors)
+        self.send_hidden = sends_hidden(self.config)
         if self.send_hidden:
             check_trace_has_residuals(self.config.trace)
 
@@ -76,14 +78,11 @@ class BenchJob:
         dtypes = sorted({m.dtype for layer in layers for m in layer.format.matrices})
         return RunInfo(
             experts=self.manifest.geometry.num_experts, top_k=self.config.top_k,
-            cache_slots=self.config.cache_slots, pool_slots=self.config.cache_slots + self._reserve(),
+            cache_slots=self.config.cache_slots, pool_slots=pool_slots(self.config),
             d_model=self.manifest.geometry.d_model, d_ff=self.manifest.geometry.d_ff,
             bytes_per_expert=max(layer.format.payload_nbytes for layer in layers), dtype="/".join(dtypes),
             compute_workers=self.compute.num_workers, io_backend=io_backend,
         )
-
-    def _reserve(self) -> int:
-        return self.config.predict_fanout if self.config.prefetch else 0
 
     async def run(self) -> RunSummary:
         io_stats = await self.io.stats()
@@ -102,7 +101,11 @@ class BenchJob:
         finally:
             if trace is not None:
                 trace.close()
-        return await self._summarize(events)
+        summary = await self._summarize(events)
+        if self.config.dump_outputs:
+            np.save(self.config.dump_outputs, np.stack(self.outputs))
+        self.log.info(RUN_SUMMARY, **summary.to_json_dict())
+        return summary
 
     async def _run_token(self, token: int, trace) -> TokenRecord:
         started = time.monotonic()

@@ -31,7 +31,8 @@ from mer.protocol import (
     Release,
     RoutingObserved,
     Shutdown,
-    StartJob,
+    StartBenchmark,
+    StartGeneration,
     SliceRange,
     SlotGrant,
     SlotRef,
@@ -75,7 +76,8 @@ def sample_messages() -> list:
         ComputeResult(31, 1, np.arange(2 * 16 * 1 * 64, dtype=np.float32).reshape(2, 16, 1, 64), 1234.5),
         RoutingObserved(5, 3, [1, 6], [0.625, 0.375]),
         ErrorReply(17, "ValueError", "slot 5 is stale", "Traceback (most recent call last): ...\n"),
-        StartJob({"tokens": 300, "note": "go"}),
+        StartBenchmark(),
+        StartGeneration("/m.gguf", [1, 5, 9], 16, 0.7, 40, 0.9, 3, True, [2], "/tmp/l.npy"),
         TokenGenerated(3, 271),
         ExpertBatchJob(
             32,
@@ -93,7 +95,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 22
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 23
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)

@@ -1,0 +1,29 @@
+"""The router's job interface: what runs through the graph once every child is ready.
+
+The start message's type picks the job (`workers/router.py`): `StartBenchmark` runs
+`mer.router.bench_job.BenchJob`, `StartGeneration` runs `mer.router.generate_job.GenerateJob`
+(serving's scheduler will be the third). A job runs to its end and returns its typed summary,
+which the router sends to the supervisor in `JobDone`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from mer.config import PipelineConfig
+from mer.predict.fusion import GATE, parse_predictor_names
+from mer.summary import JobSummary
+
+
+class Job(ABC):
+    """One job of the router."""
+
+    @abstractmethod
+    async def run(self) -> JobSummary:
+        """Run the job through the graph; its summary (also logged by the job)."""
+
+
+def sends_hidden(config: PipelineConfig) -> bool:
+    """Whether a job sends each decision's residual to the predictor (`HiddenObserved`): the gate
+    predictor is on, with prefetch."""
+    return config.prefetch and GATE in parse_predictor_names(config.predictors)
