@@ -29,7 +29,7 @@ class Router:
         self.context = context
         self.manifest = Manifest.load(context.run.store)
         self.start_job = asyncio.Event()
-        self.start: StartBenchmark | StartGeneration | None = None
+        self.start_message: StartBenchmark | StartGeneration | None = None
         self.io: IoClient | None = None
         self.compute: ComputeClient | None = None
         self.observe = None
@@ -47,7 +47,7 @@ class Router:
 
     async def on_control(self, message) -> None:
         if isinstance(message, (StartBenchmark, StartGeneration)):
-            self.start = message
+            self.start_message = message
             self.start_job.set()
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -78,8 +78,8 @@ class Router:
         """The job the start message asks for."""
         context = self.context
         common = (context.config, self.manifest, self.io, self.compute, self.observe, context.log)
-        if isinstance(self.start, StartGeneration):
-            return GenerateJob(self.start, *common, context.send_control)
+        if isinstance(self.start_message, StartGeneration):
+            return GenerateJob(self.start_message, *common, context.send_control)
         return BenchJob(*common, progress=_progress_printer(context.config.tokens))
 
     def close(self) -> None:
