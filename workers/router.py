@@ -12,12 +12,11 @@ summary goes back to the supervisor as `JobDone`; the router then waits for `Shu
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import zmq
 
 from mer.protocol import JobDone, StartBenchmark, StartGeneration
-from mer.router.bench_job import BenchJob
+from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.generate_job import GenerateJob
 from mer.router.job import Job
@@ -80,7 +79,7 @@ class Router:
         common = (context.config, self.manifest, self.io, self.compute, self.observe, context.log)
         if isinstance(self.start_message, StartGeneration):
             return GenerateJob(self.start_message, *common, context.send_control)
-        return BenchJob(*common, progress=_progress_printer(context.config.tokens))
+        return BenchJob(*common, progress=progress_printer(context.config.tokens))
 
     def close(self) -> None:
         for client in (self.io, self.compute):
@@ -99,28 +98,3 @@ async def _first_of(wanted: asyncio.Event, stop: asyncio.Event) -> bool:
         for task in tasks:
             task.cancel()
     return wanted.is_set() and not stop.is_set()
-
-
-def _progress_printer(total_tokens: int):
-    """A live line on stderr (tokens/s, hit rate) when stderr is a terminal; None otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    import time
-
-    state = {"started": time.monotonic(), "hits": 0, "lookups": 0, "last": 0.0}
-
-    def show(record) -> None:
-        state["hits"] += record.hits
-        state["lookups"] += record.lookups
-        now = time.monotonic()
-        if now - state["last"] < 0.2 and record.token + 1 < total_tokens:
-            return
-        state["last"] = now
-        done = record.token + 1
-        rate = done / max(now - state["started"], 1e-9)
-        hit_rate = 100 * state["hits"] / max(state["lookups"], 1)
-        end = "\n" if done == total_tokens else ""
-        print(f"\r  token {done}/{total_tokens}  {rate:6.1f} tok/s  hit rate {hit_rate:5.1f}%",
-              end=end, file=sys.stderr, flush=True)
-
-    return show

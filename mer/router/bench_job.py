@@ -15,6 +15,7 @@ summarize` recomputes it from a log file.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -199,3 +200,26 @@ def check_trace_has_residuals(trace_path) -> None:
 
 def encode_observation(token: int, layer: int, expert_ids: list[int], weights: list[float]):
     return encode(RoutingObserved(token, layer, expert_ids, weights))
+
+
+def progress_printer(total_tokens: int):
+    """A live line on stderr (tokens/s, hit rate) when stderr is a terminal; None otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    state = {"started": time.monotonic(), "hits": 0, "lookups": 0, "last": 0.0}
+
+    def show(record) -> None:
+        state["hits"] += record.hits
+        state["lookups"] += record.lookups
+        now = time.monotonic()
+        if now - state["last"] < 0.2 and record.token + 1 < total_tokens:
+            return
+        state["last"] = now
+        done = record.token + 1
+        rate = done / max(now - state["started"], 1e-9)
+        hit_rate = 100 * state["hits"] / max(state["lookups"], 1)
+        end = "\n" if done == total_tokens else ""
+        print(f"\r  token {done}/{total_tokens}  {rate:6.1f} tok/s  hit rate {hit_rate:5.1f}%",
+              end=end, file=sys.stderr, flush=True)
+
+    return show

@@ -4,17 +4,21 @@ Tolerance: for f32 models mer's logits match the float64 reference to 1e-4 of th
 at every position (float32 arithmetic over 2 blocks; measured ~3e-7). Prefill in one batch and
 token-by-token decoding with the KV cache agree to 1e-5 (the same float32 operations, summed in
 another order in the attention only). The routing of these random models is checked to be
-spread over the experts (not collapsed), so that the comparisons exercise every expert.
+spread over the experts (not collapsed), so that the comparisons exercise every expert. The same
+pass with async experts and an observer (as the router runs it) gives the same logits and tells the
+observer each MoE block's routing, residual and costs.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 import pytest
 
 from mer.errors import ContextLengthError, TokenizerError, UnsupportedModelError
 from mer.model.experts import GGUFExperts, StoreExperts
-from mer.model.forward import forward
+from mer.model.forward import ForwardPass, forward, run_inline
 from mer.model.model import MoEModel
 from mer.store.convert import convert_gguf
 from mer.store.reader import ExpertStore
@@ -145,3 +149,54 @@ def test_unsupported_tensors_are_refused(tmp_path):
     writer.close()
     with pytest.raises(UnsupportedModelError, match="tensor blk.0.attn_output.bias is not supported"):
         MoEModel.load(tmp_path / "bias.gguf")
+
+
+class RecordingObserver:
+    """What a pass tells its observer: each MoE block's routing and residual, then its costs."""
+
+    def __init__(self):
+        self.routed_blocks: list[tuple[int, list[int], np.ndarray, np.ndarray]] = []
+        self.done: list = []
+
+    async def routed(self, moe_layer, positions, residual, routing):
+        self.routed_blocks.append((moe_layer, positions.tolist(), residual.copy(), routing.experts.copy()))
+
+    def block_done(self, costs):
+        self.done.append(costs)
+
+
+def test_the_pass_with_async_experts_and_an_observer_computes_the_same_numbers(tmp_path):
+    info = tiny_model(tmp_path, "llama", n_layers=3, dense_first_layer=True)
+    model = MoEModel.load(info.path)
+    experts = GGUFExperts(model.source)
+    reference = forward(model, SEQUENCE[:6], model.new_kv_cache(8), experts)
+    calls: list[tuple[int, int]] = []
+
+    async def graph_like_experts(moe_layer, batches, token):
+        calls.append((moe_layer, token))
+        return experts(moe_layer, batches)
+
+    observer = RecordingObserver()
+    cache = model.new_kv_cache(8)
+    result = asyncio.run(ForwardPass(model, graph_like_experts, observer=observer)(SEQUENCE[:6], cache))
+    assert np.array_equal(result.logits, reference.logits)
+    assert calls == [(0, 5), (1, 5)]  # one call per MoE layer, with the pass's last position
+    assert [(layer, positions) for layer, positions, _, _ in observer.routed_blocks] == [(0, list(range(6))),
+                                                                                        (1, list(range(6)))]
+    for (_, _, residual, routed), block in zip(observer.routed_blocks, (1, 2)):
+        assert np.array_equal(routed, reference.routings[block].experts) and residual.shape == (6, 64)
+    assert [(done.block, done.moe_layer, done.num_experts) for done in observer.done] == [
+        (block, block - 1, len(np.unique(reference.routings[block].experts))) for block in (1, 2)]
+    assert result.costs.moe_blocks == 2 and result.costs.expert_us > 0 and result.costs.other_us > 0
+
+
+def test_an_in_process_pass_that_waits_is_refused(tmp_path):
+    info = tiny_model(tmp_path, "llama")
+    model = MoEModel.load(info.path)
+
+    async def waiting_experts(moe_layer, batches, token):
+        await asyncio.sleep(0)
+        return {}
+
+    with pytest.raises(RuntimeError, match="waited on something"):
+        run_inline(ForwardPass(model, waiting_experts)(SEQUENCE[:2], model.new_kv_cache(4)))
