@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 
+import msgpack
 import pytest
 
 from mer.cli.generate_command import TextStream, experts_line, timing_line
-from mer.errors import ConfigError, EventLogError
+from mer.errors import ConfigError, EventLogError, ProtocolError
 from mer.model.model import MoEModel
 from mer.model.tokenizer import load_tokenizer
 from mer.protocol import StartBenchmark, StartGeneration, decode, encode
@@ -23,6 +24,15 @@ def test_a_start_message_survives_the_wire_and_names_the_model():
     defaults = StartGeneration("/m.gguf", [1], 4)
     assert decode(encode(defaults)) == defaults and defaults.seed is None and defaults.dump_logits is None
     assert job_model(start) == "/m.gguf" and job_model(StartBenchmark()) is None
+
+
+def test_a_bad_start_message_on_the_wire_is_a_protocol_error_naming_the_field():
+    header, body = encode(StartGeneration("/m.gguf", [1], 4))
+    fields = msgpack.unpackb(body)
+    with pytest.raises(ProtocolError, match=r"StartGeneration\.seed: expected an integer, got str"):
+        decode([header, msgpack.packb(fields[:6] + ["x"] + fields[7:])])
+    with pytest.raises(ProtocolError, match="StartGeneration: the prompt is empty"):
+        decode([header, msgpack.packb(fields[:1] + [[]] + fields[2:])])
 
 
 @pytest.mark.parametrize("fields, message", [
