@@ -22,7 +22,7 @@ import numpy as np
 
 from mer.config import PipelineConfig
 from mer.errors import ConfigError
-from mer.predict.fusion import GATE, parse_predictor_names
+from mer.predict.fusion import GATE
 from mer.protocol import ComputeItem, HiddenObserved, RoutingObserved, SlotGrant, encode
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.hidden_states import synthetic_hidden_state
@@ -67,7 +67,7 @@ class BenchJob:
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
         self.slices = [plan_slices(layer.format) for layer in self.manifest.layers]
-        self.send_hidden = self.config.prefetch and GATE in parse_predictor_names(self.config.predictors)
+        self.send_hidden = self.config.prefetch and GATE in self.config.predictors
         if self.send_hidden:
             check_trace_has_residuals(self.config.trace)
 
@@ -109,7 +109,7 @@ class BenchJob:
         timer = TokenTimer()
         for decision in self.workload.next_token():
             if trace is not None:
-                trace.write(decision)
+                await trace.awrite(decision)
             await self._run_decision(token, decision, timer)
         ended = time.monotonic()
         lookups = timer.hits + timer.misses

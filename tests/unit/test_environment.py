@@ -14,7 +14,7 @@ def test_defaults_follow_xdg_and_home():
     environment = read_environment({})
     assert environment.cache_dir == Path.home() / ".cache" / "mer"
     assert environment.runtime_base_dir == Path("/tmp")
-    assert environment.log_level == "info"
+    assert environment.log_level is None  # unset: each process keeps its default level
     assert environment.unknown_variables == ()
 
 
