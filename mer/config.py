@@ -76,7 +76,7 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
     trace: Annotated[OptionalPath, spec(
         "Routing trace (JSONL) to replay; required iff workload is replay.", metavar="FILE", job=BENCHMARK)] = None
     seed: Annotated[int, spec(
-        "Seed of the workload and the synthetic hidden states.", ge=0, le=2**63 - 1, unit="seed", metavar="S",
+        "Seed of the workload and the synthetic hidden states.", ge=0, le=2**63 - 1, metavar="S",
         job=BENCHMARK)] = 0
     layered: Annotated[bool, spec(
         "Route every token through every layer instead of the flat pool.", job=BENCHMARK)] = False
@@ -86,7 +86,8 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
     pipeline_depth: Annotated[int, spec(
         "Routing decisions the predictors look ahead (a decision: one token at one MoE layer; one iteration "
         "on the flat pool).", ge=1, le=64, unit="decisions", metavar="D")] = 1
-    prefetch: Annotated[bool, spec("Read predicted experts ahead; --no-prefetch turns it off.")] = True
+    prefetch: Annotated[bool, spec("Whether predicted experts are read ahead (on by default; --no-prefetch turns "
+                                   "it off).")] = True
     predictors: Annotated[tuple[PredictorName, ...], spec(
         "Predictors switched on, comma-separated, their hints fused: markov, locality, affinity, gate (the next "
         "MoE layers' router gates applied to the current hidden state: needs a model, so generation, or a "
