@@ -172,7 +172,7 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
         return self.compute_workers
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON- and msgpack-ready values (paths as strings, predictors as a list), to log and to ship."""
+        """Plain JSON- and msgpack-ready values (paths as strings), to log at start-up and to ship to children."""
         return msgspec.to_builtins(self, enc_hook=str)
 
     @classmethod
