@@ -1,10 +1,10 @@
 """The active predictors behind one interface, and their fusion into scored, attributed hints.
 
 `PREDICTOR_NAMES` are the predictors `predictors = "markov,locality,affinity,gate"` may switch on
-(the configuration parses the names, `mer.config`). `make_predictors` builds them; each `ActivePredictor` observes
-`(layer, experts)` and predicts `(expert, score)` hints for the next `depth` decisions, at most
-`fanout` per step. `gate` (`mer.predict.gate`) also observes the router's hidden states and needs a
-model: only a generation job has one (`check_model_for_predictors`).
+(`mer.config` parses the setting once, into these names). `make_predictors` builds them; each
+`ActivePredictor` observes `(layer, experts)` and predicts `(expert, score)` hints for the next
+`depth` decisions, at most `fanout` per step. `gate` (`mer.predict.gate`) also observes the router's
+hidden states and needs a model: only a generation job has one (`check_model_for_predictors`).
 
 `fuse(ranked, limit, weights)`: with one predictor its hints pass through unchanged (first
 `limit`); with several, each hint is ranked by its expected usefulness, score x its predictor's
