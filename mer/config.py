@@ -4,8 +4,8 @@
 documentation with its unit, and which job reads it (`Meta.extra`); `__post_init__` converts and
 checks every field and then the rules between fields, so a configuration that exists is valid.
 The command-line flags of every command are generated from these declarations
-(`mer.cli.pipeline_flags`). msgspec rather than pydantic: it imports in ~20 ms, pydantic's models in
-~250 ms, and the CLI starts often.
+(`mer.cli.pipeline_flags`). msgspec rather than pydantic: importing it and declaring and validating a
+small Struct takes ~40 ms, the same pydantic model ~210 ms, and the CLI starts often.
 
 Precedence, lowest first: the field defaults, a TOML file (`configs/*.toml`, flat keys that mirror
 the flags: `cache_slots = 64` is `--cache-slots 64`), then command-line flags. Unknown keys are a
@@ -25,7 +25,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 from msgspec import Meta
@@ -245,8 +245,7 @@ def _setting(name: str, kind: Any, default: Any) -> Setting:
 
 
 SETTINGS: dict[str, Setting] = {
-    field.name: _setting(field.name, get_type_hints(PipelineConfig, include_extras=True)[field.name], field.default)
-    for field in msgspec.structs.fields(PipelineConfig)
+    field.name: _setting(field.name, field.type, field.default) for field in msgspec.structs.fields(PipelineConfig)
 }
 
 
