@@ -12,12 +12,13 @@ token to a callback as it arrives.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from mer.config import PipelineConfig, load_config, validate_against_geometry
 from mer.demo_store import converted_store
@@ -26,7 +27,7 @@ from mer.model.chat_template import chat_prompt_tokens
 from mer.model.hparams import HParams, moe_layers_of, read_hparams
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
-from mer.predict.fusion import GATE, parse_predictor_names
+from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration
 from mer.ram_budget import (RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots,
                             prefetch_reserve_slots)
@@ -115,13 +116,13 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     plan = None
     if ram_budget is not None:  # checked before the (possibly long) conversion
         plan = _ram_plan(ram_budget, source, hparams, config, positions=min(context, len(ids) + max_tokens))
-        config = dataclasses.replace(config, cache_slots=plan.cache_slots)
+        config = msgspec.structs.replace(config, cache_slots=plan.cache_slots)
     elif overrides.get("cache_slots") is None:  # the configured default, within k..all experts
         cache = min(max(config.cache_slots, hparams.top_k), source.geometry.num_experts)
-        config = dataclasses.replace(config, cache_slots=cache)
+        config = msgspec.structs.replace(config, cache_slots=cache)
     store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase)
     store = ExpertStore.open(store_dir)
-    config = dataclasses.replace(config, store=store_dir)
+    config = msgspec.structs.replace(config, store=store_dir)
     validate_against_geometry(config, store.manifest.geometry)
     start = StartGeneration(
         model=str(Path(model_path).resolve()), prompt_tokens=list(ids), max_tokens=max_tokens,
@@ -134,7 +135,7 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
 def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: PipelineConfig, positions: int) -> RamPlan:
     slot_nbytes = max(source.expert_format(layer.moe_layer).read_nbytes for layer in source.layers)
     reserve = prefetch_reserve_slots(config)
-    gate = GATE in parse_predictor_names(config.predictors)  # the predictor loads the gates: a heavy process
+    gate = GATE in config.predictors  # the predictor loads the gates: a heavy process
     return plan_cache_slots(
         budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams.num_blocks, positions, hparams.kv_width),
         num_compute_workers=config.num_compute_workers, slot_nbytes=slot_nbytes, top_k=hparams.top_k,

@@ -33,7 +33,7 @@ import zmq
 
 from mer.errors import ProtocolError
 from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
-from mer.predict.fusion import GATE, fuse, make_predictors, parse_predictor_names
+from mer.predict.fusion import GATE, fuse, make_predictors
 from mer.runtime.child import receive_unless_stopped
 from mer.protocol import (HiddenObserved, PinSet, PredictorStats, PrefetchHint, PrefetchHints, RoutingObserved, decode,
                           encode)
@@ -45,7 +45,7 @@ class Predictor:
         self.context = context
         config = context.config
         manifest = Manifest.load(context.run.store)
-        self.names = parse_predictor_names(config.predictors)
+        self.names = config.predictors
         self.gate = None
         if GATE in self.names:
             from mer.predict.gate import load_gate_predictor  # numpy + numba: only when the gate is on

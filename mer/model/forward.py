@@ -79,7 +79,7 @@ class ForwardObserver(Protocol):
 
     async def routed(self, moe_layer: int, positions: np.ndarray, residual: np.ndarray, routing: Routing) -> None: ...
 
-    def block_done(self, costs: MoEBlockCosts) -> None: ...
+    async def block_done(self, costs: MoEBlockCosts) -> None: ...
 
 
 @dataclass
@@ -172,7 +172,8 @@ class ForwardPass:
         costs.add(ForwardCosts(1, dense_us, expert_us))
         result.routings[block] = routing
         if self.observer is not None:
-            self.observer.block_done(MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us))
+            costs_of_block = MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us)
+            await self.observer.block_done(costs_of_block)
         return hidden
 
 

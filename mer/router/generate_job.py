@@ -29,6 +29,7 @@ from mer.model.sampling import Sampler
 from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration, TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
+from mer.predict.fusion import GATE
 from mer.router.expert_client import ExpertDispatcher, ExpertStats
 from mer.router.graph_forward import DenseThread, GraphExperts
 from mer.router.job import Job, sends_hidden

@@ -12,9 +12,9 @@ run at once. See docs/model.md ("The generation path") for the measured per-bloc
 `GraphExperts` is the pass's experts and its observer: before a MoE block's experts, the routing
 goes to the predictor (one `RoutingObserved` per token, global ids; with `send_hidden`, for the
 next-layer gate predictor, each preceded by a `HiddenObserved` with the token's post-attention
-residual) and, with a trace, into it (token-major, written once the pass's last MoE block is done);
-after it, the block's costs are counted (prefill and decode apart: positions from `prompt_length`
-on are decode steps) and, with `log_blocks`, logged as `moe_block_done`.
+residual) and, with a trace, into it (token-major, written through aiofiles once the pass's last
+MoE block is done); after it, the block's costs are counted (prefill and decode apart: positions from
+`prompt_length` on are decode steps) and, with `log_blocks`, logged as `moe_block_done`.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class GraphExperts:
                 hidden = residual[index].copy() if self.record_hidden else None
                 self._decisions.append(RoutingDecision(int(position), moe_layer, tuple(experts), tuple(weights), hidden))
 
-    def block_done(self, costs: MoEBlockCosts) -> None:
+    async def block_done(self, costs: MoEBlockCosts) -> None:
         stats = self._block_stats
         if self.log_blocks:
             self.log.info("moe_block_done", token=int(costs.positions[-1]), tokens=len(costs.positions),
@@ -96,5 +96,5 @@ class GraphExperts:
                           chunks=stats.chunks)
         if self.trace is not None and costs.moe_layer == self.num_moe_layers - 1:  # token-major, as a trace is read
             for decision in sorted(self._decisions, key=lambda decision: (decision.token, decision.layer)):
-                self.trace.write(decision)
+                await self.trace.awrite(decision)
             self._decisions.clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from mer.config import PipelineConfig
-from mer.predict.fusion import GATE, parse_predictor_names
+from mer.predict.fusion import GATE
 from mer.summary import JobSummary
 
 
@@ -26,4 +26,4 @@ class Job(ABC):
 def sends_hidden(config: PipelineConfig) -> bool:
     """Whether a job sends each decision's residual to the predictor (`HiddenObserved`): the gate
     predictor is on, with prefetch."""
-    return config.prefetch and GATE in parse_predictor_names(config.predictors)
+    return config.prefetch and GATE in config.predictors

@@ -161,7 +161,7 @@ class RecordingObserver:
     async def routed(self, moe_layer, positions, residual, routing):
         self.routed_blocks.append((moe_layer, positions.tolist(), residual.copy(), routing.experts.copy()))
 
-    def block_done(self, costs):
+    async def block_done(self, costs):
         self.done.append(costs)
 
 
