@@ -35,7 +35,7 @@ from mer.errors import ProtocolError
 from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
 from mer.predict.fusion import GATE, fuse, make_predictors, parse_predictor_names
 from mer.runtime.child import receive_unless_stopped
-from mer.protocol import (HiddenObserved, PinSet, PredictorStats, PrefetchHint, PrefetchHints, RoutingObserved, decode,
+from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, decode,
                           encode)
 from mer.store.manifest import Manifest
 
@@ -103,9 +103,9 @@ class Predictor:
         for predictor in self.predictors:
             predictor.observe(message.layer, expert_ids)
         for name in self.accuracy.observe(expert_ids):
-            await self.io.send_multipart(encode(PredictorStats(name, self.accuracy.as_dict(name))))
+            await self.io.send_multipart(encode(self.accuracy.report(name)))
         if self.layer_accuracy.observe(message.token, message.layer, expert_ids):
-            await self.io.send_multipart(encode(PredictorStats(GATE, self.layer_accuracy.as_dict())))
+            await self.io.send_multipart(encode(self.layer_accuracy.report(GATE)))
         await self._send_pins()
         if not config.prefetch:
             return

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from mer.protocol import PredictorStats
+from mer.run_events import LayerHintCounts
 from mer.stats import percent
 
 
@@ -46,6 +48,11 @@ class HintAccuracy:
     @property
     def topk_accuracy_pct(self) -> float:
         return percent(self.topk_found, self.topk_observed)
+
+    def report(self, source: str, per_layer: list[LayerHintCounts] | None = None) -> PredictorStats:
+        """The counters as the `PredictorStats` message of predictor `source`."""
+        return PredictorStats(source, self.predictions, self.top1_hits, self.topk_found, self.topk_observed,
+                              per_layer or [])
 
     def as_dict(self) -> dict[str, int | float]:
         """The counters and both accuracies, as JSON-ready values."""
@@ -78,8 +85,9 @@ class AccuracyTracker:
         self.scores.setdefault(name, HintAccuracy())
         self._pending[name] = list(hints)
 
-    def as_dict(self, name: str) -> dict[str, int | float]:
-        return self.scores.setdefault(name, HintAccuracy()).as_dict()
+    def report(self, name: str) -> PredictorStats:
+        """`name`'s counters as its `PredictorStats` message."""
+        return self.scores.setdefault(name, HintAccuracy()).report(name)
 
     def weight(self, name: str) -> float:
         """`name`'s top-k accuracy so far, Laplace-smoothed: (found + 1) / (observed + 2), 0.5 at first."""
@@ -149,6 +157,14 @@ class LayerAccuracy:
                 total.topk_found += scores.topk_found
                 total.topk_observed += scores.topk_observed
         return total
+
+    def report(self, source: str) -> PredictorStats:
+        """The next-layer totals and the per-layer counters, as the `PredictorStats` of `source`."""
+        per_layer = [LayerHintCounts(layer, ahead, scores.predictions, scores.top1_hits, scores.topk_found,
+                                     scores.topk_observed, scores.hinted_found)
+                     for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)
+                     for scores in (self.scores[(layer, ahead)],)]
+        return self.totals().report(source, per_layer)
 
     def per_layer(self) -> list[dict[str, int | float]]:
         """One entry per (target layer, ahead), by distance then layer: `layer`, `ahead` and the scores."""
