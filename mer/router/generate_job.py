@@ -9,7 +9,8 @@ trace (layered: one decision per MoE layer per token, ids within the layer, writ
 
 The summary (`JobDone`) holds the tokens, timings and cache figures; `mib_read_per_token` counts
 the bytes the I/O worker read for the decode steps (reads started by an acquire or by prefetch
-hints of a generated token's position) per decode step. Expert lookups are `hits`, `prefetch_joins`
+hints of a generated token's position; the I/O worker counts them apart from the prompt length on,
+which the job names with `SplitReads` before its first acquire) per decode step. Expert lookups are `hits`, `prefetch_joins`
 (misses that joined a prefetch read already in flight) and `demand_misses` (reads the foreground had
 to start): hits + prefetch_joins + demand_misses = lookups. With the gate predictor on, the router
 also sends each token's residual to the predictor (`gate_hints_on`), and the gate's per-layer
@@ -33,11 +34,11 @@ from mer.protocol import TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
 from mer.predict.fusion import GATE, parse_predictor_names
 from mer.router.expert_client import ExpertDispatcher, ExpertStats
-from mer.run_events import PredictorCounters
 from mer.router.generation_request import GenerationRequest
 from mer.router.graph_forward import DenseThread, ForwardCosts, GraphForward
 from mer.routing import RoutingDecision
 from mer.store.manifest import Manifest
+from mer.summary import predictor_summaries
 from mer.trace import TraceHeader, TraceWriter
 
 MIB = 2**20
@@ -83,6 +84,7 @@ class GenerateJob:
                           prompt_tokens=len(self.request.prompt_tokens), max_tokens=self.request.max_tokens,
                           dense_warm_up_s=round(warm_up_s, 3), cache_slots=self.config.cache_slots)
             trace = self._open_trace(model)
+            await self.io.split_reads(len(self.request.prompt_tokens))  # the decode steps' reads, counted apart
             try:
                 tokens, stop_reason, phases = await self._generate(model, forward, trace)
             finally:
@@ -152,9 +154,7 @@ class GenerateJob:
     async def _summary(self, tokens: list[int], stop_reason: str, phases: PhaseCosts, observations: int) -> dict:
         stats = await self.io.stats()
         prompt_length = len(self.request.prompt_tokens)
-        reads = stats["reads"]
-        decode_bytes = sum(read["nbytes"] for read in reads if read["token"] >= prompt_length)
-        total_bytes = sum(read["nbytes"] for read in reads)
+        reads, decode_bytes = stats.reads, stats.split_reads.nbytes  # split at the prompt length
         experts = ExpertStats()
         experts.add(phases.prefill.experts)
         experts.add(phases.decode.experts)
@@ -170,33 +170,24 @@ class GenerateJob:
             "hits": hits, "misses": lookups - hits, "lookups": lookups,
             "prefetch_joins": experts.prefetch_joins, "demand_misses": experts.misses - experts.prefetch_joins,
             "hit_rate_pct": 100.0 * hits / lookups if lookups else 0.0,
-            "reads": len(reads), "bytes_read": total_bytes, "decode_bytes_read": decode_bytes,
+            "reads": reads.reads, "bytes_read": reads.nbytes, "decode_bytes_read": decode_bytes,
             "mib_read_per_token": decode_bytes / MIB / phases.decode_steps if phases.decode_steps else 0.0,
-            "prefetches_issued": int(stats["prefetches_issued"]), "prefetches_used": int(stats["prefetches_used"]),
-            "prefetches_wasted": int(stats["prefetches_wasted"]), "predictor_observations": observations,
-            "predictors": {name: predictor_summary(values)
-                           for name, values in sorted(dict(stats.get("predictors", {})).items())},
+            "prefetches_issued": stats.prefetch.issued, "prefetches_used": stats.prefetch.used,
+            "prefetches_wasted": stats.prefetch.wasted, "predictor_observations": observations,
+            "predictors": predictor_summaries(stats.predictors),
             "dense_us_per_block": decode.dense_us / blocks if decode.moe_blocks else 0.0,
             "expert_us_per_block": decode.expert_us / blocks if decode.moe_blocks else 0.0,
             "io_wait_us_per_block": decode.experts.io_wait_us / blocks if decode.moe_blocks else 0.0,
             "expert_compute_us_per_block": decode.experts.compute_us / blocks if decode.moe_blocks else 0.0,
             "other_us_per_token": decode.other_us / phases.decode_steps if phases.decode_steps else 0.0,
             "cache_slots": self.config.cache_slots, "compute_workers": self.compute_workers,
-            "io_backend": str(stats["io_backend"]),
+            "io_backend": stats.io_backend,
         }
 
 
 def gate_hints_on(config: PipelineConfig) -> bool:
     """Whether the router sends its hidden states to the predictor: the gate predictor hints (with prefetch)."""
     return config.prefetch and GATE in parse_predictor_names(config.predictors)
-
-
-def predictor_summary(values: dict) -> dict:
-    """One predictor's summary entry: its counters and accuracies, and the gate's `per_layer` accuracies."""
-    entry = PredictorCounters.from_mapping(values, "I/O stats").to_summary_dict()
-    if "per_layer" in values:
-        entry["per_layer"] = list(values["per_layer"])
-    return entry
 
 
 def warm_up_dense(model: MoEModel) -> float:
