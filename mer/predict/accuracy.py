@@ -54,14 +54,6 @@ class HintAccuracy:
         return PredictorStats(source, self.predictions, self.top1_hits, self.topk_found, self.topk_observed,
                               per_layer or [])
 
-    def as_dict(self) -> dict[str, int | float]:
-        """The counters and both accuracies, as JSON-ready values."""
-        return {
-            "predictions": self.predictions, "top1_hits": self.top1_hits, "topk_found": self.topk_found,
-            "topk_observed": self.topk_observed, "top1_accuracy_pct": self.top1_accuracy_pct,
-            "topk_accuracy_pct": self.topk_accuracy_pct,
-        }
-
 
 class AccuracyTracker:
     """Top-1 / top-k accuracy per predictor name: remembers each one's last hints until the next decision."""
@@ -113,20 +105,13 @@ class LayerHintAccuracy(HintAccuracy):
             self.predictions += 1
             self.topk_observed += len(decision)
 
-    @property
-    def hinted_recall_pct(self) -> float:
-        return percent(self.hinted_found, self.topk_observed)
-
-    def as_dict(self) -> dict[str, int | float]:
-        return {**super().as_dict(), "hinted_found": self.hinted_found, "hinted_recall_pct": self.hinted_recall_pct}
-
 
 class LayerAccuracy:
     """Hints scored against the very decision they were made for, per target layer and distance.
 
     For predictors whose hints name their target (the gate: hints for token t's MoE layer L+s made at
     layer L). `hinted(token, layer, ahead, hints)` remembers them until the decision of (token, layer)
-    is observed; each (layer, ahead) is scored on its own. The totals (`as_dict`, `weight`) are those
+    is observed; each (layer, ahead) is scored on its own. The totals (`report`, `weight`) are those
     of the next-layer hints (ahead = 1), the ones `AccuracyTracker` would score for the others.
     """
 
@@ -165,15 +150,6 @@ class LayerAccuracy:
                      for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)
                      for scores in (self.scores[(layer, ahead)],)]
         return self.totals().report(source, per_layer)
-
-    def per_layer(self) -> list[dict[str, int | float]]:
-        """One entry per (target layer, ahead), by distance then layer: `layer`, `ahead` and the scores."""
-        return [{"layer": layer, "ahead": ahead, **self.scores[(layer, ahead)].as_dict()}
-                for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)]
-
-    def as_dict(self) -> dict[str, object]:
-        """The next-layer totals (as `HintAccuracy.as_dict`) and `per_layer`."""
-        return {**self.totals().as_dict(), "per_layer": self.per_layer()}
 
     def weight(self) -> float:
         """The next-layer top-k accuracy so far, Laplace-smoothed as `AccuracyTracker.weight`."""
