@@ -1,14 +1,16 @@
-"""Expert-major token batches of one MoE block, as the process graph computes them.
+"""Expert-major batches of rows, as the process graph computes them (the one compute message).
 
-A MoE block hands each chosen expert the rows of the tokens routed to it (`{expert: x [n, d_model]}`,
-see `mer.model.moe.expert_batches`). In the graph these batches travel to the compute workers in
-one `ExpertBatchJob` per worker: the batches laid end to end in one array `x` (expert order), with
-`row_offsets` marking where each expert's rows start, and the d_ff slices of `mer.slicing` split
-between the workers as for the benchmark (slice `s` on worker `s % N`).
+Each chosen expert gets its own rows: in generation the tokens routed to it by a MoE block
+(`{expert: x [n, d_model]}`, see `mer.model.moe.expert_batches`), in the benchmark one synthetic
+hidden state. The batches travel to the compute workers in one `ExpertBatchJob` per worker: laid
+end to end in one array `x` (expert order), with `row_offsets` marking where each expert's rows
+start, and the d_ff slices of `mer.slicing` split between the workers (slice `s` on worker `s % N`).
 
 - router: `pack_batches` lays the batches out; `expert_outputs` turns the gathered partials
   `[slices, rows, d_model]` into each expert's output, summing its slice partials in slice order in
-  float32, so the result does not depend on the worker count or on which experts share a job;
+  float32 (`sum_slices`), so the result does not depend on the worker count or on which experts
+  share a job; the benchmark then adds its experts' outputs with their gate weights
+  (`weighted_sum`, in the decision's order);
 - worker: `item_partials` computes the partials of one expert on its rows with llama.cpp's input
   rounding (`swiglu_expert(..., ggml_rounding=True)`), as the single-process model does.
 """
@@ -56,14 +58,23 @@ def expert_outputs(packed: PackedBatches, partials: np.ndarray) -> dict[int, np.
     if partials.ndim != 3 or partials.shape[1:] != packed.x.shape:
         raise ShapeError(f"partials of shape {partials.shape} do not fit {packed.x.shape[0]} rows of "
                          f"{packed.x.shape[1]} (expected [slices, rows, d_model])")
-    outputs = {}
-    for index, expert in enumerate(packed.experts):
-        rows = packed.rows_of(index)
-        total = partials[0, rows].copy()
-        for slice_index in range(1, partials.shape[0]):
-            total += partials[slice_index, rows]
-        outputs[expert] = total
-    return outputs
+    return {expert: sum_slices(partials[:, packed.rows_of(index)]) for index, expert in enumerate(packed.experts)}
+
+
+def sum_slices(partials: np.ndarray) -> np.ndarray:
+    """One expert's output: its slice partials `[slices, rows, d_model]` added in slice order, in float32."""
+    total = partials[0].copy()
+    for index in range(1, partials.shape[0]):
+        total += partials[index]
+    return total
+
+
+def weighted_sum(outputs: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """`sum_i weights[i] * outputs[i]`, added in the given order in float32 (the benchmark's combine)."""
+    total = np.zeros_like(outputs[0], dtype=np.float32)
+    for output, weight in zip(outputs, weights, strict=True):
+        total += np.float32(weight) * output
+    return total
 
 
 def item_partials(payload: ExpertPayload, x: np.ndarray, slices: Sequence[SliceRange], threads: int = 1) -> np.ndarray:

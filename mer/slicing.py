@@ -1,15 +1,14 @@
-"""How an expert's d_ff is cut into slices for the compute workers, and how partials are combined.
+"""How an expert's d_ff is cut into slices for the compute workers, and which worker computes which.
 
 The slices depend only on the expert format (never on the worker count): at most
 `TARGET_SLICES` slices of at least `MIN_SLICE_ROWS` rows (a kernel call has a fixed cost of some
 0.1 ms, which dominates slices of small experts), each a multiple of the format's `slice_quantum`
 (the lcm of the matrices' block sizes), the last one possibly shorter. Worker `w` of `N` computes slices `w, w+N, ...`.
-The router sums the partials in (expert, slice) order, so the output is bit-identical for any N.
+The router sums each expert's partials in slice order (`mer.expert_batches`), so the output is
+bit-identical for any N.
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from mer.expert_format import ExpertFormat, round_up
 from mer.protocol import SliceRange
@@ -28,19 +27,3 @@ def plan_slices(expert_format: ExpertFormat) -> list[SliceRange]:
 def slices_of_worker(num_slices: int, worker: int, num_workers: int) -> list[int]:
     """Indices of the slices computed by `worker` (round robin)."""
     return list(range(worker, num_slices, num_workers))
-
-
-def combine_partials(partials: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Gate-weighted sum of the experts' outputs: partials is (items, slices, batch, d_model) float32.
-
-    Each expert's output is the sum of its slice partials in slice order; the experts' outputs are
-    then added in item order, each multiplied by its gate weight. All in float32.
-    """
-    num_items, num_slices = partials.shape[:2]
-    out = np.zeros(partials.shape[2:], dtype=np.float32)
-    for item in range(num_items):
-        expert_out = partials[item, 0].copy()
-        for index in range(1, num_slices):
-            expert_out += partials[item, index]
-        out += np.float32(weights[item]) * expert_out
-    return out

@@ -1,5 +1,5 @@
-"""Time encode + decode of the two hot messages: a ComputeJob with a (1, 4096) float32 activation
-and a ComputeResult with (2, 16, 1, 4096) float32 partials (two experts x 16 d_ff slices).
+"""Time encode + decode of the two hot messages: an ExpertBatchJob with one (1, 4096) float32 row per
+expert for two experts, and an ExpertBatchResult with (16, 2, 4096) float32 partials (16 d_ff slices).
 
 Usage: python tools/protocol_timing.py [--repeats 5] [--number 20000]
 Prints the best of `repeats` runs of `number` calls each, in microseconds per call.
@@ -12,17 +12,17 @@ import timeit
 
 import numpy as np
 
-from mer.protocol import ComputeItem, ComputeJob, ComputeResult, SliceRange, decode, encode
+from mer.protocol import ComputeItem, ExpertBatchJob, ExpertBatchResult, SliceRange, decode, encode
 
 
-def sample_job() -> ComputeJob:
+def sample_job() -> ExpertBatchJob:
     items = [ComputeItem(3, 4, 5, 0), ComputeItem(9, 1, 2, 0)]
     slices = [SliceRange(index * 896, (index + 1) * 896) for index in range(16)]
-    return ComputeJob(7, items, slices, np.ones((1, 4096), dtype=np.float32))
+    return ExpertBatchJob(7, items, slices, np.ones((2, 4096), dtype=np.float32), [0, 1, 2])
 
 
-def sample_result() -> ComputeResult:
-    return ComputeResult(7, 1, np.ones((2, 16, 1, 4096), dtype=np.float32), 123.4)
+def sample_result() -> ExpertBatchResult:
+    return ExpertBatchResult(7, 1, np.ones((16, 2, 4096), dtype=np.float32), 123.4)
 
 
 def best_microseconds(call, repeats: int, number: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
         decode_us = best_microseconds(lambda: decode(received), arguments.repeats, arguments.number)
         array_nbytes = sum(len(frame) for frame in received[2:])
         print(
-            f"{type(message).__name__:14s} body {len(received[1]):4d} B, arrays {array_nbytes:7d} B: "
+            f"{type(message).__name__:17s} body {len(received[1]):4d} B, arrays {array_nbytes:7d} B: "
             f"encode {encode_us:6.2f} us, decode {decode_us:6.2f} us, total {encode_us + decode_us:6.2f} us"
         )
 

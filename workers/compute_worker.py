@@ -1,12 +1,13 @@
 """A compute worker: SwiGLU on d_ff slices of experts held in the slot arena (mapped read-only).
 
 Jobs arrive on `compute.sock` (a DEALER with identity `compute-<i>`, connected to the router's
-ROUTER). For every item of a job the worker checks the slot header's generation and expert id
-before and after computing, so a slot reassigned under it is refused (`StaleSlotError`) instead of
-computed. Kernels run with a fixed thread count (`kernel_threads`); workers x threads <= cores.
-A `ComputeJob` (the benchmark) computes every item on one x; an `ExpertBatchJob` (a model's MoE
-block) computes each item on its own rows of x (`mer.expert_batches`). Both round the kernels'
-inputs as llama.cpp does (`ggml_rounding=True`; it changes only f16/bf16 matrices).
+ROUTER), one kind for every job: an `ExpertBatchJob` (a model's MoE block, or the benchmark's one
+row per expert), of which the worker computes each item's assigned d_ff slices on the item's own
+rows of x (`mer.expert_batches.item_partials`, rounding the kernels' inputs as llama.cpp does;
+it changes only f16/bf16 matrices) and answers the partials `[slices, rows, d_model]`. For every
+item the worker checks the slot header's generation and expert id before and after computing, so
+a slot reassigned under it is refused (`StaleSlotError`) instead of computed. Kernels run with a
+fixed thread count (`kernel_threads`); workers x threads <= cores.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import zmq
 from mer.expert_format import ExpertPayload
 from mer.runtime.child import receive_unless_stopped
 from mer.expert_batches import item_partials
-from mer.protocol import (ComputeJob, ComputeResult, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode,
-                          error_reply)
+from mer.protocol import ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
 from mer.shm.arena import SlotArena
 from mer.store.manifest import Manifest
 from mer.swiglu import swiglu_expert
@@ -85,42 +85,25 @@ class ComputeWorker:
     def _handle(self, frames):
         job_id = -1
         try:
-            job = decode(frames, expected_kinds=(ComputeJob, ExpertBatchJob))
+            job = decode(frames, expected_kinds=(ExpertBatchJob,))
             job_id = job.job_id
             t_start = time.monotonic()
             started = time.perf_counter()
-            is_batch_job = isinstance(job, ExpertBatchJob)
-            partials = self.compute_batches(job) if is_batch_job else self.compute(job)
+            partials = self.compute(job)
             compute_us = (time.perf_counter() - started) * 1e6
             self.jobs_done += 1
             self.last_job = {"job_id": job_id, "expert_ids": [item.expert_id for item in job.items],
                              "slices": len(job.slices), "t_start": t_start, "t_end": time.monotonic(),
                              "compute_us": compute_us}
-            return (ExpertBatchResult if is_batch_job else ComputeResult)(job_id, self.index, partials, compute_us)
+            return ExpertBatchResult(job_id, self.index, partials, compute_us)
         except Exception as error:  # a bad job is answered, never fatal
             self.context.log.warning("compute_job_failed", job_id=job_id, error=str(error))
             return error_reply(job_id, error)
 
-    def compute(self, job: ComputeJob) -> np.ndarray:
-        """Partials of shape (items, slices, batch, d_model) for the job's items and slices."""
-        x = np.array(job.x, dtype=np.float32)  # a writable copy of the received frame (d_model floats)
-        partials = np.empty((len(job.items), len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
-        threads = self.context.config.kernel_threads
-        for item_index, item in enumerate(job.items):
-            layer = self.manifest.layers[item.moe_layer]
-            self.arena.check_slot(item.slot, item.generation, item.expert_id)
-            data = self.arena.slot_array(item.slot)[: layer.format.payload_nbytes]
-            payload = ExpertPayload(layer.format, data)
-            for slice_index, (start, stop) in enumerate(job.slices):
-                partials[item_index, slice_index] = swiglu_expert(payload, x, slice(start, stop), threads=threads,
-                                                                  ggml_rounding=True)
-            self.arena.check_slot(item.slot, item.generation, item.expert_id)
-        return partials
-
-    def compute_batches(self, job: ExpertBatchJob) -> np.ndarray:
-        """Partials of shape (slices, rows, d_model): each item's slices on its own rows of x (a model's
-        MoE block, `mer.expert_batches`)."""
-        x = np.array(job.x, dtype=np.float32)
+    def compute(self, job: ExpertBatchJob) -> np.ndarray:
+        """Partials `[slices, rows, d_model]`: each item's slices on its own rows of x, its slot checked
+        before and after."""
+        x = np.array(job.x, dtype=np.float32)  # a writable copy of the received frame
         partials = np.empty((len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
         for item_index, item in enumerate(job.items):
             layer = self.manifest.layers[item.moe_layer]

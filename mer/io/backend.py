@@ -14,9 +14,13 @@ never falls back silently.  A forced `"preadv"` uses O_DIRECT where the files al
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -44,31 +48,54 @@ def filesystem_magic(path: Path) -> int:
     return struct.unpack_from("l", result)[0] & 0xFFFFFFFF
 
 
-def probe_io_uring() -> str | None:
-    """None if an io_uring that can READV is available to this process, else the reason why not."""
+# Run in a child interpreter: a liburing binary built for newer CPUs dies with SIGILL (seen with
+# the 2026.3.30 wheel on an AVX2-only EPYC), which no `except` in this process could survive.
+_URING_PROBE = """
+import sys
+try:
+    import liburing
+except ImportError as error:
+    print(f"the liburing package cannot be imported ({error})"); sys.exit(0)
+ring = liburing.Ring()
+try:
+    liburing.io_uring_queue_init(2, ring)
+except OSError as error:
+    print(f"io_uring_setup failed: [Errno {error.errno}] {error.strerror} "
+          "(a kernel without io_uring, or io_uring blocked by seccomp or kernel.io_uring_disabled)"); sys.exit(0)
+try:
+    probe = liburing.io_uring_get_probe_ring(ring)
+    if probe is None:
+        print("the io_uring opcode probe failed"); sys.exit(0)
     try:
-        import liburing
-    except ImportError as error:
-        return f"the liburing package cannot be imported ({error})"
-    ring = liburing.Ring()
-    try:
-        liburing.io_uring_queue_init(2, ring)
-    except OSError as error:
-        return (
-            f"io_uring_setup failed: [Errno {error.errno}] {error.strerror} "
-            "(a kernel without io_uring, or io_uring blocked by seccomp or kernel.io_uring_disabled)"
-        )
-    try:
-        probe = liburing.io_uring_get_probe_ring(ring)
-        if probe is None:
-            return "the io_uring opcode probe failed"
-        try:
-            is_supported = liburing.io_uring_opcode_supported(probe, liburing.io_uring_op.IORING_OP_READV)
-        finally:
-            liburing.io_uring_free_probe(probe)
-        return None if is_supported else "this kernel's io_uring cannot READV"
+        supported = liburing.io_uring_opcode_supported(probe, liburing.io_uring_op.IORING_OP_READV)
     finally:
-        liburing.io_uring_queue_exit(ring)
+        liburing.io_uring_free_probe(probe)
+    print("" if supported else "this kernel's io_uring cannot READV")
+finally:
+    liburing.io_uring_queue_exit(ring)
+"""
+URING_PROBE_TIMEOUT_S = 30.0
+
+
+@functools.cache
+def probe_io_uring() -> str | None:
+    """None if an io_uring that can READV is available to this process, else the reason why not.
+
+    The probe sets up a ring and looks READV up in a child interpreter (once per process), so that
+    a liburing binary this CPU cannot run is reported as a reason instead of killing the caller."""
+    try:
+        result = subprocess.run([sys.executable, "-c", _URING_PROBE], capture_output=True, text=True,
+                                timeout=URING_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"the io_uring probe did not finish within {URING_PROBE_TIMEOUT_S:g} s"
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        why = " (its binary uses instructions this CPU lacks)" if name == "SIGILL" else ""
+        return f"the liburing package crashed with {name} while setting up a ring{why}"
+    if result.returncode != 0:
+        detail = result.stderr.strip().splitlines()[-1:] or ["no output"]
+        return f"the io_uring probe failed (exit status {result.returncode}): {detail[0]}"
+    return result.stdout.strip() or None
 
 
 def probe_o_direct(path: Path) -> str | None:

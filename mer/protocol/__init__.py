@@ -13,8 +13,6 @@ from mer.protocol.messages import (
     BatchPartials,
     ChildFailed,
     ComputeItem,
-    ComputeJob,
-    ComputeResult,
     ErrorReply,
     ExpertBatchJob,
     ExpertBatchResult,
@@ -26,7 +24,6 @@ from mer.protocol.messages import (
     JsonMap,
     Message,
     MessageKind,
-    Partials,
     PrefetchHint,
     PinSet,
     PrefetchHints,
@@ -52,8 +49,8 @@ from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, e
 
 __all__ = [
     "ARRAY_KEY", "MESSAGE_TYPES", "Acquire", "Activations", "ArraySpec", "ChildFailed", "ComputeItem",
-    "ComputeJob", "ComputeResult", "ErrorFields", "ErrorReply", "Hello", "IoStats", "JobDone", "JsonMap",
-    "Message", "MessageKind", "Partials", "PrefetchHint", "PinSet", "PrefetchHints", "PredictorStats", "Ready", "Release",
+    "ErrorFields", "ErrorReply", "Hello", "IoStats", "JobDone", "JsonMap",
+    "Message", "MessageKind", "PrefetchHint", "PinSet", "PrefetchHints", "PredictorStats", "Ready", "Release",
     "RoutingObserved", "ScalarMap", "Shutdown", "SliceRange", "SlotGrant", "SlotRef", "SlotsReady", "StartJob",
     "StatsRequest", "decode", "encode", "error_fields", "error_reply", "error_type_name", "raise_remote",
     "TokenGenerated", "ExpertBatchJob", "ExpertBatchResult", "BatchPartials", "HiddenObserved", "HiddenState",

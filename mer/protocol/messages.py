@@ -42,8 +42,6 @@ class MessageKind(IntEnum):
     PREDICTOR_STATS = 16
     PIN_SET = 17
     SPLIT_READS = 18
-    COMPUTE_JOB = 20
-    COMPUTE_RESULT = 21
     EXPERT_BATCH_JOB = 22
     EXPERT_BATCH_RESULT = 23
     ROUTING_OBSERVED = 30
@@ -73,7 +71,6 @@ class MapValues(IntEnum):
 ScalarMap = Annotated[dict[str, Any], MapValues.SCALARS]
 JsonMap = Annotated[dict[str, Any], MapValues.JSON]
 Activations = Annotated[np.ndarray, ArraySpec("float32", ("batch", "d_model"))]
-Partials = Annotated[np.ndarray, ArraySpec("float32", ("items", "slices", "batch", "d_model"))]
 BatchPartials = Annotated[np.ndarray, ArraySpec("float32", ("slices", "rows", "d_model"))]
 HiddenState = Annotated[np.ndarray, ArraySpec("float32", ("d_model",))]
 
@@ -342,42 +339,14 @@ class IoStats:
 # --- compute.sock: SwiGLU on slot payloads --------------------------------------------------------
 
 
-@message(MessageKind.COMPUTE_JOB)
-class ComputeJob:
-    """Compute every `(item, slice)` pair assigned to the receiving worker on hidden states `x`."""
-
-    job_id: int
-    items: list[ComputeItem]
-    slices: list[SliceRange]
-    x: Activations
-
-    __eq__ = _equal_with_arrays
-
-    def check(self) -> None:
-        for index, (start, stop) in enumerate(self.slices):
-            if not 0 <= start < stop:
-                raise ProtocolError(f"ComputeJob.slices[{index}]: [{start}, {stop}) is not a non-empty range")
-
-
-@message(MessageKind.COMPUTE_RESULT)
-class ComputeResult:
-    """One partial d_model vector per (item, slice, batch row) of a `ComputeJob`."""
-
-    job_id: int
-    worker: int
-    partials: Partials
-    compute_us: float
-
-    __eq__ = _equal_with_arrays
-
-
 @message(MessageKind.EXPERT_BATCH_JOB)
 class ExpertBatchJob:
-    """Compute the assigned slices of every item on the item's own token batch (a model's MoE block).
+    """Compute the assigned d_ff slices of every item (an expert in a slot) on the item's own rows of `x`.
 
-    Item `i` is computed on the rows `x[row_offsets[i]:row_offsets[i + 1]]` (the tokens routed to
-    that expert, expert-major); `row_offsets` has one entry more than `items`, starts at 0, grows
-    strictly and ends at the number of rows of `x`."""
+    The one compute message: a model's MoE block sends the tokens routed to each expert, the
+    benchmark one synthetic hidden state per expert. Item `i` is computed on the rows
+    `x[row_offsets[i]:row_offsets[i + 1]]` (expert-major); `row_offsets` has one entry more than
+    `items`, starts at 0, grows strictly and ends at the number of rows of `x`."""
 
     job_id: int
     items: list[ComputeItem]
@@ -458,6 +427,6 @@ class ErrorReply:
 
 Message = (
     Hello | Ready | ChildFailed | Shutdown | JobDone | StartJob | Acquire | SlotsReady | Release | PrefetchHints
-    | StatsRequest | IoStats | ComputeJob | ComputeResult | RoutingObserved | ErrorReply | TokenGenerated
+    | StatsRequest | IoStats | RoutingObserved | ErrorReply | TokenGenerated
     | ExpertBatchJob | ExpertBatchResult | HiddenObserved | PredictorStats | PinSet | SplitReads
 )

@@ -2,9 +2,10 @@
 
 One iteration ("token", as the seed counts) draws the routing decision(s) of the workload — one over
 the flat pool of all layer-qualified experts, or one per MoE layer with `layered` — and for each:
-tells the predictor (so it can prefetch for the next token while this one computes), acquires the
-k experts from the I/O worker (hits, misses, joined prefetches), sends the SwiGLU slices to the
-compute workers, combines the partials with the gate weights, and releases the leases. The next
+tells the predictor (so it can prefetch for the next token while this one computes), then runs the
+k experts through `ExpertDispatcher` as generation does (one acquire of the k experts: hits, misses,
+joined prefetches; one batch of one row, the synthetic hidden state, per expert to the compute
+workers; release), and adds their outputs with the gate weights in the decision's order. The next
 token's routing is drawn only after the current token completes, so any overlap of reads with
 compute comes from prediction alone.
 
@@ -23,27 +24,17 @@ import numpy as np
 from mer.config import PipelineConfig
 from mer.errors import ConfigError
 from mer.predict.fusion import GATE, parse_predictor_names
-from mer.protocol import ComputeItem, HiddenObserved, RoutingObserved, SlotGrant, encode
+from mer.expert_batches import weighted_sum
+from mer.protocol import HiddenObserved, RoutingObserved, encode
 from mer.router.clients import ComputeClient, IoClient
+from mer.router.expert_client import DispatchLog, ExpertDispatcher, ExpertStats
 from mer.router.hidden_states import synthetic_hidden_state
 from mer.routing import RoutingDecision, RoutingSpace
 from mer.run_events import PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PrefetchCounters, RunInfo, TokenRecord
-from mer.slicing import combine_partials, plan_slices
 from mer.store.manifest import Manifest
 from mer.summary import ReadFigures, RunSummary, predictor_summaries, summarize_log_events
 from mer.trace import TraceHeader, TraceWriter, read_trace
 from mer.workloads.factory import make_workload
-
-
-@dataclass
-class TokenTimer:
-    """What one token spent where, in microseconds."""
-
-    io_wait_us: float = 0.0
-    compute_us: float = 0.0
-    hits: int = 0
-    misses: int = 0
-    prefetch_used: int = 0
 
 
 @dataclass
@@ -65,7 +56,7 @@ class BenchJob:
             self.config.workload, self.space, seed=self.config.seed, zipf_s=self.config.zipf_s,
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
-        self.slices = [plan_slices(layer.format) for layer in self.manifest.layers]
+        self.dispatcher = ExpertDispatcher(self.manifest, self.io, self.compute, max_leases=self.config.cache_slots)
         self.send_hidden = self.config.prefetch and GATE in parse_predictor_names(self.config.predictors)
         if self.send_hidden:
             check_trace_has_residuals(self.config.trace)
@@ -105,62 +96,41 @@ class BenchJob:
 
     async def _run_token(self, token: int, trace) -> TokenRecord:
         started = time.monotonic()
-        timer = TokenTimer()
+        stats = ExpertStats()
         for decision in self.workload.next_token():
             if trace is not None:
                 trace.write(decision)
-            await self._run_decision(token, decision, timer)
+            stats.add(await self._run_decision(token, decision))
         ended = time.monotonic()
-        lookups = timer.hits + timer.misses
-        return TokenRecord(token, started, ended, (ended - started) * 1e6, timer.io_wait_us, timer.compute_us,
-                           timer.hits, timer.misses, lookups, timer.prefetch_used)
+        return TokenRecord(token, started, ended, (ended - started) * 1e6, stats.io_wait_us, stats.compute_us,
+                           stats.hits, stats.misses, stats.hits + stats.misses, stats.prefetch_joins)
 
-    async def _run_decision(self, token: int, decision: RoutingDecision, timer: TokenTimer) -> None:
+    async def _run_decision(self, token: int, decision: RoutingDecision) -> ExpertStats:
         expert_ids = list(self.space.global_ids(decision))
         if self.send_hidden:  # the gate predictor replays the recorded residual (checked at start)
             await self.observe.send_multipart(encode(HiddenObserved(token, decision.layer, decision.hidden)))
         await self.observe.send_multipart(
             encode_observation(token, decision.layer, expert_ids, list(decision.weights)))
         self.observations += 1
-        t_acquire_start = time.monotonic()
-        acquire_started = time.perf_counter()
-        grants = await self.io.acquire(token, expert_ids)
-        acquire_us = (time.perf_counter() - acquire_started) * 1e6
-        t_acquire_end = time.monotonic()
-        dispatched: list[tuple[int, int]] = []
-        misses = sum(not grant.hit for grant in grants)
-        timer.hits += len(grants) - misses
-        timer.misses += misses
-        timer.prefetch_used += sum(grant.joined_prefetch for grant in grants)
-        if misses:
-            timer.io_wait_us += acquire_us
-        try:
-            compute_started = time.perf_counter()
-            output = await self._compute(token, decision, grants, dispatched)
-            timer.compute_us += (time.perf_counter() - compute_started) * 1e6
-            t_compute_end = time.monotonic()
-        finally:
-            await self.io.release([grant.ref for grant in grants])
+        dispatch = DispatchLog()
+        output, stats = await self._compute(token, decision, expert_ids, dispatch)
+        t_compute_end = time.monotonic()
         if self.config.log_file:  # docs/events.md: one per routing decision
             self.log.info("decision_done", token=token, layer=decision.layer, expert_ids=expert_ids,
-                          hits=len(grants) - misses, misses=misses, t_acquire_start=t_acquire_start,
-                          t_acquire_end=t_acquire_end, t_compute_end=t_compute_end,
-                          jobs=[[job_id, worker] for job_id, worker in dispatched])
+                          hits=stats.hits, misses=stats.misses, t_acquire_start=dispatch.t_acquire_start,
+                          t_acquire_end=dispatch.t_acquire_end, t_compute_end=t_compute_end,
+                          jobs=[[job_id, worker] for job_id, worker in dispatch.jobs])
         if self.config.dump_outputs:
             self.outputs.append(output)
+        return stats
 
-    async def _compute(self, token: int, decision: RoutingDecision, grants: list[SlotGrant],
-                       dispatched: list[tuple[int, int]] | None = None) -> np.ndarray:
-        per_layer = self.manifest.geometry.experts_per_layer
-        items = [ComputeItem(g.expert_id, g.slot, g.generation, g.expert_id // per_layer) for g in grants]
-        moe_layers = {item.moe_layer for item in items}
+    async def _compute(self, token: int, decision: RoutingDecision, expert_ids: list[int],
+                       dispatch: DispatchLog | None = None) -> tuple[np.ndarray, ExpertStats]:
+        """The decision's output `[1, d_model]`: each expert on the token's synthetic hidden state
+        (acquire, compute, release), added with its gate weight in the decision's order."""
         x = synthetic_hidden_state(self.config.seed, token, decision.layer, self.manifest.geometry.d_model)
-        output = np.zeros_like(x)
-        for moe_layer in sorted(moe_layers):  # the flat pool may mix layers of different formats
-            chosen = [index for index, item in enumerate(items) if item.moe_layer == moe_layer]
-            partials = await self.compute.compute([items[i] for i in chosen], self.slices[moe_layer], x, dispatched)
-            output += combine_partials(partials, np.array([decision.weights[i] for i in chosen], np.float32))
-        return output
+        outputs, stats = await self.dispatcher.run_experts(token, {expert_id: x for expert_id in expert_ids}, dispatch)
+        return weighted_sum([outputs[expert_id] for expert_id in expert_ids], decision.weights), stats
 
     async def _summarize(self, events: list[dict]) -> RunSummary:
         """The summary from the tokens' events and the I/O worker's final `IoStats` (its reads as a

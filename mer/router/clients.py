@@ -15,9 +15,10 @@ import zmq
 import zmq.asyncio
 
 from mer.errors import PipelineError
+from mer.expert_batches import PackedBatches
 from mer.protocol import (
-    Acquire, ComputeItem, ComputeJob, ComputeResult, ErrorReply, ExpertBatchResult, Hello, IoStats, Release, SlotGrant,
-    SlotRef, SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode, raise_remote,
+    Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, Release, SlotGrant, SlotRef,
+    SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode, raise_remote,
 )
 from mer.slicing import slices_of_worker
 
@@ -107,7 +108,10 @@ def worker_index(identity: bytes) -> int:
 
 
 class ComputeClient:
-    """Sends compute jobs to N workers (a ROUTER on `compute.sock`) and gathers their partials."""
+    """Sends expert batch jobs to N workers (a ROUTER on `compute.sock`) and gathers their partials.
+
+    `compute_batches` is the one way work reaches the compute workers (the benchmark and generation
+    alike, through `mer.router.expert_client.ExpertDispatcher`)."""
 
     def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int):
         self.num_workers = num_workers
@@ -124,13 +128,13 @@ class ComputeClient:
         try:
             while True:
                 identity, *frames = await self.socket.recv_multipart(copy=False)
-                message = decode(frames, expected_kinds=(Hello, ComputeResult, ExpertBatchResult, ErrorReply))
+                message = decode(frames, expected_kinds=(Hello, ExpertBatchResult, ErrorReply))
                 if isinstance(message, Hello):
                     identity_bytes = bytes(identity.buffer)
                     self.identities[worker_index(identity_bytes)] = identity_bytes
                     if len(self.identities) == self.num_workers:
                         self.all_connected.set()
-                elif isinstance(message, (ComputeResult, ExpertBatchResult)):
+                elif isinstance(message, ExpertBatchResult):
                     self.pending.resolve(message.job_id, message)
                 else:
                     self.pending.resolve(message.request_id, message)
@@ -147,20 +151,22 @@ class ComputeClient:
                 f"only {len(self.identities)} of {self.num_workers} compute workers connected within {timeout_s:g} s"
             ) from None
 
-    async def compute(self, items: list[ComputeItem], slices: list[SliceRange], x: np.ndarray,
-                      dispatched: list[tuple[int, int]] | None = None) -> np.ndarray:
-        """Partials (items, slices, batch, d_model): slice s computed by worker s % N.
+    async def compute_batches(self, items: list[ComputeItem], slices: list[SliceRange], packed: PackedBatches,
+                              dispatched: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Partials `[slices, rows, d_model]` of the packed batches (item i on its rows, in slot
+        `items[i]`): one `ExpertBatchJob` per worker, slice s computed by worker s % N.
 
-        `dispatched`, when given, gets one `(job_id, worker)` per job sent (for the logs).
+        `dispatched`, when given, gets one `(job_id, worker)` per job sent (for the logs). A worker
+        that has exited or disconnected is a `PipelineError` naming it.
         """
-        partials = np.empty((len(items), len(slices), x.shape[0], x.shape[1]), dtype=np.float32)
+        partials = np.empty((len(slices), *packed.x.shape), dtype=np.float32)
         waits = []
         for worker in range(self.num_workers):
             mine = slices_of_worker(len(slices), worker, self.num_workers)
             if not mine:
                 continue
             job_id, future = self.pending.new()
-            job = ComputeJob(job_id, items, [slices[s] for s in mine], x)
+            job = ExpertBatchJob(job_id, items, [slices[s] for s in mine], packed.x, list(packed.row_offsets))
             try:
                 await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
             except zmq.ZMQError as error:
@@ -172,8 +178,8 @@ class ComputeClient:
             if dispatched is not None:
                 dispatched.append((job_id, worker))
         for mine, future in waits:
-            result: ComputeResult = await future
-            partials[:, mine] = result.partials
+            result: ExpertBatchResult = await future
+            partials[mine] = result.partials
         return partials
 
     def close(self) -> None:

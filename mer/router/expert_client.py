@@ -1,31 +1,35 @@
-"""The experts of one MoE block of a real model, through the graph: acquire, compute, release.
+"""Experts through the graph: acquire, compute, release. The one path of the benchmark and generation.
 
-`ExpertDispatcher.run(moe_layer, token, batches)` takes one block's expert-major batches
-(`{expert: x [n, d_model]}`, ids within the layer) and returns `{expert: out [n, d_model]}`, as an
-`ExpertFn` does in one process (`mer.model.experts`):
+`ExpertDispatcher.run_experts(token, batches)` takes expert-major batches keyed by global expert id
+(`{expert_id: x [n, d_model]}`) and returns `{expert_id: out [n, d_model]}`:
 
-1. the experts are taken in ascending order, in chunks of at most `cache_slots` (a long prompt may
-   route to more experts of a layer than the cache holds; a chunk's leases always fit);
-2. each chunk's experts are leased from the I/O worker (global id = moe_layer x experts_per_layer +
-   expert), read on a miss, and computed as one `ExpertBatchJob` per compute worker, each expert on
-   its own rows; every expert is computed once per block, whatever its number of tokens;
+1. the experts are taken in the mapping's order, in chunks of at most `max_leases` (a long prompt
+   may route to more experts of a layer than the cache holds; a chunk's leases always fit);
+2. each chunk's experts are leased from the I/O worker in ONE `Acquire`, read on a miss, and
+   computed layer by layer (the flat pool of the benchmark may mix layers of different formats,
+   hence of different d_ff slices) as one `ExpertBatchJob` per compute worker
+   (`ComputeClient.compute_batches`), each expert on its own rows; every expert is computed once;
 3. the leases are released (also on error), and each expert's slice partials are summed in slice
    order (`mer.expert_batches`), so the outputs are bit-identical for any worker count, cache size,
    prefetch setting or read backend.
+
+`run(moe_layer, token, batches)` does the same for one MoE block of a model (ids within the layer,
+taken in ascending order), as an `ExpertFn` does in one process (`mer.model.experts`). Both return
+what the experts cost (`ExpertStats`), the one count of hits, misses and waits of a run.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from mer.expert_batches import PackedBatches, expert_outputs, pack_batches
-from mer.protocol import ComputeItem, ExpertBatchJob, ExpertBatchResult, SliceRange, encode
+from mer.expert_batches import expert_outputs, pack_batches
+from mer.protocol import ComputeItem, SlotGrant
 from mer.router.clients import ComputeClient, IoClient
-from mer.slicing import plan_slices, slices_of_worker
+from mer.slicing import plan_slices
 from mer.store.manifest import Manifest
 
 
@@ -37,7 +41,7 @@ class ExpertStats:
     misses: int = 0
     prefetch_joins: int = 0  # misses that joined a prefetch read already in flight (the rest are demand misses)
     io_wait_us: float = 0.0  # acquires that had a miss, from request to answer
-    compute_us: float = 0.0  # batch jobs sent until every partial is back
+    compute_us: float = 0.0  # the leased experts' batch jobs, from packing to every output summed
     chunks: int = 0
 
     def add(self, other: "ExpertStats") -> None:
@@ -45,27 +49,18 @@ class ExpertStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-async def compute_expert_batches(client: ComputeClient, items: list[ComputeItem], slices: list[SliceRange],
-                                 packed: PackedBatches) -> np.ndarray:
-    """Partials `[slices, rows, d_model]` of the packed batches; slice s computed by worker s % N."""
-    partials = np.empty((len(slices), *packed.x.shape), dtype=np.float32)
-    waits = []
-    for worker in range(client.num_workers):
-        mine = slices_of_worker(len(slices), worker, client.num_workers)
-        if not mine:
-            continue
-        job_id, future = client.pending.new()
-        job = ExpertBatchJob(job_id, items, [slices[s] for s in mine], packed.x, list(packed.row_offsets))
-        await client.socket.send_multipart([client.identities[worker], *encode(job)], copy=False)
-        waits.append((mine, future))
-    for mine, future in waits:
-        result: ExpertBatchResult = await future
-        partials[mine] = result.partials
-    return partials
+@dataclass
+class DispatchLog:
+    """When a dispatch's leases were asked for and granted (`time.monotonic`, first request and last
+    answer) and the compute jobs it sent (`(job_id, worker)`): the benchmark's `decision_done` event."""
+
+    t_acquire_start: float = 0.0
+    t_acquire_end: float = 0.0
+    jobs: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ExpertDispatcher:
-    """Runs MoE blocks' experts on the graph's slots and compute workers (see the module docstring)."""
+    """Runs experts on the graph's slots and compute workers (see the module docstring)."""
 
     def __init__(self, manifest: Manifest, io: IoClient, compute: ComputeClient, max_leases: int):
         self.manifest = manifest
@@ -79,21 +74,31 @@ class ExpertDispatcher:
 
     async def run(self, moe_layer: int, token: int,
                   batches: Mapping[int, np.ndarray]) -> tuple[dict[int, np.ndarray], ExpertStats]:
-        """Each expert's output on its batch, and what it cost."""
-        experts = sorted(batches)
+        """Each expert's output on its batch (ids within `moe_layer`), and what it cost."""
+        ids = {expert: self.global_id(moe_layer, expert) for expert in sorted(batches)}
+        outputs, stats = await self.run_experts(token, {ids[expert]: batches[expert] for expert in ids})
+        return {expert: outputs[expert_id] for expert, expert_id in ids.items()}, stats
+
+    async def run_experts(self, token: int, batches: Mapping[int, np.ndarray],
+                          log: DispatchLog | None = None) -> tuple[dict[int, np.ndarray], ExpertStats]:
+        """Each expert's output on its batch (global ids, leased in the mapping's order), and what it cost."""
+        experts = list(batches)
         outputs: dict[int, np.ndarray] = {}
         stats = ExpertStats()
         for start in range(0, len(experts), self.max_leases):
             chunk = experts[start : start + self.max_leases]
-            outputs.update(await self._run_chunk(moe_layer, token, pack_batches(batches, chunk), stats))
+            outputs.update(await self._run_chunk(token, chunk, batches, stats, log))
         return outputs, stats
 
-    async def _run_chunk(self, moe_layer: int, token: int, packed: PackedBatches,
-                         stats: ExpertStats) -> dict[int, np.ndarray]:
-        expert_ids = [self.global_id(moe_layer, expert) for expert in packed.experts]
+    async def _run_chunk(self, token: int, chunk: list[int], batches: Mapping[int, np.ndarray], stats: ExpertStats,
+                         log: DispatchLog | None) -> dict[int, np.ndarray]:
+        requested_at = time.monotonic()
         started = time.perf_counter()
-        grants = await self.io.acquire(token, expert_ids)
+        grants = await self.io.acquire(token, chunk)
         acquire_us = (time.perf_counter() - started) * 1e6
+        if log is not None:
+            log.t_acquire_start = log.t_acquire_start or requested_at
+            log.t_acquire_end = time.monotonic()
         misses = sum(not grant.hit for grant in grants)
         stats.hits += len(grants) - misses
         stats.misses += misses
@@ -101,10 +106,24 @@ class ExpertDispatcher:
         stats.io_wait_us += acquire_us if misses else 0.0
         stats.chunks += 1
         try:
-            items = [ComputeItem(grant.expert_id, grant.slot, grant.generation, moe_layer) for grant in grants]
             started = time.perf_counter()
-            partials = await compute_expert_batches(self.compute, items, self.slices[moe_layer], packed)
+            outputs = await self._compute(grants, batches, None if log is None else log.jobs)
             stats.compute_us += (time.perf_counter() - started) * 1e6
         finally:
             await self.io.release([grant.ref for grant in grants])
-        return expert_outputs(packed, partials)
+        return outputs
+
+    async def _compute(self, grants: list[SlotGrant], batches: Mapping[int, np.ndarray],
+                       jobs: list[tuple[int, int]] | None) -> dict[int, np.ndarray]:
+        """The leased experts' outputs, one layer after another (each layer's format has its own slices)."""
+        by_layer: dict[int, list[SlotGrant]] = {}
+        for grant in grants:
+            by_layer.setdefault(self.manifest.expert(grant.expert_id).moe_layer, []).append(grant)
+        outputs: dict[int, np.ndarray] = {}
+        for moe_layer in sorted(by_layer):
+            layer_grants = by_layer[moe_layer]
+            items = [ComputeItem(grant.expert_id, grant.slot, grant.generation, moe_layer) for grant in layer_grants]
+            packed = pack_batches(batches, [grant.expert_id for grant in layer_grants])
+            partials = await self.compute.compute_batches(items, self.slices[moe_layer], packed, jobs)
+            outputs.update(expert_outputs(packed, partials))
+        return outputs

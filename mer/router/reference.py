@@ -12,9 +12,9 @@ import numpy as np
 from mer.config import PipelineConfig
 from mer.router.hidden_states import synthetic_hidden_state
 from mer.routing import RoutingSpace
-from mer.slicing import combine_partials, plan_slices
+from mer.expert_batches import item_partials, sum_slices, weighted_sum
+from mer.slicing import plan_slices
 from mer.store.reader import ExpertStore
-from mer.swiglu import swiglu_expert
 from mer.workloads.factory import make_workload
 
 
@@ -31,15 +31,8 @@ def reference_outputs(config: PipelineConfig, store: ExpertStore) -> np.ndarray:
         for decision in workload.next_token():
             expert_ids = space.global_ids(decision)
             x = synthetic_hidden_state(config.seed, token, decision.layer, geometry.d_model)
-            output = np.zeros_like(x)
-            layers = [expert_id // geometry.experts_per_layer for expert_id in expert_ids]
-            for moe_layer in sorted(set(layers)):
-                chosen = [i for i, layer in enumerate(layers) if layer == moe_layer]
-                partials = np.stack([
-                    np.stack([swiglu_expert(store.read_payload(expert_ids[i]), x, slice(start, stop), ggml_rounding=True)
-                              for start, stop in slices[moe_layer]])
-                    for i in chosen
-                ])
-                output += combine_partials(partials, np.array([decision.weights[i] for i in chosen], np.float32))
-            outputs.append(output)
+            experts = [sum_slices(item_partials(store.read_payload(expert_id), x,
+                                                slices[expert_id // geometry.experts_per_layer]))
+                       for expert_id in expert_ids]
+            outputs.append(weighted_sum(experts, decision.weights))
     return np.stack(outputs)

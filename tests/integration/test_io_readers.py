@@ -11,6 +11,7 @@ import asyncio
 import errno
 import mmap
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -27,12 +28,13 @@ from mer.errors import IoBackendUnavailableError, IoReadError, IoRequestError, S
 from mer.io import open_reader
 from mer.io.preadv_reader import PreadvReader
 from mer.io.uring_reader import UringReader
+from tests.host import URING_PROBLEM, requires_io_uring
 
 PAGE = 4096
 FILE_NBYTES = 6 * 1024 * 1024
 ARENA_NBYTES = 4 * 1024 * 1024
 SEED = 20261129
-BACKENDS = ["uring", "preadv"]
+BACKENDS = [pytest.param("uring", marks=requires_io_uring), "preadv"]
 
 
 def filesystem_type(path: Path) -> str:
@@ -151,6 +153,7 @@ def test_reads_exact_bytes_with_several_in_flight(kind, disk_file, file_bytes, a
     run_on_uvloop(scenario())
 
 
+@requires_io_uring
 def test_uring_reads_exact_bytes_on_the_default_asyncio_loop(disk_file, file_bytes, arena):
     async def scenario():
         reader = open_reader("uring", [disk_file], memoryview(arena), queue_depth=8)
@@ -160,6 +163,7 @@ def test_uring_reads_exact_bytes_on_the_default_asyncio_loop(disk_file, file_byt
     asyncio.run(scenario())
 
 
+@requires_io_uring
 @pytest.mark.parametrize("arena", ["shm"], indirect=True)
 def test_uring_registered_buffers_serve_reads_inside_one_piece(disk_file, file_bytes, arena, monkeypatch):
     """Pieces of 256 KiB: reads inside a piece go readv_fixed, reads across pieces plain readv."""
@@ -183,6 +187,7 @@ def test_uring_registered_buffers_serve_reads_inside_one_piece(disk_file, file_b
     run_on_uvloop(scenario())
 
 
+@requires_io_uring
 def test_auto_selects_uring_with_o_direct_on_disk(disk_file, arena):
     async def scenario():
         reader = open_reader("auto", [disk_file], memoryview(arena), queue_depth=2)
@@ -199,7 +204,8 @@ def test_auto_falls_back_to_buffered_preadv_on_tmpfs(tmpfs_file, file_bytes, are
     async def scenario():
         reader = open_reader("auto", [tmpfs_file], memoryview(arena), queue_depth=3)
         assert (reader.name, reader.o_direct) == ("preadv", False)
-        assert reader.reason.startswith("fell back to preadv (buffered): O_DIRECT unavailable")
+        uring = f"io_uring unavailable: {URING_PROBLEM}; " if URING_PROBLEM else ""
+        assert reader.reason.startswith(f"fell back to preadv (buffered): {uring}O_DIRECT unavailable")
         assert reader.reason.endswith(f"{tmpfs_file} is on tmpfs, in memory: O_DIRECT would be a plain memory copy")
         await read_random_ranges(reader, arena, file_bytes, np.random.default_rng(SEED + 3), 20)
         await reader.close()
@@ -210,7 +216,9 @@ def test_auto_falls_back_to_buffered_preadv_on_tmpfs(tmpfs_file, file_bytes, are
 def test_forced_uring_on_tmpfs_raises_instead_of_falling_back(tmpfs_file, arena):
     async def scenario():
         fds_before = open_fds()
-        with pytest.raises(IoBackendUnavailableError, match=f"needs O_DIRECT: {tmpfs_file} is on tmpfs"):
+        expected = (f"cannot run here: {re.escape(URING_PROBLEM)}" if URING_PROBLEM
+                    else f"needs O_DIRECT: {tmpfs_file} is on tmpfs")
+        with pytest.raises(IoBackendUnavailableError, match=expected):
             open_reader("uring", [tmpfs_file], memoryview(arena), queue_depth=2)
         assert open_fds() == fds_before
 
@@ -234,8 +242,35 @@ def test_without_io_uring_auto_falls_back_and_forced_uring_raises(disk_file, are
     run_on_uvloop(scenario())
 
 
-def test_probes_on_this_machine(disk_file, tmpfs_file):
+@requires_io_uring
+def test_io_uring_probe_finds_it_on_this_machine():
     assert backend.probe_io_uring() is None
+
+
+def test_a_liburing_that_crashes_is_a_reason_not_a_dead_process(disk_file, arena, monkeypatch):
+    """The probe runs out of process: a liburing binary this CPU cannot run (SIGILL) becomes the
+    fallback's reason, and a forced uring names it."""
+    monkeypatch.setattr(backend, "_URING_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    backend.probe_io_uring.cache_clear()
+    try:
+        problem = backend.probe_io_uring()
+        assert problem == ("the liburing package crashed with SIGILL while setting up a ring "
+                           "(its binary uses instructions this CPU lacks)")
+
+        async def scenario():
+            reader = open_reader("auto", [disk_file], memoryview(arena), queue_depth=2)
+            assert (reader.name, reader.o_direct) == ("preadv", True)
+            assert reader.reason == f"fell back to preadv (O_DIRECT): io_uring unavailable: {problem}"
+            await reader.close()
+            with pytest.raises(IoBackendUnavailableError, match="'uring' cannot run here: the liburing package crashed"):
+                open_reader("uring", [disk_file], memoryview(arena), queue_depth=2)
+
+        run_on_uvloop(scenario())
+    finally:
+        backend.probe_io_uring.cache_clear()
+
+
+def test_o_direct_probes_on_this_machine(disk_file, tmpfs_file):
     assert backend.probe_o_direct(disk_file) is None
     assert backend.probe_o_direct(tmpfs_file).endswith("is on tmpfs, in memory: O_DIRECT would be a plain memory copy")
     # procfs refuses O_DIRECT outright (as tmpfs did before Linux 6.6)
@@ -333,7 +368,7 @@ def test_file_truncated_under_the_reader_gives_a_short_read_error(kind, disk_fil
     run_on_uvloop(scenario())
 
 
-@pytest.mark.parametrize("reader_class", [UringReader, PreadvReader])
+@pytest.mark.parametrize("reader_class", [pytest.param(UringReader, marks=requires_io_uring), PreadvReader])
 def test_kernel_error_names_file_and_errno(reader_class, tmp_path, arena):
     """Reading a directory fails in the kernel with EISDIR."""
 
@@ -379,7 +414,7 @@ def test_malformed_requests_raise_at_once(kind, disk_file, arena):
     run_on_uvloop(scenario())
 
 
-@pytest.mark.parametrize("kind", ["auto", "uring", "preadv"])
+@pytest.mark.parametrize("kind", ["auto", pytest.param("uring", marks=requires_io_uring), "preadv"])
 def test_missing_file_is_a_store_error_naming_it(kind, disk_file, arena):
     missing = disk_file.parent / "missing.bin"
 

@@ -29,6 +29,7 @@ from mer.router.reference import reference_outputs
 from mer.store.reader import ExpertStore
 from mer.summary import summarize_log_events
 from mer.trace import read_trace
+from tests.host import AUTO_BACKEND, URING_PROBLEM
 from tests.pipeline_runs import filesystem_type, read_json_lines, round_up_to_page, run_pipeline
 
 TOKENS = 12
@@ -184,7 +185,7 @@ def test_summary_invariants_when_every_expert_fits(leak_guard, pipeline_stores, 
     assert summary["bytes_read"] == summary["reads"] * round_up_to_page(payload)
     assert summary["bytes_per_expert"] == payload
 
-    assert summary["io_backend"] == "uring"
+    assert summary["io_backend"] == AUTO_BACKEND
     assert (summary["cache_slots"], summary["pool_slots"], summary["top_k"]) == (16, 16, 2)
     assert summary["prefetches_issued"] == summary["prefetches_completed"] == 0
     assert summary["predictor_observations"] == tokens * layers
@@ -210,7 +211,7 @@ def test_summary_invariants_with_prefetch_and_evictions(leak_guard, pipeline_sto
     # every miss either started a foreground read or joined a prefetch still in flight
     assert foreground <= summary["misses"] <= foreground + summary["prefetches_used"]
     assert summary["pool_slots"] == 6 + 2  # the cache plus one slot per prefetch hint (fanout 2)
-    assert summary["io_backend"] == "uring" and summary["dtype"] == "q4_0"
+    assert summary["io_backend"] == AUTO_BACKEND and summary["dtype"] == "q4_0"
     _check_summary_against_log(run, summary)
 
 
@@ -229,7 +230,9 @@ def test_replay_of_a_recorded_trace_reproduces_the_run(leak_guard, pipeline_stor
     for key in ("hits", "misses", "reads", "bytes_read", "tokens"):
         assert replayed.summary[key] == recorded.summary[key], key
     assert np.array_equal(np.load(tmp_path / "replayed.npy"), np.load(tmp_path / "recorded.npy"))
-    read_order = [[event["expert_id"] for event in run.events_named("expert_read")] for run in (recorded, replayed)]
+    # the reads in the order they were submitted (concurrent reads may complete in either order)
+    read_order = [[event["expert_id"] for event in sorted(run.events_named("expert_read"), key=lambda e: e["t_submit"])]
+                  for run in (recorded, replayed)]
     assert read_order[0] == read_order[1]
 
 
@@ -277,6 +280,7 @@ def test_uring_forced_on_tmpfs_fails_clearly(leak_guard, tmpfs_store, tmp_path):
     assert run.returncode == 1
     assert run.stdout == ""  # --json: nothing on stdout on error
     assert "mer-io-" in run.stderr and "IoBackendUnavailableError" in run.stderr
-    assert "io_backend 'uring'" in run.stderr and "tmpfs" in run.stderr
+    assert "io_backend 'uring'" in run.stderr
+    assert (URING_PROBLEM in run.stderr) if URING_PROBLEM else ("tmpfs" in run.stderr)
     assert "Traceback" not in run.stderr  # mer's own errors are explained, not dumped
     assert run.seconds < 60

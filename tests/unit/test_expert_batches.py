@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from mer.errors import ShapeError
-from mer.expert_batches import expert_outputs, item_partials, pack_batches
+from mer.expert_batches import expert_outputs, item_partials, pack_batches, sum_slices, weighted_sum
 from mer.expert_format import ExpertFormat, ExpertPayload
 from mer.slicing import plan_slices
 from mer.swiglu import swiglu_expert
@@ -67,3 +67,20 @@ def test_each_expert_gets_its_own_rows_and_the_slices_sum_to_its_output(dtype):
         reference = numpy_swiglu(payloads[expert][1], x)
         tolerance = 1e-5 if dtype == "f32" else 3e-2  # q8_0: the kernels round x and h to q8_0, as llama.cpp
         assert np.abs(outputs[expert] - reference).max() <= tolerance * np.abs(reference).max()
+
+
+def test_slices_and_weighted_experts_are_summed_in_a_fixed_order_in_float32():
+    rng = np.random.default_rng(2)
+    partials = (rng.standard_normal((5, 3, D_MODEL)) * 10.0 ** rng.integers(-4, 5, (5, 1, 1))).astype(np.float32)
+    expected = partials[0].copy()
+    for index in range(1, 5):  # slice order: a different order may round differently
+        expected += partials[index]
+    assert sum_slices(partials).dtype == np.float32 and np.array_equal(sum_slices(partials), expected)
+    outputs, weights = [partials[0], partials[3], partials[1]], [0.5, 0.25, 0.125]
+    expected = np.zeros_like(partials[0])
+    for output, weight in zip(outputs, weights):
+        expected += np.float32(weight) * output
+    combined = weighted_sum(outputs, weights)
+    assert combined.dtype == np.float32 and np.array_equal(combined, expected)
+    with pytest.raises(ValueError):
+        weighted_sum(outputs, weights[:2])

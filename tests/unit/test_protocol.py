@@ -15,8 +15,6 @@ from mer.protocol import (
     Acquire,
     ChildFailed,
     ComputeItem,
-    ComputeJob,
-    ComputeResult,
     ErrorReply,
     ExpertBatchJob,
     ExpertBatchResult,
@@ -94,13 +92,6 @@ def sample_messages() -> list:
         PrefetchHints(6, [PrefetchHint(11, 0.75), PrefetchHint(12, 0.125)], "markov2"),
         StatsRequest(99),
         io_stats_sample(),
-        ComputeJob(
-            31,
-            [ComputeItem(3, 0, 9, 0), ComputeItem(200, 5, 2, 6)],
-            [SliceRange(0, 896), SliceRange(1792, 2688)],
-            activations(),
-        ),
-        ComputeResult(31, 1, np.arange(2 * 16 * 1 * 64, dtype=np.float32).reshape(2, 16, 1, 64), 1234.5),
         RoutingObserved(5, 3, [1, 6], [0.625, 0.375]),
         ErrorReply(17, "ValueError", "slot 5 is stale", "Traceback (most recent call last): ...\n"),
         StartJob({"tokens": 300, "note": "go"}),
@@ -122,7 +113,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 23
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 21
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
@@ -155,8 +146,13 @@ def test_int_given_for_a_float_field_decodes_as_float():
     assert type(decoded.refs[0].read_us) is float
 
 
+def sample_of(kind: type):
+    (message,) = [message for message in sample_messages() if type(message) is kind]
+    return message
+
+
 def test_arrays_are_separate_frames_and_decode_as_views_onto_them():
-    job = sample_messages()[11]
+    job = sample_of(ExpertBatchJob)
     frames = encode(job)
     assert len(frames) == 3
     assert np.shares_memory(frames[2], job.x)  # encoding does not copy a contiguous array
@@ -168,23 +164,23 @@ def test_arrays_are_separate_frames_and_decode_as_views_onto_them():
     np.testing.assert_array_equal(decoded.x, job.x)
 
 
-def test_partials_keep_their_four_dimensional_shape():
-    result = ComputeResult(2, 0, np.full((2, 16, 1, 4096), 0.5, dtype=np.float32), 10.0)
+def test_partials_keep_their_three_dimensional_shape():
+    result = ExpertBatchResult(2, 0, np.full((16, 2, 4096), 0.5, dtype=np.float32), 10.0)
     decoded = decode([bytes(frame) for frame in encode(result)])
-    assert decoded.partials.shape == (2, 16, 1, 4096)
+    assert decoded.partials.shape == (16, 2, 4096)
     assert decoded.partials.dtype == np.float32
-    assert float(decoded.partials.sum()) == 2 * 16 * 4096 * 0.5
+    assert float(decoded.partials.sum()) == 16 * 2 * 4096 * 0.5
 
 
 def test_non_contiguous_array_is_sent_by_value():
     wide = activations(batch=2, d_model=256)
-    job = ComputeJob(1, [], [], wide[:, ::2])
+    job = ExpertBatchJob(1, [ComputeItem(0, 0, 1, 0)], [], wide[:, ::2], [0, 2])
     decoded = decode(encode(job))
     np.testing.assert_array_equal(decoded.x, wide[:, ::2])
 
 
 def test_empty_batch_round_trips():
-    job = ComputeJob(1, [ComputeItem(0, 0, 1, 0)], [SliceRange(0, 32)], np.zeros((0, 64), dtype=np.float32))
+    job = ExpertBatchJob(1, [], [SliceRange(0, 32)], np.zeros((0, 64), dtype=np.float32), [0])
     assert decode(encode(job)).x.shape == (0, 64)
 
 
@@ -281,10 +277,10 @@ def test_maps_are_checked():
         decode(frames_with_body(JobDone({}), [{1: 2}]))
 
 
-def compute_job_frames(reference: dict, array_frames: list) -> list:
-    job = sample_messages()[11]
-    body = [job.job_id, [list(item) for item in job.items], [list(piece) for piece in job.slices], reference]
-    return [bytes([MessageKind.COMPUTE_JOB, 1]), msgpack.packb(body), *array_frames]
+def batch_job_frames(reference: dict, array_frames: list) -> list:
+    """An `ExpertBatchJob` of one item on one row, with the given array reference and frames."""
+    body = [31, [[3, 0, 9, 0]], [[0, 896], [1792, 2688]], reference, [0, 1]]
+    return [bytes([MessageKind.EXPERT_BATCH_JOB, 1]), msgpack.packb(body), *array_frames]
 
 
 def reference(index: int = 0, dtype: str = "<f4", shape: list | None = None) -> dict:
@@ -294,23 +290,28 @@ def reference(index: int = 0, dtype: str = "<f4", shape: list | None = None) -> 
 ONE_ROW = bytes(4 * 4096)
 
 
+def test_the_good_array_reference_is_accepted():
+    job = decode(batch_job_frames(reference(), [ONE_ROW]))
+    assert job.x.shape == (1, 4096) and job.row_offsets == [0, 1]
+
+
 @pytest.mark.parametrize(
     ("reference", "array_frames", "message_pattern"),
     [
-        (reference(dtype="<f8"), [bytes(8 * 4096)], r"ComputeJob\.x\.dtype: expected dtype '<f4'"),
-        (reference(shape=[4096]), [ONE_ROW], r"ComputeJob\.x\.shape: expected a shape \[batch, d_model\]"),
-        (reference(shape=[1, -2]), [bytes(8)], r"ComputeJob\.x\.shape: expected a shape"),
+        (reference(dtype="<f8"), [bytes(8 * 4096)], r"ExpertBatchJob\.x\.dtype: expected dtype '<f4'"),
+        (reference(shape=[4096]), [ONE_ROW], r"ExpertBatchJob\.x\.shape: expected a shape \[batch, d_model\]"),
+        (reference(shape=[1, -2]), [bytes(8)], r"ExpertBatchJob\.x\.shape: expected a shape"),
         (reference(shape=[2, 4096]), [ONE_ROW], r"expected a frame of 32768 bytes for shape \[2, 4096\], got 16384"),
-        (reference(index=1), [ONE_ROW], r"ComputeJob\.x\.__array__: expected an array frame index in 0\.\.0"),
+        (reference(index=1), [ONE_ROW], r"ExpertBatchJob\.x\.__array__: expected an array frame index in 0\.\.0"),
         (reference(), [], r"expected an array frame index in 0\.\.-1"),
-        ({"__array__": 0, "dtype": "<f4"}, [ONE_ROW], r"ComputeJob\.x: expected an array reference"),
-        ([1, 2], [ONE_ROW], r"ComputeJob\.x: expected an array reference"),
+        ({"__array__": 0, "dtype": "<f4"}, [ONE_ROW], r"ExpertBatchJob\.x: expected an array reference"),
+        ([1, 2], [ONE_ROW], r"ExpertBatchJob\.x: expected an array reference"),
         (reference(), [ONE_ROW, b"x"], r"array frames \[1\] are not referenced"),
     ],
 )
 def test_bad_array_references_are_rejected(reference, array_frames, message_pattern):
     with pytest.raises(ProtocolError, match=message_pattern):
-        decode(compute_job_frames(reference, array_frames))
+        decode(batch_job_frames(reference, array_frames))
 
 
 @pytest.mark.parametrize(
@@ -331,8 +332,8 @@ def test_body_that_is_not_a_list_is_rejected():
 def test_cross_field_checks():
     with pytest.raises(ProtocolError, match="RoutingObserved: 2 expert_ids but 1 weights"):
         decode(encode(RoutingObserved(1, 0, [1, 2], [1.0])))
-    with pytest.raises(ProtocolError, match=r"ComputeJob\.slices\[0\]: \[64, 64\) is not a non-empty range"):
-        decode(encode(ComputeJob(1, [], [SliceRange(64, 64)], activations(d_model=8))))
+    with pytest.raises(ProtocolError, match=r"ExpertBatchJob\.slices\[0\]: \[64, 64\) is not a non-empty range"):
+        decode(encode(ExpertBatchJob(1, [], [SliceRange(64, 64)], activations(batch=0, d_model=8), [0])))
 
 
 def test_random_corruption_gives_protocol_error_or_a_valid_message():
@@ -355,12 +356,12 @@ def test_random_corruption_gives_protocol_error_or_a_valid_message():
 
 
 def test_encode_rejects_wrong_arrays_naming_the_field():
-    with pytest.raises(ProtocolError, match=r"ComputeJob\.x: expected a float32 array \[batch, d_model\], got float64"):
-        encode(ComputeJob(1, [], [], np.zeros((1, 8))))
-    with pytest.raises(ProtocolError, match=r"ComputeResult\.partials: expected a float32 array .* shape \(2, 8\)"):
-        encode(ComputeResult(1, 0, np.zeros((2, 8), dtype=np.float32), 1.0))
-    with pytest.raises(ProtocolError, match=r"ComputeJob\.x: expected a float32 array .* got list"):
-        encode(ComputeJob(1, [], [], [[1.0]]))
+    with pytest.raises(ProtocolError, match=r"ExpertBatchJob\.x: expected a float32 array \[batch, d_model\], got float64"):
+        encode(ExpertBatchJob(1, [], [], np.zeros((1, 8)), [0, 1]))
+    with pytest.raises(ProtocolError, match=r"ExpertBatchResult\.partials: expected a float32 array .* shape \(2, 8\)"):
+        encode(ExpertBatchResult(1, 0, np.zeros((2, 8), dtype=np.float32), 1.0))
+    with pytest.raises(ProtocolError, match=r"ExpertBatchJob\.x: expected a float32 array .* got list"):
+        encode(ExpertBatchJob(1, [], [], [[1.0]], [0, 1]))
 
 
 def test_encode_rejects_unserialisable_values_naming_the_field():
@@ -420,31 +421,31 @@ def ipc_pair(tmp_path):
     context.term()
 
 
-def test_compute_job_and_result_over_zeromq_ipc(ipc_pair):
+def test_expert_batch_job_and_result_over_zeromq_ipc(ipc_pair):
     router, worker = ipc_pair
     worker.send_multipart(encode(Hello("compute-0", 1)))  # a ROUTER can only address a peer it has heard
     identity, *hello = router.recv_multipart()
     assert decode(hello, expected_kinds={Hello}) == Hello("compute-0", 1)
-    job = ComputeJob(5, [ComputeItem(1, 2, 3, 0)], [SliceRange(0, 896)], activations(batch=2, seed=3))
+    job = ExpertBatchJob(5, [ComputeItem(1, 2, 3, 0)], [SliceRange(0, 896)], activations(batch=2, seed=3), [0, 2])
     router.send_multipart([identity, *encode(job)], copy=False)
     frames = worker.recv_multipart(copy=False)
-    received = decode(frames, expected_kinds={ComputeJob})
+    received = decode(frames, expected_kinds={ExpertBatchJob})
     assert received == job
     frame_view = np.frombuffer(frames[2].buffer, dtype=np.uint8)
     assert received.x.ctypes.data == frame_view.ctypes.data  # zero-copy view onto the zmq frame
 
-    partials = np.stack([received.x * 2.0]).reshape(1, 1, 2, 4096).astype(np.float32)
-    worker.send_multipart(encode(ComputeResult(5, 0, partials, 99.5)), copy=False)
+    partials = np.stack([received.x * 2.0]).reshape(1, 2, 4096).astype(np.float32)
+    worker.send_multipart(encode(ExpertBatchResult(5, 0, partials, 99.5)), copy=False)
     identity, *reply = router.recv_multipart(copy=False)
-    result = decode(reply, expected_kinds={ComputeResult, ErrorReply})
+    result = decode(reply, expected_kinds={ExpertBatchResult, ErrorReply})
     assert identity.bytes == b"compute-0"
     assert (result.job_id, result.worker, result.compute_us) == (5, 0, 99.5)
-    np.testing.assert_array_equal(result.partials[0, 0], job.x * 2.0)
+    np.testing.assert_array_equal(result.partials[0], job.x * 2.0)
 
 
 def test_a_bad_message_over_zeromq_does_not_stop_the_receiver(ipc_pair):
     router, worker = ipc_pair
-    worker.send_multipart([bytes([MessageKind.COMPUTE_RESULT, 1]), b"\xc1"])
+    worker.send_multipart([bytes([MessageKind.EXPERT_BATCH_RESULT, 1]), b"\xc1"])
     worker.send_multipart(encode(Hello("compute-0", 1)))
     _, *bad = router.recv_multipart(copy=False)
     with pytest.raises(ProtocolError):
