@@ -60,7 +60,7 @@ decides (LRU: least recently inserted or used).
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
@@ -135,9 +135,6 @@ class CacheCounters:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     load_failures: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass(slots=True)
