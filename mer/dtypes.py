@@ -22,10 +22,6 @@ class DType:
     block_size: int
     type_size: int
 
-    @property
-    def is_quantized(self) -> bool:
-        return self.block_size > 1
-
     def row_nbytes(self, num_columns: int) -> int:
         """Bytes of one row of `num_columns` elements; the count must be a multiple of the block."""
         if num_columns <= 0 or num_columns % self.block_size:

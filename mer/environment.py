@@ -6,7 +6,8 @@ mer's own variables share the `MER_` prefix:
   `$XDG_CACHE_HOME/mer`, else `~/.cache/mer`.
 - `MER_RUNTIME_DIR`: parent of the per-run runtime directories (ipc sockets, pid records); default
   `$XDG_RUNTIME_DIR`, else `/tmp`.
-- `MER_LOG_LEVEL`: structlog level (debug, info, warning, error, critical); default `info`.
+- `MER_LOG_LEVEL`: the structlog level of every process (debug, info, warning, error, critical);
+  unset: info into a run's log file, warning on stderr (`mer.logging_setup`).
 
 The XDG base-directory variables are read here too, as the defaults above (relative XDG paths are
 ignored, as the XDG specification asks; a relative `MER_*` path is an error). Any other `MER_*`
@@ -33,7 +34,7 @@ class Environment:
 
     cache_dir: Path
     runtime_base_dir: Path
-    log_level: str
+    log_level: str | None  # None: unset
     unknown_variables: tuple[str, ...] = ()
 
 
@@ -56,8 +57,8 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     cache_base = _first_path(environ, ("XDG_CACHE_HOME",), Path.home() / ".cache")
     cache_dir = _first_path(environ, ("MER_CACHE_DIR",), cache_base / "mer")
     runtime_base_dir = _first_path(environ, ("MER_RUNTIME_DIR", "XDG_RUNTIME_DIR"), Path("/tmp"))
-    log_level = environ.get("MER_LOG_LEVEL", "info").strip().lower() or "info"
-    if log_level not in LOG_LEVELS:
+    log_level = environ.get("MER_LOG_LEVEL", "").strip().lower() or None
+    if log_level is not None and log_level not in LOG_LEVELS:
         raise ConfigError(f"environment variable MER_LOG_LEVEL={log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     unknown = tuple(sorted(name for name in environ if name.startswith(PREFIX) and name not in KNOWN_VARIABLES))
     return Environment(cache_dir, runtime_base_dir, log_level, unknown)

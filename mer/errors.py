@@ -45,14 +45,6 @@ class DiskSpaceError(MerError):
     """The output would not fit on the target filesystem."""
 
 
-class ChecksumError(StoreError):
-    """One or more expert payloads do not match the checksum in the manifest."""
-
-    def __init__(self, message: str, bad_experts: list[int]):
-        super().__init__(message)
-        self.bad_experts = bad_experts
-
-
 class IoBackendUnavailableError(MerError):
     """A forced I/O backend (io_uring, O_DIRECT) cannot run here; the message says why."""
 

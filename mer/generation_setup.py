@@ -11,12 +11,13 @@ generated token to a callback as it arrives.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from mer.config import PipelineConfig, load_config, validate_against_geometry
 from mer.demo_store import converted_store
@@ -25,7 +26,7 @@ from mer.model.chat_template import chat_prompt_tokens
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
-from mer.predict.fusion import GATE, parse_predictor_names
+from mer.predict.fusion import GATE
 from mer.ram_budget import RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots
 from mer.router.generation_request import GenerationRequest
 from mer.store.reader import ExpertStore
@@ -109,13 +110,13 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     plan = None
     if ram_budget is not None:  # checked before the (possibly long) conversion
         plan = _ram_plan(ram_budget, model, config, positions=min(context, len(ids) + max_tokens))
-        config = dataclasses.replace(config, cache_slots=plan.cache_slots)
+        config = msgspec.structs.replace(config, cache_slots=plan.cache_slots)
     elif overrides.get("cache_slots") is None:  # the configured default, within k..all experts
         cache = min(max(config.cache_slots, model.hparams.top_k), model.source.geometry.num_experts)
-        config = dataclasses.replace(config, cache_slots=cache)
+        config = msgspec.structs.replace(config, cache_slots=cache)
     store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase)
     store = ExpertStore.open(store_dir)
-    config = dataclasses.replace(config, store=store_dir)
+    config = msgspec.structs.replace(config, store=store_dir)
     validate_against_geometry(config, store.manifest.geometry)
     request = GenerationRequest(
         model=str(Path(model_path).resolve()), prompt_tokens=tuple(ids), max_tokens=max_tokens,
@@ -128,8 +129,8 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
 def _ram_plan(budget: int, model: MoEModel, config: PipelineConfig, positions: int) -> RamPlan:
     source, hparams = model.source, model.hparams
     slot_nbytes = max(source.expert_format(layer.moe_layer).read_nbytes for layer in source.layers)
-    reserve = pool_slots(dataclasses.replace(config, cache_slots=1)) - 1  # the prefetch reserve
-    gate = GATE in parse_predictor_names(config.predictors)  # the predictor loads the gates: a heavy process
+    reserve = pool_slots(msgspec.structs.replace(config, cache_slots=1)) - 1  # the prefetch reserve
+    gate = GATE in config.predictors  # the predictor loads the gates: a heavy process
     return plan_cache_slots(
         budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams.num_blocks, positions, hparams.kv_width),
         num_compute_workers=config.num_compute_workers, slot_nbytes=slot_nbytes, top_k=hparams.top_k,

@@ -1,17 +1,28 @@
-"""structlog configured once per process: JSON lines to a file or stderr, with process identity bound.
+"""structlog configured once per process: JSON lines to the run's log file or stderr, with process identity bound.
 
-Event names are stable snake_case (`expert_read`, `token_done`, `run_summary`, ...).
+Event names are stable snake_case (`expert_read`, `token_done`, `run_summary`, ...). Every process
+of a run appends to the same log file (the merged log): `LogFile` opens it with O_APPEND and writes
+each batch of lines with one unbuffered write, so lines of different processes never mix. While an
+event loop runs `with_log_writes_in_background(...)` (every child and the supervisor do), a log call
+only queues its line and an aiofiles task writes the queue, so a busy loop never waits on the disk;
+elsewhere lines are written at once. The level is MER_LOG_LEVEL when set (mer.environment), else
+the caller's, else info into a log file and warning on stderr.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import sys
 import time
-from typing import IO
+from pathlib import Path
 
+import aiofiles.threadpool
 import structlog
+
+from mer.environment import read_environment
 
 LOG_SCHEMA_VERSION = 1
 
@@ -22,8 +33,55 @@ def add_monotonic_time(logger, method_name, event_dict):
     return event_dict
 
 
-def configure_logging(process: str, *, stream: IO[str] | None = None, level: str = "info", **bound) -> None:
-    """Route structlog events of this process as JSON lines to `stream` (stderr by default)."""
+class LogFile:
+    """structlog's output into the merged log file (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.file = open(path, "ab", buffering=0)
+        self.pending: list[bytes] = []
+        self.wake: asyncio.Event | None = None  # set while a background writer runs
+        atexit.register(self.flush)
+
+    def msg(self, message: str) -> None:
+        self.pending.append(message.encode() + b"\n")
+        if self.wake is None:
+            self.flush()
+        else:
+            self.wake.set()
+
+    log = debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
+
+    def flush(self) -> None:
+        """Write the queued lines now (outside an event loop, and at exit)."""
+        if self.pending and not self.file.closed:
+            lines = b"".join(self.pending)
+            self.pending.clear()
+            self.file.write(lines)
+
+    async def write_in_background(self, stopping: asyncio.Event) -> None:
+        """Write queued lines through aiofiles' thread pool until `stopping` is set and the queue is empty."""
+        async_file = aiofiles.threadpool.wrap(self.file)
+        while not (stopping.is_set() and not self.pending):
+            await self.wake.wait()
+            self.wake.clear()
+            while self.pending:
+                lines = b"".join(self.pending)
+                self.pending.clear()
+                await async_file.write(lines)
+
+
+_log_file: LogFile | None = None
+
+
+def configure_logging(process: str, *, log_file: str | Path | None = None, level: str | None = None,
+                      **bound) -> None:
+    """Route this process's structlog events as JSON lines to `log_file` (appended) or stderr."""
+    global _log_file
+    if _log_file is not None:
+        _log_file.flush()
+        _log_file.file.close()
+    _log_file = LogFile(log_file) if log_file else None
+    level = read_environment().log_level or level or ("info" if log_file else "warning")
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -34,11 +92,31 @@ def configure_logging(process: str, *, stream: IO[str] | None = None, level: str
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stderr),
+        logger_factory=(lambda *args: _log_file) if _log_file else structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(process=process, pid=os.getpid(), schema=LOG_SCHEMA_VERSION, **bound)
+
+
+async def with_log_writes_in_background(coroutine):
+    """Await `coroutine` while this process's log-file lines are written by a background aiofiles task;
+    the lines queued when it ends are written before this returns."""
+    log_file = _log_file
+    if log_file is None:
+        return await coroutine
+    stopping, log_file.wake = asyncio.Event(), asyncio.Event()
+    writer = asyncio.create_task(log_file.write_in_background(stopping))
+    try:
+        return await coroutine
+    finally:
+        stopping.set()
+        log_file.wake.set()
+        try:
+            await writer
+        finally:
+            log_file.wake = None
+            log_file.flush()
 
 
 def get_logger(**initial):

@@ -33,9 +33,9 @@ import zmq
 import zmq.asyncio
 
 from mer.config import PipelineConfig
-from mer.errors import ChildDiedError, ConfigError, PipelineError, ProtocolError
+from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
-from mer.predict.fusion import check_model_for_predictors, parse_predictor_names
+from mer.predict.fusion import check_model_for_predictors
 from mer.protocol import ChildFailed, Hello, JobDone, Ready, Shutdown, StartJob, TokenGenerated, decode, encode
 from mer.router.generation_request import GENERATE_KIND, GenerationRequest, job_kind
 from mer.runtime.cleanup import remove_run, remove_stale_runs
@@ -76,15 +76,10 @@ def job_model(job: dict) -> str | None:
 
 
 def replay_gate_model(config: PipelineConfig, job: dict) -> str | None:
-    """A benchmark's `gate_model` (the gate predictor replaying a trace recorded with its residuals); it must
-    be a layered replay, whose decisions carry the residuals the gates are applied to."""
+    """A benchmark's `gate_model` (the gate predictor replaying a layered trace recorded with its residuals:
+    the configuration checks that)."""
     if config.gate_model is None or job_kind(job) == GENERATE_KIND:
         return None
-    if config.workload != "replay" or not config.layered:
-        raise ConfigError(f"gate_model {config.gate_model}: the gate predictor replays a layered trace recorded "
-                          f"with its residuals (generate --record-trace FILE --record-hidden); use --workload "
-                          f"replay --trace FILE --layered, not workload {config.workload!r}"
-                          f"{'' if config.layered else ' without --layered'}")
     return str(config.gate_model)
 
 
@@ -102,7 +97,7 @@ class Supervisor:
         self.job = job or {}  # StartJob.job for the router
         self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
         self.model = job_model(self.job) or replay_gate_model(config, self.job)  # None: a benchmark without gate
-        check_model_for_predictors(parse_predictor_names(config.predictors), self.model, job_kind(self.job))
+        check_model_for_predictors(config.predictors, self.model, job_kind(self.job))
         self.config = config
         self.store = store
         self.log = get_logger()

@@ -20,9 +20,10 @@ its attention, the input of the layer's ffn_norm) as little-endian float32 value
 (`mer.predict.gate`) on the residuals the model really had. Either every decision of a trace has
 it, with one length, or none does.
 
-`TraceWriter` writes a token's lines with one write and flushes after every complete token, so a
-killed run leaves a readable trace of the tokens it finished. Flushes are plain writes to the page
-cache (no fsync), cheap enough to call from an asyncio event loop.
+`TraceWriter` writes a token's lines with one write once the token is complete, so a killed run
+leaves a readable trace of the tokens it finished. In an event loop (the router's jobs) use
+`await writer.awrite(decision)`: the write runs in aiofiles' thread pool and never blocks the loop;
+`write` is the same, blocking, for scripts and tests.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import aiofiles.threadpool
 import numpy as np
 
 from mer.errors import TraceError
@@ -250,11 +252,12 @@ def _as_python_numbers(decision: RoutingDecision, where: str) -> RoutingDecision
 
 
 class TraceWriter:
-    """Streams routing decisions to a trace file; flushes after every complete token.
+    """Streams routing decisions to a trace file, one write per complete token.
 
-    A token's lines are held until its last layer arrives and then written with one write and a
-    flush. `close()` (or leaving the `with` / `async with` block) drops an unfinished token, so the
-    file always ends on a token boundary and reads back without error.
+    A token's lines are held until its last layer arrives and then written with one unbuffered
+    write (`write`, or `awrite` from an event loop). `close()` (or leaving the `with` / `async with`
+    block) drops an unfinished token, so the file always ends on a token boundary and reads back
+    without error. Creating the writer writes the header line at once.
     """
 
     def __init__(self, path: str | Path, header: TraceHeader):
@@ -264,11 +267,11 @@ class TraceWriter:
         self._pending: list[str] = []
         self._num_written = 0
         try:
-            self._file = open(self.path, "w", encoding="utf-8")
+            self._file = open(self.path, "wb", buffering=0)
         except OSError as error:
             raise TraceError(f"{self.path}: cannot create the trace ({error.strerror or error})") from error
-        self._file.write(json.dumps(header.to_json_dict(), separators=(",", ":")) + "\n")
-        self._file.flush()
+        self._file.write(json.dumps(header.to_json_dict(), separators=(",", ":")).encode() + b"\n")
+        self._async_file = aiofiles.threadpool.wrap(self._file)
 
     @property
     def num_tokens_written(self) -> int:
@@ -279,7 +282,19 @@ class TraceWriter:
         return self._file.closed
 
     def write(self, decision: RoutingDecision) -> None:
-        """Add one decision (checked against the header and the order); flush at a token's end."""
+        """Add one decision (checked against the header and the order); write the token at its end."""
+        token = self._add(decision)
+        if token:
+            self._file.write(token)
+
+    async def awrite(self, decision: RoutingDecision) -> None:
+        """`write` for an event loop: the token's write runs in aiofiles' thread pool."""
+        token = self._add(decision)
+        if token:
+            await self._async_file.write(token)
+
+    def _add(self, decision: RoutingDecision) -> bytes:
+        """Check and queue one decision; the bytes of its token once the token is complete, else b""."""
         if self._file.closed:
             raise TraceError(f"{self.path}: the trace writer is closed")
         where = f"{self.path}: decision for token {decision.token} layer {decision.layer}"
@@ -291,11 +306,12 @@ class TraceWriter:
         if decision.hidden is not None:
             record["hidden"] = encode_hidden(decision.hidden)
         self._pending.append(json.dumps(record, separators=(",", ":")) + "\n")
-        if not self._order.is_inside_token:
-            self._file.write("".join(self._pending))
-            self._file.flush()
-            self._pending.clear()
-            self._num_written += 1
+        if self._order.is_inside_token:
+            return b""
+        token = "".join(self._pending).encode()
+        self._pending.clear()
+        self._num_written += 1
+        return token
 
     def close(self) -> None:
         """Close the file (idempotent); an unfinished token is dropped."""

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging("mer-convert")
+    configure_logging("mer-convert", level="info")
     with ProgressDisplay("convert", enabled=not args.quiet) as display:
         result = convert_gguf(args.model, args.out, layout=args.layout, force=args.force,
                               start_phase=display.start_phase)

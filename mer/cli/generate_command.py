@@ -18,10 +18,10 @@ from pathlib import Path
 import uvloop
 
 from mer.cli.generation_output import TextStream, experts_line, json_result, timing_line
-from mer.cli.pipeline_flags import parse_worker_count
+from mer.cli.pipeline_flags import add_config_flag, add_config_flags
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
-from mer.config import CACHE_POLICIES, IO_BACKENDS, config_overrides
+from mer.config import GENERATION, config_overrides
 from mer.generation_setup import (PreparedGeneration, PromptSpec, SamplerSettings, prepare_generation,
                                  run_generation)
 from mer.logging_setup import configure_logging
@@ -66,46 +66,15 @@ def register(subparsers) -> None:
     memory.add_argument("--ram-budget", type=parse_size, metavar="SIZE",
                         help="Bound the graph's resident memory (e.g. 8GiB): the slot arena gets what the dense "
                              "weights, KV cache and processes leave.")
-    memory.add_argument("--cache-slots", type=int, metavar="C", help="Expert cache slots (at least the model's k).")
-    parser.add_argument("--compute-workers", metavar="N|auto", default=None, help="Compute worker processes.")
-    parser.add_argument("--kernel-threads", type=int, metavar="T", default=None, help="Kernel threads per worker.")
-    parser.add_argument("--io-backend", choices=IO_BACKENDS, default=None, help="Expert read backend.")
-    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
-                        help="Do not read predicted experts ahead.")
-    parser.add_argument("--predictors", metavar="NAME[,NAME...]", default=None,
-                        help="Predictors whose hints are prefetched: markov (default), locality, affinity, gate "
-                             "(the next MoE layers' router gates applied to the current hidden state), fused "
-                             "when several.")
-    parser.add_argument("--predict-fanout", type=int, metavar="F", default=None,
-                        help="Experts hinted per predicted layer (and slots reserved for them; default 2).")
-    parser.add_argument("--pipeline-depth", type=int, metavar="D", default=None,
-                        help="MoE layers (decisions) the predictors look ahead (default 1).")
-    parser.add_argument("--gate-min-ratio", type=float, metavar="R", default=None,
-                        help="The gate predictor hints an expert only if its gate probability is at least R x "
-                             "uniform (1 / experts per layer); 0: always the top --predict-fanout (default 1.5).")
-    parser.add_argument("--governor-threshold", type=float, metavar="G", default=None,
-                        help="Prefetch governor: admit a hint only if its measured precision >= G x (1 + reads "
-                             "pending); 0 (default): off.")
-    parser.add_argument("--cache-policy", choices=CACHE_POLICIES, default=None,
-                        help="Expert cache eviction: lru (default), or layer (the expert whose MoE layer comes back "
-                             "last: fewer misses with a small cache).")
-    parser.add_argument("--log-file", type=Path, metavar="FILE", default=None, help="structlog JSON events here.")
-    parser.add_argument("--record-trace", type=Path, metavar="FILE", default=None,
-                        help="Record every routing decision (per token and MoE layer) to this JSONL trace.")
-    parser.add_argument("--record-hidden", action="store_true", default=None,
-                        help="With --record-trace: record each decision's residual stream too (for replaying the "
-                             "gate predictor: run --predictors gate --gate-model).")
+    add_config_flag(memory, "cache_slots")
+    add_config_flags(parser, job=GENERATION, skip=("cache_slots",))
     parser.add_argument("--dump-logits", type=Path, metavar="FILE.npy", default=None,
                         help="Save the logits each generated token was chosen from ([tokens, vocab] float32).")
-    parser.add_argument("--handshake-timeout-s", type=float, metavar="SECONDS", default=None,
-                        help="Seconds each process has to start.")
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration; flags override it.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object (tokens, text, speeds) instead.")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    args.compute_workers = parse_worker_count(args.compute_workers)
     configure_supervisor_logging(args.log_file)
     model = args.model if args.model is not None else tiny_model_path()
     with ProgressDisplay("generate") as display:
@@ -118,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def configure_supervisor_logging(log_file: Path | None) -> None:
-    if log_file:
-        configure_logging("mer-supervisor", stream=open(log_file, "a", buffering=1), level="info")
-    else:
-        configure_logging("mer-supervisor", level="warning")
+    configure_logging("mer-supervisor", log_file=log_file)
 
 
 def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: str = "generate") -> int:

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from mer import __version__
+from mer.environment import KNOWN_VARIABLES, read_environment
 from mer.errors import MerError
 
 COMMAND_MODULES = (
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        for name in read_environment().unknown_variables:  # bad values of known ones are errors
+            print(f"mer-pipeline: warning: unknown environment variable {name} (mer reads "
+                  f"{', '.join(KNOWN_VARIABLES)})", file=sys.stderr)
         return int(args.handler(args) or 0)
     except MerError as error:
         print(f"mer-pipeline {args.command}: error: {error}", file=sys.stderr)

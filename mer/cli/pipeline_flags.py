@@ -1,67 +1,64 @@
-"""The flags shared by `mer-pipeline run` and `up`: one per configuration key, help from the config."""
+"""The one flag builder: every command's configuration flags, generated from the schema (`mer.config`).
+
+A flag's name, metavar, type, help text (the field's documentation, then its choices or its range
+with the unit, then its default) all come from the field's declaration, so no command re-declares a
+setting and two commands cannot explain one flag differently. Flags default to None: the config
+file (or the schema's default) decides unless the flag is given (`config_overrides`).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from mer.config import settings
-
-# key -> (argparse type, metavar, unit shown in help)
-_FLAG_TYPES = {
-    "tokens": (int, "N", "iterations"),
-    "cache_slots": (int, "C", "slots"),
-    "top_k": (int, "K", "experts"),
-    "workload": (str, "NAME", ""),
-    "zipf_s": (float, "S", ""),
-    "workload_correlation": (float, "P", "probability 0..1"),
-    "trace": (Path, "FILE", ""),
-    "seed": (int, "S", ""),
-    "predict_fanout": (int, "F", "experts"),
-    "pipeline_depth": (int, "D", "iterations"),
-    "predictors": (str, "NAME[,NAME...]", ""),
-    "gate_min_ratio": (float, "R", "x uniform probability"),
-    "gate_model": (Path, "MODEL.gguf", ""),
-    "max_pinned": (int, "P", "experts"),
-    "governor_threshold": (float, "G", "usefulness per pending read"),
-    "compute_workers": (str, "N|auto", "processes"),
-    "kernel_threads": (int, "T", "threads per worker"),
-    "io_backend": (str, "NAME", ""),
-    "cache_policy": (str, "NAME", ""),
-    "io_queue_depth": (int, "Q", "reads in flight"),
-    "log_file": (Path, "FILE", ""),
-    "record_trace": (Path, "FILE", ""),
-    "dump_outputs": (Path, "FILE", ""),
-    "handshake_timeout_s": (float, "SECONDS", "s"),
-    "shutdown_grace_s": (float, "SECONDS", "s"),
-}
+from mer.config import AUTO, SETTINGS, flag_name
 
 
-def _help(key: str, unit: str) -> str:
-    rule = settings()[key]
-    text = rule.doc
-    if rule.choices:
-        text += f" One of: {', '.join(rule.choices)}."
-    elif rule.minimum is not None:
-        text += f" Range {rule.minimum}..{rule.maximum}" + (f" ({unit})." if unit else ".")
-    return text
+def worker_count(text: str) -> int | str:
+    """`auto` or an integer, for --compute-workers (its range is the schema's to check)."""
+    return text if text == AUTO else int(text)
 
 
-def add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
-    """Add --config and one flag per run setting (all default to None: the config file decides)."""
+def _flag_type(key: str):
+    setting = SETTINGS[key]
+    if key == "compute_workers":
+        return worker_count
+    if setting.is_path:
+        return Path
+    # choices and comma-separated names stay strings: the schema checks them
+    return {"an integer": int, "a number": float, "a boolean": bool}.get(setting.wanted, str)
+
+
+def _help(key: str) -> str:
+    setting = SETTINGS[key]
+    text = setting.doc
+    if setting.choices and setting.wanted == "a string":
+        text += f" One of: {', '.join(setting.choices)}."
+    if setting.bounds is not None:
+        low, high = setting.bounds
+        text += f" Range {low}..{high}" + (f" ({setting.unit})." if setting.unit else ".")
+    default = setting.default
+    if default is not None and not isinstance(default, bool):
+        text += f" Default: {','.join(default) if isinstance(default, tuple) else default}."
+    return text.replace("%", "%%")
+
+
+def add_config_flag(parser, key: str) -> None:
+    """The flag of configuration key `key` on `parser` (or a mutually exclusive group of it)."""
+    setting = SETTINGS[key]
+    if _flag_type(key) is bool:  # --layered turns a default-off setting on, --no-prefetch a default-on one off
+        action = "store_false" if setting.default else "store_true"
+        parser.add_argument(flag_name(key), dest=key, action=action, default=None, help=setting.doc)
+    else:
+        parser.add_argument(flag_name(key), dest=key, type=_flag_type(key), metavar=setting.metavar, default=None,
+                            help=_help(key))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, job: str | None = None, skip: tuple[str, ...] = ()) -> None:
+    """Add --config and the flag of every configuration key that `job` reads (None: every key; a key
+    specific to another job is left out), except those in `skip` (which the command adds itself)."""
     parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="TOML configuration (configs/*.toml); flags override its keys.")
-    for key, (kind, metavar, unit) in _FLAG_TYPES.items():
-        flag = "--" + key.replace("_", "-")
-        parser.add_argument(flag, dest=key, type=kind, metavar=metavar, default=None, help=_help(key, unit))
-    parser.add_argument("--layered", dest="layered", action="store_true", default=None,
-                        help=settings()["layered"].doc)
-    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None,
-                        help="Do not read predicted experts ahead (prefetch is on by default).")
-    parser.add_argument("--json", action="store_true",
-                        help="Print the run summary as one JSON object on stdout (nothing else on stdout).")
-
-
-def parse_worker_count(value):
-    """`auto` or a positive integer, for --compute-workers."""
-    return value if value in (None, "auto") else int(value)
+                        help="TOML configuration (configs/*.toml, the same keys as these flags); flags override it.")
+    for key, setting in SETTINGS.items():
+        if key not in skip and (job is None or setting.job in ("", job)):
+            add_config_flag(parser, key)

@@ -9,7 +9,7 @@ import sys
 import uvloop
 
 from mer.config import PipelineConfig, validate_against_geometry
-from mer.logging_setup import configure_logging
+from mer.logging_setup import configure_logging, with_log_writes_in_background
 from mer.store.reader import ExpertStore
 from mer.summary import RunSummary, format_seed_block
 from mer.supervisor import Supervisor
@@ -23,11 +23,7 @@ def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = F
     """
     store = ExpertStore.open(config.store)
     validate_against_geometry(config, store.manifest.geometry)
-    if config.log_file:
-        log_stream = open(config.log_file, "a", buffering=1)
-        configure_logging("mer-supervisor", stream=log_stream, level="info")
-    else:
-        configure_logging("mer-supervisor", level="warning")
+    configure_logging("mer-supervisor", log_file=config.log_file)
     printed: list[dict] = []
 
     def print_summary(summary: dict) -> None:
@@ -67,7 +63,7 @@ async def _with_signals(supervisor: Supervisor) -> dict:
     """Run the supervisor; SIGINT/SIGTERM cancel it, which shuts the graph down cleanly."""
     import asyncio
 
-    task = asyncio.create_task(supervisor.run())
+    task = asyncio.create_task(with_log_writes_in_background(supervisor.run()))
     loop = asyncio.get_running_loop()
     received: list[int] = []
 

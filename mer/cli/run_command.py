@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from mer.cli.pipeline_flags import add_pipeline_flags, parse_worker_count
+from mer.cli.pipeline_flags import add_config_flags
 from mer.cli.pipeline_job import run_pipeline_job
-from mer.config import config_overrides, load_config
+from mer.config import BENCHMARK, config_overrides, load_config
 from mer.errors import ConfigError
 
 
@@ -19,13 +19,13 @@ def register(subparsers) -> None:
             "and run the seed's expert-streaming benchmark; print the seed-format summary."
         ),
     )
-    parser.add_argument("--store", type=str, metavar="DIR", default=None, help="Expert store directory.")
-    add_pipeline_flags(parser)
+    add_config_flags(parser, job=BENCHMARK)
+    parser.add_argument("--json", action="store_true",
+                        help="Print the run summary as one JSON object on stdout (nothing else on stdout).")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    args.compute_workers = parse_worker_count(args.compute_workers)
     config = load_config(args.config, config_overrides(args))
     if config.store is None:
         raise ConfigError("run needs an expert store: --store DIR (or store = ... in the config file)")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mer.cli.pipeline_flags import add_pipeline_flags, parse_worker_count
+from mer.cli.pipeline_flags import add_config_flag, add_config_flags
 from mer.cli.pipeline_job import run_pipeline_job
 from mer.config import config_overrides, load_config, shipped_config_path
 from mer.models import tiny_model_path
@@ -39,16 +39,17 @@ def register(subparsers) -> None:
         ),
     )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--store", type=str, metavar="DIR", default=None, help="Expert store directory.")
+    add_config_flag(source, "store")
     source.add_argument("--model", type=Path, metavar="GGUF", default=None,
                         help="A MoE GGUF: generate --tokens tokens (default 32) after a fixed prompt; its experts "
                              "are converted once into the cache directory.")
-    add_pipeline_flags(parser)
+    add_config_flags(parser, skip=("store",))
+    parser.add_argument("--json", action="store_true",
+                        help="Print the run summary (or the generation's result) as one JSON object on stdout.")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    args.compute_workers = parse_worker_count(args.compute_workers)
     if args.model is None and args.store is None and args.config is None:
         args.model = tiny_model_path()  # the embedded default: the trained tiny model (docs/tiny-model.md)
         return generation_demo(args, prompt=EMBEDDED_DEMO_PROMPT)

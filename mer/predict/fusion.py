@@ -1,10 +1,10 @@
 """The active predictors behind one interface, and their fusion into scored, attributed hints.
 
 `PREDICTOR_NAMES` are the predictors `predictors = "markov,locality,affinity,gate"` may switch on
-(`parse_predictor_names`). `make_predictors` builds them; each `ActivePredictor` observes
-`(layer, experts)` and predicts `(expert, score)` hints for the next `depth` decisions, at most
-`fanout` per step. `gate` (`mer.predict.gate`) also observes the router's hidden states and needs a
-model: only a generation job has one (`check_model_for_predictors`).
+(`mer.config` parses the setting once, into these names). `make_predictors` builds them; each
+`ActivePredictor` observes `(layer, experts)` and predicts `(expert, score)` hints for the next
+`depth` decisions, at most `fanout` per step. `gate` (`mer.predict.gate`) also observes the router's
+hidden states and needs a model: only a generation job has one (`check_model_for_predictors`).
 
 `fuse(ranked, limit, weights)`: with one predictor its hints pass through unchanged (first
 `limit`); with several, each hint is ranked by its expected usefulness, score x its predictor's
@@ -22,27 +22,15 @@ from typing import Callable
 
 import numpy as np
 
+from mer.config import PREDICTOR_NAMES
 from mer.errors import ConfigError
 from mer.predict.affinity import AffinityPredictor
 from mer.predict.locality import LocalityPredictor
 from mer.predict.markov import MarkovPredictor
 
-PREDICTOR_NAMES = ("markov", "locality", "affinity", "gate")
 GATE = "gate"  # the next-layer gate predictor: needs the model's gates and the router's hidden states
 
 Hints = list[tuple[int, float]]
-
-
-def parse_predictor_names(value: str) -> tuple[str, ...]:
-    """The names of a comma-separated list, in `PREDICTOR_NAMES` order; unknown, empty or repeated is an error."""
-    names = [name.strip() for name in value.split(",")]
-    unknown = [name for name in names if name not in PREDICTOR_NAMES]
-    if not names or unknown:
-        raise ConfigError(f"predictors: unknown predictor {unknown[0] if unknown else ''!r} in {value!r} "
-                          f"(known: {', '.join(PREDICTOR_NAMES)})")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"predictors: {value!r} names a predictor twice")
-    return tuple(name for name in PREDICTOR_NAMES if name in names)
 
 
 @dataclass

@@ -33,7 +33,7 @@ import zmq
 
 from mer.errors import ProtocolError
 from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
-from mer.predict.fusion import GATE, fuse, make_predictors, parse_predictor_names
+from mer.predict.fusion import GATE, fuse, make_predictors
 from mer.runtime.child import receive_unless_stopped
 from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, decode,
                           encode)
@@ -44,7 +44,7 @@ class PredictorService:
     def __init__(self, config, run, log, zmq_context):
         self.config, self.run, self.log, self.zmq = config, run, log, zmq_context
         manifest = Manifest.load(run.store)
-        self.names = parse_predictor_names(config.predictors)
+        self.names = config.predictors
         self.gate = None
         if GATE in self.names:
             from mer.predict.gate import load_gate_predictor  # numpy + numba: only when the gate is on

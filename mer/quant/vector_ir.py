@@ -47,11 +47,6 @@ def splat(builder: ir.IRBuilder, value: ir.Value, count: int) -> ir.Value:
     return builder.shuffle_vector(single, single, ir.Constant(vector(INT32, count), [0] * count))
 
 
-def element_pointer(builder: ir.IRBuilder, base: ir.Value, index: ir.Value) -> ir.Value:
-    """`base + index` elements (index an i64)."""
-    return builder.gep(base, [index])
-
-
 def load_vector(builder: ir.IRBuilder, pointer: ir.Value, vector_type: ir.VectorType) -> ir.Value:
     """An unaligned load of a whole vector from `pointer`."""
     return builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=1)

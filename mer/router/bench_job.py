@@ -23,7 +23,7 @@ import numpy as np
 
 from mer.config import PipelineConfig
 from mer.errors import ConfigError
-from mer.predict.fusion import GATE, parse_predictor_names
+from mer.predict.fusion import GATE
 from mer.expert_batches import weighted_sum
 from mer.protocol import HiddenObserved, RoutingObserved, encode
 from mer.router.clients import ComputeClient, IoClient
@@ -57,7 +57,7 @@ class BenchJob:
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
         self.dispatcher = ExpertDispatcher(self.manifest, self.io, self.compute, max_leases=self.config.cache_slots)
-        self.send_hidden = self.config.prefetch and GATE in parse_predictor_names(self.config.predictors)
+        self.send_hidden = self.config.prefetch and GATE in self.config.predictors
         if self.send_hidden:
             check_trace_has_residuals(self.config.trace)
 
@@ -99,7 +99,7 @@ class BenchJob:
         stats = ExpertStats()
         for decision in self.workload.next_token():
             if trace is not None:
-                trace.write(decision)
+                await trace.awrite(decision)
             stats.add(await self._run_decision(token, decision))
         ended = time.monotonic()
         return TokenRecord(token, started, ended, (ended - started) * 1e6, stats.io_wait_us, stats.compute_us,

@@ -32,7 +32,7 @@ from mer.model.model import MoEModel, check_model_matches_store
 from mer.model.sampling import Sampler
 from mer.protocol import TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
-from mer.predict.fusion import GATE, parse_predictor_names
+from mer.predict.fusion import GATE
 from mer.router.expert_client import ExpertDispatcher, ExpertStats
 from mer.router.generation_request import GenerationRequest
 from mer.router.graph_forward import DenseThread, ForwardCosts, GraphForward
@@ -148,7 +148,7 @@ class GenerateJob:
         logits, costs = await forward.forward(token_ids, kv_cache, decisions)
         if trace is not None:  # token-major, as a trace is read
             for decision in sorted(decisions, key=lambda decision: (decision.token, decision.layer)):
-                trace.write(decision)
+                await trace.awrite(decision)
         return logits, costs
 
     async def _summary(self, tokens: list[int], stop_reason: str, phases: PhaseCosts, observations: int) -> dict:
@@ -187,7 +187,7 @@ class GenerateJob:
 
 def gate_hints_on(config: PipelineConfig) -> bool:
     """Whether the router sends its hidden states to the predictor: the gate predictor hints (with prefetch)."""
-    return config.prefetch and GATE in parse_predictor_names(config.predictors)
+    return config.prefetch and GATE in config.predictors
 
 
 def warm_up_dense(model: MoEModel) -> float:

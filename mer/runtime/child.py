@@ -7,7 +7,7 @@ in `Ready`; `serve(stop)` runs until `stop` is set (the supervisor's `Shutdown`)
 1. process title `mer-<role>-<run>` and PR_SET_PDEATHSIG, so a child never outlives its supervisor;
 2. SIGINT ignored (Ctrl-C reaches the whole process group; the supervisor decides and sends
    `Shutdown`), SIGTERM ends the child;
-3. structlog JSON to the run's log file (or warnings only to stderr);
+3. structlog JSON to the run's log file, written off the event loop (or warnings only to stderr);
 4. a DEALER on `control.sock` with the child's name as identity: `Hello`, then `Ready(info)` or
    `ChildFailed(type, message, traceback)`.
 """
@@ -29,7 +29,7 @@ import zmq.asyncio
 
 from mer.config import PipelineConfig
 from mer.errors import ProtocolError
-from mer.logging_setup import configure_logging, get_logger
+from mer.logging_setup import configure_logging, get_logger, with_log_writes_in_background
 from mer.protocol import ChildFailed, Hello, Ready, Shutdown, decode, encode, error_fields
 from mer.runtime.run_spec import RunSpec
 
@@ -73,22 +73,14 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def _open_log_stream(run: RunSpec):
-    log_file = run.config.get("log_file")
-    if log_file:
-        return open(log_file, "a", buffering=1), "info"
-    return sys.stderr, "warning"
-
-
 def run_child(role_factory, role: str, index: int | None, name: str, run_json: str) -> None:
     """Entry point of a spawned child; exits with 0 after a clean shutdown, 1 after a failure."""
     setproctitle.setproctitle(name)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     run = RunSpec.from_json(run_json)
-    stream, level = _open_log_stream(run)
-    configure_logging(name, stream=stream, level=level, run_id=run.run_id, worker=index)
-    code = uvloop.run(_child_main(role_factory, ChildContext(name, role, index, run)))
+    configure_logging(name, log_file=run.config.get("log_file"), run_id=run.run_id, worker=index)
+    code = uvloop.run(with_log_writes_in_background(_child_main(role_factory, ChildContext(name, role, index, run))))
     sys.exit(code)
 
 

@@ -24,7 +24,7 @@ FLAGS_WITH_UNITS = {
     "--cache-slots": ("C", "slots"),
     "--top-k": ("K", "experts"),
     "--predict-fanout": ("F", "experts"),
-    "--pipeline-depth": ("D", "iterations"),
+    "--pipeline-depth": ("D", "decisions"),
     "--compute-workers": ("N|auto", "processes"),
     "--kernel-threads": ("T", "threads per worker"),
     "--io-queue-depth": ("Q", "reads in flight"),
@@ -67,6 +67,25 @@ def test_help_lists_every_flag_with_its_unit():
     assert "One of: auto, uring, preadv" in entries["--io-backend"]
     for flag in ("--layered", "--no-prefetch", "--json", "--config", "--seed", "--zipf-s"):
         assert flag in entries, flag
+
+
+def test_every_command_explains_a_shared_flag_in_the_same_words():
+    """The flags come from one builder over the configuration schema: no command re-declares one."""
+    helps = {}
+    for command in ("run", "up", "generate"):
+        completed = subprocess.run([MER_PIPELINE, command, "--help"], capture_output=True, text=True, timeout=60,
+                                   env={**os.environ, "COLUMNS": "100"})
+        assert completed.returncode == 0, completed.stderr
+        helps[command] = option_entries(completed.stdout)
+    shared = set(helps["run"]) & set(helps["generate"]) - {"--json", "--seed", "--top-k"}  # generate's: the sampler's
+    assert {"--cache-slots", "--pipeline-depth", "--predict-fanout", "--predictors", "--compute-workers",
+            "--io-backend", "--cache-policy", "--log-file", "--record-trace", "--no-prefetch", "--config",
+            "--max-pinned", "--io-queue-depth", "--shutdown-grace-s"} <= shared
+    for flag in shared:
+        assert helps["run"][flag] == helps["generate"][flag] == helps["up"][flag], flag
+    assert "Range 1..64 (decisions)." in helps["generate"]["--pipeline-depth"]
+    assert "--record-hidden" in helps["generate"] and "--record-hidden" in helps["up"]
+    assert "Sampler" in helps["generate"]["--seed"] and "workload" in helps["run"]["--seed"]  # two settings
 
 
 def test_json_prints_exactly_one_object_with_every_summary_key(leak_guard, pipeline_stores, tmp_path):

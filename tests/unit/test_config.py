@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import tomllib
 from pathlib import Path
 
+import msgspec
 import pytest
 
+from mer.cli.pipeline_flags import add_config_flags
 from mer.config import (
     CONFIG_DIR,
-    FIELDS,
+    PREDICTOR_NAMES,
+    SETTINGS,
     PipelineConfig,
     available_core_count,
     config_overrides,
@@ -21,7 +23,6 @@ from mer.config import (
     load_config,
     read_config_file,
     resolve_for_machine,
-    settings,
     shipped_config_path,
     validate_against_geometry,
 )
@@ -52,6 +53,8 @@ def test_shipped_config_loads_with_the_values_it_sets(name):
     assert raw, "a preset sets at least one key"
     for key, value in raw.items():
         expected = 4 // config.kernel_threads if (key, value) == ("compute_workers", "auto") else value
+        if key == "predictors":
+            expected = tuple(value.split(","))  # parsed once, into the names
         assert getattr(config, key) == expected, key
     assert config.store is None  # `up` and the benchmark tool fill in the store
 
@@ -64,7 +67,7 @@ def test_benchmark_preset_matches_the_issue():
 
 def test_default_preset_documents_every_key():
     text = (CONFIG_DIR / "default.toml").read_text()
-    missing = [key for key in FIELDS if f"{key} =" not in text]
+    missing = [key for key in SETTINGS if f"{key} =" not in text]
     assert missing == []
 
 
@@ -74,8 +77,9 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_every_field_has_documentation_and_valid_default():
-    for key, rule in settings().items():
-        assert rule.doc.endswith("."), key
+    for key, setting in SETTINGS.items():
+        assert setting.doc.endswith("."), key
+        assert setting.metavar or setting.wanted == "a boolean", key  # every flag shows what it takes
     assert PipelineConfig() == PipelineConfig.from_dict(PipelineConfig().to_dict())
 
 
@@ -154,6 +158,29 @@ def test_residuals_are_recorded_into_a_trace_and_a_gate_model_needs_the_gate(tmp
         load_config(write_config(tmp_path, "gate_model = 'model.gguf'\n"))
 
 
+def test_a_gate_model_is_for_a_layered_replay(tmp_path):
+    trace = "trace = 't.jsonl'\nworkload = 'replay'\npredictors = 'gate'\ngate_model = 'model.gguf'\n"
+    with pytest.raises(ConfigError, match=r"use --workload replay --trace FILE --layered, not workload 'replay' "
+                                          r"without --layered"):
+        load_config(write_config(tmp_path, trace))
+    config = load_config(write_config(tmp_path, trace + "layered = true\n"))
+    assert (config.gate_model, config.predictors) == (tmp_path / "model.gguf", ("gate",))
+
+
+def test_predictors_are_parsed_once_into_names_in_canonical_order(tmp_path):
+    assert PREDICTOR_NAMES == ("markov", "locality", "affinity", "gate")
+    assert PipelineConfig(predictors="affinity, markov").predictors == ("markov", "affinity")
+    assert PipelineConfig(predictors="gate,markov").predictors == ("markov", "gate")
+    assert load_config(write_config(tmp_path, "predictors = ['locality', 'markov']\n")).predictors == (
+        "markov", "locality")
+    for bad, message in (("bogus", "unknown predictor 'bogus'"), ("markov,markov", "names a predictor twice"),
+                         ("", "unknown predictor ''")):
+        with pytest.raises(ConfigError, match=message):
+            PipelineConfig(predictors=bad)
+    with pytest.raises(ConfigError, match=r"predictors must be a comma-separated string or a list of names, got int 3"):
+        PipelineConfig(predictors=3)
+
+
 def test_replay_needs_a_trace_and_a_trace_needs_replay(tmp_path):
     with pytest.raises(ConfigError, match=r"workload 'replay' needs a trace file: set trace \(--trace FILE\)"):
         load_config(write_config(tmp_path, "workload = 'replay'\n"))
@@ -170,7 +197,7 @@ def test_flags_override_file_which_overrides_defaults(tmp_path):
     assert config.cache_slots == 20  # flag beats file
     assert config.tokens == 50  # a None flag leaves the file's value
     assert config.prefetch is False
-    assert config.top_k == FIELDS["top_k"].default == 2  # neither sets it
+    assert config.top_k == SETTINGS["top_k"].default == 2  # neither sets it
 
 
 def test_unknown_override_is_an_error():
@@ -185,19 +212,30 @@ def test_override_errors_name_the_flag():
         load_config(overrides={"prefetch": "no"})
 
 
-def test_overrides_from_argparse(tmp_path):
+def test_overrides_from_the_flag_builder(tmp_path):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cache-slots", type=int, default=None)
-    parser.add_argument("--compute-workers", default=None)
-    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false", default=None)
+    add_config_flags(parser)
     parser.add_argument("--json", action="store_true")
     path = write_config(tmp_path, "cache_slots = 12\ncompute_workers = 1\n")
-    arguments = parser.parse_args(["--compute-workers", "2", "--no-prefetch", "--json"])
+    arguments = parser.parse_args(["--compute-workers", "2", "--no-prefetch", "--json", "--predictors", "gate,markov"])
     overrides = config_overrides(arguments)
-    assert overrides == {"compute_workers": "2", "prefetch": False}
+    assert overrides == {"compute_workers": 2, "prefetch": False, "predictors": "gate,markov"}
     config = load_config(path, overrides, available_cores=2)
     assert (config.cache_slots, config.compute_workers, config.prefetch) == (12, 2, False)
+    assert config.predictors == ("markov", "gate")
     assert config_overrides(parser.parse_args([])) == {}
+    assert parser.parse_args(["--compute-workers", "auto"]).compute_workers == "auto"
+
+
+def test_flags_of_a_job_leave_out_the_other_jobs_settings():
+    generate, run = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_config_flags(generate, job="generation")
+    add_config_flags(run, job="benchmark")
+    generate_flags = {action.dest for action in generate._actions}
+    run_flags = {action.dest for action in run._actions}
+    assert {"seed", "top_k", "tokens", "workload", "store"}.isdisjoint(generate_flags)  # the sampler's, the model's
+    assert "record_hidden" in generate_flags and "record_hidden" not in run_flags
+    assert run_flags | generate_flags >= set(SETTINGS)
 
 
 def test_paths_are_relative_to_the_file_or_the_working_directory(tmp_path, monkeypatch):
@@ -230,7 +268,7 @@ def test_round_trip_through_json(tmp_path):
     data = json.loads(json.dumps(config.to_dict()))
     assert data["store"] == str(tmp_path) and data["zipf_s"] == 2.0 and data["compute_workers"] == 2
     assert PipelineConfig.from_dict(data) == config
-    assert set(data) == set(FIELDS)
+    assert set(data) == set(SETTINGS)
 
 
 def test_from_dict_is_strict():
@@ -290,6 +328,6 @@ def test_top_k_must_fit_the_pool():
     flat = PipelineConfig(cache_slots=12, top_k=12)
     validate_against_geometry(flat, geometry)  # the flat pool has 12 experts
     with pytest.raises(ConfigError, match=r"top_k 12 is more than the store's 4 experts per layer"):
-        validate_against_geometry(dataclasses.replace(flat, layered=True), geometry)
+        validate_against_geometry(msgspec.structs.replace(flat, layered=True), geometry)
     with pytest.raises(ConfigError, match=r"top_k 13 is more than the store's 12 experts in the flat pool"):
         validate_against_geometry(PipelineConfig(cache_slots=13, top_k=13), geometry)

@@ -14,7 +14,7 @@ def test_defaults_follow_xdg_and_home():
     environment = read_environment({})
     assert environment.cache_dir == Path.home() / ".cache" / "mer"
     assert environment.runtime_base_dir == Path("/tmp")
-    assert environment.log_level == "info"
+    assert environment.log_level is None  # unset: each process keeps its default level
     assert environment.unknown_variables == ()
 
 
@@ -54,3 +54,14 @@ def test_bad_values_are_config_errors_naming_the_variable():
 def test_unknown_mer_variables_are_reported():
     environment = read_environment({"MER_CACHE_DIRR": "/x", "MER_LOG_LEVEL": "info", "OTHER": "1"})
     assert environment.unknown_variables == ("MER_CACHE_DIRR",)
+
+
+def test_the_cli_warns_about_unknown_mer_variables(tmp_path, monkeypatch, capsys):
+    from mer.cli.main import main
+
+    monkeypatch.setenv("MER_CACHE_DIRR", "/x")
+    assert main(["run", "--store", str(tmp_path / "absent")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == ("mer-pipeline: warning: unknown environment variable MER_CACHE_DIRR "
+                        "(mer reads MER_CACHE_DIR, MER_RUNTIME_DIR, MER_LOG_LEVEL)")
+    assert lines[1].startswith("mer-pipeline run: error:")

@@ -9,12 +9,13 @@ import gguf
 import numpy as np
 import pytest
 
+from mer.config import PipelineConfig
 from mer.errors import ConfigError, ShapeError
 from mer.model.attention import next_positions
 from mer.model.model import MoEModel
 from mer.models import tiny_model_path
 from mer.predict.accuracy import LayerAccuracy
-from mer.predict.fusion import GATE, check_model_for_predictors, fuse, make_predictors, parse_predictor_names
+from mer.predict.fusion import GATE, check_model_for_predictors, fuse, make_predictors
 from mer.predict.gate import GatePredictor, GateTarget, GateWeights, load_gate_predictor
 from tests.gguf_models import write_tiny_moe_gguf
 
@@ -164,7 +165,8 @@ def test_per_layer_accuracy_scores_each_hint_list_against_its_own_decision():
 
 
 def test_gate_is_a_predictor_name_that_needs_a_model(tiny):
-    assert parse_predictor_names("gate") == (GATE,) and parse_predictor_names("gate,markov") == ("markov", GATE)
+    assert PipelineConfig(predictors="gate").predictors == (GATE,)
+    assert PipelineConfig(predictors="gate,markov").predictors == ("markov", GATE)
     with pytest.raises(ConfigError, match=r"predictors = 'markov,gate'.*benchmark job has no model"):
         check_model_for_predictors(("markov", GATE), None, "benchmark")
     check_model_for_predictors(("markov",), None, "benchmark")

@@ -9,7 +9,7 @@ from mer.config import PipelineConfig
 from mer.errors import ConfigError
 from mer.predict.accuracy import AccuracyTracker, HintAccuracy
 from mer.predict.affinity import AffinityPredictor
-from mer.predict.fusion import GATE, PREDICTOR_NAMES, fuse, make_predictors, parse_predictor_names
+from mer.predict.fusion import GATE, PREDICTOR_NAMES, fuse, make_predictors
 from mer.predict.locality import LocalityPredictor
 
 
@@ -92,15 +92,6 @@ def test_fusion_of_one_predictor_passes_its_hints_through():
     assert fuse({"markov": []}, 2) == []
 
 
-def test_predictor_names_parse_in_canonical_order():
-    assert PREDICTOR_NAMES == ("markov", "locality", "affinity", "gate")
-    assert parse_predictor_names("affinity, markov") == ("markov", "affinity")
-    assert parse_predictor_names("gate,markov") == ("markov", "gate")
-    for bad, message in (("bogus", "unknown predictor 'bogus'"), ("markov,markov", "twice"), ("", "unknown")):
-        with pytest.raises(ConfigError, match=message):
-            parse_predictor_names(bad)
-
-
 def test_every_predictor_learns_a_fixed_cycle_perfectly():
     cycle = [[0, 1], [2, 3], [4, 5], [6, 7]]
     for predictor in make_predictors(tuple(name for name in PREDICTOR_NAMES if name != GATE), 8, 2):
@@ -121,8 +112,8 @@ def test_every_predictor_learns_a_fixed_cycle_perfectly():
 
 def test_config_keys_predictors_and_max_pinned():
     config = PipelineConfig(predictors="locality,markov", max_pinned=4, cache_slots=6, top_k=2)
-    assert config.predictors == "locality,markov" and config.max_pinned == 4
-    assert PipelineConfig().predictors == "markov" and PipelineConfig().max_pinned == 0
+    assert config.predictors == ("markov", "locality") and config.max_pinned == 4
+    assert PipelineConfig().predictors == ("markov",) and PipelineConfig().max_pinned == 0
     with pytest.raises(ConfigError, match="unknown predictor 'lru'"):
         PipelineConfig(predictors="lru")
     with pytest.raises(ConfigError, match="max_pinned 5 .* cache_slots 6: use at most 4"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -71,17 +73,26 @@ def test_writer_flushes_whole_tokens_only(tmp_path):
         writer.write(DECISIONS[3])
 
 
-def test_writer_works_as_an_async_context_manager(tmp_path):
+def test_in_an_event_loop_each_token_is_written_by_an_aiofiles_thread_with_the_same_bytes(tmp_path):
     path = tmp_path / "t.jsonl"
+    submitted = []
+
+    class RecordingExecutor(ThreadPoolExecutor):
+        def submit(self, function, *args, **kwargs):
+            submitted.append(threading.get_ident())
+            return super().submit(function, *args, **kwargs)
 
     async def record():
+        asyncio.get_running_loop().set_default_executor(RecordingExecutor(1))
         async with TraceWriter(path, HEADER) as writer:
             for decision in DECISIONS:
-                writer.write(decision)
-                await asyncio.sleep(0)
-        return writer
+                await writer.awrite(decision)
+        return writer, threading.get_ident()
 
-    assert asyncio.run(record()).is_closed
+    writer, loop_thread = asyncio.run(record())
+    assert writer.is_closed and writer.num_tokens_written == 2
+    assert submitted == [loop_thread] * 2  # one write per token, handed from the loop to the pool
+    assert path.read_bytes() == write_trace(tmp_path / "sync.jsonl").read_bytes()  # the format is unchanged
     assert list(read_trace(path)[1]) == DECISIONS
 
 
