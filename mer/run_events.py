@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, NamedTuple, TypeVar
 
 from mer.errors import EventLogError
 from mer.stats import percent
@@ -154,14 +154,13 @@ class PrefetchCounters(_EventRecord):
     predictor_observations: int = 0
 
 
-@dataclass(frozen=True)
-class PredictorCounters(_EventRecord):
+class PredictorCounters(NamedTuple):
     """One predictor's prefetch counters (I/O worker) and hint accuracy counters (predictor).
 
     hints received, reads issued for them, completed, used before eviction, wasted (evicted unused),
     dropped by the governor, cancelled (queued reads found stale); predictions scored against the
     next decision, top-1 hits, and the observed experts found among the k best hints (`topk_found`)
-    out of `topk_observed`.
+    out of `topk_observed`. A record: it travels in `IoStats`.
     """
 
     hints: int = 0
@@ -181,7 +180,7 @@ class PredictorCounters(_EventRecord):
         """The counters of `values` (missing ones are 0; others are checked and extra keys ignored)."""
         if not isinstance(values, Mapping):
             raise EventLogError(f"{where}: predictor counters must be a mapping, got {values!r}")
-        checked = {f.name: _checked(values[f.name], "int", f.name, where) for f in fields(cls) if f.name in values}
+        checked = {name: _checked(values[name], "int", name, where) for name in cls._fields if name in values}
         return cls(**checked)
 
     @property
@@ -194,8 +193,27 @@ class PredictorCounters(_EventRecord):
 
     def to_summary_dict(self) -> dict[str, Any]:
         """The counters plus top1_accuracy_pct and topk_accuracy_pct (0-100; 0.0 before any prediction)."""
-        return {**asdict(self), "top1_accuracy_pct": self.top1_accuracy_pct,
+        return {**self._asdict(), "top1_accuracy_pct": self.top1_accuracy_pct,
                 "topk_accuracy_pct": self.topk_accuracy_pct}
+
+
+class LayerHintCounts(NamedTuple):
+    """The gate predictor's hint accuracy for one target MoE layer `ahead` decisions before it
+    (`mer.predict.accuracy.LayerHintAccuracy`); a record: it travels in `PredictorStats` and `IoStats`."""
+
+    layer: int
+    ahead: int
+    predictions: int
+    top1_hits: int
+    topk_found: int
+    topk_observed: int
+    hinted_found: int
+
+    def to_summary_dict(self) -> dict[str, Any]:
+        """The counters with top1/topk accuracy and hinted recall (0-100), as the run summary's `per_layer`."""
+        return {**self._asdict(), "top1_accuracy_pct": percent(self.top1_hits, self.predictions),
+                "topk_accuracy_pct": percent(self.topk_found, self.topk_observed),
+                "hinted_recall_pct": percent(self.hinted_found, self.topk_observed)}
 
 
 def predictors_from_event(event: Mapping[str, Any], where: str) -> dict[str, PredictorCounters]:

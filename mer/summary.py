@@ -1,8 +1,10 @@
 """The run summary: every field of the seed benchmark's summary, computed from the logged events.
 
-`summarize(events, info)` (in the run) and `summarize_log_events(events)` (from a log, with the
-`run_started` event as `info`) run the same computation on the same event dicts, so a log tool
-recomputes a run's `run_summary` exactly. Definitions:
+`summarize_log_events(events)` computes it from a log's events (the `run_started` event as the
+run's info, the reads from the `expert_read` events); in the run, `summarize_log_events(events,
+reads)` takes the reads from the I/O worker's `IoStats` (`ReadFigures.of_stats`) instead, which
+counts every read it logs into the same `LatencyHistogram`, so a log tool recomputes a run's
+`run_summary` exactly. Definitions:
 
 - `wall_s`: from the first token's start to the last token's end, `max(t_end_s) - min(t_start_s)`
   over the `token_done` events (gaps between tokens included);
@@ -12,7 +14,8 @@ recomputes a run's `run_summary` exactly. Definitions:
   `demand_misses` = misses - prefetch_joins, the stalls: lookups whose read the foreground itself
   had to start (the simulator's `stalls`);
 - `reads`, `bytes_read`: count and byte sum of every `expert_read` (foreground and prefetch; the
-  seed printed demand reads only beside bytes of all reads); `io_latency_us` over their latency_us;
+  seed printed demand reads only beside bytes of all reads); `io_latency_us`: percentiles of their
+  latency_us from the `LatencyHistogram` (`mer.stats`: within 1%, exact at the extremes);
 - `compute_us`, `cycle_us`: percentiles over the tokens' compute_us and cycle_us (plus max);
 - `io_wait_us_per_token`, `compute_us_per_token`: means over ALL tokens (a token with no miss
   counts with io_wait 0, as in the seed's "over N tokens");
@@ -24,7 +27,7 @@ recomputes a run's `run_summary` exactly. Definitions:
   accuracies (`mer.predict.accuracy.LayerAccuracy`) when it has them; see `mer.predict.accuracy` and
   `mer.cache.prefetch_ledger` for the definitions.
 
-Percentiles are nearest-rank on exact values (`mer.stats`); sums of floats use math.fsum, so
+Other percentiles are nearest-rank on exact values (`mer.stats`); sums of floats use math.fsum, so
 the result does not depend on the order of events. Percentages are 0-100.
 """
 
@@ -38,7 +41,7 @@ from mer.errors import EventLogError
 from mer.logging_setup import LOG_SCHEMA_VERSION
 from mer.run_events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PredictorCounters, PrefetchCounters,
                             ReadRecord, RunInfo, TokenRecord, predictors_from_event)
-from mer.stats import Percentiles
+from mer.stats import LatencyHistogram, Percentiles
 
 MIB = 2**20
 _LATENCY_GROUPS = ("io_latency_us", "compute_us", "cycle_us")  # nested {p50, p95, p99}; cycle_us adds max
@@ -167,12 +170,30 @@ class GenerationSummary:
 JobSummary = RunSummary | GenerationSummary
 
 
+@dataclass(frozen=True)
+class ReadFigures:
+    """The reads of a run: how many, their bytes and their latency histogram."""
+
+    reads: int
+    bytes_read: int
+    latency: LatencyHistogram
+
+    @classmethod
+    def of_records(cls, records: list[ReadRecord]) -> "ReadFigures":
+        return cls(len(records), sum(r.nbytes for r in records), LatencyHistogram.of(r.latency_us for r in records))
+
+    @classmethod
+    def of_stats(cls, stats) -> "ReadFigures":
+        """The reads counted in an `IoStats` message."""
+        return cls(stats.reads.reads, stats.reads.nbytes, stats.read_latency_us)
+
+
 @dataclass
 class CollectedEvents:
     """The records of a run, gathered from its event dicts."""
 
     tokens: list[TokenRecord]
-    reads: list[ReadRecord]
+    reads: ReadFigures
     prefetch: PrefetchCounters
     run_infos: list[RunInfo]
     predictors: dict[str, PredictorCounters] = dataclass_field(default_factory=dict)
@@ -186,7 +207,8 @@ def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
     hold `expert_read` events the run's summary did not count: when `prefetch_stats` carries
     `reads_counted`, only the reads whose `read_index` is below it count.
     """
-    collected = CollectedEvents([], [], PrefetchCounters(), [])
+    collected = CollectedEvents([], ReadFigures.of_records([]), PrefetchCounters(), [])
+    reads: list[ReadRecord] = []
     seen_tokens: set[int] = set()
     read_indices: list[int | None] = []
     reads_counted: int | None = None
@@ -206,7 +228,7 @@ def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
             seen_tokens.add(record.token)
             collected.tokens.append(record)
         elif name == EXPERT_READ:
-            collected.reads.append(ReadRecord.from_event(event, where))
+            reads.append(ReadRecord.from_event(event, where))
             read_indices.append(event.get("read_index"))
         elif name == PREFETCH_STATS:
             collected.prefetch = PrefetchCounters.from_event(event, where)
@@ -218,8 +240,8 @@ def collect_events(events: Iterable[Mapping[str, Any]]) -> CollectedEvents:
         else:
             collected.run_infos.append(RunInfo.from_event(event, where))
     if isinstance(reads_counted, int):
-        collected.reads = [read for read, index in zip(collected.reads, read_indices)
-                           if not isinstance(index, int) or index < reads_counted]
+        reads = [read for read, index in zip(reads, read_indices) if not isinstance(index, int) or index < reads_counted]
+    collected.reads = ReadFigures.of_records(reads)
     return collected
 
 
@@ -228,9 +250,12 @@ def summarize(events: Iterable[Mapping[str, Any]], info: RunInfo) -> RunSummary:
     return _summarize_collected(collect_events(events), info)
 
 
-def summarize_log_events(events: Iterable[Mapping[str, Any]]) -> RunSummary:
-    """The run summary from a log's parsed events alone; the static info comes from `run_started`."""
+def summarize_log_events(events: Iterable[Mapping[str, Any]], reads: ReadFigures | None = None) -> RunSummary:
+    """The run summary from a log's parsed events; the static info comes from `run_started`, the reads
+    from `expert_read` events unless `reads` gives them (the run: from the I/O worker's `IoStats`)."""
     collected = collect_events(events)
+    if reads is not None:
+        collected.reads = reads
     if not collected.run_infos:
         raise EventLogError(f"no {RUN_STARTED} event: the log does not hold the start of a run")
     if len(collected.run_infos) > 1:
@@ -251,7 +276,7 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
     misses = sum(t.misses for t in tokens)
     joins = sum(t.prefetch_used for t in tokens)
     lookups = hits + misses
-    bytes_read = sum(r.nbytes for r in reads)
+    bytes_read = reads.bytes_read
     io_wait_sum = math.fsum(t.io_wait_us for t in tokens)
     cycle_sum = math.fsum(t.cycle_us for t in tokens)
     return RunSummary(
@@ -270,9 +295,9 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         prefetches_wasted=prefetch.wasted,
         prefetches_dropped=prefetch.dropped,
         predictor_observations=prefetch.predictor_observations,
-        reads=len(reads),
+        reads=reads.reads,
         bytes_read=bytes_read,
-        io_latency_us=Percentiles.of((r.latency_us for r in reads), with_max=False),
+        io_latency_us=reads.latency.percentiles(),
         compute_us=Percentiles.of((t.compute_us for t in tokens), with_max=False),
         cycle_us=Percentiles.of(t.cycle_us for t in tokens),
         io_wait_us_per_token=io_wait_sum / len(tokens),
@@ -287,6 +312,15 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
                            **({"per_layer": collected.per_layer[name]} if name in collected.per_layer else {})}
                     for name in sorted(collected.predictors)},
     )
+
+
+def predictor_summaries(reports) -> dict[str, dict[str, Any]]:
+    """The summary's `predictors` from an `IoStats`' `PredictorReport`s: each one's counters with its
+    accuracies, plus the gate's `per_layer` accuracies when it reported some."""
+    return {report.name: {**report.counters.to_summary_dict(),
+                          **({"per_layer": [layer.to_summary_dict() for layer in report.per_layer]}
+                             if report.per_layer else {})}
+            for report in sorted(reports, key=lambda report: report.name)}
 
 
 def _us(value: float | None) -> str:

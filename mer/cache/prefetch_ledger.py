@@ -17,12 +17,13 @@ The accuracy counters the predictor reports about itself (`PredictorStats`) are 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
 
+from mer.protocol import PredictorReport, PredictorStats
+from mer.run_events import LayerHintCounts, PredictorCounters
 
 
 @dataclass
-class PrefetchCounts:
+class _SourceCounts:
     """One predictor's prefetch counters."""
 
     hints: int = 0
@@ -38,12 +39,12 @@ class PrefetchLedger:
     """Prefetch counters by predictor name, with the predictor of every unused prefetched slot."""
 
     def __init__(self) -> None:
-        self.counts: dict[str, PrefetchCounts] = {}
-        self.accuracy: dict[str, dict[str, Any]] = {}
+        self.counts: dict[str, _SourceCounts] = {}
+        self.accuracy: dict[str, PredictorStats] = {}
         self._slot_source: dict[int, str] = {}  # prefetched slots not yet used, wasted or failed
 
     def _of(self, source: str) -> PrefetchCounts:
-        return self.counts.setdefault(source, PrefetchCounts())
+        return self.counts.setdefault(source, _SourceCounts())
 
     def hinted(self, source: str, count: int = 1) -> None:
         self._of(source).hints += count
@@ -71,24 +72,32 @@ class PrefetchLedger:
         if source is not None:
             self._of(source).cancelled += 1
 
-    def table_changed(self, slot: int, used: int, wasted: int) -> None:
-        """The slot table's prefetch_used / prefetch_wasted grew by `used` / `wasted` in a call on `slot`.
+    def used(self, slot: int) -> None:
+        """The prefetch read into `slot` served its first acquire (`AcquireResult.used_prefetch`)."""
+        source = self._slot_source.pop(slot, None)
+        if source is not None:
+            self._of(source).used += 1
 
-        A waste is the eviction of `slot`'s unused prefetch (the slot is reassigned at once); a use is
-        the first foreground acquire of `slot`'s prefetch.
-        """
-        source = self._slot_source.pop(slot, None) if used or wasted else None
-        if source is None:
-            return
-        counts = self._of(source)
-        counts.used += used
-        counts.wasted += wasted
+    def wasted(self, slot: int) -> None:
+        """`slot`'s unused prefetch was evicted (`wasted_prefetch`); call before the slot is issued again."""
+        source = self._slot_source.pop(slot, None)
+        if source is not None:
+            self._of(source).wasted += 1
 
-    def reported(self, source: str, accuracy: Mapping[str, Any]) -> None:
-        """The predictor's own latest accuracy counters for `source`."""
-        self._of(source)
-        self.accuracy[source] = dict(accuracy)
+    def reported(self, stats: PredictorStats) -> None:
+        """The predictor's own latest accuracy counters for `stats.source`."""
+        self._of(stats.source)
+        self.accuracy[stats.source] = stats
 
-    def as_dict(self) -> dict[str, dict[str, Any]]:
-        """`{name: {hints, issued, completed, used, wasted, dropped, <accuracy counters>}}`, names sorted."""
-        return {name: {**asdict(self.counts[name]), **self.accuracy.get(name, {})} for name in sorted(self.counts)}
+    def reports(self) -> list[PredictorReport]:
+        """Every predictor's counters, with its reported accuracy (per layer for the gate), names sorted."""
+        return [self._report(name) for name in sorted(self.counts)]
+
+    def _report(self, name: str) -> PredictorReport:
+        accuracy = self.accuracy.get(name)
+        if accuracy is None:
+            return PredictorReport(name, PredictorCounters(**asdict(self.counts[name])), [])
+        counters = PredictorCounters(**asdict(self.counts[name]), predictions=accuracy.predictions,
+                                     top1_hits=accuracy.top1_hits, topk_found=accuracy.topk_found,
+                                     topk_observed=accuracy.topk_observed)
+        return PredictorReport(name, counters, [LayerHintCounts(*layer) for layer in accuracy.per_layer])

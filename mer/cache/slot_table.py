@@ -43,13 +43,15 @@ leases after computing, reads always finish (ok or failed), and a pinned expert 
 `max_pinned` slots. So the slots that block a queued request are freed by work that does not
 wait for it.
 
-Counters (`CacheCounters`): a hit is a foreground acquire whose expert was READY or LEASED; every
-other non-NO_SLOT foreground acquire is a miss (a JOIN_LOADING also counts in `joins`), so
-hits + misses = foreground lookups. A background acquire (`foreground=False`: work ahead of need)
-leases like any other but counts only in `background_acquires`, and evicts only what a prefetch
-may evict. A slot loaded by a prefetch remembers it: its first foreground acquire (hit, or join of
-the in-flight read) counts `prefetch_used`; its eviction before any foreground use counts
-`prefetch_wasted`.
+Counters (`CacheCounters`): a hit is an acquire whose expert was READY or LEASED; every
+other non-NO_SLOT acquire is a miss (a JOIN_LOADING also counts in `joins`), so
+hits + misses = lookups. A slot loaded by a prefetch remembers it: its first acquire (hit, or join
+of the in-flight read) counts `prefetch_used`; its eviction before any use counts `prefetch_wasted`.
+
+Outcomes: every call says what it did, so no caller diffs counters. `acquire` returns an
+`AcquireResult` (kind, slot, generation, the evicted expert, whether that eviction wasted an unused
+prefetch, whether this acquire was the first use of a prefetched slot); `assign_prefetch` returns an
+`Assignment` with the same eviction facts.
 
 Ties are deterministic: a FREE slot is taken lowest index first; among evictable slots the policy
 decides (LRU: least recently inserted or used).
@@ -58,7 +60,7 @@ decides (LRU: least recently inserted or used).
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
@@ -82,22 +84,30 @@ class AcquireKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class AcquireResult:
-    """What `acquire` did. `slot`/`generation` are None only for NO_SLOT; `evicted_expert` only on MISS_ASSIGNED."""
+    """What `acquire` did. `slot`/`generation` are None only for NO_SLOT; `evicted_expert` only on MISS_ASSIGNED.
+
+    `wasted_prefetch`: the evicted slot held a prefetch never used (counted in `prefetch_wasted`);
+    `used_prefetch`: this acquire was the first use of a prefetched slot (counted in `prefetch_used`).
+    """
 
     kind: AcquireKind
     slot: int | None = None
     generation: int | None = None
     evicted_expert: int | None = None
+    wasted_prefetch: bool = False
+    used_prefetch: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """A slot assigned to an expert for a prefetch read (generation already bumped)."""
+    """A slot assigned to an expert for a prefetch read (generation already bumped); `wasted_prefetch`:
+    the evicted slot held a prefetch never used."""
 
     slot: int
     generation: int
     expert_id: int
     evicted_expert: int | None
+    wasted_prefetch: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +131,10 @@ class CacheCounters:
     joins: int = 0
     evictions: int = 0
     no_slot: int = 0
-    background_acquires: int = 0
     prefetches_assigned: int = 0
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     load_failures: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
 
 
 @dataclass(slots=True)
@@ -179,27 +185,20 @@ class SlotTable:
 
     # ---- foreground ----------------------------------------------------------------------------
 
-    def acquire(self, expert_id: int, token: int, foreground: bool = True) -> AcquireResult:
-        """Look up `expert_id` for a request of `token` and lease it (see the module docstring).
-
-        A background acquire (`foreground=False`, work ahead of need) leases the same way but counts
-        no lookup and no prefetch use, and may evict only what a prefetch may evict.
-        """
+    def acquire(self, expert_id: int, token: int) -> AcquireResult:
+        """Look up `expert_id` for a request of `token` and lease it (see the module docstring)."""
         slot = self._slot_of_expert.get(expert_id)
         if slot is not None:
-            return self._acquire_resident(slot, token, foreground)
-        if foreground:
-            taken = self._take_slot(self._is_evictable)
-        else:
-            taken = self._take_slot(lambda index: self._is_evictable(index, token=token))
+            return self._acquire_resident(slot, token)
+        taken = self._take_slot(self._is_evictable)
         if taken is None:
             self.counters.no_slot += 1
             return AcquireResult(AcquireKind.NO_SLOT)
-        slot, evicted_expert = taken
+        slot, evicted_expert, wasted = taken
         record = self._assign(slot, expert_id, token)
         record.pending_leases = 1
-        self._count_lookup(foreground, is_hit=False)
-        return AcquireResult(AcquireKind.MISS_ASSIGNED, slot, record.generation, evicted_expert)
+        self.counters.misses += 1
+        return AcquireResult(AcquireKind.MISS_ASSIGNED, slot, record.generation, evicted_expert, wasted)
 
     def finish_load(self, slot: int, generation: int, ok: bool) -> int:
         """The read into `slot` ended. Returns the number of pending requests (leased if ok, to fail if not)."""
@@ -236,11 +235,11 @@ class SlotTable:
         taken = self._take_slot(lambda index: self._is_evictable(index, token=token))
         if taken is None:
             return None
-        slot, evicted_expert = taken
+        slot, evicted_expert, wasted = taken
         record = self._assign(slot, expert_id, token)
         record.is_prefetched_unused = True
         self.counters.prefetches_assigned += 1
-        return Assignment(slot, record.generation, expert_id, evicted_expert)
+        return Assignment(slot, record.generation, expert_id, evicted_expert, wasted)
 
     # ---- pins ----------------------------------------------------------------------------------
 
@@ -266,32 +265,23 @@ class SlotTable:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _acquire_resident(self, slot: int, token: int, foreground: bool) -> AcquireResult:
+    def _acquire_resident(self, slot: int, token: int) -> AcquireResult:
         record = self._slots[slot]
         if record.state is SlotState.LOADING:
             record.pending_leases += 1
             kind = AcquireKind.JOIN_LOADING
+            self.counters.misses += 1
+            self.counters.joins += 1
         else:
             record.lease_count += 1
             record.state = SlotState.LEASED
             kind = AcquireKind.HIT
-        self._count_lookup(foreground, is_hit=kind is AcquireKind.HIT)
-        if foreground and kind is AcquireKind.JOIN_LOADING:
-            self.counters.joins += 1
-        if foreground and record.is_prefetched_unused:
-            record.is_prefetched_unused = False
-            self.counters.prefetch_used += 1
+            self.counters.hits += 1
+        used_prefetch, record.is_prefetched_unused = record.is_prefetched_unused, False
+        self.counters.prefetch_used += used_prefetch
         record.last_token = token if record.last_token is None else max(record.last_token, token)
         self.policy.record_access(slot, record.expert_id)
-        return AcquireResult(kind, slot, record.generation)
-
-    def _count_lookup(self, foreground: bool, is_hit: bool) -> None:
-        if not foreground:
-            self.counters.background_acquires += 1
-        elif is_hit:
-            self.counters.hits += 1
-        else:
-            self.counters.misses += 1
+        return AcquireResult(kind, slot, record.generation, used_prefetch=used_prefetch)
 
     def _is_evictable(self, slot: int, token: int | None = None) -> bool:
         """READY, unleased, unpinned; with `token` (prefetch) also not used in that or a later token."""
@@ -303,22 +293,22 @@ class SlotTable:
     def _prefetch_victim(self, token: int) -> int | None:
         return self.policy.choose_victim(lambda index: self._is_evictable(index, token=token))
 
-    def _take_slot(self, is_evictable: Callable[[int], bool]) -> tuple[int, int | None] | None:
-        """A FREE slot (lowest first), else an evicted victim: (slot, evicted expert or None), or None."""
+    def _take_slot(self, is_evictable: Callable[[int], bool]) -> tuple[int, int | None, bool] | None:
+        """A FREE slot (lowest first), else an evicted victim: (slot, evicted expert or None, whether the
+        victim held an unused prefetch), or None."""
         if self._free_slots:
-            return heapq.heappop(self._free_slots), None
+            return heapq.heappop(self._free_slots), None, False
         victim = self.policy.choose_victim(is_evictable)
         if victim is None:
             return None
         if not is_evictable(victim):
             raise SlotStateError(f"policy {self.policy.name!r} chose slot {victim}, which is not evictable")
         record = self._slots[victim]
-        evicted_expert = record.expert_id
+        evicted_expert, wasted = record.expert_id, record.is_prefetched_unused
         self.counters.evictions += 1
-        if record.is_prefetched_unused:
-            self.counters.prefetch_wasted += 1
+        self.counters.prefetch_wasted += wasted
         self._vacate(victim)
-        return victim, evicted_expert
+        return victim, evicted_expert, wasted
 
     def _assign(self, slot: int, expert_id: int, token: int) -> _Slot:
         record = self._slots[slot]

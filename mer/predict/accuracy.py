@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from mer.protocol import PredictorStats
+from mer.run_events import LayerHintCounts
 from mer.stats import percent
 
 
@@ -47,13 +49,10 @@ class HintAccuracy:
     def topk_accuracy_pct(self) -> float:
         return percent(self.topk_found, self.topk_observed)
 
-    def as_dict(self) -> dict[str, int | float]:
-        """The counters and both accuracies, as JSON-ready values."""
-        return {
-            "predictions": self.predictions, "top1_hits": self.top1_hits, "topk_found": self.topk_found,
-            "topk_observed": self.topk_observed, "top1_accuracy_pct": self.top1_accuracy_pct,
-            "topk_accuracy_pct": self.topk_accuracy_pct,
-        }
+    def report(self, source: str, per_layer: list[LayerHintCounts] | None = None) -> PredictorStats:
+        """The counters as the `PredictorStats` message of predictor `source`."""
+        return PredictorStats(source, self.predictions, self.top1_hits, self.topk_found, self.topk_observed,
+                              per_layer or [])
 
 
 class AccuracyTracker:
@@ -78,8 +77,9 @@ class AccuracyTracker:
         self.scores.setdefault(name, HintAccuracy())
         self._pending[name] = list(hints)
 
-    def as_dict(self, name: str) -> dict[str, int | float]:
-        return self.scores.setdefault(name, HintAccuracy()).as_dict()
+    def report(self, name: str) -> PredictorStats:
+        """`name`'s counters as its `PredictorStats` message."""
+        return self.scores.setdefault(name, HintAccuracy()).report(name)
 
     def weight(self, name: str) -> float:
         """`name`'s top-k accuracy so far, Laplace-smoothed: (found + 1) / (observed + 2), 0.5 at first."""
@@ -105,20 +105,13 @@ class LayerHintAccuracy(HintAccuracy):
             self.predictions += 1
             self.topk_observed += len(decision)
 
-    @property
-    def hinted_recall_pct(self) -> float:
-        return percent(self.hinted_found, self.topk_observed)
-
-    def as_dict(self) -> dict[str, int | float]:
-        return {**super().as_dict(), "hinted_found": self.hinted_found, "hinted_recall_pct": self.hinted_recall_pct}
-
 
 class LayerAccuracy:
     """Hints scored against the very decision they were made for, per target layer and distance.
 
     For predictors whose hints name their target (the gate: hints for token t's MoE layer L+s made at
     layer L). `hinted(token, layer, ahead, hints)` remembers them until the decision of (token, layer)
-    is observed; each (layer, ahead) is scored on its own. The totals (`as_dict`, `weight`) are those
+    is observed; each (layer, ahead) is scored on its own. The totals (`report`, `weight`) are those
     of the next-layer hints (ahead = 1), the ones `AccuracyTracker` would score for the others.
     """
 
@@ -150,14 +143,13 @@ class LayerAccuracy:
                 total.topk_observed += scores.topk_observed
         return total
 
-    def per_layer(self) -> list[dict[str, int | float]]:
-        """One entry per (target layer, ahead), by distance then layer: `layer`, `ahead` and the scores."""
-        return [{"layer": layer, "ahead": ahead, **self.scores[(layer, ahead)].as_dict()}
-                for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)]
-
-    def as_dict(self) -> dict[str, object]:
-        """The next-layer totals (as `HintAccuracy.as_dict`) and `per_layer`."""
-        return {**self.totals().as_dict(), "per_layer": self.per_layer()}
+    def report(self, source: str) -> PredictorStats:
+        """The next-layer totals and the per-layer counters, as the `PredictorStats` of `source`."""
+        per_layer = [LayerHintCounts(layer, ahead, scores.predictions, scores.top1_hits, scores.topk_found,
+                                     scores.topk_observed, scores.hinted_found)
+                     for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)
+                     for scores in (self.scores[(layer, ahead)],)]
+        return self.totals().report(source, per_layer)
 
     def weight(self) -> float:
         """The next-layer top-k accuracy so far, Laplace-smoothed as `AccuracyTracker.weight`."""

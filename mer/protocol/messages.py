@@ -19,6 +19,8 @@ from typing import Annotated, Any, NamedTuple, dataclass_transform
 import numpy as np
 
 from mer.errors import ConfigError, ProtocolError
+from mer.run_events import LayerHintCounts, PredictorCounters
+from mer.stats import LatencyHistogram
 
 
 class MessageKind(IntEnum):
@@ -40,6 +42,7 @@ class MessageKind(IntEnum):
     IO_STATS = 15
     PREDICTOR_STATS = 16
     PIN_SET = 17
+    SPLIT_READS = 18
     EXPERT_BATCH_JOB = 22
     EXPERT_BATCH_RESULT = 23
     ROUTING_OBSERVED = 30
@@ -110,6 +113,34 @@ class SliceRange(NamedTuple):
 
     start: int
     stop: int
+
+
+class ReadCounts(NamedTuple):
+    """Expert reads finished, and the bytes they read into slots (header page included)."""
+
+    reads: int
+    nbytes: int
+
+
+class PrefetchCounts(NamedTuple):
+    """The I/O worker's prefetch counters: hints admitted as reads (`issued`), reads finished
+    (`completed`), prefetched slots used before eviction (`used`) or evicted unused (`wasted`), hints
+    refused (`dropped`) and queued reads cancelled as stale (`cancelled`)."""
+
+    issued: int
+    completed: int
+    used: int
+    wasted: int
+    dropped: int
+    cancelled: int
+
+
+class PredictorReport(NamedTuple):
+    """One predictor's counters at the I/O worker, with the gate's per-layer accuracies ([] for others)."""
+
+    name: str
+    counters: PredictorCounters
+    per_layer: list[LayerHintCounts]
 
 
 class PrefetchHint(NamedTuple):
@@ -241,14 +272,13 @@ class TokenGenerated:
 # --- io.sock: slot leases and prefetch ------------------------------------------------------------
 
 
-@message(MessageKind.ACQUIRE)
+@message(MessageKind.ACQUIRE, version=2)
 class Acquire:
     """Lease slots holding `expert_ids` for `token`, reading the missing ones."""
 
     request_id: int
     token: int
     expert_ids: list[int]
-    foreground: bool
 
 
 @message(MessageKind.SLOTS_READY)
@@ -275,12 +305,17 @@ class PrefetchHints:
     source: str
 
 
-@message(MessageKind.PREDICTOR_STATS)
+@message(MessageKind.PREDICTOR_STATS, version=2)
 class PredictorStats:
-    """The predictor's own cumulative counters for the named predictor `source` (hint accuracy)."""
+    """The cumulative hint accuracy of the named predictor `source`, as it scores itself
+    (`mer.predict.accuracy`); the gate adds its accuracy per target layer."""
 
     source: str
-    stats: JsonMap
+    predictions: int
+    top1_hits: int
+    topk_found: int
+    topk_observed: int
+    per_layer: list[LayerHintCounts]
 
 
 @message(MessageKind.PIN_SET)
@@ -298,12 +333,35 @@ class StatsRequest:
     request_id: int
 
 
-@message(MessageKind.IO_STATS)
+@message(MessageKind.SPLIT_READS)
+class SplitReads:
+    """Count the reads for tokens >= `token` (of an acquire, or of the hints that started a prefetch)
+    also apart, in `IoStats.split_reads`: generation names its prompt length, so the bytes read for
+    its decode steps are exact. Sent before the first `Acquire` on the same socket."""
+
+    token: int
+
+
+@message(MessageKind.IO_STATS, version=2)
 class IoStats:
-    """Answer to `StatsRequest`: the I/O worker's counters and latency figures."""
+    """Answer to `StatsRequest`: the I/O worker's counters. Aggregates only, so its size does not
+    grow with the run (`tests/integration/test_io_stats_size.py`)."""
 
     request_id: int
-    stats: JsonMap
+    io_backend: str
+    o_direct: bool
+    foreground_reads: ReadCounts
+    prefetch_reads: ReadCounts
+    split_reads: ReadCounts  # the reads for tokens >= the `SplitReads` token (all of them without one)
+    read_latency_us: LatencyHistogram  # every finished read, foreground and prefetch
+    prefetch: PrefetchCounts
+    predictors: list[PredictorReport]  # by name
+
+    @property
+    def reads(self) -> ReadCounts:
+        """Every finished read."""
+        return ReadCounts(self.foreground_reads.reads + self.prefetch_reads.reads,
+                          self.foreground_reads.nbytes + self.prefetch_reads.nbytes)
 
 
 # --- compute.sock: SwiGLU on slot payloads --------------------------------------------------------
@@ -398,5 +456,5 @@ class ErrorReply:
 Message = (
     Hello | Ready | ChildFailed | Shutdown | JobDone | StartBenchmark | StartGeneration | Acquire | SlotsReady
     | Release | PrefetchHints | StatsRequest | IoStats | RoutingObserved | ErrorReply | TokenGenerated
-    | ExpertBatchJob | ExpertBatchResult | HiddenObserved
+    | ExpertBatchJob | ExpertBatchResult | HiddenObserved | PredictorStats | PinSet | SplitReads
 )

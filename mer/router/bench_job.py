@@ -9,9 +9,9 @@ workers; release), and adds their outputs with the gate weights in the decision'
 token's routing is drawn only after the current token completes, so any overlap of reads with
 compute comes from prediction alone.
 
-Every token is logged as a `token_done` event; the summary is computed from these events, the I/O
-worker's `expert_read` records and the prefetch counters (`mer.summary`), exactly as `logs
-summarize` recomputes it from a log file.
+Every token is logged as a `token_done` event; the summary is computed from these events and the
+I/O worker's final `IoStats` (read counts, bytes, latency histogram, prefetch counters:
+`mer.summary`), exactly as `logs summarize` recomputes it from a log file's `expert_read` events.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from mer.router.expert_client import DispatchLog, ExpertDispatcher, ExpertStats
 from mer.router.hidden_states import synthetic_hidden_state
 from mer.router.job import Job, sends_hidden
 from mer.routing import RoutingDecision, RoutingSpace
-from mer.run_events import (EXPERT_READ, PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE,
-                            PrefetchCounters,
-                            RunInfo, TokenRecord, predictors_from_event)
+from mer.run_events import (PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
+                            RunInfo, TokenRecord)
 from mer.store.manifest import Manifest
-from mer.summary import RunSummary, summarize_log_events
+from mer.summary import ReadFigures, RunSummary, predictor_summaries, summarize_log_events
 from mer.trace import TraceHeader, TraceWriter, read_trace
 from mer.workloads.factory import make_workload
 
@@ -78,7 +77,7 @@ class BenchJob(Job):
 
     async def run(self) -> RunSummary:
         io_stats = await self.io.stats()
-        events: list[dict] = [{"event": RUN_STARTED, **self.run_info(str(io_stats["io_backend"])).__dict__}]
+        events: list[dict] = [{"event": RUN_STARTED, **self.run_info(io_stats.io_backend).__dict__}]
         self.log.info(RUN_STARTED, **{k: v for k, v in events[0].items() if k != "event"},
                       config=self.config.to_dict())
         trace = TraceWriter(self.config.record_trace, TraceHeader.for_space(self.space)) if self.config.record_trace else None
@@ -138,22 +137,20 @@ class BenchJob(Job):
         return weighted_sum([outputs[expert_id] for expert_id in expert_ids], decision.weights), stats
 
     async def _summarize(self, events: list[dict]) -> RunSummary:
+        """The summary from the tokens' events and the I/O worker's final `IoStats` (its reads as a
+        histogram: `logs summarize` recomputes the same from the `expert_read` events, cut at `reads_counted`)."""
         io_stats = await self.io.stats()
-        for read in io_stats["reads"]:
-            events.append({"event": EXPERT_READ, **read})
-        counters = PrefetchCounters(
-            issued=int(io_stats["prefetches_issued"]), completed=int(io_stats["prefetches_completed"]),
-            used=int(io_stats["prefetches_used"]), wasted=int(io_stats["prefetches_wasted"]),
-            dropped=int(io_stats["prefetches_dropped"]), predictor_observations=self.observations,
-        )
-        predictors = dict(io_stats.get("predictors", {}))
+        prefetch = io_stats.prefetch
+        counters = PrefetchCounters(issued=prefetch.issued, completed=prefetch.completed, used=prefetch.used,
+                                    wasted=prefetch.wasted, dropped=prefetch.dropped,
+                                    predictor_observations=self.observations)
+        predictors = predictor_summaries(io_stats.predictors)
         self.log.info(PREFETCH_STATS, **counters.to_event_fields(), predictors=predictors,
-                      reads_counted=len(io_stats["reads"]))
-        event = {"event": PREFETCH_STATS, **counters.to_event_fields(), "predictors": predictors}
-        for name, predictor in predictors_from_event(event, PREFETCH_STATS).items():
-            self.log.info(PREDICTOR_STATS, predictor=name, **predictor.to_summary_dict())
-        events.append(event)
-        return summarize_log_events(events)
+                      reads_counted=io_stats.reads.reads)
+        for name, predictor in predictors.items():
+            self.log.info(PREDICTOR_STATS, predictor=name, **{k: v for k, v in predictor.items() if k != "per_layer"})
+        events.append({"event": PREFETCH_STATS, **counters.to_event_fields(), "predictors": predictors})
+        return summarize_log_events(events, ReadFigures.of_stats(io_stats))
 
 
 def check_trace_has_residuals(trace_path) -> None:

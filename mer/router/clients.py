@@ -18,7 +18,7 @@ from mer.errors import PipelineError
 from mer.expert_batches import PackedBatches
 from mer.protocol import (
     Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, Release, SlotGrant, SlotRef,
-    SlotsReady, SliceRange, StatsRequest, decode, encode, raise_remote,
+    SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode, raise_remote,
 )
 from mer.slicing import slices_of_worker
 
@@ -78,18 +78,21 @@ class IoClient:
 
     async def acquire(self, token: int, expert_ids: list[int]) -> list[SlotGrant]:
         request_id, future = self.pending.new()
-        await self.socket.send_multipart(encode(Acquire(request_id, token, list(expert_ids), True)))
+        await self.socket.send_multipart(encode(Acquire(request_id, token, list(expert_ids))))
         reply: SlotsReady = await future
         return list(reply.refs)
 
     async def release(self, refs: list[SlotRef]) -> None:
         await self.socket.send_multipart(encode(Release(list(refs))))
 
-    async def stats(self) -> dict:
+    async def split_reads(self, token: int) -> None:
+        """Have the I/O worker count the reads for tokens >= `token` apart (`IoStats.split_reads`)."""
+        await self.socket.send_multipart(encode(SplitReads(token)))
+
+    async def stats(self) -> IoStats:
         request_id, future = self.pending.new()
         await self.socket.send_multipart(encode(StatsRequest(request_id)))
-        reply: IoStats = await future
-        return dict(reply.stats)
+        return await future
 
     def close(self) -> None:
         self.receiver.cancel()

@@ -7,11 +7,13 @@ to the supervisor at once (`TokenGenerated`); routing decisions go to the predic
 
 The summary (`mer.summary.GenerationSummary`) holds the tokens, timings and cache figures;
 `mib_read_per_token` counts the bytes the I/O worker read for the decode steps (reads started by an
-acquire or by prefetch hints of a generated token's position) per decode step. Expert lookups are
-`hits`, `prefetch_joins` (misses that joined a prefetch read already in flight) and `demand_misses`
-(reads the foreground had to start): hits + prefetch_joins + demand_misses = lookups. With the gate
-predictor on, the router also sends each token's residual to the predictor (`sends_hidden`), and
-the gate's per-layer accuracies (`predictors.gate.per_layer`) are logged as `gate_layer_accuracy`.
+acquire or by prefetch hints of a generated token's position; the I/O worker counts them apart from
+the prompt length on, which the job names with `SplitReads` before its first acquire) per decode step.
+Expert lookups are `hits`, `prefetch_joins` (misses that joined a prefetch read already in flight)
+and `demand_misses` (reads the foreground had to start): hits + prefetch_joins + demand_misses =
+lookups. With the gate predictor on, the router also sends each token's residual to the predictor
+(`sends_hidden`), and the gate's per-layer accuracies (`predictors.gate.per_layer`) are logged as
+`gate_layer_accuracy`.
 """
 
 from __future__ import annotations
@@ -33,9 +35,8 @@ from mer.predict.fusion import GATE
 from mer.router.expert_client import ExpertDispatcher, ExpertStats
 from mer.router.graph_forward import DenseThread, GraphExperts
 from mer.router.job import Job, sends_hidden
-from mer.run_events import PredictorCounters
 from mer.store.manifest import Manifest
-from mer.summary import GenerationSummary
+from mer.summary import GenerationSummary, predictor_summaries
 from mer.trace import TraceHeader, TraceWriter
 
 MIB = 2**20
@@ -66,6 +67,7 @@ class GenerateJob(Job):
                           prompt_tokens=len(self.start.prompt_tokens), max_tokens=self.start.max_tokens,
                           dense_warm_up_s=round(warm_up_s, 3), cache_slots=self.config.cache_slots)
             trace = self._open_trace(model)
+            await self.io.split_reads(len(self.start.prompt_tokens))  # the decode steps' reads, counted apart
             try:
                 experts = self._experts(model, trace)
                 result = await self._generate(ForwardPass(model, experts, dense, experts))
@@ -113,9 +115,7 @@ class GenerateJob(Job):
     async def _summary(self, result: GenerationResult, experts: GraphExperts) -> GenerationSummary:
         stats = await self.io.stats()
         prompt_length = len(result.prompt_tokens)
-        reads = stats["reads"]
-        decode_bytes = sum(read["nbytes"] for read in reads if read["token"] >= prompt_length)
-        total_bytes = sum(read["nbytes"] for read in reads)
+        reads, decode_bytes = stats.reads, stats.split_reads.nbytes  # split at the prompt length
         lookups = ExpertStats()
         lookups.add(experts.prefill)
         lookups.add(experts.decode)
@@ -130,27 +130,18 @@ class GenerateJob(Job):
             hits=hits, misses=misses, lookups=hits + misses, prefetch_joins=lookups.prefetch_joins,
             demand_misses=misses - lookups.prefetch_joins,
             hit_rate_pct=100.0 * hits / (hits + misses) if hits + misses else 0.0,
-            reads=len(reads), bytes_read=total_bytes, decode_bytes_read=decode_bytes,
+            reads=reads.reads, bytes_read=reads.nbytes, decode_bytes_read=decode_bytes,
             mib_read_per_token=decode_bytes / MIB / steps if steps else 0.0,
-            prefetches_issued=int(stats["prefetches_issued"]), prefetches_used=int(stats["prefetches_used"]),
-            prefetches_wasted=int(stats["prefetches_wasted"]), predictor_observations=experts.observations,
-            predictors={name: predictor_summary(values)
-                        for name, values in sorted(dict(stats.get("predictors", {})).items())},
+            prefetches_issued=stats.prefetch.issued, prefetches_used=stats.prefetch.used,
+            prefetches_wasted=stats.prefetch.wasted, predictor_observations=experts.observations,
+            predictors=predictor_summaries(stats.predictors),
             dense_us_per_block=decode.dense_us / blocks, expert_us_per_block=decode.expert_us / blocks,
             io_wait_us_per_block=experts.decode.io_wait_us / blocks,
             expert_compute_us_per_block=experts.decode.compute_us / blocks,
             other_us_per_token=decode.other_us / steps if steps else 0.0,
             cache_slots=self.config.cache_slots, compute_workers=self.compute_workers,
-            io_backend=str(stats["io_backend"]),
+            io_backend=stats.io_backend,
         )
-
-
-def predictor_summary(values: dict) -> dict:
-    """One predictor's summary entry: its counters and accuracies, and the gate's `per_layer` accuracies."""
-    entry = PredictorCounters.from_mapping(values, "I/O stats").to_summary_dict()
-    if "per_layer" in values:
-        entry["per_layer"] = list(values["per_layer"])
-    return entry
 
 
 def warm_up_dense(model: MoEModel) -> float:

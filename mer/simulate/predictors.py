@@ -6,7 +6,7 @@ next, best first. Names (`PREDICTOR_NAMES`):
 
 - `none`: no prefetch (the simulator runs demand fetch only);
 - `markov`, `locality`, `affinity`: the live predictors (`mer.predict`, built by
-  `mer.predict.fusion.make_predictors` as `workers/predictor.py` builds them), asked for
+  `mer.predict.fusion.make_predictors` as `mer/predict/service.py` builds them), asked for
   `predict_fanout` hints per step for `pipeline_depth` steps ahead;
 - `fused`: the three together, their hints fused as the live predictor process fuses them
   (`mer.predict.fusion.fuse`, weighted by each predictor's smoothed top-k accuracy so far).

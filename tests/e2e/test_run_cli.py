@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 
+from tests.host import AUTO_BACKEND
 from tests.pipeline_runs import MER_PIPELINE, SUMMARY_KEYS, run_pipeline
 
 TINY_PAYLOAD_NBYTES = 221_184
@@ -105,7 +106,7 @@ def test_json_prints_exactly_one_object_with_every_summary_key(leak_guard, pipel
     assert (summary["cache_slots"], summary["pool_slots"]) == (4, 4 + 2)  # plus the prefetch fanout
     assert (summary["d_model"], summary["d_ff"], summary["dtype"]) == (256, 512, "q4_0")
     assert summary["bytes_per_expert"] == TINY_PAYLOAD_NBYTES
-    assert (summary["compute_workers"], summary["io_backend"]) == (2, "uring")
+    assert (summary["compute_workers"], summary["io_backend"]) == (2, AUTO_BACKEND)
     assert summary["hits"] + summary["misses"] == 24 * 2
     assert summary["predictor_observations"] == 24
     assert math.isclose(summary["sustained_tps"], summary["tokens"] / summary["wall_s"], rel_tol=1e-12)
@@ -139,7 +140,7 @@ def test_plain_output_is_the_seed_format_block(leak_guard, pipeline_stores, tmp_
         r"cycle latency: p50=\d+us p95=\d+us p99=\d+us max=\d+us",
         rf"per-token avg: io_wait={number}us compute={number}us \(over 10 tokens\)",
         rf"I/O share: {summary['io_share_pct']:.2f}% of token cycle time spent waiting on SSD reads",
-        r"workers: compute=1 io_backend=uring",
+        rf"workers: compute=1 io_backend={AUTO_BACKEND}",
     ]
     assert len(lines) == len(patterns), run.stdout
     for line, pattern in zip(lines, patterns):

@@ -144,6 +144,22 @@ def test_routing_reaches_the_predictor_and_the_trace(models, leak_guard, workdir
     assert blocks[0]["tokens"] == len(result["prompt_tokens"]) and blocks[-1]["tokens"] == 1
 
 
+def test_decode_bytes_are_the_reads_for_generated_positions(models, leak_guard, workdir):
+    """`decode_bytes_read` (counted by the I/O worker from the prompt length on, `SplitReads`) equals the
+    bytes of the logged reads whose token is a generated position; `bytes_read` those of every read."""
+    result_run = run_generate(leak_guard, models["llama"].path, "--prompt", PROMPT, "-n", STEPS, "--ignore-eos",
+                              "--cache-slots", 3, "--compute-workers", 1, workdir=workdir,
+                              cache_dir=workdir / "cache")
+    result = result_run.result
+    reads = [event for event in result_run.events_named("expert_read") if event["read_index"] < result["reads"]]
+    assert len(reads) == result["reads"] > 0  # a read finishing after the final statistics is not counted
+    prompt_length = len(result["prompt_tokens"])
+    decode_bytes = sum(event["nbytes"] for event in reads if event["token"] >= prompt_length)
+    assert 0 < decode_bytes < result["bytes_read"] == sum(event["nbytes"] for event in reads)
+    assert result["decode_bytes_read"] == decode_bytes
+    assert result["mib_read_per_token"] == decode_bytes / 2**20 / result["decode_steps"]
+
+
 # io_uring forced where this host runs it; elsewhere `auto`, which must then pick preadv (tests/host.py)
 URING = "auto" if URING_PROBLEM else "uring"
 CONFIGURATIONS = {

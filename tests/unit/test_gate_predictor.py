@@ -149,7 +149,8 @@ def test_per_layer_accuracy_scores_each_hint_list_against_its_own_decision():
     accuracy.hinted(7, 2, 1, [17, 18])
     assert accuracy.observe(7, 2, [17, 20]) is True  # scored twice: from 2 layers back and from 1
     assert accuracy.observe(8, 1, [11, 12]) is True  # an empty hint list finds nothing
-    assert accuracy.per_layer() == [
+    report = accuracy.report(GATE)
+    assert [layer.to_summary_dict() for layer in report.per_layer] == [
         {"layer": 1, "ahead": 1, "predictions": 2, "top1_hits": 0, "topk_found": 1, "topk_observed": 4,
          "top1_accuracy_pct": 0.0, "topk_accuracy_pct": 25.0, "hinted_found": 2, "hinted_recall_pct": 50.0},
         {"layer": 2, "ahead": 1, "predictions": 1, "top1_hits": 1, "topk_found": 1, "topk_observed": 2,
@@ -157,9 +158,9 @@ def test_per_layer_accuracy_scores_each_hint_list_against_its_own_decision():
         {"layer": 2, "ahead": 2, "predictions": 1, "top1_hits": 0, "topk_found": 1, "topk_observed": 2,
          "top1_accuracy_pct": 0.0, "topk_accuracy_pct": 50.0, "hinted_found": 1, "hinted_recall_pct": 50.0},
     ]
-    totals = accuracy.as_dict()  # the next-layer hints only
-    assert (totals["predictions"], totals["top1_hits"], totals["topk_found"], totals["topk_observed"]) == (3, 1, 2, 6)
-    assert totals["per_layer"] == accuracy.per_layer()
+    # the totals count the next-layer hints only
+    assert (report.predictions, report.top1_hits, report.topk_found, report.topk_observed) == (3, 1, 2, 6)
+    assert report.source == GATE
     assert accuracy.weight() == (2 + 1) / (6 + 2)
 
 

@@ -79,40 +79,19 @@ def test_uniform_routing_is_dropped_and_a_cycle_is_admitted():
     assert admitted_share(cycle, 16) >= 0.95
 
 
-class QueuedReader:
-    """A reader stand-in: every future it was given is still queued, so `cancel` succeeds once."""
-
-    def __init__(self):
-        self.cancelled = []
-
-    def cancel(self, future) -> bool:
-        if future in self.cancelled:
-            return False
-        self.cancelled.append(future)
-        return True
-
-
-def test_io_worker_cancels_only_stale_unjoined_prefetches():
-    from types import SimpleNamespace
-
-    from mer.cache.prefetch_ledger import PrefetchLedger
+def test_admission_finds_only_stale_unjoined_prefetches():
+    from mer.cache.admission import PrefetchAdmission
     from mer.cache.slot_table import SlotTable
-    from mer.protocol import Acquire
-    from workers.io_worker import IoWorker, Load
 
-    worker = object.__new__(IoWorker)
-    worker.context = SimpleNamespace(config=SimpleNamespace(pipeline_depth=1))
-    worker.governor = PrefetchGovernor(0.05)
-    worker.table, worker.ledger, worker.reader = SlotTable(4), PrefetchLedger(), QueuedReader()
-    worker.prefetch = {"issued": 0, "completed": 0, "dropped": 0, "cancelled": 0}
-    worker.loads = {}
+    admission = PrefetchAdmission(SlotTable(4), PrefetchGovernor(0.05), limit=8, depth=1)
+    queued = []
     for expert, hint_token in ((10, 3), (11, 4), (12, 3)):  # 12 is requested by the acquire below
-        assignment = worker.table.assign_prefetch(expert, hint_token)
-        worker.ledger.issued("markov", assignment.slot)
-        worker.loads[assignment.slot] = Load(None, f"read-{expert}", "prefetch", hint_token)
-    worker._cancel_stale_prefetches(Acquire(1, 4, [12, 13], True))
-    assert worker.reader.cancelled == ["read-10"]  # 11 was hinted at token 4 (not stale), 12 is joined
-    assert worker.prefetch["cancelled"] == 1 and worker.ledger.as_dict()["markov"]["cancelled"] == 1
-    worker.governor = PrefetchGovernor(0.0)  # governor off: nothing is cancelled
-    worker._cancel_stale_prefetches(Acquire(2, 9, [13], True))
-    assert worker.reader.cancelled == ["read-10"]
+        assignment = admission.admit("markov", 0, expert, hint_token, hint_token, 0, 0)
+        queued.append((assignment.slot, hint_token))
+    stale = admission.stale_slots(4, [12, 13], queued)
+    assert stale == [queued[0][0]]  # 10; 11 was hinted at token 4 (not stale), 12 is joined
+    admission.cancelled_read(stale[0])
+    markov = admission.ledger.reports()[0]
+    assert admission.counts().cancelled == 1 and (markov.name, markov.counters.cancelled) == ("markov", 1)
+    admission.governor = PrefetchGovernor(0.0)  # governor off: nothing is stale
+    assert admission.stale_slots(9, [13], queued) == []

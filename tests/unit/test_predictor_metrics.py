@@ -7,10 +7,13 @@ import json
 
 import pytest
 
+from mer.cache.admission import PrefetchAdmission
+from mer.cache.governor import PrefetchGovernor
 from mer.cache.prefetch_ledger import PrefetchLedger
 from mer.cache.slot_table import AcquireKind, SlotTable
 from mer.errors import EventLogError
 from mer.predict.accuracy import AccuracyTracker, HintAccuracy
+from mer.protocol import PredictorStats
 from mer.run_events import PredictorCounters, PrefetchCounters, ReadRecord, RunInfo, TokenRecord
 from mer.summary import RunSummary, format_seed_block, summarize_log_events
 
@@ -35,9 +38,8 @@ def test_tracker_scores_previous_hints_against_the_next_decision_only():
     tracker.hinted("other", [0, 9])
     assert sorted(tracker.observe([2, 3])) == ["markov", "other"]
     assert tracker.observe([2, 3]) == []  # hints are scored once
-    assert tracker.as_dict("markov")["top1_accuracy_pct"] == 100.0
-    assert tracker.as_dict("markov")["topk_accuracy_pct"] == 100.0
-    assert tracker.as_dict("other")["top1_hits"] == 0 and tracker.as_dict("other")["topk_found"] == 0
+    assert tracker.report("markov") == PredictorStats("markov", 1, 1, 2, 2, [])  # top-1 and top-k 100%
+    assert tracker.report("other") == PredictorStats("other", 1, 0, 0, 2, [])
 
 
 def test_a_fixed_cycle_is_predicted_perfectly_after_warm_up():
@@ -57,42 +59,42 @@ def test_a_fixed_cycle_is_predicted_perfectly_after_warm_up():
 
 
 class Ledgered:
-    """A SlotTable driven the way the I/O worker drives it, with its ledger."""
+    """A SlotTable driven the way the I/O worker drives it: through `PrefetchAdmission`, governor off."""
 
     def __init__(self, slots: int):
         self.table = SlotTable(slots)
-        self.ledger = PrefetchLedger()
-
-    def _delta(self, slot: int, before: tuple[int, int]) -> None:
-        counters = self.table.counters
-        self.ledger.table_changed(slot, counters.prefetch_used - before[0], counters.prefetch_wasted - before[1])
+        self.admission = PrefetchAdmission(self.table, PrefetchGovernor(0.0), limit=100, depth=1)
+        self.ledger = self.admission.ledger
 
     def prefetch(self, source: str, expert: int, token: int) -> int | None:
         self.ledger.hinted(source)
-        before = self.table.counters.prefetch_used, self.table.counters.prefetch_wasted
-        assignment = self.table.assign_prefetch(expert, token)
-        if assignment is None:
-            self.ledger.dropped(source)
-            return None
-        self._delta(assignment.slot, before)
-        self.ledger.issued(source, assignment.slot)
-        return assignment.slot
+        assignment = self.admission.admit(source, 0, expert, token, token, prefetches_in_flight=0, reads_pending=0)
+        return None if assignment is None else assignment.slot
 
     def finish(self, slot: int, ok: bool = True) -> None:
         info = self.table.slot_info(slot)
         self.table.finish_load(slot, info.generation, ok=ok)
-        self.ledger.completed(slot, ok)
+        self.admission.finished(slot, ok)
 
     def use(self, expert: int, token: int) -> int:
-        """Foreground acquire + (finish if it started a read) + release; returns the slot."""
-        before = self.table.counters.prefetch_used, self.table.counters.prefetch_wasted
-        result = self.table.acquire(expert, token, True)
+        """Acquire + (finish if it started a read) + release; returns the slot."""
+        result = self.table.acquire(expert, token)
         assert result.kind is not AcquireKind.NO_SLOT
-        self._delta(result.slot, before)
+        self.admission.acquired(result)
         if result.kind is AcquireKind.MISS_ASSIGNED:
             self.table.finish_load(result.slot, result.generation, ok=True)
         self.table.release(result.slot, result.generation)
         return result.slot
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """The prefetch counters of each predictor (its accuracy counters must still be 0)."""
+        reports = self.ledger.reports()
+        for report in reports:
+            assert report.counters[7:] == (0, 0, 0, 0) and report.per_layer == []
+        return {report.name: {key: report.counters._asdict()[key] for key in PREFETCH_FIELDS} for report in reports}
+
+
+PREFETCH_FIELDS = ("hints", "issued", "completed", "used", "wasted", "dropped", "cancelled")
 
 
 def test_ledger_attributes_use_waste_drop_and_failure_to_the_hinting_predictor():
@@ -108,7 +110,7 @@ def test_ledger_attributes_use_waste_drop_and_failure_to_the_hinting_predictor()
     run.use(10, token=1)  # markov's prefetch of 10 used
     run.use(14, token=2)  # evicts a free/ready slot: c's slot is free after the failure
     run.use(15, token=3)  # must evict: LRU victim is locality's unused 11 -> wasted
-    counts = run.ledger.as_dict()
+    counts = run.counts()
     assert counts["markov"] == {"hints": 3, "issued": 2, "completed": 1, "used": 1, "wasted": 0, "dropped": 1,
                                 "cancelled": 0}
     assert counts["locality"] == {"hints": 1, "issued": 1, "completed": 1, "used": 0, "wasted": 1, "dropped": 0,
@@ -119,19 +121,22 @@ def test_ledger_attributes_use_waste_drop_and_failure_to_the_hinting_predictor()
 def test_ledger_counts_a_cancelled_prefetch_for_its_predictor_only():
     run = Ledgered(2)
     slot = run.prefetch("affinity", 5, token=0)
-    run.ledger.cancelled(slot)
+    run.admission.cancelled_read(slot)
     run.finish(slot, ok=False)  # the reader cancels the future: the read ends as failed
     run.use(5, token=1)  # a plain foreground miss now: no prefetch use
-    assert run.ledger.as_dict()["affinity"] == {"hints": 1, "issued": 1, "completed": 0, "used": 0, "wasted": 0,
+    assert run.admission.counts().cancelled == 1
+    assert run.counts()["affinity"] == {"hints": 1, "issued": 1, "completed": 0, "used": 0, "wasted": 0,
                                                 "dropped": 0, "cancelled": 1}
 
 
 def test_ledger_merges_reported_accuracy_and_sorts_names():
     ledger = PrefetchLedger()
     ledger.hinted("markov", 4)
-    ledger.reported("affinity", {"predictions": 2, "top1_hits": 1})
-    assert list(ledger.as_dict()) == ["affinity", "markov"]
-    assert ledger.as_dict()["affinity"]["top1_hits"] == 1 and ledger.as_dict()["markov"]["hints"] == 4
+    ledger.reported(PredictorStats("affinity", 2, 1, 0, 0, []))
+    reports = {report.name: report for report in ledger.reports()}
+    assert [report.name for report in ledger.reports()] == ["affinity", "markov"]
+    assert reports["affinity"].counters.top1_hits == 1 and reports["affinity"].counters.predictions == 2
+    assert reports["markov"].counters.hints == 4 and reports["markov"].counters.predictions == 0
 
 
 def run_events(predictors: dict | None) -> list[dict]:

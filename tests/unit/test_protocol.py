@@ -8,6 +8,8 @@ import pytest
 import zmq
 
 from mer.errors import ProtocolError, RemoteError
+from mer.run_events import LayerHintCounts, PredictorCounters
+from mer.stats import LatencyHistogram
 from mer.protocol import (
     MESSAGE_TYPES,
     Acquire,
@@ -24,7 +26,11 @@ from mer.protocol import (
     PrefetchHint,
     PinSet,
     PrefetchHints,
+    PredictorReport,
     PredictorStats,
+    PrefetchCounts,
+    ReadCounts,
+    SplitReads,
     Ready,
     Release,
     RoutingObserved,
@@ -49,6 +55,28 @@ def activations(batch: int = 1, d_model: int = 4096, seed: int = 0) -> np.ndarra
     return np.random.default_rng(seed).standard_normal((batch, d_model), dtype=np.float32)
 
 
+def io_stats_sample() -> IoStats:
+    """An `IoStats` with every counter set (a histogram of three latencies, two predictors)."""
+    markov = PredictorReport("markov", PredictorCounters(9, 5, 4, 3, 1, 4, 0, 8, 5, 11, 16), [])
+    gate = PredictorReport("gate", PredictorCounters(hints=2, predictions=1), [LayerHintCounts(3, 1, 1, 1, 2, 2, 2)])
+    return IoStats(99, "uring", True, ReadCounts(12, 12 << 20), ReadCounts(5, 5 << 20), ReadCounts(7, 7 << 20),
+                   LatencyHistogram.of([0.5, 812.5, 1 << 40]), PrefetchCounts(5, 4, 3, 1, 4, 0), [gate, markov])
+
+
+def test_io_stats_records_are_checked_by_path():
+    body = msgpack.unpackb(encode(io_stats_sample())[1])
+    assert decode(frames_with_body(io_stats_sample(), body)) == io_stats_sample()
+    with pytest.raises(ProtocolError, match=r"IoStats\.o_direct: expected a boolean, got int 1"):
+        decode(frames_with_body(io_stats_sample(), [*body[:2], 1, *body[3:]]))
+    body[4] = [3, 100, 0]
+    with pytest.raises(ProtocolError, match=r"IoStats\.prefetch_reads: expected a list of 2 fields \(reads, nbytes\)"):
+        decode(frames_with_body(io_stats_sample(), body))
+    body = msgpack.unpackb(encode(io_stats_sample())[1])
+    body[8][0][1][0] = "many"
+    with pytest.raises(ProtocolError, match=r"IoStats\.predictors\[0\]\.counters\.hints: expected an integer"):
+        decode(frames_with_body(io_stats_sample(), body))
+
+
 def sample_messages() -> list:
     """One message of every kind, with non-trivial values in every field."""
     return [
@@ -59,12 +87,12 @@ def sample_messages() -> list:
         JobDone(
             {"tokens": 300, "hit_rate_pct": 61.5, "io_latency_us": {"p50": 812.0, "p99": 2400.5}, "tags": [1, "a"]},
         ),
-        Acquire(17, 5, [3, 200, 7], True),
+        Acquire(17, 5, [3, 200, 7]),
         SlotsReady(17, [SlotGrant(3, 0, 9, True, 0.0, False), SlotGrant(200, 5, 2, False, 812.5, True)]),
         Release([SlotRef(3, 0, 9), SlotRef(200, 5, 2)]),
         PrefetchHints(6, [PrefetchHint(11, 0.75), PrefetchHint(12, 0.125)], "markov2"),
         StatsRequest(99),
-        IoStats(99, {"reads": 12, "bytes_read": 1 << 40, "backend": "uring", "queue": [1, 2, 3]}),
+        io_stats_sample(),
         RoutingObserved(5, 3, [1, 6], [0.625, 0.375]),
         ErrorReply(17, "ValueError", "slot 5 is stale", "Traceback (most recent call last): ...\n"),
         StartBenchmark(),
@@ -78,7 +106,8 @@ def sample_messages() -> list:
             [0, 2, 5],
         ),
         ExpertBatchResult(32, 0, np.arange(2 * 5 * 64, dtype=np.float32).reshape(2, 5, 64), 99.5),
-        PredictorStats("markov", {"predictions": 7, "top1_hits": 3, "topk_accuracy_pct": 42.5}),
+        PredictorStats("gate", 7, 3, 9, 14, [LayerHintCounts(2, 1, 7, 3, 9, 14, 11)]),
+        SplitReads(12),
         PinSet("locality", [4, 9]),
         HiddenObserved(7, 2, activations(d_model=64)[0]),
     ]
@@ -86,7 +115,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 21
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 22
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
@@ -218,14 +247,14 @@ def test_wrong_scalar_types_are_rejected(body, message_pattern):
 @pytest.mark.parametrize(
     ("body", "message_pattern"),
     [
-        ([1, 2, [3], 1], r"Acquire\.foreground: expected a boolean, got int 1"),
-        ([1, 2, 3, True], r"Acquire\.expert_ids: expected a list, got int 3"),
-        ([1, 2, [3, "4"], True], r"Acquire\.expert_ids\[1\]: expected an integer, got str '4'"),
+        ([1, 2, [3], 1], r"Acquire: body has 4 fields, expected 3"),
+        ([1, 2, 3], r"Acquire\.expert_ids: expected a list, got int 3"),
+        ([1, 2, [3, "4"]], r"Acquire\.expert_ids\[1\]: expected an integer, got str '4'"),
     ],
 )
 def test_wrong_list_types_are_rejected(body, message_pattern):
     with pytest.raises(ProtocolError, match=message_pattern):
-        decode(frames_with_body(Acquire(1, 2, [3], True), body))
+        decode(frames_with_body(Acquire(1, 2, [3]), body))
 
 
 def test_nested_record_errors_name_the_path():
@@ -242,8 +271,8 @@ def test_nested_record_errors_name_the_path():
 def test_maps_are_checked():
     with pytest.raises(ProtocolError, match=r"Ready\.info\['depth'\]: expected an int, float, str, bool or None"):
         decode(frames_with_body(Ready("a", 1, {}), ["a", 1, {"depth": [1, 2]}]))
-    with pytest.raises(ProtocolError, match=r"IoStats\.stats\['x'\]\[1\]: expected a map with string keys"):
-        decode(frames_with_body(IoStats(1, {}), [1, {"x": [1, b"raw"]}]))
+    with pytest.raises(ProtocolError, match=r"JobDone\.summary\['x'\]\[1\]: expected a map with string keys"):
+        decode(frames_with_body(JobDone({}), [{"x": [1, b"raw"]}]))
     with pytest.raises(ProtocolError, match=r"JobDone\.summary: expected a map with string keys, got list"):
         decode(frames_with_body(JobDone({}), [[1, 2]]))
     with pytest.raises(ProtocolError, match="not valid msgpack"):  # msgpack refuses int keys itself
@@ -339,7 +368,7 @@ def test_encode_rejects_wrong_arrays_naming_the_field():
 
 def test_encode_rejects_unserialisable_values_naming_the_field():
     with pytest.raises(ProtocolError, match=r"Acquire\.expert_ids: cannot encode list \[np\.int64\(3\)\]"):
-        encode(Acquire(1, 2, [np.int64(3)], True))
+        encode(Acquire(1, 2, [np.int64(3)]))
     with pytest.raises(ProtocolError, match="str is not a protocol message"):
         encode("hello")
 

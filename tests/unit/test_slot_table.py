@@ -118,22 +118,6 @@ def test_failed_read_frees_the_slot_and_reports_its_waiters():
     assert (again.kind, again.slot, again.generation) == (MISS, miss.slot, miss.generation + 1)
 
 
-def test_background_acquire_leases_without_counting_and_spares_the_current_token():
-    table = SlotTable(2)
-    assignment = table.assign_prefetch(1, token=0)
-    table.finish_load(assignment.slot, assignment.generation, ok=True)
-    background = table.acquire(1, token=1, foreground=False)
-    assert background.kind is HIT and table.slot_info(background.slot).lease_count == 1
-    table.release(background.slot, background.generation)
-    load(table, 2, token=1)
-    assert table.acquire(3, token=1, foreground=False).kind is NO_SLOT  # both used in token 1
-    miss = table.acquire(3, token=2, foreground=False)
-    assert (miss.kind, miss.evicted_expert) == (MISS, 1)
-    counters = table.counters
-    assert (counters.hits, counters.misses, counters.background_acquires) == (0, 1, 2)
-    assert (counters.prefetch_used, counters.prefetch_wasted) == (0, 1)  # never used in the foreground
-
-
 # ---- pins -------------------------------------------------------------------------------------
 
 
@@ -180,8 +164,8 @@ def test_prefetch_goes_into_a_free_slot_and_counts_used_on_first_hit():
     assert table.finish_load(0, 1, ok=True) == 0
     assert table.slot_info(0).state is SlotState.READY
     assert not table.can_admit_prefetch(5, token=0) and table.assign_prefetch(5, token=0) is None
-    assert table.acquire(5, token=1).kind is HIT
-    assert table.acquire(5, token=1).kind is HIT
+    first, second = table.acquire(5, token=1), table.acquire(5, token=1)
+    assert (first.kind, first.used_prefetch, second.kind, second.used_prefetch) == (HIT, True, HIT, False)
     assert (table.counters.prefetch_used, table.counters.prefetches_assigned, table.counters.hits) == (1, 1, 2)
 
 
@@ -189,7 +173,7 @@ def test_join_of_an_inflight_prefetch_is_a_miss_and_a_used_prefetch():
     table = SlotTable(2)
     assignment = table.assign_prefetch(5, token=0)
     join = table.acquire(5, token=1)
-    assert (join.kind, join.slot) == (JOIN, assignment.slot)
+    assert (join.kind, join.slot, join.used_prefetch) == (JOIN, assignment.slot, True)
     assert table.finish_load(assignment.slot, assignment.generation, ok=True) == 1
     assert (table.counters.misses, table.counters.prefetch_used, table.counters.hits) == (1, 1, 0)
 
@@ -226,8 +210,17 @@ def test_unused_prefetch_evicted_counts_wasted():
     table = SlotTable(1)
     assignment = table.assign_prefetch(5, token=0)
     table.finish_load(assignment.slot, assignment.generation, ok=True)
-    assert table.acquire(6, token=1).evicted_expert == 5
+    miss = table.acquire(6, token=1)
+    assert (miss.evicted_expert, miss.wasted_prefetch, miss.used_prefetch) == (5, True, False)
     assert (table.counters.prefetch_wasted, table.counters.prefetch_used) == (1, 0)
+    table.finish_load(miss.slot, miss.generation, ok=True)
+    table.release(miss.slot, miss.generation)
+    again = table.assign_prefetch(7, token=2)  # evicts 6, loaded by a miss: no prefetch wasted
+    assert (again.evicted_expert, again.wasted_prefetch) == (6, False)
+    table.finish_load(again.slot, again.generation, ok=True)
+    wasted = table.assign_prefetch(8, token=3)  # evicts the unused prefetch of 7
+    assert (wasted.evicted_expert, wasted.wasted_prefetch) == (7, True)
+    assert table.counters.prefetch_wasted == 2
 
 
 # ---- policy -----------------------------------------------------------------------------------
@@ -351,34 +344,43 @@ class SlotTableMachine(RuleBasedStateMachine):
         self.token = 0
         self.held: list[tuple[int, int]] = []  # leases we hold: (slot, generation)
         self.pending: dict[tuple[int, int], int] = {}  # (slot, generation) of LOADING slots -> waiting requests
-        self.foreground_lookups = 0
+        self.lookups = 0
         self.observed_evictions = 0
+        self.used_outcomes = 0  # acquires that said they were the first use of a prefetch
+        self.wasted_outcomes = 0  # calls that said they evicted an unused prefetch
         self.failed_slot: int | None = None
         self.before = self.table.slot_infos()
 
-    def _record_assignment(self, slot, generation, evicted_expert, waiters, token, prefetch):
+    def _record_assignment(self, slot, generation, evicted_expert, waiters, token, prefetch, wasted_prefetch):
         before = self.before[slot]
         assert before.state in (SlotState.FREE, SlotState.READY), "evicted a LOADING or LEASED slot"
         assert before.expert_id is None or not self.table.is_pinned(before.expert_id)
         assert evicted_expert == before.expert_id
+        assert wasted_prefetch == before.is_prefetched_unused, "the outcome misreports a wasted prefetch"
+        self.wasted_outcomes += wasted_prefetch
         if prefetch and before.state is SlotState.READY:
             assert before.last_token < token, "a prefetch evicted a slot used in the current token"
         self.observed_evictions += evicted_expert is not None
         self.pending[(slot, generation)] = waiters
 
-    @rule(expert=st.integers(0, NUM_EXPERTS - 1), foreground=st.booleans())
-    def acquire(self, expert, foreground):
-        result = self.table.acquire(expert, self.token, foreground=foreground)
+    @rule(expert=st.integers(0, NUM_EXPERTS - 1))
+    def acquire(self, expert):
+        slot = self.table.lookup(expert)
+        was_unused_prefetch = slot is not None and self.table.slot_info(slot).is_prefetched_unused
+        result = self.table.acquire(expert, self.token)
         if result.kind is NO_SLOT:
             return
-        self.foreground_lookups += foreground
+        self.lookups += 1
+        assert result.used_prefetch == was_unused_prefetch, "the outcome misreports a used prefetch"
+        self.used_outcomes += result.used_prefetch
         key = (result.slot, result.generation)
         if result.kind is HIT:
             self.held.append(key)
         elif result.kind is JOIN:
             self.pending[key] += 1
         else:
-            self._record_assignment(*key, result.evicted_expert, 1, self.token, prefetch=not foreground)
+            self._record_assignment(*key, result.evicted_expert, 1, self.token, prefetch=False,
+                                    wasted_prefetch=result.wasted_prefetch)
 
     @rule(expert=st.integers(0, NUM_EXPERTS - 1))
     def assign_prefetch(self, expert):
@@ -387,7 +389,7 @@ class SlotTableMachine(RuleBasedStateMachine):
         assert (assignment is not None) == admissible
         if assignment is not None:
             self._record_assignment(assignment.slot, assignment.generation, assignment.evicted_expert, 0,
-                                    self.token, prefetch=True)
+                                    self.token, prefetch=True, wasted_prefetch=assignment.wasted_prefetch)
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data(), ok=st.booleans())
@@ -455,8 +457,9 @@ class SlotTableMachine(RuleBasedStateMachine):
     @invariant()
     def counters_add_up(self):
         counters = self.table.counters
-        assert counters.hits + counters.misses == self.foreground_lookups
+        assert counters.hits + counters.misses == self.lookups
         assert counters.evictions == self.observed_evictions
+        assert (counters.prefetch_used, counters.prefetch_wasted) == (self.used_outcomes, self.wasted_outcomes)
         assert counters.prefetch_used + counters.prefetch_wasted <= counters.prefetches_assigned
 
 

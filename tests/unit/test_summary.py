@@ -11,8 +11,10 @@ import pytest
 
 from mer.errors import EventLogError
 from mer.run_events import PrefetchCounters, ReadRecord, RunInfo, TokenRecord
-from mer.stats import Percentiles, mean, nearest_rank, percentile
-from mer.summary import RunSummary, format_seed_block, summarize, summarize_log_events
+from mer.stats import LATENCY_RESOLUTION, LatencyHistogram, Percentiles, mean, nearest_rank, percentile
+from mer.protocol import IoStats, PrefetchCounts, ReadCounts, decode, encode
+from mer.run_events import ReadRecord
+from mer.summary import ReadFigures, RunSummary, format_seed_block, summarize, summarize_log_events
 
 SEED_BLOCK = """\
 stream complete wall_s=233.828879846 sustained_tps=21.383158501605987 avg_throughput_mibps=103.46455072587074 hit_rate_pct=97.46000000000001
@@ -110,7 +112,9 @@ def test_every_field_of_a_hand_built_run():
     assert (summary.d_model, summary.d_ff, summary.bytes_per_expert, summary.dtype) == (4096, 14336, 99_090_432, "q4_0")
     assert (summary.prefetches_issued, summary.prefetches_completed, summary.prefetches_used,
             summary.prefetches_wasted, summary.prefetches_dropped, summary.predictor_observations) == (3, 2, 1, 1, 1, 12)
-    assert summary.io_latency_us == Percentiles(90_000, 180_000, 180_000, None)  # max only for cycle_us
+    # the read latencies go through the histogram: p50 within its resolution, p95/p99 (the maximum) exact
+    assert summary.io_latency_us.p50 == pytest.approx(90_000, rel=LATENCY_RESOLUTION)
+    assert summary.io_latency_us == Percentiles(summary.io_latency_us.p50, 180_000, 180_000, None)  # max: cycle_us
     assert summary.compute_us == Percentiles(40_000, 45_000, 45_000, None)
     assert summary.cycle_us == Percentiles(62_500, 250_000, 250_000, 250_000)
     assert summary.io_wait_us_per_token == 65_000.0  # 260,000 us over all 4 tokens, hits-only ones too
@@ -130,7 +134,8 @@ def test_summaries_of_older_logs_read_without_the_stall_fields():
 def test_json_keys_and_nesting():
     data = summarize(small_run_events(), INFO).to_json_dict()
     assert list(data)[: len(JSON_KEYS)] == JSON_KEYS
-    assert data["io_latency_us"] == {"p50": 90_000, "p95": 180_000, "p99": 180_000}
+    assert data["io_latency_us"] == {"p50": pytest.approx(90_000, rel=LATENCY_RESOLUTION), "p95": 180_000,
+                                     "p99": 180_000}
     assert data["compute_us"] == {"p50": 40_000, "p95": 45_000, "p99": 45_000}
     assert data["cycle_us"] == {"p50": 62_500, "p95": 250_000, "p99": 250_000, "max": 250_000}
 
@@ -221,7 +226,12 @@ def test_seed_block_is_reproduced_from_events():
     assert lines[4] == ("prefetches: issued=2 completed=2 used=2 wasted=0 dropped=0 predictor_observations=19996 "
                         "joins=0 demand_misses=254")
     assert lines[5] == "i/o: reads=256 bytes=24193.00 MiB"  # every read counted, as the bytes are
-    assert lines[6:11] == SEED_BLOCK[6:11]
+    assert lines[7:11] == SEED_BLOCK[7:11]
+    # the read latencies go through the histogram: each within its resolution of the seed's figure
+    printed = [int(part.split("=")[1][:-2]) for part in lines[6].split(": ")[1].split()]
+    seed = [int(part.split("=")[1][:-2]) for part in SEED_BLOCK[6].split(": ")[1].split()]
+    assert seed == [116543, 233599, 360191]
+    assert all(abs(mine - theirs) <= theirs * LATENCY_RESOLUTION + 1 for mine, theirs in zip(printed, seed))
     assert lines[11] == "workers: compute=2 io_backend=uring"
     assert len(lines) == 12
 
@@ -257,3 +267,35 @@ def test_reads_finished_after_the_final_statistics_are_not_counted():
     without_limit = [dict(event) for event in events]
     del without_limit[3]["reads_counted"]
     assert summarize_log_events(without_limit).reads == 2
+
+
+def test_latency_histogram_percentiles_are_within_the_stated_resolution():
+    """The histogram's percentiles are within LATENCY_RESOLUTION (1%) of the exact nearest-rank ones
+    (0.5 us below 1 us), exact at the extremes, and its size does not depend on the number of values."""
+    assert 0.0099 < LATENCY_RESOLUTION <= 0.01
+    rng = random.Random(11)
+    print("seed 11")
+    for count in (1, 2, 7, 100, 5000):
+        values = [rng.lognormvariate(6, 2) for _ in range(count)] + [0.25]
+        histogram = LatencyHistogram.of(values)
+        assert histogram.count == len(values) and len(histogram.counts) == len(LatencyHistogram.empty().counts)
+        for percent in (0, 1, 50, 90, 95, 99, 99.9, 100):
+            exact, approximate = percentile(values, percent), histogram.percentile(percent)
+            assert abs(approximate - exact) <= max(exact * LATENCY_RESOLUTION, 0.5) + 1e-9, (count, percent)
+        assert (histogram.percentile(0), histogram.percentile(100)) == (min(values), max(values))
+    assert LatencyHistogram.empty().percentiles() == Percentiles(None, None, None, None)
+    with pytest.raises(ValueError, match="non-negative"):
+        LatencyHistogram.of([float("nan")])
+
+
+def test_the_run_and_the_log_compute_the_same_read_figures():
+    """In the run the reads come from the I/O worker's IoStats (counters and histogram); from a log, from the
+    `expert_read` events: the same histogram code, so the summaries agree exactly (invariant 6)."""
+    events = small_run_events()
+    reads = [ReadRecord.from_event(event) for event in events if event["event"] == "expert_read"]
+    stats = IoStats(1, "uring", True, ReadCounts(len(reads), sum(r.nbytes for r in reads)), ReadCounts(0, 0),
+                    ReadCounts(0, 0), LatencyHistogram.of(r.latency_us for r in reads),
+                    PrefetchCounts(0, 0, 0, 0, 0, 0), [])
+    decoded = decode(encode(stats))
+    in_run = summarize_log_events([e for e in events if e["event"] != "expert_read"], ReadFigures.of_stats(decoded))
+    assert in_run == summarize_log_events(json.loads(json.dumps(event)) for event in events)

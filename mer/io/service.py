@@ -1,0 +1,304 @@
+"""The I/O worker role: the one owner of the slot table; reads experts into arena slots.
+
+Binds a ROUTER on `io.sock`. The router sends `Acquire` (answered with `SlotsReady` once every
+requested expert is in a slot and leased), `Release`, `SplitReads` and `StatsRequest`; the predictor
+sends `PrefetchHints`, `PredictorStats` and `PinSet`. Misses become reads (io_uring with O_DIRECT
+when available, else thread-pool preadv; `io_backend`) straight into the slot; concurrent requests
+for one expert share one read; foreground reads go before queued prefetches, and a miss that finds
+its expert in a queued prefetch promotes that read. Every read is logged as an `expert_read` event
+and counted in a `ReadTally` (aggregates: `IoStats` does not grow with the run).
+
+Which hints become reads, and which queued prefetch reads an acquire makes stale, is cache policy:
+`mer.cache.admission`. Pins: the slot table is built with `max_pinned` from the configuration; a
+`PinSet` replaces the pins of the experts the table holds pinned (unpinned first, then pinned in
+order until `max_pinned` is reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from mer.cache.admission import PrefetchAdmission
+from mer.cache.governor import PrefetchGovernor
+from mer.cache.policy import make_policy
+from mer.cache.slot_table import AcquireKind, SlotTable
+from mer.cache.step import acquire_order
+from mer.errors import ProtocolError
+from mer.io.backend import open_reader
+from mer.io.read_tally import ReadTally
+from mer.protocol import (
+    Acquire, IoStats, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
+    StatsRequest, decode, encode, error_reply,
+)
+from mer.run_events import EXPERT_READ
+from mer.runtime.child import receive_unless_stopped
+from mer.shm.arena import SlotArena
+from mer.store.manifest import Manifest
+
+IO_STATS_SENT = "io_stats_sent"
+
+
+@dataclass
+class Load:
+    """A read in flight into a slot."""
+
+    future: asyncio.Future  # resolves to the read latency in microseconds
+    reader_future: asyncio.Future
+    kind: str  # "foreground" or "prefetch"
+    token: int = -1  # the token whose acquire (or prefetch hints) started the read
+    t_submit: float = 0.0  # time.monotonic() when the read was submitted
+    queue_depth: int = 0  # reads queued or in flight in the reader just after this one was submitted
+
+
+class IoService:
+    def __init__(self, config, run, log, zmq_context):
+        self.config, self.run, self.log, self.zmq = config, run, log, zmq_context
+        self.manifest = Manifest.load(run.store)
+        self.arena: SlotArena | None = None
+        self.reader = None
+        self.table: SlotTable | None = None
+        self.admission: PrefetchAdmission | None = None
+        self.socket = None
+        self.loads: dict[int, Load] = {}  # by slot
+        self.slot_released = asyncio.Event()
+        self.current_token = -1
+        self.tally = ReadTally()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> dict:
+        run, config = self.run, self.config
+        self.arena = SlotArena.attach(run.arena_path, writable=True)
+        started = time.perf_counter()
+        method = self.arena.prefault()
+        self.log.info("arena_prefaulted", method=method, seconds=round(time.perf_counter() - started, 3),
+                      nbytes=self.arena.num_slots * self.arena.slot_nbytes)
+        files = [Path(run.store) / layer.file for layer in self.manifest.layers]
+        self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
+                                  registration_unit=self.arena.slot_nbytes)
+        self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned)
+        governor = PrefetchGovernor(config.governor_threshold, horizon=config.pipeline_depth)
+        self.admission = PrefetchAdmission(self.table, governor, config.predict_fanout * config.pipeline_depth,
+                                           config.pipeline_depth)
+        self.socket = self.zmq.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(run.endpoint("io"))
+        return {"io_backend": self.reader.name, "o_direct": self.reader.o_direct, "slots": self.arena.num_slots}
+
+    def _policy(self):
+        """The configured eviction policy; `layer` sees the store's MoE layers when requests are per layer
+        (a model, or a `layered` benchmark) and one layer (LRU) on the flat pool."""
+        config, geometry = self.config, self.manifest.geometry
+        if config.cache_policy != "layer":
+            return make_policy(config.cache_policy)
+        per_layer = config.layered or self.run.model is not None
+        return make_policy("layer", experts_per_layer=geometry.experts_per_layer if per_layer else
+                           geometry.num_experts, num_layers=geometry.num_moe_layers if per_layer else 1)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        while True:
+            frames = await receive_unless_stopped(self.socket, stop)
+            if frames is None:
+                return
+            identity, *frames = frames
+            try:
+                message = decode(frames, expected_kinds=(Acquire, Release, PrefetchHints, PredictorStats, PinSet,
+                                                         SplitReads, StatsRequest))
+            except ProtocolError as error:
+                self.log.warning("bad_io_message", error=str(error))
+                continue
+            self._dispatch(bytes(identity.buffer), message)
+
+    def _dispatch(self, identity: bytes, message) -> None:
+        if isinstance(message, Acquire):
+            self._spawn(self._answer_acquire(identity, message))
+        elif isinstance(message, Release):
+            self._release(message)
+        elif isinstance(message, PrefetchHints):
+            self._admit_prefetches(message)
+        elif isinstance(message, PredictorStats):
+            self.admission.ledger.reported(message)
+        elif isinstance(message, PinSet):
+            self._set_pins(message.expert_ids)
+        elif isinstance(message, SplitReads):
+            self.tally.split_token = message.token
+        else:
+            self._spawn(self._send_stats(identity, message.request_id))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, identity: bytes, message) -> None:
+        await self.socket.send_multipart([identity, *encode(message)], copy=False)
+
+    # ---- foreground ------------------------------------------------------------------------------
+
+    async def _answer_acquire(self, identity: bytes, request: Acquire) -> None:
+        try:
+            t_received = time.monotonic()
+            self.current_token = max(self.current_token, request.token)
+            self.admission.governor.demanded(request.expert_ids, request.token)
+            self.table.policy.record_step(request.expert_ids)
+            waits: list = [None] * len(request.expert_ids)
+            for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
+                waits[index] = await self._acquire_one(request.expert_ids[index], request.token)
+            if any(not isinstance(wait, asyncio.Future) for wait in waits):  # a miss
+                self._cancel_stale_prefetches(request)
+            grants = [await wait for wait in waits]
+            t_answered = time.monotonic()
+            await self._send(identity, SlotsReady(request.request_id, grants))
+            if self.config.log_file:
+                self._log_acquire_done(request, grants, t_received, t_answered)
+        except Exception as error:
+            self.log.warning("acquire_failed", request_id=request.request_id, error=str(error))
+            await self._send(identity, error_reply(request.request_id, error))
+
+    async def _acquire_one(self, expert_id: int, token: int):
+        """Lease `expert_id` (starting or joining its read); returns an awaitable of its SlotGrant."""
+        while (result := self.table.acquire(expert_id, token)).kind is AcquireKind.NO_SLOT:
+            self.slot_released.clear()
+            await self.slot_released.wait()
+        self.admission.acquired(result)
+        slot, generation = result.slot, result.generation
+        if result.kind is AcquireKind.HIT:
+            return _done(SlotGrant(expert_id, slot, generation, True, 0.0, False))
+        if result.kind is AcquireKind.MISS_ASSIGNED:
+            self._start_read(slot, generation, expert_id, "foreground", token)
+        load = self.loads[slot]
+        joined_prefetch = load.kind == "prefetch"
+        if joined_prefetch:
+            self.reader.promote(load.reader_future)
+        return self._grant_when_loaded(load, SlotGrant(expert_id, slot, generation, False, 0.0, joined_prefetch))
+
+    async def _grant_when_loaded(self, load: Load, grant: SlotGrant) -> SlotGrant:
+        waited_started = time.perf_counter()
+        await asyncio.shield(load.future)
+        return grant._replace(read_us=(time.perf_counter() - waited_started) * 1e6)
+
+    def _cancel_stale_prefetches(self, request: Acquire) -> None:
+        """Cancel the queued prefetch reads the admission finds stale (the done callback frees their slots)."""
+        queued = [(slot, load.token) for slot, load in self.loads.items() if load.kind == "prefetch"]
+        for slot in self.admission.stale_slots(request.token, request.expert_ids, queued):
+            if self.reader.cancel(self.loads[slot].reader_future):
+                self.admission.cancelled_read(slot)
+
+    def _release(self, message: Release) -> None:
+        for ref in message.refs:
+            try:
+                self.table.release(ref.slot, ref.generation)
+            except Exception as error:  # a bad release is logged, never fatal
+                self.log.warning("bad_release", slot=ref.slot, generation=ref.generation, error=str(error))
+        self.slot_released.set()
+
+    # ---- reads -----------------------------------------------------------------------------------
+
+    def _start_read(self, slot: int, generation: int, expert_id: int, kind: str, token: int) -> None:
+        entry = self.manifest.expert(expert_id)
+        layer = self.manifest.layers[entry.moe_layer]
+        self.arena.write_slot_header(slot, generation, expert_id, layer.format.payload_nbytes)
+        nbytes = layer.format.read_nbytes
+        destination = self.arena.slot_view(slot)[:nbytes]
+        reader_future = self.reader.submit(entry.moe_layer, entry.offset, nbytes, destination, priority=kind)
+        load = Load(asyncio.get_running_loop().create_future(), reader_future, kind, token, time.monotonic(),
+                    self.reader.num_in_flight + self.reader.num_queued)
+        self.loads[slot] = load
+        reader_future.add_done_callback(lambda done: self._finish_read(done, slot, generation, expert_id))
+
+    def _finish_read(self, done: asyncio.Future, slot: int, generation: int, expert_id: int) -> None:
+        load = self.loads.pop(slot)
+        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
+        self.table.finish_load(slot, generation, ok=error is None)
+        if load.kind == "prefetch":
+            self.admission.finished(slot, ok=error is None)
+        self.slot_released.set()
+        if done.cancelled() and load.kind == "prefetch":  # a stale prefetch cancelled by the admission
+            load.future.cancel()
+            return
+        if error is not None:
+            self.log.warning("expert_read_failed", expert_id=expert_id, slot=slot, error=str(error))
+            load.future.set_exception(error)
+            return
+        result = done.result()
+        self.log.info(EXPERT_READ, expert_id=expert_id, slot=slot, nbytes=result.nbytes,
+                      latency_us=result.latency_us, kind=load.kind, token=load.token, t_submit=load.t_submit,
+                      t_done=time.monotonic(), queue_depth=load.queue_depth, read_index=self.tally.num_reads)
+        self.tally.add(load.kind, result.nbytes, result.latency_us, load.token)
+        load.future.set_result(result.latency_us)
+
+    # ---- prefetch and pins -----------------------------------------------------------------------
+
+    def _admit_prefetches(self, message: PrefetchHints) -> None:
+        self.admission.ledger.hinted(message.source, len(message.hints))
+        for rank, hint in enumerate(message.hints):
+            in_flight = sum(load.kind == "prefetch" for load in self.loads.values())
+            pending = self.reader.num_in_flight + self.reader.num_queued
+            assignment = self.admission.admit(message.source, rank, hint.expert_id, message.token,
+                                              self.current_token, in_flight, pending)
+            if assignment is not None:
+                self._start_read(assignment.slot, assignment.generation, hint.expert_id, "prefetch", message.token)
+
+    def _set_pins(self, expert_ids: list[int]) -> None:
+        """Pin `expert_ids` (in order, until `max_pinned`); experts pinned before and not named are unpinned."""
+        wanted = [expert for expert in dict.fromkeys(expert_ids) if 0 <= expert < self.manifest.geometry.num_experts]
+        for expert in range(self.manifest.geometry.num_experts):
+            if self.table.is_pinned(expert) and expert not in wanted:
+                self.table.unpin(expert)
+        for expert in wanted:
+            if not self.table.pin(expert):
+                break
+
+    # ---- statistics ------------------------------------------------------------------------------
+
+    def stats(self, request_id: int) -> IoStats:
+        tally = self.tally
+        return IoStats(request_id, self.reader.name, self.reader.o_direct, tally.by_kind("foreground"),
+                       tally.by_kind("prefetch"), tally.split(), tally.latency_histogram(), self.admission.counts(),
+                       self.admission.ledger.reports())
+
+    async def _send_stats(self, identity: bytes, request_id: int) -> None:
+        frames = encode(self.stats(request_id))
+        self.log.info(IO_STATS_SENT, nbytes=sum(len(frame) for frame in frames), reads=self.tally.num_reads)
+        await self.socket.send_multipart([identity, *frames], copy=False)
+
+    def _log_acquire_done(self, request: Acquire, grants: list, t_received: float, t_answered: float) -> None:
+        """`acquire_done` (docs/events.md): the request's timing and a snapshot of the slots and counters."""
+        infos = self.table.slot_infos()
+        states = [info.state.value for info in infos]
+        pinned = sum(info.expert_id is not None and self.table.is_pinned(info.expert_id) for info in infos)
+        prefetch = self.admission.counts()
+        hits = sum(grant.hit for grant in grants)
+        self.log.info(
+            "acquire_done", token=request.token, request_id=request.request_id,
+            expert_ids=list(request.expert_ids), hits=hits, misses=len(grants) - hits,
+            t_received=t_received, t_answered=t_answered,
+            occupied_slots=len(states) - states.count("free"), loading_slots=states.count("loading"),
+            leased_slots=states.count("leased"), pinned_slots=pinned,
+            queue_depth=self.reader.num_in_flight + self.reader.num_queued,
+            prefetches_issued=prefetch.issued, prefetches_completed=prefetch.completed,
+            prefetches_dropped=prefetch.dropped, prefetches_used=prefetch.used, prefetches_wasted=prefetch.wasted,
+        )
+
+    async def on_control(self, message) -> None:
+        pass
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.reader is not None:
+            await self.reader.close()
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        if self.arena is not None:
+            self.arena.close()
+
+
+def _done(value):
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future

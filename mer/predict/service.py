@@ -1,0 +1,147 @@
+"""The predictor role: learns from every routing decision and hints the I/O worker what to read next.
+
+Binds a PULL on `observe.sock` (the router's `RoutingObserved`), connects a DEALER to `io.sock`
+and sends `PrefetchHints` after each observation when prefetch is on. A malformed observation is
+logged and skipped.
+
+The predictors switched on by `predictors` (`markov`, `locality`, `affinity`: `mer.predict`) all
+learn from every decision; their hints are fused (`mer.predict.fusion.fuse`, weighted by each
+predictor's smoothed top-k accuracy so far, at most
+`predict_fanout x pipeline_depth`) and sent as one `PrefetchHints` per source predictor, so the
+I/O worker counts each hint for the predictor that contributed it most. With `max_pinned > 0` the
+locality predictor's hot experts are sent as a `PinSet` whenever they change.
+
+Each predictor scores its own previous hints against the next decision it observes
+(`mer.predict.accuracy`) and reports its cumulative top-1 / top-k counters to the I/O worker as
+`PredictorStats` after every scored observation (the I/O worker merges them into its per-predictor
+prefetch counters, which reach the run summary).
+
+The next-layer gate predictor (`gate`, `mer.predict.gate`) reads the router gates of the generation
+job's GGUF, named by the supervisor in the run spec (`RunSpec.model`), at start-up (so a bad model
+fails the handshake); the router then sends a `HiddenObserved` (the token's residual at that MoE
+layer) just before each `RoutingObserved`. Its hints name their target decision, so they are scored
+against exactly that decision, per target layer (`LayerAccuracy`; `per_layer` in its stats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import zmq
+
+from mer.errors import ProtocolError
+from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
+from mer.predict.fusion import GATE, fuse, make_predictors
+from mer.runtime.child import receive_unless_stopped
+from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, decode,
+                          encode)
+from mer.store.manifest import Manifest
+
+
+class PredictorService:
+    def __init__(self, config, run, log, zmq_context):
+        self.config, self.run, self.log, self.zmq = config, run, log, zmq_context
+        manifest = Manifest.load(run.store)
+        self.names = config.predictors
+        self.gate = None
+        if GATE in self.names:
+            from mer.predict.gate import load_gate_predictor  # numpy + numba: only when the gate is on
+
+            self.gate = load_gate_predictor(run.model, manifest, config.gate_min_ratio,
+                                            replay=config.gate_model is not None)
+        self.predictors = make_predictors(self.names, manifest.geometry.num_experts, config.top_k,
+                                          max_pinned=config.max_pinned, gate=self.gate)
+        self.pins: list[int] = []
+        self.observe = None
+        self.io = None
+        self.hints_sent = 0
+        self.accuracy = AccuracyTracker()  # every predictor but the gate: against the next decision
+        self.layer_accuracy = LayerAccuracy()  # the gate: against the decision each hint was for
+
+    async def start(self) -> dict:
+        run, zmq_context = self.run, self.zmq
+        self.observe = zmq_context.socket(zmq.PULL)
+        self.observe.setsockopt(zmq.LINGER, 0)
+        self.observe.bind(run.endpoint("observe"))
+        self.io = zmq_context.socket(zmq.DEALER)
+        self.io.setsockopt(zmq.LINGER, 0)
+        self.io.connect(run.endpoint("io"))
+        info = {"predictor": ",".join(self.names), "prefetch": self.config.prefetch}
+        if self.gate is not None:
+            started = time.perf_counter()
+            self.gate.weights.ranking(0, np.zeros(self.gate.weights.d_model, np.float32))  # compile the gate's kernel
+            info.update(gate_model=self.gate.weights.path, gate_warm_up_s=round(time.perf_counter() - started, 3))
+        return info
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        while True:
+            frames = await receive_unless_stopped(self.observe, stop)
+            if frames is None:
+                return
+            try:
+                message = decode(frames, expected_kinds=(RoutingObserved, HiddenObserved))
+            except ProtocolError as error:
+                self.log.warning("bad_observation", error=str(error))
+                continue
+            if isinstance(message, HiddenObserved):
+                self._observe_hidden(message)
+            else:
+                await self._observe(message)
+
+    def _observe_hidden(self, message: HiddenObserved) -> None:
+        for predictor in self.predictors:
+            if predictor.observe_hidden is not None:
+                predictor.observe_hidden(message.token, message.layer, message.hidden)
+
+    async def _observe(self, message: RoutingObserved) -> None:
+        """Learn from one decision, report accuracies, then send pins and fused hints."""
+        config = self.config
+        expert_ids = list(message.expert_ids)
+        for predictor in self.predictors:
+            predictor.observe(message.layer, expert_ids)
+        for name in self.accuracy.observe(expert_ids):
+            await self.io.send_multipart(encode(self.accuracy.report(name)))
+        if self.layer_accuracy.observe(message.token, message.layer, expert_ids):
+            await self.io.send_multipart(encode(self.layer_accuracy.report(GATE)))
+        await self._send_pins()
+        if not config.prefetch:
+            return
+        ranked = {}
+        for predictor in self.predictors:
+            hints = predictor.predict(config.predict_fanout, config.pipeline_depth)
+            ranked[predictor.name] = hints
+            if predictor.name == GATE:
+                for target in self.gate.targets:
+                    self.layer_accuracy.hinted(target.token, target.layer, target.ahead, list(target.experts))
+            elif hints:
+                self.accuracy.hinted(predictor.name, [expert for expert, _ in hints])
+        weights = {name: self.layer_accuracy.weight() if name == GATE else self.accuracy.weight(name)
+                   for name in ranked}
+        fused = fuse(ranked, config.predict_fanout * config.pipeline_depth, weights)
+        by_source: dict[str, list[PrefetchHint]] = {}
+        for expert, score, source in fused:  # one message per source, best first within and across
+            by_source.setdefault(source, []).append(PrefetchHint(expert, score))
+        for source, hint_list in by_source.items():
+            self.hints_sent += len(hint_list)
+            await self.io.send_multipart(encode(PrefetchHints(message.token, hint_list, source)))
+
+    async def _send_pins(self) -> None:
+        """With the locality predictor and max_pinned > 0: send its pin set whenever it changes."""
+        if self.config.max_pinned == 0:
+            return
+        for predictor in self.predictors:
+            if predictor.name == "locality":
+                pins = predictor.model.pinned()
+                if pins != self.pins:
+                    self.pins = pins
+                    await self.io.send_multipart(encode(PinSet(predictor.name, pins)))
+
+    async def on_control(self, message) -> None:
+        pass
+
+    def close(self) -> None:
+        for socket in (self.observe, self.io):
+            if socket is not None:
+                socket.close(linger=0)
