@@ -246,7 +246,7 @@ def leak_guard(monkeypatch) -> LeakGuard:
         pytest.fail("the test left behind (now removed): " + "; ".join(leftovers), pytrace=False)
 
 
-# ---- small expert stores for the process-graph tests (tests/pipeline_runs.py) ----------------------
+# ---- small expert stores for the process-graph tests (tests/support/pipeline_runs.py) ----------------------
 
 STORE_SPECS = {
     # name: (dtypes gate, up, down); all 2 MoE layers x 8 experts, top-2, d_model 256, d_ff 512
@@ -259,7 +259,7 @@ STORE_SPECS = {
 @pytest.fixture(scope="session")
 def disk_dir(tmp_path_factory) -> Path:
     """A session directory on a filesystem with O_DIRECT (io_uring reads): tmp_path unless it is tmpfs."""
-    from tests.pipeline_runs import filesystem_type
+    from tests.support.pipeline_runs import filesystem_type
 
     directory = tmp_path_factory.mktemp("disk")
     if filesystem_type(directory) != "tmpfs":

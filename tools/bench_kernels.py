@@ -29,11 +29,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # numba's idle threads must
 
 import numpy as np  # noqa: E402
 
-from mer.expert_format import ExpertFormat, ExpertPayload  # noqa: E402
+from mer.compute.expert_format import ExpertFormat, ExpertPayload  # noqa: E402
 from mer.quant.planar import to_planar  # noqa: E402
 from mer.quant.random_blocks import random_expert_payload  # noqa: E402
 from mer.quant.vector_ir import has_vnni_kernels  # noqa: E402
-from mer.swiglu import swiglu_expert  # noqa: E402
+from mer.compute.swiglu import swiglu_expert  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 D_MODEL, D_FF = 4096, 14336

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from mer.summary import RunSummary, format_seed_block
+from mer.metrics.summary import RunSummary, format_seed_block
 from page_cache import drop_page_cache  # tools/page_cache.py (tools run as scripts)
 
 

@@ -24,8 +24,8 @@ from mer.model.generate import generate
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
-from mer.routing import RoutingDecision
-from mer.trace import TraceHeader, TraceWriter, read_trace
+from mer.routing.space import RoutingDecision
+from mer.routing.trace import TraceHeader, TraceWriter, read_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_moe_data import held_out_windows, split_files, unigram_log2_probabilities  # noqa: E402

@@ -1,100 +1,11 @@
-"""The router: runs the job through the graph once the supervisor says every child is ready.
+"""The router process: the `mer.router.service.Router` role (the job, the dense model, the expert path).
 
-The start message's type picks the job (`mer.router.job`): `StartBenchmark` runs the
-expert-streaming benchmark (`mer.router.bench_job`), `StartGeneration` text generation from a
-model (`mer.router.generate_job`).
-
-Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
-(`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
-summary goes back to the supervisor as `JobDone`; the router then waits for `Shutdown`.
+`workers.entry` spawns it as `mer-router`; `mer.runtime.child.run_child` calls `start`, `serve` and
+`close`. The jobs live in `mer.router` (`job.py`, `bench_job.py`, `generate_job.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
+from mer.router.service import Router
 
-import zmq
-
-from mer.protocol import JobDone, StartBenchmark, StartGeneration
-from mer.router.bench_job import BenchJob, progress_printer
-from mer.router.clients import ComputeClient, IoClient
-from mer.router.generate_job import GenerateJob
-from mer.router.job import Job
-from mer.store.manifest import Manifest
-
-
-class Router:
-    def __init__(self, context):
-        self.context = context
-        self.manifest = Manifest.load(context.run.store)
-        self.start_job = asyncio.Event()
-        self.start_message: StartBenchmark | StartGeneration | None = None
-        self.io: IoClient | None = None
-        self.compute: ComputeClient | None = None
-        self.observe = None
-
-    async def start(self) -> dict:
-        run, zmq_context = self.context.run, self.context.zmq
-        self.compute = ComputeClient(zmq_context, run.endpoint("compute"), run.num_compute_workers)
-        self.io = IoClient(zmq_context, run.endpoint("io"))
-        self.observe = zmq_context.socket(zmq.PUSH)
-        self.observe.setsockopt(zmq.LINGER, 0)
-        self.observe.setsockopt(zmq.SNDHWM, 10_000)
-        self.observe.connect(run.endpoint("observe"))
-        await self.compute.wait_connected(self.context.config.handshake_timeout_s)
-        return {"compute_workers": run.num_compute_workers}
-
-    async def on_control(self, message) -> None:
-        if isinstance(message, (StartBenchmark, StartGeneration)):
-            self.start_message = message
-            self.start_job.set()
-
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Wait for the start message, run the job, then wait for Shutdown. A Shutdown that arrives first (the
-        supervisor bringing the graph down, e.g. after a child died) cancels the job at once: a job
-        waiting on a dead compute worker would otherwise never finish."""
-        if not await _first_of(self.start_job, stop):
-            return
-        job_task = asyncio.create_task(self._run_job())
-        stop_task = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait({job_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop_task.cancel()
-        if not job_task.done():
-            job_task.cancel()
-            await asyncio.gather(job_task, return_exceptions=True)
-            self.context.log.warning("job_cancelled", reason="shutdown before the job finished")
-            return
-        job_task.result()  # a failed job is reported by the child bootstrap as ChildFailed
-        await stop.wait()
-
-    async def _run_job(self) -> None:
-        summary = await self._job().run()
-        await self.context.send_control(JobDone(summary.to_json_dict()))
-
-    def _job(self) -> Job:
-        """The job the start message asks for."""
-        context = self.context
-        common = (context.config, self.manifest, self.io, self.compute, self.observe, context.log)
-        if isinstance(self.start_message, StartGeneration):
-            return GenerateJob(self.start_message, *common, context.send_control)
-        return BenchJob(*common, progress=progress_printer(context.config.tokens))
-
-    def close(self) -> None:
-        for client in (self.io, self.compute):
-            if client is not None:
-                client.close()
-        if self.observe is not None:
-            self.observe.close(linger=0)
-
-
-async def _first_of(wanted: asyncio.Event, stop: asyncio.Event) -> bool:
-    """Wait until `wanted` or `stop` is set; True if `wanted` was set first (and `stop` is not set)."""
-    tasks = {asyncio.create_task(wanted.wait()), asyncio.create_task(stop.wait())}
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-    return wanted.is_set() and not stop.is_set()
+__all__ = ["Router"]

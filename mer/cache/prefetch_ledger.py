@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mer.protocol import PredictorReport, PredictorStats
-from mer.run_events import LayerHintCounts, PredictorCounters
+from mer.metrics.events import LayerHintCounts, PredictorCounters
 
 
 @dataclass

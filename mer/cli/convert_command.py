@@ -10,7 +10,7 @@ import argparse
 import json
 
 from mer.cli.progress import ProgressDisplay
-from mer.expert_format import LAYOUTS
+from mer.compute.expert_format import LAYOUTS
 from mer.logging_setup import configure_logging, get_logger
 from mer.store.convert import ConversionResult, convert_gguf
 

@@ -23,12 +23,12 @@ from mer.cli.pipeline_flags import add_config_flag, add_config_flags
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
 from mer.config import GENERATION, config_overrides
-from mer.generation_setup import (PreparedGeneration, PromptSpec, SamplerSettings, prepare_generation,
+from mer.cli.generation_setup import (PreparedGeneration, PromptSpec, SamplerSettings, prepare_generation,
                                  run_generation)
 from mer.logging_setup import configure_logging
 from mer.model.tokenizer import Tokenizer
 from mer.models import tiny_model_path
-from mer.ram_budget import parse_size
+from mer.runtime.ram_budget import parse_size
 
 
 def token_id_list(text: str) -> tuple[int, ...]:

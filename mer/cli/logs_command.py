@@ -24,7 +24,7 @@ from mer.errors import EventLogError
 from mer.logs.compare import compare_summaries, format_comparison
 from mer.logs.recompute import recompute_summary
 from mer.logs.runs import RunLog, load_runs, select_run
-from mer.summary import RunSummary, format_seed_block
+from mer.metrics.summary import RunSummary, format_seed_block
 
 
 def register(subparsers) -> None:

@@ -11,8 +11,8 @@ import uvloop
 from mer.config import PipelineConfig, validate_against_geometry
 from mer.logging_setup import configure_logging, with_log_writes_in_background
 from mer.store.reader import ExpertStore
-from mer.summary import JobSummary, RunSummary, format_seed_block
-from mer.supervisor import Supervisor
+from mer.metrics.summary import JobSummary, RunSummary, format_seed_block
+from mer.runtime.supervisor import Supervisor
 
 
 def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = False) -> int:

@@ -7,7 +7,7 @@ import json
 
 from mer.cli.progress import ProgressDisplay
 from mer.errors import ConfigError
-from mer.expert_format import LAYOUTS
+from mer.compute.expert_format import LAYOUTS
 from mer.store.presets import PRESETS
 from mer.store.synth import SynthSpec, synth_store
 

@@ -20,7 +20,7 @@ from mer.cli.pipeline_flags import add_config_flag, add_config_flags
 from mer.cli.pipeline_job import run_pipeline_job
 from mer.config import config_overrides, load_config, shipped_config_path
 from mer.models import tiny_model_path
-from mer.demo_store import demo_store
+from mer.store.demo import demo_store
 
 DEMO_PROMPT = "Once upon a time"
 EMBEDDED_DEMO_PROMPT = "def "  # the embedded model was trained on Python source
@@ -70,7 +70,7 @@ def generation_demo(args: argparse.Namespace, prompt: str = DEMO_PROMPT) -> int:
     """`up --model`: a short greedy generation through the graph, printed as `generate` prints it."""
     from mer.cli.generate_command import configure_supervisor_logging, generate_and_print
     from mer.cli.progress import ProgressDisplay
-    from mer.generation_setup import PromptSpec, prepare_generation
+    from mer.cli.generation_setup import PromptSpec, prepare_generation
 
     configure_supervisor_logging(args.log_file)
     max_tokens = args.tokens or DEMO_GENERATED_TOKENS

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from mer.errors import ConfigError, IoBackendUnavailableError
-from mer.expert_format import PAGE_SIZE
+from mer.compute.expert_format import PAGE_SIZE
 from mer.io.preadv_reader import PreadvReader
 from mer.io.reader_base import ExpertReader
 from mer.logging_setup import get_logger

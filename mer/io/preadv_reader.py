@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from mer.expert_format import PAGE_SIZE
+from mer.compute.expert_format import PAGE_SIZE
 from mer.io.read_request import ReadRequest
 from mer.io.reader_base import ExpertReader
 

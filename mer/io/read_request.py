@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from mer.errors import IoReadError, IoRequestError
-from mer.expert_format import PAGE_SIZE
+from mer.compute.expert_format import PAGE_SIZE
 
 Priority = Literal["foreground", "prefetch"]
 PRIORITIES: tuple[Priority, ...] = ("foreground", "prefetch")

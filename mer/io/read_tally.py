@@ -4,7 +4,7 @@ latency histogram. Aggregates only, so `IoStats` does not grow with the run."""
 from __future__ import annotations
 
 from mer.protocol import ReadCounts
-from mer.stats import LatencyHistogram, LatencyRecorder
+from mer.metrics.stats import LatencyHistogram, LatencyRecorder
 
 READ_KINDS = ("foreground", "prefetch")
 

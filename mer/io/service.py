@@ -35,7 +35,7 @@ from mer.protocol import (
     Acquire, IoStats, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
     StatsRequest, decode, encode, error_reply,
 )
-from mer.run_events import EXPERT_READ
+from mer.metrics.events import EXPERT_READ
 from mer.runtime.child import receive_unless_stopped
 from mer.shm.arena import SlotArena
 from mer.store.manifest import Manifest

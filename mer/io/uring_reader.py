@@ -32,7 +32,7 @@ from pathlib import Path
 import liburing
 
 from mer.errors import IoRequestError
-from mer.expert_format import PAGE_SIZE
+from mer.compute.expert_format import PAGE_SIZE
 from mer.io.iovec_cache import IovecCache, raw_view
 from mer.io.read_request import ReadRequest, buffer_address
 from mer.io.reader_base import ExpertReader, close_files

@@ -3,7 +3,7 @@
 The run computes its summary (`mer.summary.summarize_log_events`) from its `run_started`, its
 `token_done` events, the I/O worker's read counters and latency histogram as reported when the
 router asked for the final statistics (`IoStats`), and the final `prefetch_stats`; here the same
-figures are rebuilt from the `expert_read` events with the same histogram code (`mer.stats`), so
+figures are rebuilt from the `expert_read` events with the same histogram code (`mer.metrics.stats`), so
 they agree exactly. A read can still finish after that request (a prefetch for a token that never
 comes); its `expert_read` is in the log but was not in the summary. So the reads counted are those
 whose `read_index` is below the `reads_counted` of `prefetch_stats` (the cut is
@@ -22,9 +22,9 @@ from typing import Any
 
 from mer.errors import EventLogError
 from mer.logs.runs import RunLog
-from mer.run_events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
+from mer.metrics.events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
                             ReadRecord, RunInfo, TokenRecord)
-from mer.summary import RunSummary, summarize_log_events
+from mer.metrics.summary import RunSummary, summarize_log_events
 
 ACQUIRE_DONE = "acquire_done"
 DECISION_DONE = "decision_done"

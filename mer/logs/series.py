@@ -16,7 +16,7 @@ import numpy as np
 
 from mer.logs.recompute import ACQUIRE_DONE
 from mer.logs.runs import RunLog
-from mer.run_events import EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE
+from mer.metrics.events import EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE
 
 COMPUTE_JOB = "compute_job"
 DEFAULT_HIT_RATE_WINDOW = 50

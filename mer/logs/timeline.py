@@ -17,7 +17,7 @@ from mer.errors import EventLogError
 from mer.logs.recompute import ACQUIRE_DONE, DECISION_DONE
 from mer.logs.runs import RunLog
 from mer.logs.series import COMPUTE_JOB
-from mer.run_events import EXPERT_READ, TOKEN_DONE
+from mer.metrics.events import EXPERT_READ, TOKEN_DONE
 
 _RUN_SUFFIX = re.compile(r"^mer-(.*)-[0-9a-f]{8}$")
 KIB = 1024

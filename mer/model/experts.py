@@ -21,10 +21,10 @@ from typing import Protocol
 
 import numpy as np
 
-from mer.expert_format import ExpertPayload
+from mer.compute.expert_format import ExpertPayload
 from mer.store.gguf_source import GGUFSource
 from mer.store.reader import ExpertStore
-from mer.swiglu import swiglu_expert
+from mer.compute.swiglu import swiglu_expert
 
 
 class ExpertFn(Protocol):

@@ -29,7 +29,7 @@ from mer.model.moe import Routing, route_tokens
 from mer.model.weights import BlockWeights, ModelWeights, load_weights
 from mer.store.gguf_source import GGUFSource, read_gguf_source
 from mer.store.manifest import Manifest
-from mer.swiglu import silu_gate
+from mer.compute.swiglu import silu_gate
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mer.dtypes import dtype_by_ggml
+from mer.compute.dtypes import dtype_by_ggml
 from mer.errors import ShapeError, UnsupportedModelError
-from mer.expert_format import MatrixSpec
+from mer.compute.expert_format import MatrixSpec
 from mer.model.hparams import QK_NORM_NONE, QK_NORM_PER_HEAD, HParams
 from mer.quant.dequant import dequantize
 from mer.quant.matmul import matmul, round_float_activation

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from mer.protocol import PredictorStats
-from mer.run_events import LayerHintCounts
-from mer.stats import percent
+from mer.metrics.events import LayerHintCounts
+from mer.metrics.stats import percent
 
 
 @dataclass

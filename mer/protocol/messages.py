@@ -19,8 +19,8 @@ from typing import Annotated, Any, NamedTuple, dataclass_transform
 import numpy as np
 
 from mer.errors import ConfigError, ProtocolError
-from mer.run_events import LayerHintCounts, PredictorCounters
-from mer.stats import LatencyHistogram
+from mer.metrics.events import LayerHintCounts, PredictorCounters
+from mer.metrics.stats import LatencyHistogram
 
 
 class MessageKind(IntEnum):
@@ -222,7 +222,7 @@ class Shutdown:
 
 @message(MessageKind.JOB_DONE)
 class JobDone:
-    """The router finished its job; `summary` is the job's typed summary as JSON (`mer.summary`)."""
+    """The router finished its job; `summary` is the job's typed summary as JSON (`mer.metrics.summary`)."""
 
     summary: JsonMap
 

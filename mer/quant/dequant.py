@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from mer.dtypes import dtype_by_name
+from mer.compute.dtypes import dtype_by_name
 from mer.errors import ShapeError, UnsupportedDTypeError
 
 _SUBNORMAL_F16_UNIT = np.float32(2.0**-24)  # value of the f16 mantissa's lowest bit at exponent 0

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from mer.errors import ConfigError, ShapeError, UnsupportedDTypeError
-from mer.expert_format import MatrixSpec
+from mer.compute.expert_format import MatrixSpec
 from mer.quant import planar as planar_layout
 from mer.quant.activation import BLOCKS_PER_GROUP, QuantizedActivation, quantize_activation
 from mer.quant.matmul_generic import DTYPE_CODES, dequantizing_matmul, dequantizing_matmul_parallel

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mer.dtypes import dtype_by_name
+from mer.compute.dtypes import dtype_by_name
 from mer.errors import ShapeError, UnsupportedDTypeError
 
 PLANAR_DTYPES = ("q4_0", "q8_0")

@@ -30,9 +30,9 @@ from functools import lru_cache
 import numba
 import numpy as np
 
-from mer.dtypes import DType, dtype_by_name
+from mer.compute.dtypes import DType, dtype_by_name
 from mer.errors import ConfigError
-from mer.expert_format import ExpertFormat
+from mer.compute.expert_format import ExpertFormat
 
 SCALE_SPREAD = (0.5, 1.5)  # block scales are drawn uniformly in this range times the nominal scale
 _MASK64 = (1 << 64) - 1

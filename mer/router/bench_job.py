@@ -11,7 +11,7 @@ compute comes from prediction alone.
 
 Every token is logged as a `token_done` event; the summary is computed from these events and the
 I/O worker's final `IoStats` (read counts, bytes, latency histogram, prefetch counters:
-`mer.summary`), exactly as `logs summarize` recomputes it from a log file's `expert_read` events.
+`mer.metrics.summary`), exactly as `logs summarize` recomputes it from a log file's `expert_read` events.
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ import numpy as np
 
 from mer.config import PipelineConfig
 from mer.errors import ConfigError
-from mer.expert_batches import weighted_sum
+from mer.compute.batches import weighted_sum
 from mer.protocol import HiddenObserved, RoutingObserved, encode
-from mer.ram_budget import pool_slots
+from mer.runtime.ram_budget import pool_slots
 from mer.router.clients import ComputeClient, IoClient
-from mer.router.expert_client import DispatchLog, ExpertDispatcher, ExpertStats
+from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats
 from mer.router.hidden_states import synthetic_hidden_state
 from mer.router.job import Job, sends_hidden
-from mer.routing import RoutingDecision, RoutingSpace
-from mer.run_events import (PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
+from mer.routing.space import RoutingDecision, RoutingSpace
+from mer.metrics.events import (PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
                             RunInfo, TokenRecord)
 from mer.store.manifest import Manifest
-from mer.summary import ReadFigures, RunSummary, predictor_summaries, summarize_log_events
-from mer.trace import TraceHeader, TraceWriter, read_trace
-from mer.workloads.factory import make_workload
+from mer.metrics.summary import ReadFigures, RunSummary, predictor_summaries, summarize_log_events
+from mer.routing.trace import TraceHeader, TraceWriter, read_trace
+from mer.routing.workloads.factory import make_workload
 
 
 @dataclass

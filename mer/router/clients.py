@@ -15,12 +15,12 @@ import zmq
 import zmq.asyncio
 
 from mer.errors import PipelineError
-from mer.expert_batches import PackedBatches
+from mer.compute.batches import PackedBatches
 from mer.protocol import (
     Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, Release, SlotGrant, SlotRef,
     SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode, raise_remote,
 )
-from mer.slicing import slices_of_worker
+from mer.compute.slicing import slices_of_worker
 
 
 class _PendingReplies:

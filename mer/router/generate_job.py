@@ -32,12 +32,12 @@ from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration, TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
 from mer.predict.fusion import GATE
-from mer.router.expert_client import ExpertDispatcher, ExpertStats
+from mer.router.dispatcher import ExpertDispatcher, ExpertStats
 from mer.router.graph_forward import DenseThread, GraphExperts
 from mer.router.job import Job, sends_hidden
 from mer.store.manifest import Manifest
-from mer.summary import GenerationSummary, predictor_summaries
-from mer.trace import TraceHeader, TraceWriter
+from mer.metrics.summary import GenerationSummary, predictor_summaries
+from mer.routing.trace import TraceHeader, TraceWriter
 
 MIB = 2**20
 

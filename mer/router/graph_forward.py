@@ -28,9 +28,9 @@ import numpy as np
 from mer.model.forward import MoEBlockCosts
 from mer.model.moe import Routing
 from mer.protocol import HiddenObserved, RoutingObserved, encode
-from mer.router.expert_client import ExpertDispatcher, ExpertStats
-from mer.routing import RoutingDecision
-from mer.trace import TraceWriter
+from mer.router.dispatcher import ExpertDispatcher, ExpertStats
+from mer.routing.space import RoutingDecision
+from mer.routing.trace import TraceWriter
 
 
 class DenseThread:

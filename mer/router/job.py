@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 from mer.config import PipelineConfig
 from mer.predict.fusion import GATE
-from mer.summary import JobSummary
+from mer.metrics.summary import JobSummary
 
 
 class Job(ABC):

@@ -11,11 +11,11 @@ import numpy as np
 
 from mer.config import PipelineConfig
 from mer.router.hidden_states import synthetic_hidden_state
-from mer.routing import RoutingSpace
-from mer.expert_batches import item_partials, sum_slices, weighted_sum
-from mer.slicing import plan_slices
+from mer.routing.space import RoutingSpace
+from mer.compute.batches import item_partials, sum_slices, weighted_sum
+from mer.compute.slicing import plan_slices
 from mer.store.reader import ExpertStore
-from mer.workloads.factory import make_workload
+from mer.routing.workloads.factory import make_workload
 
 
 def reference_outputs(config: PipelineConfig, store: ExpertStore) -> np.ndarray:

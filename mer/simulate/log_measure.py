@@ -1,7 +1,7 @@
 """Measure a projection's inputs from a run log (the JSONL event log of `mer-pipeline run --log-file`).
 
 - compute per token: the `run_summary` event's `compute_us_per_token`; a log without one (a killed
-  run) is summarized from its `token_done` events as `logs summarize` would (`mer.summary`);
+  run) is summarized from its `token_done` events as `logs summarize` would (`mer.metrics.summary`);
 - disk bandwidth: the sum of the `expert_read` events' bytes over the sum of their latencies, i.e.
   the rate one read sees (reads in flight together overlap, so this is a lower bound on what the
   disk delivers in parallel, and the right one for a read that a step waits for); None when the
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mer.errors import EventLogError
 from mer.logs.reader import read_log
-from mer.run_events import EXPERT_READ, RUN_SUMMARY, ReadRecord
-from mer.summary import summarize_log_events
+from mer.metrics.events import EXPERT_READ, RUN_SUMMARY, ReadRecord
+from mer.metrics.summary import summarize_log_events
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 from mer.errors import ConfigError
 from mer.predict.accuracy import AccuracyTracker
 from mer.predict.fusion import fuse, make_predictors
-from mer.stats import percent
+from mer.metrics.stats import percent
 
 if TYPE_CHECKING:
     from mer.simulate.simulator import ReplayTrace

@@ -25,7 +25,7 @@ from typing import Callable
 
 from mer.errors import ConfigError, TraceError
 from mer.store.manifest import Manifest
-from mer.trace import TraceHeader
+from mer.routing.trace import TraceHeader
 
 MEGABYTE = 10**6  # --disk-mbps is in MB/s (10^6 bytes per second)
 

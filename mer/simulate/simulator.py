@@ -31,8 +31,8 @@ from mer.cache.slot_table import AcquireKind, AcquireResult, Assignment, SlotTab
 from mer.cache.step import acquire_order
 from mer.errors import ConfigError
 from mer.simulate.predictors import HintSource, make_hint_source
-from mer.trace import TraceHeader, read_trace
-from mer.stats import percent
+from mer.routing.trace import TraceHeader, read_trace
+from mer.metrics.stats import percent
 
 
 @dataclass(frozen=True)

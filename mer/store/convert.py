@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError
-from mer.expert_format import LAYOUTS, ExpertFormat
+from mer.compute.expert_format import LAYOUTS, ExpertFormat
 from mer.store.gguf_identity import TensorChecksums
 from mer.store.gguf_source import GGUFSource, MoELayerSource, read_gguf_source
 from mer.store.manifest import MANIFEST_NAME, SourceInfo

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mer.expert_format import PAGE_SIZE
+from mer.compute.expert_format import PAGE_SIZE
 
 DIRECT_FLAG = getattr(os, "O_DIRECT", 0)
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from mer.dtypes import DType, dtype_by_ggml
+from mer.compute.dtypes import DType, dtype_by_ggml
 from mer.errors import GGUFError, ShapeError
-from mer.expert_format import MATRIX_NAMES, ExpertFormat
+from mer.compute.expert_format import MATRIX_NAMES, ExpertFormat
 from mer.store.gguf_files import GGUFPart, TensorData, open_parts
 from mer.store.manifest import Geometry
 

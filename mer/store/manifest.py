@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mer.errors import StoreError
-from mer.expert_format import PAGE_SIZE, ExpertFormat
+from mer.compute.expert_format import PAGE_SIZE, ExpertFormat
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mer.errors import StoreError
-from mer.expert_format import ExpertPayload
+from mer.compute.expert_format import ExpertPayload
 from mer.store.manifest import Manifest
 
 

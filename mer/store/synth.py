@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mer.dtypes import dtype_by_name
+from mer.compute.dtypes import dtype_by_name
 from mer.errors import ConfigError, ShapeError
-from mer.expert_format import LAYOUTS, MATRIX_NAMES, ExpertFormat
+from mer.compute.expert_format import LAYOUTS, MATRIX_NAMES, ExpertFormat
 from mer.quant.random_blocks import fill_random_expert, seed_key
 from mer.store.direct_io import page_aligned_empty
 from mer.store.manifest import Geometry, SourceInfo

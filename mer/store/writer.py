@@ -25,7 +25,7 @@ import numpy as np
 
 from mer import __version__
 from mer.errors import DiskSpaceError, StoreError, StoreExistsError
-from mer.expert_format import ExpertFormat, round_up
+from mer.compute.expert_format import ExpertFormat, round_up
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty, pwrite_all
 from mer.store.manifest import ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
 from mer.store.reader import payload_checksum

@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 REPO = Path(__file__).resolve().parents[2]
 

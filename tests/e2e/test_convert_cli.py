@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mer.store.gguf_identity import gguf_identity
 from mer.store.reader import ExpertStore
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 MER_PIPELINE = Path(sys.executable).parent / "mer-pipeline"
 

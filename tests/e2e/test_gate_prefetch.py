@@ -12,8 +12,11 @@ The measured figures are printed (`pytest -s`).
 from __future__ import annotations
 
 from mer.models import tiny_model_path
-from tests.generate_runs import run_generate
-from tests.pipeline_runs import run_pipeline
+from tests.support.generate_runs import run_generate
+from tests.support.pipeline_runs import run_pipeline
+import pytest
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 PROMPT = "def "
 TOKENS = 48

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from mer.models import tiny_model_path
-from mer.trace import read_trace
-from tests.generate_runs import run_generate
-from tests.pipeline_runs import run_pipeline
+from mer.routing.trace import read_trace
+from tests.support.generate_runs import run_generate
+from tests.support.pipeline_runs import run_pipeline
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 MER = [sys.executable, "-m", "mer.cli.main"]
 TOKENS = 32

@@ -23,16 +23,18 @@ from pathlib import Path
 import pytest
 
 from mer.cli.up_command import DEMO_PROMPT
-from mer.demo_store import converted_store
+from mer.store.demo import converted_store
 from mer.model.experts import GGUFExperts
 from mer.model.generate import generate
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.store.manifest import Manifest
-from tests.generate_runs import GENERATE_TIMEOUT_S, generate_argv, run_generate
-from tests.pipeline_runs import MER_PIPELINE, run_ids_in_log
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.generate_runs import GENERATE_TIMEOUT_S, generate_argv, run_generate
+from tests.support.pipeline_runs import MER_PIPELINE, run_ids_in_log
+from tests.support.gguf_models import write_tiny_moe_gguf
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 PROMPT = "hello world this is a test of the experts"
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

@@ -11,8 +11,11 @@ from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
-from tests.generate_runs import run_cli_to_end
-from tests.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE
+from tests.support.generate_runs import run_cli_to_end
+from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE
+import pytest
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 PROMPT = "def "
 STEPS = 24

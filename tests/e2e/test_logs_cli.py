@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from mer.summary import RunSummary, format_seed_block
-from tests.log_runs import module_runs
-from tests.pipeline_runs import MER_PIPELINE, PipelineRun, RunningPipeline
-from tests.plot_checks import check_png
+from mer.metrics.summary import RunSummary, format_seed_block
+from tests.support.log_runs import module_runs
+from tests.support.pipeline_runs import MER_PIPELINE, PipelineRun, RunningPipeline
+from tests.support.plot_checks import check_png
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 CLI_TIMEOUT_S = 120
 

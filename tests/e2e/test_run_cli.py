@@ -12,8 +12,11 @@ import os
 import re
 import subprocess
 
-from tests.host import AUTO_BACKEND
-from tests.pipeline_runs import MER_PIPELINE, SUMMARY_KEYS, run_pipeline
+from tests.support.host import AUTO_BACKEND
+from tests.support.pipeline_runs import MER_PIPELINE, SUMMARY_KEYS, run_pipeline
+import pytest
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 TINY_PAYLOAD_NBYTES = 221_184
 LATENCY_GROUPS = {"io_latency_us": {"p50", "p95", "p99"}, "compute_us": {"p50", "p95", "p99"},

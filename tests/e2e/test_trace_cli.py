@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mer.routing import RoutingDecision
-from mer.trace import TraceHeader, TraceWriter
+from mer.routing.space import RoutingDecision
+from mer.routing.trace import TraceHeader, TraceWriter
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 MER_PIPELINE = shutil.which("mer-pipeline", path=str(Path(sys.executable).parent)) or "mer-pipeline"
 TINY_READ_NBYTES = 221_184

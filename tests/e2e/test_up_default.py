@@ -10,8 +10,11 @@ from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
-from tests.generate_runs import run_cli_to_end
-from tests.pipeline_runs import MER_PIPELINE
+from tests.support.generate_runs import run_cli_to_end
+from tests.support.pipeline_runs import MER_PIPELINE
+import pytest
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 
 def test_up_without_arguments_generates_with_the_embedded_model(leak_guard, tmp_path):

@@ -16,7 +16,7 @@ from mer.store.convert import convert_gguf
 from mer.store.gguf_identity import gguf_identity
 from mer.store.reader import ExpertStore
 from mer.store.verify import find_bad_experts
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 MODELS = {
     "mixtral-q4_0": dict(arch="llama", dtypes=("q4_0",) * 3),

@@ -1,6 +1,6 @@
 """Text generation through the real process graph (`mer-pipeline generate`), against independent references.
 
-Tiny random models of each architecture (written in tmp with `tests/gguf_models.py`: 2 blocks, 8
+Tiny random models of each architecture (written in tmp with `tests/support/gguf_models.py`: 2 blocks, 8
 experts top-2, d_model 64, vocab 384; llama q4_0, qwen3moe q8_0, olmoe f16, the f16 one checking
 that the compute workers round f16 inputs as llama.cpp does) run through the graph: router (dense
 part in its thread), I/O worker (experts converted implicitly into a store on disk, read with
@@ -25,22 +25,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mer.expert_batches import expert_outputs, item_partials, pack_batches
+from mer.compute.batches import expert_outputs, item_partials, pack_batches
 from mer.model.experts import GGUFExperts
 from mer.model.generate import generate
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
-from mer.slicing import plan_slices
-from mer.trace import read_trace
-from tests.host import AUTO_BACKEND, URING_PROBLEM
-from tests.generate_runs import GenerateRun, run_generate
-from tests.gguf_models import TinyMoEInfo, write_tiny_moe_gguf
+from mer.compute.slicing import plan_slices
+from mer.routing.trace import read_trace
+from tests.support.host import AUTO_BACKEND, URING_PROBLEM
+from tests.support.generate_runs import GenerateRun, run_generate
+from tests.support.gguf_models import TinyMoEInfo, write_tiny_moe_gguf
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 STEPS = 32
 PROMPT = "the router picks two experts for every token in every layer of the model"
 MODELS = {"llama": ("spm", "q4_0"), "qwen3moe": ("bpe", "q8_0"), "olmoe": ("spm", "f16")}  # arch -> vocab, dtype
-# The graph sums each expert's d_ff slices (mer.slicing) where the single-process model runs the whole
+# The graph sums each expert's d_ff slices (mer.compute.slicing) where the single-process model runs the whole
 # d_ff in one kernel call: the same up to float32 summation order. Measured: identical logits for q4_0
 # and q8_0; for f16 identical except now and then one step (2.2e-4 relative), where an ulp of difference
 # moves an input across an f16 rounding boundary (llama.cpp's rounding of f16 matmul inputs). Against
@@ -63,7 +65,7 @@ def models(workdir) -> dict[str, TinyMoEInfo]:
 
 
 class SlicedGGUFExperts(GGUFExperts):
-    """Experts computed as the graph computes them: the d_ff slices of `mer.slicing`, summed in order."""
+    """Experts computed as the graph computes them: the d_ff slices of `mer.compute.slicing`, summed in order."""
 
     def __call__(self, moe_layer: int, batches):
         outputs = {}
@@ -117,7 +119,7 @@ def test_greedy_generation_matches_the_single_process_model(arch, models, leak_g
 @pytest.mark.parametrize("arch", MODELS)
 def test_greedy_generation_matches_llama_cpp(arch, models, leak_guard, workdir):
     pytest.importorskip("llama_cpp")
-    from tests.llama_reference import llama_greedy, open_llama
+    from tests.support.llama_reference import llama_greedy, open_llama
 
     result = greedy_run(arch, models, leak_guard, workdir).result
     theirs, _ = llama_greedy(open_llama(models[arch].path), result["prompt_tokens"], STEPS)
@@ -160,7 +162,7 @@ def test_decode_bytes_are_the_reads_for_generated_positions(models, leak_guard, 
     assert result["mib_read_per_token"] == decode_bytes / 2**20 / result["decode_steps"]
 
 
-# io_uring forced where this host runs it; elsewhere `auto`, which must then pick preadv (tests/host.py)
+# io_uring forced where this host runs it; elsewhere `auto`, which must then pick preadv (tests/support/host.py)
 URING = "auto" if URING_PROBLEM else "uring"
 CONFIGURATIONS = {
     "1 worker, every expert cached, prefetch, io_uring": ["--compute-workers", 1, "--cache-slots", 16,

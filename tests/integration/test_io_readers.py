@@ -28,7 +28,7 @@ from mer.errors import IoBackendUnavailableError, IoReadError, IoRequestError, S
 from mer.io import open_reader
 from mer.io.preadv_reader import PreadvReader
 from mer.io.uring_reader import UringReader
-from tests.host import URING_PROBLEM, requires_io_uring
+from tests.support.host import URING_PROBLEM, requires_io_uring
 
 PAGE = 4096
 FILE_NBYTES = 6 * 1024 * 1024

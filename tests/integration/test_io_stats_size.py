@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from mer.stats import NUM_LATENCY_BUCKETS
-from tests.pipeline_runs import run_pipeline
+from mer.metrics.stats import NUM_LATENCY_BUCKETS
+from tests.support.pipeline_runs import run_pipeline
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 # the latency buckets; three read counters of 2; six prefetch counters; 11 counters and a list per predictor
 MAX_INTEGERS = NUM_LATENCY_BUCKETS + 6 + 6 + 4 * 11

@@ -34,9 +34,9 @@ from mer.model.generate import generate
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
-from tests.gguf_models import write_tiny_moe_gguf
-from tests.llama_reference import llama_greedy, open_llama
-from tests.reference_forward import ReferenceModel
+from tests.support.gguf_models import write_tiny_moe_gguf
+from tests.support.llama_reference import llama_greedy, open_llama
+from tests.support.reference_forward import ReferenceModel
 
 pytestmark = pytest.mark.llama
 pytest.importorskip("llama_cpp")

@@ -23,9 +23,11 @@ from mer.logs.runs import RunLog, load_runs
 from mer.logs.series import (cycle_series, outstanding_reads, prefetch_series, rolling_hit_rate, slot_occupancy,
                              worker_busy)
 from mer.logs.timeline import token_timeline
-from tests.log_runs import module_runs
-from tests.pipeline_runs import PipelineRun
-from tests.plot_checks import check_figures_draw_their_series, check_png
+from tests.support.log_runs import module_runs
+from tests.support.pipeline_runs import PipelineRun
+from tests.support.plot_checks import check_figures_draw_their_series, check_png
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 RUN_FLAGS = {
     "A": ("--tokens", 60, "--cache-slots", 4, "--compute-workers", 2, "--seed", 5),

@@ -27,10 +27,12 @@ from mer.config import PipelineConfig
 from mer.router.hidden_states import synthetic_hidden_state
 from mer.router.reference import reference_outputs
 from mer.store.reader import ExpertStore
-from mer.summary import summarize_log_events
-from mer.trace import read_trace
-from tests.host import AUTO_BACKEND, URING_PROBLEM
-from tests.pipeline_runs import filesystem_type, read_json_lines, round_up_to_page, run_pipeline
+from mer.metrics.summary import summarize_log_events
+from mer.routing.trace import read_trace
+from tests.support.host import AUTO_BACKEND, URING_PROBLEM
+from tests.support.pipeline_runs import filesystem_type, read_json_lines, round_up_to_page, run_pipeline
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 TOKENS = 12
 SEED = 3

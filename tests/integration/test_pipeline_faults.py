@@ -25,9 +25,11 @@ from mer.protocol import ChildFailed
 from mer.runtime.paths import SUPERVISOR_RECORD_NAME, arena_path, new_run_id
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
-from mer.supervisor import Child, Supervisor
-from tests.host import URING_PROBLEM, forced_uring_error
-from tests.pipeline_runs import RunningPipeline, dead_process, process_title, run_pipeline
+from mer.runtime.supervisor import Child, Supervisor
+from tests.support.host import URING_PROBLEM, forced_uring_error
+from tests.support.pipeline_runs import RunningPipeline, dead_process, process_title, run_pipeline
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 LONG_RUN_TOKENS = 20_000  # minutes of work: every test below ends the run long before
 SHUTDOWN_GRACE_S = 20.0  # children not stopped by Shutdown within this are terminated (and logged)

@@ -4,8 +4,11 @@ and with the logged `prefetch_stats` / `predictor_stats` events; without prefetc
 
 from __future__ import annotations
 
-from mer.summary import summarize_log_events
-from tests.pipeline_runs import read_json_lines, run_pipeline
+from mer.metrics.summary import summarize_log_events
+from tests.support.pipeline_runs import read_json_lines, run_pipeline
+import pytest
+
+pytestmark = pytest.mark.slow  # starts the process graph
 
 FLAGS = ("--tokens", 40, "--cache-slots", 6, "--compute-workers", 1, "--seed", 5, "--workload", "markov")
 TOTALS = {"issued": "prefetches_issued", "completed": "prefetches_completed", "used": "prefetches_used",

@@ -19,6 +19,8 @@ import pytest
 
 from mer.simulate.simulator import load_trace, simulate
 
+pytestmark = pytest.mark.slow  # starts the process graph
+
 MER_PIPELINE = shutil.which("mer-pipeline", path=str(Path(sys.executable).parent)) or "mer-pipeline"
 TOKENS = 200
 

@@ -26,7 +26,7 @@ from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.models import TINY_MODEL_NAME, tiny_model_path
-from mer.trace import TraceHeader, TraceWriter
+from mer.routing.trace import TraceHeader, TraceWriter
 from tools.tiny_model_card import expert_usage_entropy, window_bits
 from tools.tiny_moe_data import encode, held_out_windows, read_text, split_files, unigram_log2_probabilities
 
@@ -96,7 +96,7 @@ def test_routing_is_token_dependent(model):
 @pytest.mark.llama
 def test_llama_cpp_tokenizes_like_mer(model):
     pytest.importorskip("llama_cpp")
-    from tests.llama_reference import open_llama
+    from tests.support.llama_reference import open_llama
 
     llm = open_llama(tiny_model_path())
     tokenizer = load_tokenizer(model.source.parts[0])
@@ -117,7 +117,7 @@ def margin(logits: np.ndarray) -> float:
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_generation_matches_llama_cpp(model, prompt):
     pytest.importorskip("llama_cpp")
-    from tests.llama_reference import llama_greedy, open_llama
+    from tests.support.llama_reference import llama_greedy, open_llama
 
     llm = open_llama(tiny_model_path())
     prompt_ids = load_tokenizer(model.source.parts[0]).encode(prompt)

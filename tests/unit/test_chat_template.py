@@ -10,7 +10,7 @@ from mer.errors import TokenizerError
 from mer.model.chat_template import chat_prompt_tokens, render_chat
 from mer.model.model import MoEModel
 from mer.model.tokenizer import load_tokenizer
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 
 from mer.errors import PipelineError
-from mer.expert_batches import expert_outputs, pack_batches
+from mer.compute.batches import expert_outputs, pack_batches
 from mer.protocol import ComputeItem, ExpertBatchJob, ExpertBatchResult, Hello, SliceRange, decode, encode
 from mer.router.clients import ComputeClient
 

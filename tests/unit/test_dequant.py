@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from mer.dtypes import SUPPORTED_DTYPES, dtype_by_name
+from mer.compute.dtypes import SUPPORTED_DTYPES, dtype_by_name
 from mer.errors import ShapeError, UnsupportedDTypeError
 from mer.quant.dequant import (
     ROW_DEQUANTIZERS,

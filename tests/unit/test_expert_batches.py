@@ -8,10 +8,10 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from mer.errors import ShapeError
-from mer.expert_batches import expert_outputs, item_partials, pack_batches, sum_slices, weighted_sum
-from mer.expert_format import ExpertFormat, ExpertPayload
-from mer.slicing import plan_slices
-from mer.swiglu import swiglu_expert
+from mer.compute.batches import expert_outputs, item_partials, pack_batches, sum_slices, weighted_sum
+from mer.compute.expert_format import ExpertFormat, ExpertPayload
+from mer.compute.slicing import plan_slices
+from mer.compute.swiglu import swiglu_expert
 
 D_MODEL, D_FF = 64, 768  # d_ff of 3 slices (MIN_SLICE_ROWS = 256), so slices are really summed
 

@@ -17,7 +17,7 @@ from mer.models import tiny_model_path
 from mer.predict.accuracy import LayerAccuracy
 from mer.predict.fusion import GATE, check_model_for_predictors, fuse, make_predictors
 from mer.predict.gate import GatePredictor, GateTarget, GateWeights, load_gate_predictor
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 EXPERTS_PER_LAYER = 8  # the tiny model: 4 MoE layers x 8 experts, top-2, d_model 128
 

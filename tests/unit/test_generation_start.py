@@ -12,9 +12,9 @@ from mer.errors import ConfigError, EventLogError, ProtocolError
 from mer.model.model import MoEModel
 from mer.model.tokenizer import load_tokenizer
 from mer.protocol import StartBenchmark, StartGeneration, decode, encode
-from mer.summary import GenerationSummary
-from mer.supervisor import job_model
-from tests.gguf_models import write_tiny_moe_gguf
+from mer.metrics.summary import GenerationSummary
+from mer.runtime.supervisor import job_model
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 
 def test_a_start_message_survives_the_wire_and_names_the_model():

@@ -12,7 +12,7 @@ from mer.errors import GGUFError, ShapeError, UnsupportedDTypeError
 from mer.store.gguf_files import split_part_paths
 from mer.store.gguf_identity import gguf_identity
 from mer.store.gguf_source import read_gguf_source
-from tests.gguf_models import ggml_type, random_weight_bytes, write_tiny_moe_gguf
+from tests.support.gguf_models import ggml_type, random_weight_bytes, write_tiny_moe_gguf
 
 
 def reader_tensor(path, name):

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from mer.logs.compare import compare_summaries, format_comparison, metric_value, ratio
-from mer.stats import Percentiles
-from mer.summary import RunSummary
+from mer.metrics.stats import Percentiles
+from mer.metrics.summary import RunSummary
 
 
 def summary(**overrides) -> dict:

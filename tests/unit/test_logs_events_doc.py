@@ -1,5 +1,5 @@
 """docs/events.md documents every event the code logs: each `log.info/warning/error("name", ...)` call
-in `mer/` and `workers/` (names given literally or as `mer.run_events` constants) has its row."""
+in `mer/` and `workers/` (names given literally or as `mer.metrics.events` constants) has its row."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ast
 import re
 from pathlib import Path
 
-from mer import run_events
+from mer.metrics import events as run_events
 from mer.logging_setup import LOG_SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]

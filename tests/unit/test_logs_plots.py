@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from mer.logs.plots import write_plots
 from mer.logs.runs import load_runs
-from tests.log_builders import (acquire_done, compute_job, envelope, expert_read, prefetch_stats, run_started,
+from tests.support.log_builders import (acquire_done, compute_job, envelope, expert_read, prefetch_stats, run_started,
                                 token_done, write_log)
-from tests.plot_checks import check_figures_draw_their_series, check_png
+from tests.support.plot_checks import check_figures_draw_their_series, check_png
 
 ALL_PLOTS = ["cycle_latency", "hit_rate", "slot_occupancy", "io_queue_depth", "read_latency_histogram",
              "worker_busy", "prefetch"]

@@ -10,7 +10,7 @@ import pytest
 from mer.errors import EventLogError
 from mer.logs.reader import read_log
 from mer.logs.runs import load_runs, select_run, split_runs
-from tests.log_builders import RUN, envelope, write_log
+from tests.support.log_builders import RUN, envelope, write_log
 
 EVENTS = [envelope("child_spawned", 1.0, "supervisor", run_id=None, child="x"),
           envelope("token_done", 2.0, token=0),

@@ -8,7 +8,7 @@ import pytest
 from mer.errors import EventLogError
 from mer.logs.recompute import recompute_summary
 from mer.logs.runs import load_runs
-from tests.log_builders import (acquire_done, decision_done, envelope, expert_read, prefetch_stats, run_started,
+from tests.support.log_builders import (acquire_done, decision_done, envelope, expert_read, prefetch_stats, run_started,
                                 token_done, write_log)
 
 NBYTES = 221184 + 4096

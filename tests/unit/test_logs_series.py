@@ -8,7 +8,7 @@ from mer.logs.runs import load_runs
 from mer.logs.series import (cycle_series, merge_intervals, outstanding_reads, prefetch_series,
                              read_latency_histogram, rolling_hit_rate, run_span_s, slot_occupancy, time_origin,
                              worker_busy)
-from tests.log_builders import (acquire_done, compute_job, envelope, expert_read, prefetch_stats, run_started,
+from tests.support.log_builders import (acquire_done, compute_job, envelope, expert_read, prefetch_stats, run_started,
                                 token_done, write_log)
 
 

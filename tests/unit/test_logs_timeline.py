@@ -7,7 +7,7 @@ import pytest
 from mer.errors import EventLogError
 from mer.logs.runs import load_runs
 from mer.logs.timeline import format_timeline, short_process_name, token_timeline
-from tests.log_builders import (RUN, acquire_done, compute_job, decision_done, envelope, expert_read, run_started,
+from tests.support.log_builders import (RUN, acquire_done, compute_job, decision_done, envelope, expert_read, run_started,
                                 token_done, write_log)
 
 

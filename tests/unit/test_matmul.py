@@ -23,9 +23,9 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
-from mer.dtypes import dtype_by_name
+from mer.compute.dtypes import dtype_by_name
 from mer.errors import ConfigError, ShapeError, UnsupportedDTypeError
-from mer.expert_format import MatrixSpec
+from mer.compute.expert_format import MatrixSpec
 from mer.quant.activation import dequantize_activation, quantize_activation
 from mer.quant.matmul import matmul, prepare_activation
 from mer.quant.planar import to_planar

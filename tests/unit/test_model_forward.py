@@ -1,4 +1,4 @@
-"""The forward pass against the float64 numpy reference (tests/reference_forward.py).
+"""The forward pass against the float64 numpy reference (tests/support/reference_forward.py).
 
 Tolerance: for f32 models mer's logits match the float64 reference to 1e-4 of the largest logit
 at every position (float32 arithmetic over 2 blocks; measured ~3e-7). Prefill in one batch and
@@ -22,8 +22,8 @@ from mer.model.forward import ForwardPass, forward, run_inline
 from mer.model.model import MoEModel
 from mer.store.convert import convert_gguf
 from mer.store.reader import ExpertStore
-from tests.gguf_models import write_tiny_moe_gguf
-from tests.reference_forward import ReferenceModel
+from tests.support.gguf_models import write_tiny_moe_gguf
+from tests.support.reference_forward import ReferenceModel
 
 ARCHITECTURES = ["llama", "qwen3moe", "olmoe"]
 SEQUENCE = [3, 77, 301, 150, 9, 250, 42, 42, 17, 266, 100, 5, 380, 64, 128, 7, 99, 300, 12, 45, 200, 11, 33, 70]

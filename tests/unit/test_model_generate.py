@@ -11,7 +11,7 @@ from mer.model.forward import forward
 from mer.model.generate import STOP_CONTEXT, STOP_END_OF_GENERATION, STOP_MAX_TOKENS, generate
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 PROMPT = [1, 40, 300, 12, 77]
 

@@ -10,7 +10,7 @@ from gguf import GGUFWriter
 from mer.errors import GGUFError, UnsupportedModelError
 from mer.model.hparams import QK_NORM_NONE, QK_NORM_PER_HEAD, QK_NORM_WHOLE, ROPE_NEOX, ROPE_NORMAL, read_hparams
 from mer.store.gguf_files import open_part
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 BASE_KEYS = {
     "context_length": 512, "embedding_length": 64, "block_count": 2, "attention.head_count": 4,

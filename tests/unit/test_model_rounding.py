@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 from gguf.quants import dequantize as gguf_dequantize
 
-from mer.dtypes import dtype_by_name
-from mer.expert_format import ExpertFormat, ExpertPayload
+from mer.compute.dtypes import dtype_by_name
+from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.quant.matmul import round_float_activation
 from mer.quant.random_blocks import random_matrix
-from mer.swiglu import swiglu_expert
+from mer.compute.swiglu import swiglu_expert
 
 RNG = np.random.default_rng(8)
 

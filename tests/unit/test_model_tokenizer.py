@@ -12,7 +12,7 @@ from mer.errors import TokenizerError
 from mer.model.tokenizer import SPACE_MARK, load_tokenizer
 from mer.model.tokenizer_algorithms import compile_pre_tokenizer, from_byte_level, split_words, to_byte_level
 from mer.store.gguf_files import open_part
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 TEXTS = ["the quick brown fox", "hello  world\tand\nnewlines", "héllo wörld — ☃ 日本 🙂", "  leading", "trailing  ",
          "don't we'll 12345 3.14!!", ""]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mer.dtypes import SUPPORTED_DTYPES, dtype_by_name
+from mer.compute.dtypes import SUPPORTED_DTYPES, dtype_by_name
 from mer.errors import ShapeError, UnsupportedDTypeError
 from mer.quant.planar import from_planar, has_planar_form, quant_bytes_per_block, scales_offset, to_planar
 from mer.quant.random_blocks import random_matrix

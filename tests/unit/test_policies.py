@@ -17,7 +17,7 @@ from mer.cache.policy import (POLICIES, BeladyPolicy, LfuPolicy, LruPinPolicy, L
 from mer.cache.step import acquire_order
 from mer.errors import ConfigError
 from mer.simulate.simulator import ReplayTrace, simulate
-from mer.trace import TraceHeader
+from mer.routing.trace import TraceHeader
 
 
 def make_trace(steps, num_experts: int | None = None) -> ReplayTrace:

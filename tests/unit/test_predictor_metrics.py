@@ -14,8 +14,8 @@ from mer.cache.slot_table import AcquireKind, SlotTable
 from mer.errors import EventLogError
 from mer.predict.accuracy import AccuracyTracker, HintAccuracy
 from mer.protocol import PredictorStats
-from mer.run_events import PredictorCounters, PrefetchCounters, ReadRecord, RunInfo, TokenRecord
-from mer.summary import RunSummary, format_seed_block, summarize_log_events
+from mer.metrics.events import PredictorCounters, PrefetchCounters, ReadRecord, RunInfo, TokenRecord
+from mer.metrics.summary import RunSummary, format_seed_block, summarize_log_events
 
 INFO = RunInfo(16, 2, 4, 6, 256, 512, 221184, "q4_0", 1, "uring")
 

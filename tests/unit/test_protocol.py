@@ -8,8 +8,8 @@ import pytest
 import zmq
 
 from mer.errors import ProtocolError, RemoteError
-from mer.run_events import LayerHintCounts, PredictorCounters
-from mer.stats import LatencyHistogram
+from mer.metrics.events import LayerHintCounts, PredictorCounters
+from mer.metrics.stats import LatencyHistogram
 from mer.protocol import (
     MESSAGE_TYPES,
     Acquire,

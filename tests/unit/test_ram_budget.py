@@ -7,9 +7,9 @@ from gguf import GGUFReader
 
 from mer.errors import ConfigError
 from mer.model.model import MoEModel
-from mer.ram_budget import (MIB, dense_nbytes, kv_cache_nbytes, metadata_nbytes, parse_size, plan_cache_slots,
+from mer.runtime.ram_budget import (MIB, dense_nbytes, kv_cache_nbytes, metadata_nbytes, parse_size, plan_cache_slots,
                             processes_nbytes)
-from tests.gguf_models import write_tiny_moe_gguf
+from tests.support.gguf_models import write_tiny_moe_gguf
 
 
 @pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", 3 * 2**29),

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from gguf.quants import Q4_K, dequantize
 
-from mer.dtypes import SUPPORTED_DTYPES, dtype_by_name
+from mer.compute.dtypes import SUPPORTED_DTYPES, dtype_by_name
 from mer.errors import ConfigError
-from mer.expert_format import ExpertFormat
+from mer.compute.expert_format import ExpertFormat
 from mer.quant.random_blocks import (default_std, fill_random_bytes, fill_random_matrix, random_expert_payload,
                                      random_matrix, scale_ranges, seed_key)
 

@@ -12,14 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mer.errors import ConfigError, EventLogError, TraceError
-from mer.routing import RoutingDecision
+from mer.routing.space import RoutingDecision
 from mer.simulate.predictors import evaluate_predictor
 from mer.simulate.projection import (ExpertSizes, ProjectionInputs, project_seconds_per_token,
                                      resolve_projection_inputs)
 from mer.simulate.report import format_table, simulation_rows
 from mer.simulate.simulator import ReplayTrace, load_trace, simulate
 from mer.store.synth import SynthSpec, synth_store
-from mer.trace import TraceHeader, TraceWriter
+from mer.routing.trace import TraceHeader, TraceWriter
 
 TINY_READ_NBYTES = 221_184  # q4_0, d_model 256, d_ff 512: 3 x 256 x 512 / 32 x 18 bytes, a multiple of 4096
 

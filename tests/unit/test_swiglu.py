@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
-from mer.dtypes import dtype_by_name
+from mer.compute.dtypes import dtype_by_name
 from mer.errors import ShapeError
-from mer.expert_format import ExpertFormat, ExpertPayload
+from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.quant.planar import to_planar
 from mer.quant.random_blocks import random_matrix
-from mer.swiglu import swiglu_expert
+from mer.compute.swiglu import swiglu_expert
 from test_matmul import reference_q8_0
 
 SEED = 777

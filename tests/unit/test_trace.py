@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mer.errors import TraceError
-from mer.routing import RoutingDecision, RoutingSpace
-from mer.trace import TraceHeader, TraceWriter, count_trace_tokens, read_trace
+from mer.routing.space import RoutingDecision, RoutingSpace
+from mer.routing.trace import TraceHeader, TraceWriter, count_trace_tokens, read_trace
 
 HEADER = TraceHeader(layers=2, experts_per_layer=4, top_k=2)
 DECISIONS = [

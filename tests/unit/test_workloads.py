@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mer.errors import ConfigError, TraceError
-from mer.routing import RoutingDecision, RoutingSpace
-from mer.trace import TraceHeader, TraceWriter
-from mer.workloads import (MarkovWorkload, ReplayWorkload, SkewedWorkload, UniformWorkload, draw_distinct,
+from mer.routing.space import RoutingDecision, RoutingSpace
+from mer.routing.trace import TraceHeader, TraceWriter
+from mer.routing.workloads import (MarkovWorkload, ReplayWorkload, SkewedWorkload, UniformWorkload, draw_distinct,
                            make_workload)
 
 FLAT = RoutingSpace(num_layers=32, experts_per_layer=8, top_k=2)

@@ -40,7 +40,7 @@ import aiofiles.threadpool
 import numpy as np
 
 from mer.errors import TraceError
-from mer.routing import RoutingDecision, RoutingSpace
+from mer.routing.space import RoutingDecision, RoutingSpace
 
 TRACE_VERSION = 1
 

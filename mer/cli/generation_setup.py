@@ -5,7 +5,7 @@ leaves nothing behind): it reads the GGUF's metadata, hyper-parameters and token
 architecture, a dense model or a corrupt file is refused here; the dense weights are loaded once,
 by the router), tokenizes the prompt (or takes its ids as given), checks it against the context,
 converts the experts into the cached store on first use, and sizes the configuration: routing k from
-the model, the cache from `--cache-slots` or `--ram-budget` (`mer.ram_budget`). The job travels as
+the model, the cache from `--cache-slots` or `--ram-budget` (`mer.runtime.ram_budget`). The job travels as
 a `StartGeneration` message. `run_generation` then runs the graph with it and hands every generated
 token to a callback as it arrives.
 """
@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from mer.config import PipelineConfig, load_config, validate_against_geometry
-from mer.demo_store import converted_store
+from mer.store.demo import converted_store
 from mer.errors import ConfigError, ContextLengthError, TokenizerError
 from mer.model.chat_template import chat_prompt_tokens
 from mer.model.hparams import HParams, moe_layers_of, read_hparams
@@ -29,12 +29,12 @@ from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
 from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration
-from mer.ram_budget import (RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots,
+from mer.runtime.ram_budget import (RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots,
                             prefetch_reserve_slots)
 from mer.store.gguf_source import GGUFSource, read_gguf_source
 from mer.store.reader import ExpertStore
-from mer.summary import GenerationSummary
-from mer.supervisor import Supervisor
+from mer.metrics.summary import GenerationSummary
+from mer.runtime.supervisor import Supervisor
 
 # One BLAS thread per process: the router's dense thread is one thread of the core budget, and a BLAS
 # pool next to numba's would oversubscribe the cores (see MEASUREMENTS.md). Inherited by the children.

@@ -4,13 +4,13 @@ The slices depend only on the expert format (never on the worker count): at most
 `TARGET_SLICES` slices of at least `MIN_SLICE_ROWS` rows (a kernel call has a fixed cost of some
 0.1 ms, which dominates slices of small experts), each a multiple of the format's `slice_quantum`
 (the lcm of the matrices' block sizes), the last one possibly shorter. Worker `w` of `N` computes slices `w, w+N, ...`.
-The router sums each expert's partials in slice order (`mer.expert_batches`), so the output is
+The router sums each expert's partials in slice order (`mer.compute.batches`), so the output is
 bit-identical for any N.
 """
 
 from __future__ import annotations
 
-from mer.expert_format import ExpertFormat, round_up
+from mer.compute.expert_format import ExpertFormat, round_up
 from mer.protocol import SliceRange
 
 TARGET_SLICES = 16

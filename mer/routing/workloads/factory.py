@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from mer.errors import ConfigError
-from mer.routing import RoutingSpace
-from mer.workloads.base import Workload
-from mer.workloads.markov import MarkovWorkload
-from mer.workloads.replay import ReplayWorkload
-from mer.workloads.skewed import SkewedWorkload
-from mer.workloads.uniform import UniformWorkload
+from mer.routing.space import RoutingSpace
+from mer.routing.workloads.base import Workload
+from mer.routing.workloads.markov import MarkovWorkload
+from mer.routing.workloads.replay import ReplayWorkload
+from mer.routing.workloads.skewed import SkewedWorkload
+from mer.routing.workloads.uniform import UniformWorkload
 
 WORKLOAD_NAMES = ("markov", "uniform", "skewed", "replay")
 

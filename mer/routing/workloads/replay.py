@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 from mer.errors import TraceError
-from mer.routing import RoutingDecision, RoutingSpace
-from mer.trace import TraceHeader, count_trace_tokens, read_trace
-from mer.workloads.base import Workload
+from mer.routing.space import RoutingDecision, RoutingSpace
+from mer.routing.trace import TraceHeader, count_trace_tokens, read_trace
+from mer.routing.workloads.base import Workload
 
 
 def _describe(layers: int, experts_per_layer: int, top_k: int) -> str:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from mer.errors import ConfigError
-from mer.routing import RoutingSpace
-from mer.workloads.base import Workload, draw_distinct
+from mer.routing.space import RoutingSpace
+from mer.routing.workloads.base import Workload, draw_distinct
 
 SEED_NUM_CLUSTERS = 4
 SEED_STAY_PROBABILITY = 0.9

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline_runs import PipelineRun, run_pipeline
+from tests.support.pipeline_runs import PipelineRun, run_pipeline
 
 
 class RunIds:

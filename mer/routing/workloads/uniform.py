@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mer.routing import RoutingSpace
-from mer.workloads.base import Workload
+from mer.routing.space import RoutingSpace
+from mer.routing.workloads.base import Workload
 
 
 class UniformWorkload(Workload):

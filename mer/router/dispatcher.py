@@ -10,7 +10,7 @@
    hence of different d_ff slices) as one `ExpertBatchJob` per compute worker
    (`ComputeClient.compute_batches`), each expert on its own rows; every expert is computed once;
 3. the leases are released (also on error), and each expert's slice partials are summed in slice
-   order (`mer.expert_batches`), so the outputs are bit-identical for any worker count, cache size,
+   order (`mer.compute.batches`), so the outputs are bit-identical for any worker count, cache size,
    prefetch setting or read backend.
 
 `run(moe_layer, token, batches)` does the same for one MoE block of a model (ids within the layer,
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mer.expert_batches import expert_outputs, pack_batches
+from mer.compute.batches import expert_outputs, pack_batches
 from mer.protocol import ComputeItem, SlotGrant
 from mer.router.clients import ComputeClient, IoClient
-from mer.slicing import plan_slices
+from mer.compute.slicing import plan_slices
 from mer.store.manifest import Manifest
 
 

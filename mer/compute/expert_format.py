@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mer.dtypes import DType, dtype_by_name
+from mer.compute.dtypes import DType, dtype_by_name
 from mer.errors import ShapeError
 
 MATRIX_NAMES = ("gate", "up", "down")

@@ -1,7 +1,7 @@
 """The events a benchmark run logs for its summary, as typed records.
 
 Processes log these as structlog JSON events (`log.info(TOKEN_DONE, **record.to_event_fields())`);
-`mer.summary` reads them back from the parsed event dicts with `from_event`, which checks every
+`mer.metrics.summary` reads them back from the parsed event dicts with `from_event`, which checks every
 field it needs and ignores the others (structlog adds `ts`, `process`, `pid`, `schema`, ...).
 
 Events (name, emitter, fields with units):
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, NamedTuple, TypeVar
 
 from mer.errors import EventLogError
-from mer.stats import percent
+from mer.metrics.stats import percent
 
 RUN_STARTED = "run_started"
 TOKEN_DONE = "token_done"

@@ -14,8 +14,8 @@ import math
 import numpy as np
 
 from mer.errors import ConfigError
-from mer.routing import RoutingSpace
-from mer.workloads.base import Workload, draw_distinct
+from mer.routing.space import RoutingSpace
+from mer.routing.workloads.base import Workload, draw_distinct
 
 
 class SkewedWorkload(Workload):

@@ -15,7 +15,7 @@ counts every read it logs into the same `LatencyHistogram`, so a log tool recomp
   had to start (the simulator's `stalls`);
 - `reads`, `bytes_read`: count and byte sum of every `expert_read` (foreground and prefetch; the
   seed printed demand reads only beside bytes of all reads); `io_latency_us`: percentiles of their
-  latency_us from the `LatencyHistogram` (`mer.stats`: within 1%, exact at the extremes);
+  latency_us from the `LatencyHistogram` (`mer.metrics.stats`: within 1%, exact at the extremes);
 - `compute_us`, `cycle_us`: percentiles over the tokens' compute_us and cycle_us (plus max);
 - `io_wait_us_per_token`, `compute_us_per_token`: means over ALL tokens (a token with no miss
   counts with io_wait 0, as in the seed's "over N tokens");
@@ -27,7 +27,7 @@ counts every read it logs into the same `LatencyHistogram`, so a log tool recomp
   accuracies (`mer.predict.accuracy.LayerAccuracy`) when it has them; see `mer.predict.accuracy` and
   `mer.cache.prefetch_ledger` for the definitions.
 
-Other percentiles are nearest-rank on exact values (`mer.stats`); sums of floats use math.fsum, so
+Other percentiles are nearest-rank on exact values (`mer.metrics.stats`); sums of floats use math.fsum, so
 the result does not depend on the order of events. Percentages are 0-100.
 """
 
@@ -39,9 +39,9 @@ from typing import Any, Iterable, Mapping
 
 from mer.errors import EventLogError
 from mer.logging_setup import LOG_SCHEMA_VERSION
-from mer.run_events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PredictorCounters, PrefetchCounters,
+from mer.metrics.events import (EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE, PredictorCounters, PrefetchCounters,
                             ReadRecord, RunInfo, TokenRecord, predictors_from_event)
-from mer.stats import LatencyHistogram, Percentiles
+from mer.metrics.stats import LatencyHistogram, Percentiles
 
 MIB = 2**20
 _LATENCY_GROUPS = ("io_latency_us", "compute_us", "cycle_us")  # nested {p50, p95, p99}; cycle_us adds max

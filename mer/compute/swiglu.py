@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from mer.errors import ShapeError
-from mer.expert_format import ExpertPayload
+from mer.compute.expert_format import ExpertPayload
 from mer.quant.matmul import matmul, prepare_activation, round_float_activation
 
 

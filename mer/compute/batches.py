@@ -4,7 +4,7 @@ Each chosen expert gets its own rows: in generation the tokens routed to it by a
 (`{expert: x [n, d_model]}`, see `mer.model.moe.expert_batches`), in the benchmark one synthetic
 hidden state. The batches travel to the compute workers in one `ExpertBatchJob` per worker: laid
 end to end in one array `x` (expert order), with `row_offsets` marking where each expert's rows
-start, and the d_ff slices of `mer.slicing` split between the workers (slice `s` on worker `s % N`).
+start, and the d_ff slices of `mer.compute.slicing` split between the workers (slice `s` on worker `s % N`).
 
 - router: `pack_batches` lays the batches out; `expert_outputs` turns the gathered partials
   `[slices, rows, d_model]` into each expert's output, summing its slice partials in slice order in
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mer.errors import ShapeError
-from mer.expert_format import ExpertPayload
+from mer.compute.expert_format import ExpertPayload
 from mer.protocol import SliceRange
-from mer.swiglu import swiglu_expert
+from mer.compute.swiglu import swiglu_expert
 
 
 @dataclass(frozen=True)

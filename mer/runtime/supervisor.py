@@ -39,13 +39,13 @@ from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
 from mer.protocol import (ChildFailed, Hello, JobDone, Ready, Shutdown, StartBenchmark, StartGeneration,
                           TokenGenerated, decode, encode)
-from mer.ram_budget import pool_slots
+from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
-from mer.summary import GenerationSummary, JobSummary, RunSummary
+from mer.metrics.summary import GenerationSummary, JobSummary, RunSummary
 
 KILL_WAIT_S = 2.0
 PREFAULT_MIN_BYTES_PER_S = 100e6

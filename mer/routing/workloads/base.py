@@ -14,7 +14,7 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 
-from mer.routing import RoutingDecision, RoutingSpace
+from mer.routing.space import RoutingDecision, RoutingSpace
 
 
 class Workload(ABC):

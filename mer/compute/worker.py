@@ -1,0 +1,124 @@
+"""A compute worker: SwiGLU on d_ff slices of experts held in the slot arena (mapped read-only).
+
+Jobs arrive on `compute.sock` (a DEALER with identity `compute-<i>`, connected to the router's
+ROUTER), one kind for every job: an `ExpertBatchJob` (a model's MoE block, or the benchmark's one
+row per expert), of which the worker computes each item's assigned d_ff slices on the item's own
+rows of x (`mer.expert_batches.item_partials`, rounding the kernels' inputs as llama.cpp does;
+it changes only f16/bf16 matrices) and answers the partials `[slices, rows, d_model]`. For every
+item the worker checks the slot header's generation and expert id before and after computing, so
+a slot reassigned under it is refused (`StaleSlotError`) instead of computed. Kernels run with a
+fixed thread count (`kernel_threads`); workers x threads <= cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import numba
+import numpy as np
+import zmq
+
+from mer.compute.expert_format import ExpertPayload
+from mer.runtime.child import receive_unless_stopped
+from mer.compute.batches import item_partials
+from mer.protocol import ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
+from mer.shm.arena import SlotArena
+from mer.store.manifest import Manifest
+from mer.compute.swiglu import swiglu_expert
+
+
+def compute_identity(index: int) -> bytes:
+    return f"compute-{index}".encode()
+
+
+class ComputeWorker:
+    def __init__(self, context):
+        self.context = context
+        self.index: int = context.index
+        self.manifest = Manifest.load(context.run.store)
+        self.arena: SlotArena | None = None
+        self.socket = None
+        self.jobs_done = 0
+        self.last_job: dict | None = None  # timing of the last job done, logged after its reply is sent
+
+    async def start(self) -> dict:
+        threads = self.context.config.kernel_threads
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        self.arena = SlotArena.attach(self.context.run.arena_path, writable=False)
+        compile_seconds = self._warm_up_kernels()
+        self.socket = self.context.zmq.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, compute_identity(self.index))
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(self.context.run.endpoint("compute"))
+        await self.socket.send_multipart(encode(Hello(self.context.name, os.getpid())))
+        return {"kernel_threads": threads, "warm_up_s": round(compile_seconds, 3)}
+
+    def _warm_up_kernels(self) -> float:
+        """Compile (or load from numba's cache) the kernels of every layer format before Ready."""
+        started = time.perf_counter()
+        seen = set()
+        for layer in self.manifest.layers:
+            key = tuple((m.dtype, m.layout) for m in layer.format.matrices)
+            if key in seen:
+                continue
+            seen.add(key)
+            data = np.zeros(layer.format.payload_nbytes, dtype=np.uint8)
+            data.setflags(write=False)  # slots are mapped read-only: compile that specialisation
+            payload = ExpertPayload(layer.format, data)
+            x = np.zeros((1, layer.format.d_model), dtype=np.float32)
+            swiglu_expert(payload, x, slice(0, layer.format.slice_quantum), threads=self.context.config.kernel_threads)
+        return time.perf_counter() - started
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            frames = await receive_unless_stopped(self.socket, stop)
+            if frames is None:
+                break
+            reply = self._handle(frames)
+            await self.socket.send_multipart(encode(reply), copy=False)
+            if self.last_job is not None:
+                self.context.log.info("compute_job", **self.last_job)
+                self.last_job = None
+
+    def _handle(self, frames):
+        job_id = -1
+        try:
+            job = decode(frames, expected_kinds=(ExpertBatchJob,))
+            job_id = job.job_id
+            t_start = time.monotonic()
+            started = time.perf_counter()
+            partials = self.compute(job)
+            compute_us = (time.perf_counter() - started) * 1e6
+            self.jobs_done += 1
+            self.last_job = {"job_id": job_id, "expert_ids": [item.expert_id for item in job.items],
+                             "slices": len(job.slices), "t_start": t_start, "t_end": time.monotonic(),
+                             "compute_us": compute_us}
+            return ExpertBatchResult(job_id, self.index, partials, compute_us)
+        except Exception as error:  # a bad job is answered, never fatal
+            self.context.log.warning("compute_job_failed", job_id=job_id, error=str(error))
+            return error_reply(job_id, error)
+
+    def compute(self, job: ExpertBatchJob) -> np.ndarray:
+        """Partials `[slices, rows, d_model]`: each item's slices on its own rows of x, its slot checked
+        before and after."""
+        x = np.array(job.x, dtype=np.float32)  # a writable copy of the received frame
+        partials = np.empty((len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
+        for item_index, item in enumerate(job.items):
+            layer = self.manifest.layers[item.moe_layer]
+            self.arena.check_slot(item.slot, item.generation, item.expert_id)
+            payload = ExpertPayload(layer.format, self.arena.slot_array(item.slot)[: layer.format.payload_nbytes])
+            rows = slice(job.row_offsets[item_index], job.row_offsets[item_index + 1])
+            partials[:, rows] = item_partials(payload, x[rows], job.slices, self.context.config.kernel_threads)
+            self.arena.check_slot(item.slot, item.generation, item.expert_id)
+        return partials
+
+    async def on_control(self, message) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        if self.arena is not None:
+            self.arena.close()
