@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,15 +79,6 @@ def create_runtime_dir(run_id: str, supervisor_pid: int | None = None) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         raise
     return path
-
-
-def check_runtime_dir_private(path: Path) -> None:
-    """Raise RuntimeDirError unless `path` is a real directory owned by this user with mode 0700."""
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o700:
-        raise RuntimeDirError(
-            f"runtime directory {path} is not private: mode {stat.S_IMODE(info.st_mode):o}, owner {info.st_uid}"
-        )
 
 
 def remove_runtime_dir(run_id: str) -> None:

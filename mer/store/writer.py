@@ -24,13 +24,42 @@ from pathlib import Path
 import numpy as np
 
 from mer import __version__
-from mer.errors import DiskSpaceError, StoreError, StoreExistsError
-from mer.compute.expert_format import ExpertFormat, round_up
+from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError
+from mer.compute.expert_format import LAYOUTS, ExpertFormat, round_up
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty, pwrite_all
 from mer.store.manifest import ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
 from mer.store.reader import payload_checksum
 
 SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+# start_phase(description, total_bytes) returns advance(nbytes); see mer.cli.progress.
+PhaseStarter = Callable[[str, int], Callable[[int], None]]
+MatrixTransform = Callable[[str, np.ndarray, int, int], np.ndarray]  # (dtype, bytes, rows, columns) -> bytes
+
+
+def lazy_phase(start_phase: PhaseStarter | None, description: str, total: int) -> Callable[[int], None]:
+    """A progress callback that starts its phase on first use, when the phase really begins."""
+    advance: Callable[[int], None] | None = None
+
+    def progress(nbytes: int) -> None:
+        nonlocal advance
+        if start_phase is not None:
+            advance = advance or start_phase(description, total)
+            advance(nbytes)
+
+    return progress
+
+
+def matrix_transform(layout: str) -> MatrixTransform | None:
+    """What a payload's matrices go through for `layout`: None for native, `to_planar` for planar."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "native":
+        return None
+    try:
+        from mer.quant.planar import to_planar
+    except ImportError as error:
+        raise ConfigError(f"layout 'planar' needs mer.quant.planar, which cannot be imported ({error})") from error
+    return to_planar
 
 
 def layer_file_name(moe_layer: int) -> str:
@@ -185,5 +214,3 @@ class StoreWriter:
             self._abort()
 
 
-def as_bytes(array: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(array)).cast("B")
