@@ -19,6 +19,7 @@ from pathlib import Path
 from mer.cli.pipeline_flags import add_config_flag, add_config_flags
 from mer.cli.pipeline_job import run_pipeline_job
 from mer.config import config_overrides, load_config, shipped_config_path
+from mer.logging_setup import configure_logging
 from mer.models import tiny_model_path
 from mer.store.demo import demo_store
 
@@ -68,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
 def generation_demo(args: argparse.Namespace, prompt: str = DEMO_PROMPT) -> int:
     """`up --model`: a short greedy generation through the graph, printed as `generate` prints it."""
-    from mer.cli.generate_command import configure_supervisor_logging, generate_and_print
+    from mer.cli.generate_command import generate_and_print
     from mer.cli.progress import ProgressDisplay
     from mer.cli.generation_setup import PromptSpec, prepare_generation
 
-    configure_supervisor_logging(args.log_file)
+    configure_logging("mer-supervisor", log_file=args.log_file)
     max_tokens = args.tokens or DEMO_GENERATED_TOKENS
     with ProgressDisplay("up") as display:
         prepared = prepare_generation(args.model, PromptSpec(prompt), max_tokens=max_tokens,
