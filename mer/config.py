@@ -306,11 +306,12 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key {key!r} ({hint})")
 
 
-def _checked_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+def _checked_values(data: Mapping[str, Any], source: str, where=lambda key: None) -> dict[str, Any]:
+    """`data` checked by `check_value`; errors name `source`, or `where(key)` where that is not None."""
     for key in data:
         if key not in SETTINGS:
             raise _unknown_key_error(str(key), source)
-    return {key: check_value(key, value, source) for key, value in data.items()}
+    return {key: check_value(key, value, where(key) or source) for key, value in data.items()}
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -349,12 +350,8 @@ def load_config(
     """Defaults, then the file at `path`, then the non-None `overrides`; checked and resolved for this
     machine (see `resolve_for_machine`). This is the one place a run's configuration is loaded."""
     values = read_config_file(path) if path is not None else {}
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key not in SETTINGS:
-            raise _unknown_key_error(str(key), "command line")
-        values[key] = check_value(key, value, f"command-line flag {flag_name(key)}")
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    values.update(_checked_values(given, "command line", lambda key: f"command-line flag {flag_name(key)}"))
     return resolve_for_machine(PipelineConfig(**values), available_cores)
 
 

@@ -89,8 +89,7 @@ def remove_run(run_id: str, *, shm_dir: Path = SHM_DIR, runtime_bases: list[Path
 
 
 def _default_runtime_bases() -> list[Path]:
-    bases = [runtime_base_dir(), Path("/tmp")]
-    return list(dict.fromkeys(bases))
+    return list(dict.fromkeys([runtime_base_dir(), Path("/tmp")]))
 
 
 def _find_runs(shm_dir: Path, runtime_bases: list[Path]) -> dict[str, _RunArtifacts]:

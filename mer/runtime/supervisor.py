@@ -149,9 +149,8 @@ class Supervisor:
     # ---- spawning and watching -------------------------------------------------------------------
 
     def _spawn_all(self, run: RunSpec) -> None:
-        roles = [("io", None), ("predictor", None)]
-        roles += [("compute", index) for index in range(run.num_compute_workers)]
-        roles.append(("router", None))
+        computes = [("compute", index) for index in range(run.num_compute_workers)]
+        roles = [("io", None), ("predictor", None), *computes, ("router", None)]
         context = multiprocessing.get_context("spawn")
         loop = asyncio.get_running_loop()
         for role, index in roles:

@@ -102,10 +102,7 @@ def _tensor_data(reader: GGUFReader, tensor: ReaderTensor, path: Path) -> Tensor
 
 def open_parts(path: str | os.PathLike) -> tuple[GGUFPart, ...]:
     """Open a model given its file (or any part of a split model) and check the split keys."""
-    paths = split_part_paths(path)
-    parts = tuple(open_part(part_path) for part_path in paths)
-    check_split_keys(parts)
-    return parts
+    return open_listed_parts(split_part_paths(path))
 
 
 def open_listed_parts(paths: Sequence[str | os.PathLike]) -> tuple[GGUFPart, ...]:
