@@ -257,10 +257,6 @@ def flag_name(key: str) -> str:
 # --- checking values ---------------------------------------------------------------------------------
 
 
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
 def _absolute_path(kind: type, value: Any) -> Path:
     """msgspec's hook for `Path` fields: a non-empty string or path, relative ones joined to the working directory."""
     if kind is Path and isinstance(value, (str, os.PathLike)) and str(value):
@@ -286,7 +282,7 @@ def check_value(name: str, value: Any, where: str) -> Any:
     naming `where`, the key, the value and what is allowed."""
     setting = SETTINGS[name]
     if not setting.accepts(value):
-        raise ConfigError(f"{where}: {name} must be {setting.wanted}, got {_describe(value)}")
+        raise ConfigError(f"{where}: {name} must be {setting.wanted}, got {type(value).__name__} {value!r}")
     if name == "predictors":
         value = _names(setting, value, where)
     try:
@@ -341,12 +337,8 @@ def config_overrides(arguments: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key in SETTINGS and value is not None}
 
 
-def load_config(
-    path: Path | str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    available_cores: int | None = None,
-) -> PipelineConfig:
+def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None, *,
+                available_cores: int | None = None) -> PipelineConfig:
     """Defaults, then the file at `path`, then the non-None `overrides`; checked and resolved for this
     machine (see `resolve_for_machine`). This is the one place a run's configuration is loaded."""
     values = read_config_file(path) if path is not None else {}

@@ -2,7 +2,8 @@
 
 Every child (`workers/*.py`) is a role object: `start()` initialises it and returns the info it
 reports in `Ready`; `serve(stop)` runs until `stop` is set (the supervisor's `Shutdown`) or its work
-is done; `on_control(message)` takes other control messages; `close()` releases what it holds. `run_child` wraps a role with what all children share:
+is done; `on_control(message)` takes other control messages; `close()` releases what it holds.
+`run_child` wraps a role with what all children share:
 
 1. process title `mer-<role>-<run>` and PR_SET_PDEATHSIG, so a child never outlives its supervisor;
 2. SIGINT ignored (Ctrl-C reaches the whole process group; the supervisor decides and sends

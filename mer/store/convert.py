@@ -48,14 +48,8 @@ def payload_nbytes(source: GGUFSource) -> int:
     return sum(per_layer) * source.geometry.experts_per_layer
 
 
-def convert_gguf(
-    model: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    layout: str = "native",
-    force: bool = False,
-    start_phase: PhaseStarter | None = None,
-) -> ConversionResult:
+def convert_gguf(model: str | os.PathLike, out: str | os.PathLike, *, layout: str = "native", force: bool = False,
+                 start_phase: PhaseStarter | None = None) -> ConversionResult:
     """Convert the GGUF `model` (a split model: any of its parts) into an expert store at `out`.
 
     Raises GGUFError / ShapeError / UnsupportedDTypeError for a bad model, StoreExistsError when

@@ -242,9 +242,8 @@ def _geometry(part: GGUFPart, architecture: str, layers: tuple[MoELayerSource, .
     return Geometry(architecture, num_blocks, len(layers), num_experts, top_k, d_model, first.rows)
 
 
-def _check_feed_forward_length(
-    part: GGUFPart, architecture: str, gate: ExpertMatrixSource, has_dense_blocks: bool
-) -> None:
+def _check_feed_forward_length(part: GGUFPart, architecture: str, gate: ExpertMatrixSource,
+                               has_dense_blocks: bool) -> None:
     """The d_ff key must match the tensors. `feed_forward_length` may instead describe dense blocks."""
     key = f"{architecture}.expert_feed_forward_length"
     value = part.value(key)

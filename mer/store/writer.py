@@ -88,18 +88,9 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 
 class StoreWriter:
-    def __init__(
-        self,
-        out: str | os.PathLike,
-        geometry: Geometry,
-        layer_formats: list[ExpertFormat],
-        source: SourceInfo,
-        *,
-        blocks: list[int] | None = None,
-        layout: str = "native",
-        force: bool = False,
-        verify_progress: Callable[[int], None] | None = None,
-    ):
+    def __init__(self, out: str | os.PathLike, geometry: Geometry, layer_formats: list[ExpertFormat],
+                 source: SourceInfo, *, blocks: list[int] | None = None, layout: str = "native", force: bool = False,
+                 verify_progress: Callable[[int], None] | None = None):
         """`verify_progress(nbytes)` is called as the final read-back check gets through payloads."""
         self.out = Path(out)
         self.verify_progress = verify_progress
@@ -161,13 +152,14 @@ class StoreWriter:
         return staged
 
     def manifest(self) -> Manifest:
+        per_layer = self.geometry.experts_per_layer
         experts = tuple(
-            ExpertEntry(expert_id, *divmod(expert_id, self.geometry.experts_per_layer),
-                        (expert_id % self.geometry.experts_per_layer) * self.layers[expert_id // self.geometry.experts_per_layer].expert_stride,
+            ExpertEntry(expert_id, *divmod(expert_id, per_layer),
+                        (expert_id % per_layer) * self.layers[expert_id // per_layer].expert_stride,
                         self._checksums[expert_id])
             for expert_id in range(self.geometry.num_experts)
         )
-        files = tuple(FileEntry(l.file, l.expert_stride * self.geometry.experts_per_layer) for l in self.layers)
+        files = tuple(FileEntry(layer.file, layer.expert_stride * per_layer) for layer in self.layers)
         return Manifest(self.geometry, self.layout, self.layers, experts, files, self.source,
                         created_by=f"mer {__version__}")
 
