@@ -4,14 +4,8 @@
 documentation with its unit, and which job reads it (`Meta.extra`); `__post_init__` converts and
 checks every field and then the rules between fields, so a configuration that exists is valid.
 The command-line flags of every command are generated from these declarations
-(`mer.cli.pipeline_flags`). msgspec rather than pydantic: importing it and declaring and validating a
-small Struct takes ~40 ms, the same pydantic model ~210 ms, and the CLI starts often.
-
-Precedence, lowest first: the field defaults, a TOML file (`configs/*.toml`, flat keys that mirror
-the flags: `cache_slots = 64` is `--cache-slots 64`), then command-line flags. Unknown keys are a
-`ConfigError` naming the key and suggesting the closest known one; wrong types and out-of-range
-values name the key, the value and what is allowed. Relative paths in a file are relative to the
-file's directory; relative paths in flags are relative to the working directory. `load_config` also
+(`mer.cli.pipeline_flags`). Precedence (defaults, then a TOML file, then flags), relative paths,
+error messages and the choice of msgspec are described in docs/configuration.md. `load_config` also
 resolves `compute_workers = "auto"` for this machine; children rebuild the resolved configuration
 with `PipelineConfig.from_dict(config.to_dict())`.
 """

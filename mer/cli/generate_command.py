@@ -97,8 +97,7 @@ def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: 
                                         supervise=_with_signals)).to_json_dict()
     if stream is not None:
         stream.finish()
-        print(timing_line(summary), file=sys.stderr)
-        print(experts_line(summary), file=sys.stderr)
+        print(timing_line(summary), experts_line(summary), sep="\n", file=sys.stderr)
         return 0
     plan = prepared.ram_plan
     extra = {"ram_budget_bytes": plan.budget if plan else None, "arena_bytes": plan.arena_nbytes if plan else None}

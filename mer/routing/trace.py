@@ -246,13 +246,10 @@ def _as_python_numbers(decision: RoutingDecision, where: str) -> RoutingDecision
 
 
 class TraceWriter:
-    """Streams routing decisions to a trace file, one write per complete token.
+    """Streams routing decisions to a trace file, one write per complete token (see the module docstring).
 
-    A token's lines are held until its last layer arrives and then written with one unbuffered
-    write (`write`, or `awrite` from an event loop). `close()` (or leaving the `with` / `async with`
-    block) drops an unfinished token, so the file always ends on a token boundary and reads back
-    without error. Creating the writer writes the header line at once.
-    """
+    Creating it writes the header line; `close()` (or leaving `with` / `async with`) drops an
+    unfinished token, so the file always ends on a token boundary and reads back without error."""
 
     def __init__(self, path: str | Path, header: TraceHeader):
         self.path = Path(path)

@@ -5,13 +5,12 @@ One run:
    runtime directory and the slot arena;
 2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
    each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
-   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error. The run
-   spec every child gets names the generation job's GGUF (`RunSpec.model`: the gate predictor reads
-   its router gates at start-up; a `gate` predictor without a model is refused before anything starts);
-3. send the job's start message to the router (`StartBenchmark`, or `StartGeneration` for `generate`)
-   and wait for its `JobDone`, returned as the job's typed summary (`RunSummary`,
-   `GenerationSummary`); `TokenGenerated` messages that come before it are handed to `on_token` as
-   they arrive;
+   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error. Every
+   child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
+   without a model is refused before anything starts;
+3. send the job's start message to the router (`StartBenchmark`, or `StartGeneration`) and wait for
+   its `JobDone`, returned as the job's typed summary (`RunSummary`, `GenerationSummary`);
+   `TokenGenerated` messages before it are handed to `on_token` as they arrive;
 4. shut down: `Shutdown` to the router, then (once it has exited) to the other children; children
    still starting get SIGTERM at once; whatever is alive after the grace period gets SIGTERM, then
    SIGKILL; unlink the arena and remove the runtime directory (sockets included).

@@ -86,10 +86,7 @@ class SynthSpec:
 
     def parameters(self) -> dict:
         """All generation parameters, as recorded in the manifest's source."""
-        parameters = asdict(self)
-        parameters["dtypes"] = list(self.dtypes)
-        parameters["generator"] = "mer.quant.random_blocks splitmix64 v1"
-        return parameters
+        return {**asdict(self), "dtypes": list(self.dtypes), "generator": "mer.quant.random_blocks splitmix64 v1"}
 
 
 @dataclass(frozen=True)
