@@ -89,9 +89,8 @@ def remove_runtime_dir(run_id: str) -> None:
 def write_supervisor_record(directory: Path, pid: int) -> None:
     """Record `pid` and its start time in `directory`/supervisor.pid (written atomically)."""
     start_time = process_start_time(pid)
-    text = f"{pid} {start_time if start_time is not None else '-'}\n"
     temporary = directory / f".{SUPERVISOR_RECORD_NAME}.tmp"
-    temporary.write_text(text)
+    temporary.write_text(f"{pid} {start_time if start_time is not None else '-'}\n")
     os.replace(temporary, directory / SUPERVISOR_RECORD_NAME)
 
 

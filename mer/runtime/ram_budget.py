@@ -116,9 +116,8 @@ def plan_cache_slots(budget: int, *, dense: int, kv_cache: int, num_compute_work
                      gate_predictor: bool = False) -> RamPlan:
     """The cache slots a budget allows (at most `num_experts`); ConfigError with the numbers when it
     cannot hold the fixed part plus `top_k` experts of one layer and the prefetch reserve."""
-    processes = 5 + num_compute_workers
-    plan = RamPlan(budget, dense, kv_cache, processes, processes_nbytes(num_compute_workers, gate_predictor), slot_nbytes,
-                   reserve_slots, 0, metadata)
+    processes = processes_nbytes(num_compute_workers, gate_predictor)
+    plan = RamPlan(budget, dense, kv_cache, 5 + num_compute_workers, processes, slot_nbytes, reserve_slots, 0, metadata)
     fitting = (budget - plan.fixed_nbytes) // slot_nbytes - reserve_slots
     if fitting < top_k:
         needed = plan.fixed_nbytes + (top_k + reserve_slots) * slot_nbytes

@@ -122,7 +122,7 @@ class Supervisor:
             try:
                 self._spawn_all(run)
                 await self._handshake()
-                router = self._child_of_role("router")
+                router = next(child for child in self.children.values() if child.role == "router")
                 await control.send_multipart([router.name.encode(), *encode(self.job)], copy=False)
                 summary = await self._wait_job_done()
                 if self.on_job_done is not None:
@@ -180,9 +180,6 @@ class Supervisor:
                 self.log.warning("bad_control_message", child=name, error=str(error))
                 continue
             self._events.put_nowait((type(message).__name__, message))
-
-    def _child_of_role(self, role: str) -> Child:
-        return next(child for child in self.children.values() if child.role == role)
 
     async def _next_event(self, deadline: float | None):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
