@@ -16,7 +16,7 @@ import difflib
 import os
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
@@ -296,12 +296,12 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key {key!r} ({hint})")
 
 
-def _checked_values(data: Mapping[str, Any], source: str, where=lambda key: None) -> dict[str, Any]:
-    """`data` checked by `check_value`; errors name `source`, or `where(key)` where that is not None."""
+def _checked_values(data: Mapping[str, Any], source: str, where: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """`data` checked by `check_value`; errors name `source`, or `where(key)` when given."""
     for key in data:
         if key not in SETTINGS:
             raise _unknown_key_error(str(key), source)
-    return {key: check_value(key, value, where(key) or source) for key, value in data.items()}
+    return {key: check_value(key, value, where(key) if where else source) for key, value in data.items()}
 
 
 # --- loading -----------------------------------------------------------------------------------------
