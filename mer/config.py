@@ -4,14 +4,8 @@
 documentation with its unit, and which job reads it (`Meta.extra`); `__post_init__` converts and
 checks every field and then the rules between fields, so a configuration that exists is valid.
 The command-line flags of every command are generated from these declarations
-(`mer.cli.pipeline_flags`). msgspec rather than pydantic: importing it and declaring and validating a
-small Struct takes ~40 ms, the same pydantic model ~210 ms, and the CLI starts often.
-
-Precedence, lowest first: the field defaults, a TOML file (`configs/*.toml`, flat keys that mirror
-the flags: `cache_slots = 64` is `--cache-slots 64`), then command-line flags. Unknown keys are a
-`ConfigError` naming the key and suggesting the closest known one; wrong types and out-of-range
-values name the key, the value and what is allowed. Relative paths in a file are relative to the
-file's directory; relative paths in flags are relative to the working directory. `load_config` also
+(`mer.cli.pipeline_flags`). Precedence (defaults, then a TOML file, then flags), relative paths,
+error messages and the choice of msgspec are described in docs/configuration.md. `load_config` also
 resolves `compute_workers = "auto"` for this machine; children rebuild the resolved configuration
 with `PipelineConfig.from_dict(config.to_dict())`.
 """
@@ -22,7 +16,7 @@ import difflib
 import os
 import tomllib
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
@@ -257,10 +251,6 @@ def flag_name(key: str) -> str:
 # --- checking values ---------------------------------------------------------------------------------
 
 
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
 def _absolute_path(kind: type, value: Any) -> Path:
     """msgspec's hook for `Path` fields: a non-empty string or path, relative ones joined to the working directory."""
     if kind is Path and isinstance(value, (str, os.PathLike)) and str(value):
@@ -286,7 +276,7 @@ def check_value(name: str, value: Any, where: str) -> Any:
     naming `where`, the key, the value and what is allowed."""
     setting = SETTINGS[name]
     if not setting.accepts(value):
-        raise ConfigError(f"{where}: {name} must be {setting.wanted}, got {_describe(value)}")
+        raise ConfigError(f"{where}: {name} must be {setting.wanted}, got {type(value).__name__} {value!r}")
     if name == "predictors":
         value = _names(setting, value, where)
     try:
@@ -306,11 +296,12 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key {key!r} ({hint})")
 
 
-def _checked_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+def _checked_values(data: Mapping[str, Any], source: str, where: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """`data` checked by `check_value`; errors name `source`, or `where(key)` when given."""
     for key in data:
         if key not in SETTINGS:
             raise _unknown_key_error(str(key), source)
-    return {key: check_value(key, value, source) for key, value in data.items()}
+    return {key: check_value(key, value, where(key) if where else source) for key, value in data.items()}
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -340,21 +331,13 @@ def config_overrides(arguments: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key in SETTINGS and value is not None}
 
 
-def load_config(
-    path: Path | str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    available_cores: int | None = None,
-) -> PipelineConfig:
+def load_config(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None, *,
+                available_cores: int | None = None) -> PipelineConfig:
     """Defaults, then the file at `path`, then the non-None `overrides`; checked and resolved for this
     machine (see `resolve_for_machine`). This is the one place a run's configuration is loaded."""
     values = read_config_file(path) if path is not None else {}
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key not in SETTINGS:
-            raise _unknown_key_error(str(key), "command line")
-        values[key] = check_value(key, value, f"command-line flag {flag_name(key)}")
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    values.update(_checked_values(given, "command line", lambda key: f"command-line flag {flag_name(key)}"))
     return resolve_for_machine(PipelineConfig(**values), available_cores)
 
 

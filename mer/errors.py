@@ -75,8 +75,7 @@ class RemoteError(MerError):
     """An error raised in another process and sent back as an ErrorReply (type, message, traceback)."""
 
     def __init__(self, error_type: str, message: str, traceback: str = "", origin: str = ""):
-        where = f"{origin}: " if origin else ""
-        super().__init__(f"{where}{error_type}: {message}")
+        super().__init__(f"{origin}: {error_type}: {message}" if origin else f"{error_type}: {message}")
         self.error_type = error_type
         self.remote_message = message
         self.remote_traceback = traceback

@@ -54,8 +54,7 @@ class LogFile:
     def flush(self) -> None:
         """Write the queued lines now (outside an event loop, and at exit)."""
         if self.pending and not self.file.closed:
-            lines = b"".join(self.pending)
-            self.pending.clear()
+            lines, self.pending = b"".join(self.pending), []
             self.file.write(lines)
 
     async def write_in_background(self, stopping: asyncio.Event) -> None:
@@ -65,8 +64,7 @@ class LogFile:
             await self.wake.wait()
             self.wake.clear()
             while self.pending:
-                lines = b"".join(self.pending)
-                self.pending.clear()
+                lines, self.pending = b"".join(self.pending), []
                 await async_file.write(lines)
 
 

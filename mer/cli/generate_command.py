@@ -77,7 +77,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_supervisor_logging(args.log_file)
+    configure_logging("mer-supervisor", log_file=args.log_file)
     model = args.model if args.model is not None else tiny_model_path()
     with ProgressDisplay("generate") as display:
         prepared = prepare_generation(
@@ -86,10 +86,6 @@ def run(args: argparse.Namespace) -> int:
             ignore_eos=args.ignore_eos, dump_logits=args.dump_logits, config_path=args.config,
             overrides=config_overrides(args), ram_budget=args.ram_budget, start_phase=display.start_phase)
     return generate_and_print(prepared, as_json=args.json)
-
-
-def configure_supervisor_logging(log_file: Path | None) -> None:
-    configure_logging("mer-supervisor", log_file=log_file)
 
 
 def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: str = "generate") -> int:
@@ -101,8 +97,7 @@ def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: 
                                         supervise=_with_signals)).to_json_dict()
     if stream is not None:
         stream.finish()
-        print(timing_line(summary), file=sys.stderr)
-        print(experts_line(summary), file=sys.stderr)
+        print(timing_line(summary), experts_line(summary), sep="\n", file=sys.stderr)
         return 0
     plan = prepared.ram_plan
     extra = {"ram_budget_bytes": plan.budget if plan else None, "arena_bytes": plan.arena_nbytes if plan else None}

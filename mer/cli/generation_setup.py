@@ -1,13 +1,10 @@
 """Everything before and around a generation through the process graph (`mer-pipeline generate`).
 
-`prepare_generation` checks the model and the prompt BEFORE any process is started (so bad input
-leaves nothing behind): it reads the GGUF's metadata, hyper-parameters and tokenizer (an unsupported
-architecture, a dense model or a corrupt file is refused here; the dense weights are loaded once,
-by the router), tokenizes the prompt (or takes its ids as given), checks it against the context,
-converts the experts into the cached store on first use, and sizes the configuration: routing k from
-the model, the cache from `--cache-slots` or `--ram-budget` (`mer.runtime.ram_budget`). The job travels as
-a `StartGeneration` message. `run_generation` then runs the graph with it and hands every generated
-token to a callback as it arrives.
+`prepare_generation` checks the model and the prompt BEFORE any process is started, so bad input
+leaves nothing behind (docs/architecture.md, step 1), converts the experts into the cached store on
+first use and sizes the configuration: routing k from the model, the cache from `--cache-slots` or
+`--ram-budget` (`mer.runtime.ram_budget`). `run_generation` then runs the graph with the job's
+`StartGeneration` message and hands every generated token to a callback as it arrives.
 """
 
 from __future__ import annotations
@@ -151,6 +148,4 @@ async def run_generation(prepared: PreparedGeneration, on_token: Callable[[int, 
         os.environ.setdefault(name, value)
     forward = None if on_token is None else (lambda message: on_token(message.index, message.token))
     supervisor = Supervisor(prepared.config, prepared.store, job=prepared.start, on_token=forward)
-    if supervise is None:
-        return await supervisor.run()
-    return await supervise(supervisor)
+    return await (supervisor.run() if supervise is None else supervise(supervisor))

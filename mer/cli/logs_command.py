@@ -177,8 +177,6 @@ def run_timeline(args: argparse.Namespace) -> int:
 
     run = _one_run(args.file, args)
     entries = token_timeline(run, args.token)
-    if args.json:
-        print(json.dumps([entry.to_json_dict() for entry in entries]))
-    else:
-        print(format_timeline(run, args.token, entries))
+    print(json.dumps([entry.to_json_dict() for entry in entries]) if args.json
+          else format_timeline(run, args.token, entries))
     return 0

@@ -47,8 +47,8 @@ def add_config_flag(parser, key: str) -> None:
     """The flag of configuration key `key` on `parser` (or a mutually exclusive group of it)."""
     setting = SETTINGS[key]
     if _flag_type(key) is bool:  # --layered turns a default-off setting on, --no-prefetch a default-on one off
-        action = "store_false" if setting.default else "store_true"
-        parser.add_argument(flag_name(key), dest=key, action=action, default=None, help=setting.doc)
+        parser.add_argument(flag_name(key), dest=key, action="store_false" if setting.default else "store_true",
+                            default=None, help=setting.doc)
     else:
         parser.add_argument(flag_name(key), dest=key, type=_flag_type(key), metavar=setting.metavar, default=None,
                             help=_help(key))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sys
@@ -28,10 +29,7 @@ def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = F
 
     def print_summary(summary: RunSummary) -> None:
         printed.append(summary)
-        if as_json:
-            print(json.dumps(summary.to_json_dict()), flush=True)
-        else:
-            print(format_seed_block(summary), flush=True)
+        print(json.dumps(summary.to_json_dict()) if as_json else format_seed_block(summary), flush=True)
 
     supervisor = Supervisor(config, store, on_job_done=show_live_figures(print_summary) if stay_up else None)
     try:
@@ -48,8 +46,6 @@ def show_live_figures(print_summary):
     """After the job: print the summary, then one live status line a second until cancelled."""
 
     async def hold(summary: RunSummary, supervisor: Supervisor) -> None:
-        import asyncio
-
         print_summary(summary)
         print("graph is up; Ctrl-C to stop", file=sys.stderr)
         while True:
@@ -61,8 +57,6 @@ def show_live_figures(print_summary):
 
 async def _with_signals(supervisor: Supervisor) -> JobSummary:
     """Run the supervisor; SIGINT/SIGTERM cancel it, which shuts the graph down cleanly."""
-    import asyncio
-
     task = asyncio.create_task(with_log_writes_in_background(supervisor.run()))
     loop = asyncio.get_running_loop()
     received: list[int] = []

@@ -41,10 +41,9 @@ class _PlainPhase:
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
         now = time.monotonic()
-        if now - self.last_print >= self.interval_s:
+        # a phase that printed progress also prints its end
+        if now - self.last_print >= self.interval_s or (self.done >= self.total and self.last_print > self.started):
             self.print_line(now)
-        elif self.done >= self.total and self.last_print > self.started:
-            self.print_line(now)  # a phase that printed progress also prints its end
 
     def print_line(self, now: float) -> None:
         self.last_print = now

@@ -12,14 +12,8 @@ from mer.store.presets import PRESETS
 from mer.store.synth import SynthSpec, synth_store
 
 # CLI flag -> SynthSpec field, for the geometry flags a preset provides.
-GEOMETRY_FLAGS = {
-    "layers": "num_layers",
-    "experts": "experts_per_layer",
-    "top_k": "top_k",
-    "d_model": "d_model",
-    "d_ff": "d_ff",
-    "dtype": "dtypes",
-}
+GEOMETRY_FLAGS = {"layers": "num_layers", "experts": "experts_per_layer", "top_k": "top_k", "d_model": "d_model",
+                  "d_ff": "d_ff", "dtype": "dtypes"}
 
 
 def register(subparsers) -> None:

@@ -52,13 +52,11 @@ def register(subparsers) -> None:
 
 def parse_cache_sizes(text: str) -> list[int]:
     """`16,32,64` -> [16, 32, 64]; ConfigError naming the bad entry otherwise."""
-    sizes = []
-    for part in text.split(","):
-        part = part.strip()
+    parts = [part.strip() for part in text.split(",")]
+    for part in parts:
         if not part.isdigit() or int(part) < 1:
             raise ConfigError(f"--cache-slots {text!r}: {part!r} is not a positive integer (give e.g. 16,32,64)")
-        sizes.append(int(part))
-    return sorted(set(sizes))
+    return sorted({int(part) for part in parts})
 
 
 def parse_names(text: str, known, flag: str) -> list[str]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from mer.cli.pipeline_flags import add_config_flag, add_config_flags
 from mer.cli.pipeline_job import run_pipeline_job
-from mer.config import config_overrides, load_config, shipped_config_path
+from mer.config import config_overrides, load_config
+from mer.logging_setup import configure_logging
 from mer.models import tiny_model_path
 from mer.store.demo import demo_store
 
@@ -55,12 +56,9 @@ def run(args: argparse.Namespace) -> int:
         return generation_demo(args, prompt=EMBEDDED_DEMO_PROMPT)
     if args.model is not None:
         return generation_demo(args)
-    config_path = args.config
-    if args.store is None and config_path is None:
-        config_path = shipped_config_path("default")
-    config = load_config(config_path, config_overrides(args))
+    config = load_config(args.config, config_overrides(args))  # --store or --config is given here
     if config.store is None:
-        config = load_config(config_path, {**config_overrides(args), "store": str(demo_store())})
+        config = load_config(args.config, {**config_overrides(args), "store": str(demo_store())})
         print(f"mer-pipeline up: demo job on {config.store} ({config.tokens} tokens, "
               f"{config.compute_workers} compute workers)", file=sys.stderr)
     return run_pipeline_job(config, as_json=args.json, stay_up=sys.stdin.isatty() and sys.stderr.isatty())
@@ -68,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
 
 def generation_demo(args: argparse.Namespace, prompt: str = DEMO_PROMPT) -> int:
     """`up --model`: a short greedy generation through the graph, printed as `generate` prints it."""
-    from mer.cli.generate_command import configure_supervisor_logging, generate_and_print
+    from mer.cli.generate_command import generate_and_print
     from mer.cli.progress import ProgressDisplay
     from mer.cli.generation_setup import PromptSpec, prepare_generation
 
-    configure_supervisor_logging(args.log_file)
+    configure_logging("mer-supervisor", log_file=args.log_file)
     max_tokens = args.tokens or DEMO_GENERATED_TOKENS
     with ProgressDisplay("up") as display:
         prepared = prepare_generation(args.model, PromptSpec(prompt), max_tokens=max_tokens,

@@ -93,21 +93,18 @@ def check_decision(header: TraceHeader, decision: RoutingDecision, where: str) -
         raise TraceError(f"{where}: token must be a non-negative integer, got {decision.token!r}")
     if not _is_int(decision.layer) or not 0 <= decision.layer < header.layers:
         raise TraceError(f"{where}: layer {decision.layer!r} is out of range 0..{header.layers - 1}")
-    experts, weights = decision.experts, decision.weights
-    if len(experts) != header.top_k:
-        raise TraceError(f"{where}: {len(experts)} experts, the header's top_k is {header.top_k}")
-    if len(weights) != header.top_k:
-        raise TraceError(f"{where}: {len(weights)} weights, the header's top_k is {header.top_k}")
+    experts = decision.experts
+    for name, values in (("experts", experts), ("weights", decision.weights)):
+        if len(values) != header.top_k:
+            raise TraceError(f"{where}: {len(values)} {name}, the header's top_k is {header.top_k}")
     for expert in experts:
         if not _is_int(expert):
             raise TraceError(f"{where}: expert id {expert!r} is not an integer")
         if not 0 <= expert < header.experts_per_layer:
-            raise TraceError(
-                f"{where}: expert id {expert} is out of range 0..{header.experts_per_layer - 1}"
-            )
+            raise TraceError(f"{where}: expert id {expert} is out of range 0..{header.experts_per_layer - 1}")
     if len(set(experts)) != len(experts):
         raise TraceError(f"{where}: experts {list(experts)} are not distinct")
-    for weight in weights:
+    for weight in decision.weights:
         if not _is_number(weight):
             raise TraceError(f"{where}: weight {weight!r} is not a finite number")
 
@@ -161,10 +158,8 @@ class _DecisionOrder:
         self.hidden_size: int | None | bool = False  # False until the first decision: None = no hidden states
 
     def check(self, decision: RoutingDecision, where: str) -> None:
-        if self.is_inside_token:
-            expected_token = self.token
-        else:
-            expected_token = None if self.token is None else self.token + 1  # the first token may be any
+        # within a token its number; after one the next number; the first token may have any number
+        expected_token = self.token if self.is_inside_token or self.token is None else self.token + 1
         if expected_token is not None and decision.token != expected_token:
             raise TraceError(f"{where}: token {decision.token}, expected token {expected_token}")
         if decision.layer != self.next_layer:
@@ -234,8 +229,7 @@ def _iterate_decisions(path: Path, header: TraceHeader) -> Iterator[RoutingDecis
 def count_trace_tokens(path: str | Path) -> tuple[TraceHeader, int]:
     """Read a whole trace, checking every line, and return its header and number of tokens."""
     header, decisions = read_trace(path)
-    num_decisions = sum(1 for _ in decisions)
-    return header, num_decisions // header.layers
+    return header, sum(1 for _ in decisions) // header.layers
 
 
 def _as_python_numbers(decision: RoutingDecision, where: str) -> RoutingDecision:
@@ -252,30 +246,23 @@ def _as_python_numbers(decision: RoutingDecision, where: str) -> RoutingDecision
 
 
 class TraceWriter:
-    """Streams routing decisions to a trace file, one write per complete token.
+    """Streams routing decisions to a trace file, one write per complete token (see the module docstring).
 
-    A token's lines are held until its last layer arrives and then written with one unbuffered
-    write (`write`, or `awrite` from an event loop). `close()` (or leaving the `with` / `async with`
-    block) drops an unfinished token, so the file always ends on a token boundary and reads back
-    without error. Creating the writer writes the header line at once.
-    """
+    Creating it writes the header line; `close()` (or leaving `with` / `async with`) drops an
+    unfinished token, so the file always ends on a token boundary and reads back without error."""
 
     def __init__(self, path: str | Path, header: TraceHeader):
         self.path = Path(path)
         self.header = header
         self._order = _DecisionOrder(header.layers)
         self._pending: list[str] = []
-        self._num_written = 0
+        self.num_tokens_written = 0  # complete tokens written so far
         try:
             self._file = open(self.path, "wb", buffering=0)
         except OSError as error:
             raise TraceError(f"{self.path}: cannot create the trace ({error.strerror or error})") from error
         self._file.write(json.dumps(header.to_json_dict(), separators=(",", ":")).encode() + b"\n")
         self._async_file = aiofiles.threadpool.wrap(self._file)
-
-    @property
-    def num_tokens_written(self) -> int:
-        return self._num_written
 
     @property
     def is_closed(self) -> bool:
@@ -310,7 +297,7 @@ class TraceWriter:
             return b""
         token = "".join(self._pending).encode()
         self._pending.clear()
-        self._num_written += 1
+        self.num_tokens_written += 1
         return token
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """The life of a child process of the graph: name, handshake, serve, report failure, exit.
 
-Every child (`workers/*.py`) is a `Role`: `start()` initialises it and returns the info it reports
-in `Ready`; `serve(stop)` runs until `stop` is set (the supervisor's `Shutdown`) or its work is done;
-`close()` releases what it holds. `run_child` wraps a role with what all children share:
+Every child (`workers/*.py`) is a role object: `start()` initialises it and returns the info it
+reports in `Ready`; `serve(stop)` runs until `stop` is set (the supervisor's `Shutdown`) or its work
+is done; `on_control(message)` takes other control messages; `close()` releases what it holds.
+`run_child` wraps a role with what all children share:
 
 1. process title `mer-<role>-<run>` and PR_SET_PDEATHSIG, so a child never outlives its supervisor;
 2. SIGINT ignored (Ctrl-C reaches the whole process group; the supervisor decides and sends
@@ -20,7 +21,6 @@ import inspect
 import os
 import signal
 import sys
-from typing import Protocol
 
 import setproctitle
 import uvloop
@@ -53,16 +53,6 @@ class ChildContext:
     async def send_control(self, message) -> None:
         assert self.control is not None
         await self.control.send_multipart(encode(message), copy=False)
-
-
-class Role(Protocol):
-    async def start(self) -> dict: ...
-
-    async def serve(self, stop: asyncio.Event) -> None: ...
-
-    async def on_control(self, message) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def die_with_parent() -> None:

@@ -57,12 +57,8 @@ class _RunArtifacts:
         return self.shm_files + self.runtime_dirs
 
 
-def remove_stale_runs(
-    *,
-    shm_dir: Path = SHM_DIR,
-    runtime_bases: list[Path] | None = None,
-    min_age_s: float = DEFAULT_MIN_AGE_S,
-) -> CleanupReport:
+def remove_stale_runs(*, shm_dir: Path = SHM_DIR, runtime_bases: list[Path] | None = None,
+                      min_age_s: float = DEFAULT_MIN_AGE_S) -> CleanupReport:
     """Remove shm files and runtime directories of runs whose supervisor is dead (see the module docstring).
 
     `runtime_bases` defaults to the current runtime base directory and /tmp.
@@ -89,8 +85,7 @@ def remove_run(run_id: str, *, shm_dir: Path = SHM_DIR, runtime_bases: list[Path
 
 
 def _default_runtime_bases() -> list[Path]:
-    bases = [runtime_base_dir(), Path("/tmp")]
-    return list(dict.fromkeys(bases))
+    return list(dict.fromkeys([runtime_base_dir(), Path("/tmp")]))
 
 
 def _find_runs(shm_dir: Path, runtime_bases: list[Path]) -> dict[str, _RunArtifacts]:

@@ -46,5 +46,5 @@ def _signal_zero_succeeds(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # refused: the process exists
     return True

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +81,6 @@ def create_runtime_dir(run_id: str, supervisor_pid: int | None = None) -> Path:
     return path
 
 
-def check_runtime_dir_private(path: Path) -> None:
-    """Raise RuntimeDirError unless `path` is a real directory owned by this user with mode 0700."""
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) != 0o700:
-        raise RuntimeDirError(
-            f"runtime directory {path} is not private: mode {stat.S_IMODE(info.st_mode):o}, owner {info.st_uid}"
-        )
-
-
 def remove_runtime_dir(run_id: str) -> None:
     """Remove the run's directory and everything in it (sockets, supervisor record); missing is fine."""
     shutil.rmtree(runtime_dir(run_id), ignore_errors=True)
@@ -99,9 +89,8 @@ def remove_runtime_dir(run_id: str) -> None:
 def write_supervisor_record(directory: Path, pid: int) -> None:
     """Record `pid` and its start time in `directory`/supervisor.pid (written atomically)."""
     start_time = process_start_time(pid)
-    text = f"{pid} {start_time if start_time is not None else '-'}\n"
     temporary = directory / f".{SUPERVISOR_RECORD_NAME}.tmp"
-    temporary.write_text(text)
+    temporary.write_text(f"{pid} {start_time if start_time is not None else '-'}\n")
     os.replace(temporary, directory / SUPERVISOR_RECORD_NAME)
 
 

@@ -1,23 +1,12 @@
 """Sizing the slot arena from a RAM budget for the whole process graph (`generate --ram-budget`).
 
-The graph's resident memory is counted as
-
-    dense weights (every non-expert tensor of the GGUF, memory-mapped by the router)
-  + KV cache (float32 K and V: 2 x blocks x positions x kv_heads x head_dim x 4 bytes)
-  + the processes themselves (interpreter, numpy, numba, ZeroMQ: `processes_nbytes`, measured)
-  + the GGUF's parsed metadata in the processes that open it, the CLI and the router, and the
-    predictor when the gate predictor is on (the `gguf` library's reader keeps ~1 KiB of numpy
-    views per metadata array element: ~85 MiB per process for a 32k SentencePiece vocabulary,
-    ~400 MiB for a 150k BPE one; `metadata_nbytes`, measured)
-  + the slot arena (cache slots + prefetch reserve, `slot_nbytes` each)
-
-and the cache gets every slot that fits in what is left (at most one per expert of the model). With
-the gate predictor (`gate_predictor`), the predictor loads the model's gates with mer's model code
-(numpy, numba: 88 MiB Pss measured against 33 without) and counts as a heavy process. A
-budget that cannot hold the fixed part plus k experts of one layer (and the prefetch reserve) is
-refused with the numbers. The processes are the supervisor, the router, the I/O worker, the
-predictor and the compute workers; shared pages (the arena, the GGUF's page cache) count once, as
-`/proc/PID/smaps_rollup`'s Pss counts them.
+The graph's resident memory (Pss, shared pages counted once) is counted as dense weights (every
+non-expert tensor, mapped by the router) + KV cache (float32 K and V) + the processes themselves
+(`processes_nbytes`, measured; the predictor is a heavy process with the gate predictor) + the GGUF's
+parsed metadata in each process that opens it (`metadata_nbytes`, measured) + the slot arena (cache
+slots + prefetch reserve). The cache gets every slot that fits in what is left (at most one per
+expert); a budget that cannot hold the fixed part plus k experts of one layer (and the prefetch
+reserve) is refused with the numbers. docs/model.md ("RAM budget") gives the measurements.
 """
 
 from __future__ import annotations
@@ -127,9 +116,8 @@ def plan_cache_slots(budget: int, *, dense: int, kv_cache: int, num_compute_work
                      gate_predictor: bool = False) -> RamPlan:
     """The cache slots a budget allows (at most `num_experts`); ConfigError with the numbers when it
     cannot hold the fixed part plus `top_k` experts of one layer and the prefetch reserve."""
-    processes = 5 + num_compute_workers
-    plan = RamPlan(budget, dense, kv_cache, processes, processes_nbytes(num_compute_workers, gate_predictor), slot_nbytes,
-                   reserve_slots, 0, metadata)
+    processes = processes_nbytes(num_compute_workers, gate_predictor)
+    plan = RamPlan(budget, dense, kv_cache, 5 + num_compute_workers, processes, slot_nbytes, reserve_slots, 0, metadata)
     fitting = (budget - plan.fixed_nbytes) // slot_nbytes - reserve_slots
     if fitting < top_k:
         needed = plan.fixed_nbytes + (top_k + reserve_slots) * slot_nbytes

@@ -5,13 +5,12 @@ One run:
    runtime directory and the slot arena;
 2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
    each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
-   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error. The run
-   spec every child gets names the generation job's GGUF (`RunSpec.model`: the gate predictor reads
-   its router gates at start-up; a `gate` predictor without a model is refused before anything starts);
-3. send the job's start message to the router (`StartBenchmark`, or `StartGeneration` for `generate`)
-   and wait for its `JobDone`, returned as the job's typed summary (`RunSummary`,
-   `GenerationSummary`); `TokenGenerated` messages that come before it are handed to `on_token` as
-   they arrive;
+   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error. Every
+   child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
+   without a model is refused before anything starts;
+3. send the job's start message to the router (`StartBenchmark`, or `StartGeneration`) and wait for
+   its `JobDone`, returned as the job's typed summary (`RunSummary`, `GenerationSummary`);
+   `TokenGenerated` messages before it are handed to `on_token` as they arrive;
 4. shut down: `Shutdown` to the router, then (once it has exited) to the other children; children
    still starting get SIGTERM at once; whatever is alive after the grace period gets SIGTERM, then
    SIGKILL; unlink the arena and remove the runtime directory (sockets included).
@@ -24,11 +23,13 @@ SIGTERM to the supervisor bring the graph down the same way (`KeyboardInterrupt`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -76,17 +77,12 @@ class Child:
 StartMessage = StartBenchmark | StartGeneration
 
 
-def job_model(job: StartMessage) -> str | None:
-    """The GGUF a job runs (a generation's `model`), for the children that read it; None for the benchmark."""
-    return job.model if isinstance(job, StartGeneration) else None
-
-
-def replay_gate_model(config: PipelineConfig, job: StartMessage) -> str | None:
-    """A benchmark's `gate_model` (the gate predictor replaying a layered trace recorded with its residuals:
-    the configuration checks that)."""
-    if config.gate_model is None or isinstance(job, StartGeneration):
-        return None
-    return str(config.gate_model)
+def job_model(job: StartMessage, gate_model: Path | None = None) -> str | None:
+    """The GGUF the children read: a generation's `model`, else a benchmark's `gate_model` (the gate predictor
+    replaying a layered trace recorded with its residuals: the configuration checks that), else None."""
+    if isinstance(job, StartGeneration):
+        return job.model
+    return None if gate_model is None else str(gate_model)
 
 
 class Supervisor:
@@ -97,7 +93,7 @@ class Supervisor:
         self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
         self.job = job  # the router's start message
         self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
-        self.model = job_model(job) or replay_gate_model(config, job)  # None: a benchmark without gate
+        self.model = job_model(job, config.gate_model)
         check_model_for_predictors(config.predictors, self.model,
                                    "generation" if isinstance(job, StartGeneration) else "benchmark")
         self.config = config
@@ -107,7 +103,6 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.arena: SlotArena | None = None
         self._events: asyncio.Queue = asyncio.Queue()
-        self._shutting_down = False
 
     # ---- the whole run ---------------------------------------------------------------------------
 
@@ -127,7 +122,7 @@ class Supervisor:
             try:
                 self._spawn_all(run)
                 await self._handshake()
-                router = self._child_of_role("router")
+                router = next(child for child in self.children.values() if child.role == "router")
                 await control.send_multipart([router.name.encode(), *encode(self.job)], copy=False)
                 summary = await self._wait_job_done()
                 if self.on_job_done is not None:
@@ -153,9 +148,8 @@ class Supervisor:
     # ---- spawning and watching -------------------------------------------------------------------
 
     def _spawn_all(self, run: RunSpec) -> None:
-        roles = [("io", None), ("predictor", None)]
-        roles += [("compute", index) for index in range(run.num_compute_workers)]
-        roles.append(("router", None))
+        computes = [("compute", index) for index in range(run.num_compute_workers)]
+        roles = [("io", None), ("predictor", None), *computes, ("router", None)]
         context = multiprocessing.get_context("spawn")
         loop = asyncio.get_running_loop()
         for role, index in roles:
@@ -187,9 +181,6 @@ class Supervisor:
                 continue
             self._events.put_nowait((type(message).__name__, message))
 
-    def _child_of_role(self, role: str) -> Child:
-        return next(child for child in self.children.values() if child.role == role)
-
     async def _next_event(self, deadline: float | None):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -219,10 +210,8 @@ class Supervisor:
 
     def _child_killed_by_signal(self) -> Child | None:
         """A child that has died of a signal (kill -9, OOM killer), if any."""
-        for child in self.children.values():
-            if not child.process.is_alive() and (child.process.exitcode or 0) < 0:
-                return child
-        return None
+        return next((child for child in self.children.values()
+                     if not child.process.is_alive() and (child.process.exitcode or 0) < 0), None)
 
     async def _raise_reported_failure(self, child: Child) -> None:
         """A child that exits with an error code has sent ChildFailed just before; its sentinel may
@@ -285,7 +274,6 @@ class Supervisor:
         The router, which drives the job, is stopped first and the other children only once it has
         exited (or the grace period is over): stopped the other way round, a router still in its job
         could fail on workers that are going away, and report that instead of the real cause."""
-        self._shutting_down = True
         deadline = time.monotonic() + self.config.shutdown_grace_s
         alive = [child for child in self.children.values() if child.process.is_alive()]
         for stage in ([c for c in alive if c.role == "router"], [c for c in alive if c.role != "router"]):
@@ -304,10 +292,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for child in self.children.values():
             child.process.join(KILL_WAIT_S)
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(child.process.sentinel)
-            except (ValueError, OSError):
-                pass
             if child.process.exitcode is not None:
                 child.process.close()  # frees the sentinel and pipe; a child still alive here keeps them
 
@@ -321,11 +307,9 @@ class Supervisor:
             self.log.warning("child_terminated", child=child.name, reason="not ready at shutdown")
             child.process.terminate()
             return
-        try:
+        with contextlib.suppress(zmq.ZMQError):  # gone meanwhile: the signals of _shutdown still apply
             await control.send_multipart([child.name.encode(), *encode(Shutdown("graph shutting down"))],
                                          flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError:
-            pass  # gone meanwhile: the signals of _shutdown still apply
 
     def _cleanup(self) -> None:
         if self.arena is not None:

@@ -19,16 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError
-from mer.compute.expert_format import LAYOUTS, ExpertFormat
+from mer.errors import DiskSpaceError, StoreError, StoreExistsError
+from mer.compute.expert_format import ExpertFormat
 from mer.store.gguf_identity import TensorChecksums
 from mer.store.gguf_source import GGUFSource, MoELayerSource, read_gguf_source
 from mer.store.manifest import MANIFEST_NAME, SourceInfo
-from mer.store.writer import StoreWriter
-
-# start_phase(description, total_bytes) returns advance(nbytes); see mer.cli.progress.
-PhaseStarter = Callable[[str, int], Callable[[int], None]]
-MatrixTransform = Callable[[str, np.ndarray, int, int], np.ndarray]
+from mer.store.writer import MatrixTransform, PhaseStarter, StoreWriter, lazy_phase, matrix_transform
 
 
 @dataclass(frozen=True)
@@ -52,14 +48,8 @@ def payload_nbytes(source: GGUFSource) -> int:
     return sum(per_layer) * source.geometry.experts_per_layer
 
 
-def convert_gguf(
-    model: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    layout: str = "native",
-    force: bool = False,
-    start_phase: PhaseStarter | None = None,
-) -> ConversionResult:
+def convert_gguf(model: str | os.PathLike, out: str | os.PathLike, *, layout: str = "native", force: bool = False,
+                 start_phase: PhaseStarter | None = None) -> ConversionResult:
     """Convert the GGUF `model` (a split model: any of its parts) into an expert store at `out`.
 
     Raises GGUFError / ShapeError / UnsupportedDTypeError for a bad model, StoreExistsError when
@@ -68,7 +58,7 @@ def convert_gguf(
     two phases, "copying" and "verifying" (the read-back check), in payload bytes.
     """
     started = time.perf_counter()
-    transform = _matrix_transform(layout)
+    transform = matrix_transform(layout)
     source = read_gguf_source(model)
     out = Path(out)
     _check_replaceable(out, force)
@@ -76,11 +66,11 @@ def convert_gguf(
     source_info = SourceInfo("gguf", tuple(str(path.resolve()) for path in source.paths), source.nbytes)
     total = payload_nbytes(source)
     writer = StoreWriter(out, source.geometry, formats, source_info, blocks=[layer.block for layer in source.layers],
-                         layout=layout, force=force, verify_progress=_lazy_phase(start_phase, "verifying", total))
+                         layout=layout, force=force, verify_progress=lazy_phase(start_phase, "verifying", total))
     checksums = TensorChecksums()
     try:
         with writer:
-            copying = _lazy_phase(start_phase, "copying", total)
+            copying = lazy_phase(start_phase, "copying", total)
             copied = _copy_experts(source, formats, writer, checksums, transform, copying)
             writer.source = replace(source_info, hash=checksums.identity(source.parts))
     except OSError as error:
@@ -93,7 +83,7 @@ def convert_gguf(
 
 def _copy_experts(source: GGUFSource, formats: list[ExpertFormat], writer: StoreWriter,
                   checksums: TensorChecksums, transform: MatrixTransform | None,
-                  progress: Callable[[int], None] | None) -> int:
+                  progress: Callable[[int], None]) -> int:
     copied = 0
     for layer, expert_format in zip(source.layers, formats):
         payload = np.empty(expert_format.payload_nbytes, dtype=np.uint8)
@@ -101,8 +91,7 @@ def _copy_experts(source: GGUFSource, formats: list[ExpertFormat], writer: Store
             fill_payload(payload, layer, expert, expert_format, checksums, transform)
             writer.write_expert(layer.moe_layer * source.geometry.experts_per_layer + expert, payload)
             copied += payload.nbytes
-            if progress is not None:
-                progress(payload.nbytes)
+            progress(payload.nbytes)
     return copied
 
 
@@ -115,33 +104,6 @@ def fill_payload(payload: np.ndarray, layer: MoELayerSource, expert: int, expert
             checksums.update(tensor, raw)
         target = payload[matrix.offset : matrix.offset + matrix.nbytes]
         target[:] = raw if transform is None else transform(matrix.dtype, raw, matrix.rows, matrix.columns)
-
-
-def _lazy_phase(start_phase: PhaseStarter | None, description: str, total: int) -> Callable[[int], None] | None:
-    """A progress callback that starts its phase on first use, when the phase really begins."""
-    if start_phase is None:
-        return None
-    advance: Callable[[int], None] | None = None
-
-    def progress(nbytes: int) -> None:
-        nonlocal advance
-        if advance is None:
-            advance = start_phase(description, total)
-        advance(nbytes)
-
-    return progress
-
-
-def _matrix_transform(layout: str) -> MatrixTransform | None:
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    if layout == "native":
-        return None
-    try:
-        from mer.quant.planar import to_planar
-    except ImportError as error:
-        raise ConfigError(f"layout 'planar' needs mer.quant.planar, which cannot be imported ({error})") from error
-    return to_planar
 
 
 def _check_replaceable(out: Path, force: bool) -> None:

@@ -80,7 +80,6 @@ def open_part(path: Path) -> GGUFPart:
     """Open one GGUF file; raise GGUFError naming the file if it is missing, foreign or truncated."""
     if not path.is_file():
         raise GGUFError(f"{path}: no such GGUF file")
-    size = path.stat().st_size
     with open(path, "rb") as handle:
         magic = handle.read(len(GGUF_MAGIC))
     if magic != GGUF_MAGIC:
@@ -88,7 +87,7 @@ def open_part(path: Path) -> GGUFPart:
     try:
         reader = GGUFReader(path)
     except (ValueError, KeyError, IndexError, OverflowError) as error:
-        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({size} bytes): {error}") from error
+        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({path.stat().st_size} bytes): {error}") from error
     tensors = tuple(_tensor_data(reader, tensor, path) for tensor in reader.tensors)
     return GGUFPart(path, reader, reader.data[: reader.data_offset], tensors)
 
@@ -102,10 +101,7 @@ def _tensor_data(reader: GGUFReader, tensor: ReaderTensor, path: Path) -> Tensor
 
 def open_parts(path: str | os.PathLike) -> tuple[GGUFPart, ...]:
     """Open a model given its file (or any part of a split model) and check the split keys."""
-    paths = split_part_paths(path)
-    parts = tuple(open_part(part_path) for part_path in paths)
-    check_split_keys(parts)
-    return parts
+    return open_listed_parts(split_part_paths(path))
 
 
 def open_listed_parts(paths: Sequence[str | os.PathLike]) -> tuple[GGUFPart, ...]:

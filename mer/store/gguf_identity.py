@@ -58,8 +58,5 @@ def gguf_identity(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str
     `paths` is one file (a split model is found from any of its parts) or the list of all parts in
     order, as recorded in a store manifest's `source.paths`.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        parts = open_parts(paths)
-    else:
-        parts = open_listed_parts(paths)
-    return TensorChecksums().identity(parts)
+    one_path = isinstance(paths, (str, os.PathLike))
+    return TensorChecksums().identity(open_parts(paths) if one_path else open_listed_parts(paths))

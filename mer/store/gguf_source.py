@@ -105,10 +105,8 @@ def read_gguf_source(path: str | os.PathLike) -> GGUFSource:
     tensors = [tensor for part in parts for tensor in part.tensors]
     by_block = _expert_tensors_by_block(first.path, tensors)
     num_experts = _required_count(first, f"{architecture}.expert_count")
-    layers = tuple(
-        _layer_source(moe_layer, block, by_block[block], num_experts)
-        for moe_layer, block in enumerate(sorted(by_block))
-    )
+    layers = tuple(_layer_source(moe_layer, block, by_block[block], num_experts)
+                   for moe_layer, block in enumerate(sorted(by_block)))
     geometry = _geometry(first, architecture, layers, num_experts)
     return GGUFSource(parts, geometry, layers)
 
@@ -196,8 +194,7 @@ def _per_expert_matrix(name: str, block: int, tensors: dict[int, TensorData], nu
         raise ShapeError(f"{first.path}: tensor {first.name} has shape {list(first.shape)}, expected [columns, rows]")
     columns, rows = first.shape
     _check_blocks(first, dtype, columns)
-    ordered = tuple(tensors[expert] for expert in range(num_experts))
-    return ExpertMatrixSource(name, dtype, rows, columns, False, ordered)
+    return ExpertMatrixSource(name, dtype, rows, columns, False, tuple(tensors[e] for e in range(num_experts)))
 
 
 def _check_blocks(tensor: TensorData, dtype: DType, columns: int) -> None:
@@ -242,9 +239,8 @@ def _geometry(part: GGUFPart, architecture: str, layers: tuple[MoELayerSource, .
     return Geometry(architecture, num_blocks, len(layers), num_experts, top_k, d_model, first.rows)
 
 
-def _check_feed_forward_length(
-    part: GGUFPart, architecture: str, gate: ExpertMatrixSource, has_dense_blocks: bool
-) -> None:
+def _check_feed_forward_length(part: GGUFPart, architecture: str, gate: ExpertMatrixSource,
+                               has_dense_blocks: bool) -> None:
     """The d_ff key must match the tensors. `feed_forward_length` may instead describe dense blocks."""
     key = f"{architecture}.expert_feed_forward_length"
     value = part.value(key)

@@ -148,11 +148,7 @@ class Manifest:
             "slot_nbytes": self.slot_nbytes,
             "source": asdict(self.source),
             "files": [asdict(entry) for entry in self.files],
-            "layers": [
-                {"moe_layer": l.moe_layer, "block": l.block, "file": l.file,
-                 "expert_stride": l.expert_stride, "format": l.format.to_dict()}
-                for l in self.layers
-            ],
+            "layers": [{**asdict(layer), "format": layer.format.to_dict()} for layer in self.layers],
             "experts": [[e.id, e.moe_layer, e.expert, e.offset, e.checksum] for e in self.experts],
         }
         return json.dumps(data, indent=1)

@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from itertools import groupby
 
 from mer.store.manifest import LayerEntry
 from mer.store.reader import ExpertStore
 
 
-def _layer_key(layer: LayerEntry) -> tuple:
-    return layer.format, layer.expert_stride
-
-
 def layer_groups(layers: tuple[LayerEntry, ...]) -> list[dict]:
     """Runs of consecutive MoE layers with identical expert formats, one dict per run."""
     groups: list[dict] = []
-    for layer in layers:
-        if groups and groups[-1]["key"] == _layer_key(layer):
-            groups[-1]["last_layer"] = layer.moe_layer
-            continue
-        expert_format = layer.format
+    for (expert_format, stride), run in groupby(layers, key=lambda layer: (layer.format, layer.expert_stride)):
+        run = list(run)
         groups.append({
-            "key": _layer_key(layer),
-            "first_layer": layer.moe_layer,
-            "last_layer": layer.moe_layer,
+            "first_layer": run[0].moe_layer,
+            "last_layer": run[-1].moe_layer,
             "dtypes": {matrix.name: matrix.dtype for matrix in expert_format.matrices},
             "layouts": {matrix.name: matrix.layout for matrix in expert_format.matrices},
             "payload_nbytes": expert_format.payload_nbytes,
-            "expert_stride": layer.expert_stride,
+            "expert_stride": stride,
         })
-    for group in groups:
-        del group["key"]
     return groups
 
 

@@ -24,12 +24,10 @@ from mer.quant.random_blocks import fill_random_expert, seed_key
 from mer.store.direct_io import page_aligned_empty
 from mer.store.manifest import Geometry, SourceInfo
 from mer.store.presets import preset_by_name
-from mer.store.writer import StoreWriter
+from mer.store.writer import PhaseStarter, StoreWriter, lazy_phase, matrix_transform
 
 ARCHITECTURE = "synth"
 
-# start_phase(description, total_bytes) returns advance(nbytes); see mer.cli.progress.
-PhaseStarter = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
@@ -88,10 +86,7 @@ class SynthSpec:
 
     def parameters(self) -> dict:
         """All generation parameters, as recorded in the manifest's source."""
-        parameters = asdict(self)
-        parameters["dtypes"] = list(self.dtypes)
-        parameters["generator"] = "mer.quant.random_blocks splitmix64 v1"
-        return parameters
+        return {**asdict(self), "dtypes": list(self.dtypes), "generator": "mer.quant.random_blocks splitmix64 v1"}
 
 
 @dataclass(frozen=True)
@@ -104,45 +99,17 @@ class SynthResult:
     generate_seconds: float  # time the generator thread spent producing payloads
 
 
-def _planar_converter() -> Callable[[str, np.ndarray, int, int], np.ndarray]:
-    try:
-        from mer.quant.planar import to_planar
-    except ModuleNotFoundError as error:  # the planar module is optional
-        raise ConfigError("layout 'planar' needs mer.quant.planar, which this mer does not have") from error
-    return to_planar
-
-
 def fill_expert(spec: SynthSpec, expert_id: int, out: np.ndarray) -> np.ndarray:
     """Write expert `expert_id`'s payload (in the spec's layout) into `out`; returns `out`."""
     moe_layer, expert = divmod(expert_id, spec.experts_per_layer)
     expert_format = spec.expert_format()
     fill_random_expert(out, expert_format, (spec.seed, moe_layer, expert))
-    if spec.layout == "planar":
-        to_planar = _planar_converter()
+    transform = matrix_transform(spec.layout)
+    if transform is not None:
         for matrix in expert_format.matrices:
             view = out[matrix.offset : matrix.offset + matrix.nbytes]
-            view[:] = np.asarray(to_planar(matrix.dtype, view, matrix.rows, matrix.columns)).reshape(-1).view(np.uint8)
+            view[:] = np.asarray(transform(matrix.dtype, view, matrix.rows, matrix.columns)).reshape(-1).view(np.uint8)
     return out
-
-
-def expert_payload(spec: SynthSpec, expert_id: int) -> np.ndarray:
-    """A fresh array with the payload bytes that `synth_store` writes for `expert_id`."""
-    return fill_expert(spec, expert_id, np.empty(spec.expert_format().payload_nbytes, dtype=np.uint8))
-
-
-class _LazyPhase:
-    """A progress callback that starts its phase on first use (when the phase really begins)."""
-
-    def __init__(self, start_phase: PhaseStarter | None, description: str, total: int):
-        self.start_phase, self.description, self.total = start_phase, description, total
-        self.advance: Callable[[int], None] | None = None
-
-    def __call__(self, nbytes: int) -> None:
-        if self.start_phase is None:
-            return
-        if self.advance is None:
-            self.advance = self.start_phase(self.description, self.total)
-        self.advance(nbytes)
 
 
 def synth_store(
@@ -150,17 +117,16 @@ def synth_store(
 ) -> SynthResult:
     """Write the synthetic store of `spec` to `out` atomically (StoreExistsError if it exists)."""
     spec.validate()
-    if spec.layout == "planar":
-        _planar_converter()
+    matrix_transform(spec.layout)  # planar needs mer.quant.planar
     started = time.perf_counter()
     expert_format = spec.expert_format()
     geometry = spec.geometry()
     source = SourceInfo(kind="synth", parameters=spec.parameters())
     payload_total = expert_format.payload_nbytes * geometry.num_experts
-    verify_progress = _LazyPhase(start_phase, "verifying", payload_total)
+    verify_progress = lazy_phase(start_phase, "verifying", payload_total)
     with StoreWriter(out, geometry, [expert_format] * geometry.num_moe_layers, source,
                      layout=spec.layout, force=force, verify_progress=verify_progress) as writer:
-        written = _LazyPhase(start_phase, "writing", payload_total)
+        written = lazy_phase(start_phase, "writing", payload_total)
         generate_seconds = _generate_and_write(spec, writer, written)
     return SynthResult(Path(out), geometry.num_experts, writer.total_nbytes, payload_total,
                        time.perf_counter() - started, generate_seconds)

@@ -13,9 +13,7 @@ from mer.store.manifest import ExpertEntry, Manifest
 from mer.store.reader import ExpertStore, payload_checksum
 
 
-def find_bad_experts(
-    directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None
-) -> list[int]:
+def find_bad_experts(directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None) -> list[int]:
     """Ids of experts whose payload bytes on disk do not match their checksum.
 
     Reads with O_DIRECT where possible (no page-cache pollution, full disk speed) into two aligned
@@ -68,6 +66,5 @@ def verify_store(directory: str | os.PathLike, progress: Callable[[int], None] |
     """Open a store (missing or truncated files and bad manifests raise StoreError) and check
     every payload against its checksum; `progress(nbytes)` is called after each payload."""
     store = ExpertStore.open(directory)
-    manifest = store.manifest
-    bad = find_bad_experts(store.directory, manifest, progress)
-    return VerifyReport(tuple(bad), len(manifest.experts), manifest.total_payload_nbytes())
+    bad = find_bad_experts(store.directory, store.manifest, progress)
+    return VerifyReport(tuple(bad), len(store.manifest.experts), store.manifest.total_payload_nbytes())

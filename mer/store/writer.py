@@ -24,13 +24,42 @@ from pathlib import Path
 import numpy as np
 
 from mer import __version__
-from mer.errors import DiskSpaceError, StoreError, StoreExistsError
-from mer.compute.expert_format import ExpertFormat, round_up
+from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError
+from mer.compute.expert_format import LAYOUTS, ExpertFormat, round_up
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty, pwrite_all
 from mer.store.manifest import ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
 from mer.store.reader import payload_checksum
 
 SPACE_MARGIN_BYTES = 64 * 1024 * 1024
+# start_phase(description, total_bytes) returns advance(nbytes); see mer.cli.progress.
+PhaseStarter = Callable[[str, int], Callable[[int], None]]
+MatrixTransform = Callable[[str, np.ndarray, int, int], np.ndarray]  # (dtype, bytes, rows, columns) -> bytes
+
+
+def lazy_phase(start_phase: PhaseStarter | None, description: str, total: int) -> Callable[[int], None]:
+    """A progress callback that starts its phase on first use, when the phase really begins."""
+    advance: Callable[[int], None] | None = None
+
+    def progress(nbytes: int) -> None:
+        nonlocal advance
+        if start_phase is not None:
+            advance = advance or start_phase(description, total)
+            advance(nbytes)
+
+    return progress
+
+
+def matrix_transform(layout: str) -> MatrixTransform | None:
+    """What a payload's matrices go through for `layout`: None for native, `to_planar` for planar."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "native":
+        return None
+    try:
+        from mer.quant.planar import to_planar
+    except ImportError as error:
+        raise ConfigError(f"layout 'planar' needs mer.quant.planar, which cannot be imported ({error})") from error
+    return to_planar
 
 
 def layer_file_name(moe_layer: int) -> str:
@@ -59,18 +88,9 @@ def check_free_space(directory: Path, needed: int) -> None:
 
 
 class StoreWriter:
-    def __init__(
-        self,
-        out: str | os.PathLike,
-        geometry: Geometry,
-        layer_formats: list[ExpertFormat],
-        source: SourceInfo,
-        *,
-        blocks: list[int] | None = None,
-        layout: str = "native",
-        force: bool = False,
-        verify_progress: Callable[[int], None] | None = None,
-    ):
+    def __init__(self, out: str | os.PathLike, geometry: Geometry, layer_formats: list[ExpertFormat],
+                 source: SourceInfo, *, blocks: list[int] | None = None, layout: str = "native", force: bool = False,
+                 verify_progress: Callable[[int], None] | None = None):
         """`verify_progress(nbytes)` is called as the final read-back check gets through payloads."""
         self.out = Path(out)
         self.verify_progress = verify_progress
@@ -132,13 +152,14 @@ class StoreWriter:
         return staged
 
     def manifest(self) -> Manifest:
+        per_layer = self.geometry.experts_per_layer
         experts = tuple(
-            ExpertEntry(expert_id, *divmod(expert_id, self.geometry.experts_per_layer),
-                        (expert_id % self.geometry.experts_per_layer) * self.layers[expert_id // self.geometry.experts_per_layer].expert_stride,
+            ExpertEntry(expert_id, *divmod(expert_id, per_layer),
+                        (expert_id % per_layer) * self.layers[expert_id // per_layer].expert_stride,
                         self._checksums[expert_id])
             for expert_id in range(self.geometry.num_experts)
         )
-        files = tuple(FileEntry(l.file, l.expert_stride * self.geometry.experts_per_layer) for l in self.layers)
+        files = tuple(FileEntry(layer.file, layer.expert_stride * per_layer) for layer in self.layers)
         return Manifest(self.geometry, self.layout, self.layers, experts, files, self.source,
                         created_by=f"mer {__version__}")
 
@@ -185,5 +206,3 @@ class StoreWriter:
             self._abort()
 
 
-def as_bytes(array: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(array)).cast("B")

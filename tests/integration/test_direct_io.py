@@ -13,7 +13,8 @@ import pytest
 from mer.store import direct_io
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty
 from mer.store.manifest import Manifest
-from mer.store.synth import SynthSpec, expert_payload, synth_store
+from mer.store.synth import SynthSpec, synth_store
+from tests.support.synth_payloads import expert_payload
 from mer.store.verify import verify_store
 
 # 13,824-byte payloads in 16,384-byte strides: never page-sized, so always staged under O_DIRECT

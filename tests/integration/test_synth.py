@@ -14,7 +14,8 @@ from mer.errors import ConfigError, ShapeError, StoreExistsError
 from mer.compute.expert_format import PAGE_SIZE
 from mer.quant.random_blocks import scale_ranges
 from mer.store.reader import ExpertStore, payload_checksum
-from mer.store.synth import SynthSpec, expert_payload, synth_store
+from mer.store.synth import SynthSpec, synth_store
+from tests.support.synth_payloads import expert_payload
 
 # 2 layers x 4 experts; a q4_0 payload of 13,824 bytes, so each expert is padded to 16,384
 SMALL = SynthSpec(num_layers=2, experts_per_layer=4, top_k=2, d_model=64, d_ff=128, dtypes=("q4_0",) * 3, seed=1)

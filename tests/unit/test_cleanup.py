@@ -18,7 +18,6 @@ from mer.runtime.paths import (
     SHM_DIR,
     arena_path,
     check_run_id,
-    check_runtime_dir_private,
     create_runtime_dir,
     endpoint,
     new_run_id,
@@ -28,6 +27,7 @@ from mer.runtime.paths import (
     runtime_dir,
     write_supervisor_record,
 )
+from tests.support.runtime_dirs import check_runtime_dir_private
 from mer.shm import SlotArena
 
 HOUR_S = 3600.0

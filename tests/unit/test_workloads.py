@@ -14,8 +14,12 @@ import pytest
 from mer.errors import ConfigError, TraceError
 from mer.routing.space import RoutingDecision, RoutingSpace
 from mer.routing.trace import TraceHeader, TraceWriter
-from mer.routing.workloads import (MarkovWorkload, ReplayWorkload, SkewedWorkload, UniformWorkload, draw_distinct,
-                           make_workload)
+from mer.routing.workloads.base import draw_distinct
+from mer.routing.workloads.factory import make_workload
+from mer.routing.workloads.markov import MarkovWorkload
+from mer.routing.workloads.replay import ReplayWorkload
+from mer.routing.workloads.skewed import SkewedWorkload
+from mer.routing.workloads.uniform import UniformWorkload
 
 FLAT = RoutingSpace(num_layers=32, experts_per_layer=8, top_k=2)
 LAYERED = RoutingSpace(num_layers=4, experts_per_layer=8, top_k=2, layered=True)

@@ -48,8 +48,7 @@ class MarkovWorkload(Workload):
         self.stay_probability = stay_probability
         self._rng = np.random.default_rng(seed)
         self._weights_by_cluster: dict[int, np.ndarray] = {}  # P(. | last) depends on last's cluster only
-        pool_size = space.experts_per_decision
-        self._last = [int(self._rng.integers(pool_size)) for _ in range(space.decision_layers)]
+        self._last = [int(self._rng.integers(space.experts_per_decision)) for _ in range(space.decision_layers)]
 
     def last_expert(self, layer: int) -> int:
         """The expert the next decision of `layer` is conditioned on."""

@@ -35,11 +35,8 @@ class SkewedWorkload(Workload):
         pool_size = space.experts_per_decision
         rank_weights = np.arange(1, pool_size + 1, dtype=np.float64) ** -zipf_s
         self._rank_orders = [self._rng.permutation(pool_size) for _ in range(space.decision_layers)]
-        self._weights = []
-        for order in self._rank_orders:
-            weights = np.empty(pool_size)
-            weights[order] = rank_weights  # the expert order[r] has rank r + 1
-            self._weights.append(weights)
+        # the expert order[r] has rank r + 1: its weight is rank_weights[r]
+        self._weights = [rank_weights[np.argsort(order)] for order in self._rank_orders]
         self._previous: list[tuple[int, ...] | None] = [None] * space.decision_layers
 
     def experts_by_rank(self, layer: int) -> tuple[int, ...]:
