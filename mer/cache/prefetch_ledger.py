@@ -43,7 +43,7 @@ class PrefetchLedger:
         self.accuracy: dict[str, PredictorStats] = {}
         self._slot_source: dict[int, str] = {}  # prefetched slots not yet used, wasted or failed
 
-    def _of(self, source: str) -> PrefetchCounts:
+    def _of(self, source: str) -> _SourceCounts:
         return self.counts.setdefault(source, _SourceCounts())
 
     def hinted(self, source: str, count: int = 1) -> None:

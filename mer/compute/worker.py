@@ -40,7 +40,6 @@ class ComputeWorker:
         self.manifest = Manifest.load(context.run.store)
         self.arena: SlotArena | None = None
         self.socket = None
-        self.jobs_done = 0
         self.last_job: dict | None = None  # timing of the last job done, logged after its reply is sent
 
     async def start(self) -> dict:
@@ -91,7 +90,6 @@ class ComputeWorker:
             started = time.perf_counter()
             partials = self.compute(job)
             compute_us = (time.perf_counter() - started) * 1e6
-            self.jobs_done += 1
             self.last_job = {"job_id": job_id, "expert_ids": [item.expert_id for item in job.items],
                              "slices": len(job.slices), "t_start": t_start, "t_end": time.monotonic(),
                              "compute_us": compute_us}

@@ -56,7 +56,6 @@ class PredictorService:
         self.pins: list[int] = []
         self.observe = None
         self.io = None
-        self.hints_sent = 0
         self.accuracy = AccuracyTracker()  # every predictor but the gate: against the next decision
         self.layer_accuracy = LayerAccuracy()  # the gate: against the decision each hint was for
 
@@ -124,7 +123,6 @@ class PredictorService:
         for expert, score, source in fused:  # one message per source, best first within and across
             by_source.setdefault(source, []).append(PrefetchHint(expert, score))
         for source, hint_list in by_source.items():
-            self.hints_sent += len(hint_list)
             await self.io.send_multipart(encode(PrefetchHints(message.token, hint_list, source)))
 
     async def _send_pins(self) -> None:
