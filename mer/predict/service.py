@@ -32,8 +32,7 @@ import numpy as np
 import zmq
 
 from mer.errors import ProtocolError
-from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
-from mer.predict.fusion import GATE, fuse, make_predictors
+from mer.predict.fusion import GATE, FusedPredictors, make_predictors
 from mer.runtime.child import receive_unless_stopped
 from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, decode,
                           encode)
@@ -56,8 +55,7 @@ class PredictorService:
         self.pins: list[int] = []
         self.observe = None
         self.io = None
-        self.accuracy = AccuracyTracker()  # every predictor but the gate: against the next decision
-        self.layer_accuracy = LayerAccuracy()  # the gate: against the decision each hint was for
+        self.fused = FusedPredictors(self.predictors)
 
     async def start(self) -> dict:
         run, zmq_context = self.run, self.zmq
@@ -96,31 +94,14 @@ class PredictorService:
 
     async def _observe(self, message: RoutingObserved) -> None:
         """Learn from one decision, report accuracies, then send pins and fused hints."""
-        config = self.config
-        expert_ids = list(message.expert_ids)
-        for predictor in self.predictors:
-            predictor.observe(message.layer, expert_ids)
-        for name in self.accuracy.observe(expert_ids):
-            await self.io.send_multipart(encode(self.accuracy.report(name)))
-        if self.layer_accuracy.observe(message.token, message.layer, expert_ids):
-            await self.io.send_multipart(encode(self.layer_accuracy.report(GATE)))
+        for report in self.fused.observe(message.token, message.layer, list(message.expert_ids)):
+            await self.io.send_multipart(encode(report))
         await self._send_pins()
-        if not config.prefetch:
+        if not self.config.prefetch:
             return
-        ranked = {}
-        for predictor in self.predictors:
-            hints = predictor.predict(config.predict_fanout, config.pipeline_depth)
-            ranked[predictor.name] = hints
-            if predictor.name == GATE:
-                for target in self.gate.targets:
-                    self.layer_accuracy.hinted(target.token, target.layer, target.ahead, list(target.experts))
-            elif hints:
-                self.accuracy.hinted(predictor.name, [expert for expert, _ in hints])
-        weights = {name: self.layer_accuracy.weight() if name == GATE else self.accuracy.weight(name)
-                   for name in ranked}
-        fused = fuse(ranked, config.predict_fanout * config.pipeline_depth, weights)
         by_source: dict[str, list[PrefetchHint]] = {}
-        for expert, score, source in fused:  # one message per source, best first within and across
+        # one message per source, best first within and across
+        for expert, score, source in self.fused.hints(self.config.predict_fanout, self.config.pipeline_depth):
             by_source.setdefault(source, []).append(PrefetchHint(expert, score))
         for source, hint_list in by_source.items():
             await self.io.send_multipart(encode(PrefetchHints(message.token, hint_list, source)))
