@@ -4,23 +4,18 @@ Binds a PULL on `observe.sock` (the router's `RoutingObserved`), connects a DEAL
 and sends `PrefetchHints` after each observation when prefetch is on. A malformed observation is
 logged and skipped.
 
-The predictors switched on by `predictors` (`markov`, `locality`, `affinity`: `mer.predict`) all
-learn from every decision; their hints are fused (`mer.predict.fusion.fuse`, weighted by each
-predictor's smoothed top-k accuracy so far, at most
-`predict_fanout x pipeline_depth`) and sent as one `PrefetchHints` per source predictor, so the
-I/O worker counts each hint for the predictor that contributed it most. With `max_pinned > 0` the
-locality predictor's hot experts are sent as a `PinSet` whenever they change.
-
-Each predictor scores its own previous hints against the next decision it observes
-(`mer.predict.accuracy`) and reports its cumulative top-1 / top-k counters to the I/O worker as
-`PredictorStats` after every scored observation (the I/O worker merges them into its per-predictor
-prefetch counters, which reach the run summary).
+The predictors switched on by `predictors` (`mer.predict`) all learn from every decision; their hints
+are scored and fused by `mer.predict.fusion.FusedPredictors` (at most `predict_fanout x
+pipeline_depth`) and sent as one `PrefetchHints` per source predictor, so the I/O worker counts each
+hint for the predictor that contributed it most. Each predictor's cumulative accuracy goes to the
+I/O worker as `PredictorStats` after every scored observation (merged into its per-predictor prefetch
+counters, which reach the run summary). With `max_pinned > 0` the locality predictor's hot experts
+are sent as a `PinSet` whenever they change.
 
 The next-layer gate predictor (`gate`, `mer.predict.gate`) reads the router gates of the generation
 job's GGUF, named by the supervisor in the run spec (`RunSpec.model`), at start-up (so a bad model
 fails the handshake); the router then sends a `HiddenObserved` (the token's residual at that MoE
-layer) just before each `RoutingObserved`. Its hints name their target decision, so they are scored
-against exactly that decision, per target layer (`LayerAccuracy`; `per_layer` in its stats).
+layer) just before each `RoutingObserved`.
 """
 
 from __future__ import annotations
