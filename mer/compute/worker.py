@@ -29,10 +29,6 @@ from mer.store.manifest import Manifest
 from mer.compute.swiglu import swiglu_expert
 
 
-def compute_identity(index: int) -> bytes:
-    return f"compute-{index}".encode()
-
-
 class ComputeWorker:
     def __init__(self, context):
         self.context = context
@@ -48,7 +44,7 @@ class ComputeWorker:
         self.arena = SlotArena.attach(self.context.run.arena_path, writable=False)
         compile_seconds = self._warm_up_kernels()
         self.socket = self.context.zmq.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.IDENTITY, compute_identity(self.index))
+        self.socket.setsockopt(zmq.IDENTITY, f"compute-{self.index}".encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.context.run.endpoint("compute"))
         await self.socket.send_multipart(encode(Hello(self.context.name, os.getpid())))

@@ -184,10 +184,6 @@ def _float_table(dtype: str, std: float) -> np.ndarray:
     return high_halves
 
 
-def _resolve(dtype: str | DType) -> DType:
-    return dtype if isinstance(dtype, DType) else dtype_by_name(dtype)
-
-
 def _fix_fields(data: np.ndarray, dtype: DType, std: float) -> None:
     """Replace the random bits of every scale field (or float element) by sane values."""
     num_blocks = data.size // dtype.type_size
@@ -206,7 +202,7 @@ def fill_random_matrix(
     out: np.ndarray, dtype: str | DType, rows: int, columns: int, key: int, std: float | None = None
 ) -> None:
     """Fill `out` (contiguous uint8, exactly the matrix's bytes) with a random valid matrix."""
-    dtype = _resolve(dtype)
+    dtype = dtype if isinstance(dtype, DType) else dtype_by_name(dtype)
     nbytes = dtype.matrix_nbytes(rows, columns)
     if out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous:
         raise ValueError(f"out must be {nbytes} contiguous uint8 bytes for a {rows}x{columns} {dtype.name} matrix")
