@@ -72,14 +72,11 @@ class PrefetchGovernor:
 
     def expire(self, token: int) -> None:
         """Resolve as useless every open hint whose horizon ends before `token`."""
-        for expert_id in list(self._open):
-            hints = self._open[expert_id]
-            kept = [hint for hint in hints if hint[2] + self.horizon >= token]
+        for expert_id, hints in list(self._open.items()):
             for source, rank, _ in (hint for hint in hints if hint[2] + self.horizon < token):
                 self._resolve(source, rank, False)
-            if kept:
-                self._open[expert_id] = kept
-            else:
+            self._open[expert_id] = [hint for hint in hints if hint[2] + self.horizon >= token]
+            if not self._open[expert_id]:
                 del self._open[expert_id]
 
     def _resolve(self, source: str, rank: int, useful: bool) -> None:
@@ -89,9 +86,7 @@ class PrefetchGovernor:
 
     def precision(self, source: str, rank: int) -> float:
         """Recent shadow precision of `source`'s hints at `rank`, Laplace-smoothed (0..1)."""
-        outcomes = self._outcomes.get((source, min(rank, MAX_RANK)))
-        if not outcomes:
-            return 0.5
+        outcomes = self._outcomes.get((source, min(rank, MAX_RANK)), ())
         return (sum(outcomes) + 1) / (len(outcomes) + 2)
 
     # ---- admission ------------------------------------------------------------------------------

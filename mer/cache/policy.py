@@ -2,21 +2,10 @@
 
 A policy only ranks slots. The slot table (`mer.cache.slot_table`) owns the states and decides
 which slots may be evicted at all (READY, unleased, unpinned, and for prefetches not used in the
-current token); it tells the policy about every insert, access and removal, and asks it for a
-victim among the evictable slots:
-
-    record_insert(slot, expert_id)     the slot was assigned to expert_id (a read starts)
-    record_access(slot, expert_id)     a request used the expert in that slot
-    record_removal(slot, expert_id)    the slot was evicted, or its read failed
-    choose_victim(is_evictable)        the best slot to evict among those for which
-                                       is_evictable(slot) is true, or None
-
-One more call comes from whoever drives the requests (the offline simulator; optional live):
-
-    record_step(expert_ids)            the experts of the next step (one routing decision) are
-                                       about to be requested together, before any is acquired
-
-It carries what a slot-level callback cannot: the request stream itself, independent of whether a
+current token); it tells the policy about every insert, access and removal (`record_insert`,
+`record_access`, `record_removal`), and asks it for a victim among the evictable slots
+(`choose_victim`). Whoever drives the requests calls `record_step` with the experts of each step
+(one routing decision) before any is acquired. It carries what a slot-level callback cannot: the request stream itself, independent of whether a
 slot was inserted by a demand miss or a prefetch. LRU ignores it (so the live I/O worker, which
 does not call it, runs LRU exactly as the simulator does); LFU and LRU+pin count requests with it;
 Belady's MIN advances its cursor over the known future with it.
@@ -137,6 +126,14 @@ class _RecencyTracked(EvictionPolicy):
     def _evictable_by_recency(self, is_evictable: Callable[[int], bool]) -> list[int]:
         return [slot for slot in self._recency.slots_by_recency() if is_evictable(slot)]
 
+    def _eviction_rank(self, expert_id: int) -> float:
+        """Lower goes first; ties by LRU."""
+        raise NotImplementedError
+
+    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
+        candidates = self._evictable_by_recency(is_evictable)
+        return min(candidates, key=lambda slot: self._eviction_rank(self._expert_of_slot[slot]), default=None)
+
 
 class LfuPolicy(_RecencyTracked):
     """Fewest requests first (counted by `record_step`, kept after eviction); ties by least recently used."""
@@ -150,11 +147,8 @@ class LfuPolicy(_RecencyTracked):
     def record_step(self, expert_ids: Sequence[int]) -> None:
         self.request_counts.update(expert_ids)
 
-    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
-        candidates = self._evictable_by_recency(is_evictable)
-        if not candidates:
-            return None
-        return min(candidates, key=lambda slot: self.request_counts[self._expert_of_slot[slot]])  # first min: LRU
+    def _eviction_rank(self, expert_id: int) -> float:
+        return self.request_counts[expert_id]
 
 
 class LayerCyclicPolicy(_RecencyTracked):
@@ -185,11 +179,8 @@ class LayerCyclicPolicy(_RecencyTracked):
         layer = (expert_id // self.experts_per_layer) % self.num_layers
         return (layer - self.current_layer - 1) % self.num_layers + 1
 
-    def choose_victim(self, is_evictable: Callable[[int], bool]) -> int | None:
-        candidates = self._evictable_by_recency(is_evictable)
-        if not candidates:
-            return None
-        return max(candidates, key=lambda slot: self.steps_until_needed(self._expert_of_slot[slot]))  # first max: LRU
+    def _eviction_rank(self, expert_id: int) -> float:
+        return -self.steps_until_needed(expert_id)
 
 
 class LruPinPolicy(_RecencyTracked):

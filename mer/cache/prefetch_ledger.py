@@ -16,77 +16,58 @@ The accuracy counters the predictor reports about itself (`PredictorStats`) are 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
 
 from mer.protocol import PredictorReport, PredictorStats
 from mer.metrics.events import LayerHintCounts, PredictorCounters
 
-
-@dataclass
-class _SourceCounts:
-    """One predictor's prefetch counters."""
-
-    hints: int = 0
-    issued: int = 0
-    completed: int = 0
-    used: int = 0
-    wasted: int = 0
-    dropped: int = 0
-    cancelled: int = 0
+ACCURACY_FIELDS = ("predictions", "top1_hits", "topk_found", "topk_observed")  # of `PredictorStats`
 
 
 class PrefetchLedger:
     """Prefetch counters by predictor name, with the predictor of every unused prefetched slot."""
 
     def __init__(self) -> None:
-        self.counts: dict[str, _SourceCounts] = {}
+        self.counts: dict[str, Counter[str]] = {}  # by name: the `PredictorCounters` prefetch fields
         self.accuracy: dict[str, PredictorStats] = {}
         self._slot_source: dict[int, str] = {}  # prefetched slots not yet used, wasted or failed
 
-    def _of(self, source: str) -> PrefetchCounts:
-        return self.counts.setdefault(source, _SourceCounts())
+    def _count(self, source: str | None, counter: str, count: int = 1) -> None:
+        if source is not None:
+            self.counts.setdefault(source, Counter())[counter] += count
 
     def hinted(self, source: str, count: int = 1) -> None:
-        self._of(source).hints += count
+        self._count(source, "hints", count)
 
     def dropped(self, source: str) -> None:
-        self._of(source).dropped += 1
+        self._count(source, "dropped")
 
     def issued(self, source: str, slot: int) -> None:
-        self._of(source).issued += 1
+        self._count(source, "issued")
         self._slot_source[slot] = source
 
     def completed(self, slot: int, ok: bool) -> None:
         """A prefetch read into `slot` finished (a failed read's slot is vacated: neither used nor wasted)."""
-        source = self._slot_source.get(slot)
-        if source is None:
-            return
         if ok:
-            self._of(source).completed += 1
+            self._count(self._slot_source.get(slot), "completed")
         else:
-            del self._slot_source[slot]
+            self._slot_source.pop(slot, None)
 
     def cancelled(self, slot: int) -> None:
         """The queued prefetch read into `slot` was cancelled (its completion callback then sees it failed)."""
-        source = self._slot_source.get(slot)
-        if source is not None:
-            self._of(source).cancelled += 1
+        self._count(self._slot_source.get(slot), "cancelled")
 
     def used(self, slot: int) -> None:
         """The prefetch read into `slot` served its first acquire (`AcquireResult.used_prefetch`)."""
-        source = self._slot_source.pop(slot, None)
-        if source is not None:
-            self._of(source).used += 1
+        self._count(self._slot_source.pop(slot, None), "used")
 
     def wasted(self, slot: int) -> None:
         """`slot`'s unused prefetch was evicted (`wasted_prefetch`); call before the slot is issued again."""
-        source = self._slot_source.pop(slot, None)
-        if source is not None:
-            self._of(source).wasted += 1
+        self._count(self._slot_source.pop(slot, None), "wasted")
 
     def reported(self, stats: PredictorStats) -> None:
         """The predictor's own latest accuracy counters for `stats.source`."""
-        self._of(stats.source)
+        self._count(stats.source, "hints", 0)
         self.accuracy[stats.source] = stats
 
     def reports(self) -> list[PredictorReport]:
@@ -95,9 +76,6 @@ class PrefetchLedger:
 
     def _report(self, name: str) -> PredictorReport:
         accuracy = self.accuracy.get(name)
-        if accuracy is None:
-            return PredictorReport(name, PredictorCounters(**asdict(self.counts[name])), [])
-        counters = PredictorCounters(**asdict(self.counts[name]), predictions=accuracy.predictions,
-                                     top1_hits=accuracy.top1_hits, topk_found=accuracy.topk_found,
-                                     topk_observed=accuracy.topk_observed)
-        return PredictorReport(name, counters, [LayerHintCounts(*layer) for layer in accuracy.per_layer])
+        scores = {key: getattr(accuracy, key) for key in ACCURACY_FIELDS} if accuracy is not None else {}
+        per_layer = [LayerHintCounts(*layer) for layer in accuracy.per_layer] if accuracy is not None else []
+        return PredictorReport(name, PredictorCounters(**self.counts[name], **scores), per_layer)

@@ -60,7 +60,8 @@ decides (LRU: least recently inserted or used).
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from functools import partial
 from enum import Enum
 from typing import Callable
 
@@ -172,9 +173,7 @@ class SlotTable:
         return self._slot_of_expert.get(expert_id)
 
     def slot_info(self, slot: int) -> SlotInfo:
-        record = self._slots[self._check_index(slot)]
-        return SlotInfo(slot, record.state, record.expert_id, record.generation, record.lease_count,
-                        record.pending_leases, record.is_prefetched_unused, record.last_token)
+        return SlotInfo(slot, *astuple(self._slots[self._check_index(slot)]))
 
     def slot_infos(self) -> list[SlotInfo]:
         return [self.slot_info(slot) for slot in range(self.num_slots)]
@@ -226,13 +225,13 @@ class SlotTable:
         """Whether `assign_prefetch(expert_id, token)` would assign a slot."""
         if expert_id in self._slot_of_expert:
             return False
-        return bool(self._free_slots) or self._prefetch_victim(token) is not None
+        return bool(self._free_slots) or self.policy.choose_victim(partial(self._is_evictable, token=token)) is not None
 
     def assign_prefetch(self, expert_id: int, token: int) -> Assignment | None:
         """Assign a FREE slot, or evict a READY one not used in `token`, for a prefetch read; None if not admitted."""
         if expert_id in self._slot_of_expert:
             return None
-        taken = self._take_slot(lambda index: self._is_evictable(index, token=token))
+        taken = self._take_slot(partial(self._is_evictable, token=token))
         if taken is None:
             return None
         slot, evicted_expert, wasted = taken
@@ -290,9 +289,6 @@ class SlotTable:
             return False
         return token is None or record.last_token is None or record.last_token < token
 
-    def _prefetch_victim(self, token: int) -> int | None:
-        return self.policy.choose_victim(lambda index: self._is_evictable(index, token=token))
-
     def _take_slot(self, is_evictable: Callable[[int], bool]) -> tuple[int, int | None, bool] | None:
         """A FREE slot (lowest first), else an evicted victim: (slot, evicted expert or None, whether the
         victim held an unused prefetch), or None."""
@@ -325,12 +321,7 @@ class SlotTable:
         record = self._slots[slot]
         self.policy.record_removal(slot, record.expert_id)
         del self._slot_of_expert[record.expert_id]
-        record.state = SlotState.FREE
-        record.expert_id = None
-        record.lease_count = 0
-        record.pending_leases = 0
-        record.is_prefetched_unused = False
-        record.last_token = None
+        self._slots[slot] = _Slot(generation=record.generation)
 
     def _check_index(self, slot: int) -> int:
         if not 0 <= slot < self.num_slots:

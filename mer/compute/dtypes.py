@@ -37,25 +37,14 @@ class DType:
         return num_rows * self.row_nbytes(num_columns)
 
 
-def _make(name: str, ggml_type: GGMLQuantizationType) -> DType:
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    return DType(name, ggml_type, block_size, type_size)
+def _make(name: str) -> DType:
+    ggml_type = GGMLQuantizationType[name.upper()]
+    return DType(name, ggml_type, *GGML_QUANT_SIZES[ggml_type])
 
 
 SUPPORTED_DTYPES: dict[str, DType] = {
-    dtype.name: dtype
-    for dtype in (
-        _make("f32", GGMLQuantizationType.F32),
-        _make("f16", GGMLQuantizationType.F16),
-        _make("bf16", GGMLQuantizationType.BF16),
-        _make("q4_0", GGMLQuantizationType.Q4_0),
-        _make("q8_0", GGMLQuantizationType.Q8_0),
-        _make("q4_k", GGMLQuantizationType.Q4_K),
-        _make("q5_k", GGMLQuantizationType.Q5_K),
-        _make("q6_k", GGMLQuantizationType.Q6_K),
-    )
+    name: _make(name) for name in ("f32", "f16", "bf16", "q4_0", "q8_0", "q4_k", "q5_k", "q6_k")
 }
-
 _BY_GGML = {dtype.ggml_type: dtype for dtype in SUPPORTED_DTYPES.values()}
 
 

@@ -29,10 +29,6 @@ from mer.store.manifest import Manifest
 from mer.compute.swiglu import swiglu_expert
 
 
-def compute_identity(index: int) -> bytes:
-    return f"compute-{index}".encode()
-
-
 class ComputeWorker:
     def __init__(self, context):
         self.context = context
@@ -40,7 +36,6 @@ class ComputeWorker:
         self.manifest = Manifest.load(context.run.store)
         self.arena: SlotArena | None = None
         self.socket = None
-        self.jobs_done = 0
         self.last_job: dict | None = None  # timing of the last job done, logged after its reply is sent
 
     async def start(self) -> dict:
@@ -49,7 +44,7 @@ class ComputeWorker:
         self.arena = SlotArena.attach(self.context.run.arena_path, writable=False)
         compile_seconds = self._warm_up_kernels()
         self.socket = self.context.zmq.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.IDENTITY, compute_identity(self.index))
+        self.socket.setsockopt(zmq.IDENTITY, f"compute-{self.index}".encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.context.run.endpoint("compute"))
         await self.socket.send_multipart(encode(Hello(self.context.name, os.getpid())))
@@ -91,7 +86,6 @@ class ComputeWorker:
             started = time.perf_counter()
             partials = self.compute(job)
             compute_us = (time.perf_counter() - started) * 1e6
-            self.jobs_done += 1
             self.last_job = {"job_id": job_id, "expert_ids": [item.expert_id for item in job.items],
                              "slices": len(job.slices), "t_start": t_start, "t_end": time.monotonic(),
                              "compute_us": compute_us}

@@ -7,23 +7,6 @@
 The uring backend lives in `mer.io.uring_reader` (imported only when chosen).
 """
 
-from mer.io.backend import READER_KINDS, ReaderKind, open_reader, probe_io_uring, probe_o_direct
-from mer.io.preadv_reader import PreadvReader
-from mer.io.read_request import PRIORITIES, Priority, ReadResult
-from mer.io.reader_base import ExpertReader
+from mer.io.backend import open_reader
 
-Reader = ExpertReader
-
-__all__ = [
-    "PRIORITIES",
-    "READER_KINDS",
-    "ExpertReader",
-    "PreadvReader",
-    "Priority",
-    "ReadResult",
-    "Reader",
-    "ReaderKind",
-    "open_reader",
-    "probe_io_uring",
-    "probe_o_direct",
-]
+__all__ = ["open_reader"]

@@ -83,8 +83,6 @@ class ExpertReader(ABC):
         self._fds = open_files(self.paths, o_direct)
         self._file_sizes = [os.fstat(fd).st_size for fd in self._fds]
 
-    # ----- public interface -----
-
     @property
     def num_in_flight(self) -> int:
         """Reads handed to the kernel or a thread and not completed yet."""
@@ -161,14 +159,6 @@ class ExpertReader(ABC):
             log.warning("io_reader_close_timeout", backend=self.name, in_flight=self._num_in_flight)
         self._release()
         close_files(self._fds)
-
-    async def __aenter__(self) -> "ExpertReader":
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.close()
-
-    # ----- for the backends -----
 
     @abstractmethod
     def _start(self, request: ReadRequest) -> None:

@@ -37,6 +37,18 @@ def _figure(title: str, rows: int = 1) -> tuple[Figure, list]:
     return figure, list(axes)
 
 
+def _label(ax, title: str, ylabel: str, *, xlabel: str = TIME_LABEL, integer: bool = False,
+           legend: bool = False) -> None:
+    """Title and axis labels of one plot; integer y ticks and an outside legend on request."""
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(xlabel)
+    if integer:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if legend:
+        ax.legend(**LEGEND_OUTSIDE)
+
+
 def figure_cycle_latency(series: CycleSeries, run_name: str) -> Figure:
     figure, (top, bottom) = _figure(f"Cycle latency per token and where it went ({run_name})", rows=2)
     top.plot(series.t_s, series.cycle_ms, color="black", linewidth=1, label="cycle (whole token)")
@@ -46,10 +58,7 @@ def figure_cycle_latency(series: CycleSeries, run_name: str) -> Figure:
     bottom.plot(series.t_s, series.io_wait_ms, color="tab:red", linewidth=1, label="I/O wait")
     bottom.plot(series.t_s, series.compute_ms, color="tab:blue", linewidth=1, label="compute (SwiGLU + combine)")
     bottom.plot(series.t_s, series.other_ms, color="tab:gray", linewidth=1, label="other (messaging, scheduling)")
-    bottom.set_ylabel("per token (ms)")
-    bottom.set_title("Split of each token's cycle: I/O wait, compute, other")
-    bottom.set_xlabel(TIME_LABEL)
-    bottom.legend(**LEGEND_OUTSIDE)
+    _label(bottom, "Split of each token's cycle: I/O wait, compute, other", "per token (ms)", legend=True)
     return figure
 
 
@@ -57,9 +66,7 @@ def figure_hit_rate(series: HitRateSeries, run_name: str) -> Figure:
     figure, (ax,) = _figure(f"Cache hit rate ({run_name})")
     ax.plot(series.t_s, series.hit_rate_pct, color="tab:green", linewidth=1.2)
     ax.set_ylim(0, 100)
-    ax.set_ylabel("hit rate (%)")
-    ax.set_xlabel(TIME_LABEL)
-    ax.set_title(f"Rolling hit rate over the last {series.window} tokens")
+    _label(ax, f"Rolling hit rate over the last {series.window} tokens", "hit rate (%)")
     return figure
 
 
@@ -73,21 +80,14 @@ def figure_slot_occupancy(series: OccupancySeries, run_name: str) -> Figure:
     if series.pool_slots is not None:
         ax.axhline(series.pool_slots, color="black", linestyle="--", linewidth=1,
                    label=f"pool slots ({series.pool_slots})")
-    ax.set_ylabel("slots")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(TIME_LABEL)
-    ax.set_title("Slots by state after each acquire answered by the I/O worker")
-    ax.legend(**LEGEND_OUTSIDE)
+    _label(ax, "Slots by state after each acquire answered by the I/O worker", "slots", integer=True, legend=True)
     return figure
 
 
 def figure_io_queue_depth(series: StepSeries, run_name: str) -> Figure:
     figure, (ax,) = _figure(f"I/O queue depth ({run_name})")
     ax.plot(series.t_s, series.value, drawstyle="steps-post", color="tab:red", linewidth=1)
-    ax.set_ylabel("reads queued or in flight")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(TIME_LABEL)
-    ax.set_title("Expert reads outstanding (submitted, not yet completed)")
+    _label(ax, "Expert reads outstanding (submitted, not yet completed)", "reads queued or in flight", integer=True)
     return figure
 
 
@@ -96,11 +96,8 @@ def figure_read_latency(histogram: LatencyHistogram, run_name: str) -> Figure:
     for kind, color in (("foreground", "tab:red"), ("prefetch", "tab:green")):
         counts = histogram.counts.get(kind, [])
         ax.stairs(counts, histogram.edges_ms, label=f"{kind} ({sum(counts)} reads)", color=color, linewidth=1.5)
-    ax.set_xlabel("read latency, submission to completion (ms)")
-    ax.set_ylabel("reads")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Histogram of expert read latencies")
-    ax.legend(**LEGEND_OUTSIDE)
+    _label(ax, "Histogram of expert read latencies", "reads", xlabel="read latency, submission to completion (ms)",
+           integer=True, legend=True)
     return figure
 
 
@@ -121,11 +118,8 @@ def figure_prefetch(series: PrefetchSeries, run_name: str) -> Figure:
                                  (series.wasted, "wasted (evicted unused)", "tab:red"),
                                  (series.dropped, "dropped (not admitted)", "tab:gray")):
         ax.plot(series.t_s, values, drawstyle="steps-post", label=label, color=color, linewidth=1.2)
-    ax.set_ylabel("prefetches so far (count)")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(TIME_LABEL)
-    ax.set_title("Cumulative prefetches issued, used, wasted and dropped")
-    ax.legend(**LEGEND_OUTSIDE)
+    _label(ax, "Cumulative prefetches issued, used, wasted and dropped", "prefetches so far (count)", integer=True,
+           legend=True)
     return figure
 
 

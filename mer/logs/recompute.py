@@ -75,10 +75,6 @@ def _counters_of_unfinished_run(run: RunLog, warnings: list[str]) -> dict[str, A
     return {"event": PREFETCH_STATS, **counters, "predictor_observations": observations}
 
 
-def _differing_fields(recomputed: dict[str, Any], logged: dict[str, Any]) -> list[str]:
-    return [key for key, value in recomputed.items() if key in logged and logged[key] != value]
-
-
 def recompute_summary(run: RunLog) -> RecomputedSummary:
     """The run summary of `run` from its raw events (see the module docstring)."""
     _checked_records(run)
@@ -95,8 +91,9 @@ def recompute_summary(run: RunLog) -> RecomputedSummary:
         warnings.append(f"{run.label}: no {RUN_SUMMARY} event: the run did not finish (interrupted or failed); "
                         f"the summary is recomputed from the {len(tokens)} tokens logged")
     else:
-        logged = {key: logged_event[key] for key in summary.to_json_dict() if key in logged_event}
-        differing = _differing_fields(summary.to_json_dict(), logged)
+        recomputed = summary.to_json_dict()
+        logged = {key: logged_event[key] for key in recomputed if key in logged_event}
+        differing = [key for key in logged if logged[key] != recomputed[key]]
         if differing:
             warnings.append(f"{run.label}: the recomputed summary differs from the logged {RUN_SUMMARY} in "
                             f"{', '.join(differing)}")

@@ -33,7 +33,7 @@ class RunLog:
 
     def named(self, name: str) -> list[dict[str, Any]]:
         """Every event called `name`, in time order."""
-        return [event for event in self.events if event["event"] == name]
+        return [event for _, event in self.with_lines(name)]
 
     def with_lines(self, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
         """(line number, event) for every event called `name`, in time order."""

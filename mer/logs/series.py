@@ -44,9 +44,8 @@ def cycle_series(run: RunLog) -> CycleSeries:
     """The cycle latency of every token and its split, in token order."""
     origin = time_origin(run)
     tokens = sorted(run.named(TOKEN_DONE), key=lambda event: event["token"])
-    cycle = [event["cycle_us"] / 1e3 for event in tokens]
-    io_wait = [event["io_wait_us"] / 1e3 for event in tokens]
-    compute = [event["compute_us"] / 1e3 for event in tokens]
+    cycle, io_wait, compute = ([value / 1e3 for value in column]
+                               for column in _columns(tokens, ("cycle_us", "io_wait_us", "compute_us")))
     return CycleSeries(
         token=[event["token"] for event in tokens],
         t_s=[event["t_start_s"] - origin for event in tokens],
@@ -99,14 +98,14 @@ def slot_occupancy(run: RunLog) -> OccupancySeries:
     origin = time_origin(run)
     snapshots = [event for event in run.named(ACQUIRE_DONE) if "occupied_slots" in event]
     started = run.last(RUN_STARTED)
-    return OccupancySeries(
-        pool_slots=started.get("pool_slots") if started else None,
-        t_s=[event["t_answered"] - origin for event in snapshots],
-        occupied=[event["occupied_slots"] for event in snapshots],
-        loading=[event["loading_slots"] for event in snapshots],
-        leased=[event["leased_slots"] for event in snapshots],
-        pinned=[event["pinned_slots"] for event in snapshots],
-    )
+    return OccupancySeries(started.get("pool_slots") if started else None,
+                           [event["t_answered"] - origin for event in snapshots],
+                           *_columns(snapshots, ("occupied_slots", "loading_slots", "leased_slots", "pinned_slots")))
+
+
+def _columns(events: list[dict[str, Any]], keys: tuple[str, ...]) -> list[list[Any]]:
+    """The values of each of `keys`, one list per key, in event order."""
+    return [[event[key] for event in events] for key in keys]
 
 
 def _timed_reads(run: RunLog) -> list[dict[str, Any]]:
@@ -224,11 +223,5 @@ def prefetch_series(run: RunLog) -> PrefetchSeries:
     stats = run.last(PREFETCH_STATS)
     final = {key: stats[key] for key in ("issued", "completed", "used", "wasted", "dropped") if key in stats} \
         if stats else {}
-    return PrefetchSeries(
-        t_s=[event["t_answered"] - origin for event in snapshots],
-        issued=[event["prefetches_issued"] for event in snapshots],
-        used=[event["prefetches_used"] for event in snapshots],
-        wasted=[event["prefetches_wasted"] for event in snapshots],
-        dropped=[event["prefetches_dropped"] for event in snapshots],
-        final=final,
-    )
+    keys = ("prefetches_issued", "prefetches_used", "prefetches_wasted", "prefetches_dropped")
+    return PrefetchSeries([event["t_answered"] - origin for event in snapshots], *_columns(snapshots, keys), final)

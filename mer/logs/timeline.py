@@ -39,9 +39,7 @@ class TimelineEntry:
 def short_process_name(process: str) -> str:
     """`mer-compute-1-4b2a26c5` -> `compute-1`; `mer-supervisor` -> `supervisor`."""
     match = _RUN_SUFFIX.match(process)
-    if match:
-        return match.group(1)
-    return process.removeprefix("mer-")
+    return match.group(1) if match else process.removeprefix("mer-")
 
 
 def _token_bounds(run: RunLog, token: int) -> tuple[float, float | None, dict | None]:

@@ -15,7 +15,8 @@ layer L+s) against exactly that decision, per target layer and distance s.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
+
 from mer.protocol import PredictorStats
 from mer.metrics.events import LayerHintCounts
 from mer.metrics.stats import percent
@@ -48,6 +49,10 @@ class HintAccuracy:
     @property
     def topk_accuracy_pct(self) -> float:
         return percent(self.topk_found, self.topk_observed)
+
+    def weight(self) -> float:
+        """The top-k accuracy so far, Laplace-smoothed: (found + 1) / (observed + 2), 0.5 at first."""
+        return (self.topk_found + 1) / (self.topk_observed + 2)
 
     def report(self, source: str, per_layer: list[LayerHintCounts] | None = None) -> PredictorStats:
         """The counters as the `PredictorStats` message of predictor `source`."""
@@ -82,9 +87,8 @@ class AccuracyTracker:
         return self.scores.setdefault(name, HintAccuracy()).report(name)
 
     def weight(self, name: str) -> float:
-        """`name`'s top-k accuracy so far, Laplace-smoothed: (found + 1) / (observed + 2), 0.5 at first."""
-        scores = self.scores.get(name, HintAccuracy())
-        return (scores.topk_found + 1) / (scores.topk_observed + 2)
+        """`name`'s `HintAccuracy.weight`."""
+        return self.scores.get(name, HintAccuracy()).weight()
 
 
 @dataclass
@@ -134,24 +138,16 @@ class LayerAccuracy:
         return True
 
     def totals(self) -> HintAccuracy:
-        total = HintAccuracy()
-        for (_, ahead), scores in self.scores.items():
-            if ahead == 1:
-                total.predictions += scores.predictions
-                total.top1_hits += scores.top1_hits
-                total.topk_found += scores.topk_found
-                total.topk_observed += scores.topk_observed
-        return total
+        next_layer = [scores for (_, ahead), scores in self.scores.items() if ahead == 1]
+        return HintAccuracy(*(sum(getattr(scores, counter.name) for scores in next_layer)
+                              for counter in fields(HintAccuracy)))
 
     def report(self, source: str) -> PredictorStats:
         """The next-layer totals and the per-layer counters, as the `PredictorStats` of `source`."""
-        per_layer = [LayerHintCounts(layer, ahead, scores.predictions, scores.top1_hits, scores.topk_found,
-                                     scores.topk_observed, scores.hinted_found)
-                     for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)
-                     for scores in (self.scores[(layer, ahead)],)]
+        per_layer = [LayerHintCounts(layer, ahead, *astuple(self.scores[(layer, ahead)]))
+                     for ahead, layer in sorted((ahead, layer) for layer, ahead in self.scores)]
         return self.totals().report(source, per_layer)
 
     def weight(self) -> float:
-        """The next-layer top-k accuracy so far, Laplace-smoothed as `AccuracyTracker.weight`."""
-        total = self.totals()
-        return (total.topk_found + 1) / (total.topk_observed + 2)
+        """The next-layer totals' `HintAccuracy.weight`."""
+        return self.totals().weight()

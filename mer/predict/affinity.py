@@ -17,6 +17,7 @@ from collections import defaultdict
 from itertools import permutations
 
 from mer.errors import ConfigError
+from mer.predict.locality import next_layer_hints
 
 _RESCALE_ABOVE = 1e150
 
@@ -74,16 +75,4 @@ class AffinityPredictor:
 
     def predict(self, fanout: int, depth: int = 1) -> list[tuple[int, float]]:
         """Up to `fanout` (expert, score) hints per step for the next `depth` decisions, best first."""
-        if self.current is None:
-            return []
-        layers = sorted(self.layers)
-        position = layers.index(self.current[0])
-        excluded = set(self.current[1])
-        hints: dict[int, float] = {}
-        for step in range(depth):
-            state = self.layers[layers[(position + step + 1) % len(layers)]]
-            ranked = sorted(state.scores().items(), key=lambda item: (-item[1], item[0]))
-            chosen = [(e, s) for e, s in ranked if e not in excluded and e not in hints][:fanout]
-            for expert, score in chosen:
-                hints[expert] = score / (step + 1)
-        return sorted(hints.items(), key=lambda item: (-item[1], item[0]))
+        return next_layer_hints(self.current, self.layers, lambda layer: self.layers[layer].scores(), fanout, depth)

@@ -13,6 +13,10 @@ useful hint, whose predictor becomes its source (ties: the first in `PREDICTOR_N
 `limit` most useful (ties by expert id) are returned with their raw scores (every predictor scores
 on 0..1: a probability, a window frequency, a co-activation share), so the I/O worker's governor
 weighs each by its source's recent accuracy once.
+
+`FusedPredictors` observes, scores and fuses the predictors as the predictor process does (and the
+simulator, offline): the gate's hints against the decision each names (`LayerAccuracy`), the
+others' against the next decision (`AccuracyTracker`).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import numpy as np
 
 from mer.config import PREDICTOR_NAMES
 from mer.errors import ConfigError
+from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
 from mer.predict.affinity import AffinityPredictor
 from mer.predict.locality import LocalityPredictor
 from mer.predict.markov import MarkovPredictor
+from mer.protocol import PredictorStats
 
 GATE = "gate"  # the next-layer gate predictor: needs the model's gates and the router's hidden states
 
@@ -94,3 +100,35 @@ def fuse(ranked: dict[str, Hints], limit: int, weights: dict[str, float] | None 
                 best[expert] = candidate
     chosen = sorted(best.items(), key=lambda item: (-item[1][0], item[0]))[:limit]
     return [(expert, score, source) for expert, (_, _, source, score) in chosen]
+
+
+class FusedPredictors:
+    """The active predictors, their hint accuracies and their fused hints (see the module doc)."""
+
+    def __init__(self, predictors: list[ActivePredictor]):
+        self.predictors = predictors
+        self.accuracy = AccuracyTracker()
+        self.layer_accuracy = LayerAccuracy()
+
+    def observe(self, token: int, layer: int, expert_ids: list[int]) -> list[PredictorStats]:
+        """Learn from one decision; the accuracy reports of the predictors whose hints it scored."""
+        for predictor in self.predictors:
+            predictor.observe(layer, expert_ids)
+        reports = [self.accuracy.report(name) for name in self.accuracy.observe(expert_ids)]
+        if self.layer_accuracy.observe(token, layer, expert_ids):
+            reports.append(self.layer_accuracy.report(GATE))
+        return reports
+
+    def hints(self, fanout: int, depth: int) -> list[tuple[int, float, str]]:
+        """Every predictor's hints (kept to be scored), fused into the `fanout x depth` most useful."""
+        ranked = {}
+        for predictor in self.predictors:
+            ranked[predictor.name] = hints = predictor.predict(fanout, depth)
+            if predictor.name == GATE:
+                for target in predictor.model.targets:
+                    self.layer_accuracy.hinted(target.token, target.layer, target.ahead, list(target.experts))
+            elif hints:
+                self.accuracy.hinted(predictor.name, [expert for expert, _ in hints])
+        weights = {name: self.layer_accuracy.weight() if name == GATE else self.accuracy.weight(name)
+                   for name in ranked}
+        return fuse(ranked, fanout * depth, weights)

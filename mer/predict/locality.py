@@ -12,8 +12,28 @@ frequency >= `hot_fraction` in their layer, hottest first, at most `max_pinned` 
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable, Iterable
 
 from mer.errors import ConfigError
+
+
+def next_layer_hints(current: tuple[int, tuple[int, ...]] | None, layers: Iterable[int],
+                     scores_of: Callable[[int], dict[int, float]], fanout: int, depth: int) -> list[tuple[int, float]]:
+    """Hints for the `depth` layers after the current decision's (layer, experts) in the order of `layers`
+    (cyclically): each layer's `scores_of` ranked (ties by expert id), the current experts left out, `fanout`
+    per step, step s weighted 1/(s+1); best first."""
+    if current is None:
+        return []
+    layers = sorted(layers)
+    position = layers.index(current[0])
+    excluded = set(current[1])
+    hints: dict[int, float] = {}
+    for step in range(depth):
+        ranked = sorted(scores_of(layers[(position + step + 1) % len(layers)]).items(),
+                        key=lambda item: (-item[1], item[0]))
+        for expert, score in [(e, s) for e, s in ranked if e not in excluded and e not in hints][:fanout]:
+            hints[expert] = score / (step + 1)
+    return sorted(hints.items(), key=lambda item: (-item[1], item[0]))
 
 
 class LocalityPredictor:
@@ -49,23 +69,9 @@ class LocalityPredictor:
             return {}
         return {expert: count / len(recent) for expert, count in self.counts[layer].items() if count > 0}
 
-    def _next_layers(self, depth: int) -> list[int]:
-        layers = sorted(self.recent)
-        position = layers.index(self.current[0])
-        return [layers[(position + step + 1) % len(layers)] for step in range(depth)]
-
     def predict(self, fanout: int, depth: int = 1) -> list[tuple[int, float]]:
         """Up to `fanout` (expert, score) hints per step for the next `depth` decisions, best first."""
-        if self.current is None:
-            return []
-        excluded = set(self.current[1])
-        hints: dict[int, float] = {}
-        for step, layer in enumerate(self._next_layers(depth)):
-            ranked = sorted(self.frequencies(layer).items(), key=lambda item: (-item[1], item[0]))
-            chosen = [(e, f) for e, f in ranked if e not in excluded and e not in hints][:fanout]
-            for expert, frequency in chosen:
-                hints[expert] = frequency / (step + 1)
-        return sorted(hints.items(), key=lambda item: (-item[1], item[0]))
+        return next_layer_hints(self.current, self.recent, self.frequencies, fanout, depth)
 
     def pinned(self) -> list[int]:
         """The experts to pin: frequency >= hot_fraction in their layer, hottest first, at most max_pinned."""

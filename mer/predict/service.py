@@ -4,23 +4,18 @@ Binds a PULL on `observe.sock` (the router's `RoutingObserved`), connects a DEAL
 and sends `PrefetchHints` after each observation when prefetch is on. A malformed observation is
 logged and skipped.
 
-The predictors switched on by `predictors` (`markov`, `locality`, `affinity`: `mer.predict`) all
-learn from every decision; their hints are fused (`mer.predict.fusion.fuse`, weighted by each
-predictor's smoothed top-k accuracy so far, at most
-`predict_fanout x pipeline_depth`) and sent as one `PrefetchHints` per source predictor, so the
-I/O worker counts each hint for the predictor that contributed it most. With `max_pinned > 0` the
-locality predictor's hot experts are sent as a `PinSet` whenever they change.
-
-Each predictor scores its own previous hints against the next decision it observes
-(`mer.predict.accuracy`) and reports its cumulative top-1 / top-k counters to the I/O worker as
-`PredictorStats` after every scored observation (the I/O worker merges them into its per-predictor
-prefetch counters, which reach the run summary).
+The predictors switched on by `predictors` (`mer.predict`) all learn from every decision; their hints
+are scored and fused by `mer.predict.fusion.FusedPredictors` (at most `predict_fanout x
+pipeline_depth`) and sent as one `PrefetchHints` per source predictor, so the I/O worker counts each
+hint for the predictor that contributed it most. Each predictor's cumulative accuracy goes to the
+I/O worker as `PredictorStats` after every scored observation (merged into its per-predictor prefetch
+counters, which reach the run summary). With `max_pinned > 0` the locality predictor's hot experts
+are sent as a `PinSet` whenever they change.
 
 The next-layer gate predictor (`gate`, `mer.predict.gate`) reads the router gates of the generation
 job's GGUF, named by the supervisor in the run spec (`RunSpec.model`), at start-up (so a bad model
 fails the handshake); the router then sends a `HiddenObserved` (the token's residual at that MoE
-layer) just before each `RoutingObserved`. Its hints name their target decision, so they are scored
-against exactly that decision, per target layer (`LayerAccuracy`; `per_layer` in its stats).
+layer) just before each `RoutingObserved`.
 """
 
 from __future__ import annotations
@@ -32,8 +27,7 @@ import numpy as np
 import zmq
 
 from mer.errors import ProtocolError
-from mer.predict.accuracy import AccuracyTracker, LayerAccuracy
-from mer.predict.fusion import GATE, fuse, make_predictors
+from mer.predict.fusion import GATE, FusedPredictors, make_predictors
 from mer.runtime.child import receive_unless_stopped
 from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, decode,
                           encode)
@@ -56,9 +50,7 @@ class PredictorService:
         self.pins: list[int] = []
         self.observe = None
         self.io = None
-        self.hints_sent = 0
-        self.accuracy = AccuracyTracker()  # every predictor but the gate: against the next decision
-        self.layer_accuracy = LayerAccuracy()  # the gate: against the decision each hint was for
+        self.fused = FusedPredictors(self.predictors)
 
     async def start(self) -> dict:
         run, zmq_context = self.run, self.zmq
@@ -97,34 +89,16 @@ class PredictorService:
 
     async def _observe(self, message: RoutingObserved) -> None:
         """Learn from one decision, report accuracies, then send pins and fused hints."""
-        config = self.config
-        expert_ids = list(message.expert_ids)
-        for predictor in self.predictors:
-            predictor.observe(message.layer, expert_ids)
-        for name in self.accuracy.observe(expert_ids):
-            await self.io.send_multipart(encode(self.accuracy.report(name)))
-        if self.layer_accuracy.observe(message.token, message.layer, expert_ids):
-            await self.io.send_multipart(encode(self.layer_accuracy.report(GATE)))
+        for report in self.fused.observe(message.token, message.layer, list(message.expert_ids)):
+            await self.io.send_multipart(encode(report))
         await self._send_pins()
-        if not config.prefetch:
+        if not self.config.prefetch:
             return
-        ranked = {}
-        for predictor in self.predictors:
-            hints = predictor.predict(config.predict_fanout, config.pipeline_depth)
-            ranked[predictor.name] = hints
-            if predictor.name == GATE:
-                for target in self.gate.targets:
-                    self.layer_accuracy.hinted(target.token, target.layer, target.ahead, list(target.experts))
-            elif hints:
-                self.accuracy.hinted(predictor.name, [expert for expert, _ in hints])
-        weights = {name: self.layer_accuracy.weight() if name == GATE else self.accuracy.weight(name)
-                   for name in ranked}
-        fused = fuse(ranked, config.predict_fanout * config.pipeline_depth, weights)
         by_source: dict[str, list[PrefetchHint]] = {}
-        for expert, score, source in fused:  # one message per source, best first within and across
+        # one message per source, best first within and across
+        for expert, score, source in self.fused.hints(self.config.predict_fanout, self.config.pipeline_depth):
             by_source.setdefault(source, []).append(PrefetchHint(expert, score))
         for source, hint_list in by_source.items():
-            self.hints_sent += len(hint_list)
             await self.io.send_multipart(encode(PrefetchHints(message.token, hint_list, source)))
 
     async def _send_pins(self) -> None:

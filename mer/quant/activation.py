@@ -95,16 +95,3 @@ def _kernel_order(quants: np.ndarray, weight_dtype: str, num_groups: int) -> np.
     batch = quants.shape[0]
     grouped = as_bytes.reshape(batch, num_groups, 4, 2, BLOCK_SIZE // 2)  # block, half, element
     return grouped.transpose(0, 1, 3, 2, 4).reshape(batch, -1)
-
-
-def dequantize_activation(activation: QuantizedActivation) -> np.ndarray:
-    """The float32 values the kernels multiply with (q * d), `[batch, n]` in natural order."""
-    num_groups, batch, group_bytes = activation.quants.shape
-    quants = (activation.quants ^ np.uint8(ACTIVATION_OFFSET)).view(np.int8).transpose(1, 0, 2)
-    if activation.weight_dtype == "q4_0":
-        grouped = quants.reshape(batch, num_groups, 2, 4, BLOCK_SIZE // 2)
-        quants = grouped.transpose(0, 1, 3, 2, 4)
-    blocks = quants.reshape(batch, -1, BLOCK_SIZE).astype(np.float32)
-    scales = activation.block_scales.transpose(1, 0, 2).reshape(batch, -1)
-    values = blocks * scales[:, :, None]
-    return values.reshape(batch, -1)[:, : activation.num_blocks * BLOCK_SIZE]

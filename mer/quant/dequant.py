@@ -275,13 +275,10 @@ ROW_DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
 }
 
 
-def _is_positive_integer(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
-
-
 def _validated_shape(shape: Sequence[int], dtype: str) -> tuple[int, ...]:
     dims = tuple(shape)
-    if not dims or not all(_is_positive_integer(dim) for dim in dims):
+    if not dims or not all(isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim > 0
+                           for dim in dims):
         raise ShapeError(f"{dtype} tensor shape {dims} must be one or more positive integers")
     return tuple(int(dim) for dim in dims)
 

@@ -158,10 +158,16 @@ def block_addressing(matrix: MatrixSpec, block_start: int, num_blocks: int) -> t
     return (*quants, *scales, blocks_per_row, block_start, num_blocks)
 
 
-def _num_threads(threads: int) -> int:
+def _run_kernel(kernel, parallel_kernel, arguments: tuple, threads: int) -> None:
+    """`kernel(*arguments)` in this thread, or `parallel_kernel` on `threads` numba threads (chunked)."""
     if threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
-    return min(threads, numba.config.NUMBA_NUM_THREADS)
+    num_threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if num_threads == 1:
+        kernel(*arguments)
+    else:
+        numba.set_num_threads(num_threads)
+        parallel_kernel(*arguments, num_threads * CHUNKS_PER_THREAD)
 
 
 def _fused_matmul(
@@ -177,21 +183,12 @@ def _fused_matmul(
 ) -> None:
     addressing = block_addressing(matrix, *block_range)
     arguments = (data, addressing, row_start, row_stop, activation.quants, activation.block_scales, out)
-    num_threads = _num_threads(threads)
     if use_vnni:
         code = VNNI_KERNEL_CODES[(matrix.dtype_info.name, matrix.layout == "planar")]
-        if num_threads == 1:
-            vnni_matmul(*arguments, code)
-        else:
-            numba.set_num_threads(num_threads)
-            vnni_matmul_parallel(*arguments, code, num_threads * CHUNKS_PER_THREAD)
-        return
-    is_q4_0 = matrix.dtype_info.name == "q4_0"
-    if num_threads == 1:
-        portable_matmul(*arguments, is_q4_0)
+        _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, code), threads)
     else:
-        numba.set_num_threads(num_threads)
-        portable_matmul_parallel(*arguments, is_q4_0, num_threads * CHUNKS_PER_THREAD)
+        is_q4_0 = matrix.dtype_info.name == "q4_0"
+        _run_kernel(portable_matmul, portable_matmul_parallel, (*arguments, is_q4_0), threads)
 
 
 def _dequantizing_matmul(
@@ -211,9 +208,4 @@ def _dequantizing_matmul(
     byte_start, byte_count = block_range[0] * dtype.type_size, block_range[1] * dtype.type_size
     code = DTYPE_CODES[dtype.name]
     arguments = (code, data, row_bytes, byte_start, byte_count, row_start, row_stop, x, out)
-    num_threads = _num_threads(threads)
-    if num_threads == 1:
-        dequantizing_matmul(*arguments)
-    else:
-        numba.set_num_threads(num_threads)
-        dequantizing_matmul_parallel(*arguments, num_threads * CHUNKS_PER_THREAD)
+    _run_kernel(dequantizing_matmul, dequantizing_matmul_parallel, arguments, threads)

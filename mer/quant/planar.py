@@ -21,7 +21,7 @@ so block (r, b) has its quants at `(r * nb + b) * Q` and its scale at
 2 q8_0 blocks) with one aligned-free load, and a run of consecutive blocks of one row (a column
 slice of `down`) is one contiguous byte range in each part, so slicing needs no copy.
 
-Every other dtype has no planar form: `to_planar` / `from_planar` return its bytes unchanged.
+Every other dtype has no planar form: `to_planar` returns its bytes unchanged.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def scales_offset(dtype: str, rows: int, columns: int) -> int:
     return rows * (columns // info.block_size) * quant_bytes_per_block(dtype)
 
 
-def _blocks(dtype: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
+def as_blocks(dtype: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """`raw` as a `[num_blocks, type_size]` uint8 view, after checking its size."""
     info = dtype_by_name(dtype)
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
@@ -67,26 +67,11 @@ def _blocks(dtype: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
 def to_planar(dtype: str, raw: np.ndarray, rows: int, columns: int) -> np.ndarray:
     """The planar bytes (a new uint8 array of the same size) of a native `rows x columns` matrix."""
     if not has_planar_form(dtype):
-        _blocks(dtype, raw, rows, columns)
+        as_blocks(dtype, raw, rows, columns)
         return raw.reshape(-1)
-    blocks = _blocks(dtype, raw, rows, columns)
+    blocks = as_blocks(dtype, raw, rows, columns)
     num_quant_bytes = blocks.shape[0] * quant_bytes_per_block(dtype)
     planar = np.empty(raw.size, dtype=np.uint8)
     planar[:num_quant_bytes].reshape(blocks.shape[0], -1)[:] = blocks[:, SCALE_BYTES:]
     planar[num_quant_bytes:].reshape(blocks.shape[0], SCALE_BYTES)[:] = blocks[:, :SCALE_BYTES]
     return planar
-
-
-def from_planar(dtype: str, planar: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """The native GGUF bytes (a new uint8 array) of a planar `rows x columns` matrix."""
-    if not has_planar_form(dtype):
-        _blocks(dtype, planar, rows, columns)
-        return planar.reshape(-1)
-    blocks_shape = _blocks(dtype, planar, rows, columns).shape
-    flat = np.ascontiguousarray(planar).reshape(-1)
-    num_blocks = blocks_shape[0]
-    num_quant_bytes = num_blocks * quant_bytes_per_block(dtype)
-    native = np.empty(blocks_shape, dtype=np.uint8)
-    native[:, :SCALE_BYTES] = flat[num_quant_bytes:].reshape(num_blocks, SCALE_BYTES)
-    native[:, SCALE_BYTES:] = flat[:num_quant_bytes].reshape(num_blocks, -1)
-    return native.reshape(-1)

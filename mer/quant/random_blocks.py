@@ -15,7 +15,7 @@ Nothing here quantizes: the bytes are drawn directly in each dtype's GGUF block 
 
 The nominal scales make the element standard deviation equal `std` (default `1 / sqrt(columns)`,
 the usual initialisation), with zero mean: a SwiGLU expert fed an input of RMS 1 then gives an
-output of RMS ~0.6. `scale_ranges` tells the exact range every scale field is drawn from.
+output of RMS ~0.6.
 
 Throughput (one core, Mixtral-sized q4_0 expert): ~5 GB/s; numba kernels release the GIL.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numba
@@ -162,38 +161,9 @@ def _frozen_f16_bits(values: np.ndarray) -> np.ndarray:
     return bits
 
 
-@dataclass(frozen=True)
-class ScaleRange:
-    """The closed range of f16 values one scale field is drawn from (after f16 rounding).
-
-    With `signed`, the magnitude lies in [low, high] and the sign is random.
-    """
-
-    low: float
-    high: float
-    signed: bool = False
-
-    def contains(self, values: np.ndarray) -> np.ndarray:
-        magnitude = np.abs(values) if self.signed else values
-        return (magnitude >= self.low) & (magnitude <= self.high)
-
-
 def default_std(columns: int) -> float:
     """Element standard deviation used when none is given: 1 / sqrt(columns)."""
     return 1.0 / float(np.sqrt(columns))
-
-
-def scale_ranges(dtype: str | DType, std: float) -> dict[str, ScaleRange]:
-    """Range of every f16 scale field ("d", and "dmin" for q4_k/q5_k); empty for float dtypes."""
-    name = _resolve(dtype).name
-    if name not in _SCALE_FIELDS:
-        return {}
-    signed = name in _SIGNED_SCALES
-    ranges = {}
-    for field, nominal in _nominal_scales(name, std).items():
-        magnitudes = np.abs(_scale_table(nominal, signed).view(np.float16))
-        ranges[field] = ScaleRange(float(magnitudes.min()), float(magnitudes.max()), signed)
-    return ranges
 
 
 @lru_cache(maxsize=1)
@@ -214,10 +184,6 @@ def _float_table(dtype: str, std: float) -> np.ndarray:
     return high_halves
 
 
-def _resolve(dtype: str | DType) -> DType:
-    return dtype if isinstance(dtype, DType) else dtype_by_name(dtype)
-
-
 def _fix_fields(data: np.ndarray, dtype: DType, std: float) -> None:
     """Replace the random bits of every scale field (or float element) by sane values."""
     num_blocks = data.size // dtype.type_size
@@ -236,7 +202,7 @@ def fill_random_matrix(
     out: np.ndarray, dtype: str | DType, rows: int, columns: int, key: int, std: float | None = None
 ) -> None:
     """Fill `out` (contiguous uint8, exactly the matrix's bytes) with a random valid matrix."""
-    dtype = _resolve(dtype)
+    dtype = dtype if isinstance(dtype, DType) else dtype_by_name(dtype)
     nbytes = dtype.matrix_nbytes(rows, columns)
     if out.dtype != np.uint8 or out.size != nbytes or not out.flags.c_contiguous:
         raise ValueError(f"out must be {nbytes} contiguous uint8 bytes for a {rows}x{columns} {dtype.name} matrix")
@@ -246,20 +212,6 @@ def fill_random_matrix(
     flat = out.reshape(-1)
     fill_random_bytes(flat, key)
     _fix_fields(flat, dtype, std)
-
-
-def random_matrix(
-    dtype: str | DType, rows: int, columns: int, seed: int | Sequence[int], std: float | None = None
-) -> np.ndarray:
-    """A random valid `rows` x `columns` matrix as uint8 of shape (rows, row bytes), GGUF layout.
-
-    `gguf.quants.dequantize(result, dtype.ggml_type)` gives float32 of shape (rows, columns),
-    mean ~0 and standard deviation ~`std` (default 1 / sqrt(columns)).
-    """
-    dtype = _resolve(dtype)
-    out = np.empty((rows, dtype.row_nbytes(columns)), dtype=np.uint8)
-    fill_random_matrix(out, dtype, rows, columns, seed_key(seed), std)
-    return out
 
 
 def fill_random_expert(out: np.ndarray, expert_format: ExpertFormat, seed: int | Sequence[int]) -> None:

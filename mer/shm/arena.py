@@ -178,10 +178,6 @@ class SlotArena:
         return self.layout.data_offset
 
     @property
-    def supervisor_pid(self) -> int:
-        return self.header.supervisor_pid
-
-    @property
     def run_id(self) -> str:
         return self.header.run_id
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from mer.errors import ConfigError
-from mer.predict.accuracy import AccuracyTracker
-from mer.predict.fusion import fuse, make_predictors
+from mer.predict.fusion import FusedPredictors, make_predictors
 from mer.metrics.stats import percent
 
 if TYPE_CHECKING:
@@ -49,25 +48,15 @@ class LiveHints:
     def __init__(self, name: str, names: tuple[str, ...], num_experts: int, top_k: int, predict_fanout: int,
                  pipeline_depth: int):
         self.name = name
-        self.predictors = make_predictors(names, num_experts, top_k)
-        self.accuracy = AccuracyTracker()
+        self.fused = FusedPredictors(make_predictors(names, num_experts, top_k))
         self.predict_fanout = predict_fanout
         self.pipeline_depth = pipeline_depth
 
     def observe(self, layer: int, expert_ids: Sequence[int]) -> None:
-        experts = list(expert_ids)
-        self.accuracy.observe(experts)
-        for predictor in self.predictors:
-            predictor.observe(layer, experts)
+        self.fused.observe(-1, layer, list(expert_ids))  # no gate: no hint names a token
 
     def hints(self) -> list[int]:
-        ranked = {}
-        for predictor in self.predictors:
-            ranked[predictor.name] = predictor.predict(self.predict_fanout, self.pipeline_depth)
-            if ranked[predictor.name]:
-                self.accuracy.hinted(predictor.name, [expert for expert, _ in ranked[predictor.name]])
-        weights = {name: self.accuracy.weight(name) for name in ranked}
-        return [expert for expert, _, _ in fuse(ranked, self.predict_fanout * self.pipeline_depth, weights)]
+        return [expert for expert, _, _ in self.fused.hints(self.predict_fanout, self.pipeline_depth)]
 
 
 def make_hint_source(name: str, num_experts: int, top_k: int, predict_fanout: int,

@@ -18,6 +18,9 @@ from typing import Sequence
 from mer.simulate.projection import ExpertSizes, ProjectionInputs, project_seconds_per_token
 from mer.simulate.simulator import ReplayTrace, SimulationResult, simulate
 
+RESULT_KEYS = ("predictor", "policy", "cache_slots", "pool_slots", "tokens", "lookups", "hits", "misses",
+               "hit_rate_pct", "stalls", "reads", "prefetches_issued", "prefetches_used", "prefetches_wasted", "prefetches_dropped")
+
 
 def simulation_rows(trace: ReplayTrace, cache_sizes: Sequence[int], policies: Sequence[str],
                     predictors: Sequence[str], *, sizes: ExpertSizes | None = None,
@@ -42,15 +45,8 @@ def simulation_rows(trace: ReplayTrace, cache_sizes: Sequence[int], policies: Se
 def result_row(result: SimulationResult, minimum: SimulationResult, trace: ReplayTrace,
                sizes: ExpertSizes | None, projection: ProjectionInputs | None) -> dict:
     """One JSON row of a replay, with MIN's misses (and bytes) for the same number of slots."""
-    row = {
-        "predictor": result.predictor, "policy": result.policy, "cache_slots": result.cache_slots,
-        "pool_slots": result.pool_slots, "tokens": result.tokens, "lookups": result.lookups,
-        "hits": result.hits, "misses": result.misses, "hit_rate_pct": result.hit_rate_pct,
-        "stalls": result.stalls, "reads": result.reads, "prefetches_issued": result.prefetches_issued,
-        "prefetches_used": result.prefetches_used, "prefetches_wasted": result.prefetches_wasted,
-        "prefetches_dropped": result.prefetches_dropped, "min_misses": minimum.misses,
-        "bytes_read": None, "bytes_per_token": None, "min_bytes_read": None,
-    }
+    row = {key: getattr(result, key) for key in RESULT_KEYS}
+    row.update(min_misses=minimum.misses, bytes_read=None, bytes_per_token=None, min_bytes_read=None)
     if sizes is None:
         return row
     all_reads: Counter = result.demand_reads + result.prefetch_reads

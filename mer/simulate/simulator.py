@@ -107,11 +107,6 @@ class SimulationResult:
         return sum(self.demand_reads.values()) + sum(self.prefetch_reads.values())
 
 
-def pool_slots_for(cache_slots: int, predictor: str, predict_fanout: int) -> int:
-    """Slots in the table: the cache plus, with prefetch, `predict_fanout` reserved (as the live run's arena)."""
-    return cache_slots + (predict_fanout if predictor != "none" else 0)
-
-
 def simulate(trace: ReplayTrace, cache_slots: int, policy: str = "lru", *, predictor: str = "none",
              predict_fanout: int = 2, pipeline_depth: int = 1) -> SimulationResult:
     """Replay `trace` on a cache of `cache_slots` slots with `policy` and optional prefetch from `predictor`."""
@@ -122,7 +117,7 @@ def simulate(trace: ReplayTrace, cache_slots: int, policy: str = "lru", *, predi
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     hint_source = make_hint_source(predictor, trace.num_experts, top_k, predict_fanout, pipeline_depth)
-    pool_slots = pool_slots_for(cache_slots, predictor, predict_fanout)
+    pool_slots = cache_slots + (predict_fanout if predictor != "none" else 0)  # as the live run's arena
     table = SlotTable(pool_slots, make_replay_policy(policy, pool_slots, trace.steps,
                                                      experts_per_layer=trace.header.experts_per_layer,
                                                      num_layers=trace.header.layers))

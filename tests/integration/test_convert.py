@@ -17,6 +17,7 @@ from mer.store.gguf_identity import gguf_identity
 from mer.store.reader import ExpertStore
 from mer.store.verify import find_bad_experts
 from tests.support.gguf_models import write_tiny_moe_gguf
+from tests.support.quant_helpers import from_planar
 
 MODELS = {
     "mixtral-q4_0": dict(arch="llama", dtypes=("q4_0",) * 3),
@@ -172,7 +173,6 @@ def test_filesystem_filling_up_while_writing(tmp_path, small_filesystem, monkeyp
 
 
 def test_planar_layout_round_trips_to_the_gguf_bytes(tmp_path):
-    planar = pytest.importorskip("mer.quant.planar", reason="mer.quant.planar is not written yet")
     info = write_tiny_moe_gguf(tmp_path / "k.gguf", d_model=256, d_ff=256,
                                layer_dtypes=[("q4_0", "q8_0", "f16"), ("q4_k", "q5_k", "q6_k")])
     convert_gguf(info.path, tmp_path / "store", layout="planar")
@@ -183,7 +183,7 @@ def test_planar_layout_round_trips_to_the_gguf_bytes(tmp_path):
         for expert in range(info.n_experts):
             payload = store.read_payload(store.manifest.expert_id(layer.moe_layer, expert))
             native = b"".join(
-                planar.from_planar(matrix.dtype, payload.matrix_bytes(matrix), matrix.rows, matrix.columns).tobytes()
+                from_planar(matrix.dtype, payload.matrix_bytes(matrix), matrix.rows, matrix.columns).tobytes()
                 for matrix in layer.format.matrices
             )
             assert all(matrix.layout == "planar" for matrix in layer.format.matrices)

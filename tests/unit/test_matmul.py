@@ -26,10 +26,10 @@ from gguf.quants import quantize as gguf_quantize
 from mer.compute.dtypes import dtype_by_name
 from mer.errors import ConfigError, ShapeError, UnsupportedDTypeError
 from mer.compute.expert_format import MatrixSpec
-from mer.quant.activation import dequantize_activation, quantize_activation
+from mer.quant.activation import quantize_activation
 from mer.quant.matmul import matmul, prepare_activation
 from mer.quant.planar import to_planar
-from mer.quant.random_blocks import random_matrix
+from tests.support.quant_helpers import dequantize_activation, random_matrix
 from mer.quant.vector_ir import has_vnni_kernels
 
 SEED = 4242

@@ -14,7 +14,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from mer.compute.dtypes import dtype_by_name
 from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.quant.matmul import round_float_activation
-from mer.quant.random_blocks import random_matrix
+from tests.support.quant_helpers import random_matrix
 from mer.compute.swiglu import swiglu_expert
 
 RNG = np.random.default_rng(8)

@@ -7,8 +7,8 @@ import pytest
 
 from mer.compute.dtypes import SUPPORTED_DTYPES, dtype_by_name
 from mer.errors import ShapeError, UnsupportedDTypeError
-from mer.quant.planar import from_planar, has_planar_form, quant_bytes_per_block, scales_offset, to_planar
-from mer.quant.random_blocks import random_matrix
+from mer.quant.planar import has_planar_form, quant_bytes_per_block, scales_offset, to_planar
+from tests.support.quant_helpers import from_planar, random_matrix
 
 SEED = 20261129
 

@@ -14,7 +14,8 @@ from mer.compute.dtypes import SUPPORTED_DTYPES, dtype_by_name
 from mer.errors import ConfigError
 from mer.compute.expert_format import ExpertFormat
 from mer.quant.random_blocks import (default_std, fill_random_bytes, fill_random_matrix, random_expert_payload,
-                                     random_matrix, scale_ranges, seed_key)
+                                     seed_key)
+from tests.support.quant_helpers import random_matrix, scale_ranges
 
 ALL_DTYPES = sorted(SUPPORTED_DTYPES)
 # byte offset of each f16 scale field inside a block, from the GGML block structs

@@ -28,7 +28,7 @@ from mer.compute.dtypes import dtype_by_name
 from mer.errors import ShapeError
 from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.quant.planar import to_planar
-from mer.quant.random_blocks import random_matrix
+from tests.support.quant_helpers import random_matrix
 from mer.compute.swiglu import swiglu_expert
 from test_matmul import reference_q8_0
 
