@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, NamedTuple, TypeVar
+from typing import Any, Mapping, NamedTuple
 
 from mer.errors import EventLogError
 from mer.metrics.stats import percent
@@ -40,9 +40,6 @@ PREFETCH_STATS = "prefetch_stats"
 PREDICTOR_STATS = "predictor_stats"
 RUN_SUMMARY = "run_summary"
 READ_KINDS = ("foreground", "prefetch")
-
-Record = TypeVar("Record")
-
 
 def _checked(value: Any, type_name: str, name: str, where: str) -> Any:
     """`value` if it is of the field's type (int, float or str; counts and times non-negative)."""
@@ -60,15 +57,6 @@ def _checked(value: Any, type_name: str, name: str, where: str) -> Any:
     return value
 
 
-def _record_from_event(cls: type[Record], event: Mapping[str, Any], where: str) -> Record:
-    values = {}
-    for field in fields(cls):  # type: ignore[arg-type]
-        if field.name not in event:
-            raise EventLogError(f"{where}: missing field {field.name!r}")
-        values[field.name] = _checked(event[field.name], str(field.type), field.name, where)
-    return cls(**values)
-
-
 class _EventRecord:
     """Conversion between a record and the fields of its logged event."""
 
@@ -77,7 +65,11 @@ class _EventRecord:
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], where: str = "event"):
-        return _record_from_event(cls, event, where)
+        missing = [field.name for field in fields(cls) if field.name not in event]  # type: ignore[arg-type]
+        if missing:
+            raise EventLogError(f"{where}: missing field {missing[0]!r}")
+        return cls(**{field.name: _checked(event[field.name], str(field.type), field.name, where)
+                      for field in fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -113,7 +105,7 @@ class TokenRecord(_EventRecord):
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], where: str = "event") -> "TokenRecord":
-        record = _record_from_event(cls, event, where)
+        record = super().from_event(event, where)
         if record.hits + record.misses != record.lookups:
             raise EventLogError(
                 f"{where}: token {record.token} has hits {record.hits} + misses {record.misses} "
@@ -136,7 +128,7 @@ class ReadRecord(_EventRecord):
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], where: str = "event") -> "ReadRecord":
-        record = _record_from_event(cls, event, where)
+        record = super().from_event(event, where)
         if record.kind not in READ_KINDS:
             raise EventLogError(f"{where}: read kind {record.kind!r} is not one of {', '.join(READ_KINDS)}")
         return record
@@ -183,18 +175,9 @@ class PredictorCounters(NamedTuple):
         checked = {name: _checked(values[name], "int", name, where) for name in cls._fields if name in values}
         return cls(**checked)
 
-    @property
-    def top1_accuracy_pct(self) -> float:
-        return percent(self.top1_hits, self.predictions)
-
-    @property
-    def topk_accuracy_pct(self) -> float:
-        return percent(self.topk_found, self.topk_observed)
-
     def to_summary_dict(self) -> dict[str, Any]:
         """The counters plus top1_accuracy_pct and topk_accuracy_pct (0-100; 0.0 before any prediction)."""
-        return {**self._asdict(), "top1_accuracy_pct": self.top1_accuracy_pct,
-                "topk_accuracy_pct": self.topk_accuracy_pct}
+        return {**self._asdict(), **_accuracies(self)}
 
 
 class LayerHintCounts(NamedTuple):
@@ -211,9 +194,13 @@ class LayerHintCounts(NamedTuple):
 
     def to_summary_dict(self) -> dict[str, Any]:
         """The counters with top1/topk accuracy and hinted recall (0-100), as the run summary's `per_layer`."""
-        return {**self._asdict(), "top1_accuracy_pct": percent(self.top1_hits, self.predictions),
-                "topk_accuracy_pct": percent(self.topk_found, self.topk_observed),
+        return {**self._asdict(), **_accuracies(self),
                 "hinted_recall_pct": percent(self.hinted_found, self.topk_observed)}
+
+
+def _accuracies(counts: PredictorCounters | LayerHintCounts) -> dict[str, float]:
+    return {"top1_accuracy_pct": percent(counts.top1_hits, counts.predictions),
+            "topk_accuracy_pct": percent(counts.topk_found, counts.topk_observed)}
 
 
 def predictors_from_event(event: Mapping[str, Any], where: str) -> dict[str, PredictorCounters]:

@@ -91,10 +91,13 @@ _NO_ARRAYS = _ArrayFrames(())
 Checker = Callable[[Any, _ArrayFrames], Any]
 
 
-def _check_int(value: Any, arrays: _ArrayFrames) -> int:
-    if type(value) is not int:
-        raise _Mismatch("an integer", _describe(value))
-    return value
+def _exact_checker(wanted: type, expected: str) -> Checker:
+    def check_exact(value: Any, arrays: _ArrayFrames) -> Any:
+        if type(value) is not wanted:
+            raise _Mismatch(expected, _describe(value))
+        return value
+
+    return check_exact
 
 
 def _check_float(value: Any, arrays: _ArrayFrames) -> float:
@@ -105,16 +108,8 @@ def _check_float(value: Any, arrays: _ArrayFrames) -> float:
     raise _Mismatch("a number", _describe(value))
 
 
-def _check_bool(value: Any, arrays: _ArrayFrames) -> bool:
-    if type(value) is not bool:
-        raise _Mismatch("a boolean", _describe(value))
-    return value
-
-
-def _check_str(value: Any, arrays: _ArrayFrames) -> str:
-    if type(value) is not str:
-        raise _Mismatch("a string", _describe(value))
-    return value
+_SIMPLE_CHECKERS = {int: _exact_checker(int, "an integer"), float: _check_float,
+                    bool: _exact_checker(bool, "a boolean"), str: _exact_checker(str, "a string")}
 
 
 def _fails(checker: Checker, value: Any) -> bool:
@@ -124,10 +119,6 @@ def _fails(checker: Checker, value: Any) -> bool:
     except _Mismatch:
         return True
     return False
-
-
-def _first_failing(checker: Checker, values: list) -> int:
-    return next(index for index, value in enumerate(values) if _fails(checker, value))
 
 
 def _optional_checker(value_checker: Checker) -> Checker:
@@ -144,7 +135,7 @@ def _list_checker(item_checker: Checker) -> Checker:
         try:
             return [item_checker(item, arrays) for item in value]
         except _Mismatch as mismatch:
-            index = _first_failing(item_checker, value)
+            index = next(index for index, item in enumerate(value) if _fails(item_checker, item))
             mismatch.path = f"[{index}]{mismatch.path}"
             raise
 
@@ -244,9 +235,8 @@ def _checker_for(annotation: Any, top_level: bool = False) -> Checker:
 
     Arrays are allowed only as top-level fields, so nested checks never touch the array frames.
     """
-    simple = {int: _check_int, float: _check_float, bool: _check_bool, str: _check_str}
-    if annotation in simple:
-        return simple[annotation]
+    if annotation in _SIMPLE_CHECKERS:
+        return _SIMPLE_CHECKERS[annotation]
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         marker = typing.get_args(annotation)[1]
@@ -277,19 +267,15 @@ class _MessageSchema:
     fields: tuple[_FieldSchema, ...]
 
 
-def _array_spec_of(annotation: Any) -> ArraySpec | None:
-    if typing.get_origin(annotation) is Annotated and isinstance(typing.get_args(annotation)[1], ArraySpec):
-        return typing.get_args(annotation)[1]
-    return None
-
-
 def _compile_schema(message_type: type) -> _MessageSchema:
     hints = typing.get_type_hints(message_type, include_extras=True)
-    field_schemas = tuple(
-        _FieldSchema(field.name, _checker_for(hints[field.name], top_level=True), _array_spec_of(hints[field.name]))
-        for field in fields(message_type)
-    )
-    return _MessageSchema(bytes([message_type.KIND, message_type.VERSION]), field_schemas)
+    field_schemas = []
+    for field in fields(message_type):
+        annotation = hints[field.name]
+        marker = getattr(annotation, "__metadata__", (None,))[0]  # Annotated[T, marker]
+        array = marker if isinstance(marker, ArraySpec) else None
+        field_schemas.append(_FieldSchema(field.name, _checker_for(annotation, top_level=True), array))
+    return _MessageSchema(bytes([message_type.KIND, message_type.VERSION]), tuple(field_schemas))
 
 
 _SCHEMAS: dict[type, _MessageSchema] = {cls: _compile_schema(cls) for cls in MESSAGE_TYPES.values()}

@@ -11,10 +11,11 @@ import pytest
 
 from mer.errors import EventLogError
 from mer.metrics.events import PrefetchCounters, ReadRecord, RunInfo, TokenRecord
-from mer.metrics.stats import LATENCY_RESOLUTION, LatencyHistogram, Percentiles, mean, nearest_rank, percentile
+from mer.metrics.stats import LATENCY_RESOLUTION, LatencyHistogram, Percentiles, nearest_rank
 from mer.protocol import IoStats, PrefetchCounts, ReadCounts, decode, encode
 from mer.metrics.events import ReadRecord
 from mer.metrics.summary import ReadFigures, RunSummary, format_seed_block, summarize, summarize_log_events
+from tests.support.exact_stats import mean, percentile
 
 SEED_BLOCK = """\
 stream complete wall_s=233.828879846 sustained_tps=21.383158501605987 avg_throughput_mibps=103.46455072587074 hit_rate_pct=97.46000000000001
