@@ -285,8 +285,7 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         sustained_tps=len(tokens) / wall_s,
         avg_throughput_mibps=bytes_read / MIB / wall_s,
         hit_rate_pct=hits / lookups * 100 if lookups else 0.0,
-        experts=info.experts, top_k=info.top_k, cache_slots=info.cache_slots, pool_slots=info.pool_slots,
-        d_model=info.d_model, d_ff=info.d_ff, bytes_per_expert=info.bytes_per_expert, dtype=info.dtype,
+        **info.to_event_fields(),  # experts .. dtype, compute_workers, io_backend
         hits=hits,
         misses=misses,
         prefetches_issued=prefetch.issued,
@@ -303,8 +302,6 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         io_wait_us_per_token=io_wait_sum / len(tokens),
         compute_us_per_token=math.fsum(t.compute_us for t in tokens) / len(tokens),
         io_share_pct=io_wait_sum / cycle_sum * 100 if cycle_sum else 0.0,
-        compute_workers=info.compute_workers,
-        io_backend=info.io_backend,
         lookups=lookups,
         prefetch_joins=joins,
         demand_misses=misses - joins,

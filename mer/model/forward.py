@@ -92,10 +92,8 @@ class ForwardCosts:
     other_us: float = 0.0  # embedding, dense FFN blocks, LM head
 
     def add(self, other: "ForwardCosts") -> None:
-        self.moe_blocks += other.moe_blocks
-        self.dense_us += other.dense_us
-        self.expert_us += other.expert_us
-        self.other_us += other.other_us
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
@@ -172,8 +170,8 @@ class ForwardPass:
         costs.add(ForwardCosts(1, dense_us, expert_us))
         result.routings[block] = routing
         if self.observer is not None:
-            costs_of_block = MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us)
-            await self.observer.block_done(costs_of_block)
+            await self.observer.block_done(
+                MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us))
         return hidden
 
 

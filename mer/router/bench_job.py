@@ -76,10 +76,9 @@ class BenchJob(Job):
         )
 
     async def run(self) -> RunSummary:
-        io_stats = await self.io.stats()
-        events: list[dict] = [{"event": RUN_STARTED, **self.run_info(io_stats.io_backend).__dict__}]
-        self.log.info(RUN_STARTED, **{k: v for k, v in events[0].items() if k != "event"},
-                      config=self.config.to_dict())
+        info = self.run_info((await self.io.stats()).io_backend).to_event_fields()
+        self.log.info(RUN_STARTED, **info, config=self.config.to_dict())
+        events: list[dict] = [{"event": RUN_STARTED, **info}]
         trace = TraceWriter(self.config.record_trace, TraceHeader.for_space(self.space)) if self.config.record_trace else None
         try:
             for token in range(self.config.tokens):
@@ -114,10 +113,13 @@ class BenchJob(Job):
         if self.send_hidden:  # the gate predictor replays the recorded residual (checked at start)
             await self.observe.send_multipart(encode(HiddenObserved(token, decision.layer, decision.hidden)))
         await self.observe.send_multipart(
-            encode_observation(token, decision.layer, expert_ids, list(decision.weights)))
+            encode(RoutingObserved(token, decision.layer, expert_ids, list(decision.weights))))
         self.observations += 1
         dispatch = DispatchLog()
-        output, stats = await self._compute(token, decision, expert_ids, dispatch)
+        # each expert on the token's synthetic hidden state, added with its gate weight in the decision's order
+        x = synthetic_hidden_state(self.config.seed, token, decision.layer, self.manifest.geometry.d_model)
+        outputs, stats = await self.dispatcher.run_experts(token, {expert_id: x for expert_id in expert_ids}, dispatch)
+        output = weighted_sum([outputs[expert_id] for expert_id in expert_ids], decision.weights)  # [1, d_model]
         t_compute_end = time.monotonic()
         if self.config.log_file:  # docs/events.md: one per routing decision
             self.log.info("decision_done", token=token, layer=decision.layer, expert_ids=expert_ids,
@@ -127,14 +129,6 @@ class BenchJob(Job):
         if self.config.dump_outputs:
             self.outputs.append(output)
         return stats
-
-    async def _compute(self, token: int, decision: RoutingDecision, expert_ids: list[int],
-                       dispatch: DispatchLog | None = None) -> tuple[np.ndarray, ExpertStats]:
-        """The decision's output `[1, d_model]`: each expert on the token's synthetic hidden state
-        (acquire, compute, release), added with its gate weight in the decision's order."""
-        x = synthetic_hidden_state(self.config.seed, token, decision.layer, self.manifest.geometry.d_model)
-        outputs, stats = await self.dispatcher.run_experts(token, {expert_id: x for expert_id in expert_ids}, dispatch)
-        return weighted_sum([outputs[expert_id] for expert_id in expert_ids], decision.weights), stats
 
     async def _summarize(self, events: list[dict]) -> RunSummary:
         """The summary from the tokens' events and the I/O worker's final `IoStats` (its reads as a
@@ -163,10 +157,6 @@ def check_trace_has_residuals(trace_path) -> None:
     if first is None or first.hidden is None:
         raise ConfigError(f"{trace_path}: the trace holds no residuals ('hidden'), which the gate predictor "
                           f"replays; record it with generate --record-trace FILE --record-hidden")
-
-
-def encode_observation(token: int, layer: int, expert_ids: list[int], weights: list[float]):
-    return encode(RoutingObserved(token, layer, expert_ids, weights))
 
 
 def progress_printer(total_tokens: int):
