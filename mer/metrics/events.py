@@ -2,26 +2,11 @@
 
 Processes log these as structlog JSON events (`log.info(TOKEN_DONE, **record.to_event_fields())`);
 `mer.metrics.summary` reads them back from the parsed event dicts with `from_event`, which checks every
-field it needs and ignores the others (structlog adds `ts`, `process`, `pid`, `schema`, ...).
-
-Events (name, emitter, fields with units):
-
-- `run_started` (supervisor): experts (all layer-qualified experts), top_k, cache_slots,
-  pool_slots (slots in the arena), d_model, d_ff, bytes_per_expert (payload bytes), dtype,
-  compute_workers, io_backend (`uring` or `preadv`); it may carry more (the resolved config).
-- `token_done` (router), one per token (iteration): token; t_start_s and t_end_s, `time.monotonic()`
-  seconds at the token's start and end (one clock for every process of the host); cycle_us, the
-  whole iteration; io_wait_us, from the start of the lookups until every miss is read (0 when all
-  hit); compute_us, SwiGLU of all k experts of all layers plus the combine; hits, misses, lookups
-  (= hits + misses); prefetch_used, lookups served by a prefetched slot.
-- `expert_read` (I/O worker), one per read: expert_id, slot, nbytes (bytes read into the slot,
-  header page included), latency_us (submission to completion), kind (`foreground` or `prefetch`).
-- `prefetch_stats` (router, at the end of the run): cumulative counters issued, completed, used,
-  wasted, dropped, predictor_observations; when several are logged, the last one counts. It may
-  carry `predictors`, `{name: {hints, issued, completed, used, wasted, dropped, predictions,
-  top1_hits, topk_found, topk_observed, ...}}` (`PredictorCounters`; missing counters are 0).
-- `predictor_stats` (router, at the end of the run), one per predictor: `predictor` (its name) and
-  the fields of `PredictorCounters.to_summary_dict()`; informative (the summary reads `prefetch_stats`).
+field it needs and ignores the others (structlog adds `ts`, `process`, `pid`, `schema`, ...). The
+events, their emitters and their fields with units: docs/events.md ("The benchmark job"). Times
+`t_*_s` are `time.monotonic()` seconds (one clock for every process of the host); when several
+`prefetch_stats` are logged, the last one counts; `predictor_stats` is informative (the summary
+reads `prefetch_stats.predictors`; missing counters are 0).
 """
 
 from __future__ import annotations

@@ -90,10 +90,6 @@ class LatencyHistogram(NamedTuple):
     max_us: float
 
     @classmethod
-    def empty(cls) -> "LatencyHistogram":
-        return cls([0] * NUM_LATENCY_BUCKETS, math.inf, 0.0)
-
-    @classmethod
     def of(cls, values: Iterable[float]) -> "LatencyHistogram":
         recorder = LatencyRecorder()
         for value in values:

@@ -305,8 +305,7 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         lookups=lookups,
         prefetch_joins=joins,
         demand_misses=misses - joins,
-        predictors={name: {**collected.predictors[name].to_summary_dict(),
-                           **({"per_layer": collected.per_layer[name]} if name in collected.per_layer else {})}
+        predictors={name: _predictor_entry(collected.predictors[name], collected.per_layer.get(name))
                     for name in sorted(collected.predictors)},
     )
 
@@ -314,10 +313,14 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
 def predictor_summaries(reports) -> dict[str, dict[str, Any]]:
     """The summary's `predictors` from an `IoStats`' `PredictorReport`s: each one's counters with its
     accuracies, plus the gate's `per_layer` accuracies when it reported some."""
-    return {report.name: {**report.counters.to_summary_dict(),
-                          **({"per_layer": [layer.to_summary_dict() for layer in report.per_layer]}
-                             if report.per_layer else {})}
+    return {report.name: _predictor_entry(report.counters, [layer.to_summary_dict() for layer in report.per_layer]
+                                          if report.per_layer else None)
             for report in sorted(reports, key=lambda report: report.name)}
+
+
+def _predictor_entry(counters: PredictorCounters, per_layer: list | None) -> dict[str, Any]:
+    """A predictor's counters with its accuracies, plus the gate's `per_layer` accuracies when given."""
+    return {**counters.to_summary_dict(), **({} if per_layer is None else {"per_layer": per_layer})}
 
 
 def _us(value: float | None) -> str:

@@ -1,22 +1,15 @@
 """THE forward pass over a batch of new tokens (a prompt or one decode step), wherever its parts run.
 
 Each block: attention with the KV cache, then the FFN: for a MoE block the tokens are routed,
-grouped by expert (expert-major: every token routed to the same expert is computed in one batch,
-so a prompt needs each chosen expert once per block), the block's groups are handed to the
-experts in ONE call, and the outputs are summed with the gate weights.
+grouped by expert (expert-major: a prompt needs each chosen expert once per block), the block's
+groups are handed to the experts in ONE call, and the outputs are summed with the gate weights.
 
-`ForwardPass(model, experts, dense, observer)` says where the parts run:
-
-- `experts`: an async expert function, `await experts(moe_layer, batches, token)` ->
-  `{expert: out}` (see `mer.model.experts`; `token`: the position of the pass's last token);
-- `dense`: how the dense steps run, `await dense(function, *args)`: `inline` here, or the router's
-  one dense thread, so that its event loop never blocks;
-- `observer` (optional): told of each MoE block's routing and residual before its experts run
-  (the router tells the predictor and records the trace) and of the block's costs after.
-
-In one process (tests, llama.cpp parity, tools) `forward(model, ids, cache, expert_fn)` runs the
-same pass inline with a synchronous `ExpertFn`; the router runs it with its experts on the graph.
-Both execute the same steps on the same arrays, so their numbers are identical.
+`ForwardPass(model, experts, dense, observer)` says where the parts run: `await experts(moe_layer,
+batches, token)` -> `{expert: out}` (`token`: the position of the pass's last token); `await
+dense(function, *args)`, `inline` or the router's dense thread; the optional `observer` is told of
+each MoE block's routing and residual before its experts run and of its costs after.
+`forward(model, ids, cache, expert_fn)` runs the same steps inline with a synchronous `ExpertFn`
+(docs/model.md), so the two give identical numbers.
 """
 
 from __future__ import annotations

@@ -79,10 +79,6 @@ def _frame_buffer(frame: Frame, position: int) -> memoryview:
         raise ProtocolError(f"frame {position} is not a contiguous buffer: {error}") from None
 
 
-def _frame_bytes(frame: Frame) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-
-
 _NO_ARRAYS = _ArrayFrames(())
 
 
@@ -344,10 +340,9 @@ def _message_type(header: bytes, expected_kinds: Collection | None) -> type:
 
 
 def _unpack_body(name: str, frame: Frame, num_fields: int) -> list:
+    buffer = _frame_buffer(frame, 1)
     try:
-        body = msgpack.unpackb(_frame_buffer(frame, 1), raw=False, use_list=True, strict_map_key=True)
-    except ProtocolError:
-        raise
+        body = msgpack.unpackb(buffer, raw=False, use_list=True, strict_map_key=True)
     except Exception as error:  # msgpack raises several types (ExtraData, FormatError, ValueError...)
         raise ProtocolError(f"{name}: body is not valid msgpack: {type(error).__name__}: {error}") from None
     if type(body) is not list:
@@ -361,7 +356,8 @@ def decode(frames: Sequence[Frame], expected_kinds: Collection | None = None) ->
     """The message in `frames`, fully checked; `expected_kinds` holds message kinds or classes."""
     if len(frames) < 2:
         raise ProtocolError(f"a message needs at least 2 frames (kind, body), got {len(frames)}")
-    message_type = _message_type(_frame_bytes(frames[0]), expected_kinds)
+    header = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+    message_type = _message_type(header, expected_kinds)
     name = message_type.__name__
     schema = _SCHEMAS[message_type]
     body = _unpack_body(name, frames[1], len(schema.fields))

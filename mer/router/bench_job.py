@@ -1,17 +1,14 @@
 """The expert-streaming benchmark job, run by the router through the real graph.
 
-One iteration ("token", as the seed counts) draws the routing decision(s) of the workload — one over
-the flat pool of all layer-qualified experts, or one per MoE layer with `layered` — and for each:
-tells the predictor (so it can prefetch for the next token while this one computes), then runs the
-k experts through `ExpertDispatcher` as generation does (one acquire of the k experts: hits, misses,
-joined prefetches; one batch of one row, the synthetic hidden state, per expert to the compute
-workers; release), and adds their outputs with the gate weights in the decision's order. The next
-token's routing is drawn only after the current token completes, so any overlap of reads with
-compute comes from prediction alone.
+One iteration ("token", as the seed counts) draws the routing decision(s) of the workload (one over
+the flat pool of all layer-qualified experts, or one per MoE layer with `layered`) and for each:
+tells the predictor, runs the k experts through `ExpertDispatcher` as generation does (one row, the
+synthetic hidden state, per expert) and adds their outputs with the gate weights in the decision's
+order. The next token's routing is drawn only after the current token completes, so any overlap of
+reads with compute comes from prediction alone.
 
-Every token is logged as a `token_done` event; the summary is computed from these events and the
-I/O worker's final `IoStats` (read counts, bytes, latency histogram, prefetch counters:
-`mer.metrics.summary`), exactly as `logs summarize` recomputes it from a log file's `expert_read` events.
+Every token is logged as `token_done`; the summary is computed from these events and the I/O
+worker's final `IoStats`, exactly as `logs summarize` recomputes it from a log (`mer.metrics.summary`).
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from mer.protocol import HiddenObserved, RoutingObserved, encode
 from mer.runtime.ram_budget import pool_slots
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats
-from mer.router.hidden_states import synthetic_hidden_state
 from mer.router.job import Job, sends_hidden
 from mer.routing.space import RoutingDecision, RoutingSpace
 from mer.metrics.events import (PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
@@ -145,6 +141,11 @@ class BenchJob(Job):
             self.log.info(PREDICTOR_STATS, predictor=name, **{k: v for k, v in predictor.items() if k != "per_layer"})
         events.append({"event": PREFETCH_STATS, **counters.to_event_fields(), "predictors": predictors})
         return summarize_log_events(events, ReadFigures.of_stats(io_stats))
+
+
+def synthetic_hidden_state(seed: int, token: int, layer: int, d_model: int) -> np.ndarray:
+    """A deterministic standard-normal float32 hidden state of shape (1, d_model) per (seed, token, layer)."""
+    return np.random.default_rng([seed, token, layer]).standard_normal((1, d_model), dtype=np.float32)
 
 
 def check_trace_has_residuals(trace_path) -> None:
