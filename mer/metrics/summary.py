@@ -21,11 +21,9 @@ counts every read it logs into the same `LatencyHistogram`, so a log tool recomp
   counts with io_wait 0, as in the seed's "over N tokens");
 - `io_share_pct` = sum(io_wait_us) / sum(cycle_us) x 100;
 - prefetch counters and predictor observations: the last `prefetch_stats` event (0 when none);
-- `predictors`: `{name: {hints, issued, completed, used, wasted, dropped, cancelled, predictions, top1_hits,
-  topk_found, topk_observed, top1_accuracy_pct, topk_accuracy_pct}}` from the `predictors` field of
-  that event ({} when absent, e.g. with --no-prefetch), plus the gate predictor's `per_layer`
-  accuracies (`mer.predict.accuracy.LayerAccuracy`) when it has them; see `mer.predict.accuracy` and
-  `mer.cache.prefetch_ledger` for the definitions.
+- `predictors`: the `predictors` field of that event ({} when absent, e.g. with --no-prefetch): each
+  predictor's counters with top1/topk accuracy (docs/events.md, `predictor_stats`), plus the gate's
+  `per_layer` accuracies (`mer.predict.accuracy`) when it has them.
 
 Other percentiles are nearest-rank on exact values (`mer.metrics.stats`); sums of floats use math.fsum, so
 the result does not depend on the order of events. Percentages are 0-100.

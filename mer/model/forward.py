@@ -114,10 +114,6 @@ def _block_front(model: MoEModel, block: int, hidden: np.ndarray, kv_cache: KVCa
     return hidden, routing, groups, expert_batches(normed, groups)
 
 
-def _combine(model: MoEModel, hidden: np.ndarray, routing: Routing, groups, outputs) -> np.ndarray:
-    return hidden + combine_experts(routing, groups, outputs, model.hparams.d_model)
-
-
 @dataclass
 class ForwardPass:
     """A model's forward pass with its experts, dense runner and observer (see the module docstring)."""
@@ -158,7 +154,7 @@ class ForwardPass:
         outputs = await self.experts(moe_layer, batches, int(positions[-1]))
         expert_us = _elapsed_us(started)
         started = time.perf_counter()
-        hidden = await self.dense(_combine, model, hidden, routing, groups, outputs)
+        hidden = await self.dense(lambda: hidden + combine_experts(routing, groups, outputs, model.hparams.d_model))
         dense_us += _elapsed_us(started)
         costs.add(ForwardCosts(1, dense_us, expert_us))
         result.routings[block] = routing

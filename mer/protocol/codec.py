@@ -62,11 +62,6 @@ class _ArrayFrames:
         self.taken[index] = True
         return self.buffers[index]
 
-    def check_all_taken(self, message_name: str) -> None:
-        unused = [index for index, taken in enumerate(self.taken) if not taken]
-        if unused:
-            raise ProtocolError(f"{message_name}: array frames {unused} are not referenced by any field")
-
 
 def _frame_buffer(frame: Frame, position: int) -> memoryview:
     """A flat byte view of a frame (bytes, memoryview, numpy array or zmq.Frame) without copying."""
@@ -370,7 +365,9 @@ def decode(frames: Sequence[Frame], expected_kinds: Collection | None = None) ->
             raise ProtocolError(
                 f"{name}.{field.name}{mismatch.path}: expected {mismatch.expected}, got {mismatch.got}"
             ) from None
-    arrays.check_all_taken(name)
+    unused = [index for index, taken in enumerate(arrays.taken) if not taken]
+    if unused:
+        raise ProtocolError(f"{name}: array frames {unused} are not referenced by any field")
     try:
         message = message_type(*values)
     except ConfigError as error:  # a message that checks its fields when built (StartGeneration)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,8 +50,7 @@ class BenchJob(Job):
     observations: int = 0
 
     def __post_init__(self):
-        geometry = self.manifest.geometry
-        self.space = RoutingSpace.from_geometry(geometry, self.config.top_k, self.config.layered)
+        self.space = RoutingSpace.from_geometry(self.manifest.geometry, self.config.top_k, self.config.layered)
         self.workload = make_workload(
             self.config.workload, self.space, seed=self.config.seed, zipf_s=self.config.zipf_s,
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
@@ -75,8 +75,8 @@ class BenchJob(Job):
         info = self.run_info((await self.io.stats()).io_backend).to_event_fields()
         self.log.info(RUN_STARTED, **info, config=self.config.to_dict())
         events: list[dict] = [{"event": RUN_STARTED, **info}]
-        trace = TraceWriter(self.config.record_trace, TraceHeader.for_space(self.space)) if self.config.record_trace else None
-        try:
+        record_trace = self.config.record_trace
+        with TraceWriter(record_trace, TraceHeader.for_space(self.space)) if record_trace else nullcontext() as trace:
             for token in range(self.config.tokens):
                 record = await self._run_token(token, trace)
                 fields = record.to_event_fields()
@@ -84,9 +84,6 @@ class BenchJob(Job):
                 events.append({"event": TOKEN_DONE, **fields})
                 if self.progress is not None:
                     self.progress(record)
-        finally:
-            if trace is not None:
-                trace.close()
         summary = await self._summarize(events)
         if self.config.dump_outputs:
             np.save(self.config.dump_outputs, np.stack(self.outputs))
@@ -127,8 +124,7 @@ class BenchJob(Job):
         return stats
 
     async def _summarize(self, events: list[dict]) -> RunSummary:
-        """The summary from the tokens' events and the I/O worker's final `IoStats` (its reads as a
-        histogram: `logs summarize` recomputes the same from the `expert_read` events, cut at `reads_counted`)."""
+        """The summary from the tokens' events and the I/O worker's final `IoStats` (reads cut at `reads_counted`)."""
         io_stats = await self.io.stats()
         prefetch = io_stats.prefetch
         counters = PrefetchCounters(issued=prefetch.issued, completed=prefetch.completed, used=prefetch.used,

@@ -95,8 +95,7 @@ class IoClient(_Client):
     async def acquire(self, token: int, expert_ids: list[int]) -> list[SlotGrant]:
         request_id, future = self.pending.new()
         await self.socket.send_multipart(encode(Acquire(request_id, token, list(expert_ids))))
-        reply: SlotsReady = await future
-        return list(reply.refs)
+        return list((await future).refs)  # SlotsReady
 
     async def release(self, refs: list[SlotRef]) -> None:
         await self.socket.send_multipart(encode(Release(list(refs))))

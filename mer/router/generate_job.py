@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -55,14 +56,10 @@ class GenerateJob(Job):
             self.log.info("generation_started", model=self.start.model, architecture=model.hparams.architecture,
                           prompt_tokens=len(self.start.prompt_tokens), max_tokens=self.start.max_tokens,
                           dense_warm_up_s=round(warm_up_s, 3), cache_slots=self.config.cache_slots)
-            trace = self._open_trace(model)
             await self.io.split_reads(len(self.start.prompt_tokens))  # the decode steps' reads, counted apart
-            try:
+            with self._open_trace(model) as trace:
                 experts = self._experts(model, trace)
                 result = await self._generate(ForwardPass(model, experts, dense, experts))
-            finally:
-                if trace is not None:
-                    trace.close()
             if self.start.dump_logits:
                 np.save(self.start.dump_logits, np.stack(result.step_logits) if result.step_logits
                         else np.zeros((0, model.vocab_size), np.float32))
@@ -74,9 +71,10 @@ class GenerateJob(Job):
         finally:
             dense.close()
 
-    def _open_trace(self, model: MoEModel) -> TraceWriter | None:
+    def _open_trace(self, model: MoEModel) -> TraceWriter | nullcontext:
+        """The trace being recorded, or a context giving None without `record_trace`."""
         if not self.config.record_trace:
-            return None
+            return nullcontext()
         header = TraceHeader(len(model.moe_layers), model.hparams.num_experts, model.hparams.top_k)
         return TraceWriter(self.config.record_trace, header)
 
