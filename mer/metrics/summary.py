@@ -88,14 +88,9 @@ class RunSummary:
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain JSON types; latency groups nested ({p50, p95, p99}, cycle_us with max)."""
-        data: dict[str, Any] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.name in _LATENCY_GROUPS:
-                value = value.to_json_dict()
-            elif field.name == "predictors":
-                value = {name: dict(counters) for name, counters in value.items()}
-            data[field.name] = value
+        data: dict[str, Any] = {field.name: getattr(self, field.name) for field in fields(self)}
+        data.update({name: data[name].to_json_dict() for name in _LATENCY_GROUPS})  # keys keep their place
+        data["predictors"] = {name: dict(counters) for name, counters in self.predictors.items()}
         return data
 
     @classmethod
