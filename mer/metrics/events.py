@@ -50,11 +50,12 @@ class _EventRecord:
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], where: str = "event"):
-        missing = [field.name for field in fields(cls) if field.name not in event]  # type: ignore[arg-type]
-        if missing:
-            raise EventLogError(f"{where}: missing field {missing[0]!r}")
-        return cls(**{field.name: _checked(event[field.name], str(field.type), field.name, where)
-                      for field in fields(cls)})  # type: ignore[arg-type]
+        values = {}
+        for field in fields(cls):  # type: ignore[arg-type]
+            if field.name not in event:
+                raise EventLogError(f"{where}: missing field {field.name!r}")
+            values[field.name] = _checked(event[field.name], str(field.type), field.name, where)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
