@@ -2,33 +2,18 @@
 
 Processes log these as structlog JSON events (`log.info(TOKEN_DONE, **record.to_event_fields())`);
 `mer.metrics.summary` reads them back from the parsed event dicts with `from_event`, which checks every
-field it needs and ignores the others (structlog adds `ts`, `process`, `pid`, `schema`, ...).
-
-Events (name, emitter, fields with units):
-
-- `run_started` (supervisor): experts (all layer-qualified experts), top_k, cache_slots,
-  pool_slots (slots in the arena), d_model, d_ff, bytes_per_expert (payload bytes), dtype,
-  compute_workers, io_backend (`uring` or `preadv`); it may carry more (the resolved config).
-- `token_done` (router), one per token (iteration): token; t_start_s and t_end_s, `time.monotonic()`
-  seconds at the token's start and end (one clock for every process of the host); cycle_us, the
-  whole iteration; io_wait_us, from the start of the lookups until every miss is read (0 when all
-  hit); compute_us, SwiGLU of all k experts of all layers plus the combine; hits, misses, lookups
-  (= hits + misses); prefetch_used, lookups served by a prefetched slot.
-- `expert_read` (I/O worker), one per read: expert_id, slot, nbytes (bytes read into the slot,
-  header page included), latency_us (submission to completion), kind (`foreground` or `prefetch`).
-- `prefetch_stats` (router, at the end of the run): cumulative counters issued, completed, used,
-  wasted, dropped, predictor_observations; when several are logged, the last one counts. It may
-  carry `predictors`, `{name: {hints, issued, completed, used, wasted, dropped, predictions,
-  top1_hits, topk_found, topk_observed, ...}}` (`PredictorCounters`; missing counters are 0).
-- `predictor_stats` (router, at the end of the run), one per predictor: `predictor` (its name) and
-  the fields of `PredictorCounters.to_summary_dict()`; informative (the summary reads `prefetch_stats`).
+field it needs and ignores the others (structlog adds `ts`, `process`, `pid`, `schema`, ...). The
+events, their emitters and their fields with units: docs/events.md ("The benchmark job"). Times
+`t_*_s` are `time.monotonic()` seconds (one clock for every process of the host); when several
+`prefetch_stats` are logged, the last one counts; `predictor_stats` is informative (the summary
+reads `prefetch_stats.predictors`; missing counters are 0).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, NamedTuple, TypeVar
+from typing import Any, Mapping, NamedTuple
 
 from mer.errors import EventLogError
 from mer.metrics.stats import percent
@@ -40,9 +25,6 @@ PREFETCH_STATS = "prefetch_stats"
 PREDICTOR_STATS = "predictor_stats"
 RUN_SUMMARY = "run_summary"
 READ_KINDS = ("foreground", "prefetch")
-
-Record = TypeVar("Record")
-
 
 def _checked(value: Any, type_name: str, name: str, where: str) -> Any:
     """`value` if it is of the field's type (int, float or str; counts and times non-negative)."""
@@ -60,15 +42,6 @@ def _checked(value: Any, type_name: str, name: str, where: str) -> Any:
     return value
 
 
-def _record_from_event(cls: type[Record], event: Mapping[str, Any], where: str) -> Record:
-    values = {}
-    for field in fields(cls):  # type: ignore[arg-type]
-        if field.name not in event:
-            raise EventLogError(f"{where}: missing field {field.name!r}")
-        values[field.name] = _checked(event[field.name], str(field.type), field.name, where)
-    return cls(**values)
-
-
 class _EventRecord:
     """Conversion between a record and the fields of its logged event."""
 
@@ -77,7 +50,12 @@ class _EventRecord:
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], where: str = "event"):
-        return _record_from_event(cls, event, where)
+        values = {}
+        for field in fields(cls):  # type: ignore[arg-type]
+            if field.name not in event:
+                raise EventLogError(f"{where}: missing field {field.name!r}")
+            values[field.name] = _checked(event[field.name], str(field.type), field.name, where)
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -113,7 +91,7 @@ class TokenRecord(_EventRecord):
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], where: str = "event") -> "TokenRecord":
-        record = _record_from_event(cls, event, where)
+        record = super().from_event(event, where)
         if record.hits + record.misses != record.lookups:
             raise EventLogError(
                 f"{where}: token {record.token} has hits {record.hits} + misses {record.misses} "
@@ -136,7 +114,7 @@ class ReadRecord(_EventRecord):
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any], where: str = "event") -> "ReadRecord":
-        record = _record_from_event(cls, event, where)
+        record = super().from_event(event, where)
         if record.kind not in READ_KINDS:
             raise EventLogError(f"{where}: read kind {record.kind!r} is not one of {', '.join(READ_KINDS)}")
         return record
@@ -183,18 +161,9 @@ class PredictorCounters(NamedTuple):
         checked = {name: _checked(values[name], "int", name, where) for name in cls._fields if name in values}
         return cls(**checked)
 
-    @property
-    def top1_accuracy_pct(self) -> float:
-        return percent(self.top1_hits, self.predictions)
-
-    @property
-    def topk_accuracy_pct(self) -> float:
-        return percent(self.topk_found, self.topk_observed)
-
     def to_summary_dict(self) -> dict[str, Any]:
         """The counters plus top1_accuracy_pct and topk_accuracy_pct (0-100; 0.0 before any prediction)."""
-        return {**self._asdict(), "top1_accuracy_pct": self.top1_accuracy_pct,
-                "topk_accuracy_pct": self.topk_accuracy_pct}
+        return {**self._asdict(), **_accuracies(self)}
 
 
 class LayerHintCounts(NamedTuple):
@@ -211,9 +180,13 @@ class LayerHintCounts(NamedTuple):
 
     def to_summary_dict(self) -> dict[str, Any]:
         """The counters with top1/topk accuracy and hinted recall (0-100), as the run summary's `per_layer`."""
-        return {**self._asdict(), "top1_accuracy_pct": percent(self.top1_hits, self.predictions),
-                "topk_accuracy_pct": percent(self.topk_found, self.topk_observed),
+        return {**self._asdict(), **_accuracies(self),
                 "hinted_recall_pct": percent(self.hinted_found, self.topk_observed)}
+
+
+def _accuracies(counts: PredictorCounters | LayerHintCounts) -> dict[str, float]:
+    return {"top1_accuracy_pct": percent(counts.top1_hits, counts.predictions),
+            "topk_accuracy_pct": percent(counts.topk_found, counts.topk_observed)}
 
 
 def predictors_from_event(event: Mapping[str, Any], where: str) -> dict[str, PredictorCounters]:

@@ -44,17 +44,6 @@ def nearest_rank(sorted_values: Sequence[float], percent: float) -> float:
     return sorted_values[max(rank, 1) - 1]
 
 
-def percentile(values: Iterable[float], percent: float) -> float | None:
-    """The nearest-rank `percent`-th percentile of `values`; None when there are none."""
-    ordered = sorted(values)
-    return nearest_rank(ordered, percent) if ordered else None
-
-
-def mean(values: Sequence[float]) -> float | None:
-    """The exactly rounded mean (math.fsum, so the order of the values does not matter); None if empty."""
-    return math.fsum(values) / len(values) if values else None
-
-
 @dataclass(frozen=True)
 class Percentiles:
     """p50 / p95 / p99 and the maximum of a set of values (each None when there were no values)."""
@@ -99,10 +88,6 @@ class LatencyHistogram(NamedTuple):
     counts: list[int]
     min_us: float
     max_us: float
-
-    @classmethod
-    def empty(cls) -> "LatencyHistogram":
-        return cls([0] * NUM_LATENCY_BUCKETS, math.inf, 0.0)
 
     @classmethod
     def of(cls, values: Iterable[float]) -> "LatencyHistogram":

@@ -21,11 +21,9 @@ counts every read it logs into the same `LatencyHistogram`, so a log tool recomp
   counts with io_wait 0, as in the seed's "over N tokens");
 - `io_share_pct` = sum(io_wait_us) / sum(cycle_us) x 100;
 - prefetch counters and predictor observations: the last `prefetch_stats` event (0 when none);
-- `predictors`: `{name: {hints, issued, completed, used, wasted, dropped, cancelled, predictions, top1_hits,
-  topk_found, topk_observed, top1_accuracy_pct, topk_accuracy_pct}}` from the `predictors` field of
-  that event ({} when absent, e.g. with --no-prefetch), plus the gate predictor's `per_layer`
-  accuracies (`mer.predict.accuracy.LayerAccuracy`) when it has them; see `mer.predict.accuracy` and
-  `mer.cache.prefetch_ledger` for the definitions.
+- `predictors`: the `predictors` field of that event ({} when absent, e.g. with --no-prefetch): each
+  predictor's counters with top1/topk accuracy (docs/events.md, `predictor_stats`), plus the gate's
+  `per_layer` accuracies (`mer.predict.accuracy`) when it has them.
 
 Other percentiles are nearest-rank on exact values (`mer.metrics.stats`); sums of floats use math.fsum, so
 the result does not depend on the order of events. Percentages are 0-100.
@@ -90,14 +88,9 @@ class RunSummary:
 
     def to_json_dict(self) -> dict[str, Any]:
         """Plain JSON types; latency groups nested ({p50, p95, p99}, cycle_us with max)."""
-        data: dict[str, Any] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if field.name in _LATENCY_GROUPS:
-                value = value.to_json_dict()
-            elif field.name == "predictors":
-                value = {name: dict(counters) for name, counters in value.items()}
-            data[field.name] = value
+        data: dict[str, Any] = {field.name: getattr(self, field.name) for field in fields(self)}
+        data.update({name: data[name].to_json_dict() for name in _LATENCY_GROUPS})  # keys keep their place
+        data["predictors"] = {name: dict(counters) for name, counters in self.predictors.items()}
         return data
 
     @classmethod
@@ -285,8 +278,7 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         sustained_tps=len(tokens) / wall_s,
         avg_throughput_mibps=bytes_read / MIB / wall_s,
         hit_rate_pct=hits / lookups * 100 if lookups else 0.0,
-        experts=info.experts, top_k=info.top_k, cache_slots=info.cache_slots, pool_slots=info.pool_slots,
-        d_model=info.d_model, d_ff=info.d_ff, bytes_per_expert=info.bytes_per_expert, dtype=info.dtype,
+        **info.to_event_fields(),  # experts .. dtype, compute_workers, io_backend
         hits=hits,
         misses=misses,
         prefetches_issued=prefetch.issued,
@@ -303,13 +295,10 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
         io_wait_us_per_token=io_wait_sum / len(tokens),
         compute_us_per_token=math.fsum(t.compute_us for t in tokens) / len(tokens),
         io_share_pct=io_wait_sum / cycle_sum * 100 if cycle_sum else 0.0,
-        compute_workers=info.compute_workers,
-        io_backend=info.io_backend,
         lookups=lookups,
         prefetch_joins=joins,
         demand_misses=misses - joins,
-        predictors={name: {**collected.predictors[name].to_summary_dict(),
-                           **({"per_layer": collected.per_layer[name]} if name in collected.per_layer else {})}
+        predictors={name: _predictor_entry(collected.predictors[name], collected.per_layer.get(name))
                     for name in sorted(collected.predictors)},
     )
 
@@ -317,10 +306,14 @@ def _summarize_collected(collected: CollectedEvents, info: RunInfo) -> RunSummar
 def predictor_summaries(reports) -> dict[str, dict[str, Any]]:
     """The summary's `predictors` from an `IoStats`' `PredictorReport`s: each one's counters with its
     accuracies, plus the gate's `per_layer` accuracies when it reported some."""
-    return {report.name: {**report.counters.to_summary_dict(),
-                          **({"per_layer": [layer.to_summary_dict() for layer in report.per_layer]}
-                             if report.per_layer else {})}
+    return {report.name: _predictor_entry(report.counters, [layer.to_summary_dict() for layer in report.per_layer]
+                                          if report.per_layer else None)
             for report in sorted(reports, key=lambda report: report.name)}
+
+
+def _predictor_entry(counters: PredictorCounters, per_layer: list | None) -> dict[str, Any]:
+    """A predictor's counters with its accuracies, plus the gate's `per_layer` accuracies when given."""
+    return {**counters.to_summary_dict(), **({} if per_layer is None else {"per_layer": per_layer})}
 
 
 def _us(value: float | None) -> str:

@@ -1,22 +1,15 @@
 """THE forward pass over a batch of new tokens (a prompt or one decode step), wherever its parts run.
 
 Each block: attention with the KV cache, then the FFN: for a MoE block the tokens are routed,
-grouped by expert (expert-major: every token routed to the same expert is computed in one batch,
-so a prompt needs each chosen expert once per block), the block's groups are handed to the
-experts in ONE call, and the outputs are summed with the gate weights.
+grouped by expert (expert-major: a prompt needs each chosen expert once per block), the block's
+groups are handed to the experts in ONE call, and the outputs are summed with the gate weights.
 
-`ForwardPass(model, experts, dense, observer)` says where the parts run:
-
-- `experts`: an async expert function, `await experts(moe_layer, batches, token)` ->
-  `{expert: out}` (see `mer.model.experts`; `token`: the position of the pass's last token);
-- `dense`: how the dense steps run, `await dense(function, *args)`: `inline` here, or the router's
-  one dense thread, so that its event loop never blocks;
-- `observer` (optional): told of each MoE block's routing and residual before its experts run
-  (the router tells the predictor and records the trace) and of the block's costs after.
-
-In one process (tests, llama.cpp parity, tools) `forward(model, ids, cache, expert_fn)` runs the
-same pass inline with a synchronous `ExpertFn`; the router runs it with its experts on the graph.
-Both execute the same steps on the same arrays, so their numbers are identical.
+`ForwardPass(model, experts, dense, observer)` says where the parts run: `await experts(moe_layer,
+batches, token)` -> `{expert: out}` (`token`: the position of the pass's last token); `await
+dense(function, *args)`, `inline` or the router's dense thread; the optional `observer` is told of
+each MoE block's routing and residual before its experts run and of its costs after.
+`forward(model, ids, cache, expert_fn)` runs the same steps inline with a synchronous `ExpertFn`
+(docs/model.md), so the two give identical numbers.
 """
 
 from __future__ import annotations
@@ -92,10 +85,8 @@ class ForwardCosts:
     other_us: float = 0.0  # embedding, dense FFN blocks, LM head
 
     def add(self, other: "ForwardCosts") -> None:
-        self.moe_blocks += other.moe_blocks
-        self.dense_us += other.dense_us
-        self.expert_us += other.expert_us
-        self.other_us += other.other_us
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
@@ -121,10 +112,6 @@ def _block_front(model: MoEModel, block: int, hidden: np.ndarray, kv_cache: KVCa
     routing = model.route(block, normed)
     groups = group_by_expert(routing)
     return hidden, routing, groups, expert_batches(normed, groups)
-
-
-def _combine(model: MoEModel, hidden: np.ndarray, routing: Routing, groups, outputs) -> np.ndarray:
-    return hidden + combine_experts(routing, groups, outputs, model.hparams.d_model)
 
 
 @dataclass
@@ -167,13 +154,13 @@ class ForwardPass:
         outputs = await self.experts(moe_layer, batches, int(positions[-1]))
         expert_us = _elapsed_us(started)
         started = time.perf_counter()
-        hidden = await self.dense(_combine, model, hidden, routing, groups, outputs)
+        hidden = await self.dense(lambda: hidden + combine_experts(routing, groups, outputs, model.hparams.d_model))
         dense_us += _elapsed_us(started)
         costs.add(ForwardCosts(1, dense_us, expert_us))
         result.routings[block] = routing
         if self.observer is not None:
-            costs_of_block = MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us)
-            await self.observer.block_done(costs_of_block)
+            await self.observer.block_done(
+                MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us))
         return hidden
 
 

@@ -40,21 +40,7 @@ class GenerationResult:
     step_logits: list[np.ndarray] = field(default_factory=list)  # logits each token was chosen from (keep_logits)
     routings: list[dict[int, Routing]] = field(default_factory=list)  # per pass: prefill, then each step (keep_routings)
     decode_steps: int = 0  # passes after the prefill
-    prefill_costs: ForwardCosts = field(default_factory=ForwardCosts)
     decode_costs: ForwardCosts = field(default_factory=ForwardCosts)  # summed over the decode steps
-
-
-def check_prompt(prompt: Sequence[int], context: int) -> None:
-    """An empty prompt, or one longer than the model's context, is a `ContextLengthError`."""
-    if not prompt:
-        raise ContextLengthError("the prompt is empty: generation needs at least one token")
-    if len(prompt) > context:
-        raise ContextLengthError(f"the prompt has {len(prompt)} tokens, the model's context is {context}")
-
-
-def check_max_tokens(max_tokens: object) -> None:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise ConfigError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
 
 
 async def generate_tokens(
@@ -74,14 +60,17 @@ async def generate_tokens(
     model, dense = forward_pass.model, forward_pass.dense
     prompt = [int(token) for token in prompt_ids]
     context = model.hparams.context_length
-    check_prompt(prompt, context)
-    check_max_tokens(max_tokens)
+    if not prompt:
+        raise ContextLengthError("the prompt is empty: generation needs at least one token")
+    if len(prompt) > context:
+        raise ContextLengthError(f"the prompt has {len(prompt)} tokens, the model's context is {context}")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ConfigError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
     kv_cache = await dense(model.new_kv_cache, min(context, len(prompt) + max_tokens) or 1)
     result = GenerationResult(prompt, [], STOP_MAX_TOKENS, 0.0, 0.0)
     started = time.perf_counter()
     step = await forward_pass(prompt, kv_cache, all_logits=False)
     result.prefill_seconds = time.perf_counter() - started
-    result.prefill_costs = step.costs
     started = time.perf_counter()
     while len(result.tokens) < max_tokens:
         if keep_routings:

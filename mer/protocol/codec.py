@@ -62,11 +62,6 @@ class _ArrayFrames:
         self.taken[index] = True
         return self.buffers[index]
 
-    def check_all_taken(self, message_name: str) -> None:
-        unused = [index for index, taken in enumerate(self.taken) if not taken]
-        if unused:
-            raise ProtocolError(f"{message_name}: array frames {unused} are not referenced by any field")
-
 
 def _frame_buffer(frame: Frame, position: int) -> memoryview:
     """A flat byte view of a frame (bytes, memoryview, numpy array or zmq.Frame) without copying."""
@@ -79,10 +74,6 @@ def _frame_buffer(frame: Frame, position: int) -> memoryview:
         raise ProtocolError(f"frame {position} is not a contiguous buffer: {error}") from None
 
 
-def _frame_bytes(frame: Frame) -> bytes:
-    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-
-
 _NO_ARRAYS = _ArrayFrames(())
 
 
@@ -91,10 +82,13 @@ _NO_ARRAYS = _ArrayFrames(())
 Checker = Callable[[Any, _ArrayFrames], Any]
 
 
-def _check_int(value: Any, arrays: _ArrayFrames) -> int:
-    if type(value) is not int:
-        raise _Mismatch("an integer", _describe(value))
-    return value
+def _exact_checker(wanted: type, expected: str) -> Checker:
+    def check_exact(value: Any, arrays: _ArrayFrames) -> Any:
+        if type(value) is not wanted:
+            raise _Mismatch(expected, _describe(value))
+        return value
+
+    return check_exact
 
 
 def _check_float(value: Any, arrays: _ArrayFrames) -> float:
@@ -105,16 +99,8 @@ def _check_float(value: Any, arrays: _ArrayFrames) -> float:
     raise _Mismatch("a number", _describe(value))
 
 
-def _check_bool(value: Any, arrays: _ArrayFrames) -> bool:
-    if type(value) is not bool:
-        raise _Mismatch("a boolean", _describe(value))
-    return value
-
-
-def _check_str(value: Any, arrays: _ArrayFrames) -> str:
-    if type(value) is not str:
-        raise _Mismatch("a string", _describe(value))
-    return value
+_SIMPLE_CHECKERS = {int: _exact_checker(int, "an integer"), float: _check_float,
+                    bool: _exact_checker(bool, "a boolean"), str: _exact_checker(str, "a string")}
 
 
 def _fails(checker: Checker, value: Any) -> bool:
@@ -124,10 +110,6 @@ def _fails(checker: Checker, value: Any) -> bool:
     except _Mismatch:
         return True
     return False
-
-
-def _first_failing(checker: Checker, values: list) -> int:
-    return next(index for index, value in enumerate(values) if _fails(checker, value))
 
 
 def _optional_checker(value_checker: Checker) -> Checker:
@@ -144,7 +126,7 @@ def _list_checker(item_checker: Checker) -> Checker:
         try:
             return [item_checker(item, arrays) for item in value]
         except _Mismatch as mismatch:
-            index = _first_failing(item_checker, value)
+            index = next(index for index, item in enumerate(value) if _fails(item_checker, item))
             mismatch.path = f"[{index}]{mismatch.path}"
             raise
 
@@ -244,9 +226,8 @@ def _checker_for(annotation: Any, top_level: bool = False) -> Checker:
 
     Arrays are allowed only as top-level fields, so nested checks never touch the array frames.
     """
-    simple = {int: _check_int, float: _check_float, bool: _check_bool, str: _check_str}
-    if annotation in simple:
-        return simple[annotation]
+    if annotation in _SIMPLE_CHECKERS:
+        return _SIMPLE_CHECKERS[annotation]
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         marker = typing.get_args(annotation)[1]
@@ -277,19 +258,15 @@ class _MessageSchema:
     fields: tuple[_FieldSchema, ...]
 
 
-def _array_spec_of(annotation: Any) -> ArraySpec | None:
-    if typing.get_origin(annotation) is Annotated and isinstance(typing.get_args(annotation)[1], ArraySpec):
-        return typing.get_args(annotation)[1]
-    return None
-
-
 def _compile_schema(message_type: type) -> _MessageSchema:
     hints = typing.get_type_hints(message_type, include_extras=True)
-    field_schemas = tuple(
-        _FieldSchema(field.name, _checker_for(hints[field.name], top_level=True), _array_spec_of(hints[field.name]))
-        for field in fields(message_type)
-    )
-    return _MessageSchema(bytes([message_type.KIND, message_type.VERSION]), field_schemas)
+    field_schemas = []
+    for field in fields(message_type):
+        annotation = hints[field.name]
+        marker = getattr(annotation, "__metadata__", (None,))[0]  # Annotated[T, marker]
+        array = marker if isinstance(marker, ArraySpec) else None
+        field_schemas.append(_FieldSchema(field.name, _checker_for(annotation, top_level=True), array))
+    return _MessageSchema(bytes([message_type.KIND, message_type.VERSION]), tuple(field_schemas))
 
 
 _SCHEMAS: dict[type, _MessageSchema] = {cls: _compile_schema(cls) for cls in MESSAGE_TYPES.values()}
@@ -358,10 +335,9 @@ def _message_type(header: bytes, expected_kinds: Collection | None) -> type:
 
 
 def _unpack_body(name: str, frame: Frame, num_fields: int) -> list:
+    buffer = _frame_buffer(frame, 1)
     try:
-        body = msgpack.unpackb(_frame_buffer(frame, 1), raw=False, use_list=True, strict_map_key=True)
-    except ProtocolError:
-        raise
+        body = msgpack.unpackb(buffer, raw=False, use_list=True, strict_map_key=True)
     except Exception as error:  # msgpack raises several types (ExtraData, FormatError, ValueError...)
         raise ProtocolError(f"{name}: body is not valid msgpack: {type(error).__name__}: {error}") from None
     if type(body) is not list:
@@ -375,7 +351,8 @@ def decode(frames: Sequence[Frame], expected_kinds: Collection | None = None) ->
     """The message in `frames`, fully checked; `expected_kinds` holds message kinds or classes."""
     if len(frames) < 2:
         raise ProtocolError(f"a message needs at least 2 frames (kind, body), got {len(frames)}")
-    message_type = _message_type(_frame_bytes(frames[0]), expected_kinds)
+    header = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
+    message_type = _message_type(header, expected_kinds)
     name = message_type.__name__
     schema = _SCHEMAS[message_type]
     body = _unpack_body(name, frames[1], len(schema.fields))
@@ -388,7 +365,9 @@ def decode(frames: Sequence[Frame], expected_kinds: Collection | None = None) ->
             raise ProtocolError(
                 f"{name}.{field.name}{mismatch.path}: expected {mismatch.expected}, got {mismatch.got}"
             ) from None
-    arrays.check_all_taken(name)
+    unused = [index for index, taken in enumerate(arrays.taken) if not taken]
+    if unused:
+        raise ProtocolError(f"{name}: array frames {unused} are not referenced by any field")
     try:
         message = message_type(*values)
     except ConfigError as error:  # a message that checks its fields when built (StartGeneration)

@@ -452,9 +452,3 @@ class ErrorReply:
     message: str
     traceback: str
 
-
-Message = (
-    Hello | Ready | ChildFailed | Shutdown | JobDone | StartBenchmark | StartGeneration | Acquire | SlotsReady
-    | Release | PrefetchHints | StatsRequest | IoStats | RoutingObserved | ErrorReply | TokenGenerated
-    | ExpertBatchJob | ExpertBatchResult | HiddenObserved | PredictorStats | PinSet | SplitReads
-)

@@ -8,38 +8,25 @@ raises `mer.errors.RemoteError` carrying the remote type, message and traceback.
 from __future__ import annotations
 
 import traceback as traceback_module
-from typing import NamedTuple, NoReturn, Protocol
+from typing import NamedTuple, NoReturn
 
 from mer.errors import RemoteError
-from mer.protocol.messages import ErrorReply
+from mer.protocol.messages import ChildFailed, ErrorReply
 
 
 class ErrorFields(NamedTuple):
     """The three fields an error crosses a process boundary with."""
 
-    error_type: str
+    error_type: str  # `ValueError` for builtins, `mer.errors.StaleSlotError` for everything else
     message: str
     traceback: str
-
-
-class CarriesError(Protocol):
-    error_type: str
-    message: str
-    traceback: str
-
-
-def error_type_name(error: BaseException) -> str:
-    """`ValueError` for builtins, `mer.errors.StaleSlotError` for everything else."""
-    error_class = type(error)
-    if error_class.__module__ == "builtins":
-        return error_class.__qualname__
-    return f"{error_class.__module__}.{error_class.__qualname__}"
 
 
 def error_fields(error: BaseException) -> ErrorFields:
     """Type name, message and formatted traceback of `error`."""
-    formatted = "".join(traceback_module.format_exception(error))
-    return ErrorFields(error_type_name(error), str(error), formatted)
+    error_class = type(error)
+    module = "" if error_class.__module__ == "builtins" else f"{error_class.__module__}."
+    return ErrorFields(module + error_class.__qualname__, str(error), "".join(traceback_module.format_exception(error)))
 
 
 def error_reply(request_id: int, error: BaseException) -> ErrorReply:
@@ -47,6 +34,6 @@ def error_reply(request_id: int, error: BaseException) -> ErrorReply:
     return ErrorReply(request_id, *error_fields(error))
 
 
-def raise_remote(reply: CarriesError, origin: str = "") -> NoReturn:
+def raise_remote(reply: ErrorReply | ChildFailed, origin: str = "") -> NoReturn:
     """Raise `RemoteError` from an `ErrorReply` (or `ChildFailed`); `origin` names the process."""
     raise RemoteError(reply.error_type, reply.message, reply.traceback, origin)

@@ -1,23 +1,21 @@
 """The expert-streaming benchmark job, run by the router through the real graph.
 
-One iteration ("token", as the seed counts) draws the routing decision(s) of the workload — one over
-the flat pool of all layer-qualified experts, or one per MoE layer with `layered` — and for each:
-tells the predictor (so it can prefetch for the next token while this one computes), then runs the
-k experts through `ExpertDispatcher` as generation does (one acquire of the k experts: hits, misses,
-joined prefetches; one batch of one row, the synthetic hidden state, per expert to the compute
-workers; release), and adds their outputs with the gate weights in the decision's order. The next
-token's routing is drawn only after the current token completes, so any overlap of reads with
-compute comes from prediction alone.
+One iteration ("token", as the seed counts) draws the routing decision(s) of the workload (one over
+the flat pool of all layer-qualified experts, or one per MoE layer with `layered`) and for each:
+tells the predictor, runs the k experts through `ExpertDispatcher` as generation does (one row, the
+synthetic hidden state, per expert) and adds their outputs with the gate weights in the decision's
+order. The next token's routing is drawn only after the current token completes, so any overlap of
+reads with compute comes from prediction alone.
 
-Every token is logged as a `token_done` event; the summary is computed from these events and the
-I/O worker's final `IoStats` (read counts, bytes, latency histogram, prefetch counters:
-`mer.metrics.summary`), exactly as `logs summarize` recomputes it from a log file's `expert_read` events.
+Every token is logged as `token_done`; the summary is computed from these events and the I/O
+worker's final `IoStats`, exactly as `logs summarize` recomputes it from a log (`mer.metrics.summary`).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +27,6 @@ from mer.protocol import HiddenObserved, RoutingObserved, encode
 from mer.runtime.ram_budget import pool_slots
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats
-from mer.router.hidden_states import synthetic_hidden_state
 from mer.router.job import Job, sends_hidden
 from mer.routing.space import RoutingDecision, RoutingSpace
 from mer.metrics.events import (PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
@@ -53,8 +50,7 @@ class BenchJob(Job):
     observations: int = 0
 
     def __post_init__(self):
-        geometry = self.manifest.geometry
-        self.space = RoutingSpace.from_geometry(geometry, self.config.top_k, self.config.layered)
+        self.space = RoutingSpace.from_geometry(self.manifest.geometry, self.config.top_k, self.config.layered)
         self.workload = make_workload(
             self.config.workload, self.space, seed=self.config.seed, zipf_s=self.config.zipf_s,
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
@@ -76,12 +72,11 @@ class BenchJob(Job):
         )
 
     async def run(self) -> RunSummary:
-        io_stats = await self.io.stats()
-        events: list[dict] = [{"event": RUN_STARTED, **self.run_info(io_stats.io_backend).__dict__}]
-        self.log.info(RUN_STARTED, **{k: v for k, v in events[0].items() if k != "event"},
-                      config=self.config.to_dict())
-        trace = TraceWriter(self.config.record_trace, TraceHeader.for_space(self.space)) if self.config.record_trace else None
-        try:
+        info = self.run_info((await self.io.stats()).io_backend).to_event_fields()
+        self.log.info(RUN_STARTED, **info, config=self.config.to_dict())
+        events: list[dict] = [{"event": RUN_STARTED, **info}]
+        record_trace = self.config.record_trace
+        with TraceWriter(record_trace, TraceHeader.for_space(self.space)) if record_trace else nullcontext() as trace:
             for token in range(self.config.tokens):
                 record = await self._run_token(token, trace)
                 fields = record.to_event_fields()
@@ -89,9 +84,6 @@ class BenchJob(Job):
                 events.append({"event": TOKEN_DONE, **fields})
                 if self.progress is not None:
                     self.progress(record)
-        finally:
-            if trace is not None:
-                trace.close()
         summary = await self._summarize(events)
         if self.config.dump_outputs:
             np.save(self.config.dump_outputs, np.stack(self.outputs))
@@ -114,10 +106,13 @@ class BenchJob(Job):
         if self.send_hidden:  # the gate predictor replays the recorded residual (checked at start)
             await self.observe.send_multipart(encode(HiddenObserved(token, decision.layer, decision.hidden)))
         await self.observe.send_multipart(
-            encode_observation(token, decision.layer, expert_ids, list(decision.weights)))
+            encode(RoutingObserved(token, decision.layer, expert_ids, list(decision.weights))))
         self.observations += 1
         dispatch = DispatchLog()
-        output, stats = await self._compute(token, decision, expert_ids, dispatch)
+        # each expert on the token's synthetic hidden state, added with its gate weight in the decision's order
+        x = synthetic_hidden_state(self.config.seed, token, decision.layer, self.manifest.geometry.d_model)
+        outputs, stats = await self.dispatcher.run_experts(token, {expert_id: x for expert_id in expert_ids}, dispatch)
+        output = weighted_sum([outputs[expert_id] for expert_id in expert_ids], decision.weights)  # [1, d_model]
         t_compute_end = time.monotonic()
         if self.config.log_file:  # docs/events.md: one per routing decision
             self.log.info("decision_done", token=token, layer=decision.layer, expert_ids=expert_ids,
@@ -128,17 +123,8 @@ class BenchJob(Job):
             self.outputs.append(output)
         return stats
 
-    async def _compute(self, token: int, decision: RoutingDecision, expert_ids: list[int],
-                       dispatch: DispatchLog | None = None) -> tuple[np.ndarray, ExpertStats]:
-        """The decision's output `[1, d_model]`: each expert on the token's synthetic hidden state
-        (acquire, compute, release), added with its gate weight in the decision's order."""
-        x = synthetic_hidden_state(self.config.seed, token, decision.layer, self.manifest.geometry.d_model)
-        outputs, stats = await self.dispatcher.run_experts(token, {expert_id: x for expert_id in expert_ids}, dispatch)
-        return weighted_sum([outputs[expert_id] for expert_id in expert_ids], decision.weights), stats
-
     async def _summarize(self, events: list[dict]) -> RunSummary:
-        """The summary from the tokens' events and the I/O worker's final `IoStats` (its reads as a
-        histogram: `logs summarize` recomputes the same from the `expert_read` events, cut at `reads_counted`)."""
+        """The summary from the tokens' events and the I/O worker's final `IoStats` (reads cut at `reads_counted`)."""
         io_stats = await self.io.stats()
         prefetch = io_stats.prefetch
         counters = PrefetchCounters(issued=prefetch.issued, completed=prefetch.completed, used=prefetch.used,
@@ -153,6 +139,11 @@ class BenchJob(Job):
         return summarize_log_events(events, ReadFigures.of_stats(io_stats))
 
 
+def synthetic_hidden_state(seed: int, token: int, layer: int, d_model: int) -> np.ndarray:
+    """A deterministic standard-normal float32 hidden state of shape (1, d_model) per (seed, token, layer)."""
+    return np.random.default_rng([seed, token, layer]).standard_normal((1, d_model), dtype=np.float32)
+
+
 def check_trace_has_residuals(trace_path) -> None:
     """The gate predictor in a benchmark replays residuals: the trace's decisions must carry them."""
     if trace_path is None:
@@ -163,10 +154,6 @@ def check_trace_has_residuals(trace_path) -> None:
     if first is None or first.hidden is None:
         raise ConfigError(f"{trace_path}: the trace holds no residuals ('hidden'), which the gate predictor "
                           f"replays; record it with generate --record-trace FILE --record-hidden")
-
-
-def encode_observation(token: int, layer: int, expert_ids: list[int], weights: list[float]):
-    return encode(RoutingObserved(token, layer, expert_ids, weights))
 
 
 def progress_printer(total_tokens: int):

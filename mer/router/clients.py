@@ -55,32 +55,47 @@ class _PendingReplies:
         self.futures.clear()
 
 
-class IoClient:
-    """Leases slots from the I/O worker (a DEALER on `io.sock`)."""
+class _Client:
+    """One socket and the receiver task that hands every message to `_on_frames`; when receiving
+    fails, every pending reply fails with a `PipelineError` naming the `peer`."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str):
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(endpoint)
+    def __init__(self, socket: zmq.asyncio.Socket, peer: str):
+        socket.setsockopt(zmq.LINGER, 0)
+        self.socket = socket
+        self.peer = peer
         self.pending = _PendingReplies()
         self.receiver = asyncio.create_task(self._receive())
 
     async def _receive(self) -> None:
         try:
             while True:
-                message = decode(await self.socket.recv_multipart(copy=False),
-                                 expected_kinds=(SlotsReady, IoStats, ErrorReply))
-                self.pending.resolve(message.request_id, message)
+                self._on_frames(await self.socket.recv_multipart(copy=False))
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            self.pending.fail_all(PipelineError(f"I/O worker connection failed: {error}"))
+            self.pending.fail_all(PipelineError(f"{self.peer} connection failed: {error}"))
+
+    def close(self) -> None:
+        self.receiver.cancel()
+        self.socket.close(linger=0)
+
+
+class IoClient(_Client):
+    """Leases slots from the I/O worker (a DEALER on `io.sock`)."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str):
+        socket = context.socket(zmq.DEALER)
+        socket.connect(endpoint)
+        super().__init__(socket, "I/O worker")
+
+    def _on_frames(self, frames: list) -> None:
+        message = decode(frames, expected_kinds=(SlotsReady, IoStats, ErrorReply))
+        self.pending.resolve(message.request_id, message)
 
     async def acquire(self, token: int, expert_ids: list[int]) -> list[SlotGrant]:
         request_id, future = self.pending.new()
         await self.socket.send_multipart(encode(Acquire(request_id, token, list(expert_ids))))
-        reply: SlotsReady = await future
-        return list(reply.refs)
+        return list((await future).refs)  # SlotsReady
 
     async def release(self, refs: list[SlotRef]) -> None:
         await self.socket.send_multipart(encode(Release(list(refs))))
@@ -94,10 +109,6 @@ class IoClient:
         await self.socket.send_multipart(encode(StatsRequest(request_id)))
         return await future
 
-    def close(self) -> None:
-        self.receiver.cancel()
-        self.socket.close(linger=0)
-
 
 def worker_index(identity: bytes) -> int:
     """The worker number in a compute worker's socket identity `compute-<i>`."""
@@ -107,41 +118,32 @@ def worker_index(identity: bytes) -> int:
     return int(number)
 
 
-class ComputeClient:
+class ComputeClient(_Client):
     """Sends expert batch jobs to N workers (a ROUTER on `compute.sock`) and gathers their partials.
 
     `compute_batches` is the one way work reaches the compute workers (the benchmark and generation
-    alike, through `mer.router.expert_client.ExpertDispatcher`)."""
+    alike, through `mer.router.dispatcher.ExpertDispatcher`)."""
 
     def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int):
         self.num_workers = num_workers
-        self.socket = context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.socket.bind(endpoint)
-        self.pending = _PendingReplies()
         self.identities: dict[int, bytes] = {}
         self.all_connected = asyncio.Event()
-        self.receiver = asyncio.create_task(self._receive())
+        socket = context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        socket.bind(endpoint)
+        super().__init__(socket, "compute")
 
-    async def _receive(self) -> None:
-        try:
-            while True:
-                identity, *frames = await self.socket.recv_multipart(copy=False)
-                message = decode(frames, expected_kinds=(Hello, ExpertBatchResult, ErrorReply))
-                if isinstance(message, Hello):
-                    identity_bytes = bytes(identity.buffer)
-                    self.identities[worker_index(identity_bytes)] = identity_bytes
-                    if len(self.identities) == self.num_workers:
-                        self.all_connected.set()
-                elif isinstance(message, ExpertBatchResult):
-                    self.pending.resolve(message.job_id, message)
-                else:
-                    self.pending.resolve(message.request_id, message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            self.pending.fail_all(PipelineError(f"compute connection failed: {error}"))
+    def _on_frames(self, frames: list) -> None:
+        identity, *frames = frames
+        message = decode(frames, expected_kinds=(Hello, ExpertBatchResult, ErrorReply))
+        if isinstance(message, Hello):
+            identity_bytes = bytes(identity.buffer)
+            self.identities[worker_index(identity_bytes)] = identity_bytes
+            if len(self.identities) == self.num_workers:
+                self.all_connected.set()
+        else:
+            self.pending.resolve(message.job_id if isinstance(message, ExpertBatchResult) else message.request_id,
+                                 message)
 
     async def wait_connected(self, timeout_s: float) -> None:
         try:
@@ -181,7 +183,3 @@ class ComputeClient:
             result: ExpertBatchResult = await future
             partials[mine] = result.partials
         return partials
-
-    def close(self) -> None:
-        self.receiver.cancel()
-        self.socket.close(linger=0)

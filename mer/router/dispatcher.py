@@ -1,21 +1,13 @@
 """Experts through the graph: acquire, compute, release. The one path of the benchmark and generation.
 
-`ExpertDispatcher.run_experts(token, batches)` takes expert-major batches keyed by global expert id
-(`{expert_id: x [n, d_model]}`) and returns `{expert_id: out [n, d_model]}`:
-
-1. the experts are taken in the mapping's order, in chunks of at most `max_leases` (a long prompt
-   may route to more experts of a layer than the cache holds; a chunk's leases always fit);
-2. each chunk's experts are leased from the I/O worker in ONE `Acquire`, read on a miss, and
-   computed layer by layer (the flat pool of the benchmark may mix layers of different formats,
-   hence of different d_ff slices) as one `ExpertBatchJob` per compute worker
-   (`ComputeClient.compute_batches`), each expert on its own rows; every expert is computed once;
-3. the leases are released (also on error), and each expert's slice partials are summed in slice
-   order (`mer.compute.batches`), so the outputs are bit-identical for any worker count, cache size,
-   prefetch setting or read backend.
-
-`run(moe_layer, token, batches)` does the same for one MoE block of a model (ids within the layer,
-taken in ascending order), as an `ExpertFn` does in one process (`mer.model.experts`). Both return
-what the experts cost (`ExpertStats`), the one count of hits, misses and waits of a run.
+`ExpertDispatcher.run_experts(token, batches)` maps expert-major batches keyed by global expert id
+(`{expert_id: x [n, d_model]}`) to `{expert_id: out [n, d_model]}`: the experts are leased in the
+mapping's order in chunks of at most `max_leases` (one `Acquire` per chunk, so a chunk's leases
+always fit), computed layer by layer (each layer's format has its own d_ff slices) as one
+`ExpertBatchJob` per compute worker, and released (also on error); each expert's slice partials are
+summed in slice order, so the outputs are bit-identical for any worker count, cache size, prefetch
+setting or read backend. `run(moe_layer, token, batches)` does the same for one MoE block (ids
+within the layer, in ascending order). Both return what the experts cost (`ExpertStats`).
 """
 
 from __future__ import annotations

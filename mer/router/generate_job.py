@@ -3,23 +3,16 @@ with THE forward pass placed on the graph (`mer.router.graph_forward`).
 
 The router loads the model (its dense weights, memory-mapped) once, here. Each generated token goes
 to the supervisor at once (`TokenGenerated`); routing decisions go to the predictor and, with
-`record_trace`, to a trace (layered: one decision per MoE layer per token, ids within the layer).
-
-The summary (`mer.summary.GenerationSummary`) holds the tokens, timings and cache figures;
-`mib_read_per_token` counts the bytes the I/O worker read for the decode steps (reads started by an
-acquire or by prefetch hints of a generated token's position; the I/O worker counts them apart from
-the prompt length on, which the job names with `SplitReads` before its first acquire) per decode step.
-Expert lookups are `hits`, `prefetch_joins` (misses that joined a prefetch read already in flight)
-and `demand_misses` (reads the foreground had to start): hits + prefetch_joins + demand_misses =
-lookups. With the gate predictor on, the router also sends each token's residual to the predictor
-(`sends_hidden`), and the gate's per-layer accuracies (`predictors.gate.per_layer`) are logged as
-`gate_layer_accuracy`.
+`record_trace`, to a trace. The summary is `mer.metrics.summary.GenerationSummary`; the I/O worker
+counts the decode steps' reads apart from the prompt length on (`SplitReads`, sent before the first
+acquire). With the gate predictor on, its per-layer accuracies are logged as `gate_layer_accuracy`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -31,15 +24,12 @@ from mer.model.sampling import Sampler
 from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration, TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
-from mer.predict.fusion import GATE
 from mer.router.dispatcher import ExpertDispatcher, ExpertStats
 from mer.router.graph_forward import DenseThread, GraphExperts
 from mer.router.job import Job, sends_hidden
 from mer.store.manifest import Manifest
-from mer.metrics.summary import GenerationSummary, predictor_summaries
+from mer.metrics.summary import MIB, GenerationSummary, predictor_summaries
 from mer.routing.trace import TraceHeader, TraceWriter
-
-MIB = 2**20
 
 
 class GenerateJob(Job):
@@ -66,14 +56,10 @@ class GenerateJob(Job):
             self.log.info("generation_started", model=self.start.model, architecture=model.hparams.architecture,
                           prompt_tokens=len(self.start.prompt_tokens), max_tokens=self.start.max_tokens,
                           dense_warm_up_s=round(warm_up_s, 3), cache_slots=self.config.cache_slots)
-            trace = self._open_trace(model)
             await self.io.split_reads(len(self.start.prompt_tokens))  # the decode steps' reads, counted apart
-            try:
+            with self._open_trace(model) as trace:
                 experts = self._experts(model, trace)
                 result = await self._generate(ForwardPass(model, experts, dense, experts))
-            finally:
-                if trace is not None:
-                    trace.close()
             if self.start.dump_logits:
                 np.save(self.start.dump_logits, np.stack(result.step_logits) if result.step_logits
                         else np.zeros((0, model.vocab_size), np.float32))
@@ -85,9 +71,10 @@ class GenerateJob(Job):
         finally:
             dense.close()
 
-    def _open_trace(self, model: MoEModel) -> TraceWriter | None:
+    def _open_trace(self, model: MoEModel) -> TraceWriter | nullcontext:
+        """The trace being recorded, or a context giving None without `record_trace`."""
         if not self.config.record_trace:
-            return None
+            return nullcontext()
         header = TraceHeader(len(model.moe_layers), model.hparams.num_experts, model.hparams.top_k)
         return TraceWriter(self.config.record_trace, header)
 
@@ -114,7 +101,6 @@ class GenerateJob(Job):
 
     async def _summary(self, result: GenerationResult, experts: GraphExperts) -> GenerationSummary:
         stats = await self.io.stats()
-        prompt_length = len(result.prompt_tokens)
         reads, decode_bytes = stats.reads, stats.split_reads.nbytes  # split at the prompt length
         lookups = ExpertStats()
         lookups.add(experts.prefill)
@@ -125,7 +111,7 @@ class GenerateJob(Job):
         return GenerationSummary(
             prompt_tokens=result.prompt_tokens, tokens=result.tokens, stop_reason=result.stop_reason,
             prefill_s=result.prefill_seconds, decode_s=result.decode_seconds, decode_steps=steps,
-            prefill_tps=prompt_length / result.prefill_seconds if result.prefill_seconds > 0 else 0.0,
+            prefill_tps=len(result.prompt_tokens) / result.prefill_seconds if result.prefill_seconds > 0 else 0.0,
             decode_tps=steps / result.decode_seconds if steps else 0.0,
             hits=hits, misses=misses, lookups=hits + misses, prefetch_joins=lookups.prefetch_joins,
             demand_misses=misses - lookups.prefetch_joins,

@@ -1,20 +1,13 @@
-"""The router's placement of the forward pass (`mer.model.forward.ForwardPass`): dense steps in one
-thread, experts through the graph, routing to the predictor and the trace.
-
-Placement: the dense steps (embedding, attention with the KV cache, norms, router gates, grouping,
-the gate-weighted combine, LM head and sampling) run in ONE router thread (`DenseThread`), so the
-router's event loop never blocks and keeps serving the I/O and compute sockets; the experts run on
-the compute workers (`ExpertDispatcher`). The thread counts in the core budget as one more thread
-than `compute_workers x kernel_threads`; it is busy while the workers wait and idle while they
-compute (a block's experts need its routing, the next block needs the experts), so the two rarely
-run at once. See docs/model.md ("The generation path") for the measured per-block costs.
+"""The router's placement of the forward pass (`mer.model.forward.ForwardPass`): dense steps in ONE
+router thread (`DenseThread`, so the event loop never blocks; why: docs/model.md, "Dense placement"),
+experts on the compute workers (`ExpertDispatcher`), routing to the predictor and the trace.
 
 `GraphExperts` is the pass's experts and its observer: before a MoE block's experts, the routing
-goes to the predictor (one `RoutingObserved` per token, global ids; with `send_hidden`, for the
-next-layer gate predictor, each preceded by a `HiddenObserved` with the token's post-attention
-residual) and, with a trace, into it (token-major, written through aiofiles once the pass's last
-MoE block is done); after it, the block's costs are counted (prefill and decode apart: positions from
-`prompt_length` on are decode steps) and, with `log_blocks`, logged as `moe_block_done`.
+goes to the predictor (one `RoutingObserved` per token, global ids; with `send_hidden`, each preceded
+by a `HiddenObserved` with the token's post-attention residual) and, with a trace, into it
+(token-major, written once the pass's last MoE block is done); after it, the block's costs are
+counted (prefill and decode apart: positions from `prompt_length` on are decode steps) and, with
+`log_blocks`, logged as `moe_block_done`.
 """
 
 from __future__ import annotations

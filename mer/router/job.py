@@ -1,9 +1,8 @@
 """The router's job interface: what runs through the graph once every child is ready.
 
-The start message's type picks the job (`workers/router.py`): `StartBenchmark` runs
-`mer.router.bench_job.BenchJob`, `StartGeneration` runs `mer.router.generate_job.GenerateJob`
-(serving's scheduler will be the third). A job runs to its end and returns its typed summary,
-which the router sends to the supervisor in `JobDone`.
+The start message's type picks the job (`mer.router.service`): `StartBenchmark` runs `BenchJob`,
+`StartGeneration` runs `GenerateJob` (serving's scheduler will be the third). A job runs to its end
+and returns its typed summary, which the router sends to the supervisor in `JobDone`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The router: runs the job through the graph once the supervisor says every child is ready.
-
-The start message's type picks the job (`mer.router.job`): `StartBenchmark` runs the
-expert-streaming benchmark (`mer.router.bench_job`), `StartGeneration` text generation from a
-model (`mer.router.generate_job`).
+"""The router: runs the job the start message picks (`mer.router.job`) through the graph once the
+supervisor says every child is ready.
 
 Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
 (`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's

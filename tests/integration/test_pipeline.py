@@ -24,8 +24,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from mer.config import PipelineConfig
-from mer.router.hidden_states import synthetic_hidden_state
-from mer.router.reference import reference_outputs
+from mer.router.bench_job import synthetic_hidden_state
+from tests.support.bench_reference import reference_outputs
 from mer.store.reader import ExpertStore
 from mer.metrics.summary import summarize_log_events
 from mer.routing.trace import read_trace

@@ -11,10 +11,11 @@ import pytest
 
 from mer.errors import EventLogError
 from mer.metrics.events import PrefetchCounters, ReadRecord, RunInfo, TokenRecord
-from mer.metrics.stats import LATENCY_RESOLUTION, LatencyHistogram, Percentiles, mean, nearest_rank, percentile
+from mer.metrics.stats import LATENCY_RESOLUTION, LatencyHistogram, Percentiles, nearest_rank
 from mer.protocol import IoStats, PrefetchCounts, ReadCounts, decode, encode
 from mer.metrics.events import ReadRecord
 from mer.metrics.summary import ReadFigures, RunSummary, format_seed_block, summarize, summarize_log_events
+from tests.support.exact_stats import mean, percentile
 
 SEED_BLOCK = """\
 stream complete wall_s=233.828879846 sustained_tps=21.383158501605987 avg_throughput_mibps=103.46455072587074 hit_rate_pct=97.46000000000001
@@ -278,12 +279,12 @@ def test_latency_histogram_percentiles_are_within_the_stated_resolution():
     for count in (1, 2, 7, 100, 5000):
         values = [rng.lognormvariate(6, 2) for _ in range(count)] + [0.25]
         histogram = LatencyHistogram.of(values)
-        assert histogram.count == len(values) and len(histogram.counts) == len(LatencyHistogram.empty().counts)
+        assert histogram.count == len(values) and len(histogram.counts) == len(LatencyHistogram.of([]).counts)
         for percent in (0, 1, 50, 90, 95, 99, 99.9, 100):
             exact, approximate = percentile(values, percent), histogram.percentile(percent)
             assert abs(approximate - exact) <= max(exact * LATENCY_RESOLUTION, 0.5) + 1e-9, (count, percent)
         assert (histogram.percentile(0), histogram.percentile(100)) == (min(values), max(values))
-    assert LatencyHistogram.empty().percentiles() == Percentiles(None, None, None, None)
+    assert LatencyHistogram.of([]).percentiles() == Percentiles(None, None, None, None)
     with pytest.raises(ValueError, match="non-negative"):
         LatencyHistogram.of([float("nan")])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mer.config import PipelineConfig
-from mer.router.hidden_states import synthetic_hidden_state
+from mer.router.bench_job import synthetic_hidden_state
 from mer.routing.space import RoutingSpace
 from mer.compute.batches import item_partials, sum_slices, weighted_sum
 from mer.compute.slicing import plan_slices
