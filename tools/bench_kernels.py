@@ -5,7 +5,7 @@
 For a random valid q4_0 expert (d_model 4096, d_ff 14336: 99 MB) it times one expert call for
 batches of 1, 8 and 32 tokens, on one thread and on all cores of this process's affinity:
 
-- mer, planar layout and native layout (`mer.swiglu.swiglu_expert`);
+- mer, planar layout and native layout (`mer.compute.swiglu.swiglu_expert`);
 - ggml's own kernels on the same native bytes (`tools/ggml_reference.py`, through
   llama-cpp-python's libggml), when llama-cpp-python is importable;
 - once, batch 1: numpy (gguf.quants.dequantize of the three matrices, then np.dot).

@@ -3,7 +3,7 @@
 Jobs arrive on `compute.sock` (a DEALER with identity `compute-<i>`, connected to the router's
 ROUTER), one kind for every job: an `ExpertBatchJob` (a model's MoE block, or the benchmark's one
 row per expert), of which the worker computes each item's assigned d_ff slices on the item's own
-rows of x (`mer.expert_batches.item_partials`, rounding the kernels' inputs as llama.cpp does;
+rows of x (`mer.compute.batches.item_partials`, rounding the kernels' inputs as llama.cpp does;
 it changes only f16/bf16 matrices) and answers the partials `[slices, rows, d_model]`. For every
 item the worker checks the slot header's generation and expert id before and after computing, so
 a slot reassigned under it is refused (`StaleSlotError`) instead of computed. Kernels run with a

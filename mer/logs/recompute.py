@@ -1,13 +1,13 @@
 """The run summary recomputed from a run's raw events, exactly as the run computed it.
 
-The run computes its summary (`mer.summary.summarize_log_events`) from its `run_started`, its
+The run computes its summary (`mer.metrics.summary.summarize_log_events`) from its `run_started`, its
 `token_done` events, the I/O worker's read counters and latency histogram as reported when the
 router asked for the final statistics (`IoStats`), and the final `prefetch_stats`; here the same
 figures are rebuilt from the `expert_read` events with the same histogram code (`mer.metrics.stats`), so
 they agree exactly. A read can still finish after that request (a prefetch for a token that never
 comes); its `expert_read` is in the log but was not in the summary. So the reads counted are those
 whose `read_index` is below the `reads_counted` of `prefetch_stats` (the cut is
-`mer.summary.collect_events`'s, so every reader of raw events agrees).
+`mer.metrics.summary.collect_events`'s, so every reader of raw events agrees).
 
 A run that did not finish (interrupted, or a child died) has no `run_summary` and no
 `prefetch_stats`: the summary is then recomputed from the tokens logged, the prefetch counters
