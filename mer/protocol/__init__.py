@@ -6,10 +6,11 @@ frames and back (`mer.protocol.codec`); errors cross processes via `mer.protocol
 
 from mer.protocol.codec import ARRAY_KEY, decode, encode
 from mer.protocol.messages import (
-    MESSAGE_TYPES, Acquire, Activations, ArraySpec, BatchPartials, ChildFailed, ComputeItem, ErrorReply,
-    ExpertBatchJob, ExpertBatchResult, Hello, HiddenObserved, HiddenState, IoStats, JobDone, JsonMap, MessageKind,
+    Acquire, Activations, BatchPartials, ChildFailed, ComputeItem, ErrorReply,
+    ExpertBatchJob, ExpertBatchResult, Hello, HiddenObserved, HiddenState, IoStats, JobDone, MessageKind,
     PinSet, PredictorReport, PredictorStats, PrefetchCounts, PrefetchHint, PrefetchHints, ReadCounts, Ready, Release,
-    RoutingObserved, ScalarMap, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, SplitReads, StartBenchmark,
+    RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, SplitReads, StartBenchmark,
     StartGeneration, StatsRequest, TokenGenerated,
 )
+from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, JsonMap, ScalarMap
 from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, raise_remote

@@ -22,7 +22,8 @@ import msgpack
 import numpy as np
 
 from mer.errors import ConfigError, ProtocolError
-from mer.protocol.messages import MESSAGE_TYPES, ArraySpec, MapValues, MessageKind
+from mer.protocol.messages import MessageKind
+from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, MapValues
 
 ARRAY_KEY = "__array__"
 _ARRAY_REFERENCE_KEYS = frozenset((ARRAY_KEY, "dtype", "shape"))

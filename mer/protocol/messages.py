@@ -1,6 +1,6 @@
 """Every message of the process graph, declared once (docs/pipeline.md, "Messages").
 
-A message is a frozen dataclass registered with `@message(kind)`: it gets a `KIND` (a
+A message is a frozen dataclass registered with `@message(kind)` (`mer.protocol.schema`): it gets a `KIND` (a
 `MessageKind`) and a `VERSION`. On the wire its fields travel in declaration order, so a field is
 only ever added at the end (and the version bumped). Field annotations are the wire schema that
 `mer.protocol.codec` checks on receipt:
@@ -12,15 +12,16 @@ only ever added at the end (and the version bumped). Field annotations are the w
 Weights never travel in messages: compute work names slots by `(expert_id, slot, generation)`.
 """
 
-from dataclasses import dataclass, field as dataclass_field, fields
+from dataclasses import field as dataclass_field
 from enum import IntEnum
-from typing import Annotated, Any, NamedTuple, dataclass_transform
+from typing import Annotated, NamedTuple
 
 import numpy as np
 
 from mer.errors import ConfigError, ProtocolError
 from mer.metrics.events import LayerHintCounts, PredictorCounters
 from mer.metrics.stats import LatencyHistogram
+from mer.protocol.schema import ArraySpec, JsonMap, ScalarMap, equal_with_arrays, message
 
 
 class MessageKind(IntEnum):
@@ -50,27 +51,6 @@ class MessageKind(IntEnum):
     ERROR_REPLY = 40
 
 
-@dataclass(frozen=True)
-class ArraySpec:
-    """What an array field must be: its dtype and one name per axis (the axis count is fixed)."""
-
-    dtype: str
-    axes: tuple[str, ...]
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype).newbyteorder("<")
-
-
-class MapValues(IntEnum):
-    """What the values of a `dict` field may be (keys are always strings)."""
-
-    SCALARS = 1  # int, float, str, bool or None
-    JSON = 2  # scalars, lists and str-keyed dicts of them, nested
-
-
-ScalarMap = Annotated[dict[str, Any], MapValues.SCALARS]
-JsonMap = Annotated[dict[str, Any], MapValues.JSON]
 Activations = Annotated[np.ndarray, ArraySpec("float32", ("batch", "d_model"))]
 BatchPartials = Annotated[np.ndarray, ArraySpec("float32", ("slices", "rows", "d_model"))]
 HiddenState = Annotated[np.ndarray, ArraySpec("float32", ("d_model",))]
@@ -148,39 +128,6 @@ class PrefetchHint(NamedTuple):
 
     expert_id: int
     score: float
-
-
-MESSAGE_TYPES: dict[MessageKind, type] = {}
-
-
-@dataclass_transform(frozen_default=True)
-def message(kind: MessageKind, version: int = 1):
-    """Class decorator: make a frozen dataclass, tag it with `kind` and `version`, register it."""
-
-    def register(cls):
-        if kind in MESSAGE_TYPES:
-            raise TypeError(f"message kind {kind.name} is declared twice")
-        cls = dataclass(frozen=True, slots=True)(cls)
-        cls.KIND = kind
-        cls.VERSION = version
-        MESSAGE_TYPES[kind] = cls
-        return cls
-
-    return register
-
-
-def _equal_with_arrays(self, other) -> bool:
-    """Field-wise equality in which arrays compare by dtype, shape and values."""
-    if type(other) is not type(self):
-        return NotImplemented
-    for field in fields(self):
-        mine, theirs = getattr(self, field.name), getattr(other, field.name)
-        if isinstance(mine, np.ndarray):
-            if mine.dtype != theirs.dtype or mine.shape != theirs.shape or not np.array_equal(mine, theirs):
-                return False
-        elif mine != theirs:
-            return False
-    return True
 
 
 # --- control.sock: handshake and shutdown ---------------------------------------------------------
@@ -382,7 +329,7 @@ class ExpertBatchJob:
     x: Activations
     row_offsets: list[int]
 
-    __eq__ = _equal_with_arrays
+    __eq__ = equal_with_arrays
 
     def check(self) -> None:
         for index, (start, stop) in enumerate(self.slices):
@@ -405,7 +352,7 @@ class ExpertBatchResult:
     partials: BatchPartials
     compute_us: float
 
-    __eq__ = _equal_with_arrays
+    __eq__ = equal_with_arrays
 
 
 # --- observe.sock: routing history for the predictor ----------------------------------------------
@@ -437,7 +384,7 @@ class HiddenObserved:
     layer: int
     hidden: HiddenState
 
-    __eq__ = _equal_with_arrays
+    __eq__ = equal_with_arrays
 
 
 # --- any request/reply socket ---------------------------------------------------------------------
