@@ -128,7 +128,8 @@ def timing_line(summary: dict[str, Any]) -> str:
     """One line: prefill and decode speed, hit rate, MiB read per token, per-block costs, stop reason."""
     prompt, steps = len(summary["prompt_tokens"]), summary["decode_steps"]
     return (f"prefill {prompt} tokens {summary['prefill_tps']:.1f} tok/s, decode {steps} steps "
-            f"{summary['decode_tps']:.1f} tok/s, hit rate {summary['hit_rate_pct']:.1f}%, "
+            f"{summary['decode_tps']:.1f} tok/s, hit rate prefill {summary['prefill_hit_rate_pct']:.1f}% decode "
+            f"{summary['decode_hit_rate_pct']:.1f}%, "
             f"{summary['mib_read_per_token']:.2f} MiB read per token; per MoE block: dense "
             f"{summary['dense_us_per_block']:.0f} us, experts {summary['expert_us_per_block']:.0f} us; "
             f"{len(summary['tokens'])} tokens, stop: {summary['stop_reason']}")

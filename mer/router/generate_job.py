@@ -115,7 +115,8 @@ class GenerateJob(Job):
             decode_tps=steps / result.decode_seconds if steps else 0.0,
             hits=hits, misses=misses, lookups=hits + misses, prefetch_joins=lookups.prefetch_joins,
             demand_misses=misses - lookups.prefetch_joins,
-            hit_rate_pct=100.0 * hits / (hits + misses) if hits + misses else 0.0,
+            hit_rate_pct=hit_rate_pct(lookups), prefill_hit_rate_pct=hit_rate_pct(experts.prefill),
+            decode_hit_rate_pct=hit_rate_pct(experts.decode),
             reads=reads.reads, bytes_read=reads.nbytes, decode_bytes_read=decode_bytes,
             mib_read_per_token=decode_bytes / MIB / steps if steps else 0.0,
             prefetches_issued=stats.prefetch.issued, prefetches_used=stats.prefetch.used,
@@ -128,6 +129,12 @@ class GenerateJob(Job):
             cache_slots=self.config.cache_slots, compute_workers=self.compute_workers,
             io_backend=stats.io_backend,
         )
+
+
+def hit_rate_pct(stats: ExpertStats) -> float:
+    """Hits per lookup in percent (0 without lookups)."""
+    lookups = stats.hits + stats.misses
+    return 100.0 * stats.hits / lookups if lookups else 0.0
 
 
 def warm_up_dense(model: MoEModel) -> float:

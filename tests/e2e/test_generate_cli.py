@@ -39,10 +39,11 @@ pytestmark = pytest.mark.slow  # starts the process graph
 PROMPT = "hello world this is a test of the experts"
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TIMING_LINE = re.compile(r"prefill \d+ tokens [\d.]+ tok/s, decode \d+ steps [\d.]+ tok/s, hit rate [\d.]+%, "
+TIMING_LINE = re.compile(r"prefill \d+ tokens [\d.]+ tok/s, decode \d+ steps [\d.]+ tok/s, hit rate prefill [\d.]+% decode [\d.]+%, "
                          r"[\d.]+ MiB read per token; per MoE block: dense \d+ us, experts \d+ us; "
                          r"\d+ tokens, stop: \w+")
-JSON_KEYS = {"prompt_tokens", "tokens", "text", "prefill_tps", "decode_tps", "hit_rate_pct", "mib_read_per_token",
+JSON_KEYS = {"prompt_tokens", "tokens", "text", "prefill_tps", "decode_tps", "hit_rate_pct", "prefill_hit_rate_pct",
+             "decode_hit_rate_pct", "mib_read_per_token",
              "stop_reason", "dense_us_per_block", "expert_us_per_block"}
 
 
@@ -101,6 +102,8 @@ def test_json_result_and_prompt_tokens_used_as_given(leak_guard, tmp_path, cache
     assert result["tokens"] == greedy_reference(info.path, result["prompt_tokens"], 6)
     assert result["text"] == tokenizer.decode(result["tokens"])
     assert result["prefill_tps"] > 0 and result["decode_tps"] > 0 and 0 <= result["hit_rate_pct"] <= 100
+    low, high = sorted((result["prefill_hit_rate_pct"], result["decode_hit_rate_pct"]))
+    assert 0 <= low <= result["hit_rate_pct"] <= high <= 100  # the whole run's rate lies between its parts'
     given = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 3, workdir=tmp_path,
                          cache_dir=cache_dir).result
     assert given["prompt_tokens"] == [17, 200, 5]
