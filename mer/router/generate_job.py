@@ -1,7 +1,8 @@
 """The generation job, run by the router: THE generation loop (`mer.model.generate.generate_tokens`)
 with THE forward pass placed on the graph (`mer.router.graph_forward`).
 
-The router loads the model (its dense weights, memory-mapped) once, here. Each generated token goes
+The router loads the model once, here, with its dense weights resident (`mer.model.resident`: read
+into the router's memory, so expert traffic cannot evict them). Each generated token goes
 to the supervisor at once (`TokenGenerated`); routing decisions go to the predictor and, with
 `record_trace`, to a trace. The summary is `mer.metrics.summary.GenerationSummary`; the I/O worker
 counts the decode steps' reads apart from the prompt length on (`SplitReads`, sent before the first
@@ -50,7 +51,7 @@ class GenerateJob(Job):
     async def run(self) -> GenerationSummary:
         dense = DenseThread()
         try:
-            model = await dense(MoEModel.load, self.start.model)
+            model = await dense(MoEModel.load, self.start.model, 1, True)  # dense weights resident
             check_model_matches_store(model, self.manifest, self.start.model)
             warm_up_s = await dense(warm_up_dense, model)
             self.log.info("generation_started", model=self.start.model, architecture=model.hparams.architecture,

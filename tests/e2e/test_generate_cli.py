@@ -162,6 +162,25 @@ def test_ram_budget_bounds_the_graphs_resident_memory(leak_guard, tmp_path, cach
     assert result["tokens"] == greedy_reference(info.path, result["prompt_tokens"], 24)
 
 
+def test_with_no_cache_flags_a_model_that_fits_is_held_whole(leak_guard, tmp_path, cache_dir):
+    """No --ram-budget, no --cache-slots: the budget is what the machine can give, so every expert of a
+    small model gets a slot, and the decode steps find them all after the prompt (no flag needed)."""
+    info = write_model(tmp_path / "m.gguf")
+    run = run_generate(leak_guard, info.path, "--prompt-tokens", ",".join(str(n) for n in range(40, 72)), "-n", 12,
+                       "--ignore-eos", "--no-prefetch", workdir=tmp_path, cache_dir=cache_dir)
+    result = run.result
+    assert result["cache_slots"] == 8 * 2  # every expert of both MoE layers
+    assert "(default: " in run.stderr and "available" in run.stderr and "less headroom" in run.stderr
+    assert result["ram_budget_bytes"] > 0 and result["arena_bytes"] <= result["ram_budget_bytes"]
+    assert result["decode_hit_rate_pct"] == 100.0  # 32 prompt tokens touched every expert: no decode miss
+    assert result["tokens"] == greedy_reference(info.path, result["prompt_tokens"], 12)
+    configured = tmp_path / "four.toml"
+    configured.write_text("cache_slots = 4\n")
+    result = run_generate(leak_guard, info.path, "--prompt", PROMPT, "-n", 2, "--config", configured,
+                          workdir=tmp_path, cache_dir=cache_dir).result
+    assert result["cache_slots"] == 4 and result["ram_budget_bytes"] is None  # a config file's cache is kept
+
+
 def rename_architecture(source: Path, target: Path, name: str) -> None:
     """A copy of a llama GGUF whose architecture (and metadata key prefix) is `name` (5 letters)."""
     data = source.read_bytes()
