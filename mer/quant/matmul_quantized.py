@@ -19,13 +19,15 @@ from numba import literally, njit, prange
 
 from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
 from mer.quant.kernels_portable import portable_row_dot_q4_0, portable_row_dot_q8_0
+from mer.quant.kernels_avx2 import avx2_dot
 from mer.quant.kernels_vnni import vnni_dot
 
 _FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
 
-# Kernel codes of the VNNI entry points (numba entry points called from Python cannot take the
-# compile-time constants the intrinsic needs).
+# Kernel codes of the VNNI and AVX2 entry points (numba entry points called from Python cannot
+# take the compile-time constants the intrinsics need).
 VNNI_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3}
+AVX2_KERNEL_CODES = VNNI_KERNEL_CODES
 
 
 @njit(**_FAST)
@@ -144,3 +146,66 @@ def portable_matmul_parallel(weights, addressing, row_start, row_stop, quants, s
         stop = row_start + (chunk + 1) * num_rows // num_chunks
         part = out[:, start - row_start : stop - row_start]
         portable_matmul(weights, addressing, start, stop, quants, scales, part, is_q4_0)
+
+
+@njit(**_FAST)
+def _avx2_row_block(weights, addressing, row, num_rows, quants, scales, out, column, dtype, planar):  # type: ignore[no-untyped-def]
+    """All tokens of `num_rows` (a literal) rows starting at `row`, 4 tokens a call (16 ymm
+    registers: 2 rows x 4 tokens of accumulators beside the rows' unpacked weights)."""
+    literally(dtype)
+    literally(planar)
+    literally(num_rows)
+    position = _row_position(addressing, row)
+    batch = quants.shape[1]
+    token = 0
+    while batch - token >= 4:
+        results4 = avx2_dot(weights, position, quants, scales, token, dtype, planar, num_rows, 4)
+        _store(out, token, column, num_rows, 4, results4)
+        token += 4
+    if batch - token >= 2:
+        results2 = avx2_dot(weights, position, quants, scales, token, dtype, planar, num_rows, 2)
+        _store(out, token, column, num_rows, 2, results2)
+        token += 2
+    if batch - token >= 1:
+        results1 = avx2_dot(weights, position, quants, scales, token, dtype, planar, num_rows, 1)
+        _store(out, token, column, num_rows, 1, results1)
+
+
+@njit(**_FAST)
+def _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, out_base, dtype, planar):  # type: ignore[no-untyped-def]
+    literally(dtype)
+    literally(planar)
+    row = row_start
+    while row_stop - row >= 2:
+        _avx2_row_block(weights, addressing, row, 2, quants, scales, out, row - out_base, dtype, planar)
+        row += 2
+    if row < row_stop:
+        _avx2_row_block(weights, addressing, row, 1, quants, scales, out, row - out_base, dtype, planar)
+
+
+@njit(**_FAST)
+def _avx2_rows_by_code(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
+    if code == 0:
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q4_0", True)
+    elif code == 1:
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q4_0", False)
+    elif code == 2:
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", True)
+    else:
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", False)
+
+
+@njit(**_FAST)
+def avx2_matmul(weights, addressing, row_start, row_stop, quants, scales, out, code):  # type: ignore[no-untyped-def]
+    """`out[t, r - row_start]` for rows [row_start, row_stop), one thread (see AVX2_KERNEL_CODES)."""
+    _avx2_rows_by_code(weights, addressing, row_start, row_stop, quants, scales, out, row_start, code)
+
+
+@njit(parallel=True, **_FAST)
+def avx2_matmul_parallel(weights, addressing, row_start, row_stop, quants, scales, out, code, num_chunks):  # type: ignore[no-untyped-def]
+    """`avx2_matmul` with the rows split into `num_chunks` chunks (even sizes) on numba's threads."""
+    num_pairs = (row_stop - row_start + 1) // 2
+    for chunk in prange(num_chunks):
+        start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
+        stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
+        _avx2_rows_by_code(weights, addressing, start, stop, quants, scales, out, row_start, code)
