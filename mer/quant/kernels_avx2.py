@@ -6,29 +6,31 @@ there: `position`, the row-major `num_rows * num_tokens` float32 tuple, the lite
 the same integer dot per block; only the float32 summation order differs.
 
 A row is read a GROUP at a time, 64 weight bytes (4 q4_0 or 2 q8_0 blocks, the group of the
-activation layout `mer.quant.activation`), in two 32-byte HALVES; each half's integer dot with
-a token ends up in 8 int32 lanes (lane l in block l // 4 of the half for q4_0, all 8 in its one
-block for q8_0):
+activation layout `mer.quant.activation`), in two 32-byte HALVES; a group's exact integer dot
+with a token ends up in 8 int32 lanes, two or four per block (`GroupFormat.lane_blocks`):
 
 - q4_0: the nibbles become signed weights `w = n - 8` in [-8, 7] (low nibbles pair with the
   activation's first 64 bytes, high nibbles with the next 64), the activation bytes stay
   unsigned `u = q + 128`; `vpmaddubsw(u, w)` sums two products per int16 lane, at most
-  2 * 255 * 8 = 4080 in size, so it never saturates. The low and high results are added and
-  `128 * (w pair sums)` (one `vpmaddubsw` of 128s, |.| <= 4096, computed once per row and
-  group and shared by every token) subtracted in int16; the exact result, 4 products of
-  |q| <= 128 and |w| <= 8, fits int16, so the wrapping int16 arithmetic is exact. `vpmaddwd`
-  with ones then sums lane pairs into int32.
+  2 * 255 * 8 = 4080 in size, so it never saturates. Per half the low and high results are
+  added, `vphaddw` sums lane pairs of both halves into one vector (4 blocks, 8 products per
+  lane), and `128 * (sum of the lane's w)` (prepared the same way from 128s once per row and
+  group, shared by every token) is subtracted. The exact result, 8 products of |q| <= 128 and
+  |w| <= 8, fits int16, so the wrapping int16 arithmetic is exact; `vpmaddwd` with ones then
+  sums lane pairs into int32.
 - q8_0: weights span [-128, 127], where `u * w` pairs would saturate, so the signs move to the
   activation (as ggml does): `vpmaddubsw(|w|, sign(q, w))` with `q = u - 128` in [-127, 127]
   (what `quantize_activation` makes; -128 would not survive the sign flip): each pair sum is at
-  most 2 * 128 * 127 = 32512 in size. `|w|` is computed once per row and group.
+  most 2 * 128 * 127 = 32512 in size. `|w|` is computed once per row and group. `vpmaddwd`
+  with ones gives int32 per half, `vphaddd` joins the halves.
 
-The int32 lanes go to float32, times the weight block's scale (f16 -> f32 by F16C), times the
-token's activation scale of the block, fused-added into one 8-lane float accumulator per (row,
-token), summed once at the end. Rows come `num_rows` at a time so a group's weights, unpacked
-once, serve every token of the call; a last partial group reads its weights with masked loads
-(`vpmaskmovd`), touching nothing past the row's slice. Planar weights are one 64-byte quants
-load and one 8- or 4-byte scales load per group; native ones are gathered block by block.
+The int32 lanes go to float32, times the weight blocks' scales (f16 -> f32 by F16C, spread over
+their lanes once per row and group), fused-multiplied by the token's activation scales (spread
+once per token) into one 8-lane float accumulator per (row, token), summed at the end. Rows
+come `num_rows` at a time so a group's weights, unpacked once, serve every token of the call;
+a last partial group reads its weights with masked loads (`vpmaskmovd`), touching nothing past
+the row's slice. Planar weights are one 64-byte quants load and one 8- or 4-byte scales load
+per group; native ones are gathered block by block.
 """
 
 from __future__ import annotations
@@ -60,20 +62,16 @@ class GroupFormat:
     native_block_bytes: int
 
     @property
-    def blocks_per_half(self) -> int:
-        return self.blocks_per_group // HALVES
-
-    @property
-    def lanes_per_block(self) -> int:
-        return LANES // self.blocks_per_half
-
-    @property
     def activation_bytes_per_group(self) -> int:
         return 32 * self.blocks_per_group
 
-    def half_lane_blocks(self, half: int) -> list[int]:
-        """The group's block index of each of the 8 int32 lanes of `half`."""
-        return [half * self.blocks_per_half + lane // self.lanes_per_block for lane in range(LANES)]
+    @property
+    def lane_blocks(self) -> list[int]:
+        """The group's block index of each int32 lane of a group dot: `vphadd` of the two
+        halves takes each 128-bit half from the first half-vector, then from the second."""
+        if self.blocks_per_group == 4:
+            return [0, 0, 2, 2, 1, 1, 3, 3]
+        return [0, 0, 1, 1, 0, 0, 1, 1]
 
 
 GROUP_FORMATS = {
@@ -86,10 +84,10 @@ def _byte_constant(value: int) -> ir.Constant:
     return ir.Constant(vir.vector(vir.INT8, HALF_BYTES), [value] * HALF_BYTES)
 
 
-def _spread(builder: ir.IRBuilder, block_values: ir.Value, fmt: GroupFormat, half: int) -> ir.Value:
-    """The 8 float lanes of `half`, each holding its block's value from `block_values` (one
-    lane per block of the group)."""
-    indices = ir.Constant(vir.vector(vir.INT32, LANES), fmt.half_lane_blocks(half))
+def _spread(builder: ir.IRBuilder, block_values: ir.Value, fmt: GroupFormat) -> ir.Value:
+    """8 float lanes, each holding its block's value from `block_values` (one lane per block
+    of the group), in the lane order of a group dot."""
+    indices = ir.Constant(vir.vector(vir.INT32, LANES), fmt.lane_blocks)
     return builder.shuffle_vector(block_values, block_values, indices)
 
 
@@ -179,10 +177,10 @@ class _WeightRow:
 @dataclass
 class _RowGroup:
     """One row's group, prepared once for every token: per half the byte vectors that meet the
-    activation and (q4_0) the int16 correction of the activation's +128."""
+    activation, (q4_0) the int16 correction of the activation's +128, the spread scales."""
 
     parts: list[list[ir.Value]]
-    corrections: list[ir.Value | None]
+    correction: ir.Value | None
     scales: ir.Value
 
 
@@ -222,9 +220,9 @@ class _DotEmitter:
     def _prepare_row(self, row: _WeightRow, group: ir.Value, valid_blocks: ir.Value | None) -> _RowGroup:
         builder = self.builder
         halves = row.load_quants(group, valid_blocks)
-        scales = row.load_scales(group, valid_blocks)
+        scales = _spread(builder, row.load_scales(group, valid_blocks), self.format)
         if self.dtype == "q8_0":
-            return _RowGroup([[vir.absolute_bytes(builder, half), half] for half in halves], [None, None], scales)
+            return _RowGroup([[vir.absolute_bytes(builder, half), half] for half in halves], None, scales)
         parts, corrections = [], []
         for raw in halves:
             low = builder.sub(builder.and_(raw, _byte_constant(0x0F)), _byte_constant(8))
@@ -232,7 +230,7 @@ class _DotEmitter:
             both = builder.add(low, high)
             corrections.append(vir.multiply_add_unsigned_signed_bytes(builder, _byte_constant(ACTIVATION_OFFSET), both))
             parts.append([low, high])
-        return _RowGroup(parts, corrections, scales)
+        return _RowGroup(parts, vir.add_adjacent_pairs(builder, *corrections), scales)
 
     def _token_index(self, group: ir.Value, token: int) -> ir.Value:
         """Index of (group, token_start + token) in the activation's [group, token] order."""
@@ -251,19 +249,24 @@ class _DotEmitter:
         pointer = builder.gep(self.activation_scales, [builder.mul(index, vir.INT64(fmt.blocks_per_group))])
         return vir.load_vector(builder, pointer, vir.vector(vir.FLOAT, fmt.blocks_per_group))
 
-    def _half_dot(self, prepared: _RowGroup, half: int, activation: list[ir.Value]) -> ir.Value:
-        """The 8 int32 lanes of one half's exact integer dot with one token."""
+    def _group_dot(self, prepared: _RowGroup, activation: list[list[ir.Value]]) -> ir.Value:
+        """The 8 int32 lanes of the group's exact integer dot with one token."""
         builder = self.builder
         if self.dtype == "q8_0":
-            magnitudes, signs = prepared.parts[half]
-            signed = vir.copy_sign_bytes(builder, activation[0], signs)
-            return vir.sum_word_pairs(builder, vir.multiply_add_unsigned_signed_bytes(builder, magnitudes, signed))
-        low, high = prepared.parts[half]
-        words = builder.add(
-            vir.multiply_add_unsigned_signed_bytes(builder, activation[0], low),
-            vir.multiply_add_unsigned_signed_bytes(builder, activation[1], high),
-        )
-        return vir.sum_word_pairs(builder, builder.sub(words, prepared.corrections[half]))
+            sums = []
+            for (magnitudes, signs), (values,) in zip(prepared.parts, activation):
+                signed = vir.copy_sign_bytes(builder, values, signs)
+                sums.append(vir.sum_word_pairs(builder, vir.multiply_add_unsigned_signed_bytes(builder, magnitudes, signed)))
+            return vir.add_adjacent_pairs(builder, *sums)
+        words = [
+            builder.add(
+                vir.multiply_add_unsigned_signed_bytes(builder, low_activation, low),
+                vir.multiply_add_unsigned_signed_bytes(builder, high_activation, high),
+            )
+            for (low, high), (low_activation, high_activation) in zip(prepared.parts, activation)
+        ]
+        joined = vir.add_adjacent_pairs(builder, *words)
+        return vir.sum_word_pairs(builder, builder.sub(joined, prepared.correction))
 
     def _token_halves(self, index: ir.Value) -> list[list[ir.Value]]:
         """Per half, the activation byte vectors it meets: q4_0 (low, high) as stored, q8_0 the
@@ -287,14 +290,11 @@ class _DotEmitter:
         for token in range(self.num_tokens):
             index = self._token_index(group, token)
             activation = self._token_halves(index)
-            token_scales = self._token_scales(index)
+            token_scales = _spread(builder, self._token_scales(index), fmt)
             for row_index, row in enumerate(prepared):
-                block_scales = builder.fmul(row.scales, token_scales)
+                dot = builder.sitofp(self._group_dot(row, activation), lanes_float)
                 accumulator = accumulators[row_index][token]
-                total = builder.load(accumulator)
-                for half in range(HALVES):
-                    dot = builder.sitofp(self._half_dot(row, half, activation[half]), lanes_float)
-                    total = vir.multiply_add(builder, dot, _spread(builder, block_scales, fmt, half), total)
+                total = vir.multiply_add(builder, builder.fmul(dot, row.scales), token_scales, builder.load(accumulator))
                 builder.store(total, accumulator)
 
     def emit(self, context, return_type) -> ir.Value:  # type: ignore[no-untyped-def]

@@ -148,6 +148,14 @@ def sum_word_pairs(builder: ir.IRBuilder, words: ir.Value) -> ir.Value:
     return _call_intrinsic(builder, "llvm.x86.avx2.pmadd.wd", vector(INT32, 8), [words, ones])
 
 
+def add_adjacent_pairs(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
+    """AVX2 `vphaddw` (16 x i16) or `vphaddd` (8 x i32), wrapping: per 128-bit half, the sums
+    of adjacent lane pairs of `first`'s half, then those of `second`'s half."""
+    width = first.type.element.width
+    name = "llvm.x86.avx2.phadd.w" if width == 16 else "llvm.x86.avx2.phadd.d"
+    return _call_intrinsic(builder, name, first.type, [first, second])
+
+
 def copy_sign_bytes(builder: ir.IRBuilder, values: ir.Value, signs: ir.Value) -> ir.Value:
     """AVX2 `vpsignb` (32 x i8): values[i] negated where signs[i] < 0, zero where it is 0."""
     return _call_intrinsic(builder, "llvm.x86.avx2.psign.b", values.type, [values, signs])
