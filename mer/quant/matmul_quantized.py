@@ -15,7 +15,8 @@ scale at `scales_base + (r * blocks_per_row + b) * scale_stride`; each row's blo
 
 from __future__ import annotations
 
-from numba import literally, njit, prange
+from numba import literally, njit, prange, types
+from numba.extending import overload
 
 from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
 from mer.quant.kernels_portable import portable_row_dot_q4_0, portable_row_dot_q8_0
@@ -28,6 +29,7 @@ _FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
 # take the compile-time constants the intrinsics need).
 VNNI_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3}
 AVX2_KERNEL_CODES = VNNI_KERNEL_CODES
+_AVX2_VARIANTS = {code: kind for kind, code in AVX2_KERNEL_CODES.items()}
 
 
 @njit(**_FAST)
@@ -188,29 +190,38 @@ def _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, ou
         _avx2_row_block(weights, addressing, row, 1, quants, scales, out, row - out_base, dtype, planar)
 
 
-@njit(**_FAST)
-def _avx2_rows_by_code(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
-    if code == 0:
-        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q4_0", True)
-    elif code == 1:
-        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q4_0", False)
-    elif code == 2:
-        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", True)
-    else:
-        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", False)
+def _avx2_rows_of(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
+    """`_avx2_rows` for the (dtype, planar) of `code`, a literal AVX2_KERNEL_CODES value."""
+
+
+@overload(_avx2_rows_of, prefer_literal=True)
+def _avx2_rows_of_code(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
+    """Types `_avx2_rows_of` with only the variant of `code` (compiling all four, as a runtime
+    branch on the code would, takes ~15 s of CPU; one takes a quarter of it)."""
+    if not isinstance(code, types.IntegerLiteral):
+        return None
+    dtype, planar = _AVX2_VARIANTS[code.literal_value]
+
+    def implementation(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, dtype, planar)
+
+    return implementation
 
 
 @njit(**_FAST)
 def avx2_matmul(weights, addressing, row_start, row_stop, quants, scales, out, code):  # type: ignore[no-untyped-def]
-    """`out[t, r - row_start]` for rows [row_start, row_stop), one thread (see AVX2_KERNEL_CODES)."""
-    _avx2_rows_by_code(weights, addressing, row_start, row_stop, quants, scales, out, row_start, code)
+    """`out[t, r - row_start]` for rows [row_start, row_stop), one thread (see AVX2_KERNEL_CODES;
+    each code is its own compiled specialisation)."""
+    literally(code)
+    _avx2_rows_of(weights, addressing, row_start, row_stop, quants, scales, out, row_start, code)
 
 
 @njit(parallel=True, **_FAST)
 def avx2_matmul_parallel(weights, addressing, row_start, row_stop, quants, scales, out, code, num_chunks):  # type: ignore[no-untyped-def]
     """`avx2_matmul` with the rows split into `num_chunks` chunks (even sizes) on numba's threads."""
+    literally(code)
     num_pairs = (row_stop - row_start + 1) // 2
     for chunk in prange(num_chunks):
         start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
         stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
-        _avx2_rows_by_code(weights, addressing, start, stop, quants, scales, out, row_start, code)
+        _avx2_rows_of(weights, addressing, start, stop, quants, scales, out, row_start, code)
