@@ -34,11 +34,11 @@ def demo_store() -> Path:
     return directory
 
 
-def converted_store(model: Path, *, command: str = "up", start_phase=None) -> Path:
+def converted_store(model: Path, *, command: str = "up", start_phase=None, parts=None) -> Path:
     """The expert store of a GGUF model, converted on first use and found again by the GGUF's
     fingerprint without reading the whole model (`mer.store.store_cache`). `command` names the
     caller in the messages on stderr; `start_phase` (a `ProgressDisplay`'s) shows the conversion's
-    progress."""
+    progress; `parts` the model already opened (`mer.store.gguf_files.open_parts`)."""
     from mer.store.convert import convert_gguf
     from mer.store.store_cache import cached_store
 
@@ -48,4 +48,4 @@ def converted_store(model: Path, *, command: str = "up", start_phase=None) -> Pa
     def announce(line: str) -> None:
         print(f"mer-pipeline {command}: {line}", file=sys.stderr)
 
-    return cached_store(model, read_environment().cache_dir, convert=convert, announce=announce)
+    return cached_store(model, read_environment().cache_dir, convert=convert, announce=announce, parts=parts)

@@ -69,6 +69,7 @@ def gguf_fingerprint(parts: Sequence[GGUFPart]) -> str:
         digest.update(part.nbytes.to_bytes(8, "big"))
         digest.update(part.header)
         with open(part.path, "rb", buffering=0) as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # no readahead around the samples
             for offset, length in sampled_blocks(len(part.header), part.nbytes):
                 block = os.pread(handle.fileno(), length, offset)
                 if len(block) != length:

@@ -51,15 +51,16 @@ def store_directory_name(model: Path, fingerprint: str) -> str:
 
 
 def cached_store(model: str | Path, cache_dir: Path, *, convert: Callable[[Path, Path, bool], None],
-                 announce: Callable[[str], None]) -> Path:
+                 announce: Callable[[str], None], parts: Sequence[GGUFPart] | None = None) -> Path:
     """The store directory of the GGUF `model` in `cache_dir/stores` (see the module docstring).
 
     `convert(model, directory, force)` converts when no store fits; `announce(line)` tells the user
-    why this start is slow (a full identity check or a conversion)."""
+    why this start is slow (a full identity check or a conversion). `parts`: the model already
+    opened (`open_parts(model)`), so that its header is not parsed twice."""
     started = time.perf_counter()
     model = Path(model)
     stores = cache_dir / STORES_DIRECTORY
-    parts = open_parts(model)
+    parts = open_parts(model) if parts is None else parts
     fingerprint = gguf_fingerprint(parts)
     stats = source_file_stats([part.path for part in parts])
     lookup = _Lookup(model, parts, fingerprint, stats, announce)
