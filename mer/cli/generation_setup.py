@@ -130,7 +130,8 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     else:  # --cache-slots or the config file's, within k..all experts
         cache = min(max(config.cache_slots, hparams.top_k), source.geometry.num_experts)
         config = msgspec.structs.replace(config, cache_slots=cache)
-    store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase)
+    store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase,
+                                parts=source.parts)
     store = ExpertStore.open(store_dir)
     config = msgspec.structs.replace(config, store=store_dir)
     validate_against_geometry(config, store.manifest.geometry)

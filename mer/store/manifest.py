@@ -10,6 +10,7 @@ every read stays inside the file.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,14 +66,28 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class SourceFileStat:
+    """One source file as `stat` saw it: a rewrite or touch changes `mtime_ns`, a copy `inode`."""
+
+    nbytes: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
 class SourceInfo:
-    """Where the experts came from: a GGUF (paths, sizes, content hash) or a synthetic generator."""
+    """Where the experts came from: a GGUF (paths, sizes, content hash, fingerprint and file stats) or a
+    synthetic generator. `hash` is the full identity (`mer.store.gguf_identity`); `fingerprint`
+    (`mer.store.gguf_fingerprint`) and `stats` (one per path) find the store at start-up without
+    reading the model. Stores converted before they existed have them empty."""
 
     kind: str  # "gguf" or "synth"
     paths: tuple[str, ...] = ()
     nbytes: int = 0
     hash: str = ""
     parameters: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    stats: tuple[SourceFileStat, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,7 +188,8 @@ class Manifest:
                 experts=tuple(ExpertEntry(*row) for row in data["experts"]),
                 files=tuple(FileEntry(**entry) for entry in data["files"]),
                 source=SourceInfo(source["kind"], tuple(source["paths"]), source["nbytes"],
-                                  source["hash"], source.get("parameters", {})),
+                                  source["hash"], source.get("parameters", {}), source.get("fingerprint", ""),
+                                  tuple(SourceFileStat(**stat) for stat in source.get("stats", ()))),
                 created_by=data.get("created_by", ""),
                 format_version=data["mer_store"],
                 checksum_algorithm=data["checksum_algorithm"],
@@ -186,7 +202,18 @@ class Manifest:
         return manifest
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / MANIFEST_NAME).write_text(self.to_json())
+        """Write `manifest.json` atomically: a temporary file beside it, flushed, then renamed over it,
+        so a reader (or a crash) sees the old manifest or the new one, never a part."""
+        path = Path(directory) / MANIFEST_NAME
+        temporary = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "w") as handle:
+                handle.write(self.to_json())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":

@@ -104,10 +104,35 @@ def test_json_result_and_prompt_tokens_used_as_given(leak_guard, tmp_path, cache
     assert result["prefill_tps"] > 0 and result["decode_tps"] > 0 and 0 <= result["hit_rate_pct"] <= 100
     low, high = sorted((result["prefill_hit_rate_pct"], result["decode_hit_rate_pct"]))
     assert 0 <= low <= result["hit_rate_pct"] <= high <= 100  # the whole run's rate lies between its parts'
-    given = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 3, workdir=tmp_path,
-                         cache_dir=cache_dir).result
+    assert [event["check"] for event in run.events_named("converted_store_found")] == ["converted"]
+    given_run = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 3, workdir=tmp_path,
+                             cache_dir=cache_dir)
+    given = given_run.result
     assert given["prompt_tokens"] == [17, 200, 5]
     assert given["tokens"] == greedy_reference(info.path, [17, 200, 5], 3)
+    # the second start finds the store by the GGUF's fingerprint: no conversion, no full read
+    assert [event["check"] for event in given_run.events_named("converted_store_found")] == ["fingerprint"]
+    assert "converting" not in given_run.stderr and "full identity" not in given_run.stderr
+
+
+def test_a_store_converted_by_an_older_mer_is_verified_once(leak_guard, tmp_path, cache_dir, monkeypatch):
+    info = write_model(tmp_path / "model.gguf")
+    monkeypatch.setenv("MER_CACHE_DIR", str(cache_dir))
+    store = converted_store(info.path)
+    data = json.loads((store / "manifest.json").read_text())
+    del data["source"]["fingerprint"], data["source"]["stats"]  # as an older mer wrote it
+    (store / "manifest.json").write_text(json.dumps(data))
+    first = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 2, workdir=tmp_path,
+                         cache_dir=cache_dir)
+    assert first.result["tokens"] == greedy_reference(info.path, [17, 200, 5], 2)
+    assert "converted by an older mer, without a fingerprint: checking the full identity" in first.stderr
+    assert [event["check"] for event in first.events_named("converted_store_found")] == ["full_identity"]
+    assert Manifest.load(store).source.fingerprint
+    second = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 2, workdir=tmp_path,
+                          cache_dir=cache_dir)
+    assert second.result["tokens"] == first.result["tokens"]
+    assert "full identity" not in second.stderr and "converting" not in second.stderr
+    assert [event["check"] for event in second.events_named("converted_store_found")] == ["fingerprint"]
 
 
 def test_generation_stops_on_the_end_of_generation_token(leak_guard, tmp_path, cache_dir):
