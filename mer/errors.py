@@ -148,9 +148,14 @@ _OS_ERROR_REASONS = {
 }
 
 
+def os_error_reason(error: OSError) -> str:
+    """A short reason for an OSError, without the path: `permission denied`."""
+    return _OS_ERROR_REASONS.get(error.errno or -1) or error.strerror or str(error)
+
+
 def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> str:
     """`PATH: reason` for an OSError: its own file name (or `path`), then a short reason."""
-    reason = _OS_ERROR_REASONS.get(error.errno or -1) or error.strerror or str(error)
+    reason = os_error_reason(error)
     where = error.filename if error.filename is not None else path
     if where is None:
         return reason

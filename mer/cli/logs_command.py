@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mer.cli.flag_types import non_negative_int, positive_int
-from mer.errors import EventLogError
+from mer.errors import EventLogError, MerError, os_error_reason
 from mer.logs.compare import compare_summaries, format_comparison
 from mer.logs.recompute import recompute_summary
 from mer.logs.runs import RunLog, load_runs, select_run
@@ -166,6 +166,10 @@ def run_plot(args: argparse.Namespace) -> int:
 
     if args.window < 1:
         raise EventLogError(f"--window must be at least 1 token, got {args.window}")
+    try:  # before the (possibly long) reading of the log
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MerError(f"{args.out}: cannot create the plot directory: {os_error_reason(error)}") from None
     report = write_plots(_one_run(args.file, args), args.out, window=args.window)
     _warn([f"{name}.png not written: {why}" for name, why in report.skipped])
     for path in report.written:
