@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from mer.models import tiny_model_path
+from mer.store.demo import converted_store
 from mer.store.synth import SynthSpec, synth_store
 from tests.support.generate_runs import GENERATE_TIMEOUT_S, generate_argv
 from tests.support.gguf_models import write_tiny_moe_gguf
@@ -410,9 +411,20 @@ def check_graph_shut_down_cleanly(command: RunningCommand) -> None:
     assert command.events_named("child_terminated") == command.events_named("child_killed") == []
 
 
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the tiny model's converted store (so generate prints no conversion note)."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MER_CACHE_DIR", str(cache))
+        converted_store(tiny_model_path(), command="test")
+    return cache
+
+
 def generate_command(guard, tmp_path: Path, cache: Path, *flags, stdout=subprocess.PIPE) -> RunningCommand:
     log = tmp_path / f"generate-{uuid.uuid4().hex[:8]}.jsonl"
-    argv = generate_argv(tiny_model_path(), "--prompt", "Once upon a time", "-n", 240, "--ignore-eos"  # the tiny model's context is 256,
+    tokens = 240  # the tiny model's context is 256
+    argv = generate_argv(tiny_model_path(), "--prompt", "Once upon a time", "-n", tokens, "--ignore-eos",
                          "--compute-workers", 1, *flags, log_path=log, as_json=False)
     return RunningCommand(guard, argv, log, stdout=stdout, env={"MER_CACHE_DIR": str(cache)})
 
@@ -421,8 +433,8 @@ def generate_command(guard, tmp_path: Path, cache: Path, *flags, stdout=subproce
 @pytest.mark.parametrize("signal_number, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_generate_shuts_the_graph_down_and_exits_128_plus_its_number(signal_number, status, leak_guard,
-                                                                                 tmp_path):
-    command = generate_command(leak_guard, tmp_path, tmp_path / "cache")
+                                                                                 tmp_path, model_cache):
+    command = generate_command(leak_guard, tmp_path, model_cache)
     command.wait_for_event("generation_token", count=3)
     command.process.send_signal(signal_number)
     returncode, _, stderr = command.finish()
@@ -448,12 +460,12 @@ def test_sigterm_to_up_shuts_the_graph_down_and_exits_143(leak_guard, tmp_path, 
 
 
 @pytest.mark.slow  # starts the process graph
-def test_generate_into_a_closed_pipe_stops_quietly_with_141(leak_guard, tmp_path):
+def test_generate_into_a_closed_pipe_stops_quietly_with_141(leak_guard, tmp_path, model_cache):
     """`generate ... | head -c 5`: the reader goes away while tokens stream; the graph is shut down
     (the leak guard: no process, /dev/shm segment or runtime directory left) and the exit is quiet."""
     read_end, write_end = os.pipe()
     try:
-        command = generate_command(leak_guard, tmp_path, tmp_path / "cache", stdout=write_end)
+        command = generate_command(leak_guard, tmp_path, model_cache, stdout=write_end)
     finally:
         os.close(write_end)
     with os.fdopen(read_end, "rb") as reader:
