@@ -42,9 +42,9 @@ def exit_status(prefix: str, error: BaseException) -> int:
         silence_stdout()
         return EXIT_SIGPIPE
     if isinstance(error, KeyboardInterrupt):
-        return _say(f"{prefix}: {error or 'interrupted'}", EXIT_SIGINT)
+        return _say(f"{prefix}: {str(error) or 'interrupted'}", EXIT_SIGINT)
     if isinstance(error, Terminated):
-        return _say(f"{prefix}: {error or 'terminated (SIGTERM)'}", EXIT_SIGTERM)
+        return _say(f"{prefix}: {str(error) or 'terminated (SIGTERM)'}", EXIT_SIGTERM)
     if isinstance(error, UsageError):
         return _say(f"{prefix}: error: {error}", EXIT_USAGE)
     if isinstance(error, MerError):
