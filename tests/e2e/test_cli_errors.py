@@ -240,6 +240,14 @@ def nobody_env(base: Path) -> dict:
     return {"HOME": str(home), "NUMBA_CACHE_DIR": str(home / "numba"), "MER_CACHE_DIR": str(home / "cache")}
 
 
+def readable_copy(store: Path, copy: Path) -> Path:
+    """A copy of `store` at `copy` that every user may read (owned by root)."""
+    shutil.copytree(store, copy)
+    for path in [copy, *copy.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return copy
+
+
 UNREADABLE = {
     # case: (what is made unreadable, the file the error must name)
     "manifest": ("manifest.json", "manifest.json"),
@@ -253,10 +261,7 @@ UNREADABLE = {
                          ids=["store verify", "store info", "run"])
 def test_an_unreadable_store_is_one_line_naming_the_file(case, command, as_nobody, tiny_store):
     prefix, base = as_nobody
-    store = base / "store"
-    shutil.copytree(tiny_store, store)
-    for path in [store, *store.iterdir()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    store = readable_copy(tiny_store, base / "store")
     target, named = UNREADABLE[case]
     (store / target).chmod(0o700 if target == "." else 0o600)  # owned by root: `nobody` cannot read it
     flags = ["--tokens", "3"] if command[0] == "run" else ["--json"]
@@ -265,6 +270,17 @@ def test_an_unreadable_store_is_one_line_naming_the_file(case, command, as_nobod
     assert result.stdout == b""
     line = one_error_line(result, f"mer-pipeline {command[0]}: error: ")
     assert f"{store / named}: permission denied" in line, line
+
+
+def test_a_log_file_that_cannot_be_created_is_one_line_naming_it(as_nobody, tiny_store):
+    prefix, base = as_nobody  # base: owned by root, mode 755: `nobody` cannot create files in it
+    store = readable_copy(tiny_store, base / "store")
+    log = base / "run.jsonl"
+    result = mer("run", "--store", store, "--tokens", 3, "--log-file", log, user=prefix, env=nobody_env(base))
+    assert result.returncode == 1
+    line = one_error_line(result, "mer-pipeline run: error: ")
+    assert line.endswith(f"cannot open the log file (--log-file): {log}: permission denied"), line
+    assert not log.exists()
 
 
 # ---- a closed pipe: a quiet exit with status 141 -----------------------------------------------------------
