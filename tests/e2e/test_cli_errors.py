@@ -197,6 +197,27 @@ def test_convert_on_a_disk_that_fills_up(tmp_path):
         check_disk_full_error(status, stderr, "convert", out)
 
 
+def test_sigterm_during_synth_removes_the_partial_store_and_exits_143(tmp_path):
+    out = tmp_path / "store"
+    process = subprocess.Popen([MER_PIPELINE, "synth", "--layers", "4", "--experts", "8", "--top-k", "2", "--d-model",
+                                "512", "--d-ff", "1024", "--dtype", "q8_0", "--out", str(out), "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not list(tmp_path.glob(".store.partial-*")):
+            assert process.poll() is None and time.monotonic() < deadline, "no partial output directory appeared"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, stderr
+    assert stdout == "" and stderr == "mer-pipeline synth: terminated (SIGTERM)\n"
+    assert list(tmp_path.iterdir()) == []  # neither the store nor its partial directory
+
+
 # ---- permissions: the command run as `nobody` on a store it cannot read ------------------------------------
 
 
