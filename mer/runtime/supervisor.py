@@ -19,7 +19,7 @@ One run:
 
 Children are watched through their process sentinels, so a death (kill -9) is seen at once and
 reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
-SIGTERM to the supervisor bring the graph down the same way (`KeyboardInterrupt` is raised).
+SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
 """
 
 from __future__ import annotations

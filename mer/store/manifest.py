@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mer.errors import StoreError
+from mer.errors import ShapeError, StoreError, describe_os_error
 from mer.compute.expert_format import PAGE_SIZE, ExpertFormat
 
 FORMAT_VERSION = 1
@@ -132,6 +132,7 @@ class Manifest:
             raise StoreError(
                 f"{where}: store format version {self.format_version}, this mer reads {FORMAT_VERSION}"
             )
+        self._validate_geometry(where)
         if len(self.layers) != geometry.num_moe_layers:
             raise StoreError(f"{where}: {len(self.layers)} layers listed, geometry says {geometry.num_moe_layers}")
         if len(self.experts) != geometry.num_experts:
@@ -144,7 +145,16 @@ class Manifest:
                 raise StoreError(f"{where}: layers[{index}].file {layer.file!r} is not in files")
             if layer.expert_stride % PAGE_SIZE or layer.expert_stride < layer.format.read_nbytes:
                 raise StoreError(f"{where}: layers[{index}].expert_stride {layer.expert_stride} is not valid")
-            layer.format.validate()
+            try:
+                layer.format.validate()
+            except ShapeError as error:
+                raise StoreError(f"{where}: layers[{index}].format: {error}") from None
+            for name in ("d_model", "d_ff"):  # the payload sizes follow the format: it must match the geometry
+                if getattr(layer.format, name) != getattr(geometry, name):
+                    raise StoreError(
+                        f"{where}: geometry.{name} is {getattr(geometry, name)} but layers[{index}].format.{name} "
+                        f"is {getattr(layer.format, name)} (its payloads are {layer.format.payload_nbytes} bytes); "
+                        "the manifest contradicts itself")
         for index, entry in enumerate(self.experts):
             expected = (index // geometry.experts_per_layer, index % geometry.experts_per_layer)
             if entry.id != index or (entry.moe_layer, entry.expert) != expected:
@@ -152,6 +162,20 @@ class Manifest:
             layer = self.layers[entry.moe_layer]
             if entry.offset % PAGE_SIZE or entry.offset + layer.format.read_nbytes > file_sizes[layer.file]:
                 raise StoreError(f"{where}: experts[{index}].offset {entry.offset} is not a valid read in {layer.file}")
+
+    def _validate_geometry(self, where: str) -> None:
+        """Every geometry field a positive integer, and the counts consistent with each other."""
+        geometry = self.geometry
+        for name in ("num_layers", "num_moe_layers", "experts_per_layer", "top_k", "d_model", "d_ff"):
+            value = getattr(geometry, name)
+            if type(value) is not int or value < 1:
+                raise StoreError(f"{where}: geometry.{name} is {value!r}, not a positive integer")
+        if geometry.top_k > geometry.experts_per_layer:
+            raise StoreError(f"{where}: geometry.top_k {geometry.top_k} exceeds experts_per_layer "
+                             f"{geometry.experts_per_layer}")
+        if geometry.num_moe_layers > geometry.num_layers:
+            raise StoreError(f"{where}: geometry.num_moe_layers {geometry.num_moe_layers} exceeds num_layers "
+                             f"{geometry.num_layers}")
 
     def to_json(self) -> str:
         data = {
@@ -196,6 +220,8 @@ class Manifest:
             )
         except StoreError:
             raise
+        except ShapeError as error:
+            raise StoreError(f"{where}: {error}") from None
         except (KeyError, TypeError, ValueError) as error:
             raise StoreError(f"{where}: malformed manifest ({type(error).__name__}: {error})") from error
         manifest.validate(where)
@@ -218,6 +244,12 @@ class Manifest:
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
         path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
-            raise StoreError(f"{directory}: not an expert store (no {MANIFEST_NAME})")
-        return cls.from_json(path.read_text(), where=str(path))
+        try:
+            text = path.read_text()
+        except (FileNotFoundError, IsADirectoryError):
+            raise StoreError(f"{directory}: not an expert store (no {MANIFEST_NAME})") from None
+        except OSError as error:  # permission denied (on the file or the directory), I/O error
+            raise StoreError(f"cannot read the manifest: {describe_os_error(error, path)}") from error
+        except UnicodeDecodeError as error:
+            raise StoreError(f"{path}: malformed manifest (not UTF-8 text: {error})") from error
+        return cls.from_json(text, where=str(path))
