@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                     record = run_once(setup, args, engine, budget, tag, timeout_s)
                     record.update(round=round_index, half=0 if position < len(engines) else 1)
                     runs.append(record)
+                    (setup.workdir / "runs.json").write_text(json.dumps(runs, indent=1))  # survives a later failure
                     say(f"  {budget_label(budget)} round {round_index} {label}: " + (
                         f"decode {record['decode_tps']:.3f} tok/s, prefill {record['prefill_tps']:.2f} tok/s, "
                         f"{record['decode_gb_per_token']:.3f} GB/token, peak {record['peak_gib']:.2f} GiB"
@@ -519,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
               "prompt_tokens": len(setup.prompt), "max_tokens": args.max_tokens, "pairs": args.pairs,
               "engines": [asdict(engine) for engine in engines], "cgroups": setup.cgroups, "skipped": setup.skipped,
               "quick_allowance": setup.quick_allowance, "timings": timings, "runs": runs, "summary": summaries,
-              "plot": plot_note, "quick_bytes_check": quick_check, "command": " ".join(sys.argv)}
+              "plot": plot_note, "quick_bytes_check": quick_check,
+              "cgroup_prefix": cgroup_name(""), "command": " ".join(sys.argv)}
     if args.json:
         print(json.dumps(output))
         return 0 if all(run["ok"] for run in runs) else 1

@@ -79,9 +79,9 @@ def pair_ratios(runs: Sequence[dict], reference: str, engine: str, key: str) -> 
     for round_index in sorted({run["round"] for run in runs}):
         in_round = [run for run in runs if run["round"] == round_index and run.get("ok")]
         for half in (0, 1):
-            mine = [run[key] for run in in_round if run["engine"] == engine and run["half"] == half]
-            theirs = [run[key] for run in in_round if run["engine"] == reference and run["half"] == half]
-            if mine and theirs and theirs[0] > 0:
+            mine = [run.get(key) for run in in_round if run["engine"] == engine and run["half"] == half]
+            theirs = [run.get(key) for run in in_round if run["engine"] == reference and run["half"] == half]
+            if mine and theirs and mine[0] is not None and theirs[0]:
                 ratios.append((round_index, mine[0] / theirs[0]))
     return ratios
 

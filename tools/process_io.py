@@ -5,7 +5,9 @@ read. Each process's `/proc/PID/io` `read_bytes` counts the bytes it caused to b
 block layer: O_DIRECT reads, buffered reads and the page faults of memory-mapped files (readahead
 included); page-cache hits count nothing. `IoSampler` polls the processes of a run (a cgroup's
 `cgroup.procs`, or the process tree under the launched pid) every `interval_s` in a thread and keeps
-each process's last value, so a process that exits keeps what it read; `bytes_between(t0, t1)`
+each process's last value, so a process that exits keeps what it read, unless its parent is one of
+the processes (a parent that reaps a child adds the child's counts to its own, so the child's last
+value is dropped then, not counted twice); `bytes_between(t0, t1)`
 interpolates the sum at two `time.monotonic()` instants (the same clock as mer's `t_mono` log
 field). It also keeps the largest sum of the processes' resident sets seen (VmRSS; shared pages are
 counted in each process, so it is an upper bound), for runs without a cgroup.
@@ -40,6 +42,14 @@ def resident_bytes(pid: int) -> int:
     return 0
 
 
+def parent_pid(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2 :].split()[1])
+
+
 def process_tree(root: int) -> list[int]:
     """`root` and every live descendant of it (from /proc/*/stat)."""
     children: dict[int, list[int]] = {}
@@ -67,6 +77,7 @@ class IoSampler:
         self.pids = pids
         self.interval_s = interval_s
         self.last: dict[int, int] = {}
+        self.parents: dict[int, int | None] = {}
         self.samples: list[tuple[float, int, int]] = []
         self.peak_resident = 0
         self._stop = threading.Event()
@@ -83,11 +94,17 @@ class IoSampler:
 
     def sample(self) -> None:
         resident = 0
-        for pid in self.pids():
+        pids = self.pids()
+        for pid in pids:
+            if pid not in self.parents:
+                self.parents[pid] = parent_pid(pid)
             value = read_bytes(pid)
             if value is not None:
                 self.last[pid] = max(value, self.last.get(pid, 0))
                 resident += resident_bytes(pid)
+        alive = set(pids)
+        for pid in [pid for pid in self.last if pid not in alive and self.parents.get(pid) in alive]:
+            del self.last[pid]  # reaped: its parent's counter holds its reads now
         self.peak_resident = max(self.peak_resident, resident)
         self.samples.append((time.monotonic(), sum(self.last.values()), resident))
 
