@@ -42,6 +42,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -341,6 +342,15 @@ def run_once(setup: Setup, args: argparse.Namespace, engine: Engine, budget: int
                 process.wait()
         finally:
             timer.cancel()
+            if process.poll() is None:  # interrupted: the engine (and, in a cgroup, its children) goes too
+                for pid in (group.pids() if group else process_tree(process.pid)):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                process.wait()
+                if group:
+                    group.remove()
     record.update(wall_s=time.monotonic() - launched, returncode=process.returncode,
                   total_gb_read=sampler.total() / report.GB, limit_bytes=limit)
     if group:
@@ -464,6 +474,7 @@ def budget_label(budget: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench_beyond_ram: terminated"))  # run the cleanups
     engines = [Engine(LLAMA), *parse_variants(args.variants, args.mer_args)]
     budgets = parse_budgets(args.budgets)
     timeout_s = args.timeout_s or (300.0 if args.quick else 1800.0)
