@@ -15,7 +15,9 @@
    would repeat one token and route it to the same experts every step).
 3. Prints per engine decode and prefill tokens/s, their ratio to llama.cpp per round with the spread,
    GB read per decode token (each process's own `read_bytes`, summed over the cgroup's processes and
-   interpolated at the decode window's ends: the disk is shared), peak memory (the cgroup's
+   interpolated at the decode window's ends: the disk is shared), for mer the GB per token Belady's
+   MIN would read with the same cache slots on the same requests (the I/O worker's `acquire_done`
+   events; `beyond_ram_report.belady_misses`), peak memory (the cgroup's
    `memory.max_usage_in_bytes` / `memory.peak`), start-up (launch to prefill), and the mer settings
    used (its resolved configuration and RAM plan). `--budgets` draws the tokens/s-against-budget
    curve (a table per budget and a PNG when matplotlib is installed).
@@ -236,7 +238,8 @@ def store_hash(store: Path) -> str | None:
 
 
 def link_store_for_generate(gguf: Path, store: Path, workdir: Path, source_hash: str) -> None:
-    """`generate --model` looks for `$MER_CACHE_DIR/stores/<stem>-<hash[:16]>`: point it at the store."""
+    """Put the store in `$MER_CACHE_DIR/stores`, where `generate --model` finds it by the fingerprint its
+    manifest records (`mer.store.store_cache`)."""
     stores = workdir / "mer-cache" / "stores"
     stores.mkdir(parents=True, exist_ok=True)
     link = stores / f"{gguf.stem}-{source_hash[:16]}"
@@ -385,6 +388,9 @@ def run_once(setup: Setup, args: argparse.Namespace, engine: Engine, budget: int
             settings={key: events.get("config", {}).get(key) for key in MER_SETTING_KEYS},
             routing=report.usage_summary(usage), routing_usage={str(k): v for k, v in usage.items()},
             routing_problems=report.concentration_problems(usage), log_file=str(log_file))
+        expert_bytes = setup.geometry.expert_nbytes
+        misses = report.belady_misses(report.acquire_steps(log_file), result["cache_slots"], len(setup.prompt))
+        record["belady_gb_per_token"] = misses * expert_bytes / report.GB / max(result["decode_steps"], 1)
     record.update(ok=True, decode_tps=result["decode_tps"], prefill_tps=result["prefill_tps"], decode_steps=steps,
                   decode_gb_per_token=sampler.bytes_between(start, end) / report.GB / max(steps, 1),
                   prefill_gb_read=sampler.bytes_between(*prefill_window) / report.GB)

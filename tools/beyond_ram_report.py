@@ -40,6 +40,48 @@ def routing_usage(log_file: Path, prompt_length: int, experts_per_layer: int) ->
     return dict(sorted(usage.items()))
 
 
+def acquire_steps(log_file: Path) -> list[tuple[int, tuple[int, ...]]]:
+    """Every `acquire_done` of one generation's log in order: (token, global expert ids) per request."""
+    steps = []
+    with open(log_file) as lines:
+        for line in lines:
+            if '"acquire_done"' in line:
+                event = json.loads(line)
+                if event.get("event") == "acquire_done":
+                    steps.append((int(event["token"]), tuple(int(e) for e in event["expert_ids"])))
+    return steps
+
+
+def belady_misses(steps: Sequence[tuple[int, tuple[int, ...]]], slots: int, from_token: int) -> int:
+    """Misses of Belady's MIN (the optimal demand-fetch cache, knowing the whole request sequence) with
+    `slots` slots on `steps`, counted over the steps of tokens >= `from_token` (the decode passes; the
+    prompt's steps warm the cache). A step's experts are resident together: none evicts another."""
+    if slots < max((len(set(ids)) for _, ids in steps), default=0):
+        raise ValueError(f"{slots} slots cannot hold one request's experts")
+    uses: dict[int, list[int]] = {}
+    for index, (_, ids) in enumerate(steps):
+        for expert in set(ids):
+            uses.setdefault(expert, []).append(index)
+    cursor = {expert: 0 for expert in uses}  # index into uses[expert] of its next use at or after the step
+    resident: set[int] = set()
+    misses = 0
+    for index, (token, ids) in enumerate(steps):
+        wanted = set(ids)
+        for expert in wanted:
+            cursor[expert] += 1  # past this use
+        for expert in sorted(wanted - resident):
+            if token >= from_token:
+                misses += 1
+            if len(resident) >= slots:
+                def next_use(candidate: int) -> int:
+                    position = cursor[candidate]
+                    return uses[candidate][position] if position < len(uses[candidate]) else len(steps)
+                victim = max(sorted(resident - wanted), key=next_use)
+                resident.remove(victim)
+            resident.add(expert)
+    return misses
+
+
 def normalized_entropy(counts: Sequence[int]) -> float:
     total = sum(counts)
     if total == 0 or len(counts) < 2:
@@ -98,7 +140,8 @@ def summarize(runs: Sequence[dict], engines: Sequence[str], reference: str) -> l
         mine = [run for run in runs if run["engine"] == engine and run.get("ok")]
         row = {"engine": engine, "runs": len(mine), "failed": sum(1 for run in runs if run["engine"] == engine
                                                                    and not run.get("ok"))}
-        for key in ("decode_tps", "prefill_tps", "decode_gb_per_token", "peak_gib", "hit_rate_pct", "startup_s"):
+        for key in ("decode_tps", "prefill_tps", "decode_gb_per_token", "belady_gb_per_token", "peak_gib",
+                    "hit_rate_pct", "startup_s"):
             values = [run[key] for run in mine if run.get(key) is not None]
             row[key] = statistics.median(values) if values else None
             row[f"{key}_range"] = (min(values), max(values)) if values else None
@@ -134,14 +177,16 @@ def _ratio(entry: dict | None) -> str:
 def format_table(budget_label: str, rows: Sequence[dict]) -> str:
     lines = [f"### budget {budget_label}", "",
              "| engine | runs | decode tok/s | decode vs llama.cpp | prefill tok/s | prefill vs llama.cpp "
-             "| GB read per decode token | bytes vs llama.cpp | peak GiB | hit rate % | start-up s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| GB read per decode token | bytes vs llama.cpp | Belady GB per token | peak GiB | hit rate % "
+             "| start-up s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['engine']} | {row['runs']}{' (+' + str(row['failed']) + ' failed)' if row['failed'] else ''} "
             f"| {_range(row['decode_tps_range'], 3)} | {_ratio(row.get('decode_tps_ratio'))} "
             f"| {_range(row['prefill_tps_range'], 2)} | {_ratio(row.get('prefill_tps_ratio'))} "
             f"| {_range(row['decode_gb_per_token_range'], 2)} | {_ratio(row.get('decode_gb_per_token_ratio'))} "
+            f"| {_range(row['belady_gb_per_token_range'], 2)} "
             f"| {_range(row['peak_gib_range'], 2)} | {_range(row['hit_rate_pct_range'], 1)} "
             f"| {_range(row['startup_s_range'], 1)} |")
     return "\n".join(lines)

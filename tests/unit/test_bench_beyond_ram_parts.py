@@ -111,6 +111,43 @@ def test_routing_usage_counts_decode_passes_per_layer_and_flags_concentration(tm
     assert report.normalized_entropy([5] * 8) == pytest.approx(1.0)
 
 
+def _fewest_misses(steps, slots, from_token, resident=frozenset()):
+    """Exhaustive search over every eviction choice: the true optimum (tiny inputs only)."""
+    if not steps:
+        return 0
+    (token, ids), rest = steps[0], steps[1:]
+    missing = sorted(set(ids) - resident)
+    cost = len(missing) if token >= from_token else 0
+    outcomes = [frozenset(resident)]
+    for expert in missing:
+        grown = []
+        for state in outcomes:
+            if len(state) < slots:
+                grown.append(state | {expert})
+            else:
+                grown.extend((state - {victim}) | {expert} for victim in state - set(ids))
+        outcomes = grown
+    return cost + min(_fewest_misses(rest, slots, from_token, state) for state in set(outcomes))
+
+
+def test_belady_misses_are_the_optimum_and_count_only_the_decode_steps(tmp_path):
+    # the textbook case: 3 slots, 1 2 3 4 1 2 5 1 2 3 4 5 -> 7 misses with MIN (LRU: 10)
+    sequence = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
+    steps = [(position, (expert,)) for position, expert in enumerate(sequence)]
+    assert report.belady_misses(steps, 3, 0) == 7
+    assert report.belady_misses(steps, 3, 4) == 3  # the first four steps warm the cache uncounted
+    rng = np.random.default_rng(1)
+    for trial in range(30):  # two experts a step (top-2), small caches: equal to the exhaustive optimum
+        slots = int(rng.integers(2, 5))
+        steps = [(position, tuple(int(e) for e in rng.choice(6, 2, replace=False))) for position in range(7)]
+        assert report.belady_misses(steps, slots, 2) == _fewest_misses(steps, slots, 2), (trial, slots, steps)
+    _write_log(tmp_path / "log.jsonl", 0, [(token, list(ids)) for token, ids in steps])
+    prefill = (-1, tuple(range(16)))  # the log's prompt step, then the decisions in order
+    assert report.acquire_steps(tmp_path / "log.jsonl") == [prefill, *steps]
+    with pytest.raises(ValueError, match="1 slots cannot hold"):
+        report.belady_misses([(0, (1, 2))], 1, 0)
+
+
 def test_abba_rounds_pair_each_half_with_llama_cpp():
     assert report.abba_order(["L", "M", "N"]) == ["L", "M", "N", "N", "M", "L"]
     runs = [
