@@ -15,6 +15,10 @@ One run:
    still starting get SIGTERM at once; whatever is alive after the grace period gets SIGTERM, then
    SIGKILL; unlink the arena and remove the runtime directory (sockets included).
 
+Every process of the run is a member of it (`mer.runtime.membership`): if the supervisor itself is
+killed, its children exit on their own within moments and the last one out removes the arena and
+the runtime directory (`mer.runtime.supervisor_watch`).
+
 Children are watched through their process sentinels, so a death (kill -9) is seen at once and
 reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
 SIGTERM to the supervisor bring the graph down the same way (`KeyboardInterrupt` is raised).
@@ -42,6 +46,7 @@ from mer.protocol import (ChildFailed, Hello, JobDone, Ready, Shutdown, StartBen
                           TokenGenerated, decode, encode)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
+from mer.runtime.membership import RunMembership
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
 from mer.shm.arena import SlotArena
@@ -102,6 +107,7 @@ class Supervisor:
         self.run_id = new_run_id()
         self.children: dict[str, Child] = {}
         self.arena: SlotArena | None = None
+        self.membership: RunMembership | None = None
         self._events: asyncio.Queue = asyncio.Queue()
 
     # ---- the whole run ---------------------------------------------------------------------------
@@ -110,6 +116,7 @@ class Supervisor:
         """Start the graph, run the job, shut down; return the job's summary."""
         remove_stale_runs()
         runtime_dir = create_runtime_dir(self.run_id)
+        self.membership = RunMembership.found(self.run_id, runtime_dir)
         zmq_context = zmq.asyncio.Context()
         control = zmq_context.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
@@ -312,6 +319,10 @@ class Supervisor:
                                          flags=zmq.NOBLOCK, copy=False)
 
     def _cleanup(self) -> None:
+        """Leave the run and remove its resources: every child has been joined (or killed) by now, so
+        the supervisor is the last member; a child that outlives even SIGKILL finds them gone."""
+        if self.membership is not None:
+            self.membership.leave()
         if self.arena is not None:
             self.arena.destroy()
         remove_runtime_dir(self.run_id)
