@@ -31,7 +31,7 @@ import zmq.asyncio
 from mer.config import PipelineConfig
 from mer.errors import ProtocolError
 from mer.logging_setup import configure_logging, get_logger, with_log_writes_in_background
-from mer.protocol import ChildFailed, Hello, Ready, Shutdown, decode, encode, error_fields
+from mer.protocol import ChildFailed, ErrorReply, Hello, Ready, Shutdown, decode, encode, error_fields
 from mer.runtime.membership import RunMembership
 from mer.runtime.run_spec import RunSpec
 from mer.runtime.supervisor_watch import EXIT_SUPERVISOR_LOST, die_with_supervisor, watch_supervisor
@@ -130,8 +130,14 @@ async def _listen_control(control: zmq.asyncio.Socket, role, stop: asyncio.Event
             continue
         if isinstance(message, Shutdown):
             stop.set()
-        else:
+            continue
+        if isinstance(message, ErrorReply):  # the supervisor refused a message of this child: a bug, logged
+            get_logger().warning("control_message_refused", error_type=message.error_type, error=message.message)
+            continue
+        try:
             await role.on_control(message)
+        except Exception as error:  # a control message the role cannot take: logged, never the end of listening
+            get_logger().warning("bad_control_message", error=str(error))
 
 
 async def receive_unless_stopped(socket: zmq.asyncio.Socket, stop: asyncio.Event):

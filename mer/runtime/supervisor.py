@@ -42,8 +42,8 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (ChildFailed, Hello, JobDone, Ready, Shutdown, StartBenchmark, StartGeneration,
-                          TokenGenerated, decode, encode)
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Hello, JobDone, Ready, Shutdown, StartBenchmark,
+                          StartGeneration, TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.membership import RunMembership
@@ -183,10 +183,24 @@ class Supervisor:
             name = bytes(identity.buffer).decode(errors="replace")
             try:
                 message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated))
-            except ProtocolError as error:
+                self._check_sender(name, message)
+            except Exception as error:  # logged, answered and dropped: the control socket keeps serving
                 self.log.warning("bad_control_message", child=name, error=str(error))
+                with contextlib.suppress(zmq.ZMQError):  # a ROUTER drops what it cannot route; never fatal
+                    await control.send_multipart([identity, *encode(error_reply(UNKNOWN_REQUEST_ID, error))])
                 continue
             self._events.put_nowait((type(message).__name__, message))
+
+    def _check_sender(self, identity: str, message) -> None:
+        """Only the run's children speak on the control socket, each for itself, and only the router
+        reports on the job: raise ProtocolError for anything else (a stray or forged message)."""
+        child = self.children.get(identity)
+        if child is None:
+            raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not a child of this run")
+        if hasattr(message, "name") and message.name != identity:
+            raise ProtocolError(f"{type(message).__name__} naming {message.name!r} sent by {identity!r}")
+        if isinstance(message, (JobDone, TokenGenerated)) and child.role != "router":
+            raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not the router")
 
     async def _next_event(self, deadline: float | None):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
