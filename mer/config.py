@@ -122,7 +122,8 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
         "With record_trace, also record each decision's residual stream (base64 float32), so a replay can run "
         "the gate predictor.", job=GENERATION)] = False
     handshake_timeout_s: Annotated[float, spec(
-        "Time a child has to answer Hello and Ready at start-up.", ge=0.1, le=3600.0, unit="s",
+        "Time a child has to answer Hello and Ready at start-up; extended while the children still "
+        "starting keep using CPU (a slow start on a busy machine), up to 10 times it (at least 600 s).", ge=0.1, le=3600.0, unit="s",
         metavar="SECONDS")] = 30.0
     shutdown_grace_s: Annotated[float, spec(
         "Time children have to exit after Shutdown before they are killed.", ge=0.0, le=600.0, unit="s",

@@ -7,7 +7,8 @@ mer's own variables share the `MER_` prefix:
 - `MER_RUNTIME_DIR`: parent of the per-run runtime directories (ipc sockets, pid records); default
   `$XDG_RUNTIME_DIR`, else `/tmp`.
 - `MER_LOG_LEVEL`: the structlog level of every process (debug, info, warning, error, critical);
-  unset: info into a run's log file, warning on stderr (`mer.logging_setup`).
+  unset: info into a run's log file, warning on stderr (`mer.logging_setup`). `debug` also makes a
+  failing command print its traceback after the one-line error (`mer.cli.exit_status`).
 
 The XDG base-directory variables are read here too, as the defaults above (relative XDG paths are
 ignored, as the XDG specification asks; a relative `MER_*` path is an error). Any other `MER_*`

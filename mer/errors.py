@@ -1,4 +1,11 @@
-"""Named exceptions. Every error a user can cause names the file, field or value at fault."""
+"""Named exceptions. Every error a user can cause names the file, field or value at fault.
+
+`mer.cli.exit_status` turns them (and OSError, a closed pipe, signals) into one line and an exit
+status at the top of the CLI; library code raises, it never prints or exits.
+"""
+
+import errno as _errno
+import os
 
 
 class MerError(Exception):
@@ -7,6 +14,10 @@ class MerError(Exception):
 
 class ConfigError(MerError):
     """A configuration key or value is missing, unknown or out of range."""
+
+
+class UsageError(ConfigError):
+    """The command line itself is wrong (a flag's value, a combination of flags): exit status 2."""
 
 
 class UnsupportedDTypeError(MerError):
@@ -115,3 +126,38 @@ class PipelineError(MerError):
 
 class ChildDiedError(PipelineError):
     """A child process of the graph exited unexpectedly (crash, kill -9, OOM kill)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: like KeyboardInterrupt (not an Exception, so no `except Exception` swallows it),
+    it unwinds the stack, so `with` blocks clean up (a half-written store is removed) before exit 143."""
+
+
+# Short reasons for the OSErrors a user can cause, for one-line messages ("PATH: permission denied").
+_OS_ERROR_REASONS = {
+    _errno.ENOSPC: "no space left on device (the disk is full)",
+    _errno.EDQUOT: "disk quota exceeded (the disk is full for this user)",
+    _errno.EACCES: "permission denied",
+    _errno.EPERM: "operation not permitted",
+    _errno.ENOENT: "no such file or directory",
+    _errno.ENOTDIR: "a component of the path is not a directory",
+    _errno.EISDIR: "is a directory",
+    _errno.EROFS: "read-only filesystem",
+    _errno.EEXIST: "already exists",
+    _errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def os_error_reason(error: OSError) -> str:
+    """A short reason for an OSError, without the path: `permission denied`."""
+    return _OS_ERROR_REASONS.get(error.errno or -1) or error.strerror or str(error)
+
+
+def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> str:
+    """`PATH: reason` for an OSError: its own file name (or `path`), then a short reason."""
+    reason = os_error_reason(error)
+    where = error.filename if error.filename is not None else path
+    if where is None:
+        return reason
+    target = f" -> {os.fsdecode(error.filename2)}" if error.filename2 is not None else ""
+    return f"{os.fsdecode(where)}{target}: {reason}"

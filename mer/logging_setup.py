@@ -23,6 +23,7 @@ import aiofiles.threadpool
 import structlog
 
 from mer.environment import read_environment
+from mer.errors import ConfigError, describe_os_error
 
 LOG_SCHEMA_VERSION = 1
 
@@ -37,7 +38,10 @@ class LogFile:
     """structlog's output into the merged log file (see the module docstring)."""
 
     def __init__(self, path: str | Path):
-        self.file = open(path, "ab", buffering=0)
+        try:
+            self.file = open(path, "ab", buffering=0)
+        except OSError as error:
+            raise ConfigError(f"cannot open the log file (--log-file): {describe_os_error(error, path)}") from None
         self.pending: list[bytes] = []
         self.wake: asyncio.Event | None = None  # set while a background writer runs
         atexit.register(self.flush)

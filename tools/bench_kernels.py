@@ -32,11 +32,16 @@ import numpy as np  # noqa: E402
 from mer.compute.expert_format import ExpertFormat, ExpertPayload  # noqa: E402
 from mer.quant.planar import to_planar  # noqa: E402
 from mer.quant.random_blocks import random_expert_payload  # noqa: E402
-from mer.quant.vector_ir import has_vnni_kernels  # noqa: E402
+from mer.quant.vector_ir import fastest_kernel  # noqa: E402
 from mer.compute.swiglu import swiglu_expert  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 D_MODEL, D_FF = 4096, 14336
+KERNEL_DESCRIPTIONS = {
+    "vnni": "vnni (AVX-512 VNNI intrinsics)",
+    "avx2": "avx2 (AVX2 + FMA + F16C intrinsics)",
+    "portable": "portable (plain numba)",
+}
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -151,7 +156,7 @@ def run(arguments: argparse.Namespace) -> dict:
             "payload_bytes": native.format.payload_nbytes,
         },
         "repeats": repeats,
-        "kernel": "vnni (AVX-512 VNNI intrinsics)" if has_vnni_kernels() else "portable (plain numba)",
+        "kernel": KERNEL_DESCRIPTIONS[fastest_kernel()],
         "ggml": ggml_note,
         "results": rows,
         "numpy_batch1_ms": baseline,

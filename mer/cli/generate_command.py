@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import uvloop
 
+from mer.cli.flag_types import (as_flag_type, non_negative_int, non_negative_number, probability_mass, seed,
+                                 utf8_text)
 from mer.cli.pipeline_flags import add_config_flag, add_config_flags
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
@@ -51,21 +53,21 @@ def register(subparsers) -> None:
     parser.add_argument("--model", type=Path, default=None, metavar="MODEL.gguf",
                         help="The MoE GGUF (default: the tiny model shipped with mer, docs/tiny-model.md).")
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", metavar="TEXT", help="Prompt text (BOS added as the GGUF's add_bos_token says).")
+    prompt.add_argument("--prompt", type=utf8_text, metavar="TEXT", help="Prompt text (BOS added as the GGUF's add_bos_token says).")
     prompt.add_argument("--prompt-tokens", type=token_id_list, metavar="1,2,3",
                         help="Prompt token ids, used exactly as given (no BOS added).")
     parser.add_argument("--chat", action="store_true",
                         help="Render the prompt as one user message with the GGUF's tokenizer.chat_template.")
-    parser.add_argument("-n", "--max-tokens", type=int, default=64, metavar="N", help="Tokens to generate (64).")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy.")
-    parser.add_argument("--top-k", dest="sampler_top_k", type=int, default=0, metavar="K",
+    parser.add_argument("-n", "--max-tokens", type=non_negative_int, default=64, metavar="N", help="Tokens to generate (64).")
+    parser.add_argument("--temperature", type=non_negative_number, default=0.0, metavar="T", help="0 (default): greedy.")
+    parser.add_argument("--top-k", dest="sampler_top_k", type=non_negative_int, default=0, metavar="K",
                         help="The sampler's top-k (0: no cut); the routing k always comes from the model.")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="Nucleus sampling mass (1.0: no cut).")
-    parser.add_argument("--seed", dest="sampler_seed", type=int, default=None, metavar="S",
+    parser.add_argument("--top-p", type=probability_mass, default=1.0, metavar="P", help="Nucleus sampling mass (1.0: no cut).")
+    parser.add_argument("--seed", dest="sampler_seed", type=seed, default=None, metavar="S",
                         help="Sampler seed: the same seed gives the same tokens (default: random).")
     parser.add_argument("--ignore-eos", action="store_true", help="Do not stop on end-of-generation tokens.")
     memory = parser.add_mutually_exclusive_group()
-    memory.add_argument("--ram-budget", type=parse_size, metavar="SIZE",
+    memory.add_argument("--ram-budget", type=as_flag_type(parse_size), metavar="SIZE",
                         help="Bound the graph's resident memory (e.g. 8GiB): the slot arena gets what the dense "
                              "weights, KV cache and processes leave.")
     add_config_flag(memory, "cache_slots")
@@ -128,7 +130,8 @@ def timing_line(summary: dict[str, Any]) -> str:
     """One line: prefill and decode speed, hit rate, MiB read per token, per-block costs, stop reason."""
     prompt, steps = len(summary["prompt_tokens"]), summary["decode_steps"]
     return (f"prefill {prompt} tokens {summary['prefill_tps']:.1f} tok/s, decode {steps} steps "
-            f"{summary['decode_tps']:.1f} tok/s, hit rate {summary['hit_rate_pct']:.1f}%, "
+            f"{summary['decode_tps']:.1f} tok/s, hit rate prefill {summary['prefill_hit_rate_pct']:.1f}% decode "
+            f"{summary['decode_hit_rate_pct']:.1f}%, "
             f"{summary['mib_read_per_token']:.2f} MiB read per token; per MoE block: dense "
             f"{summary['dense_us_per_block']:.0f} us, experts {summary['expert_us_per_block']:.0f} us; "
             f"{len(summary['tokens'])} tokens, stop: {summary['stop_reason']}")

@@ -2,8 +2,10 @@
 
 `prepare_generation` checks the model and the prompt BEFORE any process is started, so bad input
 leaves nothing behind (docs/architecture.md, step 1), converts the experts into the cached store on
-first use and sizes the configuration: routing k from the model, the cache from `--cache-slots` or
-`--ram-budget` (`mer.runtime.ram_budget`). `run_generation` then runs the graph with the job's
+first use and sizes the configuration: routing k from the model, the cache from `--cache-slots`,
+`--ram-budget` (`mer.runtime.ram_budget`) or, when neither is given (nor `cache_slots` in a config
+file), from the memory the machine can give (`mer.runtime.host_memory.default_ram_budget`): a model
+that fits is held whole. `run_generation` then runs the graph with the job's
 `StartGeneration` message and hands every generated token to a callback as it arrives.
 """
 
@@ -17,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from mer.config import PipelineConfig, load_config, validate_against_geometry
+from mer.config import PipelineConfig, load_config, read_config_file, validate_against_geometry
 from mer.store.demo import converted_store
 from mer.errors import ConfigError, ContextLengthError, TokenizerError
 from mer.model.chat_template import chat_prompt_tokens
@@ -26,6 +28,7 @@ from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
 from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration
+from mer.runtime.host_memory import default_ram_budget
 from mer.runtime.ram_budget import (RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots,
                             prefetch_reserve_slots)
 from mer.store.gguf_source import GGUFSource, read_gguf_source
@@ -110,14 +113,25 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
         raise ConfigError("--ram-budget sizes the cache itself: give --ram-budget or --cache-slots, not both")
     overrides.update(top_k=hparams.top_k, layered=True)
     config = load_config(config_path, overrides)
+    positions = min(context, len(ids) + max_tokens)
     plan = None
     if ram_budget is not None:  # checked before the (possibly long) conversion
-        plan = _ram_plan(ram_budget, source, hparams, config, positions=min(context, len(ids) + max_tokens))
+        plan = _ram_plan(ram_budget, source, hparams, config, positions)
+    elif overrides.get("cache_slots") is None and not _config_file_sets_cache(config_path):
+        budget, available = default_ram_budget()
+        origin = f"default: {available.describe()} less headroom"
+        try:
+            plan = _ram_plan(budget, source, hparams, config, positions, origin)
+        except ConfigError as error:
+            raise ConfigError(f"{error}; this machine has {available.describe()}: free memory, or give "
+                              f"--cache-slots or --ram-budget") from None
+    if plan is not None:
         config = msgspec.structs.replace(config, cache_slots=plan.cache_slots)
-    elif overrides.get("cache_slots") is None:  # the configured default, within k..all experts
+    else:  # --cache-slots or the config file's, within k..all experts
         cache = min(max(config.cache_slots, hparams.top_k), source.geometry.num_experts)
         config = msgspec.structs.replace(config, cache_slots=cache)
-    store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase)
+    store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase,
+                                parts=source.parts)
     store = ExpertStore.open(store_dir)
     config = msgspec.structs.replace(config, store=store_dir)
     validate_against_geometry(config, store.manifest.geometry)
@@ -129,7 +143,12 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     return PreparedGeneration(config, store, start, tokenizer, plan)
 
 
-def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: PipelineConfig, positions: int) -> RamPlan:
+def _config_file_sets_cache(config_path: Path | None) -> bool:
+    return config_path is not None and "cache_slots" in read_config_file(config_path)
+
+
+def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: PipelineConfig, positions: int,
+              origin: str = "") -> RamPlan:
     slot_nbytes = max(source.expert_format(layer.moe_layer).read_nbytes for layer in source.layers)
     reserve = prefetch_reserve_slots(config)
     gate = GATE in config.predictors  # the predictor loads the gates: a heavy process
@@ -137,7 +156,7 @@ def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: Pipelin
         budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams.num_blocks, positions, hparams.kv_width),
         num_compute_workers=config.num_compute_workers, slot_nbytes=slot_nbytes, top_k=hparams.top_k,
         reserve_slots=reserve, num_experts=source.geometry.num_experts, metadata=metadata_nbytes(source, gate),
-        gate_predictor=gate)
+        gate_predictor=gate, origin=origin)
 
 
 async def run_generation(prepared: PreparedGeneration, on_token: Callable[[int, int], None] | None = None,

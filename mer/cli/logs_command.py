@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mer.errors import EventLogError
+from mer.cli.flag_types import non_negative_int, positive_int
+from mer.errors import EventLogError, MerError, os_error_reason
 from mer.logs.compare import compare_summaries, format_comparison
 from mer.logs.recompute import recompute_summary
 from mer.logs.runs import RunLog, load_runs, select_run
@@ -59,7 +60,7 @@ def register(subparsers) -> None:
                                            "timeline and prefetches of one run, as PNG files.")
     plot.add_argument("file", metavar="FILE", help="a JSON-lines log file")
     plot.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the PNG files")
-    plot.add_argument("--window", type=int, default=50, metavar="N",
+    plot.add_argument("--window", type=positive_int, default=50, metavar="N",
                       help="tokens in the rolling hit-rate window (default 50)")
     _add_common(plot)
     plot.set_defaults(handler=run_plot)
@@ -69,7 +70,7 @@ def register(subparsers) -> None:
                                                "worker, combine, warnings) in time order, in ms since the "
                                                "token started.")
     timeline.add_argument("file", metavar="FILE", help="a JSON-lines log file")
-    timeline.add_argument("--token", required=True, type=int, metavar="N", help="the token (iteration) number")
+    timeline.add_argument("--token", required=True, type=non_negative_int, metavar="N", help="the token (iteration) number")
     timeline.add_argument("--json", action="store_true", help="the steps as a JSON list")
     _add_common(timeline)
     timeline.set_defaults(handler=run_timeline)
@@ -165,6 +166,10 @@ def run_plot(args: argparse.Namespace) -> int:
 
     if args.window < 1:
         raise EventLogError(f"--window must be at least 1 token, got {args.window}")
+    try:  # before the (possibly long) reading of the log
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MerError(f"{args.out}: cannot create the plot directory: {os_error_reason(error)}") from None
     report = write_plots(_one_run(args.file, args), args.out, window=args.window)
     _warn([f"{name}.png not written: {why}" for name, why in report.skipped])
     for path in report.written:

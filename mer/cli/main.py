@@ -3,6 +3,8 @@
 Each subcommand lives in its own module under `mer.cli` and exposes
 `register(subparsers) -> None`, which adds its parser and sets `handler=run` with
 `run(args) -> int`. Human output goes to stderr; stdout carries only what a command produces.
+Every way a command can end (an error, a bad flag, a signal, a closed pipe) is turned into one line
+and an exit status in one place, `mer.cli.exit_status`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import importlib
 import sys
 
 from mer import __version__
+from mer.cli.exit_status import EXIT_USAGE, exit_status, sigterm_unwinds
 from mer.environment import KNOWN_VARIABLES, read_environment
-from mer.errors import MerError
+from mer.errors import Terminated
 
 COMMAND_MODULES = (
     "mer.cli.convert_command",
@@ -27,8 +30,16 @@ COMMAND_MODULES = (
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line naming the flag and value, and exit 2
+    (argparse would print the whole usage synopsis first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="mer-pipeline",
         description="mer: run Mixture-of-Experts models whose experts stream from SSD.",
     )
@@ -40,23 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help(sys.stderr)
-        return 2
+    command = "mer-pipeline"
     try:
-        for name in read_environment().unknown_variables:  # bad values of known ones are errors
-            print(f"mer-pipeline: warning: unknown environment variable {name} (mer reads "
-                  f"{', '.join(KNOWN_VARIABLES)})", file=sys.stderr)
-        return int(args.handler(args) or 0)
-    except MerError as error:
-        print(f"mer-pipeline {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"mer-pipeline {args.command}: interrupted", file=sys.stderr)
-        return 130
-
+        with sigterm_unwinds():
+            parser = build_parser()
+            args = parser.parse_args(argv)  # a bad flag: one line, exit 2 (OneLineErrorParser)
+            if not getattr(args, "handler", None):
+                parser.print_help(sys.stderr)
+                return EXIT_USAGE
+            command = f"mer-pipeline {args.command}"
+            for name in read_environment().unknown_variables:  # bad values of known ones are errors
+                print(f"mer-pipeline: warning: unknown environment variable {name} (mer reads "
+                      f"{', '.join(KNOWN_VARIABLES)})", file=sys.stderr)
+            return int(args.handler(args) or 0)
+    except (Exception, KeyboardInterrupt, Terminated) as error:
+        return exit_status(command, error)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,29 +4,72 @@ A flag's name, metavar, type, help text (the field's documentation, then its cho
 with the unit, then its default) all come from the field's declaration, so no command re-declares a
 setting and two commands cannot explain one flag differently. Flags default to None: the config
 file (or the schema's default) decides unless the flag is given (`config_overrides`).
+
+A flag's value is checked against the schema as the command line is parsed, so a bad one is a usage
+error (exit 2) naming the flag and the value; the same value in a config file is an error (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from mer.config import AUTO, SETTINGS, flag_name
+from mer.config import AUTO, SETTINGS, check_value, flag_name
+from mer.errors import ConfigError
+
+_PARSERS = {"an integer": int, "a number": float}
 
 
 def worker_count(text: str) -> int | str:
     """`auto` or an integer, for --compute-workers (its range is the schema's to check)."""
-    return text if text == AUTO else int(text)
+    if text == AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or {AUTO!r}") from None
+
+
+def _parse(key: str, text: str):
+    """The text of flag `key` as its type (choices and comma-separated names stay strings)."""
+    setting = SETTINGS[key]
+    if key == "compute_workers":
+        return worker_count(text)
+    if setting.is_path:
+        if not text:
+            raise argparse.ArgumentTypeError("an empty path")
+        return Path(text)
+    parse = _PARSERS.get(setting.wanted)
+    if parse is None:
+        return text
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {setting.wanted}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _checked_flag_type(key: str):
+    """An argparse type for flag `key`: its value parsed, then checked by the schema (range, choices),
+    so that a bad value is a usage error naming the flag and the value."""
+
+    def parse_and_check(text: str):
+        value = _parse(key, text)
+        try:
+            check_value(key, value, flag_name(key))
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix(f"{flag_name(key)}: ")) from None
+        return value
+
+    parse_and_check.__name__ = key
+    return parse_and_check
 
 
 def _flag_type(key: str):
-    setting = SETTINGS[key]
-    if key == "compute_workers":
-        return worker_count
-    if setting.is_path:
-        return Path
-    # choices and comma-separated names stay strings: the schema checks them
-    return {"an integer": int, "a number": float, "a boolean": bool}.get(setting.wanted, str)
+    return bool if SETTINGS[key].wanted == "a boolean" else _checked_flag_type(key)
 
 
 def _help(key: str) -> str:

@@ -10,6 +10,7 @@ import sys
 import uvloop
 
 from mer.config import PipelineConfig, validate_against_geometry
+from mer.errors import Terminated
 from mer.logging_setup import configure_logging, with_log_writes_in_background
 from mer.store.reader import ExpertStore
 from mer.metrics.summary import JobSummary, RunSummary, format_seed_block
@@ -56,7 +57,8 @@ def show_live_figures(print_summary):
 
 
 async def _with_signals(supervisor: Supervisor) -> JobSummary:
-    """Run the supervisor; SIGINT/SIGTERM cancel it, which shuts the graph down cleanly."""
+    """Run the supervisor; SIGINT/SIGTERM cancel it, which shuts the graph down cleanly, then raise
+    KeyboardInterrupt (SIGINT: exit 130) or Terminated (SIGTERM: exit 143), see `mer.cli.exit_status`."""
     task = asyncio.create_task(with_log_writes_in_background(supervisor.run()))
     loop = asyncio.get_running_loop()
     received: list[int] = []
@@ -71,6 +73,6 @@ async def _with_signals(supervisor: Supervisor) -> JobSummary:
         return await task
     except asyncio.CancelledError:
         if received:
-            print(f"mer-pipeline: {signal.Signals(received[0]).name}: graph shut down", file=sys.stderr)
-            raise KeyboardInterrupt from None
+            message = f"{signal.Signals(received[0]).name}: graph shut down"
+            raise (Terminated(message) if received[0] == signal.SIGTERM else KeyboardInterrupt(message)) from None
         raise

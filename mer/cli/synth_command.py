@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mer.cli.flag_types import positive_int, seed
 from mer.cli.progress import ProgressDisplay
 from mer.errors import ConfigError
 from mer.compute.expert_format import LAYOUTS
@@ -26,15 +27,15 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named geometry: "
                         + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()))
-    parser.add_argument("--layers", type=int, help="number of MoE layers")
-    parser.add_argument("--experts", type=int, help="experts per layer (not in total)")
-    parser.add_argument("--top-k", type=int, help="experts chosen per token and layer")
-    parser.add_argument("--d-model", type=int, help="model width in elements (columns of gate/up)")
-    parser.add_argument("--d-ff", type=int, help="expert hidden size in elements (columns of down)")
+    parser.add_argument("--layers", type=positive_int, help="number of MoE layers")
+    parser.add_argument("--experts", type=positive_int, help="experts per layer (not in total)")
+    parser.add_argument("--top-k", type=positive_int, help="experts chosen per token and layer")
+    parser.add_argument("--d-model", type=positive_int, help="model width in elements (columns of gate/up)")
+    parser.add_argument("--d-ff", type=positive_int, help="expert hidden size in elements (columns of down)")
     parser.add_argument("--dtype", help="weight dtype, lower-case GGUF name (q4_0, q8_0, q4_k, q5_k, q6_k, "
                         "f16, bf16, f32), or three comma-separated ones for gate,up,down")
     parser.add_argument("--out", required=True, help="output store directory (written atomically)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed, 0..2**64-1 (default 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="generator seed, 0..2**64-1 (default 0)")
     parser.add_argument("--layout", choices=LAYOUTS, default="native",
                         help="payload matrix layout: native GGUF blocks or planar (default native)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")

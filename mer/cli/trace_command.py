@@ -13,7 +13,8 @@ import json
 import sys
 
 from mer.cache.policy import POLICIES
-from mer.errors import ConfigError
+from mer.cli.flag_types import non_negative_number, positive_int, positive_number
+from mer.errors import ConfigError, UsageError
 from mer.simulate.predictors import PREDICTOR_NAMES, evaluate_predictor
 from mer.simulate.projection import ExpertSizes, resolve_projection_inputs
 from mer.simulate.report import format_table, simulation_rows
@@ -35,14 +36,14 @@ def register(subparsers) -> None:
                           help=f"eviction policies, comma-separated: {', '.join(POLICIES)} (default: all)")
     simulate.add_argument("--predictor", default="none", metavar="NAME[,NAME...]",
                           help=f"prefetch predictors, comma-separated: {', '.join(PREDICTOR_NAMES)} (default none)")
-    simulate.add_argument("--predict-fanout", type=int, default=2, help="hints per step (default 2, as run)")
-    simulate.add_argument("--pipeline-depth", type=int, default=1, help="steps predicted ahead (default 1)")
+    simulate.add_argument("--predict-fanout", type=positive_int, default=2, help="hints per step (default 2, as run)")
+    simulate.add_argument("--pipeline-depth", type=positive_int, default=1, help="steps predicted ahead (default 1)")
     sizes = simulate.add_mutually_exclusive_group()
     sizes.add_argument("--store", metavar="DIR", help="expert store: read size per expert from its manifest")
-    sizes.add_argument("--expert-bytes", type=int, metavar="N", help="bytes read per expert (without --store)")
-    simulate.add_argument("--disk-mbps", type=float, metavar="X", help="disk bandwidth in MB/s (10^6 bytes/s)")
+    sizes.add_argument("--expert-bytes", type=positive_int, metavar="N", help="bytes read per expert (without --store)")
+    simulate.add_argument("--disk-mbps", type=positive_number, metavar="X", help="disk bandwidth in MB/s (10^6 bytes/s)")
     compute = simulate.add_mutually_exclusive_group()
-    compute.add_argument("--compute-ms-per-token", type=float, metavar="Y", help="compute time per token in ms")
+    compute.add_argument("--compute-ms-per-token", type=non_negative_number, metavar="Y", help="compute time per token in ms")
     compute.add_argument("--from-log", metavar="FILE", help="run log (--log-file) to measure compute per token "
                          "and, unless --disk-mbps is given, the disk bandwidth from")
     simulate.add_argument("--plot", metavar="FILE.png", help="draw hit rate against cache size per policy (PNG)")
@@ -51,11 +52,11 @@ def register(subparsers) -> None:
 
 
 def parse_cache_sizes(text: str) -> list[int]:
-    """`16,32,64` -> [16, 32, 64]; ConfigError naming the bad entry otherwise."""
+    """`16,32,64` -> [16, 32, 64]; a UsageError naming the bad entry otherwise."""
     parts = [part.strip() for part in text.split(",")]
     for part in parts:
         if not part.isdigit() or int(part) < 1:
-            raise ConfigError(f"--cache-slots {text!r}: {part!r} is not a positive integer (give e.g. 16,32,64)")
+            raise UsageError(f"--cache-slots {text!r}: {part!r} is not a positive integer (give e.g. 16,32,64)")
     return sorted({int(part) for part in parts})
 
 
@@ -65,7 +66,7 @@ def parse_names(text: str, known, flag: str) -> list[str]:
     for name in (part.strip() for part in text.split(",")):
         if name not in known:
             kind = "cache policy" if flag == "--policy" else "predictor"
-            raise ConfigError(f"{flag}: unknown {kind} {name!r}; known: {', '.join(known)}")
+            raise UsageError(f"{flag}: unknown {kind} {name!r}; known: {', '.join(known)}")
         if name not in names:
             names.append(name)
     return names

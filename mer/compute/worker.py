@@ -26,6 +26,7 @@ from mer.compute.batches import item_partials
 from mer.protocol import UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
 from mer.shm.arena import SlotArena
 from mer.store.manifest import Manifest
+from mer.quant.vector_ir import fastest_kernel
 from mer.compute.swiglu import swiglu_expert
 
 
@@ -48,7 +49,7 @@ class ComputeWorker:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.context.run.endpoint("compute"))
         await self.socket.send_multipart(encode(Hello(self.context.name, os.getpid())))
-        return {"kernel_threads": threads, "warm_up_s": round(compile_seconds, 3)}
+        return {"kernel": fastest_kernel(), "kernel_threads": threads, "warm_up_s": round(compile_seconds, 3)}
 
     def _warm_up_kernels(self) -> float:
         """Compile (or load from numba's cache) the kernels of every layer format before Ready."""

@@ -130,6 +130,8 @@ class GenerationSummary:
     prefetch_joins: int
     demand_misses: int
     hit_rate_pct: float
+    prefill_hit_rate_pct: float  # the prompt's lookups alone (mostly misses on a cold cache)
+    decode_hit_rate_pct: float  # the decode steps' lookups alone
     reads: int
     bytes_read: int
     decode_bytes_read: int

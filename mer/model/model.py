@@ -43,12 +43,13 @@ class MoEModel:
     threads: int = 1
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int = 1) -> "MoEModel":
-        """Open a MoE GGUF (any part of a split one); errors name the file and key or tensor."""
+    def load(cls, path: str | os.PathLike, threads: int = 1, resident: bool = False) -> "MoEModel":
+        """Open a MoE GGUF (any part of a split one); errors name the file and key or tensor. With
+        `resident` the dense matrices are copied into this process's memory (`mer.model.resident`)."""
         source = read_gguf_source(path)
         hparams = read_hparams(source.parts[0])
         moe_layers = moe_layers_of(source, hparams)
-        return cls(source, hparams, load_weights(source.parts, hparams), moe_layers, threads)
+        return cls(source, hparams, load_weights(source.parts, hparams, resident), moe_layers, threads)
 
     @property
     def path(self) -> Path:

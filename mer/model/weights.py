@@ -1,4 +1,4 @@
-"""The dense weights of a MoE GGUF model, memory-mapped and computed in place.
+"""The dense weights of a MoE GGUF model, computed in place (memory-mapped, or resident copies).
 
 Matrices (embeddings, attention, router gates, dense FFNs, LM head) stay in the GGUF's
 memory-mapped bytes and are multiplied with `mer.quant.matmul` (nothing is dequantized as a
@@ -25,6 +25,7 @@ import numpy as np
 from mer.compute.dtypes import dtype_by_ggml
 from mer.errors import ShapeError, UnsupportedModelError
 from mer.compute.expert_format import MatrixSpec
+from mer.model.resident import read_resident
 from mer.model.hparams import QK_NORM_NONE, QK_NORM_PER_HEAD, HParams
 from mer.quant.dequant import dequantize
 from mer.quant.matmul import matmul, round_float_activation
@@ -102,9 +103,12 @@ class ModelWeights:
 class _Tensors:
     """The model's tensors by name, fetched with shape checks that name the file and tensor."""
 
-    def __init__(self, parts: tuple[GGUFPart, ...]):
+    def __init__(self, parts: tuple[GGUFPart, ...], resident: bool = False):
         self.path = parts[0].path
-        self.by_name: Mapping[str, TensorData] = {tensor.name: tensor for part in parts for tensor in part.tensors}
+        self.by_name: dict[str, TensorData] = {tensor.name: tensor for part in parts for tensor in part.tensors}
+        if resident:  # the matrices read into the process's own memory (mer.model.resident)
+            self.by_name.update(read_resident(tensor for name, tensor in self.by_name.items()
+                                              if len(tensor.shape) == 2 and not _is_expert_tensor(name)))
         self.used: set[str] = set()
 
     def get(self, name: str, shape: tuple[int, ...], required: bool = True) -> TensorData | None:
@@ -132,13 +136,18 @@ class _Tensors:
     def check_all_used(self) -> None:
         """Refuse tensors the forward pass would silently ignore (biases, rope factors, shared experts)."""
         for name, tensor in self.by_name.items():
-            if name not in self.used and not (MERGED_EXPERT_TENSOR.match(name) or PER_EXPERT_TENSOR.match(name)):
+            if name not in self.used and not _is_expert_tensor(name):
                 raise UnsupportedModelError(f"{tensor.path}: tensor {name} is not supported by mer's forward pass")
 
 
-def load_weights(parts: tuple[GGUFPart, ...], hparams: HParams) -> ModelWeights:
-    """Locate and check every dense tensor of the model (no data is copied)."""
-    tensors = _Tensors(parts)
+def _is_expert_tensor(name: str) -> bool:
+    return bool(MERGED_EXPERT_TENSOR.match(name) or PER_EXPERT_TENSOR.match(name))
+
+
+def load_weights(parts: tuple[GGUFPart, ...], hparams: HParams, resident: bool = False) -> ModelWeights:
+    """Locate and check every dense tensor of the model: computed on the mapped file, or with
+    `resident` on copies read into this process's memory (`mer.model.resident`)."""
+    tensors = _Tensors(parts, resident)
     embedding_tensor = tensors.by_name.get("token_embd.weight")
     if embedding_tensor is None or len(embedding_tensor.shape) != 2:
         raise UnsupportedModelError(f"{tensors.path}: tensor token_embd.weight is missing or not 2-D")

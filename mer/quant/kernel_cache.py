@@ -1,8 +1,8 @@
 """numba's on-disk cache for the matmul kernels, invalidated when ANY module they use changes.
 
 numba keys a cached function on the content of its own source file only. The matmul drivers
-inline code from other modules (the VNNI intrinsic's IR builder, the portable kernels, the row
-dequantizers), so an edit there would otherwise leave stale machine code in the cache. Importing
+inline code from other modules (the VNNI and AVX2 intrinsics' IR builders, the portable kernels,
+the row dequantizers), so an edit there would otherwise leave stale machine code in the cache. Importing
 this module registers a cache locator that claims the functions of `KERNEL_MODULES` (only those)
 and stamps them with a hash of `KERNEL_SOURCES`, every module whose code ends up in them; the
 cache files go where numba would put them anyway (NUMBA_CACHE_DIR, else `__pycache__`). A new
@@ -18,7 +18,7 @@ from numba.core import caching
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 KERNEL_MODULES = ("matmul_quantized.py", "matmul_generic.py", "kernels_portable.py")
-KERNEL_SOURCES = KERNEL_MODULES + ("kernels_vnni.py", "vector_ir.py", "dequant.py", "kernel_cache.py")
+KERNEL_SOURCES = KERNEL_MODULES + ("kernels_vnni.py", "kernels_avx2.py", "vector_ir.py", "dequant.py", "kernel_cache.py")
 
 
 def sources_stamp() -> str:

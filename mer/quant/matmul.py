@@ -8,7 +8,8 @@ dequantizing it as a whole and without touching the bytes outside the slices:
 
 - q4_0 and q8_0 ("native" or "planar" layout): `x` is first rounded to q8_0 per 32-block (as
   llama.cpp does, `mer.quant.activation`), then exact integer block dots are scaled and summed
-  in float32 (`kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_portable`);
+  in float32 (`kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_avx2` on AVX2 + FMA + F16C
+  CPUs, else `kernels_portable`);
 - q4_k, q5_k, q6_k, f32, f16, bf16: each row is dequantized into a float32 buffer and dotted
   with the float32 `x` (`matmul_generic`).
 
@@ -27,17 +28,20 @@ from mer.quant import planar as planar_layout
 from mer.quant.activation import BLOCKS_PER_GROUP, QuantizedActivation, quantize_activation
 from mer.quant.matmul_generic import DTYPE_CODES, dequantizing_matmul, dequantizing_matmul_parallel
 from mer.quant.matmul_quantized import (
+    AVX2_KERNEL_CODES,
     VNNI_KERNEL_CODES,
+    avx2_matmul,
+    avx2_matmul_parallel,
     portable_matmul,
     portable_matmul_parallel,
     vnni_matmul,
     vnni_matmul_parallel,
 )
-from mer.quant.vector_ir import has_vnni_kernels
+from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels
 
 FUSED_DTYPES = tuple(BLOCKS_PER_GROUP)
 CHUNKS_PER_THREAD = 4
-KERNELS = ("auto", "vnni", "portable")
+KERNELS = ("auto", "vnni", "avx2", "portable")
 Activation = np.ndarray | QuantizedActivation
 
 
@@ -110,11 +114,11 @@ def matmul(
     """`W[rows, columns] · x[t]` for each token t: float32 `[batch, num_rows]` (`[num_rows]`
     when `x` is 1-D). `x` is float32 `[batch, num_columns]` or a `prepare_activation` result.
 
-    `kernel` picks the q4_0/q8_0 implementation: "auto" (VNNI where the CPU has it), "vnni" or
-    "portable"; the other dtypes ignore it.
+    `kernel` picks the q4_0/q8_0 implementation: "auto" (`vector_ir.fastest_kernel()`: VNNI,
+    else AVX2, else portable), "vnni", "avx2" or "portable"; the other dtypes ignore it.
     """
     dtype = matrix.dtype_info
-    if kernel not in KERNELS or (kernel == "vnni" and not has_vnni_kernels()):
+    if not is_kernel_available(kernel):
         raise UnsupportedDTypeError(f"kernel {kernel!r} is not one of {KERNELS} available on this CPU")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.size != matrix.nbytes:
         found = f"{data.dtype} x {data.size}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -138,11 +142,17 @@ def matmul(
     block_range = (column_start // dtype.block_size, (column_stop - column_start) // dtype.block_size)
     flat = np.ascontiguousarray(data).reshape(-1)
     if isinstance(activation, QuantizedActivation):
-        use_vnni = kernel == "vnni" or (kernel == "auto" and has_vnni_kernels())
-        _fused_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads, use_vnni)
+        chosen = fastest_kernel() if kernel == "auto" else kernel
+        _fused_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads, chosen)
     else:
         _dequantizing_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads)
     return out[0] if is_vector else out
+
+
+def is_kernel_available(kernel: str) -> bool:
+    """True when `kernel` is one of KERNELS and this CPU can run it."""
+    available = {"auto": True, "vnni": has_vnni_kernels(), "avx2": has_avx2_kernels(), "portable": True}
+    return available.get(kernel, False)
 
 
 def block_addressing(matrix: MatrixSpec, block_start: int, num_blocks: int) -> tuple[int, ...]:
@@ -179,13 +189,15 @@ def _fused_matmul(
     block_range: tuple[int, int],
     out: np.ndarray,
     threads: int,
-    use_vnni: bool,
+    kernel: str,
 ) -> None:
     addressing = block_addressing(matrix, *block_range)
     arguments = (data, addressing, row_start, row_stop, activation.quants, activation.block_scales, out)
-    if use_vnni:
-        code = VNNI_KERNEL_CODES[(matrix.dtype_info.name, matrix.layout == "planar")]
-        _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, code), threads)
+    kind = (matrix.dtype_info.name, matrix.layout == "planar")
+    if kernel == "vnni":
+        _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[kind]), threads)
+    elif kernel == "avx2":
+        _run_kernel(avx2_matmul, avx2_matmul_parallel, (*arguments, AVX2_KERNEL_CODES[kind]), threads)
     else:
         is_q4_0 = matrix.dtype_info.name == "q4_0"
         _run_kernel(portable_matmul, portable_matmul_parallel, (*arguments, is_q4_0), threads)

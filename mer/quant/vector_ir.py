@@ -1,10 +1,12 @@
 """LLVM vector IR building blocks for the numba intrinsics of the q4_0 and q8_0 kernels.
 
-numba has no vector types, so the hot loops of `mer.quant.kernels_vnni` are written as LLVM IR
-with these helpers: 512-bit loads (plain or masked), the AVX-512 VNNI byte dot product
-`vpdpbusd` (unsigned bytes times signed bytes, four adjacent products summed into each int32
-lane), f16 to f32 widening and horizontal sums. The IR is only emitted when the host CPU has
-the instructions (`has_vnni_kernels()`); elsewhere the portable numba kernels run.
+numba has no vector types, so the hot loops of `mer.quant.kernels_vnni` and
+`mer.quant.kernels_avx2` are written as LLVM IR with these helpers: vector loads (plain or
+masked), the AVX-512 VNNI byte dot product `vpdpbusd` (unsigned bytes times signed bytes, four
+adjacent products summed into each int32 lane), its AVX2 parts `vpmaddubsw` / `vpmaddwd` /
+`vpsignb`, f16 to f32 widening and horizontal sums. Each set of IR is only emitted when the CPU
+numba compiles for has its instructions (`has_vnni_kernels()`, `has_avx2_kernels()`); elsewhere
+the portable numba kernels run.
 """
 
 from __future__ import annotations
@@ -24,17 +26,37 @@ INT64 = ir.IntType(64)
 FLOAT = ir.FloatType()
 HALF = ir.HalfType()
 REQUIRED_CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "f16c")
+AVX2_CPU_FEATURES = ("avx2", "fma", "f16c")
+
+
+def _compiles_for(required: tuple[str, ...]) -> bool:
+    """True when the CPU numba compiles for has every feature of `required`: the host CPU, or
+    the one named by NUMBA_CPU_NAME / NUMBA_CPU_FEATURES."""
+    if numba_config.CPU_NAME not in (None, "host"):
+        enabled = {flag[1:] for flag in (numba_config.CPU_FEATURES or "").split(",") if flag.startswith("+")}
+        return all(name in enabled for name in required)
+    features = llvm_binding.get_host_cpu_features()
+    return all(features.get(name, False) for name in required)
 
 
 @lru_cache(maxsize=1)
 def has_vnni_kernels() -> bool:
-    """True when numba compiles for a CPU with AVX-512 BW + VNNI + F16C (the fast q4_0/q8_0
-    kernels): the host CPU, or the one named by NUMBA_CPU_NAME / NUMBA_CPU_FEATURES."""
-    if numba_config.CPU_NAME not in (None, "host"):
-        enabled = {flag[1:] for flag in (numba_config.CPU_FEATURES or "").split(",") if flag.startswith("+")}
-        return all(name in enabled for name in REQUIRED_CPU_FEATURES)
-    features = llvm_binding.get_host_cpu_features()
-    return all(features.get(name, False) for name in REQUIRED_CPU_FEATURES)
+    """True when numba compiles for a CPU with AVX-512 BW + VNNI + F16C (the fastest q4_0/q8_0
+    kernels, `mer.quant.kernels_vnni`)."""
+    return _compiles_for(REQUIRED_CPU_FEATURES)
+
+
+@lru_cache(maxsize=1)
+def has_avx2_kernels() -> bool:
+    """True when numba compiles for a CPU with AVX2 + FMA + F16C (`mer.quant.kernels_avx2`)."""
+    return _compiles_for(AVX2_CPU_FEATURES)
+
+
+def fastest_kernel() -> str:
+    """The q4_0/q8_0 kernel `kernel="auto"` runs here: "vnni", else "avx2", else "portable"."""
+    if has_vnni_kernels():
+        return "vnni"
+    return "avx2" if has_avx2_kernels() else "portable"
 
 
 def vector(element: ir.Type, count: int) -> ir.VectorType:
@@ -101,6 +123,54 @@ def dot_unsigned_signed_bytes(
         function,
         [accumulator, builder.bitcast(unsigned_bytes, lanes), builder.bitcast(signed_bytes, lanes)],
     )
+
+
+def _call_intrinsic(
+    builder: ir.IRBuilder, name: str, result_type: ir.Type, arguments: list[ir.Value]
+) -> ir.Value:
+    function_type = ir.FunctionType(result_type, [argument.type for argument in arguments])
+    function = cgutils.get_or_insert_function(builder.module, function_type, name)
+    return builder.call(function, arguments)
+
+
+def multiply_add_unsigned_signed_bytes(
+    builder: ir.IRBuilder, unsigned_bytes: ir.Value, signed_bytes: ir.Value
+) -> ir.Value:
+    """AVX2 `vpmaddubsw` (32 x i8 each): 16 x i16, lane i = u[2i] * s[2i] + u[2i+1] * s[2i+1],
+    SATURATED to int16: exact only when each pair sum fits in [-32768, 32767]."""
+    result = vector(INT16, 16)
+    return _call_intrinsic(builder, "llvm.x86.avx2.pmadd.ub.sw", result, [unsigned_bytes, signed_bytes])
+
+
+def sum_word_pairs(builder: ir.IRBuilder, words: ir.Value) -> ir.Value:
+    """AVX2 `vpmaddwd` with ones: 16 x i16 -> 8 x i32, lane i = w[2i] + w[2i+1] (exact)."""
+    ones = ir.Constant(vector(INT16, 16), [1] * 16)
+    return _call_intrinsic(builder, "llvm.x86.avx2.pmadd.wd", vector(INT32, 8), [words, ones])
+
+
+def add_adjacent_pairs(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
+    """AVX2 `vphaddw` (16 x i16) or `vphaddd` (8 x i32), wrapping: per 128-bit half, the sums
+    of adjacent lane pairs of `first`'s half, then those of `second`'s half."""
+    width = first.type.element.width
+    name = "llvm.x86.avx2.phadd.w" if width == 16 else "llvm.x86.avx2.phadd.d"
+    return _call_intrinsic(builder, name, first.type, [first, second])
+
+
+def copy_sign_bytes(builder: ir.IRBuilder, values: ir.Value, signs: ir.Value) -> ir.Value:
+    """AVX2 `vpsignb` (32 x i8): values[i] negated where signs[i] < 0, zero where it is 0."""
+    return _call_intrinsic(builder, "llvm.x86.avx2.psign.b", values.type, [values, signs])
+
+
+def absolute_bytes(builder: ir.IRBuilder, values: ir.Value) -> ir.Value:
+    """|values| per i8 lane (`vpabsb`); -128 stays 0x80, i.e. 128 read as unsigned."""
+    name = f"llvm.abs.{_intrinsic_type_name(values.type)}"
+    return _call_intrinsic(builder, name, values.type, [values, ir.Constant(INT1, 0)])
+
+
+def lanes(builder: ir.IRBuilder, values: ir.Value, start: int, count: int) -> ir.Value:
+    """`count` consecutive lanes of `values` from `start`, as a vector."""
+    indices = ir.Constant(vector(INT32, count), list(range(start, start + count)))
+    return builder.shuffle_vector(values, values, indices)
 
 
 def float32_from_float16_bits(builder: ir.IRBuilder, halves: ir.Value) -> ir.Value:

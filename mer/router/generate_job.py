@@ -1,7 +1,8 @@
 """The generation job, run by the router: THE generation loop (`mer.model.generate.generate_tokens`)
 with THE forward pass placed on the graph (`mer.router.graph_forward`).
 
-The router loads the model (its dense weights, memory-mapped) once, here. Each generated token goes
+The router loads the model once, here, with its dense weights resident (`mer.model.resident`: read
+into the router's memory, so expert traffic cannot evict them). Each generated token goes
 to the supervisor at once (`TokenGenerated`); routing decisions go to the predictor and, with
 `record_trace`, to a trace. The summary is `mer.metrics.summary.GenerationSummary`; the I/O worker
 counts the decode steps' reads apart from the prompt length on (`SplitReads`, sent before the first
@@ -50,7 +51,7 @@ class GenerateJob(Job):
     async def run(self) -> GenerationSummary:
         dense = DenseThread()
         try:
-            model = await dense(MoEModel.load, self.start.model)
+            model = await dense(MoEModel.load, self.start.model, 1, True)  # dense weights resident
             check_model_matches_store(model, self.manifest, self.start.model)
             warm_up_s = await dense(warm_up_dense, model)
             self.log.info("generation_started", model=self.start.model, architecture=model.hparams.architecture,
@@ -115,7 +116,8 @@ class GenerateJob(Job):
             decode_tps=steps / result.decode_seconds if steps else 0.0,
             hits=hits, misses=misses, lookups=hits + misses, prefetch_joins=lookups.prefetch_joins,
             demand_misses=misses - lookups.prefetch_joins,
-            hit_rate_pct=100.0 * hits / (hits + misses) if hits + misses else 0.0,
+            hit_rate_pct=hit_rate_pct(lookups), prefill_hit_rate_pct=hit_rate_pct(experts.prefill),
+            decode_hit_rate_pct=hit_rate_pct(experts.decode),
             reads=reads.reads, bytes_read=reads.nbytes, decode_bytes_read=decode_bytes,
             mib_read_per_token=decode_bytes / MIB / steps if steps else 0.0,
             prefetches_issued=stats.prefetch.issued, prefetches_used=stats.prefetch.used,
@@ -128,6 +130,12 @@ class GenerateJob(Job):
             cache_slots=self.config.cache_slots, compute_workers=self.compute_workers,
             io_backend=stats.io_backend,
         )
+
+
+def hit_rate_pct(stats: ExpertStats) -> float:
+    """Hits per lookup in percent (0 without lookups)."""
+    lookups = stats.hits + stats.misses
+    return 100.0 * stats.hits / lookups if lookups else 0.0
 
 
 def warm_up_dense(model: MoEModel) -> float:

@@ -17,6 +17,7 @@ from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.generate_job import GenerateJob
 from mer.router.job import Job
+from mer.runtime.cpu_progress import start_limit_s
 from mer.store.manifest import Manifest
 
 
@@ -38,7 +39,8 @@ class Router:
         self.observe.setsockopt(zmq.LINGER, 0)
         self.observe.setsockopt(zmq.SNDHWM, 10_000)
         self.observe.connect(run.endpoint("observe"))
-        await self.compute.wait_connected(self.context.config.handshake_timeout_s)
+        # bounded by the supervisor's start-up watchdog, which extends slow starts (mer.runtime.cpu_progress)
+        await self.compute.wait_connected(start_limit_s(self.context.config.handshake_timeout_s))
         return {"compute_workers": run.num_compute_workers}
 
     async def on_control(self, message) -> None:

@@ -92,6 +92,7 @@ class RamPlan:
     reserve_slots: int  # prefetch reserve (the arena holds cache_slots + reserve_slots)
     cache_slots: int
     metadata_nbytes: int = 0
+    origin: str = ""  # how the budget was chosen, when not given (e.g. "default: ... available")
 
     @property
     def fixed_nbytes(self) -> int:
@@ -107,17 +108,19 @@ class RamPlan:
                 f"GGUF metadata {self.metadata_nbytes / MIB:,.1f} MiB")
 
     def describe(self) -> str:
-        return (f"RAM budget {self.budget / MIB:,.1f} MiB: {self.describe_fixed()}, slot arena {self.cache_slots} + "
+        origin = f" ({self.origin})" if self.origin else ""
+        return (f"RAM budget {self.budget / MIB:,.1f} MiB{origin}: {self.describe_fixed()}, slot arena {self.cache_slots} + "
                 f"{self.reserve_slots} slots x {self.slot_nbytes / MIB:,.2f} MiB = {self.arena_nbytes / MIB:,.1f} MiB")
 
 
 def plan_cache_slots(budget: int, *, dense: int, kv_cache: int, num_compute_workers: int, slot_nbytes: int,
                      top_k: int, reserve_slots: int, num_experts: int, metadata: int = 0,
-                     gate_predictor: bool = False) -> RamPlan:
+                     gate_predictor: bool = False, origin: str = "") -> RamPlan:
     """The cache slots a budget allows (at most `num_experts`); ConfigError with the numbers when it
     cannot hold the fixed part plus `top_k` experts of one layer and the prefetch reserve."""
     processes = processes_nbytes(num_compute_workers, gate_predictor)
-    plan = RamPlan(budget, dense, kv_cache, 5 + num_compute_workers, processes, slot_nbytes, reserve_slots, 0, metadata)
+    plan = RamPlan(budget, dense, kv_cache, 5 + num_compute_workers, processes, slot_nbytes, reserve_slots, 0, metadata,
+                   origin)
     fitting = (budget - plan.fixed_nbytes) // slot_nbytes - reserve_slots
     if fitting < top_k:
         needed = plan.fixed_nbytes + (top_k + reserve_slots) * slot_nbytes

@@ -5,7 +5,9 @@ One run:
    runtime directory and the slot arena;
 2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
    each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
-   handshake timeout; a child's `ChildFailed` aborts start-up with that child's own error. Every
+   handshake timeout, extended while the children still waited for keep using CPU (a slow start on
+   a busy machine, `mer.runtime.cpu_progress`), up to a hard limit; a child's `ChildFailed` aborts
+   start-up with that child's own error. Every
    child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
    without a model is refused before anything starts;
 3. send the job's start message to the router (`StartBenchmark`, or `StartGeneration`) and wait for
@@ -21,7 +23,7 @@ the runtime directory (`mer.runtime.supervisor_watch`).
 
 Children are watched through their process sentinels, so a death (kill -9) is seen at once and
 reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
-SIGTERM to the supervisor bring the graph down the same way (`KeyboardInterrupt` is raised).
+SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Hello, JobDone, Ready
                           StartGeneration, TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
+from mer.runtime.cpu_progress import START_PROGRESS_CPU_S, cpu_seconds, start_limit_s
 from mer.runtime.membership import RunMembership
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
@@ -253,14 +256,27 @@ class Supervisor:
         return self.config.handshake_timeout_s + arena_nbytes / PREFAULT_MIN_BYTES_PER_S
 
     async def _handshake(self) -> None:
-        deadline = time.monotonic() + self.handshake_allowance_s()
+        started = time.monotonic()
+        allowance = self.handshake_allowance_s()
+        deadline, limit = started + allowance, started + start_limit_s(allowance)
+        cpu_at = {name: cpu_seconds(child.process.pid) or 0.0 for name, child in self.children.items()}
+        since = started  # when cpu_at was read
         while not all(child.ready for child in self.children.values()):
             kind, payload = await self._next_event(deadline)
             if kind == "timeout":
-                waiting = [c.name for c in self.children.values() if not c.ready]
-                raise PipelineError(
-                    f"start-up timed out after {self.handshake_allowance_s():.0f} s waiting for: {', '.join(waiting)}"
-                )
+                waiting = [child for child in self.children.values() if not child.ready]
+                working = [child.name for child in waiting
+                           if (cpu_seconds(child.process.pid) or 0.0) - cpu_at[child.name] >= START_PROGRESS_CPU_S]
+                now = time.monotonic()
+                if working and now < limit:  # slow, not stuck: they keep using CPU (mer.runtime.cpu_progress)
+                    self.log.info("child_start_slow", children=working, waited_s=round(now - started, 1))
+                    cpu_at = {name: cpu_seconds(child.process.pid) or 0.0 for name, child in self.children.items()}
+                    since, deadline = now, min(now + self.config.handshake_timeout_s, limit)
+                    continue
+                why = (f"still starting after the limit of {limit - started:.0f} s" if working else
+                       f"no CPU used in the last {now - since:.0f} s")
+                raise PipelineError(f"start-up timed out after {now - started:.0f} s waiting for: "
+                                    f"{', '.join(child.name for child in waiting)} ({why})")
             if kind == "Ready":
                 child = self.children[payload.name]
                 child.ready, child.info = True, dict(payload.info)

@@ -5,7 +5,8 @@ into one page-aligned payload; with `layout="planar"` each matrix is permuted lo
 `mer.quant.planar.to_planar` on the way. Dense weights stay in the GGUF. The store is written by
 `StoreWriter` (temporary directory, free-space check, re-verification, rename), and its manifest
 records the GGUF's paths, size and content identity (`mer.store.gguf_identity`), computed from
-the same bytes that are copied.
+the same bytes that are copied, and its fingerprint and file stats (`mer.store.gguf_fingerprint`,
+taken before the copy) by which `mer.store.store_cache` finds the store at start-up.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from mer.errors import DiskSpaceError, StoreError, StoreExistsError
 from mer.compute.expert_format import ExpertFormat
+from mer.store.gguf_fingerprint import gguf_fingerprint, source_file_stats
 from mer.store.gguf_identity import TensorChecksums
 from mer.store.gguf_source import GGUFSource, MoELayerSource, read_gguf_source
 from mer.store.manifest import MANIFEST_NAME, SourceInfo
@@ -63,7 +65,8 @@ def convert_gguf(model: str | os.PathLike, out: str | os.PathLike, *, layout: st
     out = Path(out)
     _check_replaceable(out, force)
     formats = [source.expert_format(layer.moe_layer, layout) for layer in source.layers]
-    source_info = SourceInfo("gguf", tuple(str(path.resolve()) for path in source.paths), source.nbytes)
+    source_info = SourceInfo("gguf", tuple(str(path.resolve()) for path in source.paths), source.nbytes,
+                             fingerprint=gguf_fingerprint(source.parts), stats=source_file_stats(source.paths))
     total = payload_nbytes(source)
     writer = StoreWriter(out, source.geometry, formats, source_info, blocks=[layer.block for layer in source.layers],
                          layout=layout, force=force, verify_progress=lazy_phase(start_phase, "verifying", total))

@@ -1,5 +1,5 @@
 """The embedded default of `mer-pipeline up`: a small synthetic store made once in the cache dir,
-and a converted store cached per GGUF identity for `up --model`."""
+and the converted store of a GGUF, cached by its fingerprint, for `up --model` and `generate`."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ def demo_store() -> Path:
     return directory
 
 
-def converted_store(model: Path, *, command: str = "up", start_phase=None) -> Path:
-    """The expert store of a GGUF model, converted on first use and cached by the GGUF's identity.
-    `command` names the caller in the message on stderr; `start_phase` (a `ProgressDisplay`'s)
-    shows the conversion's progress."""
+def converted_store(model: Path, *, command: str = "up", start_phase=None, parts=None) -> Path:
+    """The expert store of a GGUF model, converted on first use and found again by the GGUF's
+    fingerprint without reading the whole model (`mer.store.store_cache`). `command` names the
+    caller in the messages on stderr; `start_phase` (a `ProgressDisplay`'s) shows the conversion's
+    progress; `parts` the model already opened (`mer.store.gguf_files.open_parts`)."""
     from mer.store.convert import convert_gguf
-    from mer.store.gguf_identity import gguf_identity
-    from mer.store.gguf_files import split_part_paths
+    from mer.store.store_cache import cached_store
 
-    identity = gguf_identity(list(split_part_paths(model)))
-    directory = read_environment().cache_dir / "stores" / f"{Path(model).stem}-{identity[:16]}"
-    if _is_usable(directory) and Manifest.load(directory).source.hash == identity:
-        return directory
-    print(f"mer-pipeline {command}: converting {model} to {directory}", file=sys.stderr)
-    convert_gguf(model, directory, force=directory.exists(), start_phase=start_phase)
-    return directory
+    def convert(model: Path, directory: Path, force: bool) -> None:
+        convert_gguf(model, directory, force=force, start_phase=start_phase)
+
+    def announce(line: str) -> None:
+        print(f"mer-pipeline {command}: {line}", file=sys.stderr)
+
+    return cached_store(model, read_environment().cache_dir, convert=convert, announce=announce, parts=parts)

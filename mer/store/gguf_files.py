@@ -34,7 +34,8 @@ class TensorData:
     ggml_type: int
     shape: tuple[int, ...]
     path: Path
-    data: np.ndarray  # uint8, exactly the tensor's bytes, a view of the memory-mapped file
+    data: np.ndarray  # uint8, exactly the tensor's bytes: a view of the memory-mapped file, or a resident copy
+    offset: int = 0  # where the bytes start in the file
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +97,8 @@ def _tensor_data(reader: GGUFReader, tensor: ReaderTensor, path: Path) -> Tensor
     data = reader.data[tensor.data_offset : tensor.data_offset + tensor.n_bytes]
     if data.nbytes != tensor.n_bytes:
         raise GGUFError(f"{path}: tensor {tensor.name} is cut short (truncated file of {reader.data.nbytes} bytes)")
-    return TensorData(tensor.name, int(tensor.tensor_type), tuple(int(n) for n in tensor.shape), path, data)
+    return TensorData(tensor.name, int(tensor.tensor_type), tuple(int(n) for n in tensor.shape), path, data,
+                      int(tensor.data_offset))
 
 
 def open_parts(path: str | os.PathLike) -> tuple[GGUFPart, ...]:

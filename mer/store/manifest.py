@@ -10,10 +10,11 @@ every read stays inside the file.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mer.errors import StoreError
+from mer.errors import ShapeError, StoreError, describe_os_error
 from mer.compute.expert_format import PAGE_SIZE, ExpertFormat
 
 FORMAT_VERSION = 1
@@ -65,14 +66,28 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class SourceFileStat:
+    """One source file as `stat` saw it: a rewrite or touch changes `mtime_ns`, a copy `inode`."""
+
+    nbytes: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
 class SourceInfo:
-    """Where the experts came from: a GGUF (paths, sizes, content hash) or a synthetic generator."""
+    """Where the experts came from: a GGUF (paths, sizes, content hash, fingerprint and file stats) or a
+    synthetic generator. `hash` is the full identity (`mer.store.gguf_identity`); `fingerprint`
+    (`mer.store.gguf_fingerprint`) and `stats` (one per path) find the store at start-up without
+    reading the model. Stores converted before they existed have them empty."""
 
     kind: str  # "gguf" or "synth"
     paths: tuple[str, ...] = ()
     nbytes: int = 0
     hash: str = ""
     parameters: dict = field(default_factory=dict)
+    fingerprint: str = ""
+    stats: tuple[SourceFileStat, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class Manifest:
             raise StoreError(
                 f"{where}: store format version {self.format_version}, this mer reads {FORMAT_VERSION}"
             )
+        self._validate_geometry(where)
         if len(self.layers) != geometry.num_moe_layers:
             raise StoreError(f"{where}: {len(self.layers)} layers listed, geometry says {geometry.num_moe_layers}")
         if len(self.experts) != geometry.num_experts:
@@ -129,7 +145,16 @@ class Manifest:
                 raise StoreError(f"{where}: layers[{index}].file {layer.file!r} is not in files")
             if layer.expert_stride % PAGE_SIZE or layer.expert_stride < layer.format.read_nbytes:
                 raise StoreError(f"{where}: layers[{index}].expert_stride {layer.expert_stride} is not valid")
-            layer.format.validate()
+            try:
+                layer.format.validate()
+            except ShapeError as error:
+                raise StoreError(f"{where}: layers[{index}].format: {error}") from None
+            for name in ("d_model", "d_ff"):  # the payload sizes follow the format: it must match the geometry
+                if getattr(layer.format, name) != getattr(geometry, name):
+                    raise StoreError(
+                        f"{where}: geometry.{name} is {getattr(geometry, name)} but layers[{index}].format.{name} "
+                        f"is {getattr(layer.format, name)} (its payloads are {layer.format.payload_nbytes} bytes); "
+                        "the manifest contradicts itself")
         for index, entry in enumerate(self.experts):
             expected = (index // geometry.experts_per_layer, index % geometry.experts_per_layer)
             if entry.id != index or (entry.moe_layer, entry.expert) != expected:
@@ -137,6 +162,20 @@ class Manifest:
             layer = self.layers[entry.moe_layer]
             if entry.offset % PAGE_SIZE or entry.offset + layer.format.read_nbytes > file_sizes[layer.file]:
                 raise StoreError(f"{where}: experts[{index}].offset {entry.offset} is not a valid read in {layer.file}")
+
+    def _validate_geometry(self, where: str) -> None:
+        """Every geometry field a positive integer, and the counts consistent with each other."""
+        geometry = self.geometry
+        for name in ("num_layers", "num_moe_layers", "experts_per_layer", "top_k", "d_model", "d_ff"):
+            value = getattr(geometry, name)
+            if type(value) is not int or value < 1:
+                raise StoreError(f"{where}: geometry.{name} is {value!r}, not a positive integer")
+        if geometry.top_k > geometry.experts_per_layer:
+            raise StoreError(f"{where}: geometry.top_k {geometry.top_k} exceeds experts_per_layer "
+                             f"{geometry.experts_per_layer}")
+        if geometry.num_moe_layers > geometry.num_layers:
+            raise StoreError(f"{where}: geometry.num_moe_layers {geometry.num_moe_layers} exceeds num_layers "
+                             f"{geometry.num_layers}")
 
     def to_json(self) -> str:
         data = {
@@ -173,24 +212,44 @@ class Manifest:
                 experts=tuple(ExpertEntry(*row) for row in data["experts"]),
                 files=tuple(FileEntry(**entry) for entry in data["files"]),
                 source=SourceInfo(source["kind"], tuple(source["paths"]), source["nbytes"],
-                                  source["hash"], source.get("parameters", {})),
+                                  source["hash"], source.get("parameters", {}), source.get("fingerprint", ""),
+                                  tuple(SourceFileStat(**stat) for stat in source.get("stats", ()))),
                 created_by=data.get("created_by", ""),
                 format_version=data["mer_store"],
                 checksum_algorithm=data["checksum_algorithm"],
             )
         except StoreError:
             raise
+        except ShapeError as error:
+            raise StoreError(f"{where}: {error}") from None
         except (KeyError, TypeError, ValueError) as error:
             raise StoreError(f"{where}: malformed manifest ({type(error).__name__}: {error})") from error
         manifest.validate(where)
         return manifest
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / MANIFEST_NAME).write_text(self.to_json())
+        """Write `manifest.json` atomically: a temporary file beside it, flushed, then renamed over it,
+        so a reader (or a crash) sees the old manifest or the new one, never a part."""
+        path = Path(directory) / MANIFEST_NAME
+        temporary = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "w") as handle:
+                handle.write(self.to_json())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
         path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
-            raise StoreError(f"{directory}: not an expert store (no {MANIFEST_NAME})")
-        return cls.from_json(path.read_text(), where=str(path))
+        try:
+            text = path.read_text()
+        except (FileNotFoundError, IsADirectoryError):
+            raise StoreError(f"{directory}: not an expert store (no {MANIFEST_NAME})") from None
+        except OSError as error:  # permission denied (on the file or the directory), I/O error
+            raise StoreError(f"cannot read the manifest: {describe_os_error(error, path)}") from error
+        except UnicodeDecodeError as error:
+            raise StoreError(f"{path}: malformed manifest (not UTF-8 text: {error})") from error
+        return cls.from_json(text, where=str(path))

@@ -7,12 +7,13 @@ verification and reference computations.
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from mer.errors import StoreError
+from mer.errors import StoreError, describe_os_error
 from mer.compute.expert_format import ExpertPayload
 from mer.store.manifest import Manifest
 
@@ -20,6 +21,24 @@ from mer.store.manifest import Manifest
 def payload_checksum(data) -> str:
     """The manifest's checksum of a payload (crc32 as 8 hex digits)."""
     return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def _check_payload_file(path: Path, nbytes: int) -> None:
+    """StoreError unless `path` is a readable regular file of `nbytes` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: payload file listed in the manifest is missing") from None
+    except OSError as error:
+        raise StoreError(f"cannot read a payload file: {describe_os_error(error, path)}") from error
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreError(f"{path}: payload file listed in the manifest is not a regular file")
+    if info.st_size != nbytes:
+        raise StoreError(f"{path}: {info.st_size} bytes on disk, manifest says {nbytes} (truncated?)")
 
 
 class ExpertStore:
@@ -31,17 +50,19 @@ class ExpertStore:
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "ExpertStore":
+        """The store at `directory`, its manifest checked and every payload file present, of the size the
+        manifest says and readable by this user (so a run refuses at start, naming the file)."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise StoreError(f"{directory}: no such store directory")
+        try:
+            if not stat.S_ISDIR(directory.stat().st_mode):
+                raise StoreError(f"{directory}: not a directory")
+        except FileNotFoundError:
+            raise StoreError(f"{directory}: no such store directory") from None
+        except OSError as error:
+            raise StoreError(f"cannot open the store: {describe_os_error(error, directory)}") from error
         manifest = Manifest.load(directory)
         for entry in manifest.files:
-            path = directory / entry.name
-            if not path.is_file():
-                raise StoreError(f"{path}: payload file listed in the manifest is missing")
-            size = path.stat().st_size
-            if size != entry.nbytes:
-                raise StoreError(f"{path}: {size} bytes on disk, manifest says {entry.nbytes} (truncated?)")
+            _check_payload_file(directory / entry.name, entry.nbytes)
         return cls(directory, manifest)
 
     def file_path(self, expert_id: int) -> Path:

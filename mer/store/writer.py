@@ -8,9 +8,11 @@ Usage:
     # on normal exit: every expert written, checksums re-verified, manifest saved, directory renamed
 
 An exception inside the block (or a missing expert) removes the temporary directory, so an
-interrupted conversion never leaves a store that looks whole. A writer killed outright leaves its
-temporary directory; the next writer into the same directory reclaims it (`mer.store.partials`).
-Free space is checked up front.
+interrupted conversion never leaves a store that looks whole. Free space is checked up front; if
+the disk still fills up while writing (another writer took the space), the error is a DiskSpaceError
+naming the store and the file, and the temporary directory is removed. A writer killed outright
+leaves its temporary directory; the next writer into the same directory reclaims it
+(`mer.store.partials`).
 Payload files are written with O_DIRECT where the filesystem allows it (see
 `mer.store.direct_io`: buffered writes drain far slower than the disk on this machine); a payload
 that is not page-aligned in memory goes through one aligned staging buffer.
@@ -18,18 +20,20 @@ that is not page-aligned in memory goes through one aligned staging buffer.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from mer import __version__
-from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError
+from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError, describe_os_error
 from mer.compute.expert_format import LAYOUTS, ExpertFormat, round_up
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty, pwrite_all
-from mer.store.manifest import ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
+from mer.store.manifest import MANIFEST_NAME, ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
 from mer.store.partials import partial_dir, reclaim_dead_partials
 from mer.store.reader import payload_checksum
 
@@ -90,6 +94,19 @@ def check_free_space(directory: Path, needed: int) -> None:
         )
 
 
+@contextmanager
+def naming_write_errors(out: Path, path: Path) -> Iterator[None]:
+    """An OSError while writing `path` of store `out` as a StoreError naming both (a DiskSpaceError
+    when the disk is full): a write to a descriptor does not say which file it was."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskSpaceError(f"{out}: the disk is full: no space left while writing {path}; "
+                                 "the partial store was removed") from error
+        raise StoreError(f"{out}: cannot write the store: {describe_os_error(error, path)}") from error
+
+
 class StoreWriter:
     def __init__(self, out: str | os.PathLike, geometry: Geometry, layer_formats: list[ExpertFormat],
                  source: SourceInfo, *, blocks: list[int] | None = None, layout: str = "native", force: bool = False,
@@ -118,12 +135,14 @@ class StoreWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         check_free_space(self.out.parent, self.total_nbytes)
         shutil.rmtree(self.temp, ignore_errors=True)
-        self.temp.mkdir()
+        with naming_write_errors(self.out, self.temp):
+            self.temp.mkdir()
         try:
             for layer in self.layers:
-                fd, is_direct = open_direct(self.temp / layer.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                self._files.append((fd, is_direct))
-                os.ftruncate(fd, layer.expert_stride * self.geometry.experts_per_layer)
+                with naming_write_errors(self.out, self.temp / layer.file):
+                    fd, is_direct = open_direct(self.temp / layer.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    self._files.append((fd, is_direct))
+                    os.ftruncate(fd, layer.expert_stride * self.geometry.experts_per_layer)
         except BaseException:
             self._abort()
             raise
@@ -144,7 +163,8 @@ class StoreWriter:
         data = np.frombuffer(view, dtype=np.uint8)
         if is_direct and not is_page_aligned(data):
             data = self._stage(data, layer.expert_stride)
-        pwrite_all(fd, data, expert * layer.expert_stride)
+        with naming_write_errors(self.out, self.temp / layer.file):
+            pwrite_all(fd, data, expert * layer.expert_stride)
 
     def _stage(self, data: np.ndarray, stride: int) -> np.ndarray:
         """Copy a payload into the aligned staging buffer, zero-padded to the expert stride."""
@@ -168,8 +188,9 @@ class StoreWriter:
                         created_by=f"mer {__version__}")
 
     def _finish(self) -> None:
-        for fd, _ in self._files:
-            os.fsync(fd)
+        for (fd, _), layer in zip(self._files, self.layers):
+            with naming_write_errors(self.out, self.temp / layer.file):
+                os.fsync(fd)
         self._close_files()
         missing = [i for i in range(self.geometry.num_experts) if i not in self._checksums]
         if missing:
@@ -177,10 +198,12 @@ class StoreWriter:
         manifest = self.manifest()
         manifest.validate()
         self._verify_written(manifest)
-        manifest.save(self.temp)
+        with naming_write_errors(self.out, self.temp / MANIFEST_NAME):
+            manifest.save(self.temp)
         if self.out.exists():
             shutil.rmtree(self.out)
-        os.rename(self.temp, self.out)
+        with naming_write_errors(self.out, self.temp):
+            os.rename(self.temp, self.out)
 
     def _verify_written(self, manifest: Manifest) -> None:
         """Re-read every payload from disk and compare it with the checksum taken when written."""

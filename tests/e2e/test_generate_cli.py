@@ -39,10 +39,11 @@ pytestmark = pytest.mark.slow  # starts the process graph
 PROMPT = "hello world this is a test of the experts"
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TIMING_LINE = re.compile(r"prefill \d+ tokens [\d.]+ tok/s, decode \d+ steps [\d.]+ tok/s, hit rate [\d.]+%, "
+TIMING_LINE = re.compile(r"prefill \d+ tokens [\d.]+ tok/s, decode \d+ steps [\d.]+ tok/s, hit rate prefill [\d.]+% decode [\d.]+%, "
                          r"[\d.]+ MiB read per token; per MoE block: dense \d+ us, experts \d+ us; "
                          r"\d+ tokens, stop: \w+")
-JSON_KEYS = {"prompt_tokens", "tokens", "text", "prefill_tps", "decode_tps", "hit_rate_pct", "mib_read_per_token",
+JSON_KEYS = {"prompt_tokens", "tokens", "text", "prefill_tps", "decode_tps", "hit_rate_pct", "prefill_hit_rate_pct",
+             "decode_hit_rate_pct", "mib_read_per_token",
              "stop_reason", "dense_us_per_block", "expert_us_per_block"}
 
 
@@ -101,10 +102,37 @@ def test_json_result_and_prompt_tokens_used_as_given(leak_guard, tmp_path, cache
     assert result["tokens"] == greedy_reference(info.path, result["prompt_tokens"], 6)
     assert result["text"] == tokenizer.decode(result["tokens"])
     assert result["prefill_tps"] > 0 and result["decode_tps"] > 0 and 0 <= result["hit_rate_pct"] <= 100
-    given = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 3, workdir=tmp_path,
-                         cache_dir=cache_dir).result
+    low, high = sorted((result["prefill_hit_rate_pct"], result["decode_hit_rate_pct"]))
+    assert 0 <= low <= result["hit_rate_pct"] <= high <= 100  # the whole run's rate lies between its parts'
+    assert [event["check"] for event in run.events_named("converted_store_found")] == ["converted"]
+    given_run = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 3, workdir=tmp_path,
+                             cache_dir=cache_dir)
+    given = given_run.result
     assert given["prompt_tokens"] == [17, 200, 5]
     assert given["tokens"] == greedy_reference(info.path, [17, 200, 5], 3)
+    # the second start finds the store by the GGUF's fingerprint: no conversion, no full read
+    assert [event["check"] for event in given_run.events_named("converted_store_found")] == ["fingerprint"]
+    assert "converting" not in given_run.stderr and "full identity" not in given_run.stderr
+
+
+def test_a_store_converted_by_an_older_mer_is_verified_once(leak_guard, tmp_path, cache_dir, monkeypatch):
+    info = write_model(tmp_path / "model.gguf")
+    monkeypatch.setenv("MER_CACHE_DIR", str(cache_dir))
+    store = converted_store(info.path)
+    data = json.loads((store / "manifest.json").read_text())
+    del data["source"]["fingerprint"], data["source"]["stats"]  # as an older mer wrote it
+    (store / "manifest.json").write_text(json.dumps(data))
+    first = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 2, workdir=tmp_path,
+                         cache_dir=cache_dir)
+    assert first.result["tokens"] == greedy_reference(info.path, [17, 200, 5], 2)
+    assert "converted by an older mer, without a fingerprint: checking the full identity" in first.stderr
+    assert [event["check"] for event in first.events_named("converted_store_found")] == ["full_identity"]
+    assert Manifest.load(store).source.fingerprint
+    second = run_generate(leak_guard, info.path, "--prompt-tokens", "17,200,5", "-n", 2, workdir=tmp_path,
+                          cache_dir=cache_dir)
+    assert second.result["tokens"] == first.result["tokens"]
+    assert "full identity" not in second.stderr and "converting" not in second.stderr
+    assert [event["check"] for event in second.events_named("converted_store_found")] == ["fingerprint"]
 
 
 def test_generation_stops_on_the_end_of_generation_token(leak_guard, tmp_path, cache_dir):
@@ -157,6 +185,25 @@ def test_ram_budget_bounds_the_graphs_resident_memory(leak_guard, tmp_path, cach
     print(f"budget {budget_mib:.1f} MiB, peak Pss of the graph {run.peak_pss_bytes / 2**20:.1f} MiB")
     assert 0 < run.peak_pss_bytes <= budget_mib * 2**20
     assert result["tokens"] == greedy_reference(info.path, result["prompt_tokens"], 24)
+
+
+def test_with_no_cache_flags_a_model_that_fits_is_held_whole(leak_guard, tmp_path, cache_dir):
+    """No --ram-budget, no --cache-slots: the budget is what the machine can give, so every expert of a
+    small model gets a slot, and the decode steps find them all after the prompt (no flag needed)."""
+    info = write_model(tmp_path / "m.gguf")
+    run = run_generate(leak_guard, info.path, "--prompt-tokens", ",".join(str(n) for n in range(40, 72)), "-n", 12,
+                       "--ignore-eos", "--no-prefetch", workdir=tmp_path, cache_dir=cache_dir)
+    result = run.result
+    assert result["cache_slots"] == 8 * 2  # every expert of both MoE layers
+    assert "(default: " in run.stderr and "available" in run.stderr and "less headroom" in run.stderr
+    assert result["ram_budget_bytes"] > 0 and result["arena_bytes"] <= result["ram_budget_bytes"]
+    assert result["decode_hit_rate_pct"] == 100.0  # 32 prompt tokens touched every expert: no decode miss
+    assert result["tokens"] == greedy_reference(info.path, result["prompt_tokens"], 12)
+    configured = tmp_path / "four.toml"
+    configured.write_text("cache_slots = 4\n")
+    result = run_generate(leak_guard, info.path, "--prompt", PROMPT, "-n", 2, "--config", configured,
+                          workdir=tmp_path, cache_dir=cache_dir).result
+    assert result["cache_slots"] == 4 and result["ram_budget_bytes"] is None  # a config file's cache is kept
 
 
 def rename_architecture(source: Path, target: Path, name: str) -> None:

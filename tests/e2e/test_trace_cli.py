@@ -121,18 +121,20 @@ def test_projection_from_a_run_log(flat_trace, tmp_path):
     assert row["projected_s_per_token"] == pytest.approx(0.005 + row["bytes_per_token"] / 500e6)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["--cache-slots", "16,x"], "--cache-slots '16,x': 'x' is not a positive integer"),
-    (["--cache-slots", "0"], "'0' is not a positive integer"),
-    (["--cache-slots", "1"], "--cache-slots 1 is below the trace's top_k 2"),
-    (["--cache-slots", "4", "--policy", "lru,fifo"], "--policy: unknown cache policy 'fifo'; known: lru, lfu"),
-    (["--cache-slots", "4", "--predictor", "oracle"], "--predictor: unknown predictor 'oracle'; known: none, markov"),
-    (["--cache-slots", "4", "--disk-mbps", "100"], "the projection needs a compute time"),
+@pytest.mark.parametrize("arguments, message, status", [
+    # a flag's own value is a usage error (2); a value that does not fit the trace, or a missing input, is 1
+    (["--cache-slots", "16,x"], "--cache-slots '16,x': 'x' is not a positive integer", 2),
+    (["--cache-slots", "0"], "'0' is not a positive integer", 2),
+    (["--cache-slots", "1"], "--cache-slots 1 is below the trace's top_k 2", 1),
+    (["--cache-slots", "4", "--policy", "lru,fifo"], "--policy: unknown cache policy 'fifo'; known: lru, lfu", 2),
+    (["--cache-slots", "4", "--predictor", "oracle"], "--predictor: unknown predictor 'oracle'; known: none, markov", 2),
+    (["--cache-slots", "4", "--disk-mbps", "100"], "the projection needs a compute time", 1),
 ])
-def test_clear_errors(flat_trace, arguments, message):
+def test_clear_errors(flat_trace, arguments, message, status):
     result = mer("trace", "simulate", flat_trace, *arguments, "--json")
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == status and result.stdout == ""
     assert result.stderr.startswith("mer-pipeline trace: error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line
 
 
 def test_trace_store_mismatch_and_bad_traces(tmp_path, tiny_store):

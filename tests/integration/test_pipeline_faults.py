@@ -102,9 +102,9 @@ def test_a_signal_to_the_cli_shuts_the_graph_down_cleanly(long_run, signal_numbe
     result = long_run.finish()
     exit_seconds = time.monotonic() - signalled_at
 
-    assert result.returncode == 130
+    assert result.returncode == 128 + signal_number  # SIGINT 130, SIGTERM 143: the shell's convention
     assert result.stdout == ""
-    assert f"{signal_number.name}: graph shut down" in result.stderr
+    assert result.stderr.splitlines()[-1] == f"mer-pipeline run: {signal_number.name}: graph shut down"
     assert exit_seconds < SHUTDOWN_GRACE_S / 2, exit_seconds
     events = result.events
     assert _stopped_children(events) == {f"mer-{role}-{run_id}" for role in CHILD_ROLES}
@@ -149,6 +149,41 @@ def test_a_child_failing_at_start_up_reports_its_own_error(leak_guard, pipeline_
                      result.stderr), result.stderr
     # the children still starting are stopped at once, not after the grace period
     assert result.seconds < SHUTDOWN_GRACE_S
+
+
+def test_a_slow_start_that_keeps_using_cpu_is_given_time(leak_guard, pipeline_stores, tmp_path):
+    """A handshake timeout far below the children's start-up (imports alone take longer): they keep
+    using CPU, so the supervisor extends the start-up and the run completes."""
+    result = run_pipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 8, "--cache-slots", 4,
+                          "--compute-workers", 2, "--handshake-timeout-s", 0.2, workdir=tmp_path).check_ok()
+    slow = result.events_named("child_start_slow")
+    assert slow and all(event["children"] for event in slow)
+    assert result.summary["tokens"] == 8
+
+
+def test_a_stopped_child_fails_the_start_up_naming_it(leak_guard, pipeline_stores, tmp_path):
+    """SIGSTOP of a compute worker before it is ready: it uses no CPU, so the start-up fails after the
+    handshake timeout, naming it, and the stopped process is killed."""
+    run = RunningPipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 8, "--cache-slots", 4,
+                          "--compute-workers", 2, "--handshake-timeout-s", 3, "--shutdown-grace-s", 2,
+                          workdir=tmp_path)
+    try:
+        name, pid = run.wait_for_child_spawned("mer-compute-0")
+        os.kill(pid, signal.SIGSTOP)
+        if any(event.get("event") == "child_ready" and event.get("child") == name for event in run.events()):
+            os.kill(pid, signal.SIGCONT)
+            pytest.fail(f"{name} was ready before it could be stopped")
+        result = run.finish()
+    finally:
+        run.kill_if_running()
+    assert result.returncode == 1 and result.stdout == ""
+    assert re.search(rf"error: start-up timed out after \d+ s waiting for: .*{name}.* \(no CPU used in the last \d+ s\)",
+                     result.stderr), result.stderr
+    assert dead_or_gone(pid)
+
+
+def dead_or_gone(pid: int) -> bool:
+    return process_title(pid) == ""
 
 
 def test_a_stale_run_of_a_dead_supervisor_is_removed_at_start_up(leak_guard, pipeline_stores, tmp_path):

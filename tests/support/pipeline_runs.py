@@ -141,6 +141,20 @@ class RunningPipeline:
                 raise AssertionError(f"no {count} {name} events within {timeout_s:g} s")
             time.sleep(0.02)
 
+    def wait_for_child_spawned(self, child_name_prefix: str, timeout_s: float = RUN_TIMEOUT_S) -> tuple[str, int]:
+        """(name, pid) of the child whose name starts with `child_name_prefix`, as soon as it is spawned."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if event.get("event") == "child_spawned" and str(event["child"]).startswith(child_name_prefix):
+                    for run_id in run_ids_in_log(self.log_path):
+                        self.guard.add_run(run_id)
+                    return str(event["child"]), int(event["child_pid"])
+            if self.process.poll() is not None:
+                raise AssertionError(f"the run ended ({self.process.returncode}) before {child_name_prefix} started")
+            time.sleep(0.01)
+        raise AssertionError(f"no child {child_name_prefix}* spawned within {timeout_s:g} s")
+
     def child_pid(self, child_name_prefix: str) -> tuple[str, int]:
         """(name, pid) of the child whose name starts with `child_name_prefix`, from `child_spawned`."""
         for event in self.events():

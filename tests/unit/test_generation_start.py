@@ -49,7 +49,8 @@ def test_a_bad_start_message_is_a_config_error_naming_the_field(fields, message)
 def summary_fields(**changes) -> dict:
     values = {"prompt_tokens": [1, 2, 3], "tokens": [4, 5], "stop_reason": "max_tokens", "prefill_s": 0.1,
               "decode_s": 0.2, "decode_steps": 1, "prefill_tps": 30.0, "decode_tps": 5.0, "hits": 3, "misses": 1,
-              "lookups": 4, "prefetch_joins": 1, "demand_misses": 0, "hit_rate_pct": 75.0, "reads": 2,
+              "lookups": 4, "prefetch_joins": 1, "demand_misses": 0, "hit_rate_pct": 75.0, "prefill_hit_rate_pct": 50.0,
+              "decode_hit_rate_pct": 100.0, "reads": 2,
               "bytes_read": 8192, "decode_bytes_read": 4096, "mib_read_per_token": 0.00390625,
               "prefetches_issued": 1, "prefetches_used": 1, "prefetches_wasted": 0, "predictor_observations": 8,
               "predictors": {"markov": {"hints": 3}}, "dense_us_per_block": 900.0, "expert_us_per_block": 2100.0,
@@ -84,9 +85,10 @@ def test_text_streams_whole_characters_only(tmp_path):
 
 def test_the_timing_line_names_speeds_hit_rate_and_bytes():
     summary = {"prompt_tokens": [1, 2, 3], "tokens": [4, 5], "decode_steps": 1, "prefill_tps": 120.5,
-               "decode_tps": 33.25, "hit_rate_pct": 75.0, "mib_read_per_token": 1.5, "dense_us_per_block": 900.0,
+               "decode_tps": 33.25, "hit_rate_pct": 75.0, "prefill_hit_rate_pct": 62.5,
+               "decode_hit_rate_pct": 87.5, "mib_read_per_token": 1.5, "dense_us_per_block": 900.0,
                "expert_us_per_block": 2100.0, "stop_reason": "max_tokens"}
-    assert timing_line(summary) == ("prefill 3 tokens 120.5 tok/s, decode 1 steps 33.2 tok/s, hit rate 75.0%, "
+    assert timing_line(summary) == ("prefill 3 tokens 120.5 tok/s, decode 1 steps 33.2 tok/s, hit rate prefill 62.5% decode 87.5%, "
                                     "1.50 MiB read per token; per MoE block: dense 900 us, experts 2100 us; "
                                     "2 tokens, stop: max_tokens")
 

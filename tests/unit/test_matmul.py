@@ -14,6 +14,13 @@ Reference: `gguf.quants.dequantize` of the same bytes, then a float64 matmul. To
   rounding of a few hundred products and sums; measured ~2e-8).
 - partials of column slices summed equal the full product to 1e-5 of its largest value (the
   same products, summed in another order in float32).
+- the exact integer block dots are checked exactly: with every weight and activation scale 1
+  the products are integers below 2^24, so every kernel must give the integer reference bit
+  for bit, whatever its float summation order (extreme weights and activations included, where
+  the AVX2 kernel's int16 pair sums would saturate if its operand ranges were wrong).
+
+The VNNI and AVX2 kernels run where the CPU has their instructions and are skipped, with the
+reason, elsewhere.
 """
 
 from __future__ import annotations
@@ -30,13 +37,22 @@ from mer.quant.activation import quantize_activation
 from mer.quant.matmul import matmul, prepare_activation
 from mer.quant.planar import to_planar
 from tests.support.quant_helpers import dequantize_activation, random_matrix
-from mer.quant.vector_ir import has_vnni_kernels
+from mer.quant import matmul as matmul_module
+from mer.quant import vector_ir
+from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels
 
 SEED = 4242
 FUSED = ["q4_0", "q8_0"]
 GENERIC = ["q4_k", "q5_k", "q6_k", "f16", "bf16", "f32"]
 FLOAT32_TOLERANCE = 1e-6
-KERNELS = ["portable"] + (["vnni"] if has_vnni_kernels() else [])
+KERNELS = [
+    "portable",
+    pytest.param("vnni", marks=pytest.mark.skipif(not has_vnni_kernels(), reason="the CPU lacks AVX-512 VNNI")),
+    pytest.param(
+        "avx2", marks=pytest.mark.skipif(not has_avx2_kernels(), reason="the CPU lacks AVX2 + FMA + F16C")
+    ),
+]
+AVAILABLE_KERNELS = [kernel for kernel in ("portable", "vnni", "avx2") if matmul_module.is_kernel_available(kernel)]
 
 
 def reference_q8_0(x: np.ndarray) -> np.ndarray:
@@ -77,7 +93,7 @@ def assert_float32_close(out: np.ndarray, weights: np.ndarray, x: np.ndarray) ->
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("layout", ["native", "planar"])
 @pytest.mark.parametrize("dtype", FUSED)
-@pytest.mark.parametrize("batch", [1, 3, 5, 11])
+@pytest.mark.parametrize("batch", [1, 3, 5, 8, 11, 33])
 def test_fused_kernels_match_the_reference(dtype: str, layout: str, kernel: str, batch: int) -> None:
     rows, columns = 37, 608  # odd rows (row-pair tail), 19 blocks (partial last group)
     spec, data, weights = make_matrix(dtype, rows, columns, layout)
@@ -98,9 +114,16 @@ def test_generic_kernels_match_the_reference(dtype: str, batch: int) -> None:
     assert_float32_close(matmul(spec, data, x), weights, x.astype(np.float64))
 
 
+def _with_kernel_marks(dtype: str, layout: str, kernel) -> object:  # type: ignore[no-untyped-def]
+    """A (dtype, layout, kernel) case carrying the kernel's skip mark, if any."""
+    if isinstance(kernel, str):
+        return (dtype, layout, kernel)
+    return pytest.param(dtype, layout, kernel.values[0], marks=kernel.marks)
+
+
 @pytest.mark.parametrize(
     "dtype, layout, kernel",
-    [(dtype, layout, kernel) for dtype in FUSED for layout in ("native", "planar") for kernel in KERNELS]
+    [_with_kernel_marks(dtype, layout, kernel) for dtype in FUSED for layout in ("native", "planar") for kernel in KERNELS]
     + [(dtype, "native", "auto") for dtype in GENERIC],
 )
 def test_row_and_column_slices(dtype: str, layout: str, kernel: str) -> None:
@@ -128,13 +151,92 @@ def test_row_and_column_slices(dtype: str, layout: str, kernel: str) -> None:
         ("q8_0", "native", "auto"),
         ("q4_0", "native", "portable"),
         ("q6_k", "native", "auto"),
-    ],
+    ]
+    + [_with_kernel_marks(dtype, layout, KERNELS[2]) for dtype in FUSED for layout in ("native", "planar")],
 )
 def test_threads_give_the_same_result(dtype: str, layout: str, kernel: str) -> None:
-    spec, data, _ = make_matrix(dtype, 75, 512, layout)
+    spec, data, weights = make_matrix(dtype, 75, 512, layout)
     x = tokens(9, 512)
     one_thread = matmul(spec, data, x, threads=1, kernel=kernel)
     assert np.array_equal(matmul(spec, data, x, threads=2, kernel=kernel), one_thread)
+    # an odd row range; for q4_0/q8_0 a column slice starting and ending inside kernel groups
+    rows, columns = slice(7, 62), slice(96, 416) if dtype in FUSED else slice(256, 512)
+    part = matmul(spec, data, x[:, columns], rows=rows, columns=columns, threads=2, kernel=kernel)
+    assert_float32_close(part, weights[rows, columns], reference_q8_0(x[:, columns]) if dtype in FUSED else x[:, columns])
+    assert np.array_equal(part, matmul(spec, data, x[:, columns], rows=rows, columns=columns, kernel=kernel))
+
+
+def integer_matrix(dtype: str, rows: int, columns: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(native bytes, int64 weights) of a matrix whose every block scale is 1.0: random quants,
+    half of them at the extremes of the dtype's range, and row 0 all at its negative extreme."""
+    num_blocks = rows * columns // 32
+    if dtype == "q4_0":
+        nibbles = rng.integers(0, 16, size=(num_blocks, 32))
+        nibbles[rng.random(nibbles.shape) < 0.5] = 0
+        nibbles[rng.random(nibbles.shape) < 0.25] = 15
+        nibbles[: columns // 32] = 0
+        quants = (nibbles[:, :16] | (nibbles[:, 16:] << 4)).astype(np.uint8)
+        values = nibbles - 8
+    else:
+        values = rng.integers(-128, 128, size=(num_blocks, 32))
+        values[rng.random(values.shape) < 0.5] = -128
+        values[rng.random(values.shape) < 0.25] = 127
+        values[: columns // 32] = -128
+        quants = values.astype(np.int8).view(np.uint8)
+    one = np.frombuffer(np.float16(1.0).tobytes(), dtype=np.uint8)
+    native = np.concatenate([np.tile(one, (num_blocks, 1)), quants], axis=1).reshape(-1)
+    return native, values.reshape(rows, columns).astype(np.int64)
+
+
+def integer_tokens(batch: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """Integer activations in [-127, 127] whose every block holds +-127 (so q8_0 keeps them
+    exactly, with d = 1): extremes and random values, token 0 all -127."""
+    x = rng.integers(-127, 128, size=(batch, columns))
+    x[rng.random(x.shape) < 0.5] = -127
+    x[rng.random(x.shape) < 0.25] = 127
+    x[0] = -127
+    x.reshape(batch, -1, 32)[:, :, 0] = 127
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("layout", ["native", "planar"])
+@pytest.mark.parametrize("dtype", FUSED)
+def test_integer_block_dots_are_exact_in_every_kernel(dtype: str, layout: str) -> None:
+    rows, columns, batch = 37, 608, 33
+    rng = np.random.default_rng(SEED)
+    native, weights = integer_matrix(dtype, rows, columns, rng)
+    data = native if layout == "native" else to_planar(dtype, native, rows, columns)
+    spec = MatrixSpec("gate", dtype, rows, columns, 0, data.size, layout)
+    x = integer_tokens(batch, columns, rng)
+    expected = x.astype(np.int64) @ weights.T
+    assert np.abs(expected).max() < 2**24 and np.abs(expected).max() > 500_000  # exact in float32; large
+    for kernel in AVAILABLE_KERNELS:
+        for threads in (1, 2):
+            out = matmul(spec, data, x, threads=threads, kernel=kernel)
+            assert np.array_equal(out, expected.astype(np.float32)), (kernel, threads)
+            part = matmul(spec, data, x[:, 64:544], rows=slice(3, 30), columns=slice(64, 544), threads=threads, kernel=kernel)
+            assert np.array_equal(part, (x[:, 64:544].astype(np.int64) @ weights[3:30, 64:544].T).astype(np.float32))
+
+
+def test_auto_picks_the_fastest_kernel_of_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = "vnni" if has_vnni_kernels() else "avx2" if has_avx2_kernels() else "portable"
+    assert fastest_kernel() == expected
+    spec, data, _ = make_matrix("q4_0", 21, 608, "planar")
+    x = tokens(5, 608)
+    assert np.array_equal(matmul(spec, data, x), matmul(spec, data, x, kernel=expected))
+    monkeypatch.setattr(matmul_module, "has_avx2_kernels", lambda: False)
+    with pytest.raises(UnsupportedDTypeError, match="kernel 'avx2' is not one of"):
+        matmul(spec, data, x, kernel="avx2")
+
+
+def test_kernel_availability_follows_numba_cpu_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NUMBA_CPU_NAME / NUMBA_CPU_FEATURES (a cross-compiled cache) decide, not the host."""
+    monkeypatch.setattr(vector_ir.numba_config, "CPU_NAME", "haswell")
+    monkeypatch.setattr(vector_ir.numba_config, "CPU_FEATURES", "+avx,+avx2,+fma,+f16c,-avx512f")
+    assert vector_ir._compiles_for(vector_ir.AVX2_CPU_FEATURES)
+    assert not vector_ir._compiles_for(vector_ir.REQUIRED_CPU_FEATURES)
+    monkeypatch.setattr(vector_ir.numba_config, "CPU_FEATURES", "+avx,+avx2,-fma,+f16c")
+    assert not vector_ir._compiles_for(vector_ir.AVX2_CPU_FEATURES)
 
 
 def test_one_token_vector_in_vector_out() -> None:
@@ -198,7 +300,7 @@ def test_kernel_cache_is_stamped_with_every_kernel_source() -> None:
     locator = kernel_cache.PackageStampedLocator.from_function(driver, matmul_quantized.__file__)
     assert locator is not None and locator.get_source_stamp()[1] == kernel_cache.sources_stamp()
     assert kernel_cache.PackageStampedLocator.from_function(tokens, __file__) is None
-    assert {"kernels_vnni.py", "vector_ir.py", "dequant.py"} <= set(kernel_cache.KERNEL_SOURCES)
+    assert {"kernels_vnni.py", "kernels_avx2.py", "vector_ir.py", "dequant.py"} <= set(kernel_cache.KERNEL_SOURCES)
 
 
 def test_thread_count_must_be_positive_and_odd_layouts_work() -> None:
