@@ -34,7 +34,7 @@ from mer.logging_setup import configure_logging, get_logger, with_log_writes_in_
 from mer.protocol import ChildFailed, ErrorReply, Hello, Ready, Shutdown, decode, encode, error_fields
 from mer.runtime.membership import RunMembership
 from mer.runtime.run_spec import RunSpec
-from mer.runtime.supervisor_watch import EXIT_SUPERVISOR_LOST, die_with_supervisor, watch_supervisor
+from mer.runtime.supervisor_watch import EXIT_SUPERVISOR_LOST, die_with_supervisor, leave_run, watch_supervisor
 
 FAILURE_REPORT_TIMEOUT_S = 2.0
 
@@ -71,16 +71,8 @@ def run_child(role_factory, role: str, index: int | None, name: str, run_json: s
     try:
         code = uvloop.run(with_log_writes_in_background(_child_main(role_factory, ChildContext(name, role, index, run))))
     finally:
-        _leave(membership)
+        leave_run(membership)
     sys.exit(code)
-
-
-def _leave(membership: RunMembership) -> None:
-    """Leave the run; the last member out (the supervisor died meanwhile) removes its resources."""
-    removed = membership.leave()
-    if removed:
-        get_logger().warning("run_resources_removed", run_id=membership.run_id, by="last child out",
-                             paths=[str(path) for path in removed])
 
 
 async def _child_main(role_factory, context: ChildContext) -> int:

@@ -73,13 +73,18 @@ def _wait_and_leave(pidfd: int, supervisor_pid: int, membership: RunMembership) 
     _leave_and_exit(supervisor_pid, membership)
 
 
+def leave_run(membership: RunMembership) -> None:
+    """Leave the run; the last member out (the supervisor died meanwhile) removes its resources and says so."""
+    removed = membership.leave()
+    if removed:
+        get_logger().warning("run_resources_removed", run_id=membership.run_id, by="last child out",
+                             paths=[str(path) for path in removed])
+
+
 def _leave_and_exit(supervisor_pid: int, membership: RunMembership) -> None:
     signal.alarm(HARD_EXIT_S)
     log = get_logger()
     log.warning("supervisor_lost", supervisor_pid=supervisor_pid)
-    removed = membership.leave()
-    if removed:
-        log.warning("run_resources_removed", run_id=membership.run_id, by="last child out",
-                    paths=[str(path) for path in removed])
+    leave_run(membership)
     flush_log()
     os._exit(EXIT_SUPERVISOR_LOST)

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from mer.logging_setup import get_logger
+from mer.runtime.cleanup import is_own_entry, scan_directory
 from mer.runtime.liveness import is_process_alive, process_start_time
 
 _PARTIAL_NAME = re.compile(r"\..+\.partial-(\d+)(?:-(\d+))?")
@@ -33,9 +34,9 @@ def reclaim_dead_partials(directory: Path) -> list[tuple[Path, int]]:
     """Remove the partial store directories in `directory` whose writer is dead; (path, bytes) of each,
     each also logged as `partial_store_reclaimed`."""
     reclaimed = []
-    for entry in _entries(directory):
+    for entry in scan_directory(directory):
         match = _PARTIAL_NAME.fullmatch(entry.name)
-        if match is None or not _is_own_directory(entry):
+        if match is None or not entry.is_dir(follow_symlinks=False) or not is_own_entry(entry):
             continue
         pid, start_time = int(match.group(1)), match.group(2)
         if is_process_alive(pid, None if start_time is None else int(start_time)):
@@ -49,21 +50,6 @@ def reclaim_dead_partials(directory: Path) -> list[tuple[Path, int]]:
                              message=f"removed {path} ({nbytes / 2**20:,.1f} MiB) left by dead process {pid}")
         reclaimed.append((path, nbytes))
     return reclaimed
-
-
-def _entries(directory: Path) -> list[os.DirEntry]:
-    try:
-        with os.scandir(directory) as entries:
-            return list(entries)
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return []
-
-
-def _is_own_directory(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == os.getuid()
-    except FileNotFoundError:
-        return False
 
 
 def _allocated_bytes(path: Path) -> int:
