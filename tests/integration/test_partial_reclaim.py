@@ -61,22 +61,34 @@ def test_only_directories_of_dead_writers_are_reclaimed(tmp_path, capsys):
     assert (tmp_path / f".g.partial-{dead_pid}-{dead_start}").exists()
 
 
+def _partial_with_data(process: subprocess.Popen, parent: Path, known: set[Path] = frozenset()) -> Path:
+    """The partial directory (not in `known`) of the writer `process` as soon as it holds data."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        for partial in partials_of(parent):
+            if partial not in known and any(file.stat().st_blocks for file in partial.iterdir()):
+                return partial
+        time.sleep(0.005)
+    pytest.fail(f"the writer ended ({process.returncode}) before it was caught mid-write")
+
+
 def _kill_while_writing(argv: list[str], out: Path) -> Path:
     """Start `argv`, SIGKILL it as soon as its partial directory holds data; the directory left."""
+    known = set(partials_of(out.parent))
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            for partial in partials_of(out.parent):
-                if any(file.stat().st_blocks for file in partial.iterdir()):
-                    os.kill(process.pid, signal.SIGKILL)
-                    process.wait(timeout=10)
-                    return partial
+        partial = _partial_with_data(process, out.parent, known)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        return partial
     finally:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=10)
-    pytest.fail(f"convert ended ({process.returncode}) before it could be killed mid-write")
+
+
+def reclaimed_events(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if "partial_store_reclaimed" in line]
 
 
 def test_a_convert_killed_with_sigkill_is_reclaimed_by_the_next_convert(tmp_path):
@@ -95,7 +107,7 @@ def test_a_convert_killed_with_sigkill_is_reclaimed_by_the_next_convert(tmp_path
     assert done.returncode == 0, done.stderr
     assert partials_of(out.parent) == []
     assert ExpertStore.open(out).manifest.geometry.num_experts == 16
-    (event,) = [json.loads(line) for line in done.stderr.splitlines() if "partial_store_reclaimed" in line]
+    (event,) = reclaimed_events(done.stderr)
     assert event["path"] == str(left) and event["bytes"] == left_bytes > 0
     assert event["message"].startswith(f"removed {left} (")
 
@@ -114,3 +126,40 @@ def test_the_cached_conversion_of_generate_reclaims_dead_partials(tmp_path, monk
 
     assert not left.exists() and partials_of(stores) == []
     assert ExpertStore.open(directory).manifest.geometry.num_experts == 8
+
+
+@pytest.mark.slow
+def test_synth_reclaims_a_killed_writer_s_partial_but_not_a_live_writer_s(tmp_path):
+    """Writer B is stopped (SIGSTOP) mid-write: alive. Writer A is killed mid-write: dead. The next
+    synth into the same directory removes A's partial, logs it, and leaves B's, which then finishes."""
+    parent = tmp_path / "stores"
+    parent.mkdir()
+    # ~100 MiB of f32 experts: long enough to be caught mid-write
+    big = ["--layers", "2", "--experts", "8", "--top-k", "2", "--d-model", "512", "--d-ff", "1024", "--dtype", "f32"]
+
+    def synth(name: str, *flags: str) -> list[str]:
+        return [str(MER_PIPELINE), "synth", *flags, "--out", str(parent / name), "--quiet"]
+
+    live = subprocess.Popen(synth("b", *big), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        live_partial = _partial_with_data(live, parent)
+        os.kill(live.pid, signal.SIGSTOP)
+        dead_partial = _kill_while_writing(synth("a", *big), parent / "a")
+        assert live_partial.exists() and dead_partial.exists()  # A's own reclaim left the live writer's alone
+        dead_bytes = sum(file.stat().st_blocks * 512 for file in dead_partial.iterdir())
+
+        done = subprocess.run([*synth("c", "--preset", "tiny"), "--json"], capture_output=True, text=True, timeout=120)
+
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["out"] == str(parent / "c")  # stdout is the result alone
+        (event,) = reclaimed_events(done.stderr)
+        assert event["path"] == str(dead_partial) and event["bytes"] == dead_bytes > 0
+        assert not dead_partial.exists()
+        assert partials_of(parent) == [live_partial]  # the stopped writer's directory is untouched
+    finally:
+        os.kill(live.pid, signal.SIGCONT)
+    _, stderr = live.communicate(timeout=120)
+    assert live.returncode == 0, stderr
+    assert partials_of(parent) == []
+    assert sorted(path.name for path in parent.iterdir()) == ["b", "c"]
+    assert ExpertStore.open(parent / "b").manifest.geometry.num_experts == 16
