@@ -5,7 +5,7 @@ leaves nothing behind (docs/architecture.md, step 1), converts the experts into 
 first use and sizes the configuration: routing k from the model, the cache from `--cache-slots`,
 `--ram-budget` (`mer.runtime.ram_budget`) or, when neither is given (nor `cache_slots` in a config
 file), from the memory the machine can give (`mer.runtime.host_memory.default_ram_budget`): a model
-that fits is held whole. `run_generation` then runs the graph with the job's
+that fits is held whole; predictors and cache policy default to `MODEL_DEFAULTS`. `run_generation` then runs the graph with the job's
 `StartGeneration` message and hands every generated token to a callback as it arrives.
 """
 
@@ -35,6 +35,11 @@ from mer.store.gguf_source import GGUFSource, read_gguf_source
 from mer.store.reader import ExpertStore
 from mer.metrics.summary import GenerationSummary
 from mer.runtime.supervisor import Supervisor
+
+# What a model runs with unless a flag or the config file says otherwise: the settings measured best
+# beyond RAM (docs/performance.md, "Beyond RAM"): the next-layer gate prefetch and the layer-cycle
+# eviction policy. The benchmark (`run`) keeps the configuration's own defaults.
+MODEL_DEFAULTS: dict[str, Any] = {"predictors": (GATE,), "cache_policy": "layer"}
 
 # One BLAS thread per process: the router's dense thread is one thread of the core budget, and a BLAS
 # pool next to numba's would oversubscribe the cores (see MEASUREMENTS.md). Inherited by the children.
@@ -112,12 +117,15 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     if ram_budget is not None and overrides.get("cache_slots") is not None:
         raise ConfigError("--ram-budget sizes the cache itself: give --ram-budget or --cache-slots, not both")
     overrides.update(top_k=hparams.top_k, layered=True)
+    in_file = read_config_file(config_path) if config_path is not None else {}
+    overrides.update({key: value for key, value in MODEL_DEFAULTS.items()
+                      if overrides.get(key) is None and key not in in_file})
     config = load_config(config_path, overrides)
     positions = min(context, len(ids) + max_tokens)
     plan = None
     if ram_budget is not None:  # checked before the (possibly long) conversion
         plan = _ram_plan(ram_budget, source, hparams, config, positions)
-    elif overrides.get("cache_slots") is None and not _config_file_sets_cache(config_path):
+    elif overrides.get("cache_slots") is None and "cache_slots" not in in_file:
         budget, available = default_ram_budget()
         origin = f"default: {available.describe()} less headroom"
         try:
@@ -141,10 +149,6 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
         ignore_eos=ignore_eos, end_ids=sorted(tokenizer.end_of_generation_ids),
         dump_logits=str(Path(dump_logits).resolve()) if dump_logits else None)
     return PreparedGeneration(config, store, start, tokenizer, plan)
-
-
-def _config_file_sets_cache(config_path: Path | None) -> bool:
-    return config_path is not None and "cache_slots" in read_config_file(config_path)
 
 
 def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: PipelineConfig, positions: int,

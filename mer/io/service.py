@@ -1,7 +1,7 @@
 """The I/O worker role: the one owner of the slot table; reads experts into arena slots.
 
-Binds a ROUTER on `io.sock`. The router sends `Acquire` (answered with `SlotsReady` once every
-requested expert is in a slot and leased), `Release`, `SplitReads` and `StatsRequest`; the predictor
+Binds a ROUTER on `io.sock`. The router sends `Acquire` (answered with `SlotsReady` in parts: the hits
+at once, then each miss as soon as it is read; all hits: one part), `Release`, `SplitReads` and `StatsRequest`; the predictor
 sends `PrefetchHints`, `PredictorStats` and `PinSet`. Misses become reads (io_uring with O_DIRECT
 when available, else thread-pool preadv; `io_backend`) straight into the slot; concurrent requests
 for one expert share one read; foreground reads go before queued prefetches, and a miss that finds
@@ -167,13 +167,24 @@ class IoService:
             waits: list = [None] * len(request.expert_ids)
             for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
                 waits[index] = await self._acquire_one(request.expert_ids[index], request.token)
-            if any(not isinstance(wait, asyncio.Future) for wait in waits):  # a miss
+            ready = [wait.result() for wait in waits if isinstance(wait, asyncio.Future)]  # hits
+            loading = [wait for wait in waits if not isinstance(wait, asyncio.Future)]  # misses
+            t_hits_sent = None
+            loaded: list[SlotGrant] = []
+            if not loading:
+                await self._send(identity, SlotsReady(request.request_id, ready, True))
+            else:
                 self._cancel_stale_prefetches(request)
-            grants = [await wait for wait in waits]
+                if ready:  # the hits go at once: the router computes them while the misses load
+                    t_hits_sent = time.monotonic()
+                    await self._send(identity, SlotsReady(request.request_id, ready, False))
+                for arrival in asyncio.as_completed([asyncio.ensure_future(wait) for wait in loading]):
+                    loaded.append(await arrival)  # each miss as soon as it is read
+                    await self._send(identity, SlotsReady(request.request_id, [loaded[-1]],
+                                                          len(loaded) == len(loading)))
             t_answered = time.monotonic()
-            await self._send(identity, SlotsReady(request.request_id, grants))
             if self.config.log_file:
-                self._log_acquire_done(request, grants, t_received, t_answered)
+                self._log_acquire_done(request, ready + loaded, t_received, t_answered, t_hits_sent)
         except Exception as error:
             self.log.warning("acquire_failed", request_id=request.request_id, error=str(error))
             await self._send(identity, error_reply(request.request_id, error))
@@ -285,7 +296,8 @@ class IoService:
         self.log.info(IO_STATS_SENT, nbytes=sum(len(frame) for frame in frames), reads=self.tally.num_reads)
         await self.socket.send_multipart([identity, *frames], copy=False)
 
-    def _log_acquire_done(self, request: Acquire, grants: list, t_received: float, t_answered: float) -> None:
+    def _log_acquire_done(self, request: Acquire, grants: list, t_received: float, t_answered: float,
+                          t_hits_sent: float | None) -> None:
         """`acquire_done` (docs/events.md): the request's timing and a snapshot of the slots and counters."""
         infos = self.table.slot_infos()
         states = [info.state.value for info in infos]
@@ -295,7 +307,7 @@ class IoService:
         self.log.info(
             "acquire_done", token=request.token, request_id=request.request_id,
             expert_ids=list(request.expert_ids), hits=hits, misses=len(grants) - hits,
-            t_received=t_received, t_answered=t_answered,
+            t_received=t_received, t_hits_sent=t_hits_sent, t_answered=t_answered,
             occupied_slots=len(states) - states.count("free"), loading_slots=states.count("loading"),
             leased_slots=states.count("leased"), pinned_slots=pinned,
             queue_depth=self.reader.num_in_flight + self.reader.num_queued,

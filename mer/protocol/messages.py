@@ -228,12 +228,15 @@ class Acquire:
     expert_ids: list[int]
 
 
-@message(MessageKind.SLOTS_READY)
+@message(MessageKind.SLOTS_READY, version=2)
 class SlotsReady:
-    """Answer to `Acquire`: one grant per requested expert, in request order."""
+    """Answer to `Acquire`, in parts: the hits' grants at once, then one part per miss as soon as its
+    read is done (the last part has `final` true); a request of hits only is one part. Every requested
+    expert is granted once; the router computes each part as it comes."""
 
     request_id: int
     refs: list[SlotGrant]
+    final: bool
 
 
 @message(MessageKind.RELEASE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 
 import numpy as np
 import zmq
@@ -27,11 +28,18 @@ from mer.compute.slicing import slices_of_worker
 
 
 class _PendingReplies:
-    """Futures waiting for replies, by id."""
+    """Futures waiting for replies, and queues for requests answered in parts (streams), by id."""
 
     def __init__(self):
         self.futures: dict[int, asyncio.Future] = {}
+        self.streams: dict[int, asyncio.Queue] = {}
         self.ids = itertools.count(1)
+
+    def new_stream(self) -> tuple[int, asyncio.Queue]:
+        """An id whose replies are queued as they come (the last part ends it: `resolve(..., final=True)`)."""
+        request_id = next(self.ids)
+        self.streams[request_id] = asyncio.Queue()
+        return request_id, self.streams[request_id]
 
     def new(self) -> tuple[int, asyncio.Future]:
         request_id = next(self.ids)
@@ -39,7 +47,13 @@ class _PendingReplies:
         self.futures[request_id] = future
         return request_id, future
 
-    def resolve(self, request_id: int, message) -> None:
+    def resolve(self, request_id: int, message, final: bool = True) -> None:
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            if final or isinstance(message, ErrorReply):
+                del self.streams[request_id]
+            stream.put_nowait(message)
+            return
         future = self.futures.pop(request_id, None)
         if future is None:
             raise PipelineError(f"{type(message).__name__} for id {request_id}, which no request is waiting for")
@@ -58,6 +72,9 @@ class _PendingReplies:
             if not future.done():
                 future.set_exception(error)
         self.futures.clear()
+        for stream in self.streams.values():
+            stream.put_nowait(error)
+        self.streams.clear()
 
 
 class _Client:
@@ -100,12 +117,27 @@ class IoClient(_Client):
 
     def _on_frames(self, frames: list) -> None:
         message = decode(frames, expected_kinds=(SlotsReady, IoStats, ErrorReply))
-        self.pending.resolve(message.request_id, message)
+        self.pending.resolve(message.request_id, message, final=getattr(message, "final", True))
+
+    async def acquire_parts(self, token: int, expert_ids: list[int]) -> AsyncIterator[list[SlotGrant]]:
+        """Lease `expert_ids` for `token`: yields the grants as the I/O worker sends them (the hits at
+        once, then the misses once read; `SlotsReady`). Raises the I/O worker's error as `RemoteError`."""
+        request_id, stream = self.pending.new_stream()
+        await self.socket.send_multipart(encode(Acquire(request_id, token, list(expert_ids))))
+        while True:
+            message = await stream.get()
+            if isinstance(message, BaseException):
+                raise message
+            if isinstance(message, ErrorReply):
+                raise_remote(message)
+            yield list(message.refs)
+            if message.final:
+                return
 
     async def acquire(self, token: int, expert_ids: list[int]) -> list[SlotGrant]:
-        request_id, future = self.pending.new()
-        await self.socket.send_multipart(encode(Acquire(request_id, token, list(expert_ids))))
-        return list((await future).refs)  # SlotsReady
+        """Every grant of `expert_ids` for `token`, in request order, once all are leased."""
+        grants = {grant.expert_id: grant async for part in self.acquire_parts(token, expert_ids) for grant in part}
+        return [grants[expert_id] for expert_id in expert_ids]
 
     async def release(self, refs: list[SlotRef]) -> None:
         await self.socket.send_multipart(encode(Release(list(refs))))

@@ -3,7 +3,8 @@
 `ExpertDispatcher.run_experts(token, batches)` maps expert-major batches keyed by global expert id
 (`{expert_id: x [n, d_model]}`) to `{expert_id: out [n, d_model]}`: the experts are leased in the
 mapping's order in chunks of at most `max_leases` (one `Acquire` per chunk, so a chunk's leases
-always fit), computed layer by layer (each layer's format has its own d_ff slices) as one
+always fit); the grants come in parts, the hits at once and each miss as soon as it is read
+(`IoClient.acquire_parts`), and each part is computed as it comes, while the next reads go on; a part is computed layer by layer (each layer's format has its own d_ff slices) as one
 `ExpertBatchJob` per compute worker, and released (also on error); each expert's slice partials are
 summed in slice order, so the outputs are bit-identical for any worker count, cache size, prefetch
 setting or read backend. `run(moe_layer, token, batches)` does the same for one MoE block (ids
@@ -12,6 +13,7 @@ within the layer, in ascending order). Both return what the experts cost (`Exper
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,25 +86,42 @@ class ExpertDispatcher:
 
     async def _run_chunk(self, token: int, chunk: list[int], batches: Mapping[int, np.ndarray], stats: ExpertStats,
                          log: DispatchLog | None) -> dict[int, np.ndarray]:
+        """Lease the chunk and compute each part of the grants as it comes: the hits while the misses load."""
         requested_at = time.monotonic()
         started = time.perf_counter()
-        grants = await self.io.acquire(token, chunk)
-        acquire_us = (time.perf_counter() - started) * 1e6
-        if log is not None:
-            log.t_acquire_start = log.t_acquire_start or requested_at
-            log.t_acquire_end = time.monotonic()
-        misses = sum(not grant.hit for grant in grants)
-        stats.hits += len(grants) - misses
-        stats.misses += misses
-        stats.prefetch_joins += sum(grant.joined_prefetch for grant in grants)
-        stats.io_wait_us += acquire_us if misses else 0.0
-        stats.chunks += 1
+        grants: list[SlotGrant] = []
+        computing: list[asyncio.Task] = []
+        jobs = None if log is None else log.jobs
         try:
-            started = time.perf_counter()
-            outputs = await self._compute(grants, batches, None if log is None else log.jobs)
-            stats.compute_us += (time.perf_counter() - started) * 1e6
+            async for part in self.io.acquire_parts(token, chunk):
+                grants += part
+                computing.append(asyncio.ensure_future(self._timed_compute(part, batches, jobs, stats)))
+            misses = sum(not grant.hit for grant in grants)
+            if log is not None:
+                log.t_acquire_start = log.t_acquire_start or requested_at
+                log.t_acquire_end = time.monotonic()
+            stats.hits += len(grants) - misses
+            stats.misses += misses
+            stats.prefetch_joins += sum(grant.joined_prefetch for grant in grants)
+            stats.io_wait_us += (time.perf_counter() - started) * 1e6 if misses else 0.0
+            stats.chunks += 1
+            outputs: dict[int, np.ndarray] = {}
+            for part_outputs in await asyncio.gather(*computing):
+                outputs.update(part_outputs)
+            return outputs
         finally:
-            await self.io.release([grant.ref for grant in grants])
+            for task in computing:  # on an error, no part is still computing on slots about to be released
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*computing, return_exceptions=True)
+            if grants:
+                await self.io.release([grant.ref for grant in grants])
+
+    async def _timed_compute(self, grants: list[SlotGrant], batches: Mapping[int, np.ndarray],
+                             jobs: list[tuple[int, int]] | None, stats: ExpertStats) -> dict[int, np.ndarray]:
+        started = time.perf_counter()
+        outputs = await self._compute(grants, batches, jobs)
+        stats.compute_us += (time.perf_counter() - started) * 1e6  # parts may overlap the misses' reads
         return outputs
 
     async def _compute(self, grants: list[SlotGrant], batches: Mapping[int, np.ndarray],

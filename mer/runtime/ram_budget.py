@@ -4,7 +4,8 @@ The graph's resident memory (Pss, shared pages counted once) is counted as dense
 non-expert tensor, mapped by the router) + KV cache (float32 K and V) + the processes themselves
 (`processes_nbytes`, measured; the predictor is a heavy process with the gate predictor) + the GGUF's
 parsed metadata in each process that opens it (`metadata_nbytes`, measured) + the slot arena (cache
-slots + prefetch reserve). The cache gets every slot that fits in what is left (at most one per
+slots + prefetch reserve), and `HEADROOM_NBYTES` is kept free for transients (a first run's kernel
+compiles). The cache gets every slot that fits in what is left (at most one per
 expert); a budget that cannot hold the fixed part plus k experts of one layer (and the prefetch
 reserve) is refused with the numbers. docs/model.md ("RAM budget") gives the measurements.
 """
@@ -29,6 +30,12 @@ TRACKER_NBYTES = 8 * MIB
 # vocabularies of 32k and 150k tokens (SentencePiece: tokens, scores, types; BPE: tokens, types, merges).
 METADATA_BYTES_PER_ELEMENT = 1024
 GGUF_READING_PROCESSES = 2  # the CLI (supervisor) and the router parse the GGUF's metadata
+# Kept free within the budget for what the steady-state figures above miss: a first run compiles the
+# kernels (LLVM's working memory: peak RSS +118 MB in the router, +90 MB in each compute worker and in
+# the CLI, measured with a cold numba cache), allocator slack, and the page cache the kernel needs for
+# logs and metadata reads. Without it a 12 GiB cgroup planned to the byte OOM-killed the I/O worker
+# while the router compiled (docs/model.md, "RAM budget").
+HEADROOM_NBYTES = 512 * MIB
 
 
 def prefetch_reserve_slots(config) -> int:
@@ -93,10 +100,12 @@ class RamPlan:
     cache_slots: int
     metadata_nbytes: int = 0
     origin: str = ""  # how the budget was chosen, when not given (e.g. "default: ... available")
+    headroom_nbytes: int = HEADROOM_NBYTES
 
     @property
     def fixed_nbytes(self) -> int:
-        return self.dense_nbytes + self.kv_cache_nbytes + self.processes_nbytes + self.metadata_nbytes
+        return (self.dense_nbytes + self.kv_cache_nbytes + self.processes_nbytes + self.metadata_nbytes
+                + self.headroom_nbytes)
 
     @property
     def arena_nbytes(self) -> int:
@@ -105,7 +114,7 @@ class RamPlan:
     def describe_fixed(self) -> str:
         return (f"dense weights {self.dense_nbytes / MIB:,.1f} MiB, KV cache {self.kv_cache_nbytes / MIB:,.1f} MiB, "
                 f"{self.num_processes} processes {self.processes_nbytes / MIB:,.0f} MiB, "
-                f"GGUF metadata {self.metadata_nbytes / MIB:,.1f} MiB")
+                f"GGUF metadata {self.metadata_nbytes / MIB:,.1f} MiB, headroom {self.headroom_nbytes / MIB:,.0f} MiB")
 
     def describe(self) -> str:
         origin = f" ({self.origin})" if self.origin else ""

@@ -86,7 +86,8 @@ def test_with_the_layer_policy_the_gate_pays_without_its_floor(leak_guard, tmp_p
     they save: see the module doc and docs/pipeline.md)."""
     _, gate = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS, "--predictors", "gate",
                        "--predict-fanout", FANOUT, "--gate-min-ratio", 0, "--cache-policy", "layer")
-    _, lru = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS + FANOUT, "--no-prefetch")
+    _, lru = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS + FANOUT, "--no-prefetch",
+                      "--cache-policy", "lru")
     _, layer = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS + FANOUT, "--no-prefetch",
                         "--cache-policy", "layer")
     print(f"\n{lookups_line('gate, no floor, layer policy', gate)}\n{lookups_line('no prefetch, LRU', lru)}\n"

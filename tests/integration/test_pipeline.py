@@ -217,6 +217,34 @@ def test_summary_invariants_with_prefetch_and_evictions(leak_guard, pipeline_sto
     _check_summary_against_log(run, summary)
 
 
+def test_the_hits_of_a_request_are_computed_while_its_misses_load(leak_guard, pipeline_stores, tmp_path):
+    """An Acquire with hits and misses is answered in parts: the hits' grants at once (the router sends
+    their compute jobs), then each miss once read; all hits: one part (tiny store, 1 worker)."""
+    run = run_pipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 60, "--cache-slots", 4, "--no-prefetch",
+                       "--compute-workers", 1, "--workload", "markov", "--seed", SEED, workdir=tmp_path).check_ok()
+    acquires = {event["token"]: event for event in run.events_named("acquire_done")}
+    decisions = {event["token"]: event for event in run.events_named("decision_done")}
+    jobs = {event["job_id"]: event for event in run.events_named("compute_job")}
+    read = {(event["token"], event["expert_id"]) for event in run.events_named("expert_read")}
+    assert len(acquires) == len(decisions) == 60
+    split = [token for token, event in acquires.items() if event["hits"] and event["misses"]]
+    assert len(split) >= 5, "the workload gives requests with both hits and misses"
+    for token, acquire in acquires.items():
+        if token not in split:
+            assert acquire["t_hits_sent"] is None
+            continue
+        assert acquire["t_received"] <= acquire["t_hits_sent"] < acquire["t_answered"]
+        # a job per part and layer: the hits' jobs hold only hits and were sent before any of the misses',
+        # and each miss is a part of its own
+        sent = [jobs[job_id] for job_id, worker in decisions[token]["jobs"]]
+        kinds = [{(token, expert) in read for expert in job["expert_ids"]} for job in sent]
+        assert all(len(kind) == 1 for kind in kinds)
+        missed = [kind == {True} for kind in kinds]
+        assert missed == sorted(missed) and not missed[0] and missed[-1]
+        assert sum(len(job["expert_ids"]) for job, miss in zip(sent, missed) if not miss) == acquire["hits"]
+        assert all(len(job["expert_ids"]) == 1 for job, miss in zip(sent, missed) if miss)
+
+
 # ---- record and replay ---------------------------------------------------------------------------
 
 

@@ -88,7 +88,7 @@ def sample_messages() -> list:
             {"tokens": 300, "hit_rate_pct": 61.5, "io_latency_us": {"p50": 812.0, "p99": 2400.5}, "tags": [1, "a"]},
         ),
         Acquire(17, 5, [3, 200, 7]),
-        SlotsReady(17, [SlotGrant(3, 0, 9, True, 0.0, False), SlotGrant(200, 5, 2, False, 812.5, True)]),
+        SlotsReady(17, [SlotGrant(3, 0, 9, True, 0.0, False), SlotGrant(200, 5, 2, False, 812.5, True)], True),
         Release([SlotRef(3, 0, 9), SlotRef(200, 5, 2)]),
         PrefetchHints(6, [PrefetchHint(11, 0.75), PrefetchHint(12, 0.125)], "markov2"),
         StatsRequest(99),
@@ -144,7 +144,7 @@ def test_records_decode_as_their_named_tuples():
 
 
 def test_int_given_for_a_float_field_decodes_as_float():
-    decoded = decode(encode(SlotsReady(1, [SlotGrant(1, 2, 3, True, 0, False)])))
+    decoded = decode(encode(SlotsReady(1, [SlotGrant(1, 2, 3, True, 0, False)], False)))
     assert type(decoded.refs[0].read_us) is float
 
 
@@ -258,14 +258,14 @@ def test_wrong_list_types_are_rejected(body, message_pattern):
 
 
 def test_nested_record_errors_name_the_path():
-    good = [1, [[3, 0, 9, True, 0.0, False], [4, 1, 2, False, 1.5, False]]]
-    short = [1, [good[1][0], [4, 1, 2]]]
+    good = [1, [[3, 0, 9, True, 0.0, False], [4, 1, 2, False, 1.5, False]], True]
+    short = [1, [good[1][0], [4, 1, 2]], True]
     with pytest.raises(ProtocolError, match=r"SlotsReady\.refs\[1\]: expected a list of 6 fields \(expert_id, slot"):
-        decode(frames_with_body(SlotsReady(1, []), short))
-    typed = [1, [good[1][0], [4, 1, 2, "no", 1.5, False]]]
+        decode(frames_with_body(SlotsReady(1, [], True), short))
+    typed = [1, [good[1][0], [4, 1, 2, "no", 1.5, False]], True]
     with pytest.raises(ProtocolError, match=r"SlotsReady\.refs\[1\]\.hit: expected a boolean, got str 'no'"):
-        decode(frames_with_body(SlotsReady(1, []), typed))
-    assert decode(frames_with_body(SlotsReady(1, []), good)).refs[1] == SlotGrant(4, 1, 2, False, 1.5, False)
+        decode(frames_with_body(SlotsReady(1, [], True), typed))
+    assert decode(frames_with_body(SlotsReady(1, [], True), good)).refs[1] == SlotGrant(4, 1, 2, False, 1.5, False)
 
 
 def test_maps_are_checked():

@@ -7,7 +7,7 @@ from gguf import GGUFReader
 
 from mer.errors import ConfigError
 from mer.model.model import MoEModel
-from mer.runtime.ram_budget import (MIB, dense_nbytes, kv_cache_nbytes, metadata_nbytes, parse_size, plan_cache_slots,
+from mer.runtime.ram_budget import (HEADROOM_NBYTES, MIB, dense_nbytes, kv_cache_nbytes, metadata_nbytes, parse_size, plan_cache_slots,
                             processes_nbytes)
 from tests.support.gguf_models import write_tiny_moe_gguf
 
@@ -54,7 +54,7 @@ def test_the_gate_predictor_makes_the_predictor_a_heavy_process_that_parses_the_
     source = MoEModel.load(write_tiny_moe_gguf(tmp_path / "m.gguf", vocab_size=400).path).source
     assert metadata_nbytes(source, gate_predictor=True) == metadata_nbytes(source) * 3 // 2
     assert processes_nbytes(2, gate_predictor=True) - processes_nbytes(2) == 96 * MIB - 40 * MIB
-    fixed = 12 * MIB + processes_nbytes(2, gate_predictor=True)
+    fixed = 12 * MIB + processes_nbytes(2, gate_predictor=True) + HEADROOM_NBYTES
     assert plan_cache_slots(fixed + 4 * 4 * MIB, **PLAN, gate_predictor=True).cache_slots == 2
     with pytest.raises(ConfigError, match="needs at least"):
         plan_cache_slots(fixed + 4 * 4 * MIB - 1, **PLAN, gate_predictor=True)
@@ -65,7 +65,7 @@ PLAN = dict(dense=10 * MIB, kv_cache=2 * MIB, num_compute_workers=2, slot_nbytes
 
 
 def test_the_cache_gets_every_slot_left_by_the_fixed_part():
-    fixed = 12 * MIB + processes_nbytes(2)
+    fixed = 12 * MIB + processes_nbytes(2) + HEADROOM_NBYTES
     smallest = plan_cache_slots(fixed + 4 * 4 * MIB, **PLAN)
     assert smallest.cache_slots == 2 and smallest.arena_nbytes == 16 * MIB
     assert smallest.fixed_nbytes + smallest.arena_nbytes == fixed + 16 * MIB
@@ -75,10 +75,11 @@ def test_the_cache_gets_every_slot_left_by_the_fixed_part():
     assert smallest.num_processes == 7 and "2 + 2 slots" in smallest.describe()
     with_metadata = plan_cache_slots(fixed + 100 * MIB + 4 * 4 * MIB, **PLAN, metadata=100 * MIB)
     assert with_metadata.cache_slots == 2 and "GGUF metadata 100.0 MiB" in with_metadata.describe()
+    assert HEADROOM_NBYTES == 512 * MIB and "headroom 512 MiB" in smallest.describe()
 
 
 def test_a_budget_below_the_dense_part_plus_k_experts_is_refused_with_the_numbers():
-    fixed = 12 * MIB + processes_nbytes(2)
+    fixed = 12 * MIB + processes_nbytes(2) + HEADROOM_NBYTES
     with pytest.raises(ConfigError) as refused:
         plan_cache_slots(fixed + 4 * 4 * MIB - 1, **PLAN)
     message = str(refused.value)
