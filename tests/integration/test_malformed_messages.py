@@ -70,9 +70,9 @@ async def receive(socket: zmq.asyncio.Socket, timeout_s: float = RECEIVE_TIMEOUT
 
 
 def run_io_client(tmp_path: Path, fuzz_frames: list[list[bytes]]) -> tuple[list[SlotGrant], list[dict]]:
-    """An IoClient against a fake I/O worker (a ROUTER): the client's acquire is pending while the
-    fake sends `fuzz_frames`, a reply for an unknown request id and an ErrorReply for no request,
-    then the real answer. Returns the grants the acquire got and the captured logs."""
+    """An IoClient against a fake I/O worker (a ROUTER): between the two parts of the answer to the
+    client's acquire (the hit, then the miss) the fake sends `fuzz_frames`, a reply for an unknown
+    request id and an ErrorReply for no request. Returns the grants the acquire got and the captured logs."""
 
     async def main():
         context = zmq.asyncio.Context()
@@ -83,11 +83,12 @@ def run_io_client(tmp_path: Path, fuzz_frames: list[list[bytes]]) -> tuple[list[
             acquiring = asyncio.create_task(client.acquire(7, [5, 6]))
             identity, *frames = await receive(fake_io)
             request = decode(frames, expected_kinds=(Acquire,))
-            for frames in [*fuzz_frames, encode(SlotsReady(request.request_id + 100, [])),
+            hit, miss = SlotGrant(5, 0, 1, True, 0.0, False), SlotGrant(6, 1, 1, False, 12.0, False)
+            await fake_io.send_multipart([identity, *encode(SlotsReady(request.request_id, [hit], False))])
+            for frames in [*fuzz_frames, encode(SlotsReady(request.request_id + 100, [], True)),
                            encode(ErrorReply(UNKNOWN_REQUEST_ID, "ProtocolError", "bad", ""))]:
                 await fake_io.send_multipart([identity, *frames])
-            grants = [SlotGrant(5, 0, 1, True, 0.0, False), SlotGrant(6, 1, 1, False, 12.0, False)]
-            await fake_io.send_multipart([identity, *encode(SlotsReady(request.request_id, grants))])
+            await fake_io.send_multipart([identity, *encode(SlotsReady(request.request_id, [miss], True))])
             return await asyncio.wait_for(acquiring, RECEIVE_TIMEOUT_S)
         finally:
             client.close()
@@ -100,7 +101,7 @@ def run_io_client(tmp_path: Path, fuzz_frames: list[list[bytes]]) -> tuple[list[
 
 
 def test_the_io_client_drops_malformed_and_unknown_replies_and_keeps_serving(tmp_path):
-    variants = malformed_variants(SlotsReady(3, [SlotGrant(5, 1, 2, True, 0.0, False)]), seed=1)
+    variants = malformed_variants(SlotsReady(3, [SlotGrant(5, 1, 2, True, 0.0, False)], False), seed=1)
     grants, logs = run_io_client(tmp_path, [frames for _, frames in variants])
     assert [grant.expert_id for grant in grants] == [5, 6]
     bad = warnings_named(logs, "bad_reply")
@@ -110,7 +111,7 @@ def test_the_io_client_drops_malformed_and_unknown_replies_and_keeps_serving(tmp
 
 
 @FUZZ
-@given(frames=hypothesis_frames([SlotsReady(3, [SlotGrant(5, 1, 2, True, 0.0, False)]), StatsRequest(1)]))
+@given(frames=hypothesis_frames([SlotsReady(1000, [SlotGrant(5, 1, 2, True, 0.0, False)], False), StatsRequest(1000)]))
 def test_the_io_client_survives_fuzzed_replies(tmp_path_factory, frames):
     grants, logs = run_io_client(tmp_path_factory.mktemp("io"), [frames])
     assert [grant.expert_id for grant in grants] == [5, 6]
