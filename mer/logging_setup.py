@@ -121,5 +121,11 @@ async def with_log_writes_in_background(coroutine):
             log_file.flush()
 
 
+def flush_log() -> None:
+    """Write this process's queued log-file lines now, from any thread (before an `os._exit`)."""
+    if _log_file is not None:
+        _log_file.flush()
+
+
 def get_logger(**initial):
     return structlog.get_logger(**initial)

@@ -8,6 +8,7 @@ import json
 from mer.cli.flag_types import positive_int, seed
 from mer.cli.progress import ProgressDisplay
 from mer.errors import ConfigError
+from mer.logging_setup import configure_logging
 from mer.compute.expert_format import LAYOUTS
 from mer.store.presets import PRESETS
 from mer.store.synth import SynthSpec, synth_store
@@ -69,6 +70,7 @@ def spec_from_args(args: argparse.Namespace) -> SynthSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    configure_logging("mer-synth")  # warnings (a reclaimed partial store) as JSON on stderr, never on stdout
     spec = spec_from_args(args)
     with ProgressDisplay("synth", enabled=not args.quiet) as display:
         result = synth_store(spec, args.out, force=args.force, start_phase=display.start_phase)

@@ -23,7 +23,7 @@ import zmq
 from mer.compute.expert_format import ExpertPayload
 from mer.runtime.child import receive_unless_stopped
 from mer.compute.batches import item_partials
-from mer.protocol import ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
+from mer.protocol import UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
 from mer.shm.arena import SlotArena
 from mer.store.manifest import Manifest
 from mer.quant.vector_ir import fastest_kernel
@@ -79,7 +79,7 @@ class ComputeWorker:
                 self.last_job = None
 
     def _handle(self, frames):
-        job_id = -1
+        job_id = UNKNOWN_REQUEST_ID
         try:
             job = decode(frames, expected_kinds=(ExpertBatchJob,))
             job_id = job.job_id

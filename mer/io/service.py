@@ -33,7 +33,7 @@ from mer.io.backend import open_reader
 from mer.io.read_tally import ReadTally
 from mer.protocol import (
     Acquire, IoStats, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
-    StatsRequest, decode, encode, error_reply,
+    StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
 )
 from mer.metrics.events import EXPERT_READ
 from mer.runtime.child import receive_unless_stopped
@@ -105,13 +105,32 @@ class IoService:
             if frames is None:
                 return
             identity, *frames = frames
+            identity = bytes(identity.buffer)
+            message = None
             try:
                 message = decode(frames, expected_kinds=(Acquire, Release, PrefetchHints, PredictorStats, PinSet,
                                                          SplitReads, StatsRequest))
-            except ProtocolError as error:
-                self.log.warning("bad_io_message", error=str(error))
-                continue
-            self._dispatch(bytes(identity.buffer), message)
+                self._check(message)
+                self._dispatch(identity, message)
+            except Exception as error:  # a malformed message is answered and logged, never fatal
+                self.log.warning("bad_io_message", peer=identity.decode(errors="replace"), error=str(error))
+                request_id = getattr(message, "request_id", UNKNOWN_REQUEST_ID)
+                self._spawn(self._send(identity, error_reply(request_id, error)))
+
+    @property
+    def num_experts(self) -> int:
+        return self.manifest.geometry.num_experts
+
+    def _check(self, message) -> None:
+        """Refuse, before any state changes, a well-formed request that cannot be served: experts that
+        are not in the store, or more experts in one Acquire than there are slots (it would wait forever)."""
+        if isinstance(message, PrefetchHints):
+            check_expert_ids("PrefetchHints", [hint.expert_id for hint in message.hints], self.num_experts)
+        if isinstance(message, Acquire):
+            check_expert_ids("Acquire", message.expert_ids, self.num_experts)
+            if len(set(message.expert_ids)) > self.arena.num_slots:
+                raise ProtocolError(f"Acquire: {len(set(message.expert_ids))} experts, more than the "
+                                    f"{self.arena.num_slots} slots")
 
     def _dispatch(self, identity: bytes, message) -> None:
         if isinstance(message, Acquire):

@@ -26,11 +26,10 @@ import time
 import numpy as np
 import zmq
 
-from mer.errors import ProtocolError
 from mer.predict.fusion import GATE, FusedPredictors, make_predictors
 from mer.runtime.child import receive_unless_stopped
-from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, decode,
-                          encode)
+from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, check_expert_ids,
+                          decode, encode)
 from mer.store.manifest import Manifest
 
 
@@ -39,6 +38,7 @@ class PredictorService:
         self.config, self.run, self.log, self.zmq = config, run, log, zmq_context
         manifest = Manifest.load(run.store)
         self.names = config.predictors
+        self.num_experts = manifest.geometry.num_experts
         self.gate = None
         if GATE in self.names:
             from mer.predict.gate import load_gate_predictor  # numpy + numba: only when the gate is on
@@ -72,15 +72,15 @@ class PredictorService:
             frames = await receive_unless_stopped(self.observe, stop)
             if frames is None:
                 return
-            try:
+            try:  # a PULL socket cannot answer: a malformed observation is logged and dropped
                 message = decode(frames, expected_kinds=(RoutingObserved, HiddenObserved))
-            except ProtocolError as error:
+                if isinstance(message, HiddenObserved):
+                    self._observe_hidden(message)
+                else:
+                    check_expert_ids("RoutingObserved", message.expert_ids, self.num_experts)
+                    await self._observe(message)
+            except Exception as error:
                 self.log.warning("bad_observation", error=str(error))
-                continue
-            if isinstance(message, HiddenObserved):
-                self._observe_hidden(message)
-            else:
-                await self._observe(message)
 
     def _observe_hidden(self, message: HiddenObserved) -> None:
         for predictor in self.predictors:

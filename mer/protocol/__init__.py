@@ -4,13 +4,13 @@ Every message is declared in `mer.protocol.messages`; `encode` / `decode` turn t
 frames and back (`mer.protocol.codec`); errors cross processes via `mer.protocol.remote_errors`.
 """
 
-from mer.protocol.codec import ARRAY_KEY, decode, encode
+from mer.protocol.codec import ARRAY_KEY, check_expert_ids, decode, encode
 from mer.protocol.messages import (
     Acquire, Activations, BatchPartials, ChildFailed, ComputeItem, ErrorReply,
     ExpertBatchJob, ExpertBatchResult, Hello, HiddenObserved, HiddenState, IoStats, JobDone, MessageKind,
     PinSet, PredictorReport, PredictorStats, PrefetchCounts, PrefetchHint, PrefetchHints, ReadCounts, Ready, Release,
     RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, SplitReads, StartBenchmark,
-    StartGeneration, StatsRequest, TokenGenerated,
+    StartGeneration, StatsRequest, TokenGenerated, UNKNOWN_REQUEST_ID,
 )
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, JsonMap, ScalarMap
 from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, raise_remote

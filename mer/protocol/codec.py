@@ -376,3 +376,11 @@ def decode(frames: Sequence[Frame], expected_kinds: Collection | None = None) ->
     if hasattr(message, "check"):
         message.check()
     return message
+
+
+def check_expert_ids(name: str, expert_ids: Sequence[int], num_experts: int) -> None:
+    """Raise ProtocolError if message `name` names an expert that is not in 0..num_experts-1 (a
+    well-formed message a receiver must still refuse before it changes any state)."""
+    unknown = [expert for expert in expert_ids if not 0 <= expert < num_experts]
+    if unknown:
+        raise ProtocolError(f"{name}: expert ids {unknown[:8]} are not in 0..{num_experts - 1}")

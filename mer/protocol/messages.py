@@ -393,9 +393,13 @@ class HiddenObserved:
 # --- any request/reply socket ---------------------------------------------------------------------
 
 
+UNKNOWN_REQUEST_ID = -1  # the request_id of an ErrorReply to a message too malformed to name its request
+
+
 @message(MessageKind.ERROR_REPLY)
 class ErrorReply:
-    """A request failed on the other side; raise it locally with `raise_remote`."""
+    """A request failed on the other side; raise it locally with `raise_remote`. A malformed message
+    is answered with `request_id` UNKNOWN_REQUEST_ID (the asker logs it and drops it)."""
 
     request_id: int
     error_type: str

@@ -2,7 +2,9 @@
 
 Each client owns one socket and one receiver task that resolves the future of every reply by its
 request or job id, so the router's event loop never blocks. An `ErrorReply` from the other side is
-raised locally as `RemoteError` (type, message and traceback of the remote error).
+raised locally as `RemoteError` (type, message and traceback of the remote error). A malformed or
+unexpected message (bad frames, a reply from a peer the job was not sent to, an unknown id) is
+logged as `bad_reply` and dropped: the receiver keeps serving the replies that follow.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from mer.errors import PipelineError
+from mer.logging_setup import get_logger
 from mer.compute.batches import PackedBatches
 from mer.protocol import (
     Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, Release, SlotGrant, SlotRef,
@@ -52,7 +55,9 @@ class _PendingReplies:
             stream.put_nowait(message)
             return
         future = self.futures.pop(request_id, None)
-        if future is None or future.done():
+        if future is None:
+            raise PipelineError(f"{type(message).__name__} for id {request_id}, which no request is waiting for")
+        if future.done():
             return
         if isinstance(message, ErrorReply):
             try:
@@ -84,13 +89,18 @@ class _Client:
         self.receiver = asyncio.create_task(self._receive())
 
     async def _receive(self) -> None:
-        try:
-            while True:
-                self._on_frames(await self.socket.recv_multipart(copy=False))
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            self.pending.fail_all(PipelineError(f"{self.peer} connection failed: {error}"))
+        while True:
+            try:
+                frames = await self.socket.recv_multipart(copy=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the socket itself failed: nothing more will arrive
+                self.pending.fail_all(PipelineError(f"{self.peer} connection failed: {error}"))
+                return
+            try:
+                self._on_frames(frames)
+            except Exception as error:  # one bad message: log it, keep serving
+                get_logger().warning("bad_reply", peer=self.peer, error=str(error))
 
     def close(self) -> None:
         self.receiver.cancel()
@@ -150,6 +160,10 @@ def worker_index(identity: bytes) -> int:
     return int(number)
 
 
+def _reply_id(message: ExpertBatchResult | ErrorReply) -> int:
+    return message.job_id if isinstance(message, ExpertBatchResult) else message.request_id
+
+
 class ComputeClient(_Client):
     """Sends expert batch jobs to N workers (a ROUTER on `compute.sock`) and gathers their partials.
 
@@ -159,6 +173,7 @@ class ComputeClient(_Client):
     def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int):
         self.num_workers = num_workers
         self.identities: dict[int, bytes] = {}
+        self.sent_to: dict[int, bytes] = {}  # job id -> identity of the worker it was sent to
         self.all_connected = asyncio.Event()
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -167,15 +182,22 @@ class ComputeClient(_Client):
 
     def _on_frames(self, frames: list) -> None:
         identity, *frames = frames
+        identity_bytes = bytes(identity.buffer)
         message = decode(frames, expected_kinds=(Hello, ExpertBatchResult, ErrorReply))
         if isinstance(message, Hello):
-            identity_bytes = bytes(identity.buffer)
-            self.identities[worker_index(identity_bytes)] = identity_bytes
+            index = worker_index(identity_bytes)
+            if index >= self.num_workers:
+                raise PipelineError(f"Hello from {identity_bytes!r}: there are only {self.num_workers} compute workers")
+            self.identities[index] = identity_bytes
             if len(self.identities) == self.num_workers:
                 self.all_connected.set()
-        else:
-            self.pending.resolve(message.job_id if isinstance(message, ExpertBatchResult) else message.request_id,
-                                 message)
+            return
+        job_id = _reply_id(message)
+        if self.sent_to.get(job_id) != identity_bytes:
+            raise PipelineError(f"{type(message).__name__} for job {job_id} from {identity_bytes!r}, "
+                                f"which was not sent that job")
+        del self.sent_to[job_id]
+        self.pending.resolve(job_id, message)
 
     async def wait_connected(self, timeout_s: float) -> None:
         try:
@@ -201,10 +223,12 @@ class ComputeClient(_Client):
                 continue
             job_id, future = self.pending.new()
             job = ExpertBatchJob(job_id, items, [slices[s] for s in mine], packed.x, list(packed.row_offsets))
+            self.sent_to[job_id] = self.identities[worker]
             try:
                 await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
             except zmq.ZMQError as error:
                 self.pending.futures.pop(job_id, None)
+                self.sent_to.pop(job_id, None)
                 if error.errno != zmq.EHOSTUNREACH:
                     raise
                 raise PipelineError(f"compute worker {worker} is unreachable: it exited or disconnected") from None

@@ -5,7 +5,9 @@ reports in `Ready`; `serve(stop)` runs until `stop` is set (the supervisor's `Sh
 is done; `on_control(message)` takes other control messages; `close()` releases what it holds.
 `run_child` wraps a role with what all children share:
 
-1. process title `mer-<role>-<run>` and PR_SET_PDEATHSIG, so a child never outlives its supervisor;
+1. process title `mer-<role>-<run>`; membership of the run and a watch on the supervisor, so a child
+   never outlives it and the last process out removes the run's resources (`mer.runtime.membership`,
+   `mer.runtime.supervisor_watch`);
 2. SIGINT ignored (Ctrl-C reaches the whole process group; the supervisor decides and sends
    `Shutdown`), SIGTERM ends the child;
 3. structlog JSON to the run's log file, written off the event loop (or warnings only to stderr);
@@ -16,7 +18,6 @@ is done; `on_control(message)` takes other control messages; `close()` releases 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import inspect
 import os
 import signal
@@ -30,10 +31,11 @@ import zmq.asyncio
 from mer.config import PipelineConfig
 from mer.errors import ProtocolError
 from mer.logging_setup import configure_logging, get_logger, with_log_writes_in_background
-from mer.protocol import ChildFailed, Hello, Ready, Shutdown, decode, encode, error_fields
+from mer.protocol import ChildFailed, ErrorReply, Hello, Ready, Shutdown, decode, encode, error_fields
+from mer.runtime.membership import RunMembership
 from mer.runtime.run_spec import RunSpec
+from mer.runtime.supervisor_watch import EXIT_SUPERVISOR_LOST, die_with_supervisor, leave_run, watch_supervisor
 
-PR_SET_PDEATHSIG = 1
 FAILURE_REPORT_TIMEOUT_S = 2.0
 
 
@@ -55,22 +57,21 @@ class ChildContext:
         await self.control.send_multipart(encode(message), copy=False)
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent (the supervisor) dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def run_child(role_factory, role: str, index: int | None, name: str, run_json: str) -> None:
     """Entry point of a spawned child; exits with 0 after a clean shutdown, 1 after a failure."""
     setproctitle.setproctitle(name)
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     run = RunSpec.from_json(run_json)
+    die_with_supervisor(run.supervisor_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    membership = RunMembership.join(run.run_id, run.runtime_dir)
+    if membership is None:  # the run is gone or being removed: nothing to do here
+        os._exit(EXIT_SUPERVISOR_LOST)
     configure_logging(name, log_file=run.config.get("log_file"), run_id=run.run_id, worker=index)
-    code = uvloop.run(with_log_writes_in_background(_child_main(role_factory, ChildContext(name, role, index, run))))
+    watch_supervisor(run.supervisor_pid, membership)
+    try:
+        code = uvloop.run(with_log_writes_in_background(_child_main(role_factory, ChildContext(name, role, index, run))))
+    finally:
+        leave_run(membership)
     sys.exit(code)
 
 
@@ -105,7 +106,10 @@ async def _child_main(role_factory, context: ChildContext) -> int:
             closing = role.close()
             if inspect.isawaitable(closing):
                 await closing
-        context.zmq.destroy(linger=int(FAILURE_REPORT_TIMEOUT_S * 1000))
+        # Only the control socket may hold the exit up (its ChildFailed must reach the supervisor): a
+        # message queued for a peer that is gone (a reply to a killed router) is dropped at once.
+        control.close(linger=int(FAILURE_REPORT_TIMEOUT_S * 1000))
+        context.zmq.destroy(linger=0)
 
 
 async def _listen_control(control: zmq.asyncio.Socket, role, stop: asyncio.Event) -> None:
@@ -118,8 +122,14 @@ async def _listen_control(control: zmq.asyncio.Socket, role, stop: asyncio.Event
             continue
         if isinstance(message, Shutdown):
             stop.set()
-        else:
+            continue
+        if isinstance(message, ErrorReply):  # the supervisor refused a message of this child: a bug, logged
+            get_logger().warning("control_message_refused", error_type=message.error_type, error=message.message)
+            continue
+        try:
             await role.on_control(message)
+        except Exception as error:  # a control message the role cannot take: logged, never the end of listening
+            get_logger().warning("bad_control_message", error=str(error))
 
 
 async def receive_unless_stopped(socket: zmq.asyncio.Socket, stop: asyncio.Event):

@@ -90,26 +90,28 @@ def _default_runtime_bases() -> list[Path]:
 
 def _find_runs(shm_dir: Path, runtime_bases: list[Path]) -> dict[str, _RunArtifacts]:
     runs: dict[str, _RunArtifacts] = defaultdict(_RunArtifacts)
-    for entry in _scan(shm_dir):
+    for entry in scan_directory(shm_dir):
         match = _SHM_NAME.fullmatch(entry.name)
         if match and not entry.is_dir(follow_symlinks=False):
             runs[match.group(1)].shm_files.append(Path(entry.path))
     for base in runtime_bases:
-        for entry in _scan(base):
+        for entry in scan_directory(base):
             match = _RUNTIME_DIR_NAME.fullmatch(entry.name)
-            if match and entry.is_dir(follow_symlinks=False) and _is_own(entry):
+            if match and entry.is_dir(follow_symlinks=False) and is_own_entry(entry):
                 runs[match.group(1)].runtime_dirs.append(Path(entry.path))
     return runs
 
 
-def _is_own(entry: os.DirEntry) -> bool:
+def is_own_entry(entry: os.DirEntry) -> bool:
+    """Whether the directory entry belongs to this user (False once it is gone)."""
     try:
         return entry.stat(follow_symlinks=False).st_uid == os.getuid()
     except FileNotFoundError:
         return False
 
 
-def _scan(directory: Path) -> list[os.DirEntry]:
+def scan_directory(directory: Path) -> list[os.DirEntry]:
+    """The entries of `directory`; none if it is missing or unreadable."""
     try:
         with os.scandir(directory) as entries:
             return list(entries)

@@ -17,6 +17,10 @@ One run:
    still starting get SIGTERM at once; whatever is alive after the grace period gets SIGTERM, then
    SIGKILL; unlink the arena and remove the runtime directory (sockets included).
 
+Every process of the run is a member of it (`mer.runtime.membership`): if the supervisor itself is
+killed, its children exit on their own within moments and the last one out removes the arena and
+the runtime directory (`mer.runtime.supervisor_watch`).
+
 Children are watched through their process sentinels, so a death (kill -9) is seen at once and
 reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
 SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
@@ -40,11 +44,12 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (ChildFailed, Hello, JobDone, Ready, Shutdown, StartBenchmark, StartGeneration,
-                          TokenGenerated, decode, encode)
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Hello, JobDone, Ready, Shutdown, StartBenchmark,
+                          StartGeneration, TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.cpu_progress import START_PROGRESS_CPU_S, cpu_seconds, start_limit_s
+from mer.runtime.membership import RunMembership
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
 from mer.shm.arena import SlotArena
@@ -105,6 +110,7 @@ class Supervisor:
         self.run_id = new_run_id()
         self.children: dict[str, Child] = {}
         self.arena: SlotArena | None = None
+        self.membership: RunMembership | None = None
         self._events: asyncio.Queue = asyncio.Queue()
 
     # ---- the whole run ---------------------------------------------------------------------------
@@ -113,6 +119,7 @@ class Supervisor:
         """Start the graph, run the job, shut down; return the job's summary."""
         remove_stale_runs()
         runtime_dir = create_runtime_dir(self.run_id)
+        self.membership = RunMembership.found(self.run_id, runtime_dir)
         zmq_context = zmq.asyncio.Context()
         control = zmq_context.socket(zmq.ROUTER)
         control.setsockopt(zmq.LINGER, 0)
@@ -179,10 +186,24 @@ class Supervisor:
             name = bytes(identity.buffer).decode(errors="replace")
             try:
                 message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated))
-            except ProtocolError as error:
+                self._check_sender(name, message)
+            except Exception as error:  # logged, answered and dropped: the control socket keeps serving
                 self.log.warning("bad_control_message", child=name, error=str(error))
+                with contextlib.suppress(zmq.ZMQError):  # a ROUTER drops what it cannot route; never fatal
+                    await control.send_multipart([identity, *encode(error_reply(UNKNOWN_REQUEST_ID, error))])
                 continue
             self._events.put_nowait((type(message).__name__, message))
+
+    def _check_sender(self, identity: str, message) -> None:
+        """Only the run's children speak on the control socket, each for itself, and only the router
+        reports on the job: raise ProtocolError for anything else (a stray or forged message)."""
+        child = self.children.get(identity)
+        if child is None:
+            raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not a child of this run")
+        if hasattr(message, "name") and message.name != identity:
+            raise ProtocolError(f"{type(message).__name__} naming {message.name!r} sent by {identity!r}")
+        if isinstance(message, (JobDone, TokenGenerated)) and child.role != "router":
+            raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not the router")
 
     async def _next_event(self, deadline: float | None):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -328,6 +349,10 @@ class Supervisor:
                                          flags=zmq.NOBLOCK, copy=False)
 
     def _cleanup(self) -> None:
+        """Leave the run and remove its resources: every child has been joined (or killed) by now, so
+        the supervisor is the last member; a child that outlives even SIGKILL finds them gone."""
+        if self.membership is not None:
+            self.membership.leave()
         if self.arena is not None:
             self.arena.destroy()
         remove_runtime_dir(self.run_id)

@@ -10,7 +10,9 @@ Usage:
 An exception inside the block (or a missing expert) removes the temporary directory, so an
 interrupted conversion never leaves a store that looks whole. Free space is checked up front; if
 the disk still fills up while writing (another writer took the space), the error is a DiskSpaceError
-naming the store and the file, and the temporary directory is removed.
+naming the store and the file, and the temporary directory is removed. A writer killed outright
+leaves its temporary directory; the next writer into the same directory reclaims it
+(`mer.store.partials`).
 Payload files are written with O_DIRECT where the filesystem allows it (see
 `mer.store.direct_io`: buffered writes drain far slower than the disk on this machine); a payload
 that is not page-aligned in memory goes through one aligned staging buffer.
@@ -32,6 +34,7 @@ from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError
 from mer.compute.expert_format import LAYOUTS, ExpertFormat, round_up
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty, pwrite_all
 from mer.store.manifest import MANIFEST_NAME, ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
+from mer.store.partials import partial_dir, reclaim_dead_partials
 from mer.store.reader import payload_checksum
 
 SPACE_MARGIN_BYTES = 64 * 1024 * 1024
@@ -116,7 +119,7 @@ class StoreWriter:
         self.source = source
         self.force = force
         self.layers = plan_layers(geometry, layer_formats, blocks or list(range(geometry.num_moe_layers)))
-        self.temp = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        self.temp = partial_dir(self.out)
         self._checksums: dict[int, str] = {}
         self._files: list[tuple[int, bool]] = []  # (fd, opened with O_DIRECT) per layer
         self._staging: np.ndarray | None = None
@@ -126,6 +129,7 @@ class StoreWriter:
         return sum(layer.expert_stride * self.geometry.experts_per_layer for layer in self.layers)
 
     def __enter__(self) -> "StoreWriter":
+        reclaim_dead_partials(self.out.parent)  # what killed writers left, before the space is counted
         if self.out.exists() and not self.force:
             raise StoreExistsError(f"{self.out}: output already exists (use --force to replace it)")
         self.out.parent.mkdir(parents=True, exist_ok=True)

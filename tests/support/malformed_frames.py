@@ -1,0 +1,110 @@
+"""Malformed ZeroMQ messages for the fuzz tests of every receive loop (tests/integration/test_malformed_messages.py).
+
+`malformed_variants(message, seed)` turns one valid message into named multipart messages that no
+receiver may accept: random bytes, a random header, an unknown kind, an unknown version, a truncated
+or non-list msgpack body, a missing field, each field in turn of the wrong type, an array frame too
+many or too few, and seeded byte flips in the body that still fail to decode. Each variant is checked
+here to fail `decode`, so a test never sends by accident a message that a receiver would act on.
+`hypothesis_frames()` is the same idea as a hypothesis strategy (random frames and mutated valid
+messages), for the in-process receivers, which must survive even a mutation that still decodes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import msgpack
+
+from mer.errors import ProtocolError
+from mer.protocol import decode, encode
+
+UNKNOWN_KIND = 250
+
+
+def frames_of(message: Any) -> list[bytes]:
+    return [frame.tobytes() if hasattr(frame, "tobytes") else bytes(frame) for frame in encode(message)]
+
+
+def _wrong_value(value: Any) -> Any:
+    """A value of another wire type than `value` (a string for anything but a string)."""
+    return 12345 if isinstance(value, str) else "not the right type"
+
+
+def _byte_flips(header: bytes, body: bytes, arrays: list[bytes], rng: random.Random, count: int):
+    for index in range(count):
+        mutated = bytearray(body)
+        for _ in range(rng.randint(1, 3)):
+            position = rng.randrange(len(mutated))
+            mutated[position] ^= 1 << rng.randrange(8)
+        yield f"flipped body bytes #{index}", [header, bytes(mutated), *arrays]
+
+
+def malformed_variants(message: Any, seed: int = 0, flips: int = 4,
+                       expected_kinds: Collection | None = None) -> list[tuple[str, list[bytes]]]:
+    """Named malformed messages made from the valid `message`; each one fails `decode` (checked here,
+    against `expected_kinds` when given: what the receiver accepts)."""
+    rng = random.Random(seed)
+    header, body, *arrays = frames_of(message)
+    fields = msgpack.unpackb(body, raw=False)
+    variants: list[tuple[str, list[bytes]]] = [
+        ("one empty frame", [b""]),
+        ("random bytes", [rng.randbytes(rng.randint(1, 64)) for _ in range(rng.randint(2, 4))]),
+        ("a 3-byte header", [rng.randbytes(3), body, *arrays]),
+        ("an unknown message kind", [bytes([UNKNOWN_KIND, 1]), body, *arrays]),
+        ("an unknown protocol version", [bytes([header[0], (header[1] + 7) % 256]), body, *arrays]),
+        ("a truncated body", [header, body[: max(1, len(body) // 2)], *arrays]),
+        ("a body that is not msgpack", [header, b"\xc1" + body, *arrays]),
+        ("a body that is a map", [header, msgpack.packb({"fields": fields}), *arrays]),
+        ("an extra array frame", [header, body, *arrays, b"\0" * 8]),
+    ]
+    if fields:
+        variants.append(("a missing field", [header, msgpack.packb(fields[:-1]), *arrays]))
+        if arrays:
+            variants.append(("a missing array frame", [header, body, *arrays[:-1]]))
+        for index, value in enumerate(fields):
+            wrong = [*fields[:index], _wrong_value(value), *fields[index + 1:]]
+            variants.append((f"field {index} of the wrong type", [header, msgpack.packb(wrong), *arrays]))
+    variants.extend(_byte_flips(header, body, arrays, rng, flips * 4))
+    kept, flipped = [], 0
+    for name, frames in variants:
+        if not _fails_to_decode(frames, expected_kinds):
+            continue  # a byte flip that still decodes (a changed number): not a malformed message
+        if name.startswith("flipped"):
+            if flipped == flips:
+                continue
+            flipped += 1
+        kept.append((name, frames))
+    assert all(_fails_to_decode(frames, expected_kinds) for _, frames in kept)
+    return kept
+
+
+def _fails_to_decode(frames: Sequence[bytes], expected_kinds: Collection | None) -> bool:
+    try:
+        decode(frames, expected_kinds=expected_kinds)
+    except ProtocolError:
+        return True
+    return False
+
+
+def hypothesis_frames(valid_messages: Sequence[Any]):
+    """A hypothesis strategy of multipart messages: random frames, or a valid message with some of its
+    bytes replaced, frames dropped or appended (which may still decode)."""
+    from hypothesis import strategies as st
+
+    random_frames = st.lists(st.binary(max_size=64), min_size=1, max_size=4)
+
+    @st.composite
+    def mutated(draw):
+        frames = [bytearray(frame) for frame in frames_of(draw(st.sampled_from(list(valid_messages))))]
+        for _ in range(draw(st.integers(1, 4))):
+            index = draw(st.integers(0, len(frames) - 1))
+            if frames[index]:
+                position = draw(st.integers(0, len(frames[index]) - 1))
+                frames[index][position] = draw(st.integers(0, 255))
+        if draw(st.booleans()):
+            frames = frames[: draw(st.integers(1, len(frames)))]
+        return [bytes(frame) for frame in frames]
+
+    return st.one_of(random_frames, mutated())
