@@ -405,6 +405,9 @@ def quick_allowance(setup: Setup, args: argparse.Namespace, engines: list[Engine
     from mer.cli.generation_setup import PromptSpec, prepare_generation
     from mer.cli.main import build_parser
     from mer.config import config_overrides
+    from mer.logging_setup import configure_logging
+
+    configure_logging("bench_beyond_ram")  # mer's events (converted_store_found) to stderr: stdout is the --json result
 
     defaults = next(engine for engine in engines if not engine.is_llama)
     parsed = build_parser().parse_args(["generate", "--model", str(setup.gguf), "--prompt-tokens",
