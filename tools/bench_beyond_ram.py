@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools run as scripts
@@ -102,8 +102,11 @@ class Setup:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", type=Path, default=Path("/work/stores/mixtral-8x7b-q4_0.gguf"),
-                        help="the model file (written if missing)")
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="the model file, written if missing (default: /work/stores/mixtral-8x7b-q4_0.gguf; "
+                             "with --layers N: mixtral-8x7b-Nl-q4_0.gguf beside it)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="Mixtral's shape with N blocks instead of 32 (8: the in-RAM variant, ~6.6 GB)")
     parser.add_argument("--store", type=Path, default=None,
                         help="its converted expert store (default: the GGUF's path without .gguf, plus -gguf)")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -425,6 +428,16 @@ def quick_allowance(setup: Setup, args: argparse.Namespace, engines: list[Engine
             "expert_bytes_total": setup.geometry.expert_bytes_total}
 
 
+def mixtral_geometry(layers: int | None) -> MoEGeometry:
+    """Mixtral-8x7B's shape, or the same with `layers` blocks (named mixtral-8x7b-<N>l)."""
+    full = GEOMETRIES["mixtral-8x7b"]
+    if layers is None or layers == full.n_layers:
+        return full
+    if not 1 <= layers <= 64:
+        raise BenchError(f"--layers {layers}: give 1 to 64 blocks")
+    return replace(full, name=f"{full.name}-{layers}l", n_layers=layers)
+
+
 def prepare(args: argparse.Namespace, engines: list[Engine]) -> tuple[Setup, dict]:
     timings: dict = {}
     if args.quick:
@@ -432,8 +445,8 @@ def prepare(args: argparse.Namespace, engines: list[Engine]) -> tuple[Setup, dic
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mer-bench-beyond-ram-"))
         gguf, store = workdir / "quick-q4_0.gguf", workdir / "quick-q4_0-gguf"
     else:
-        geometry = GEOMETRIES["mixtral-8x7b"]
-        gguf = args.gguf
+        geometry = mixtral_geometry(args.layers)
+        gguf = args.gguf or Path(f"/work/stores/{geometry.name}-q4_0.gguf")
         store = args.store or gguf.with_name(gguf.stem + "-gguf")
         workdir = args.workdir or store.parent / "bench-beyond-ram"
     workdir.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,17 @@ def test_mixtral_geometry_matches_the_issue():
     assert len(ids) == 32 and min(ids) >= FIRST_PLAIN_TOKEN and max(ids) < mixtral.vocab_size
 
 
+def test_the_in_ram_variant_is_mixtrals_shape_with_fewer_blocks():
+    eight = bench.mixtral_geometry(8)
+    mixtral = GEOMETRIES["mixtral-8x7b"]
+    assert eight.name == "mixtral-8x7b-8l" and eight.n_layers == 8
+    assert eight.expert_nbytes == mixtral.expert_nbytes and eight.top_k == mixtral.top_k
+    assert eight.expert_bytes_total == mixtral.expert_bytes_total // 4  # 8 of 32 blocks: ~6.3 GB of experts
+    assert bench.mixtral_geometry(None) is mixtral and bench.mixtral_geometry(32) is mixtral
+    with pytest.raises(SystemExit, match="--layers 0"):
+        bench.mixtral_geometry(0)
+
+
 def test_a_disk_without_room_is_refused_with_the_numbers(tmp_path):
     huge = MoEGeometry("huge", n_layers=1, n_experts=8, top_k=2, d_model=4096, d_ff=2**27, n_heads=32,
                        n_kv_heads=8, vocab_size=32000, context_length=4096)
