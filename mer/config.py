@@ -109,6 +109,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
     kernel_threads: Annotated[int, spec(
         "Kernel threads per compute worker; workers x threads must fit the available cores.",
         ge=1, le=256, unit="threads per worker", metavar="T")] = 1
+    expert_slices: Annotated[int, spec(
+        "d_ff slices each expert's work is cut into (at least 256 rows each): at most this many compute workers "
+        "share one expert; each slice more costs a pass over part of the down matrix (2: measured best on 2 "
+        "cores). Outputs are bit-identical for any worker count at the same value.",
+        ge=1, le=64, unit="slices per expert", metavar="S")] = 2
     io_backend: Annotated[Literal["auto", "uring", "preadv"], spec(
         "Expert read backend: io_uring, thread-pool preadv, or auto.", metavar="NAME")] = "auto"
     io_queue_depth: Annotated[int, spec(

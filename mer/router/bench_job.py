@@ -55,7 +55,8 @@ class BenchJob(Job):
             self.config.workload, self.space, seed=self.config.seed, zipf_s=self.config.zipf_s,
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
-        self.dispatcher = ExpertDispatcher(self.manifest, self.io, self.compute, max_leases=self.config.cache_slots)
+        self.dispatcher = ExpertDispatcher(self.manifest, self.io, self.compute, max_leases=self.config.cache_slots,
+                                            expert_slices=self.config.expert_slices)
         self.send_hidden = sends_hidden(self.config)
         if self.send_hidden:
             check_trace_has_residuals(self.config.trace)

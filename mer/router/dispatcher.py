@@ -56,12 +56,13 @@ class DispatchLog:
 class ExpertDispatcher:
     """Runs experts on the graph's slots and compute workers (see the module docstring)."""
 
-    def __init__(self, manifest: Manifest, io: IoClient, compute: ComputeClient, max_leases: int):
+    def __init__(self, manifest: Manifest, io: IoClient, compute: ComputeClient, max_leases: int,
+                 expert_slices: int):
         self.manifest = manifest
         self.io = io
         self.compute = compute
         self.max_leases = max_leases
-        self.slices = [plan_slices(layer.format) for layer in manifest.layers]
+        self.slices = [plan_slices(layer.format, expert_slices) for layer in manifest.layers]
 
     def global_id(self, moe_layer: int, expert: int) -> int:
         return self.manifest.expert_id(moe_layer, expert)

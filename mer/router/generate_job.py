@@ -44,7 +44,8 @@ class GenerateJob(Job):
         self.io = io
         self.log = log
         self.send_control = send_control
-        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=config.cache_slots)
+        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=config.cache_slots,
+                                            expert_slices=config.expert_slices)
         self.compute_workers = compute.num_workers
         self.observe = observe
 

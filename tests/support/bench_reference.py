@@ -25,7 +25,7 @@ def reference_outputs(config: PipelineConfig, store: ExpertStore) -> np.ndarray:
     space = RoutingSpace.from_geometry(geometry, config.top_k, config.layered)
     workload = make_workload(config.workload, space, seed=config.seed, zipf_s=config.zipf_s,
                              correlation=config.workload_correlation, trace_path=config.trace)
-    slices = [plan_slices(layer.format) for layer in manifest.layers]
+    slices = [plan_slices(layer.format, config.expert_slices) for layer in manifest.layers]
     outputs = []
     for token in range(config.tokens):
         for decision in workload.next_token():

@@ -13,7 +13,7 @@ from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.compute.slicing import plan_slices
 from mer.compute.swiglu import swiglu_expert
 
-D_MODEL, D_FF = 64, 768  # d_ff of 3 slices (MIN_SLICE_ROWS = 256), so slices are really summed
+D_MODEL, D_FF = 64, 768  # d_ff of 2 slices (expert_slices 2, MIN_SLICE_ROWS = 256), so slices are really summed
 
 
 def random_payload(dtype: str, seed: int) -> tuple[ExpertPayload, list[np.ndarray]]:
@@ -84,3 +84,15 @@ def test_slices_and_weighted_experts_are_summed_in_a_fixed_order_in_float32():
     assert combined.dtype == np.float32 and np.array_equal(combined, expected)
     with pytest.raises(ValueError):
         weighted_sum(outputs, weights[:2])
+
+
+def test_the_slice_plan_follows_expert_slices_within_the_minimum_slice_size():
+    mixtral = ExpertFormat.build(4096, 14336, ("q4_0",) * 3)
+    assert plan_slices(mixtral) == plan_slices(mixtral, 2) == [(0, 7168), (7168, 14336)]  # the default: 2
+    assert plan_slices(mixtral, 1) == [(0, 14336)]
+    sixteen = plan_slices(mixtral, 16)
+    assert len(sixteen) == 16 and all(stop - start == 896 for start, stop in sixteen)
+    small = ExpertFormat.build(D_MODEL, D_FF, ("q8_0",) * 3)  # 768 rows: never below 256 rows a slice
+    assert plan_slices(small, 64) == [(0, 256), (256, 512), (512, 768)]
+    with pytest.raises(ValueError, match="expert_slices must be at least 1"):
+        plan_slices(small, 0)
