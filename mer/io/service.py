@@ -31,6 +31,7 @@ from mer.cache.step import acquire_order
 from mer.errors import ProtocolError
 from mer.io.backend import open_reader
 from mer.io.read_tally import ReadTally
+from mer.shm.prefault import BackgroundPrefault
 from mer.protocol import (
     Acquire, IoStats, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
     StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
@@ -60,6 +61,7 @@ class IoService:
         self.config, self.run, self.log, self.zmq = config, run, log, zmq_context
         self.manifest = Manifest.load(run.store)
         self.arena: SlotArena | None = None
+        self.prefault: BackgroundPrefault | None = None
         self.reader = None
         self.table: SlotTable | None = None
         self.admission: PrefetchAdmission | None = None
@@ -74,9 +76,17 @@ class IoService:
         run, config = self.run, self.config
         self.arena = SlotArena.attach(run.arena_path, writable=True)
         started = time.perf_counter()
-        method = self.arena.prefault()
-        self.log.info("arena_prefaulted", method=method, seconds=round(time.perf_counter() - started, 3),
-                      nbytes=self.arena.num_slots * self.arena.slot_nbytes)
+        loop = asyncio.get_running_loop()
+
+        def prefault_done(seconds: float, error: BaseException | None) -> None:  # in the prefault thread
+            try:
+                loop.call_soon_threadsafe(self._prefault_done, seconds, error)
+            except RuntimeError:  # the loop has closed: the worker is exiting
+                pass
+
+        self.prefault = self.arena.prefault_in_background(prefault_done)
+        if self.prefault is None:  # no MADV_POPULATE_WRITE: touched here, before READY
+            self._prefault_done(time.perf_counter() - started, None, method="touch")
         files = [Path(run.store) / layer.file for layer in self.manifest.layers]
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
                                   registration_unit=self.arena.slot_nbytes)
@@ -88,6 +98,14 @@ class IoService:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(run.endpoint("io"))
         return {"io_backend": self.reader.name, "o_direct": self.reader.o_direct, "slots": self.arena.num_slots}
+
+    def _prefault_done(self, seconds: float, error: BaseException | None, method: str = "madvise") -> None:
+        nbytes = self.arena.num_slots * self.arena.slot_nbytes
+        if error is not None:  # reads still work: each faults its own pages
+            self.log.warning("arena_prefault_failed", error=str(error), seconds=round(seconds, 3), nbytes=nbytes)
+        elif self.prefault is None or self.prefault.is_done or method == "touch":
+            self.log.info("arena_prefaulted", method=method, background=method != "touch",
+                          seconds=round(seconds, 3), nbytes=nbytes)
 
     def _policy(self):
         """The configured eviction policy; `layer` sees the store's MoE layers when requests are per layer
@@ -325,6 +343,8 @@ class IoService:
             await self.reader.close()
         if self.socket is not None:
             self.socket.close(linger=0)
+        if self.prefault is not None:
+            self.prefault.stop()  # before the mapping goes
         if self.arena is not None:
             self.arena.close()
 

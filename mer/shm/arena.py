@@ -19,6 +19,7 @@ leaves the mapping to be unmapped when the last view is garbage collected.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from mer.errors import ArenaError, StaleSlotError
 from mer.runtime.paths import SHM_DIR, arena_path, check_run_id
+from mer.shm.prefault import BackgroundPrefault, PrefaultUnsupported
 from mer.shm.layout import (
     ARENA_HEADER_STRUCT,
     ARENA_MAGIC,
@@ -187,6 +189,27 @@ class SlotArena:
         """The slot's data (`slot_nbytes`, 4096-aligned) as a memoryview; read-only unless attached writable."""
         start = self.layout.slot_data_offset(self._check_slot_index(slot))
         return self._open_buffer()[start:start + self.slot_nbytes]
+
+    def data_address(self) -> int:
+        """The address of the first slot's data in this process (for madvise through ctypes)."""
+        anchor = ctypes.c_char.from_buffer(self._mapping)  # writable attach only; released below
+        try:
+            return ctypes.addressof(anchor) + self.data_offset
+        finally:
+            del anchor
+
+    def prefault_in_background(self, on_done) -> BackgroundPrefault | None:
+        """Back every slot page with memory from a background thread (`mer.shm.prefault`); returns it
+        (stop it before `close`), or None when the kernel lacks MADV_POPULATE_WRITE and the pages were
+        touched here instead."""
+        if not self.is_writable:
+            raise ArenaError(f"{self.path}: attached read-only, cannot prefault")
+        try:
+            return BackgroundPrefault(self.data_address(), self.layout.total_nbytes - self.data_offset,
+                                      on_done).start()
+        except PrefaultUnsupported:
+            self.prefault()
+            return None
 
     def prefault(self) -> str:
         """Back every slot page with memory now (writable attach only), so reads never pay first touch.

@@ -81,6 +81,47 @@ def test_create_touches_no_slot_pages(run_id):
         assert elapsed_s < 0.5, f"creating a sparse 256 MiB arena took {elapsed_s:.3f} s"
 
 
+def test_background_prefault_backs_every_slot_page_while_this_thread_goes_on(run_id):
+    import threading
+
+    from mer.shm import prefault as prefault_module
+
+    slot_nbytes = 48 * 2**20  # 192 MiB: three 64 MiB chunks
+    done = threading.Event()
+    results = []
+
+    def on_done(seconds, error):
+        results.append((seconds, error))
+        done.set()
+
+    with SlotArena.create(run_id, 4, slot_nbytes) as arena:
+        writer = SlotArena.attach(arena.path, writable=True)
+        try:
+            background = writer.prefault_in_background(on_done)
+            assert background is not None  # this kernel has MADV_POPULATE_WRITE
+            assert background.populated >= min(prefault_module.CHUNK_NBYTES, 4 * slot_nbytes)  # the first chunk
+            writer.slot_array(3)[:4] = 7  # a write beside the thread, into a slot it may not have reached
+            assert done.wait(30), "the background prefault did not finish"
+            seconds, error = results[0]
+            assert error is None and seconds > 0 and background.is_done
+            allocated = os.stat(arena.path).st_blocks * 512
+            assert allocated >= 4 * slot_nbytes, f"only {allocated:,} bytes backed"
+            assert list(writer.slot_array(3)[:5]) == [7, 7, 7, 7, 0]  # populating kept the written bytes
+            background.stop()
+        finally:
+            writer.close()
+
+
+def test_stopping_a_background_prefault_ends_it_before_the_arena_is_unmapped(run_id):
+    with SlotArena.create(run_id, 8, 64 * 2**20) as arena:  # 512 MiB
+        writer = SlotArena.attach(arena.path, writable=True)
+        background = writer.prefault_in_background(lambda seconds, error: None)
+        background.stop()
+        assert not background._thread.is_alive()
+        assert background.populated <= 8 * 64 * 2**20
+        writer.close()
+
+
 def test_slot_views_are_page_aligned_disjoint_and_land_in_the_file(arena):
     base = address_of(arena.slot_view(0))
     for slot in range(NUM_SLOTS):
