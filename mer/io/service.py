@@ -17,6 +17,7 @@ order until `max_pinned` is reached).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,11 +77,11 @@ class IoService:
         run, config = self.run, self.config
         self.arena = SlotArena.attach(run.arena_path, writable=True)
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
+        loop, context = asyncio.get_running_loop(), contextvars.copy_context()  # the log's bound fields
 
         def prefault_done(seconds: float, error: BaseException | None) -> None:  # in the prefault thread
             try:
-                loop.call_soon_threadsafe(self._prefault_done, seconds, error)
+                loop.call_soon_threadsafe(self._prefault_done, seconds, error, context=context)
             except RuntimeError:  # the loop has closed: the worker is exiting
                 pass
 

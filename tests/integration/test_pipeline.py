@@ -295,6 +295,18 @@ def test_preadv_forced_on_disk(leak_guard, pipeline_stores, tmp_path):
     assert "forced" in selected["reason"]
 
 
+def test_the_arena_is_prefaulted_in_the_background_after_the_io_worker_is_ready(leak_guard, pipeline_stores, tmp_path):
+    run = run_pipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 6, "--cache-slots", 4,
+                       "--compute-workers", 1, workdir=tmp_path).check_ok()
+    (prefaulted,) = run.events_named("arena_prefaulted")
+    assert prefaulted["process"].startswith("mer-io-")  # logged with the I/O worker's bound fields
+    assert prefaulted["background"] is True and prefaulted["method"] == "madvise"
+    slot_nbytes = -(-run.summary["bytes_per_expert"] // 4096) * 4096  # slots are page-aligned
+    assert prefaulted["nbytes"] == run.summary["pool_slots"] * slot_nbytes
+    io_ready = [event for event in run.events_named("child_ready") if event.get("process", "").startswith("mer-io-")]
+    assert io_ready and io_ready[0]["t_mono"] <= prefaulted["t_mono"]  # READY did not wait for it
+
+
 def test_tmpfs_store_falls_back_to_preadv(leak_guard, tmpfs_store, tmp_path):
     run = run_pipeline(leak_guard, tmpfs_store, "--tokens", 6, "--cache-slots", 4, "--compute-workers", 1,
                        workdir=tmp_path).check_ok()
