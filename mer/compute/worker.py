@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from mer.compute.expert_format import ExpertPayload
+from mer.errors import NonFiniteError
 from mer.runtime.child import receive_unless_stopped
 from mer.compute.batches import item_partials
 from mer.protocol import UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
@@ -107,6 +108,10 @@ class ComputeWorker:
             rows = slice(job.row_offsets[item_index], job.row_offsets[item_index + 1])
             partials[:, rows] = item_partials(payload, x[rows], job.slices, self.context.config.kernel_threads)
             self.arena.check_slot(item.slot, item.generation, item.expert_id)
+            if not np.isfinite(partials[:, rows]).all():
+                raise NonFiniteError(f"{self.manifest.describe(item.expert_id)}: its output holds NaN or inf "
+                                     f"(its payload in {self.manifest.layers[item.moe_layer].file} has a NaN or "
+                                     "inf weight or block scale, or its input is out of range)")
         return partials
 
     async def on_control(self, message) -> None:
