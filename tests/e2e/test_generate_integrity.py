@@ -2,12 +2,17 @@
 
 Each test writes a tiny q8_0 model with the `gguf` library, damages it (or the store `generate`
 converts from it into the test's cache) and runs the real CLI: exit 1, nothing on stdout, one line
-naming the expert (layer, index), the file and the offset, or 'logits'; and (the leak guard of
+naming the expert (layer, index), the file and the offset, or 'logits' (a store file truncated while
+it runs: the expert and the file, after the read was retried); and (the leak guard of
 `tests/conftest.py`) no process, /dev/shm segment or runtime directory left.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +21,11 @@ from mer.model.experts import GGUFExperts
 from mer.model.forward import forward
 from mer.model.model import MoEModel
 from mer.store.demo import converted_store
+from mer.store.manifest import Manifest
 from tests.support.corrupt_data import flip_byte, payload_place, write_nan_f32_in_gguf_tensor, write_nan_in_gguf_tensor
-from tests.support.generate_runs import run_generate
+from tests.support.generate_runs import GENERATE_TIMEOUT_S, GenerateRun, generate_argv, run_generate
 from tests.support.gguf_models import write_tiny_moe_gguf
+from tests.support.pipeline_runs import read_json_lines, run_ids_in_log
 
 pytestmark = pytest.mark.slow  # starts the process graph
 
@@ -82,3 +89,33 @@ def test_a_nan_in_the_lm_head_fails_naming_the_logits(leak_guard, tmp_path):
     write_nan_f32_in_gguf_tensor(info.path, "output.weight")
     line = error_line(generate(leak_guard, info.path, tmp_path, tmp_path / "cache"))
     assert f"NonFiniteError: logits: NaN or inf at position {len(PROMPT_TOKENS) - 1} " in line, line
+
+
+def test_a_store_file_truncated_mid_generation_fails_naming_expert_and_file(leak_guard, tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    info = write_model(tmp_path / "model.gguf")
+    monkeypatch.setenv("MER_CACHE_DIR", str(cache_dir))
+    store = converted_store(info.path)
+    layer_file = store / Manifest.load(store).layers[1].file
+    log_path = tmp_path / "generate.jsonl"
+    argv = generate_argv(info.path, "--prompt-tokens", ",".join(map(str, PROMPT_TOKENS)), "-n", 200, "--ignore-eos",
+                         "--cache-slots", 2, "--compute-workers", 1, log_path=log_path)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    leak_guard.add_supervisor_pid(process.pid)
+    try:
+        deadline = time.monotonic() + GENERATE_TIMEOUT_S
+        while sum(event.get("event") == "generation_token" for event in read_json_lines(log_path)) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, "generation ended or stalled early"
+            time.sleep(0.02)
+        os.truncate(layer_file, 4096)  # the second MoE layer's experts are gone while it runs
+        stdout, stderr = process.communicate(timeout=GENERATE_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        for run_id in run_ids_in_log(log_path):
+            leak_guard.add_run(run_id)
+    run = GenerateRun(argv, process.returncode, stdout, stderr, log_path)
+    line = error_line(run)
+    assert re.search(rf"IoReadError: layer 1 expert \d+ \(id \d+\): {re.escape(str(layer_file))}: read of \d+ bytes at "
+                     r"offset \d+ came back short.* \(tried 4 times over 0\.31 s\)$", line), line
