@@ -36,7 +36,8 @@ def run_once(args, variant: str, log_path: Path) -> dict:
                *VARIANTS[variant]]
     environment = dict(os.environ)
     if variant == "baseline":
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(args.baseline_src), environment.get("PYTHONPATH")]))
+        paths = [str(args.baseline_src), environment.get("PYTHONPATH")]
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"{variant} run failed ({' '.join(command)}):\n{result.stderr}")

@@ -63,7 +63,7 @@ class PayloadChecker:
             raise PayloadChecksumError(
                 f"{self.manifest.describe(expert_id)}: checksum mismatch in {path} at offset {entry.offset} "
                 f"({nbytes} bytes): crc32 {checksum}, the manifest says {entry.checksum}; the store is corrupt "
-                f"(`mer-pipeline store verify {self.store}` lists every bad expert) and this expert was not computed with")
+                f"(`mer-pipeline store verify {self.store}` lists every bad expert); the expert was not computed")
         self.verified.add(expert_id)
 
     def figures(self) -> dict:

@@ -233,8 +233,8 @@ class IoService:
     # ---- reads -----------------------------------------------------------------------------------
 
     def _start_read(self, slot: int, generation: int, expert_id: int, kind: str, token: int) -> None:
-        entry = self.manifest.expert(expert_id)
-        self.arena.write_slot_header(slot, generation, expert_id, self.manifest.layers[entry.moe_layer].format.payload_nbytes)
+        payload_nbytes = self.manifest.layer_of(expert_id).format.payload_nbytes
+        self.arena.write_slot_header(slot, generation, expert_id, payload_nbytes)
         load = Load(asyncio.get_running_loop().create_future(), None, kind, token, time.monotonic(),
                     expert_id=expert_id, generation=generation)
         self.loads[slot] = load
@@ -251,6 +251,12 @@ class IoService:
                                                 priority=load.priority)
         load.reader_future.add_done_callback(lambda done: self._read_done(done, slot))
 
+    def _retry_read(self, slot: int, load: Load) -> None:
+        try:
+            self._submit_read(slot, load)
+        except Exception as error:  # the reader refused the read it took before (a bug): fail the load, do not hang it
+            self._end_load(slot, load, error=read_failure(self.manifest.describe(load.expert_id), error, load.attempts))
+
     def _read_done(self, done: asyncio.Future, slot: int) -> None:
         """A read ended: retry it after a backoff, have its payload checked, or end the load."""
         load = self.loads[slot]
@@ -261,7 +267,7 @@ class IoService:
         if error is not None and load.can_retry and not self.is_closing:
             self.log.warning("expert_read_retry", expert_id=load.expert_id, slot=slot, attempt=load.attempts,
                              delay_ms=round(load.retry_delay_s * 1e3, 1), error=str(error))
-            load.retry = asyncio.get_running_loop().call_later(load.retry_delay_s, self._submit_read, slot, load)
+            load.retry = asyncio.get_running_loop().call_later(load.retry_delay_s, self._retry_read, slot, load)
             load.attempts += 1
             return
         if error is not None:
