@@ -181,7 +181,10 @@ class IoService:
                 if ready:  # the hits go at once: the router computes them while the misses load
                     t_hits_sent = time.monotonic()
                     await self._send(identity, SlotsReady(request.request_id, ready, False))
-                for arrival in asyncio.as_completed([asyncio.ensure_future(wait) for wait in loading]):
+                reads = [asyncio.ensure_future(wait) for wait in loading]
+                for read in reads:  # when one fails the acquire, the failures of the others are not left unseen
+                    read.add_done_callback(_retrieved)
+                for arrival in asyncio.as_completed(reads):
                     loaded.append(await arrival)  # each miss as soon as it is read
                     await self._send(identity, SlotsReady(request.request_id, [loaded[-1]],
                                                           len(loaded) == len(loading)))

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,9 +21,9 @@ from mer.model.model import MoEModel
 from mer.store.demo import converted_store
 from mer.store.manifest import Manifest
 from tests.support.corrupt_data import flip_byte, payload_place, write_nan_f32_in_gguf_tensor, write_nan_in_gguf_tensor
-from tests.support.generate_runs import GENERATE_TIMEOUT_S, GenerateRun, generate_argv, run_generate
+from tests.support.generate_runs import generate_argv, run_generate
 from tests.support.gguf_models import write_tiny_moe_gguf
-from tests.support.pipeline_runs import read_json_lines, run_ids_in_log
+from tests.support.pipeline_runs import RunningPipeline
 
 pytestmark = pytest.mark.slow  # starts the process graph
 
@@ -97,25 +95,15 @@ def test_a_store_file_truncated_mid_generation_fails_naming_expert_and_file(leak
     monkeypatch.setenv("MER_CACHE_DIR", str(cache_dir))
     store = converted_store(info.path)
     layer_file = store / Manifest.load(store).layers[1].file
-    log_path = tmp_path / "generate.jsonl"
     argv = generate_argv(info.path, "--prompt-tokens", ",".join(map(str, PROMPT_TOKENS)), "-n", 200, "--ignore-eos",
-                         "--cache-slots", 2, "--compute-workers", 1, log_path=log_path)
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    leak_guard.add_supervisor_pid(process.pid)
+                         "--cache-slots", 2, "--compute-workers", 1, log_path=tmp_path / "generate.jsonl")
+    run = RunningPipeline.command(leak_guard, argv, tmp_path / "generate.jsonl")
     try:
-        deadline = time.monotonic() + GENERATE_TIMEOUT_S
-        while sum(event.get("event") == "generation_token" for event in read_json_lines(log_path)) < 2:
-            assert process.poll() is None and time.monotonic() < deadline, "generation ended or stalled early"
-            time.sleep(0.02)
+        run.wait_for_event("generation_token", count=2)
         os.truncate(layer_file, 4096)  # the second MoE layer's experts are gone while it runs
-        stdout, stderr = process.communicate(timeout=GENERATE_TIMEOUT_S)
+        result = run.finish()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-        for run_id in run_ids_in_log(log_path):
-            leak_guard.add_run(run_id)
-    run = GenerateRun(argv, process.returncode, stdout, stderr, log_path)
-    line = error_line(run)
+        run.kill_if_running()
+    line = error_line(result)
     assert re.search(rf"IoReadError: layer 1 expert \d+ \(id \d+\): {re.escape(str(layer_file))}: read of \d+ bytes at "
                      r"offset \d+ came back short.* \(tried 4 times over 0\.31 s\)$", line), line
