@@ -182,18 +182,32 @@ class IoService:
                     t_hits_sent = time.monotonic()
                     await self._send(identity, SlotsReady(request.request_id, ready, False))
                 reads = [asyncio.ensure_future(wait) for wait in loading]
-                for read in reads:  # when one fails the acquire, the failures of the others are not left unseen
-                    read.add_done_callback(_retrieved)
-                for arrival in asyncio.as_completed(reads):
-                    loaded.append(await arrival)  # each miss as soon as it is read
-                    await self._send(identity, SlotsReady(request.request_id, [loaded[-1]],
-                                                          len(loaded) == len(loading)))
+                try:
+                    for arrival in asyncio.as_completed(reads):
+                        loaded.append(await arrival)  # each miss as soon as it is read
+                        await self._send(identity, SlotsReady(request.request_id, [loaded[-1]],
+                                                              len(loaded) == len(loading)))
+                except Exception:
+                    self._release_unsent(reads, loaded)
+                    raise
             t_answered = time.monotonic()
             if self.config.log_file:
                 self._log_acquire_done(request, ready + loaded, t_received, t_answered, t_hits_sent)
         except Exception as error:
             self.log.warning("acquire_failed", request_id=request.request_id, error=str(error))
             await self._send(identity, error_reply(request.request_id, error))
+
+    def _release_unsent(self, reads: list[asyncio.Future], sent: list[SlotGrant]) -> None:
+        """A miss failed the acquire: the leases of its other misses, which the router will never get,
+        are released (now, or when their reads end), and their failures are seen, not left to asyncio."""
+        sent_refs = {grant.ref for grant in sent}
+
+        def release(read: asyncio.Future) -> None:
+            if not read.cancelled() and read.exception() is None and read.result().ref not in sent_refs:
+                self._release(Release([read.result().ref]))
+
+        for read in reads:
+            read.add_done_callback(release)
 
     async def _acquire_one(self, expert_id: int, token: int):
         """Lease `expert_id` (starting or joining its read); returns an awaitable of its SlotGrant."""

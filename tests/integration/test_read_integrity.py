@@ -8,13 +8,25 @@ exit status, the one line the user reads, the run's events, and (the leak guard 
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import shutil
 import time
 
 import numpy as np
 import pytest
+import zmq.asyncio
 
+from mer.config import PipelineConfig
+from mer.errors import RemoteError
+from mer.io.service import IoService
+from mer.logging_setup import get_logger
+from mer.router.clients import IoClient
+from mer.runtime.paths import new_run_id
+from mer.runtime.run_spec import RunSpec
+from mer.shm.arena import SlotArena
+from mer.store.manifest import Manifest
 from mer.store.verify import verify_store
 from tests.support.corrupt_data import flip_byte, payload_place, write_nan_scale
 from tests.support.pipeline_runs import RunningPipeline, run_pipeline
@@ -156,3 +168,54 @@ def test_a_read_that_keeps_failing_fails_the_run_naming_expert_and_file(leak_gua
                      r"\(tried 4 times over 0\.31 s\)$", line), line
     assert len(result.events_named("expert_read_retry")) == 3
     assert BAD_EXPERT not in computed_experts(result.events)
+
+
+def test_an_acquire_failing_on_one_miss_releases_the_leases_of_its_other_misses(leak_guard, store_copy, tmp_path,
+                                                                                monkeypatch):
+    """The I/O worker in process, asked by the router's client for a corrupt expert (its check fails at
+    once) and a good one whose read is retried twice (so it ends after the failure): the good one's
+    lease, which the router never gets, is released, so its slot is a hit afterwards, not leaked."""
+    store = store_copy()
+    flip_byte(store, BAD_EXPERT)
+    good = 3
+    monkeypatch.setenv("MER_READ_FAULTS", f"{good}:2")
+    manifest = Manifest.load(store)
+    run_id = new_run_id()
+    leak_guard.add_run(run_id)
+    arena = SlotArena.create(run_id, 4, manifest.slot_nbytes)
+    config = PipelineConfig(store=store, cache_slots=4, compute_workers=1, prefetch=False)
+    runtime = tmp_path / "rt"
+    runtime.mkdir(mode=0o700)
+    run = RunSpec(run_id, str(runtime), str(arena.path), 4, manifest.slot_nbytes, str(store), os.getpid(), 1,
+                  config.to_dict())
+
+    async def scenario() -> list[str]:
+        context = zmq.asyncio.Context()
+        service = IoService(config, run, get_logger(), context)
+        stop = asyncio.Event()
+        client = None
+        try:
+            await service.start()
+            serving = asyncio.create_task(service.serve(stop))
+            client = IoClient(context, run.endpoint("io"))
+            with pytest.raises(RemoteError, match=re.escape(f"PayloadChecksumError: {BAD_NAME}: checksum mismatch")):
+                await client.acquire(0, [good, BAD_EXPERT])
+            await asyncio.sleep(0.5)  # the good read ends after its two retries (10 + 50 ms)
+            states = [info.state.value for info in service.table.slot_infos()]
+            (grant,) = await client.acquire(1, [good])
+            await client.release([grant.ref])
+            stop.set()
+            await serving
+            return states + [f"hit={grant.hit}"]
+        finally:
+            if client is not None:
+                client.close()
+            await service.close()
+            context.term()
+
+    try:
+        states = asyncio.run(scenario())
+    finally:
+        arena.destroy()
+    assert "leased" not in states and "loading" not in states and states.count("ready") == 1, states
+    assert states[-1] == "hit=True"
