@@ -118,6 +118,9 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
         "Expert read backend: io_uring, thread-pool preadv, or auto.", metavar="NAME")] = "auto"
     io_queue_depth: Annotated[int, spec(
         "Reads in flight at once in the I/O worker.", ge=1, le=4096, unit="reads in flight", metavar="Q")] = 4
+    verify_reads: Annotated[bool, spec(
+        "Check every expert read against the store's crc32, not only each expert's first read in the I/O "
+        "worker's lifetime (the default).")] = False
     log_file: Annotated[OptionalPath, spec(
         "Append every process's structlog JSON events to this file (the merged log) instead of warnings to "
         "stderr.", metavar="FILE")] = None

@@ -9,6 +9,9 @@ mer's own variables share the `MER_` prefix:
 - `MER_LOG_LEVEL`: the structlog level of every process (debug, info, warning, error, critical);
   unset: info into a run's log file, warning on stderr (`mer.logging_setup`). `debug` also makes a
   failing command print its traceback after the one-line error (`mer.cli.exit_status`).
+- `MER_READ_FAULTS`: injected read faults, for testing the I/O worker's retries
+  (`mer.io.reader_base`): `ID:COUNT[,ID:COUNT...]` makes the first COUNT reads of expert ID (its
+  global id in the store) fail with EIO as a failing disk would; unset: none.
 
 The XDG base-directory variables are read here too, as the defaults above (relative XDG paths are
 ignored, as the XDG specification asks; a relative `MER_*` path is an error). Any other `MER_*`
@@ -26,7 +29,7 @@ from mer.errors import ConfigError
 
 PREFIX = "MER_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-KNOWN_VARIABLES = ("MER_CACHE_DIR", "MER_RUNTIME_DIR", "MER_LOG_LEVEL")
+KNOWN_VARIABLES = ("MER_CACHE_DIR", "MER_RUNTIME_DIR", "MER_LOG_LEVEL", "MER_READ_FAULTS")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Environment:
     runtime_base_dir: Path
     log_level: str | None  # None: unset
     unknown_variables: tuple[str, ...] = ()
+    read_faults: tuple[tuple[int, int], ...] = ()  # (expert id, reads that fail)
 
 
 def _first_path(environ: Mapping[str, str], names: tuple[str, ...], default: Path) -> Path:
@@ -62,4 +66,17 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     if log_level is not None and log_level not in LOG_LEVELS:
         raise ConfigError(f"environment variable MER_LOG_LEVEL={log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     unknown = tuple(sorted(name for name in environ if name.startswith(PREFIX) and name not in KNOWN_VARIABLES))
-    return Environment(cache_dir, runtime_base_dir, log_level, unknown)
+    read_faults = _read_faults(environ.get("MER_READ_FAULTS", ""))
+    return Environment(cache_dir, runtime_base_dir, log_level, unknown, read_faults)
+
+
+def _read_faults(text: str) -> tuple[tuple[int, int], ...]:
+    """`ID:COUNT,...` as (expert id, count) pairs; a malformed entry is a ConfigError naming it."""
+    faults = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        expert, _, count = entry.partition(":")
+        if not (expert.isdigit() and count.isdigit()):
+            raise ConfigError(f"environment variable MER_READ_FAULTS: entry {entry!r} is not EXPERT_ID:COUNT "
+                              "(two non-negative integers)")
+        faults.append((int(expert), int(count)))
+    return tuple(faults)

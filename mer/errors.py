@@ -48,6 +48,11 @@ class StoreError(MerError):
     """An expert store is missing, incomplete, of another version, or corrupt."""
 
 
+class PayloadChecksumError(StoreError):
+    """An expert payload read into a slot does not match its checksum in the manifest; names the
+    expert (layer, index), the file and the offset. The expert is not computed with."""
+
+
 class StoreExistsError(StoreError):
     """The output directory of a conversion already exists (use --force to replace it)."""
 
@@ -76,6 +81,10 @@ class IoReadError(MerError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.path, self.offset, self.nbytes, self.errno))
+
+
+class NonFiniteError(MerError):
+    """An expert's output or the logits hold NaN or infinity; names the layer and expert, or 'logits'."""
 
 
 class ProtocolError(MerError):

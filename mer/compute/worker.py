@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
 import zmq
 
 from mer.compute.expert_format import ExpertPayload
+from mer.errors import NonFiniteError
 from mer.runtime.child import receive_unless_stopped
 from mer.compute.batches import item_partials
 from mer.protocol import UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
@@ -105,9 +107,18 @@ class ComputeWorker:
             self.arena.check_slot(item.slot, item.generation, item.expert_id)
             payload = ExpertPayload(layer.format, self.arena.slot_array(item.slot)[: layer.format.payload_nbytes])
             rows = slice(job.row_offsets[item_index], job.row_offsets[item_index + 1])
-            partials[:, rows] = item_partials(payload, x[rows], job.slices, self.context.config.kernel_threads)
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN or inf is reported below, not warned of
+                partials[:, rows] = item_partials(payload, x[rows], job.slices, self.context.config.kernel_threads)
             self.arena.check_slot(item.slot, item.generation, item.expert_id)
+            if not np.isfinite(partials[:, rows]).all():
+                raise NonFiniteError(self._non_finite_message(item.expert_id))
         return partials
+
+    def _non_finite_message(self, expert_id: int) -> str:
+        entry = self.manifest.expert(expert_id)
+        path = Path(self.context.run.store) / self.manifest.layers[entry.moe_layer].file
+        return (f"{self.manifest.describe(expert_id)}: its output holds NaN or inf (its payload in {path} at offset "
+                f"{entry.offset} has a NaN or inf weight or block scale, or its input is out of range)")
 
     async def on_control(self, message) -> None:
         pass

@@ -11,16 +11,22 @@ Life of a request::
     QUEUED --promote(future)--> moved to the foreground queue
     IN FLIGHT --short read--> IN FLIGHT (the remainder is read)
     IN FLIGHT --done--> future result ReadResult, or exception IoReadError
+    QUEUED --pump, an injected fault pending for its (file, offset)--> exception IoReadError (EIO)
 
 The pump always takes foreground requests before prefetch requests, each queue in FIFO order.
 An in-flight read cannot be called back: its destination is written until it completes, even if
 its future was cancelled; `close()` waits for it.  All methods must be called from the thread of
 the running event loop the reader was opened in.
+
+`inject_faults({(file_index, offset): count})` makes the next `count` reads at that place fail with
+EIO where a read would be started, exactly as the kernel's failure of that read would end it (the
+test hook behind `MER_READ_FAULTS`; see `mer.environment`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from abc import ABC, abstractmethod
@@ -80,6 +86,7 @@ class ExpertReader(ABC):
         self._idle.set()
         self._is_pump_scheduled = False
         self._is_closed = False
+        self._faults: dict[tuple[int, int], int] = {}  # (file index, offset) -> reads left to fail
         self._fds = open_files(self.paths, o_direct)
         self._file_sizes = [os.fstat(fd).st_size for fd in self._fds]
 
@@ -142,6 +149,17 @@ class ExpertReader(ABC):
         self._queues["foreground"].append(request)
         return True
 
+    def inject_faults(self, faults: dict[tuple[int, int], int]) -> None:
+        """Fail the next `count` reads at each `(file_index, offset)` with EIO (see the module docstring)."""
+        self._faults.update(faults)
+
+    def _take_fault(self, request: ReadRequest) -> bool:
+        key = (request.file_index, request.offset)
+        if self._faults.get(key, 0) <= 0:
+            return False
+        self._faults[key] -= 1
+        return True
+
     async def close(self, timeout_s: float = 30.0) -> None:
         """Cancel queued reads, wait up to `timeout_s` for in-flight ones, free every resource.
 
@@ -189,6 +207,8 @@ class ExpertReader(ABC):
             self._num_in_flight += 1
             self._idle.clear()
             try:
+                if self._faults and self._take_fault(request):
+                    raise OSError(errno.EIO, "Input/output error (injected: MER_READ_FAULTS)")
                 self._start(request)
             except OSError as error:
                 self._finish(request, request.os_error(error.errno or 0, error.strerror or str(error)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -29,10 +28,13 @@ from mer.cache.governor import PrefetchGovernor
 from mer.cache.policy import make_policy
 from mer.cache.slot_table import AcquireKind, SlotTable
 from mer.cache.step import acquire_order
+from mer.environment import read_environment
 from mer.errors import ProtocolError
 from mer.io.backend import open_reader
+from mer.io.payload_check import PayloadChecker
+from mer.io.read_request import ReadResult
 from mer.io.read_tally import ReadTally
-from mer.shm.prefault import BackgroundPrefault
+from mer.io.slot_load import Load, injected_faults, read_failure
 from mer.protocol import (
     Acquire, IoStats, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
     StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
@@ -40,21 +42,11 @@ from mer.protocol import (
 from mer.metrics.events import EXPERT_READ
 from mer.runtime.child import receive_unless_stopped
 from mer.shm.arena import SlotArena
+from mer.shm.prefault import BackgroundPrefault
+from mer.store.checksum import CRC32_IMPLEMENTATION
 from mer.store.manifest import Manifest
 
 IO_STATS_SENT = "io_stats_sent"
-
-
-@dataclass
-class Load:
-    """A read in flight into a slot."""
-
-    future: asyncio.Future  # resolves to the read latency in microseconds
-    reader_future: asyncio.Future
-    kind: str  # "foreground" or "prefetch"
-    token: int = -1  # the token whose acquire (or prefetch hints) started the read
-    t_submit: float = 0.0  # time.monotonic() when the read was submitted
-    queue_depth: int = 0  # reads queued or in flight in the reader just after this one was submitted
 
 
 class IoService:
@@ -72,6 +64,8 @@ class IoService:
         self.current_token = -1
         self.tally = ReadTally()
         self.tasks: set[asyncio.Task] = set()
+        self.checker = PayloadChecker(self.manifest, Path(run.store), every_read=config.verify_reads)
+        self.is_closing = False
 
     async def start(self) -> dict:
         run, config = self.run, self.config
@@ -91,6 +85,7 @@ class IoService:
         files = [Path(run.store) / layer.file for layer in self.manifest.layers]
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
                                   registration_unit=self.arena.slot_nbytes)
+        self._inject_read_faults()
         self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned)
         governor = PrefetchGovernor(config.governor_threshold, horizon=config.pipeline_depth)
         self.admission = PrefetchAdmission(self.table, governor, config.predict_fanout * config.pipeline_depth,
@@ -98,7 +93,15 @@ class IoService:
         self.socket = self.zmq.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(run.endpoint("io"))
-        return {"io_backend": self.reader.name, "o_direct": self.reader.o_direct, "slots": self.arena.num_slots}
+        return {"io_backend": self.reader.name, "o_direct": self.reader.o_direct, "slots": self.arena.num_slots,
+                "checksum": CRC32_IMPLEMENTATION, "verify_reads": config.verify_reads}
+
+    def _inject_read_faults(self) -> None:
+        """The faults `MER_READ_FAULTS` asks for (`mer.environment`), handed to the reader."""
+        faults = injected_faults(self.manifest, read_environment().read_faults)
+        if faults:
+            self.log.warning("read_faults_injected", faults=[[*key, count] for key, count in faults.items()])
+            self.reader.inject_faults(faults)
 
     def _prefault_done(self, seconds: float, error: BaseException | None, method: str = "madvise") -> None:
         nbytes = self.arena.num_slots * self.arena.slot_nbytes
@@ -197,16 +200,33 @@ class IoService:
                 if ready:  # the hits go at once: the router computes them while the misses load
                     t_hits_sent = time.monotonic()
                     await self._send(identity, SlotsReady(request.request_id, ready, False))
-                for arrival in asyncio.as_completed([asyncio.ensure_future(wait) for wait in loading]):
-                    loaded.append(await arrival)  # each miss as soon as it is read
-                    await self._send(identity, SlotsReady(request.request_id, [loaded[-1]],
-                                                          len(loaded) == len(loading)))
+                reads = [asyncio.ensure_future(wait) for wait in loading]
+                try:
+                    for arrival in asyncio.as_completed(reads):
+                        loaded.append(await arrival)  # each miss as soon as it is read
+                        await self._send(identity, SlotsReady(request.request_id, [loaded[-1]],
+                                                              len(loaded) == len(loading)))
+                except Exception:
+                    self._release_unsent(reads, loaded)
+                    raise
             t_answered = time.monotonic()
             if self.config.log_file:
                 self._log_acquire_done(request, ready + loaded, t_received, t_answered, t_hits_sent)
         except Exception as error:
             self.log.warning("acquire_failed", request_id=request.request_id, error=str(error))
             await self._send(identity, error_reply(request.request_id, error))
+
+    def _release_unsent(self, reads: list[asyncio.Future], sent: list[SlotGrant]) -> None:
+        """A miss failed the acquire: the leases of its other misses, which the router will never get,
+        are released (now, or when their reads end), and their failures are seen, not left to asyncio."""
+        sent_refs = {grant.ref for grant in sent}
+
+        def release(read: asyncio.Future) -> None:
+            if not read.cancelled() and read.exception() is None and read.result().ref not in sent_refs:
+                self._release(Release([read.result().ref]))
+
+        for read in reads:
+            read.add_done_callback(release)
 
     async def _acquire_one(self, expert_id: int, token: int):
         """Lease `expert_id` (starting or joining its read); returns an awaitable of its SlotGrant."""
@@ -222,6 +242,7 @@ class IoService:
         load = self.loads[slot]
         joined_prefetch = load.kind == "prefetch"
         if joined_prefetch:
+            load.priority = "foreground"  # its retries, if any, too
             self.reader.promote(load.reader_future)
         return self._grant_when_loaded(load, SlotGrant(expert_id, slot, generation, False, 0.0, joined_prefetch))
 
@@ -248,35 +269,87 @@ class IoService:
     # ---- reads -----------------------------------------------------------------------------------
 
     def _start_read(self, slot: int, generation: int, expert_id: int, kind: str, token: int) -> None:
-        entry = self.manifest.expert(expert_id)
-        layer = self.manifest.layers[entry.moe_layer]
-        self.arena.write_slot_header(slot, generation, expert_id, layer.format.payload_nbytes)
-        nbytes = layer.format.read_nbytes
-        destination = self.arena.slot_view(slot)[:nbytes]
-        reader_future = self.reader.submit(entry.moe_layer, entry.offset, nbytes, destination, priority=kind)
-        load = Load(asyncio.get_running_loop().create_future(), reader_future, kind, token, time.monotonic(),
-                    self.reader.num_in_flight + self.reader.num_queued)
+        payload_nbytes = self.manifest.layer_of(expert_id).format.payload_nbytes
+        self.arena.write_slot_header(slot, generation, expert_id, payload_nbytes)
+        load = Load(asyncio.get_running_loop().create_future(), None, kind, token, time.monotonic(),
+                    expert_id=expert_id, generation=generation)
         self.loads[slot] = load
-        reader_future.add_done_callback(lambda done: self._finish_read(done, slot, generation, expert_id))
+        self._submit_read(slot, load)
+        load.queue_depth = self.reader.num_in_flight + self.reader.num_queued
 
-    def _finish_read(self, done: asyncio.Future, slot: int, generation: int, expert_id: int) -> None:
-        load = self.loads.pop(slot)
-        error = done.exception() if not done.cancelled() else asyncio.CancelledError()
-        self.table.finish_load(slot, generation, ok=error is None)
+    def _submit_read(self, slot: int, load: Load) -> None:
+        """Hand the load's (next) read to the reader (`mer.io.slot_load` has the life of a load)."""
+        load.retry = None
+        entry = self.manifest.expert(load.expert_id)
+        nbytes = self.manifest.layers[entry.moe_layer].format.read_nbytes
+        destination = self.arena.slot_view(slot)[:nbytes]
+        load.reader_future = self.reader.submit(entry.moe_layer, entry.offset, nbytes, destination,
+                                                priority=load.priority)
+        load.reader_future.add_done_callback(lambda done: self._read_done(done, slot))
+
+    def _retry_read(self, slot: int, load: Load) -> None:
+        try:
+            self._submit_read(slot, load)
+        except Exception as error:  # the reader refused the read it took before (a bug): fail the load, do not hang it
+            self._end_load(slot, load, error=read_failure(self.manifest.describe(load.expert_id), error, load.attempts))
+
+    def _read_done(self, done: asyncio.Future, slot: int) -> None:
+        """A read ended: retry it after a backoff, have its payload checked, or end the load."""
+        load = self.loads[slot]
+        if done.cancelled():  # a stale prefetch cancelled by the admission
+            self._end_load(slot, load, error=asyncio.CancelledError())
+            return
+        error = done.exception()
+        if error is not None and load.can_retry and not self.is_closing:
+            self.log.warning("expert_read_retry", expert_id=load.expert_id, slot=slot, attempt=load.attempts,
+                             delay_ms=round(load.retry_delay_s * 1e3, 1), error=str(error))
+            load.retry = asyncio.get_running_loop().call_later(load.retry_delay_s, self._retry_read, slot, load)
+            load.attempts += 1
+            return
+        if error is not None:
+            self._end_load(slot, load, error=read_failure(self.manifest.describe(load.expert_id), error, load.attempts))
+            return
+        if not self.checker.needs_check(load.expert_id):
+            self._end_load(slot, load, result=done.result())
+            return
+        payload_nbytes = self.manifest.layer_of(load.expert_id).format.payload_nbytes
+        check = self.checker.start(self.arena.slot_view(slot)[:payload_nbytes])
+        check.add_done_callback(lambda checked: self._check_done(checked, slot, done.result()))
+
+    def _check_done(self, checked: asyncio.Future, slot: int, result: ReadResult) -> None:
+        """The payload's checksum is known: a match ends the load well, a mismatch fails it."""
+        if checked.cancelled() or self.is_closing:
+            return
+        load = self.loads[slot]
+        try:
+            checksum, check_us = checked.result()
+            self.checker.finish(load.expert_id, checksum, check_us)
+        except Exception as error:  # a mismatch (PayloadChecksumError), or the check itself failed
+            self.log.error("payload_check_failed", expert_id=load.expert_id, slot=slot, error=str(error))
+            self._end_load(slot, load, error=error)
+            return
+        self._end_load(slot, load, result=result, check_us=check_us)
+
+    def _end_load(self, slot: int, load: Load, *, result: ReadResult | None = None,
+                  error: BaseException | None = None, check_us: float | None = None) -> None:
+        """The slot is READY (a result) or FREE again (an error); the load's waiters learn which."""
+        del self.loads[slot]
+        self.table.finish_load(slot, load.generation, ok=error is None)
         if load.kind == "prefetch":
             self.admission.finished(slot, ok=error is None)
         self.slot_released.set()
-        if done.cancelled() and load.kind == "prefetch":  # a stale prefetch cancelled by the admission
+        if isinstance(error, asyncio.CancelledError):
             load.future.cancel()
             return
         if error is not None:
-            self.log.warning("expert_read_failed", expert_id=expert_id, slot=slot, error=str(error))
+            self.log.warning("expert_read_failed", expert_id=load.expert_id, slot=slot, error=str(error))
             load.future.set_exception(error)
+            load.future.add_done_callback(_retrieved)  # a failed prefetch may have no waiter
             return
-        result = done.result()
-        self.log.info(EXPERT_READ, expert_id=expert_id, slot=slot, nbytes=result.nbytes,
+        self.log.info(EXPERT_READ, expert_id=load.expert_id, slot=slot, nbytes=result.nbytes,
                       latency_us=result.latency_us, kind=load.kind, token=load.token, t_submit=load.t_submit,
-                      t_done=time.monotonic(), queue_depth=load.queue_depth, read_index=self.tally.num_reads)
+                      t_done=time.monotonic(), queue_depth=load.queue_depth, read_index=self.tally.num_reads,
+                      attempts=load.attempts, checked=check_us is not None, check_us=round(check_us or 0.0, 1))
         self.tally.add(load.kind, result.nbytes, result.latency_us, load.token)
         load.future.set_result(result.latency_us)
 
@@ -338,16 +411,28 @@ class IoService:
         pass
 
     async def close(self) -> None:
+        self.is_closing = True
         for task in self.tasks:
             task.cancel()
+        for load in self.loads.values():
+            if load.retry is not None:
+                load.retry.cancel()
         if self.reader is not None:
             await self.reader.close()
+        self.checker.close()  # after the reads, before the arena: a check reads a slot
+        self.log.info("payload_checks", **self.checker.figures())
         if self.socket is not None:
             self.socket.close(linger=0)
         if self.prefault is not None:
             self.prefault.stop()  # before the mapping goes
         if self.arena is not None:
             self.arena.close()
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Mark a failed future's exception as seen (asyncio warns of one never retrieved)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _done(value):

@@ -9,7 +9,8 @@ batches, token)` -> `{expert: out}` (`token`: the position of the pass's last to
 dense(function, *args)`, `inline` or the router's dense thread; the optional `observer` is told of
 each MoE block's routing and residual before its experts run and of its costs after.
 `forward(model, ids, cache, expert_fn)` runs the same steps inline with a synchronous `ExpertFn`
-(docs/model.md), so the two give identical numbers.
+(docs/model.md), so the two give identical numbers. Logits that hold NaN or inf end the pass with
+`NonFiniteError` (never sampled from).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from mer.errors import NonFiniteError
 from mer.model.attention import KVCache, next_positions
 from mer.model.experts import ExpertFn
 from mer.model.model import MoEModel
@@ -114,6 +116,17 @@ def _block_front(model: MoEModel, block: int, hidden: np.ndarray, kv_cache: KVCa
     return hidden, routing, groups, expert_batches(normed, groups)
 
 
+def finite_logits(model: MoEModel, hidden: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The logits of the last `len(hidden)` positions; NonFiniteError if one is NaN or inf (never sampled)."""
+    logits = model.logits(hidden)
+    finite = np.isfinite(logits).all(axis=-1)
+    if not finite.all():
+        position = int(positions[len(positions) - len(hidden) + int(np.argmin(finite))])
+        raise NonFiniteError(f"logits: NaN or inf at position {position} (the dense weights, or an expert's output "
+                             "that was not caught, hold NaN or inf)")
+    return logits
+
+
 @dataclass
 class ForwardPass:
     """A model's forward pass with its experts, dense runner and observer (see the module docstring)."""
@@ -134,7 +147,7 @@ class ForwardPass:
         for block in range(self.model.hparams.num_blocks):
             hidden = await self._block(block, hidden, kv_cache, positions, result)
         started = time.perf_counter()
-        result.logits = await self.dense(self.model.logits, hidden if all_logits else hidden[-1:])
+        result.logits = await self.dense(finite_logits, self.model, hidden if all_logits else hidden[-1:], positions)
         result.costs.other_us += _elapsed_us(started)
         return result
 

@@ -6,10 +6,12 @@ the model in order (one part for a single file),
     the part's header bytes [0, data_offset)  -- magic, version, metadata key/values, tensor infos
                                                  (names, types, shapes, offsets), alignment padding
     followed by, for each tensor in the part's tensor-info order,
-    the CRC-32 (zlib.crc32) of the tensor's data bytes as 4 big-endian bytes.
+    the CRC-32 (zlib's, computed by `mer.store.checksum.crc32`) of the tensor's data bytes as 4
+    big-endian bytes.
 
 Padding between tensors is not covered (it carries no data). CRC-32 per tensor keeps the cost near
-the speed of reading (zlib.crc32 ~1.6 GB/s against ~0.9 GB/s for SHA-256 over all bytes), and a
+the speed of reading (ISA-L's crc32 ~21 GB/s, zlib.crc32 ~2 GB/s, against ~0.9 GB/s for SHA-256 over
+all bytes), and a
 conversion computes the expert tensors' CRCs from the very bytes it copies, so the identity costs
 one extra pass only over the non-expert tensors.
 """
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from collections.abc import Sequence
 
+from mer.store.checksum import crc32
 from mer.store.gguf_files import GGUFPart, TensorData, open_listed_parts, open_parts
 
 
@@ -33,14 +35,14 @@ class TensorChecksums:
 
     def update(self, tensor: TensorData, piece) -> None:
         """Add the next `piece` of `tensor`'s bytes (pieces must come in order, without gaps)."""
-        self._crcs[tensor.name] = zlib.crc32(piece, self._crcs.get(tensor.name, 0))
+        self._crcs[tensor.name] = crc32(piece, self._crcs.get(tensor.name, 0))
         self._covered[tensor.name] = self._covered.get(tensor.name, 0) + memoryview(piece).nbytes
 
     def crc(self, tensor: TensorData) -> int:
         """The tensor's CRC-32: accumulated if all its bytes were seen, computed now otherwise."""
         if self._covered.get(tensor.name) == tensor.nbytes:
             return self._crcs[tensor.name]
-        return zlib.crc32(tensor.data)
+        return crc32(tensor.data)
 
     def identity(self, parts: Sequence[GGUFPart]) -> str:
         """The model's identity (see the module docstring) using the CRCs gathered so far."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +15,6 @@ import numpy as np
 from mer.errors import StoreError, describe_os_error
 from mer.compute.expert_format import ExpertPayload
 from mer.store.manifest import Manifest
-
-
-def payload_checksum(data) -> str:
-    """The manifest's checksum of a payload (crc32 as 8 hex digits)."""
-    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
 def _check_payload_file(path: Path, nbytes: int) -> None:

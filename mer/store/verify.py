@@ -8,9 +8,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from mer.store.checksum import payload_checksum
 from mer.store.direct_io import open_direct, page_aligned_empty, pread_into
 from mer.store.manifest import ExpertEntry, Manifest
-from mer.store.reader import ExpertStore, payload_checksum
+from mer.store.reader import ExpertStore
 
 
 def find_bad_experts(directory: Path, manifest: Manifest, progress: Callable[[int], None] | None = None) -> list[int]:

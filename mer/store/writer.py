@@ -35,7 +35,7 @@ from mer.compute.expert_format import LAYOUTS, ExpertFormat, round_up
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty, pwrite_all
 from mer.store.manifest import MANIFEST_NAME, ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
 from mer.store.partials import partial_dir, reclaim_dead_partials
-from mer.store.reader import payload_checksum
+from mer.store.checksum import payload_checksum
 
 SPACE_MARGIN_BYTES = 64 * 1024 * 1024
 # start_phase(description, total_bytes) returns advance(nbytes); see mer.cli.progress.

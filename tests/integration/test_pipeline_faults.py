@@ -130,6 +130,13 @@ def test_a_read_failing_mid_run_reaches_the_user(leak_guard, pipeline_stores, tm
     message = result.stderr
     assert re.search(r"mer-router-[0-9a-f]{8} failed", message), message
     assert "IoReadError" in message and str(layer_file) in message, message
+    # the expert is named, and the read was retried with backoff before the run gave up
+    named = re.search(rf"IoReadError: layer 1 expert \d+ \(id (\d+)\): {re.escape(str(layer_file))}: read of \d+ "
+                      r"bytes at offset \d+ came back short.* \(tried 4 times over 0\.31 s\)$", message.strip())
+    assert named, message
+    retries = [event["attempt"] for event in result.events
+               if event.get("event") == "expert_read_retry" and event["expert_id"] == int(named.group(1))]
+    assert retries == [1, 2, 3]
 
 
 def test_a_child_failing_at_start_up_reports_its_own_error(leak_guard, pipeline_stores, tmp_path):

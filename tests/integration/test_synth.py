@@ -13,7 +13,8 @@ from gguf.quants import dequantize
 from mer.errors import ConfigError, ShapeError, StoreExistsError
 from mer.compute.expert_format import PAGE_SIZE
 from tests.support.quant_helpers import scale_ranges
-from mer.store.reader import ExpertStore, payload_checksum
+from mer.store.checksum import payload_checksum
+from mer.store.reader import ExpertStore
 from mer.store.synth import SynthSpec, synth_store
 from tests.support.synth_payloads import expert_payload
 

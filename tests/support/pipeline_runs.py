@@ -116,9 +116,20 @@ class RunningPipeline:
     """A `mer-pipeline run` started in the background, for tests that signal or kill a process of it."""
 
     def __init__(self, guard, store: Path, *flags: Any, workdir: Path):
+        log_path = workdir / f"run-{uuid.uuid4().hex[:8]}.jsonl"
+        self._start(guard, pipeline_argv(store, *flags, log_path=log_path), log_path)
+
+    @classmethod
+    def command(cls, guard, argv: list[str], log_path: Path) -> "RunningPipeline":
+        """Any `mer-pipeline` command line (`generate_argv(...)`, say) that logs to `log_path`, started."""
+        running = cls.__new__(cls)
+        running._start(guard, argv, log_path)
+        return running
+
+    def _start(self, guard, argv: list[str], log_path: Path) -> None:
         self.guard = guard
-        self.log_path = workdir / f"run-{uuid.uuid4().hex[:8]}.jsonl"
-        self.argv = pipeline_argv(store, *flags, log_path=self.log_path)
+        self.log_path = log_path
+        self.argv = argv
         self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         guard.add_supervisor_pid(self.process.pid)
 

@@ -51,6 +51,14 @@ def test_bad_values_are_config_errors_naming_the_variable():
         read_environment({"MER_CACHE_DIR": "cache"})
 
 
+def test_read_faults_are_expert_and_count_pairs():
+    assert read_environment({}).read_faults == ()
+    assert read_environment({"MER_READ_FAULTS": "11:2, 3:1,"}).read_faults == ((11, 2), (3, 1))
+    for bad in ("11", "11:x", "-1:2", "11:2:3"):
+        with pytest.raises(ConfigError, match=rf"MER_READ_FAULTS: entry '{bad}' is not EXPERT_ID:COUNT"):
+            read_environment({"MER_READ_FAULTS": bad})
+
+
 def test_unknown_mer_variables_are_reported():
     environment = read_environment({"MER_CACHE_DIRR": "/x", "MER_LOG_LEVEL": "info", "OTHER": "1"})
     assert environment.unknown_variables == ("MER_CACHE_DIRR",)
@@ -63,5 +71,5 @@ def test_the_cli_warns_about_unknown_mer_variables(tmp_path, monkeypatch, capsys
     assert main(["run", "--store", str(tmp_path / "absent")]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == ("mer-pipeline: warning: unknown environment variable MER_CACHE_DIRR "
-                        "(mer reads MER_CACHE_DIR, MER_RUNTIME_DIR, MER_LOG_LEVEL)")
+                        "(mer reads MER_CACHE_DIR, MER_RUNTIME_DIR, MER_LOG_LEVEL, MER_READ_FAULTS)")
     assert lines[1].startswith("mer-pipeline run: error:")
