@@ -5,7 +5,7 @@ One run:
    runtime directory and the slot arena;
 2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
    each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
-   handshake timeout, extended while the children still waited for keep using CPU (a slow start on
+   handshake timeout, extended while the children still waited for keep using CPU or doing I/O (a slow start on
    a busy machine, `mer.runtime.cpu_progress`), up to a hard limit; a child's `ChildFailed` aborts
    start-up with that child's own error. Every
    child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
@@ -48,11 +48,11 @@ from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, Job
                           StartGeneration, TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
-from mer.runtime.cpu_progress import START_PROGRESS_CPU_S, cpu_seconds, start_limit_s
+from mer.runtime.cpu_progress import start_limit_s
 from mer.runtime.membership import RunMembership
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
-from mer.runtime.stall_watch import StallWatch, heartbeat_interval_s
+from mer.runtime.stall_watch import ProgressMark, StallWatch, heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
 from mer.metrics.summary import GenerationSummary, JobSummary, RunSummary
@@ -272,22 +272,22 @@ class Supervisor:
         started = time.monotonic()
         allowance = self.handshake_allowance_s()
         deadline, limit = started + allowance, started + start_limit_s(allowance)
-        cpu_at = {name: cpu_seconds(child.process.pid) or 0.0 for name, child in self.children.items()}
-        since = started  # when cpu_at was read
+        marks = {name: ProgressMark.of(child.process.pid) for name, child in self.children.items()}
+        since = started  # when marks were read
         while not all(child.ready for child in self.children.values()):
             kind, payload = await self._next_event(deadline)
             if kind == "timeout":
                 waiting = [child for child in self.children.values() if not child.ready]
                 working = [child.name for child in waiting
-                           if (cpu_seconds(child.process.pid) or 0.0) - cpu_at[child.name] >= START_PROGRESS_CPU_S]
+                           if ProgressMark.of(child.process.pid).progressed_since(marks[child.name])]
                 now = time.monotonic()
-                if working and now < limit:  # slow, not stuck: they keep using CPU (mer.runtime.cpu_progress)
+                if working and now < limit:  # slow, not stuck: they keep using CPU or doing I/O (mer.runtime.cpu_progress)
                     self.log.info("child_start_slow", children=working, waited_s=round(now - started, 1))
-                    cpu_at = {name: cpu_seconds(child.process.pid) or 0.0 for name, child in self.children.items()}
+                    marks = {name: ProgressMark.of(child.process.pid) for name, child in self.children.items()}
                     since, deadline = now, min(now + self.config.handshake_timeout_s, limit)
                     continue
                 why = (f"still starting after the limit of {limit - started:.0f} s" if working else
-                       f"no CPU used in the last {now - since:.0f} s")
+                       f"no CPU used and no I/O done in the last {now - since:.0f} s")
                 raise PipelineError(f"start-up timed out after {now - started:.0f} s waiting for: "
                                     f"{', '.join(child.name for child in waiting)} ({why})")
             if kind == "Ready":
