@@ -69,6 +69,7 @@ def test_a_stopped_compute_worker_is_named_within_the_bound_restarted_and_the_ou
     assert stalled["child"] == name and stalled["child_pid"] == pid and stalled["state"] == "stopped"
     assert STALL_TIMEOUT_S < stalled["silent_s"] <= STALL_TIMEOUT_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
     assert stalled["t_mono"] - stopped_at <= STALL_TIMEOUT_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
+    print(f"SIGSTOP of {name}: stall seen {stalled['t_mono'] - stopped_at:.2f} s after the stop")
     (restarted,) = events_named(events, "child_restarted")
     assert restarted["child"] == name and restarted["dead_pid"] == pid
     assert restarted["exit"].startswith("stalled: no heartbeat, CPU time or I/O for ")
@@ -128,6 +129,7 @@ def test_kill_9_of_a_compute_worker_mid_generation_restarts_it_and_the_tokens_ar
     generated = [event for event in events_named(events, "generation_token")]
     after = [event for event in generated if event["t_mono"] > restarted["t_mono"]]
     assert len(after) >= steps // 2, len(after)  # killed mid-generation
+    print(f"compute worker restarted mid-generation; {len(after)} of {steps} tokens after it")
     import json
 
     tokens = json.loads(result.stdout)["tokens"]
@@ -154,8 +156,28 @@ def test_a_stalled_router_ends_the_run_within_the_default_bound_naming_it(leak_g
     (stalled,) = events_named(result.events, "child_stalled")
     assert stalled["child"] == name
     assert stalled["t_mono"] - stopped_at <= 10.0, stalled["t_mono"] - stopped_at
+    print(f"SIGSTOP of the router: stall seen {stalled['t_mono'] - stopped_at:.2f} s after the stop")
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith(f"mer-pipeline run: error: {name} (pid {pid}) died: stalled: no heartbeat, "
                                 "CPU time or I/O for "), last_line
     assert last_line.endswith(" s (process stopped); killed by the watchdog"), last_line
     assert events_named(result.events, "child_restarted") == []
+
+
+def test_kill_9_of_the_io_worker_ends_the_run_naming_it(leak_guard, pipeline_stores, tmp_path):
+    """The I/O worker owns the slot table and is not restarted: its death is a clean abort."""
+    run = RunningPipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 20_000, "--cache-slots", 4,
+                          "--compute-workers", 1, workdir=tmp_path)
+    try:
+        run.wait_for_event("token_done", count=20)
+        name, pid = run.child_pid("mer-io-")
+        killed_at = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        result = run.finish()
+    finally:
+        run.kill_if_running()
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (f"mer-pipeline run: error: {name} (pid {pid}) died: "
+                                                      "killed by SIGKILL")
+    assert events_named(result.events, "child_restarted") == []
+    assert time.monotonic() - killed_at < 10.0
