@@ -10,6 +10,7 @@ directory is left after each test. Times are compared on one clock: the log's `t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -45,24 +46,48 @@ def undisturbed_outputs(leak_guard, store, tmp_path) -> np.ndarray:
     return np.load(dump)
 
 
+def flowing(run: RunningPipeline, event: str, count: int) -> RunningPipeline:
+    """`run` once its log holds `count` events `event` (killed if that fails)."""
+    try:
+        run.wait_for_event(event, count=count)
+    except BaseException:
+        run.kill_if_running()
+        raise
+    return run
+
+
+def signal_child(run: RunningPipeline, child_prefix: str, number: signal.Signals):
+    """Send `number` to the run's child named `child_prefix...` and wait for the run's end:
+    (child name, pid, when it was sent, the finished run)."""
+    try:
+        name, pid = run.child_pid(child_prefix)
+        sent_at = time.monotonic()
+        os.kill(pid, number)
+        return name, pid, sent_at, run.finish()
+    finally:
+        run.kill_if_running()
+
+
+def restart_of(events: list[dict], name: str, exit_line: str) -> tuple[dict, dict]:
+    """The one `child_restarted` (of `name`, after `exit_line`) and `child_recovered` of a run."""
+    (restarted,) = events_named(events, "child_restarted")
+    assert restarted["child"] == name and restarted["exit"] == exit_line, restarted
+    (recovered,) = events_named(events, "child_recovered")
+    assert recovered["child"] == name and recovered["child_pid"] == restarted["child_pid"]
+    return restarted, recovered
+
+
 def start_bench(leak_guard, store, tmp_path, *flags) -> tuple[RunningPipeline, os.PathLike]:
     dump = tmp_path / f"disturbed-{uuid.uuid4().hex[:8]}.npy"
     run = RunningPipeline(leak_guard, store, *BENCH_FLAGS, "--dump-outputs", dump, *flags, workdir=tmp_path)
-    run.wait_for_event("token_done", count=50)
-    return run, dump
+    return flowing(run, "token_done", 50), dump
 
 
 def test_a_stopped_compute_worker_is_named_within_the_bound_restarted_and_the_outputs_are_identical(
         leak_guard, pipeline_stores, tmp_path):
     store = pipeline_stores["tiny"]
     run, dump = start_bench(leak_guard, store, tmp_path)
-    try:
-        name, pid = run.child_pid("mer-compute-1-")
-        stopped_at = time.monotonic()
-        os.kill(pid, signal.SIGSTOP)
-        result = run.finish()
-    finally:
-        run.kill_if_running()
+    name, pid, stopped_at, result = signal_child(run, "mer-compute-1-", signal.SIGSTOP)
     assert result.returncode == 0, result.stderr
     events = result.events
     (stalled,) = events_named(events, "child_stalled")
@@ -70,12 +95,10 @@ def test_a_stopped_compute_worker_is_named_within_the_bound_restarted_and_the_ou
     assert STALL_TIMEOUT_S < stalled["silent_s"] <= STALL_TIMEOUT_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
     assert stalled["t_mono"] - stopped_at <= STALL_TIMEOUT_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
     print(f"SIGSTOP of {name}: stall seen {stalled['t_mono'] - stopped_at:.2f} s after the stop")
-    (restarted,) = events_named(events, "child_restarted")
-    assert restarted["child"] == name and restarted["dead_pid"] == pid
-    assert restarted["exit"].startswith("stalled: no heartbeat, CPU time or I/O for ")
-    assert restarted["exit"].endswith(" s (process stopped); killed by the watchdog")
-    (recovered,) = events_named(events, "child_recovered")
-    assert recovered["child_pid"] == restarted["child_pid"] != pid
+    exit_line = f"stalled: no heartbeat, CPU time or I/O for {stalled['silent_s']:.1f} s (process stopped); " \
+                "killed by the watchdog"
+    restarted, _ = restart_of(events, name, exit_line)
+    assert restarted["dead_pid"] == pid != restarted["child_pid"]
     assert process_title(pid) == ""  # the stopped process was killed, not left behind
     disturbed = np.load(dump)
     assert disturbed.tobytes() == undisturbed_outputs(leak_guard, store, tmp_path).tobytes()
@@ -84,17 +107,10 @@ def test_a_stopped_compute_worker_is_named_within_the_bound_restarted_and_the_ou
 def test_kill_9_of_the_predictor_restarts_it_and_its_hints_resume(leak_guard, pipeline_stores, tmp_path):
     store = pipeline_stores["tiny"]
     run, dump = start_bench(leak_guard, store, tmp_path)
-    try:
-        name, pid = run.child_pid("mer-predictor-")
-        os.kill(pid, signal.SIGKILL)
-        result = run.finish()
-    finally:
-        run.kill_if_running()
+    name, _, _, result = signal_child(run, "mer-predictor-", signal.SIGKILL)
     assert result.returncode == 0, result.stderr
     events = result.events
-    (restarted,) = events_named(events, "child_restarted")
-    assert restarted["child"] == name and restarted["exit"] == "killed by SIGKILL"
-    (recovered,) = events_named(events, "child_recovered")
+    _, recovered = restart_of(events, name, "killed by SIGKILL")
     # the hints of the new predictor: prefetch reads the I/O worker started after it was ready
     resumed = [event for event in events_named(events, "expert_read")
                if event["kind"] == "prefetch" and event["t_submit"] > recovered["t_mono"]]
@@ -114,24 +130,14 @@ def test_kill_9_of_a_compute_worker_mid_generation_restarts_it_and_the_tokens_ar
                          "--cache-slots", 8, log_path=log_path)
     run = RunningPipeline.of_argv(leak_guard, argv, log_path,
                                   env={**os.environ, "MER_CACHE_DIR": str(tmp_path / "cache")})
-    try:
-        run.wait_for_event("generation_token", count=5)
-        name, pid = run.child_pid("mer-compute-0-")
-        os.kill(pid, signal.SIGKILL)
-        result = run.finish()
-    finally:
-        run.kill_if_running()
+    name, _, _, result = signal_child(flowing(run, "generation_token", 5), "mer-compute-0-", signal.SIGKILL)
     assert result.returncode == 0, result.stderr
     events = result.events
-    (restarted,) = events_named(events, "child_restarted")
-    assert restarted["child"] == name and restarted["exit"] == "killed by SIGKILL"
-    assert events_named(events, "child_recovered")
+    restarted, _ = restart_of(events, name, "killed by SIGKILL")
     generated = [event for event in events_named(events, "generation_token")]
     after = [event for event in generated if event["t_mono"] > restarted["t_mono"]]
     assert len(after) >= steps // 2, len(after)  # killed mid-generation
     print(f"compute worker restarted mid-generation; {len(after)} of {steps} tokens after it")
-    import json
-
     tokens = json.loads(result.stdout)["tokens"]
     reference = MoEModel.load(model)
     prompt = json.loads(result.stdout)["prompt_tokens"]
@@ -139,19 +145,19 @@ def test_kill_9_of_a_compute_worker_mid_generation_restarts_it_and_the_tokens_ar
                               ignore_eos=True).tokens
 
 
+def signal_a_long_run(leak_guard, store, tmp_path, child_prefix: str, number: signal.Signals):
+    """Send `number` to a child of a long benchmark (default settings) once its tokens flow:
+    (child name, pid, when it was sent, the finished run)."""
+    run = RunningPipeline(leak_guard, store, "--tokens", 20_000, "--cache-slots", 4, "--compute-workers", 1,
+                          workdir=tmp_path)
+    return signal_child(flowing(run, "token_done", 20), child_prefix, number)
+
+
 def test_a_stalled_router_ends_the_run_within_the_default_bound_naming_it(leak_guard, pipeline_stores, tmp_path):
     """The router cannot be restarted (it holds the job): its stall ends the run, at the default
     stall timeout (8 s) plus one check, under the issue's bound of 10 s."""
-    run = RunningPipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 20_000, "--cache-slots", 4,
-                          "--compute-workers", 1, workdir=tmp_path)
-    try:
-        run.wait_for_event("token_done", count=20)
-        name, pid = run.child_pid("mer-router-")
-        stopped_at = time.monotonic()
-        os.kill(pid, signal.SIGSTOP)
-        result = run.finish()
-    finally:
-        run.kill_if_running()
+    name, pid, stopped_at, result = signal_a_long_run(leak_guard, pipeline_stores["tiny"], tmp_path, "mer-router-",
+                                                      signal.SIGSTOP)
     assert result.returncode == 1 and result.stdout == ""
     (stalled,) = events_named(result.events, "child_stalled")
     assert stalled["child"] == name
@@ -166,16 +172,8 @@ def test_a_stalled_router_ends_the_run_within_the_default_bound_naming_it(leak_g
 
 def test_kill_9_of_the_io_worker_ends_the_run_naming_it(leak_guard, pipeline_stores, tmp_path):
     """The I/O worker owns the slot table and is not restarted: its death is a clean abort."""
-    run = RunningPipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 20_000, "--cache-slots", 4,
-                          "--compute-workers", 1, workdir=tmp_path)
-    try:
-        run.wait_for_event("token_done", count=20)
-        name, pid = run.child_pid("mer-io-")
-        killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        result = run.finish()
-    finally:
-        run.kill_if_running()
+    name, pid, killed_at, result = signal_a_long_run(leak_guard, pipeline_stores["tiny"], tmp_path, "mer-io-",
+                                                     signal.SIGKILL)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == (f"mer-pipeline run: error: {name} (pid {pid}) died: "
                                                       "killed by SIGKILL")
