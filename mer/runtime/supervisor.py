@@ -21,8 +21,12 @@ Every process of the run is a member of it (`mer.runtime.membership`): if the su
 killed, its children exit on their own within moments and the last one out removes the arena and
 the runtime directory (`mer.runtime.supervisor_watch`).
 
-Children are watched through their process sentinels, so a death (kill -9) is seen at once and
-reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
+Children are watched through their process sentinels, so a death (kill -9) is seen at once. While
+the job runs, a ready child that shows no progress for `stall_timeout_s` (no heartbeat, CPU time or
+I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead. A compute worker
+or the predictor that died of a signal is started again under its name, up to `max_restarts` per run
+(the router resubmits the dead worker's jobs: `mer.router.clients.ComputeClient`); any other death
+is reported by name and signal (or stall), the graph is brought down and `ChildDiedError` raised. SIGINT and
 SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
 """
 
