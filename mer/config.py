@@ -133,6 +133,15 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
         "Time a child has to answer Hello and Ready at start-up; extended while the children still "
         "starting keep using CPU (a slow start on a busy machine), up to 10 times it (at least 600 s).", ge=0.1, le=3600.0, unit="s",
         metavar="SECONDS")] = 30.0
+    stall_timeout_s: Annotated[float, spec(
+        "Time a ready child may go without any sign of progress (a heartbeat, CPU time or I/O) before the "
+        "watchdog names it stalled (stopped, deadlocked) and kills it; it is then restarted or the run "
+        "ends, as after a death. A stall is seen within it plus a second at most.", ge=0.5, le=3600.0,
+        unit="s", metavar="SECONDS")] = 8.0
+    max_restarts: Annotated[int, spec(
+        "Restarts of compute workers and the predictor after a death (kill -9, the OOM killer, a stall) "
+        "in one run; one more death ends the run. 0: every death ends the run.", ge=0, le=1_000_000,
+        unit="restarts", metavar="N")] = 10
     shutdown_grace_s: Annotated[float, spec(
         "Time children have to exit after Shutdown before they are killed.", ge=0.0, le=600.0, unit="s",
         metavar="SECONDS")] = 5.0

@@ -37,11 +37,15 @@ NO_SLOT and why waiting cannot deadlock
 `acquire` returns NO_SLOT when no slot is FREE and none is evictable (all leased, loading or
 pinned); it changes nothing but the `no_slot` counter, and counts no lookup. The I/O worker queues the request and calls
 `acquire` again after the next `release` or `finish_load`. Progress is guaranteed when
-`num_slots >= max_pinned + (leases the router can hold at once)`: the router asks for at most
-top_k experts per request (and `cache_slots >= top_k` is checked at start-up), it releases its
-leases after computing, reads always finish (ok or failed), and a pinned expert occupies at most
-`max_pinned` slots. So the slots that block a queued request are freed by work that does not
-wait for it.
+`num_slots >= max_pinned + (leases the router can hold at once)`: the router holds the leases of
+one `Acquire` at a time, and an `Acquire` names at most `lease_limit(num_slots, max_pinned)` =
+`num_slots - max_pinned` experts (the router splits larger batches, e.g. a prefill's, into chunks of
+that size, and the I/O worker refuses a larger `Acquire`); it releases its leases after computing,
+reads always finish (ok or failed), and pinned experts occupy at most `max_pinned` slots. So the
+slots that block a queued request are freed by work that does not wait for it. (An `Acquire` of
+`cache_slots` experts with `max_pinned` slots pinned by experts it does not name would wait forever
+whenever `max_pinned` exceeds the prefetch reserve: `tests/e2e/test_generate_cli.py`
+`test_a_prefill_with_pinned_slots_never_waits_forever`.)
 
 Counters (`CacheCounters`): a hit is an acquire whose expert was READY or LEASED; every
 other non-NO_SLOT acquire is a miss (a JOIN_LOADING also counts in `joins`), so
@@ -67,6 +71,11 @@ from typing import Callable
 
 from mer.cache.policy import EvictionPolicy, LruPolicy
 from mer.errors import ConfigError, SlotStateError, StaleSlotError
+
+
+def lease_limit(num_slots: int, max_pinned: int) -> int:
+    """The most experts one `Acquire` may name and still be sure to complete: the slots no pin can hold."""
+    return num_slots - max_pinned
 
 
 class SlotState(Enum):

@@ -26,7 +26,7 @@ import zmq
 from mer.cache.admission import PrefetchAdmission
 from mer.cache.governor import PrefetchGovernor
 from mer.cache.policy import make_policy
-from mer.cache.slot_table import AcquireKind, SlotTable
+from mer.cache.slot_table import AcquireKind, SlotTable, lease_limit
 from mer.cache.step import acquire_order
 from mer.environment import read_environment
 from mer.errors import ProtocolError
@@ -145,14 +145,16 @@ class IoService:
 
     def _check(self, message) -> None:
         """Refuse, before any state changes, a well-formed request that cannot be served: experts that
-        are not in the store, or more experts in one Acquire than there are slots (it would wait forever)."""
+        are not in the store, or more experts in one Acquire than the slots pins cannot hold (it could wait forever)."""
         if isinstance(message, PrefetchHints):
             check_expert_ids("PrefetchHints", [hint.expert_id for hint in message.hints], self.num_experts)
         if isinstance(message, Acquire):
             check_expert_ids("Acquire", message.expert_ids, self.num_experts)
-            if len(set(message.expert_ids)) > self.arena.num_slots:
-                raise ProtocolError(f"Acquire: {len(set(message.expert_ids))} experts, more than the "
-                                    f"{self.arena.num_slots} slots")
+            limit = lease_limit(self.arena.num_slots, self.config.max_pinned)
+            if len(set(message.expert_ids)) > limit:
+                raise ProtocolError(f"Acquire: {len(set(message.expert_ids))} experts, more than the {limit} slots "
+                                    f"that pins cannot hold ({self.arena.num_slots} slots, max_pinned "
+                                    f"{self.config.max_pinned}): it could wait forever")
 
     def _dispatch(self, identity: bytes, message) -> None:
         if isinstance(message, Acquire):

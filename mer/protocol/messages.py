@@ -35,6 +35,7 @@ class MessageKind(IntEnum):
     START_BENCHMARK = 6
     TOKEN_GENERATED = 7
     START_GENERATION = 8
+    HEARTBEAT = 9
     ACQUIRE = 10
     SLOTS_READY = 11
     RELEASE = 12
@@ -165,6 +166,13 @@ class Shutdown:
     """The supervisor asks a child to drain and exit."""
 
     reason: str
+
+
+@message(MessageKind.HEARTBEAT)
+class Heartbeat:
+    """A ready child's event loop is alive: sent every `mer.runtime.stall_watch.heartbeat_interval_s`."""
+
+    name: str
 
 
 @message(MessageKind.JOB_DONE)

@@ -26,7 +26,7 @@ from mer.compute.batches import weighted_sum
 from mer.protocol import HiddenObserved, RoutingObserved, encode
 from mer.runtime.ram_budget import pool_slots
 from mer.router.clients import ComputeClient, IoClient
-from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats
+from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats, router_lease_limit
 from mer.router.job import Job, sends_hidden
 from mer.routing.space import RoutingDecision, RoutingSpace
 from mer.metrics.events import (PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
@@ -55,7 +55,8 @@ class BenchJob(Job):
             self.config.workload, self.space, seed=self.config.seed, zipf_s=self.config.zipf_s,
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
-        self.dispatcher = ExpertDispatcher(self.manifest, self.io, self.compute, max_leases=self.config.cache_slots,
+        self.dispatcher = ExpertDispatcher(self.manifest, self.io, self.compute,
+                                            max_leases=router_lease_limit(self.config),
                                             expert_slices=self.config.expert_slices)
         self.send_hidden = sends_hidden(self.config)
         if self.send_hidden:

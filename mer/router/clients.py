@@ -168,15 +168,25 @@ class ComputeClient(_Client):
     """Sends expert batch jobs to N workers (a ROUTER on `compute.sock`) and gathers their partials.
 
     `compute_batches` is the one way work reaches the compute workers (the benchmark and generation
-    alike, through `mer.router.dispatcher.ExpertDispatcher`)."""
+    alike, through `mer.router.dispatcher.ExpertDispatcher`).
+
+    A worker that dies is restarted by the supervisor under the same identity (`compute-<i>`): its
+    `Hello` then means that every job sent to the dead process before it is lost, and those jobs
+    are sent again to the new one (`compute_jobs_resubmitted`). A job for a worker that is down
+    meanwhile waits for it. Slices are computed the same way by any process, so the partials, and
+    the outputs, are bit-identical to an undisturbed run's."""
 
     def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int):
         self.num_workers = num_workers
         self.identities: dict[int, bytes] = {}
         self.sent_to: dict[int, bytes] = {}  # job id -> identity of the worker it was sent to
+        self.jobs: dict[int, tuple[int, ExpertBatchJob]] = {}  # job id -> (worker, job), until its reply
+        self.resubmitted: set[int] = set()  # job ids sent again to a restarted worker
         self.all_connected = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
         socket = context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity at once
         socket.bind(endpoint)
         super().__init__(socket, "compute")
 
@@ -185,19 +195,51 @@ class ComputeClient(_Client):
         identity_bytes = bytes(identity.buffer)
         message = decode(frames, expected_kinds=(Hello, ExpertBatchResult, ErrorReply))
         if isinstance(message, Hello):
-            index = worker_index(identity_bytes)
-            if index >= self.num_workers:
-                raise PipelineError(f"Hello from {identity_bytes!r}: there are only {self.num_workers} compute workers")
-            self.identities[index] = identity_bytes
-            if len(self.identities) == self.num_workers:
-                self.all_connected.set()
+            self._on_hello(identity_bytes)
             return
         job_id = _reply_id(message)
         if self.sent_to.get(job_id) != identity_bytes:
+            if job_id in self.resubmitted and job_id not in self.sent_to:
+                return  # the second answer of a job the restarted worker got twice: the first was used
             raise PipelineError(f"{type(message).__name__} for job {job_id} from {identity_bytes!r}, "
                                 f"which was not sent that job")
         del self.sent_to[job_id]
+        self.jobs.pop(job_id, None)
         self.pending.resolve(job_id, message)
+
+    def _on_hello(self, identity: bytes) -> None:
+        index = worker_index(identity)
+        if index >= self.num_workers:
+            raise PipelineError(f"Hello from {identity!r}: there are only {self.num_workers} compute workers")
+        restarted = index in self.identities
+        self.identities[index] = identity
+        if len(self.identities) == self.num_workers:
+            self.all_connected.set()
+        if restarted:  # the jobs sent to the process before this one are lost with it
+            lost = [job_id for job_id, (worker, _) in self.jobs.items() if worker == index]
+            task = asyncio.ensure_future(self._resubmit(index, lost))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _resubmit(self, worker: int, job_ids: list[int]) -> None:
+        get_logger().warning("compute_jobs_resubmitted", worker=worker, job_ids=job_ids)
+        self.resubmitted.update(job_ids)
+        for job_id in job_ids:
+            if job_id in self.jobs:
+                await self._send_job(worker, self.jobs[job_id][1])
+
+    async def _send_job(self, worker: int, job: ExpertBatchJob) -> None:
+        """Send `job` to `worker`; a worker that is down (exited, restarting) gets it again on its next Hello."""
+        try:
+            await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EHOSTUNREACH:
+                raise
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        super().close()
 
     async def wait_connected(self, timeout_s: float) -> None:
         try:
@@ -212,8 +254,8 @@ class ComputeClient(_Client):
         """Partials `[slices, rows, d_model]` of the packed batches (item i on its rows, in slot
         `items[i]`): one `ExpertBatchJob` per worker, slice s computed by worker s % N.
 
-        `dispatched`, when given, gets one `(job_id, worker)` per job sent (for the logs). A worker
-        that has exited or disconnected is a `PipelineError` naming it.
+        `dispatched`, when given, gets one `(job_id, worker)` per job sent (for the logs). A job of a
+        worker that has died waits for its restart (the supervisor ends the run if there is none).
         """
         partials = np.empty((len(slices), *packed.x.shape), dtype=np.float32)
         waits = []
@@ -224,18 +266,16 @@ class ComputeClient(_Client):
             job_id, future = self.pending.new()
             job = ExpertBatchJob(job_id, items, [slices[s] for s in mine], packed.x, list(packed.row_offsets))
             self.sent_to[job_id] = self.identities[worker]
-            try:
-                await self.socket.send_multipart([self.identities[worker], *encode(job)], copy=False)
-            except zmq.ZMQError as error:
-                self.pending.futures.pop(job_id, None)
-                self.sent_to.pop(job_id, None)
-                if error.errno != zmq.EHOSTUNREACH:
-                    raise
-                raise PipelineError(f"compute worker {worker} is unreachable: it exited or disconnected") from None
-            waits.append((mine, future))
+            self.jobs[job_id] = (worker, job)
+            await self._send_job(worker, job)
+            waits.append((job_id, mine, future))
             if dispatched is not None:
                 dispatched.append((job_id, worker))
-        for mine, future in waits:
-            result: ExpertBatchResult = await future
-            partials[mine] = result.partials
+        try:
+            for _, mine, future in waits:
+                result: ExpertBatchResult = await future
+                partials[mine] = result.partials
+        finally:  # answered, failed or cancelled: never resubmitted
+            for job_id, _, _ in waits:
+                self.jobs.pop(job_id, None)
         return partials

@@ -3,7 +3,7 @@
 `ExpertDispatcher.run_experts(token, batches)` maps expert-major batches keyed by global expert id
 (`{expert_id: x [n, d_model]}`) to `{expert_id: out [n, d_model]}`: the experts are leased in the
 mapping's order in chunks of at most `max_leases` (one `Acquire` per chunk, so a chunk's leases
-always fit); the grants come in parts, the hits at once and each miss as soon as it is read
+always fit, pinned slots aside: `router_lease_limit`); the grants come in parts, the hits at once and each miss as soon as it is read
 (`IoClient.acquire_parts`), and each part is computed as it comes, while the next reads go on; a part is computed layer by layer (each layer's format has its own d_ff slices) as one
 `ExpertBatchJob` per compute worker, and released (also on error); each expert's slice partials are
 summed in slice order, so the outputs are bit-identical for any worker count, cache size, prefetch
@@ -25,6 +25,14 @@ from mer.protocol import ComputeItem, SlotGrant
 from mer.router.clients import ComputeClient, IoClient
 from mer.compute.slicing import plan_slices
 from mer.store.manifest import Manifest
+from mer.cache.slot_table import lease_limit
+from mer.runtime.ram_budget import pool_slots
+
+
+def router_lease_limit(config) -> int:
+    """`max_leases` for a run's configuration: the arena's slots that no pin can hold
+    (`mer.cache.slot_table.lease_limit`), so that every `Acquire` completes."""
+    return lease_limit(pool_slots(config), config.max_pinned)
 
 
 @dataclass

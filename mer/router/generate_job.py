@@ -25,7 +25,7 @@ from mer.model.sampling import Sampler
 from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration, TokenGenerated
 from mer.router.clients import ComputeClient, IoClient
-from mer.router.dispatcher import ExpertDispatcher, ExpertStats
+from mer.router.dispatcher import ExpertDispatcher, ExpertStats, router_lease_limit
 from mer.router.graph_forward import DenseThread, GraphExperts
 from mer.router.job import Job, sends_hidden
 from mer.store.manifest import Manifest
@@ -44,7 +44,7 @@ class GenerateJob(Job):
         self.io = io
         self.log = log
         self.send_control = send_control
-        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=config.cache_slots,
+        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=router_lease_limit(config),
                                             expert_slices=config.expert_slices)
         self.compute_workers = compute.num_workers
         self.observe = observe

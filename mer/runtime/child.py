@@ -12,12 +12,14 @@ is done; `on_control(message)` takes other control messages; `close()` releases 
    `Shutdown`), SIGTERM ends the child;
 3. structlog JSON to the run's log file, written off the event loop (or warnings only to stderr);
 4. a DEALER on `control.sock` with the child's name as identity: `Hello`, then `Ready(info)` or
-   `ChildFailed(type, message, traceback)`.
+   `ChildFailed(type, message, traceback)`; once ready, a `Heartbeat` every second or so for the
+   supervisor's watchdog (`mer.runtime.stall_watch`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
@@ -31,9 +33,10 @@ import zmq.asyncio
 from mer.config import PipelineConfig
 from mer.errors import ProtocolError
 from mer.logging_setup import configure_logging, get_logger, with_log_writes_in_background
-from mer.protocol import ChildFailed, ErrorReply, Hello, Ready, Shutdown, decode, encode, error_fields
+from mer.protocol import ChildFailed, ErrorReply, Heartbeat, Hello, Ready, Shutdown, decode, encode, error_fields
 from mer.runtime.membership import RunMembership
 from mer.runtime.run_spec import RunSpec
+from mer.runtime.stall_watch import heartbeat_interval_s
 from mer.runtime.supervisor_watch import EXIT_SUPERVISOR_LOST, die_with_supervisor, leave_run, watch_supervisor
 
 FAILURE_REPORT_TIMEOUT_S = 2.0
@@ -90,10 +93,12 @@ async def _child_main(role_factory, context: ChildContext) -> int:
         context.log.info("child_ready", **info)
         stop = asyncio.Event()
         listener = asyncio.create_task(_listen_control(control, role, stop))
+        heartbeats = asyncio.create_task(_send_heartbeats(context))
         try:
             await role.serve(stop)
         finally:
             listener.cancel()
+            heartbeats.cancel()
         context.log.info("child_stopped")
         return 0
     except Exception as error:  # report every failure to the supervisor, then exit non-zero
@@ -110,6 +115,16 @@ async def _child_main(role_factory, context: ChildContext) -> int:
         # message queued for a peer that is gone (a reply to a killed router) is dropped at once.
         control.close(linger=int(FAILURE_REPORT_TIMEOUT_S * 1000))
         context.zmq.destroy(linger=0)
+
+
+async def _send_heartbeats(context: ChildContext) -> None:
+    """Tell the supervisor's watchdog that this child's event loop is alive (`mer.runtime.stall_watch`)."""
+    interval = heartbeat_interval_s(context.config.stall_timeout_s)
+    heartbeat = encode(Heartbeat(context.name))
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(zmq.Again):  # the supervisor is not reading (stopped): never block the child
+            await context.control.send_multipart(heartbeat, flags=zmq.NOBLOCK, copy=False)
 
 
 async def _listen_control(control: zmq.asyncio.Socket, role, stop: asyncio.Event) -> None:

@@ -2,9 +2,10 @@
 
 A child that has not answered `Ready` within the handshake timeout is not necessarily stuck: on a
 busy 2-core machine a first numba compile or the imports can take longer than any fixed timeout.
-The supervisor gives such a child more time while its CPU time grows, and only a child that used
-no CPU over a whole timeout (stopped, deadlocked, waiting on something that never comes) fails the
-start-up (`mer.runtime.supervisor`).
+The supervisor gives such a child more time while its CPU time grows or it reads and writes (imports
+from a busy disk; `mer.runtime.stall_watch.ProgressMark`), and only a child that did neither over a
+whole timeout (stopped, deadlocked, waiting on something that never comes) fails the start-up
+(`mer.runtime.supervisor`). Once ready, the mid-run watchdog (`mer.runtime.stall_watch`) takes over.
 """
 
 from __future__ import annotations

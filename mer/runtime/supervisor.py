@@ -5,7 +5,7 @@ One run:
    runtime directory and the slot arena;
 2. spawn the I/O worker, the predictor, N compute workers and the router (multiprocessing "spawn",
    each named `mer-<role>[-i]-<run>`), and wait for every child's `Hello` and `Ready` within the
-   handshake timeout, extended while the children still waited for keep using CPU (a slow start on
+   handshake timeout, extended while the children still waited for keep using CPU or doing I/O (a slow start on
    a busy machine, `mer.runtime.cpu_progress`), up to a hard limit; a child's `ChildFailed` aborts
    start-up with that child's own error. Every
    child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
@@ -21,8 +21,12 @@ Every process of the run is a member of it (`mer.runtime.membership`): if the su
 killed, its children exit on their own within moments and the last one out removes the arena and
 the runtime directory (`mer.runtime.supervisor_watch`).
 
-Children are watched through their process sentinels, so a death (kill -9) is seen at once and
-reported by name and signal; the graph is then brought down and `ChildDiedError` raised. SIGINT and
+Children are watched through their process sentinels, so a death (kill -9) is seen at once. While
+the job runs, a ready child that shows no progress for `stall_timeout_s` (no heartbeat, CPU time or
+I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead. A compute worker
+or the predictor that died of a signal is started again under its name, up to `max_restarts` per run
+(the router resubmits the dead worker's jobs: `mer.router.clients.ComputeClient`); any other death
+is reported by name and signal (or stall), the graph is brought down and `ChildDiedError` raised. SIGINT and
 SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
 """
 
@@ -44,14 +48,15 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Hello, JobDone, Ready, Shutdown, StartBenchmark,
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, JobDone, Ready, Shutdown, StartBenchmark,
                           StartGeneration, TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
-from mer.runtime.cpu_progress import START_PROGRESS_CPU_S, cpu_seconds, start_limit_s
+from mer.runtime.cpu_progress import start_limit_s
 from mer.runtime.membership import RunMembership
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
+from mer.runtime.stall_watch import ProgressMark, StallWatch, heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
 from mer.metrics.summary import GenerationSummary, JobSummary, RunSummary
@@ -60,6 +65,7 @@ KILL_WAIT_S = 2.0
 PREFAULT_MIN_BYTES_PER_S = 100e6
 SENTINEL_REAP_WAIT_S = 1.0  # longest wait for the exit status of a child whose sentinel fired
 FAILURE_REPORT_WAIT_S = 1.0  # how long a child's ChildFailed may trail its exit
+RESTARTABLE_ROLES = ("compute", "predictor")  # the router resubmits a compute worker's jobs; hints are only hints
 
 
 @dataclass
@@ -72,8 +78,12 @@ class Child:
     process: multiprocessing.process.BaseProcess
     ready: bool = False
     info: dict = field(default_factory=dict)
+    stall: str = ""  # why the watchdog killed it (`Stall.describe`), if it did
+    restarted_at: float | None = None  # time.monotonic() when it was started in a dead child's place
 
     def describe_exit(self) -> str:
+        if self.stall:
+            return f"{self.stall}; killed by the watchdog"
         code = self.process.exitcode
         if code is None:
             return "still running"
@@ -111,6 +121,9 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.arena: SlotArena | None = None
         self.membership: RunMembership | None = None
+        self.run_spec: RunSpec | None = None
+        self.stall_watch = StallWatch()
+        self.restarts = 0
         self._events: asyncio.Queue = asyncio.Queue()
 
     # ---- the whole run ---------------------------------------------------------------------------
@@ -125,7 +138,7 @@ class Supervisor:
         control.setsockopt(zmq.LINGER, 0)
         try:
             self.arena = SlotArena.create(self.run_id, pool_slots(self.config), self.store.manifest.slot_nbytes)
-            run = self._run_info(str(runtime_dir))
+            run = self.run_spec = self._run_info(str(runtime_dir))
             control.bind(run.endpoint("control"))
             self.log.info("run_started_supervisor", run_id=self.run_id, config=self.config.to_dict())
             receiver = asyncio.create_task(self._receive_control(control))
@@ -159,19 +172,20 @@ class Supervisor:
 
     def _spawn_all(self, run: RunSpec) -> None:
         computes = [("compute", index) for index in range(run.num_compute_workers)]
-        roles = [("io", None), ("predictor", None), *computes, ("router", None)]
-        context = multiprocessing.get_context("spawn")
-        loop = asyncio.get_running_loop()
-        for role, index in roles:
-            name = process_name(role, self.run_id, index)
-            process = context.Process(
-                target=_child_entry, args=(role, index, name, run.to_json()), name=name, daemon=False
-            )
-            process.start()
-            child = Child(name, role, index, process)
-            self.children[name] = child
-            loop.add_reader(process.sentinel, self._on_sentinel, child)
-            self.log.info("child_spawned", child=name, child_pid=process.pid)
+        for role, index in [("io", None), ("predictor", None), *computes, ("router", None)]:
+            self._spawn(run, role, index)
+
+    def _spawn(self, run: RunSpec, role: str, index: int | None) -> Child:
+        name = process_name(role, self.run_id, index)
+        process = multiprocessing.get_context("spawn").Process(
+            target=_child_entry, args=(role, index, name, run.to_json()), name=name, daemon=False
+        )
+        process.start()
+        child = Child(name, role, index, process)
+        self.children[name] = child
+        asyncio.get_running_loop().add_reader(process.sentinel, self._on_sentinel, child)
+        self.log.info("child_spawned", child=name, child_pid=process.pid)
+        return child
 
     def _on_sentinel(self, child: Child) -> None:
         asyncio.get_running_loop().remove_reader(child.process.sentinel)
@@ -185,12 +199,15 @@ class Supervisor:
             identity, *frames = await control.recv_multipart(copy=False)
             name = bytes(identity.buffer).decode(errors="replace")
             try:
-                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated))
+                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated, Heartbeat))
                 self._check_sender(name, message)
             except Exception as error:  # logged, answered and dropped: the control socket keeps serving
                 self.log.warning("bad_control_message", child=name, error=str(error))
                 with contextlib.suppress(zmq.ZMQError):  # a ROUTER drops what it cannot route; never fatal
                     await control.send_multipart([identity, *encode(error_reply(UNKNOWN_REQUEST_ID, error))])
+                continue
+            if isinstance(message, Heartbeat):
+                self.stall_watch.heartbeat(name, time.monotonic())
                 continue
             self._events.put_nowait((type(message).__name__, message))
 
@@ -212,13 +229,13 @@ class Supervisor:
         except TimeoutError:
             return ("timeout", None)
 
-    async def _raise_for(self, kind: str, payload) -> None:
+    async def _raise_for(self, kind: str, payload, why: str = "") -> None:
         """Turn a fatal event (a child's exit or its ChildFailed) into the error the user sees."""
         if kind == "exited":
             await self._raise_reported_failure(payload)
             self.log.error("child_died", child=payload.name, child_pid=payload.process.pid,
                            exit=payload.describe_exit())
-            raise ChildDiedError(f"{payload.name} (pid {payload.process.pid}) died: {payload.describe_exit()}")
+            raise ChildDiedError(f"{payload.name} (pid {payload.process.pid}) died: {payload.describe_exit()}{why}")
         if kind == "ChildFailed":
             killed = self._child_killed_by_signal()
             if killed is not None and killed.name != payload.name:
@@ -259,41 +276,103 @@ class Supervisor:
         started = time.monotonic()
         allowance = self.handshake_allowance_s()
         deadline, limit = started + allowance, started + start_limit_s(allowance)
-        cpu_at = {name: cpu_seconds(child.process.pid) or 0.0 for name, child in self.children.items()}
-        since = started  # when cpu_at was read
+        marks = {name: ProgressMark.of(child.process.pid) for name, child in self.children.items()}
+        since = started  # when marks were read
         while not all(child.ready for child in self.children.values()):
             kind, payload = await self._next_event(deadline)
             if kind == "timeout":
                 waiting = [child for child in self.children.values() if not child.ready]
                 working = [child.name for child in waiting
-                           if (cpu_seconds(child.process.pid) or 0.0) - cpu_at[child.name] >= START_PROGRESS_CPU_S]
+                           if ProgressMark.of(child.process.pid).progressed_since(marks[child.name])]
                 now = time.monotonic()
-                if working and now < limit:  # slow, not stuck: they keep using CPU (mer.runtime.cpu_progress)
+                if working and now < limit:  # slow, not stuck: they keep using CPU or doing I/O (mer.runtime.cpu_progress)
                     self.log.info("child_start_slow", children=working, waited_s=round(now - started, 1))
-                    cpu_at = {name: cpu_seconds(child.process.pid) or 0.0 for name, child in self.children.items()}
+                    marks = {name: ProgressMark.of(child.process.pid) for name, child in self.children.items()}
                     since, deadline = now, min(now + self.config.handshake_timeout_s, limit)
                     continue
                 why = (f"still starting after the limit of {limit - started:.0f} s" if working else
-                       f"no CPU used in the last {now - since:.0f} s")
+                       f"no CPU used and no I/O done in the last {now - since:.0f} s")
                 raise PipelineError(f"start-up timed out after {now - started:.0f} s waiting for: "
                                     f"{', '.join(child.name for child in waiting)} ({why})")
             if kind == "Ready":
-                child = self.children[payload.name]
-                child.ready, child.info = True, dict(payload.info)
-                self.log.info("child_ready", child=payload.name, **payload.info)
+                self._on_ready(payload)
             await self._raise_for(kind, payload)
 
+    def _on_ready(self, message: Ready) -> Child:
+        """A child is ready: from now on the watchdog expects its progress (`mer.runtime.stall_watch`)."""
+        child = self.children[message.name]
+        child.ready, child.info = True, dict(message.info)
+        self.stall_watch.watch(child.name, child.process.pid, self.config.stall_timeout_s, time.monotonic())
+        self.log.info("child_ready", child=message.name, **message.info)
+        return child
+
     async def _wait_job_done(self) -> JobSummary:
+        """Pass on the job's tokens until its `JobDone`; meanwhile kill stalled children and restart the
+        compute workers and the predictor that die (up to `max_restarts`); any other death ends the run."""
         summary_type = GenerationSummary if isinstance(self.job, StartGeneration) else RunSummary
+        interval = heartbeat_interval_s(self.config.stall_timeout_s)
+        next_check = time.monotonic() + interval
         while True:
-            kind, payload = await self._next_event(None)
+            if time.monotonic() >= next_check:
+                self._kill_stalled()
+                next_check = time.monotonic() + interval
+            kind, payload = await self._next_event(next_check)
+            if kind == "timeout":
+                continue
             if kind == "JobDone":
                 return summary_type.from_json_dict(payload.summary)
             if kind == "TokenGenerated":
                 if self.on_token is not None:
                     self.on_token(payload)
                 continue
+            if kind == "Ready":
+                self._on_restart_ready(self._on_ready(payload))
+                continue
+            if kind == "exited" and payload.role in RESTARTABLE_ROLES and self._died_abnormally(payload):
+                if self.restarts < self.config.max_restarts:
+                    self._restart(payload)
+                    continue
+                await self._raise_for(kind, payload, f" (after {self.restarts} restarts, max_restarts)")
             await self._raise_for(kind, payload)
+
+    # ---- the watchdog and restarts ---------------------------------------------------------------
+
+    def _kill_stalled(self) -> None:
+        """Kill (SIGKILL) every watched child that made no progress within its timeout; its sentinel then
+        reports it as a death, named as a stall."""
+        for stall in self.stall_watch.stalls(time.monotonic()):
+            child = self.children[stall.name]
+            child.stall = stall.describe()
+            self.stall_watch.forget(stall.name)
+            self.log.error("child_stalled", child=stall.name, child_pid=stall.pid, silent_s=round(stall.silent_s, 2),
+                           state=stall.state)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stall.pid, signal.SIGKILL)
+
+    @staticmethod
+    def _died_abnormally(child: Child) -> bool:
+        """Killed by a signal (kill -9, the OOM killer) or by the watchdog; not an exit with its own error."""
+        return bool(child.stall) or (child.process.exitcode or 0) < 0
+
+    def _restart(self, dead: Child) -> None:
+        """Start a new process in the dead child's place (same name and role); the router resubmits the
+        compute jobs it had sent to it once it says Hello (`mer.router.clients.ComputeClient`)."""
+        assert self.run_spec is not None
+        self.restarts += 1
+        self.stall_watch.forget(dead.name)
+        dead_pid, exit_line = dead.process.pid, dead.describe_exit()
+        dead.process.close()
+        child = self._spawn(self.run_spec, dead.role, dead.index)
+        child.restarted_at = time.monotonic()
+        # until Ready, no progress (CPU, I/O) within the handshake timeout is a stall, as at start-up
+        self.stall_watch.watch(child.name, child.process.pid, self.config.handshake_timeout_s, time.monotonic())
+        self.log.warning("child_restarted", child=child.name, dead_pid=dead_pid, child_pid=child.process.pid,
+                         exit=exit_line, restarts=self.restarts)
+
+    def _on_restart_ready(self, child: Child) -> None:
+        seconds = None if child.restarted_at is None else round(time.monotonic() - child.restarted_at, 3)
+        self.log.warning("child_recovered", child=child.name, child_pid=child.process.pid, seconds=seconds,
+                         restarts=self.restarts)
 
     def status_line(self) -> str:
         """Live figures of the graph: processes alive and their resident memory."""

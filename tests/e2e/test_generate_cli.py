@@ -292,3 +292,22 @@ def test_up_with_a_model_runs_a_short_generation_demo(leak_guard, tmp_path, cach
     assert result["prompt_tokens"] == tokenizer.encode(DEMO_PROMPT)
     assert result["tokens"] == greedy_reference(info.path, result["prompt_tokens"], 5)[: len(result["tokens"])]
     assert len(result["tokens"]) == 5 or result["stop_reason"] == "end_of_generation"
+
+
+def test_a_prefill_with_pinned_slots_never_waits_forever(leak_guard, tmp_path, cache_dir):
+    """A prefill routes a layer's tokens to many experts; with 2 of the 4 slots pinned (the locality
+    predictor's hot experts, `--max-pinned 2`, no prefetch reserve) an `Acquire` of 4 experts that
+    are not pinned could never be served (it waited forever before `router_lease_limit`). The router
+    splits it into Acquires of at most 2 experts, and the generation ends with the single-process tokens."""
+    from mer.models import tiny_model_path
+
+    model_path = tiny_model_path()
+    prompt = "import os, sys, re, json, time, math, random, collections, itertools, functools"
+    run = run_generate(leak_guard, model_path, "--prompt", prompt, "-n", 6, "--ignore-eos", "--predictors",
+                       "locality", "--max-pinned", 2, "--cache-slots", 4, "--no-prefetch", "--compute-workers", 1,
+                       workdir=tmp_path, cache_dir=cache_dir, timeout_s=60)
+    result = run.result
+    assert result["tokens"] == greedy_reference(model_path, result["prompt_tokens"], 6)
+    acquires = run.events_named("acquire_done")
+    assert max(event["pinned_slots"] for event in acquires) == 2  # the pins were held while it ran
+    assert max(len(event["expert_ids"]) for event in acquires) == 2  # 4 slots - 2 pinned

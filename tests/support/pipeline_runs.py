@@ -133,6 +133,15 @@ class RunningPipeline:
         self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         guard.add_supervisor_pid(self.process.pid)
 
+    @classmethod
+    def of_argv(cls, guard, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> "RunningPipeline":
+        """Any `mer-pipeline` command line that writes its log to `log_path` (e.g. `generate`), in the background."""
+        running = cls.__new__(cls)
+        running.guard, running.log_path, running.argv = guard, log_path, argv
+        running.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        guard.add_supervisor_pid(running.process.pid)
+        return running
+
     def events(self) -> list[dict[str, Any]]:
         return read_json_lines(self.log_path)
 

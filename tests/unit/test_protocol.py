@@ -18,6 +18,7 @@ from mer.protocol import (
     ErrorReply,
     ExpertBatchJob,
     ExpertBatchResult,
+    Heartbeat,
     Hello,
     HiddenObserved,
     IoStats,
@@ -98,6 +99,7 @@ def sample_messages() -> list:
         StartBenchmark(),
         StartGeneration("/m.gguf", [1, 5, 9], 16, 0.7, 40, 0.9, 3, True, [2], "/tmp/l.npy"),
         TokenGenerated(3, 271),
+        Heartbeat("mer-compute-1-0a1b2c3d"),
         ExpertBatchJob(
             32,
             [ComputeItem(3, 0, 9, 0), ComputeItem(5, 2, 4, 0)],
@@ -115,7 +117,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 22
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 23
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
