@@ -12,7 +12,7 @@ import json
 
 from mer.cli.progress import ProgressDisplay
 from mer.compute.expert_format import LAYOUTS
-from mer.logging_setup import configure_logging, get_logger
+from mer.logging_setup import configure_logging
 from mer.store.convert import ConversionResult, convert_gguf
 
 
@@ -45,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     with ProgressDisplay("convert", enabled=not args.quiet) as display:
         result = convert_gguf(args.model, args.out, layout=args.layout, force=args.force,
                               start_phase=display.start_phase)
-    get_logger().info("convert_done", **result.to_dict())
     print(json.dumps(result.to_dict()) if args.json else describe(result))
     return 0
 

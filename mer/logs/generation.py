@@ -45,34 +45,41 @@ STOP_INTERRUPTED = "interrupted"
 
 @dataclass(frozen=True)
 class GenerationLogSummary:
-    """A generation's figures from its events (names and units of `generate --json`)."""
+    """A generation's figures from its events: those of `generate --json` that a log holds, with the same
+    names and units (`mer.metrics.summary.GenerationSummary`), grouped by what they tell."""
 
     model: str
+    stop_reason: str
+    # what ran: prompt tokens, generated tokens, decode passes, their MoE blocks (the per-block means' count)
     prompt_tokens: int
     tokens: int
-    stop_reason: str
-    prefill_s: float
-    decode_s: float
     decode_steps: int
+    moe_blocks: int
+    # how fast
+    prefill_s: float
     prefill_tps: float
+    decode_s: float
     decode_tps: float
+    # the expert cache
+    hit_rate_pct: float
+    prefill_hit_rate_pct: float
+    decode_hit_rate_pct: float
     hits: int
     misses: int
     lookups: int
     prefetch_joins: int
     demand_misses: int
-    hit_rate_pct: float
-    prefill_hit_rate_pct: float
-    decode_hit_rate_pct: float
+    # the disk
     reads: int
     bytes_read: int
     decode_bytes_read: int
     mib_read_per_token: float
-    moe_blocks: int  # the decode steps' MoE blocks, which the per-block means are over
+    # where a decode MoE block's time went
     dense_us_per_block: float
     expert_us_per_block: float
     io_wait_us_per_block: float
     expert_compute_us_per_block: float
+    # the graph
     cache_slots: int
     compute_workers: int | None
     io_backend: str | None

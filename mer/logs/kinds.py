@@ -3,7 +3,8 @@
 - `run`: a benchmark job (`mer-pipeline run`, `up` with a workload): `run_started`;
 - `generate`: a generation (`mer-pipeline generate`, `up --model`): `generation_started`;
 - `convert`: a conversion (`mer-pipeline convert --log-file`): `convert_started` or `convert_done`
-  (a generation that converted its model first is a `generate` log);
+  (a generation that converted its model first is a `generate` log; one that failed before its
+  generation started reads as the conversion it did);
 - `graph`: a process graph that started no job (it failed at start-up or was stopped first):
   `run_started_supervisor` or `child_spawned`;
 - `unknown`: none of these.

@@ -83,8 +83,10 @@ def convert_gguf(model: str | os.PathLike, out: str | os.PathLike, *, layout: st
         if error.errno == errno.ENOSPC:
             raise DiskSpaceError(f"{out}: the filesystem ran out of space while writing the store ({error})") from error
         raise StoreError(f"{out}: cannot write the store: {error}") from error
-    return ConversionResult(out, source.geometry.num_experts, copied, time.perf_counter() - started,
-                            writer.source.hash)
+    result = ConversionResult(out, source.geometry.num_experts, copied, time.perf_counter() - started,
+                              writer.source.hash)
+    get_logger().info("convert_done", **result.to_dict())
+    return result
 
 
 def _copy_experts(source: GGUFSource, formats: list[ExpertFormat], writer: StoreWriter,
