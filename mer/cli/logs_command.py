@@ -42,12 +42,16 @@ def register(subparsers) -> None:
     commands = parser.add_subparsers(dest="logs_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda args: _help(parser))
 
-    summarize = commands.add_parser("summarize", help="recompute the run summary from the raw events",
-                                    description="Recompute each run's summary from its raw events, exactly "
-                                                "as the run computed it.")
+    summarize = commands.add_parser("summarize", help="say what kind of log it is and summarize it from its events",
+                                    description="Name the kind of each log (run: a benchmark; generate; convert) "
+                                                "and recompute its summary from the raw events: a benchmark's "
+                                                "exactly as the run computed it; a generation's prefill and decode "
+                                                "tok/s, hit rates, MiB read per token and time per MoE block; a "
+                                                "conversion's experts, tensors, bytes and time.")
     summarize.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines log files (--log-file)")
     summarize.add_argument("--json", action="store_true",
-                           help="one JSON object per run on stdout, with the keys of `run --json`")
+                           help="one JSON object per run on stdout: a benchmark's with the keys of `run --json`, "
+                                "a generation's and a conversion's with `kind` first")
     _add_common(summarize)
     summarize.set_defaults(handler=run_summarize)
 
