@@ -146,6 +146,7 @@ def test_the_unmodified_model_reads_and_converts(model, tmp_path):
     assert read_all_ways(path, tmp_path / "store") == "ok"
 
 
+@pytest.mark.slow  # 80-100 cases, 5-30 s on two busy cores
 @FUZZ
 @given(data=st.data())
 def test_a_malformed_gguf_gives_a_clear_error_with_bounded_memory(model, tmp_path, data):

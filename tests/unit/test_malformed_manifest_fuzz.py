@@ -123,6 +123,7 @@ def open_and_verify(directory: Path) -> str:
     return "ok"
 
 
+@pytest.mark.slow  # 80-100 cases, 5-30 s on two busy cores
 @FUZZ
 @given(data=st.data())
 def test_a_malformed_manifest_gives_a_clear_error_with_bounded_memory(store, tmp_path, data):
