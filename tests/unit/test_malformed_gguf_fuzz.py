@@ -7,8 +7,10 @@ Every case goes through what `convert` and generation read: the GGUF's parts and
 weights) and, when those accept it, a conversion (`convert_gguf`). Each either succeeds or raises
 one of mer's errors, on one line naming the file; never another exception, never more than
 `MEMORY_LIMIT` of Python/numpy allocations (tracemalloc), never longer than 60 s (`tests.support.resource_bounds`).
-Found by this fuzzing and fixed: an array of one-byte values whose count says 2^40 made gguf's
-reader loop for 20 s and allocate gigabytes (`mer.store.gguf_header` bounds every count now).
+Found by this fuzzing and fixed (each also a test below): an array of one-byte values whose count
+says 2^40 made gguf's reader loop for 20 s and allocate gigabytes (`mer.store.gguf_header` bounds
+every count now); a string value that is not UTF-8 was a `UnicodeDecodeError`; `block_count` 2^31
+made loading the model list 2^31 blocks (a hang).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import strategies as st
 
 from mer.errors import MerError
 from mer.model.model import MoEModel
@@ -29,11 +31,9 @@ from mer.model.tokenizer import load_tokenizer
 from mer.store.convert import convert_gguf
 from mer.store.gguf_source import read_gguf_source
 from tests.support.gguf_models import write_tiny_moe_gguf
-from tests.support.resource_bounds import bounded
+from tests.support.resource_bounds import bounded, check_fuzz_case, fuzz_test
 
 MEMORY_LIMIT = 64 * 2**20
-FUZZ = settings(max_examples=80, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 ABSURD = [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 13, 31, 32, 33, 255, 4096, 2**16, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
           2**40, 2**62, 2**63, 2**64 - 1]
 
@@ -106,7 +106,7 @@ def malformed(draw, model) -> tuple[str, bytes]:
         data[:4] = draw(st.binary(min_size=4, max_size=4).filter(lambda magic: magic != b"GGUF"))
     elif kind == "array":  # another element type (any GGUF value type, or none) and another count
         type_offset, count_offset = draw(st.sampled_from(arrays))
-        set_integer(data, type_offset, 4, draw(st.integers(0, 13)))
+        set_integer(data, type_offset, 4, draw(st.one_of(st.sampled_from([0, 1, 7]), st.integers(0, 13))))  # 1-byte first
         set_integer(data, count_offset, 8, draw(st.one_of(st.sampled_from(ABSURD), st.integers(0, 2**64 - 1))))
     elif kind == "header bytes":
         for _ in range(draw(st.integers(1, 8))):
@@ -146,17 +146,12 @@ def test_the_unmodified_model_reads_and_converts(model, tmp_path):
     assert read_all_ways(path, tmp_path / "store") == "ok"
 
 
-@pytest.mark.slow  # 80-100 cases, 5-30 s on two busy cores
-@FUZZ
-@given(data=st.data())
+@fuzz_test(max_examples=80)  # slow: 5-30 s on two busy cores
 def test_a_malformed_gguf_gives_a_clear_error_with_bounded_memory(model, tmp_path, data):
     kind, content = data.draw(malformed(model))
     path = tmp_path / "model.gguf"
     path.write_bytes(content)
-    with bounded() as peak:
-        outcome = read_all_ways(path, tmp_path / "store")
-    event(f"{kind}: {outcome}")  # pytest --hypothesis-show-statistics shows how the cases ended
-    assert peak() < MEMORY_LIMIT, f"{kind}: {peak()} bytes allocated ({outcome})"
+    check_fuzz_case(kind, lambda: read_all_ways(path, tmp_path / "store"), MEMORY_LIMIT)
 
 
 @pytest.mark.parametrize("value_type", [0, 1, 7])  # uint8, int8, bool: one byte per element
@@ -181,3 +176,32 @@ def test_a_huge_count_of_one_byte_elements_is_refused_at_once(model, tmp_path, v
 def _written(path: Path, content: bytes) -> Path:
     path.write_bytes(content)
     return path
+
+
+def test_a_string_that_is_not_utf8_is_named(model, tmp_path):
+    """Found by the fuzzing: gguf decodes strings only when asked, so a bad byte in a value was a
+    UnicodeDecodeError deep in the model's loading."""
+    data = bytearray(model.content)
+    value = data.index(b"qwen3moe")  # general.architecture's value, the first string value
+    data[value] = 0x80
+    path = _written(tmp_path / "bad-text.gguf", bytes(data))
+    with pytest.raises(MerError) as caught:
+        read_gguf_source(path)
+    check_mer_error(caught.value, path)
+    assert f"metadata key 'general.architecture' at byte {value} is not UTF-8 text" in str(caught.value)
+
+
+def test_an_absurd_block_count_is_refused_before_listing_the_blocks(model, tmp_path):
+    """Found by the fuzzing: `block_count` 2^31 made loading the model list 2^31 blocks."""
+    reader = GGUFReader(_written(tmp_path / "base.gguf", model.content))
+    part = reader.fields["qwen3moe.block_count"].parts[3]
+    data = bytearray(model.content)
+    set_integer(data, part.ctypes.data - reader.data.ctypes.data, 4, 2**31)
+    path = _written(tmp_path / "blocks.gguf", bytes(data))
+    with bounded(20) as peak:
+        with pytest.raises(MerError) as caught:
+            MoEModel.load(path)
+    check_mer_error(caught.value, path)
+    assert ("qwen3moe.block_count 2147483648 with 0 leading dense blocks makes 2147483648 MoE blocks, but expert "
+            "tensors are in 2 blocks") in str(caught.value)
+    assert peak() < MEMORY_LIMIT

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import strategies as st
 
 from mer.errors import MerError, StoreError
 from mer.store.convert import convert_gguf
@@ -30,11 +30,9 @@ from mer.store.reader import ExpertStore
 from mer.store.summary import store_summary
 from mer.store.verify import verify_store
 from tests.support.gguf_models import write_tiny_moe_gguf
-from tests.support.resource_bounds import bounded
+from tests.support.resource_bounds import bounded, check_fuzz_case, fuzz_test
 
 MEMORY_LIMIT = 64 * 2**20
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 ODD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([0, -1, -4096, 1, 4095, 4096, 2**31, 2**32, 2**63, 2**64, 10**30]),
@@ -123,19 +121,14 @@ def open_and_verify(directory: Path) -> str:
     return "ok"
 
 
-@pytest.mark.slow  # 80-100 cases, 5-30 s on two busy cores
-@FUZZ
-@given(data=st.data())
+@fuzz_test(max_examples=100)  # slow: 5-30 s on two busy cores
 def test_a_malformed_manifest_gives_a_clear_error_with_bounded_memory(store, tmp_path, data):
     kind, content = data.draw(malformed(store))
     directory = tmp_path / "store"
     shutil.rmtree(directory, ignore_errors=True)
     shutil.copytree(store.directory, directory)
     (directory / MANIFEST_NAME).write_bytes(content)
-    with bounded() as peak:
-        outcome = open_and_verify(directory)
-    event(f"{kind}: {outcome}")
-    assert peak() < MEMORY_LIMIT, f"{kind}: {peak()} bytes allocated ({outcome})"
+    check_fuzz_case(kind, lambda: open_and_verify(directory), MEMORY_LIMIT)
 
 
 def test_the_unmodified_store_opens_and_verifies(store):
