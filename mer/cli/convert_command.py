@@ -1,7 +1,8 @@
 """`mer-pipeline convert MODEL.gguf --out DIR`: turn a MoE GGUF into an expert store.
 
 stdout carries only the result (one line, or one JSON object with --json); progress (see
-`mer.cli.progress`) and logs go to stderr.
+`mer.cli.progress`) goes to stderr, and so do the JSON events unless `--log-file` names a file
+(`mer-pipeline logs summarize` reads it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 
 from mer.cli.progress import ProgressDisplay
 from mer.compute.expert_format import LAYOUTS
-from mer.logging_setup import configure_logging, get_logger
+from mer.logging_setup import configure_logging
 from mer.store.convert import ConversionResult, convert_gguf
 
 
@@ -33,15 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object {out, experts, bytes, seconds, source_hash} instead of a line")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--log-file", default=None, metavar="FILE",
+                        help="append the JSON events (convert_started, convert_layer_done, convert_done) to FILE "
+                             "instead of stderr")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging("mer-convert", level="info")
+    configure_logging("mer-convert", log_file=args.log_file, level="info")
     with ProgressDisplay("convert", enabled=not args.quiet) as display:
         result = convert_gguf(args.model, args.out, layout=args.layout, force=args.force,
                               start_phase=display.start_phase)
-    get_logger().info("convert_done", **result.to_dict())
     print(json.dumps(result.to_dict()) if args.json else describe(result))
     return 0
 

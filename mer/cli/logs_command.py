@@ -2,8 +2,11 @@
 
 Subcommands (docs/events.md describes the events they read):
 
-- `summarize FILE... [--json]`: recompute each run's summary from the raw events; `--json` prints
-  one JSON object per run (one per line), with the keys of `run --json`.
+- `summarize FILE... [--json]`: say what kind of log each run is (`mer.logs.kinds`: run, generate,
+  convert) and recompute its summary from the raw events: a benchmark run's as `run` computed it
+  (`--json`: the keys of `run --json`), a generation's (`mer.logs.generation`; `--json`: the keys of
+  `generate --json` with counts for the token lists, `kind: "generate"`), a conversion's
+  (`mer.logs.conversion`; `kind: "convert"`). One JSON object per run, one per line.
 - `compare A B [C...] [--json]`: the summaries side by side with ratios against A; a FILE may also
   be the output of `run --json`.
 - `plot FILE --out DIR`: PNG plots of one run.
@@ -23,6 +26,9 @@ from typing import Any
 from mer.cli.flag_types import non_negative_int, positive_int
 from mer.errors import EventLogError, MerError, os_error_reason
 from mer.logs.compare import compare_summaries, format_comparison
+from mer.logs.conversion import format_conversion, summarize_conversion
+from mer.logs.generation import format_generation, summarize_generation
+from mer.logs.kinds import CONVERT, DESCRIPTIONS, GENERATE, RUN, kind_line, log_kind
 from mer.logs.recompute import recompute_summary
 from mer.logs.runs import RunLog, load_runs, select_run
 from mer.metrics.summary import RunSummary, format_seed_block
@@ -36,12 +42,16 @@ def register(subparsers) -> None:
     commands = parser.add_subparsers(dest="logs_command", metavar="SUBCOMMAND")
     parser.set_defaults(handler=lambda args: _help(parser))
 
-    summarize = commands.add_parser("summarize", help="recompute the run summary from the raw events",
-                                    description="Recompute each run's summary from its raw events, exactly "
-                                                "as the run computed it.")
+    summarize = commands.add_parser("summarize", help="say what kind of log it is and summarize it from its events",
+                                    description="Name the kind of each log (run: a benchmark; generate; convert) "
+                                                "and recompute its summary from the raw events: a benchmark's "
+                                                "exactly as the run computed it; a generation's prefill and decode "
+                                                "tok/s, hit rates, MiB read per token and time per MoE block; a "
+                                                "conversion's experts, tensors, bytes and time.")
     summarize.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines log files (--log-file)")
     summarize.add_argument("--json", action="store_true",
-                           help="one JSON object per run on stdout, with the keys of `run --json`")
+                           help="one JSON object per run on stdout: a benchmark's with the keys of `run --json`, "
+                                "a generation's and a conversion's with `kind` first")
     _add_common(summarize)
     summarize.set_defaults(handler=run_summarize)
 
@@ -105,21 +115,44 @@ def _one_run(path: str, args: argparse.Namespace) -> RunLog:
     return select_run(_runs_of(path, args), None)
 
 
+def _summary_of(run: RunLog) -> tuple[str, Any, list[str]]:
+    """(kind, summary, warnings) of one run of a log; EventLogError for a kind with nothing to summarize."""
+    kind = log_kind(run)
+    if kind == RUN:
+        result = recompute_summary(run)
+        return kind, result.summary, result.warnings
+    if kind == GENERATE:
+        generation = summarize_generation(run)
+        return kind, generation.summary, generation.warnings
+    if kind == CONVERT:
+        conversion = summarize_conversion(run)
+        return kind, conversion.summary, conversion.warnings
+    names = ", ".join(sorted({event["event"] for event in run.events})[:12])
+    raise EventLogError(f"{run.label}: log kind {kind} ({DESCRIPTIONS[kind]}): no run_started, generation_started or "
+                        f"convert_started event, nothing to summarize (events: {names})")
+
+
+def _summary_text(kind: str, summary: Any) -> str:
+    if kind == RUN:
+        return format_seed_block(summary)
+    return format_generation(summary) if kind == GENERATE else format_conversion(summary)
+
+
 def run_summarize(args: argparse.Namespace) -> int:
     blocks = []
     for path in args.files:
-        runs = _runs_of(path, args)
-        for run in runs:
-            result = recompute_summary(run)
-            _warn(result.warnings)
-            blocks.append((run, result.summary))
-    for index, (run, summary) in enumerate(blocks):
+        for run in _runs_of(path, args):
+            kind, summary, warnings = _summary_of(run)
+            _warn(warnings)
+            blocks.append((run, kind, summary))
+    for index, (run, kind, summary) in enumerate(blocks):
         if args.json:
             print(json.dumps(summary.to_json_dict()))
             continue
         if len(blocks) > 1:
             print(("\n" if index else "") + f"== {run.label}")
-        print(format_seed_block(summary))
+        print(kind_line(kind))
+        print(_summary_text(kind, summary))
     return 0
 
 
@@ -145,6 +178,9 @@ def _compare_inputs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], lis
             continue
         runs = _runs_of(path, args)
         for run in runs:
+            if (kind := log_kind(run)) != RUN:
+                raise EventLogError(f"{run.label}: log kind {kind} ({DESCRIPTIONS[kind]}): compare reads "
+                                    "benchmark runs only")
             result = recompute_summary(run)
             _warn(result.warnings)
             summaries.append(result.summary.to_json_dict())

@@ -21,9 +21,9 @@ from mer.logs.runs import RunLog  # noqa: E402
 from mer.logs.series import (DEFAULT_HIT_RATE_WINDOW, BusyLane, CycleSeries, HitRateSeries,  # noqa: E402
                              LatencyHistogram, OccupancySeries, PrefetchSeries, StepSeries, cycle_series,
                              outstanding_reads, prefetch_series, read_latency_histogram, rolling_hit_rate,
-                             slot_occupancy, worker_busy)
+                             slot_occupancy, time_axis_label, worker_busy)
 
-TIME_LABEL = "time since the first token started (s)"
+TIME_LABEL = "time since the first token started (s)"  # a benchmark's; write_plots puts the run's own
 DPI = 110
 LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
 
@@ -123,6 +123,9 @@ def figure_prefetch(series: PrefetchSeries, run_name: str) -> Figure:
     return figure
 
 
+NO_TOKENS = "no token_done events (a benchmark's tokens; a generation or conversion logs none)"
+
+
 @dataclass
 class PlotReport:
     written: list[Path] = field(default_factory=list)
@@ -143,8 +146,8 @@ def _plot_jobs(run: RunLog, window: int) -> list[_PlotJob]:
     slots, depth, histogram = slot_occupancy(run), outstanding_reads(run), read_latency_histogram(run)
     lanes, prefetch = worker_busy(run), prefetch_series(run)
     return [
-        _PlotJob("cycle_latency", cycles, figure_cycle_latency, bool(cycles.t_s), "no token_done events"),
-        _PlotJob("hit_rate", hits, figure_hit_rate, bool(hits.t_s), "no token_done events"),
+        _PlotJob("cycle_latency", cycles, figure_cycle_latency, bool(cycles.t_s), NO_TOKENS),
+        _PlotJob("hit_rate", hits, figure_hit_rate, bool(hits.t_s), NO_TOKENS),
         _PlotJob("slot_occupancy", slots, figure_slot_occupancy, bool(slots.t_s),
                  "no acquire_done events with slot counts (a log of an older mer?)"),
         _PlotJob("io_queue_depth", depth, figure_io_queue_depth, bool(depth.t_s),
@@ -162,12 +165,16 @@ def write_plots(run: RunLog, out_dir: str | Path, window: int = DEFAULT_HIT_RATE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run_name = f"run {run.run_id}" if run.run_id else Path(run.path).name
-    report = PlotReport()
+    report, time_label = PlotReport(), time_axis_label(run)
     for job in _plot_jobs(run, window):
         if not job.has_data:
             report.skipped.append((job.name, job.missing))
             continue
         path = out / f"{job.name}.png"
-        job.draw(job.series, run_name).savefig(path, dpi=DPI)
+        figure = job.draw(job.series, run_name)
+        for ax in figure.axes:
+            if ax.get_xlabel() == TIME_LABEL:
+                ax.set_xlabel(time_label)
+        figure.savefig(path, dpi=DPI)
         report.written.append(path)
     return report

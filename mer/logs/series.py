@@ -1,8 +1,11 @@
 """Every plotted series of a run, computed from its events as plain data (lists of numbers).
 
-`mer.logs.plots` only draws these. Time axes are seconds since the run's first token started
-(`t_start_s` of the earliest `token_done`; the earliest event when no token finished), on the
-CLOCK_MONOTONIC clock every event's times use. Units are in the field names: `_s` seconds,
+`mer.logs.plots` only draws these. Time axes are seconds since the job's work started: a benchmark's
+first token (`t_start_s` of the earliest `token_done`), a generation's prefill
+(`generation_prefill_done.t_start`, else `generation_started`), a conversion's start
+(`convert_started.t_start`), else the earliest event; on the CLOCK_MONOTONIC clock every event's
+times use. A span ends at the last token's end, the generation's end (`generation_decode_done.t_end`)
+or the last event. Units are in the field names: `_s` seconds,
 `_ms` milliseconds, `_pct` percent 0-100. A series whose events are not in the log (a log of an
 older mer) is empty.
 """
@@ -14,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from mer.logs.conversion import CONVERT_STARTED
+from mer.logs.generation import GENERATION_DECODE_DONE, GENERATION_PREFILL_DONE, GENERATION_STARTED
 from mer.logs.recompute import ACQUIRE_DONE
 from mer.logs.runs import RunLog
 from mer.metrics.events import EXPERT_READ, PREFETCH_STATS, RUN_STARTED, TOKEN_DONE
@@ -22,10 +27,28 @@ COMPUTE_JOB = "compute_job"
 DEFAULT_HIT_RATE_WINDOW = 50
 
 
-def time_origin(run: RunLog) -> float:
-    """t_mono of the run's time zero: the first token's start, else the first event."""
+def _origin(run: RunLog) -> tuple[float, str]:
+    """(t_mono of the run's time zero, what happened then); see the module docstring."""
     starts = [event["t_start_s"] for event in run.named(TOKEN_DONE)]
-    return min(starts) if starts else min(event["t_mono"] for event in run.events)
+    if starts:
+        return min(starts), "the first token started"
+    for name, key, what in ((GENERATION_PREFILL_DONE, "t_start", "the prefill started"),
+                            (GENERATION_STARTED, "t_mono", "the generation started"),
+                            (CONVERT_STARTED, "t_start", "the conversion started")):
+        event = run.last(name)
+        if event is not None and isinstance(event.get(key), (int, float)):
+            return event[key], what
+    return min(event["t_mono"] for event in run.events), "the first event"
+
+
+def time_origin(run: RunLog) -> float:
+    """t_mono of the run's time zero (see the module docstring)."""
+    return _origin(run)[0]
+
+
+def time_axis_label(run: RunLog) -> str:
+    """The time axis's label: `time since the first token started (s)`, `... the prefill started (s)`, ..."""
+    return f"time since {_origin(run)[1]} (s)"
 
 
 @dataclass(frozen=True)
@@ -187,7 +210,13 @@ def _busy_lane(name: str, intervals: list[tuple[float, float]], span_s: float) -
 def run_span_s(run: RunLog) -> float:
     """Seconds from time zero to the last token's end (or the last event)."""
     ends = [event["t_end_s"] for event in run.named(TOKEN_DONE)]
-    last = max(ends) if ends else max(event["t_mono"] for event in run.events)
+    decoded = run.last(GENERATION_DECODE_DONE)
+    if ends:
+        last = max(ends)
+    elif decoded is not None and isinstance(decoded.get("t_end"), (int, float)):
+        last = decoded["t_end"]
+    else:
+        last = max(event["t_mono"] for event in run.events)
     return last - time_origin(run)
 
 

@@ -37,6 +37,9 @@ class GenerationResult:
     stop_reason: str
     prefill_seconds: float
     decode_seconds: float  # from the end of the prefill to the end (the decode steps and every sampling)
+    t_prefill_start: float = 0.0  # CLOCK_MONOTONIC seconds (the clock of the log's t_mono)
+    t_prefill_end: float = 0.0  # also the decode's start
+    t_end: float = 0.0
     step_logits: list[np.ndarray] = field(default_factory=list)  # logits each token was chosen from (keep_logits)
     routings: list[dict[int, Routing]] = field(default_factory=list)  # per pass: prefill, then each step (keep_routings)
     decode_steps: int = 0  # passes after the prefill
@@ -54,9 +57,11 @@ async def generate_tokens(
     keep_logits: bool = False,
     keep_routings: bool = True,
     on_token: Callable[[int, int], Awaitable[None]] | None = None,
+    on_prefill: Callable[[GenerationResult], Awaitable[None]] | None = None,
 ) -> GenerationResult:
     """Generate up to `max_tokens` tokens after `prompt_ids` (used exactly as given);
-    `await on_token(index, token)` as each token is chosen."""
+    `await on_token(index, token)` as each token is chosen, `await on_prefill(result)` once the prompt
+    has run (its `t_prefill_*` set). Times are `time.monotonic()`, durations their differences."""
     model, dense = forward_pass.model, forward_pass.dense
     prompt = [int(token) for token in prompt_ids]
     context = model.hparams.context_length
@@ -68,10 +73,12 @@ async def generate_tokens(
         raise ConfigError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
     kv_cache = await dense(model.new_kv_cache, min(context, len(prompt) + max_tokens) or 1)
     result = GenerationResult(prompt, [], STOP_MAX_TOKENS, 0.0, 0.0)
-    started = time.perf_counter()
+    result.t_prefill_start = time.monotonic()
     step = await forward_pass(prompt, kv_cache, all_logits=False)
-    result.prefill_seconds = time.perf_counter() - started
-    started = time.perf_counter()
+    result.t_prefill_end = time.monotonic()
+    result.prefill_seconds = result.t_prefill_end - result.t_prefill_start
+    if on_prefill is not None:
+        await on_prefill(result)
     while len(result.tokens) < max_tokens:
         if keep_routings:
             result.routings.append(step.routings)
@@ -93,7 +100,8 @@ async def generate_tokens(
         step = await forward_pass([token], kv_cache, all_logits=False)
         result.decode_costs.add(step.costs)
         result.decode_steps += 1
-    result.decode_seconds = time.perf_counter() - started
+    result.t_end = time.monotonic()
+    result.decode_seconds = result.t_end - result.t_prefill_end
     return result
 
 

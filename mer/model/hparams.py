@@ -203,6 +203,11 @@ def _check(path: Path, condition: bool, message: str) -> None:
 def moe_layers_of(source: GGUFSource, hparams: HParams) -> dict[int, int]:
     """Block index -> MoE layer index; the expert tensors must be in the blocks the metadata makes MoE blocks."""
     moe_layers = {layer.block: layer.moe_layer for layer in source.layers}
+    num_moe_blocks = max(hparams.num_blocks - hparams.leading_dense_blocks, 0)
+    if num_moe_blocks != len(moe_layers):  # before listing the blocks: block_count may be absurd
+        raise GGUFError(f"{source.paths[0]}: {hparams.architecture}.block_count {hparams.num_blocks} with "
+                        f"{hparams.leading_dense_blocks} leading dense blocks makes {num_moe_blocks} MoE blocks, but "
+                        f"expert tensors are in {len(moe_layers)} blocks")
     expected = [block for block in range(hparams.num_blocks) if hparams.is_moe_block(block)]
     if sorted(moe_layers) != expected:
         raise GGUFError(f"{source.paths[0]}: expert tensors in blocks {sorted(moe_layers)}, but the metadata "

@@ -96,10 +96,18 @@ class GenerateJob(Job):
             if self.config.log_file:
                 self.log.info("generation_token", index=index, token=token, position=prompt_length + index)
 
-        return await generate_tokens(
+        async def prefilled(result: GenerationResult) -> None:
+            self.log.info("generation_prefill_done", tokens=prompt_length, t_start=result.t_prefill_start,
+                          t_end=result.t_prefill_end)
+
+        result = await generate_tokens(
             forward_pass, start.prompt_tokens, start.max_tokens,
             Sampler(start.temperature, start.top_k, start.top_p, start.seed), end_ids=frozenset(start.end_ids),
-            ignore_eos=start.ignore_eos, keep_logits=bool(start.dump_logits), keep_routings=False, on_token=stream)
+            ignore_eos=start.ignore_eos, keep_logits=bool(start.dump_logits), keep_routings=False, on_token=stream,
+            on_prefill=prefilled)
+        self.log.info("generation_decode_done", steps=result.decode_steps, tokens=len(result.tokens),
+                      stop_reason=result.stop_reason, t_start=result.t_prefill_end, t_end=result.t_end)
+        return result
 
     async def _summary(self, result: GenerationResult, experts: GraphExperts) -> GenerationSummary:
         stats = await self.io.stats()

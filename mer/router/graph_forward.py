@@ -83,8 +83,8 @@ class GraphExperts:
         if self.log_blocks:
             self.log.info("moe_block_done", token=int(costs.positions[-1]), tokens=len(costs.positions),
                           block=costs.block, moe_layer=costs.moe_layer, experts=costs.num_experts,
-                          dense_us=round(costs.dense_us, 1), expert_us=round(costs.expert_us, 1),
-                          io_wait_us=round(stats.io_wait_us, 1), compute_us=round(stats.compute_us, 1),
+                          dense_us=costs.dense_us, expert_us=costs.expert_us,
+                          io_wait_us=stats.io_wait_us, compute_us=stats.compute_us,  # unrounded: sums agree
                           hits=stats.hits, misses=stats.misses, prefetch_joins=stats.prefetch_joins,
                           chunks=stats.chunks)
         if self.trace is not None and costs.moe_layer == self.num_moe_layers - 1:  # token-major, as a trace is read

@@ -22,6 +22,7 @@ import numpy as np
 
 from mer.errors import DiskSpaceError, StoreError, StoreExistsError
 from mer.compute.expert_format import ExpertFormat
+from mer.logging_setup import get_logger
 from mer.store.gguf_fingerprint import gguf_fingerprint, source_file_stats
 from mer.store.gguf_identity import TensorChecksums
 from mer.store.gguf_source import GGUFSource, MoELayerSource, read_gguf_source
@@ -59,7 +60,7 @@ def convert_gguf(model: str | os.PathLike, out: str | os.PathLike, *, layout: st
     Nothing is left at `out` or beside it when it fails. `start_phase` reports progress of the
     two phases, "copying" and "verifying" (the read-back check), in payload bytes.
     """
-    started = time.perf_counter()
+    started, t_start = time.perf_counter(), time.monotonic()
     transform = matrix_transform(layout)
     source = read_gguf_source(model)
     out = Path(out)
@@ -71,6 +72,8 @@ def convert_gguf(model: str | os.PathLike, out: str | os.PathLike, *, layout: st
     writer = StoreWriter(out, source.geometry, formats, source_info, blocks=[layer.block for layer in source.layers],
                          layout=layout, force=force, verify_progress=lazy_phase(start_phase, "verifying", total))
     checksums = TensorChecksums()
+    get_logger().info("convert_started", model=str(source.paths[0]), out=str(out), layout=layout,
+                      moe_layers=len(source.layers), experts=source.geometry.num_experts, bytes=total, t_start=t_start)
     try:
         with writer:
             copying = lazy_phase(start_phase, "copying", total)
@@ -80,14 +83,17 @@ def convert_gguf(model: str | os.PathLike, out: str | os.PathLike, *, layout: st
         if error.errno == errno.ENOSPC:
             raise DiskSpaceError(f"{out}: the filesystem ran out of space while writing the store ({error})") from error
         raise StoreError(f"{out}: cannot write the store: {error}") from error
-    return ConversionResult(out, source.geometry.num_experts, copied, time.perf_counter() - started,
-                            writer.source.hash)
+    result = ConversionResult(out, source.geometry.num_experts, copied, time.perf_counter() - started,
+                              writer.source.hash)
+    get_logger().info("convert_done", **result.to_dict())
+    return result
 
 
 def _copy_experts(source: GGUFSource, formats: list[ExpertFormat], writer: StoreWriter,
                   checksums: TensorChecksums, transform: MatrixTransform | None,
                   progress: Callable[[int], None]) -> int:
     copied = 0
+    log = get_logger()
     for layer, expert_format in zip(source.layers, formats):
         payload = np.empty(expert_format.payload_nbytes, dtype=np.uint8)
         for expert in range(source.geometry.experts_per_layer):
@@ -95,6 +101,9 @@ def _copy_experts(source: GGUFSource, formats: list[ExpertFormat], writer: Store
             writer.write_expert(layer.moe_layer * source.geometry.experts_per_layer + expert, payload)
             copied += payload.nbytes
             progress(payload.nbytes)
+        log.info("convert_layer_done", moe_layer=layer.moe_layer, block=layer.block,
+                 experts=source.geometry.experts_per_layer, tensors=sum(len(matrix.tensors) for matrix in layer.matrices),
+                 bytes=payload.nbytes * source.geometry.experts_per_layer)
     return copied
 
 

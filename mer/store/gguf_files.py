@@ -1,5 +1,8 @@
 """Open the file(s) of a GGUF model with the `gguf` library's memory-mapped GGUFReader.
 
+Each file's header is walked first with every count bounded by the file's size
+(`mer.store.gguf_header`), since GGUFReader trusts them.
+
 A model is one file, or a split model: parts named `NAME-00001-of-0000N.gguf` (llama.cpp's
 `gguf-split` naming) whose `split.no` / `split.count` keys number them. Given any part, all parts
 are found next to it, checked for completeness and opened in order.
@@ -7,6 +10,7 @@ are found next to it, checked for completeness and opened in order.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +23,7 @@ from gguf import GGUFReader
 from gguf.gguf_reader import ReaderTensor
 
 from mer.errors import GGUFError
+from mer.store.gguf_header import check_gguf_header
 
 GGUF_MAGIC = b"GGUF"
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -85,6 +90,8 @@ def open_part(path: Path) -> GGUFPart:
         magic = handle.read(len(GGUF_MAGIC))
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        check_gguf_header(path, data)  # bounded: GGUFReader trusts the file's counts
     try:
         reader = GGUFReader(path)
     except (ValueError, KeyError, IndexError, OverflowError) as error:

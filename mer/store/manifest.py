@@ -15,11 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mer.errors import ShapeError, StoreError, describe_os_error
-from mer.compute.expert_format import PAGE_SIZE, ExpertFormat
+from mer.compute.expert_format import PAGE_SIZE, ExpertFormat, MatrixSpec
+from mer.store.json_fields import FieldError, JsonObject, checked_integer, checked_text
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHM = "crc32"
+MAX_MANIFEST_BYTES = 64 * 2**20  # ~50 bytes per expert: a million experts fit
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A name of a file in the store directory itself (no separator, not `.` or `..`, not empty)."""
+    return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -137,10 +144,17 @@ class Manifest:
             raise StoreError(f"{where}: {len(self.layers)} layers listed, geometry says {geometry.num_moe_layers}")
         if len(self.experts) != geometry.num_experts:
             raise StoreError(f"{where}: {len(self.experts)} experts listed, geometry says {geometry.num_experts}")
+        for index, entry in enumerate(self.files):
+            if not is_plain_file_name(entry.name):
+                raise StoreError(f"{where}: files[{index}].name {entry.name!r} is not a plain file name in the store "
+                                 "directory")
         file_sizes = {entry.name: entry.nbytes for entry in self.files}
         for index, layer in enumerate(self.layers):
             if layer.moe_layer != index:
                 raise StoreError(f"{where}: layers[{index}].moe_layer is {layer.moe_layer}")
+            if layer.block >= geometry.num_layers:
+                raise StoreError(f"{where}: layers[{index}].block is {layer.block}, the model has "
+                                 f"{geometry.num_layers} blocks (geometry.num_layers)")
             if layer.file not in file_sizes:
                 raise StoreError(f"{where}: layers[{index}].file {layer.file!r} is not in files")
             if layer.expert_stride % PAGE_SIZE or layer.expert_stride < layer.format.read_nbytes:
@@ -194,36 +208,34 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "Manifest":
+        """The manifest in `text`; StoreError naming `where` and the field for anything malformed."""
         try:
-            data = json.loads(text)
-            if data.get("mer_store") != FORMAT_VERSION:
+            data = JsonObject(json.loads(text))
+            if data.data.get("mer_store") != FORMAT_VERSION:
                 raise StoreError(
-                    f"{where}: store format version {data.get('mer_store')!r}, this mer reads {FORMAT_VERSION}"
+                    f"{where}: store format version {data.data.get('mer_store')!r}, this mer reads {FORMAT_VERSION}"
                 )
-            source = data["source"]
             manifest = cls(
-                geometry=Geometry(**data["geometry"]),
-                layout=data["layout"],
-                layers=tuple(
-                    LayerEntry(l["moe_layer"], l["block"], l["file"], l["expert_stride"],
-                               ExpertFormat.from_dict(l["format"]))
-                    for l in data["layers"]
-                ),
-                experts=tuple(ExpertEntry(*row) for row in data["experts"]),
-                files=tuple(FileEntry(**entry) for entry in data["files"]),
-                source=SourceInfo(source["kind"], tuple(source["paths"]), source["nbytes"],
-                                  source["hash"], source.get("parameters", {}), source.get("fingerprint", ""),
-                                  tuple(SourceFileStat(**stat) for stat in source.get("stats", ()))),
-                created_by=data.get("created_by", ""),
-                format_version=data["mer_store"],
-                checksum_algorithm=data["checksum_algorithm"],
+                geometry=_geometry(data.object("geometry")),
+                layout=data.text("layout"),
+                layers=tuple(_layer(layer) for layer in data.objects("layers")),
+                experts=tuple(_expert(row, f"experts[{index}]") for index, row in enumerate(data.array("experts"))),
+                files=tuple(FileEntry(entry.text("name"), entry.integer("nbytes")) for entry in data.objects("files")),
+                source=_source(data.object("source")),
+                created_by=data.text("created_by", ""),
+                format_version=FORMAT_VERSION,
+                checksum_algorithm=data.text("checksum_algorithm"),
             )
         except StoreError:
             raise
         except ShapeError as error:
             raise StoreError(f"{where}: {error}") from None
-        except (KeyError, TypeError, ValueError) as error:
-            raise StoreError(f"{where}: malformed manifest ({type(error).__name__}: {error})") from error
+        except FieldError as error:
+            raise StoreError(f"{where}: malformed manifest: {error}") from None
+        except RecursionError:
+            raise StoreError(f"{where}: malformed manifest (JSON nested too deeply)") from None
+        except (KeyError, TypeError, ValueError) as error:  # JSON syntax, an unknown dtype name
+            raise StoreError(f"{where}: malformed manifest ({type(error).__name__}: {error})") from None
         manifest.validate(where)
         return manifest
 
@@ -245,6 +257,9 @@ class Manifest:
     def load(cls, directory: Path) -> "Manifest":
         path = Path(directory) / MANIFEST_NAME
         try:
+            if (nbytes := path.stat().st_size) > MAX_MANIFEST_BYTES:
+                raise StoreError(f"{path}: the manifest is {nbytes} bytes, more than any store's "
+                                 f"({MAX_MANIFEST_BYTES}): not a manifest mer wrote")
             text = path.read_text()
         except (FileNotFoundError, IsADirectoryError):
             raise StoreError(f"{directory}: not an expert store (no {MANIFEST_NAME})") from None
@@ -253,3 +268,41 @@ class Manifest:
         except UnicodeDecodeError as error:
             raise StoreError(f"{path}: malformed manifest (not UTF-8 text: {error})") from error
         return cls.from_json(text, where=str(path))
+
+
+def _geometry(data: JsonObject) -> Geometry:
+    return Geometry(data.text("architecture"), *(data.integer(name) for name in (
+        "num_layers", "num_moe_layers", "experts_per_layer", "top_k", "d_model", "d_ff")))
+
+
+def _layer(data: JsonObject) -> LayerEntry:
+    expert_format = data.object("format")
+    matrices = tuple(MatrixSpec(matrix.text("name"), matrix.text("dtype"), matrix.integer("rows"),
+                                matrix.integer("columns"), matrix.integer("offset"), matrix.integer("nbytes"),
+                                matrix.text("layout", "native"))
+                     for matrix in expert_format.objects("matrices"))
+    if len(matrices) != 3:
+        raise FieldError(f"{expert_format.path}.matrices lists {len(matrices)} matrices, an expert has 3")
+    layer_format = ExpertFormat(expert_format.integer("d_model"), expert_format.integer("d_ff"), matrices)
+    layer_format.validate()
+    return LayerEntry(data.integer("moe_layer"), data.integer("block"), data.text("file"),
+                      data.integer("expert_stride"), layer_format)
+
+
+def _expert(row, path: str) -> ExpertEntry:
+    if not isinstance(row, list) or len(row) != 5:
+        raise FieldError(f"{path} is not a list [id, moe_layer, expert, offset, checksum]")
+    names = ("id", "moe_layer", "expert", "offset")
+    values = [checked_integer(value, f"{path}[{index}] ({name})") for index, (name, value) in enumerate(zip(names, row))]
+    return ExpertEntry(*values, checked_text(row[4], f"{path}[4] (checksum)"))
+
+
+def _source(data: JsonObject) -> SourceInfo:
+    parameters = data.data.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise FieldError(f"source.parameters is {parameters!r}, expected a JSON object")
+    paths = data.array("paths")
+    return SourceInfo(data.text("kind"), tuple(checked_text(path, f"source.paths[{index}]") for index, path in enumerate(paths)),
+                      data.integer("nbytes"), data.text("hash"), parameters, data.text("fingerprint", ""),
+                      tuple(SourceFileStat(stat.integer("nbytes"), stat.integer("mtime_ns", -2**63), stat.integer("inode"))
+                            for stat in data.objects("stats", [])))

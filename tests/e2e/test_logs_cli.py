@@ -52,7 +52,8 @@ def test_summarize_prints_what_the_run_printed(run, tmp_path):
     assert as_json.stderr == ""
     as_text = logs("summarize", run.log_path)
     assert as_text.returncode == 0
-    assert as_text.stdout == format_seed_block(RunSummary.from_json_dict(run.summary)) + "\n"
+    assert as_text.stdout == ("log kind: run (a benchmark run (mer-pipeline run / up))\n"
+                              + format_seed_block(RunSummary.from_json_dict(run.summary)) + "\n")
 
 
 def test_compare_a_log_with_the_runs_json_output(run, tmp_path):
