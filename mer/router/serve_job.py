@@ -1,0 +1,190 @@
+"""The serving job, run by the router: continuous batching of requests over THE forward pass.
+
+The third job kind (next to `BenchJob` and `GenerateJob`; docs/serving.md). The router loads the
+model once, then steps the running sequences together until Shutdown:
+
+1. between steps, sequences cancelled by the supervisor (client gone, stop string matched) leave and
+   waiting ones are admitted (`mer.router.serve_batch.ServingBatch`: `max_sequences`, the KV pool);
+2. one pass (`ForwardPass.step`) runs every running sequence's new tokens: a newcomer's whole prompt,
+   the others' last token. Attention is per sequence; at each MoE block the rows of all of them are
+   grouped by expert, so each chosen expert is acquired once and computed on one slot as one batch
+   (the dispatcher of the other jobs, with the step's number as its token);
+3. each sequence samples its next token with its own sampler; `SequenceToken` goes to the supervisor
+   at once, `SequenceDone` when a stop rule ends it (its KV positions go back to the pool);
+4. `ServeStep` reports the step and the cumulative counters (expert lookups, the I/O worker's reads).
+
+Every kernel computes a row with the same bits whatever its batch, so a greedy sequence gets exactly
+the tokens `mer-pipeline generate` gives it alone (tests/unit/test_batch_invariance.py,
+tests/e2e/test_serve.py). With nothing to run the job waits for a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mer.config import PipelineConfig
+from mer.metrics.summary import JobSummary
+from mer.model.forward import ForwardPass, Segment
+from mer.model.model import MoEModel, check_model_matches_store
+from mer.model.sampling import Sampler
+from mer.protocol import CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence
+from mer.router.clients import ComputeClient, IoClient
+from mer.router.dispatcher import ExpertDispatcher
+from mer.router.generate_job import warm_up_dense
+from mer.router.graph_forward import DenseThread, GraphExperts
+from mer.router.job import Job, sends_hidden
+from mer.router.serve_batch import STOP_CANCELLED, KVPool, ServedSequence, ServingBatch
+from mer.store.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    """A sampled token, with its log probability and the most likely alternatives when asked for."""
+
+    token: int
+    logprob: float | None = None
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+def choose_token(sequence: ServedSequence, logits: np.ndarray) -> TokenChoice:
+    """The sequence's next token from its logits (its own sampler); logprobs from the raw logits' log-softmax."""
+    token = sequence.sampler.sample(logits)
+    if not sequence.logprobs:
+        return TokenChoice(token)
+    values = np.asarray(logits, dtype=np.float64)
+    shifted = values - values.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    top = np.argsort(-logprobs, kind="stable")[: sequence.logprobs]
+    return TokenChoice(token, float(logprobs[token]), tuple(int(i) for i in top), tuple(float(logprobs[i]) for i in top))
+
+
+class ServeJob(Job):
+    """Serves requests with continuous batching until Shutdown (see the module docstring)."""
+
+    def __init__(self, start: StartServing, config: PipelineConfig, manifest: Manifest, io: IoClient,
+                 compute: ComputeClient, observe, log, send_control: Callable[[object], Awaitable[None]]):
+        self.start = start
+        self.config = config
+        self.manifest = manifest
+        self.io = io
+        self.observe = observe
+        self.log = log
+        self.send_control = send_control
+        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=config.cache_slots)
+        self.wake = asyncio.Event()
+        self.batch: ServingBatch | None = None
+        self.early: list[SubmitSequence | CancelSequence] = []  # requests before the model was loaded
+        self.context_length = 0
+        self.step = 0
+
+    async def on_request(self, message: SubmitSequence | CancelSequence) -> None:
+        """A request or a cancellation from the supervisor; taken between steps."""
+        if self.batch is None:
+            self.early.append(message)
+            return
+        if isinstance(message, CancelSequence):
+            waiting = self.batch.cancel(message.request_id, message.reason)
+            if waiting is not None:
+                await self._done(waiting, STOP_CANCELLED)
+        else:
+            try:
+                self.batch.submit(self._sequence(message))
+            except Exception as error:  # a request the router cannot take ends with an error, never silently
+                await self.send_control(SequenceDone(message.request_id, "error", len(message.prompt_tokens), 0,
+                                                     str(error)))
+                return
+        self.wake.set()
+
+    def _sequence(self, message: SubmitSequence) -> ServedSequence:
+        capacity = min(len(message.prompt_tokens) + message.max_tokens, self.context_length,
+                       self.start.kv_positions)
+        if len(message.prompt_tokens) > capacity:
+            raise ValueError(f"the prompt has {len(message.prompt_tokens)} tokens: more than {capacity} KV positions")
+        sampler = Sampler(message.temperature, message.top_k, message.top_p, message.seed)
+        return ServedSequence(message.request_id, list(message.prompt_tokens), message.max_tokens, sampler,
+                              frozenset(self.start.end_ids), message.ignore_eos, message.logprobs, capacity)
+
+    async def run(self) -> JobSummary:
+        dense = DenseThread()
+        try:
+            model = await dense(MoEModel.load, self.start.model, 1, True)  # dense weights resident
+            check_model_matches_store(model, self.manifest, self.start.model)
+            warm_up_s = await dense(warm_up_dense, model)
+            self.context_length = model.hparams.context_length
+            experts = GraphExperts(self.dispatcher, self.observe, self.log, num_moe_layers=len(model.moe_layers),
+                                   prompt_length=0, send_hidden=sends_hidden(self.config),
+                                   log_blocks=bool(self.config.log_file))
+            forward_pass = ForwardPass(model, experts, dense, experts)
+            self.batch = ServingBatch(self.start.max_sequences, KVPool(self.start.kv_positions), model.new_kv_cache)
+            self.log.info("serving_started", model=self.start.model, max_sequences=self.start.max_sequences,
+                          kv_positions=self.start.kv_positions, cache_slots=self.config.cache_slots,
+                          dense_warm_up_s=round(warm_up_s, 3))
+            await self._report(experts, 0, 0, 0, 0.0)
+            for message in self.early:
+                await self.on_request(message)
+            self.early.clear()
+            while True:
+                await self._next_step(forward_pass, experts, dense)
+        finally:
+            dense.close()
+
+    async def _next_step(self, forward_pass: ForwardPass, experts: GraphExperts, dense: DenseThread) -> None:
+        """Let the cancelled leave and the waiting in, then run one step of every running sequence."""
+        batch = self.batch
+        assert batch is not None
+        for sequence in batch.cancelled():
+            await self._done(sequence, STOP_CANCELLED)
+        for sequence in batch.admit():
+            self.log.info("sequence_started", request_id=sequence.request_id, prompt_tokens=len(sequence.prompt),
+                          max_tokens=sequence.max_tokens, kv_positions=sequence.capacity, step=self.step)
+        if not batch.running:
+            self.wake.clear()
+            await self.wake.wait()
+            return
+        running = list(batch.running.values())
+        prefill_tokens = sum(len(sequence.pending) for sequence in running if sequence.is_prefill)
+        num_tokens = sum(len(sequence.pending) for sequence in running)
+        self.step += 1
+        started = time.perf_counter()
+        result = await forward_pass.step([Segment(sequence.pending, sequence.kv_cache) for sequence in running],
+                                         clock=self.step)
+        choices = await dense(lambda: [choose_token(s, row) for s, row in zip(running, result.logits)])
+        for sequence, choice in zip(running, choices):
+            stop = sequence.accept(choice.token)
+            await self.send_control(SequenceToken(sequence.request_id, len(sequence.tokens) - 1, choice.token,
+                                                  choice.logprob, list(choice.top_ids), list(choice.top_logprobs)))
+            if stop is not None:
+                await self._done(sequence, stop)
+        step_us = (time.perf_counter() - started) * 1e6
+        await self._report(experts, len(running), num_tokens, prefill_tokens, step_us)
+
+    async def _done(self, sequence: ServedSequence, stop_reason: str) -> None:
+        assert self.batch is not None
+        self.batch.finish(sequence)
+        self.log.info("sequence_done", request_id=sequence.request_id, stop_reason=stop_reason,
+                      prompt_tokens=len(sequence.prompt), tokens=len(sequence.tokens),
+                      reason=sequence.cancel_reason or None)
+        await self.send_control(SequenceDone(sequence.request_id, stop_reason, len(sequence.prompt),
+                                             len(sequence.tokens)))
+
+    async def _report(self, experts: GraphExperts, sequences: int, tokens: int, prefill_tokens: int,
+                      step_us: float) -> None:
+        """`ServeStep` with this step's batch and the cumulative counters (the I/O worker's asked for now)."""
+        batch = self.batch
+        assert batch is not None
+        io = await self.io.stats()
+        lookups = experts.decode  # every served token counts as a decode token (prompt_length 0)
+        step = ServeStep(self.step, sequences, tokens, prefill_tokens, round(step_us, 1), len(batch.running),
+                         batch.num_waiting, batch.pool.num_used, lookups.hits, lookups.misses,
+                         round(lookups.io_wait_us, 1), round(lookups.compute_us, 1), io.reads.reads, io.reads.nbytes,
+                         io.prefetch.issued, io.prefetch.used, io.prefetch.wasted)
+        if self.config.log_file and sequences:
+            self.log.info("serve_step", step=self.step, sequences=sequences, tokens=tokens,
+                          prefill_tokens=prefill_tokens, step_us=round(step_us, 1))
+        await self.send_control(step)
