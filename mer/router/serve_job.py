@@ -82,6 +82,7 @@ class ServeJob(Job):
         self.early: list[SubmitSequence | CancelSequence] = []  # requests before the model was loaded
         self.context_length = 0
         self.step = 0
+        self.reported_busy = False  # the last ServeStep had sequences running or waiting
 
     async def on_request(self, message: SubmitSequence | CancelSequence) -> None:
         """A request or a cancellation from the supervisor; taken between steps."""
@@ -144,6 +145,8 @@ class ServeJob(Job):
             self.log.info("sequence_started", request_id=sequence.request_id, prompt_tokens=len(sequence.prompt),
                           max_tokens=sequence.max_tokens, kv_positions=sequence.capacity, step=self.step)
         if not batch.running:
+            if self.reported_busy:  # cancellations emptied the batch: say so before waiting
+                await self._report(experts, 0, 0, 0, 0.0)
             self.wake.clear()
             await self.wake.wait()
             return
@@ -184,6 +187,7 @@ class ServeJob(Job):
                          batch.num_waiting, batch.pool.num_used, lookups.hits, lookups.misses,
                          round(lookups.io_wait_us, 1), round(lookups.compute_us, 1), io.reads.reads, io.reads.nbytes,
                          io.prefetch.issued, io.prefetch.used, io.prefetch.wasted)
+        self.reported_busy = bool(batch.running or batch.waiting)
         if self.config.log_file and sequences:
             self.log.info("serve_step", step=self.step, sequences=sequences, tokens=tokens,
                           prefill_tokens=prefill_tokens, step_us=round(step_us, 1))

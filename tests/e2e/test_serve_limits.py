@@ -1,0 +1,113 @@
+"""`mer-pipeline serve` at its limits: API keys, a burst beyond --max-sequences + --max-queue, and SIGTERM.
+
+One small server (2 sequences, a queue of 2, an API key): a request without the key gets 401; a burst
+of 10 streamed requests gets 503s at once for what does not fit while every accepted request streams
+all the tokens it gets alone; SIGTERM while streams are open ends each with an error event, the server
+exits 143 and nothing of its run is left (processes, /dev/shm, runtime directory).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from mer.model.experts import GGUFExperts
+from mer.model.generate import generate
+from mer.model.model import MoEModel
+from mer.model.sampling import Sampler
+from mer.model.tokenizer import load_tokenizer
+from mer.models import tiny_model_path
+from tests.support.serve_runs import ServerRun
+
+pytestmark = pytest.mark.slow  # starts the process graph and an HTTP server
+
+MODEL_ID = "tiny-moe-q8_0"
+API_KEY = "sk-test-4b1d"
+BURST = 10
+EXIT_SIGTERM = 143
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    run = ServerRun.start(tmp_path_factory.mktemp("serve"), "--max-sequences", 2, "--max-queue", 2,
+                          "--api-key", API_KEY, "--compute-workers", 1)
+    try:
+        yield run
+    finally:
+        run.kill()
+
+
+def client_for(server: ServerRun, key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_the_api_key_is_required_on_v1_routes(server):
+    with pytest.raises(openai.AuthenticationError):
+        client_for(server, "sk-wrong").models.list()
+    assert server.get("/v1/models")[0] == 401
+    assert server.get("/health")[0] == 200  # probes need no key
+    assert [model.id for model in client_for(server).models.list().data] == [MODEL_ID]
+
+
+def test_a_burst_beyond_the_limits_gets_503s_and_loses_no_accepted_request(server):
+    model = MoEModel.load(tiny_model_path())
+    tokenizer = load_tokenizer(model.source.parts[0])
+    expected = tokenizer.decode(generate(model, tokenizer.encode("def "), 48, Sampler(), GGUFExperts(model.source),
+                                         ignore_eos=True).tokens)
+    client = client_for(server)
+    barrier = threading.Barrier(BURST)
+
+    def stream(index: int) -> str | int:
+        barrier.wait()
+        try:
+            chunks = client.completions.create(model=MODEL_ID, prompt="def ", max_tokens=48, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+        except openai.APIStatusError as error:
+            assert error.status_code == 503 and error.code == "overloaded"
+            return error.status_code
+        return "".join(chunk.choices[0].text for chunk in chunks)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(BURST) as pool:
+        results = list(pool.map(stream, range(BURST)))
+    accepted = [result for result in results if isinstance(result, str)]
+    print(f"burst of {BURST}: {len(accepted)} accepted, {BURST - len(accepted)} refused, "
+          f"{time.monotonic() - started:.1f} s")
+    assert 4 <= len(accepted) < BURST  # 2 running + 2 waiting fit
+    assert all(text == expected for text in accepted)
+    assert server.metrics()["mer_requests_total{endpoint=/v1/completions,status=503}"] == BURST - len(accepted)
+
+
+def test_sigterm_during_streaming_ends_the_streams_with_an_error_and_leaves_nothing(server):
+    client = client_for(server)
+    outcomes: list[str] = []
+    streaming = threading.Barrier(3)
+
+    def stream() -> None:
+        chunks = client.completions.create(model=MODEL_ID, prompt="def ", max_tokens=200, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        try:
+            for index, _ in enumerate(chunks):
+                if index == 2:
+                    streaming.wait()
+        except openai.APIError as error:
+            outcomes.append(str(error))
+            return
+        outcomes.append("finished")
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    streaming.wait(timeout=60)
+    run_ids = server.run_ids()
+    assert server.stop(signal.SIGTERM) == EXIT_SIGTERM
+    for thread in threads:
+        thread.join(30)
+    assert len(outcomes) == 2 and all("shutting down (SIGTERM)" in outcome for outcome in outcomes), outcomes
+    assert run_ids and not server.leftovers(run_ids)
+    assert "SIGTERM" in "".join(server.stderr_lines)
