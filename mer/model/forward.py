@@ -122,9 +122,7 @@ def _block_front(model: MoEModel, block: int, hidden: np.ndarray, segments: Sequ
                  positions: np.ndarray):
     """Attention (each segment over its own KV cache) and ffn_norm, then the dense FFN, or the gate and
     the expert-major batches of every segment's rows together."""
-    attended = [model.attention_block(block, hidden[start:stop], segment.kv_cache, positions[start:stop])
-                for segment, start, stop in zip(segments, bounds, bounds[1:])]
-    hidden = attended[0] if len(attended) == 1 else np.concatenate(attended)
+    hidden = model.attention_blocks(block, hidden, [segment.kv_cache for segment in segments], bounds, positions)
     normed = model.ffn_input(block, hidden)
     if not model.is_moe_block(block):
         return hidden + model.dense_ffn(block, normed), None, None, None

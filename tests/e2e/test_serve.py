@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -243,3 +245,30 @@ def test_metrics_parse_and_agree_with_the_log(server, client):
     ok = samples["mer_requests_total{endpoint=/v1/completions,status=200}"]
     assert ok >= 1 and samples["mer_time_to_first_token_seconds_count"] >= ok
     assert samples["mer_requests_total{endpoint=/v1/completions,status=400}"] >= 3
+
+
+def test_top_once_json_reads_the_live_server(server, client):
+    done = threading.Event()
+
+    def load() -> None:
+        while not done.is_set():
+            client.completions.create(model=MODEL_ID, prompt="def ", max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True})
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        result = subprocess.run([MER_PIPELINE, "top", "--url", server.base_url, "--once", "--json", "--interval", "1"],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        done.set()
+        worker.join(60)
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert view["ready"] is True and view["max_sequences"] == 8 and view["kv_positions"] > 0
+    assert view["tokens_per_s"] > 0 and view["steps_per_s"] > 0 and view["mean_itl_ms"] > 0
+    assert view["generated_tokens"] >= view["tokens_per_s"] * view["interval_s"] * 0.5
+    assert 0 < view["hit_rate_pct"] <= 100
+    bad = subprocess.run([MER_PIPELINE, "top", "--url", "http://127.0.0.1:9", "--once"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "cannot read" in bad.stderr

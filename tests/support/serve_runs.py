@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from mer.serve.probe import parse_metrics
 from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE, read_json_lines, run_ids_in_log
 
 START_TIMEOUT_S = 240.0  # two cores shared with other work: the graph's start-up can take a minute
@@ -107,12 +106,7 @@ class ServerRun:
         """`/metrics` parsed by prometheus_client's parser: {sample name{labels}: value}."""
         status, text = self.get("/metrics")
         assert status == 200, text
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
-                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return samples
+        return parse_metrics(text)
 
     def events_named(self, name: str) -> list[dict[str, Any]]:
         return [event for event in read_json_lines(self.log_path) if event.get("event") == name]
