@@ -98,7 +98,8 @@ class GenerateJob(Job):
         return await generate_tokens(
             forward_pass, start.prompt_tokens, start.max_tokens,
             Sampler(start.temperature, start.top_k, start.top_p, start.seed), end_ids=frozenset(start.end_ids),
-            ignore_eos=start.ignore_eos, keep_logits=bool(start.dump_logits), keep_routings=False, on_token=stream)
+            ignore_eos=start.ignore_eos, keep_logits=bool(start.dump_logits), keep_routings=False, on_token=stream,
+            prefill_chunk=self.config.prefill_chunk)
 
     async def _summary(self, result: GenerationResult, experts: GraphExperts) -> GenerationSummary:
         stats = await self.io.stats()

@@ -2,7 +2,8 @@
 
 A `ServedSequence` is one request in the router: its prompt, sampler and stop rules (those of
 `mer.model.generate`: `max_tokens`, an end id unless `ignore_eos`, a full KV cache), its own KV cache
-once admitted, and the tokens it feeds the next step (its whole prompt first, then its last token).
+once admitted, and the tokens it feeds a step (`next_tokens`: its prompt in chunks of `prefill_chunk`
+tokens, the same chunks `mer-pipeline generate` runs, then its last token).
 
 `KVPool` counts KV positions: a sequence takes `capacity` positions (its prompt plus `max_tokens`,
 at most the model's context and the pool) when admitted and gives them back when it ends, so the
@@ -39,17 +40,28 @@ class ServedSequence:
     capacity: int  # KV positions it takes: min(prompt + max_tokens, context, pool)
     kv_cache: KVCache | None = None
     tokens: list[int] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)  # what the next step feeds it
+    prefilled: int = 0  # prompt tokens already run
     cancel_reason: str = ""
 
     @property
     def is_prefill(self) -> bool:
-        return not self.tokens
+        return self.prefilled < len(self.prompt)
+
+    def next_tokens(self, prefill_chunk: int) -> list[int]:
+        """What the sequence's next step runs: the next chunk of its prompt, or its last token."""
+        if self.is_prefill:
+            return self.prompt[self.prefilled : self.prefilled + prefill_chunk]
+        return self.tokens[-1:]
+
+    def ran(self, count: int) -> bool:
+        """A step ran `count` of its tokens; True when it now has logits to sample from (the prompt is done)."""
+        if self.is_prefill:
+            self.prefilled += count
+        return not self.is_prefill
 
     def accept(self, token: int) -> str | None:
         """Take the chosen token; the stop reason if the sequence is done (generate's rules), else None."""
         self.tokens.append(token)
-        self.pending = [token]
         if token in self.end_ids and not self.ignore_eos:
             return STOP_END_OF_GENERATION
         if len(self.tokens) >= self.max_tokens:
@@ -119,10 +131,22 @@ class ServingBatch:
             sequence = self.waiting.popleft()
             self.pool.allocate(sequence.capacity)
             sequence.kv_cache = self.new_kv_cache(sequence.capacity)
-            sequence.pending = list(sequence.prompt)
             self.running[sequence.request_id] = sequence
             admitted.append(sequence)
         return admitted
+
+    def plan_step(self, prefill_chunk: int) -> list[tuple[ServedSequence, list[int]]]:
+        """The next step's sequences and their tokens: every decoding sequence, and prompt chunks in admission
+        order while their tokens fit in `prefill_chunk` (at least one chunk)."""
+        planned, budget = [], prefill_chunk
+        for sequence in self.running.values():
+            tokens = sequence.next_tokens(prefill_chunk)
+            if sequence.is_prefill:
+                if len(tokens) > budget:
+                    continue
+                budget -= len(tokens)
+            planned.append((sequence, tokens))
+        return planned
 
     def cancelled(self) -> list[ServedSequence]:
         return [sequence for sequence in self.running.values() if sequence.cancel_reason]

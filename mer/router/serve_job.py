@@ -5,8 +5,9 @@ model once, then steps the running sequences together until Shutdown:
 
 1. between steps, sequences cancelled by the supervisor (client gone, stop string matched) leave and
    waiting ones are admitted (`mer.router.serve_batch.ServingBatch`: `max_sequences`, the KV pool);
-2. one pass (`ForwardPass.step`) runs every running sequence's new tokens: a newcomer's whole prompt,
-   the others' last token. Attention is per sequence; at each MoE block the rows of all of them are
+2. one pass (`ForwardPass.step`) runs every decoding sequence's last token and the next prompt chunks
+   of newcomers (`prefill_chunk` tokens each, the chunks `generate` runs, at most `prefill_chunk` prompt
+   tokens per step: a long prompt does not stall the others). Attention is per sequence; at each MoE block the rows of all of them are
    grouped by expert, so each chosen expert is acquired once and computed on one slot as one batch
    (the dispatcher of the other jobs, with the step's number as its token);
 3. each sequence samples its next token with its own sampler; `SequenceToken` goes to the supervisor
@@ -150,22 +151,23 @@ class ServeJob(Job):
             self.wake.clear()
             await self.wake.wait()
             return
-        running = list(batch.running.values())
-        prefill_tokens = sum(len(sequence.pending) for sequence in running if sequence.is_prefill)
-        num_tokens = sum(len(sequence.pending) for sequence in running)
+        planned = batch.plan_step(self.config.prefill_chunk)
+        prefill_tokens = sum(len(tokens) for sequence, tokens in planned if sequence.is_prefill)
+        num_tokens = sum(len(tokens) for _, tokens in planned)
         self.step += 1
         started = time.perf_counter()
-        result = await forward_pass.step([Segment(sequence.pending, sequence.kv_cache) for sequence in running],
+        result = await forward_pass.step([Segment(tokens, sequence.kv_cache) for sequence, tokens in planned],
                                          clock=self.step)
-        choices = await dense(lambda: [choose_token(s, row) for s, row in zip(running, result.logits)])
-        for sequence, choice in zip(running, choices):
+        sampling = [(sequence, row) for (sequence, tokens), row in zip(planned, result.logits) if sequence.ran(len(tokens))]
+        choices = await dense(lambda: [choose_token(sequence, row) for sequence, row in sampling])
+        for (sequence, _), choice in zip(sampling, choices):
             stop = sequence.accept(choice.token)
             await self.send_control(SequenceToken(sequence.request_id, len(sequence.tokens) - 1, choice.token,
                                                   choice.logprob, list(choice.top_ids), list(choice.top_logprobs)))
             if stop is not None:
                 await self._done(sequence, stop)
         step_us = (time.perf_counter() - started) * 1e6
-        await self._report(experts, len(running), num_tokens, prefill_tokens, step_us)
+        await self._report(experts, len(planned), num_tokens, prefill_tokens, step_us)
 
     async def _done(self, sequence: ServedSequence, stop_reason: str) -> None:
         assert self.batch is not None

@@ -1,6 +1,8 @@
-"""`mer-pipeline serve` at its limits: API keys, a burst beyond --max-sequences + --max-queue, and SIGTERM.
+"""`mer-pipeline serve` at its limits: API keys, chunked prefill, a burst beyond the queue, and SIGTERM.
 
-One small server (2 sequences, a queue of 2, an API key): a request without the key gets 401; a burst
+One small server (2 sequences, a queue of 2, prompts prefilled 4 tokens at a time, an API key): a
+request without the key gets 401; a long prompt is prefilled 4 tokens per step while another sequence
+keeps decoding, and gets `generate`'s tokens with the same chunks; a burst
 of 10 streamed requests gets 503s at once for what does not fit while every accepted request streams
 all the tokens it gets alone; SIGTERM while streams are open ends each with an error event, the server
 exits 143 and nothing of its run is left (processes, /dev/shm, runtime directory).
@@ -29,13 +31,15 @@ pytestmark = pytest.mark.slow  # starts the process graph and an HTTP server
 MODEL_ID = "tiny-moe-q8_0"
 API_KEY = "sk-test-4b1d"
 BURST = 10
+PREFILL_CHUNK = 4
+LONG_PROMPT = "def parse(text):\n    for line in text.splitlines():\n        if line:"
 EXIT_SIGTERM = 143
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run = ServerRun.start(tmp_path_factory.mktemp("serve"), "--max-sequences", 2, "--max-queue", 2,
-                          "--api-key", API_KEY, "--compute-workers", 1)
+                          "--api-key", API_KEY, "--compute-workers", 1, "--prefill-chunk", PREFILL_CHUNK)
     try:
         yield run
     finally:
@@ -52,6 +56,34 @@ def test_the_api_key_is_required_on_v1_routes(server):
     assert server.get("/v1/models")[0] == 401
     assert server.get("/health")[0] == 200  # probes need no key
     assert [model.id for model in client_for(server).models.list().data] == [MODEL_ID]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_another_sequence_decodes(server):
+    model = MoEModel.load(tiny_model_path())
+    tokenizer = load_tokenizer(model.source.parts[0])
+    prompt = tokenizer.encode(LONG_PROMPT)
+    assert len(prompt) > 5 * PREFILL_CHUNK
+    expected = tokenizer.decode(generate(model, prompt, 16, Sampler(), GGUFExperts(model.source), ignore_eos=True,
+                                         prefill_chunk=PREFILL_CHUNK).tokens)
+    client = client_for(server)
+    steps_before = len(server.events_named("serve_step"))
+
+    def decode() -> None:
+        list(client.completions.create(model=MODEL_ID, prompt="def ", max_tokens=80, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True}))
+
+    background = threading.Thread(target=decode)
+    background.start()
+    time.sleep(0.5)
+    answer = client.completions.create(model=MODEL_ID, prompt=LONG_PROMPT, max_tokens=16, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    background.join(120)
+    assert answer.choices[0].text == expected
+    time.sleep(0.5)
+    steps = server.events_named("serve_step")[steps_before:]
+    assert all(step["prefill_tokens"] <= PREFILL_CHUNK for step in steps)
+    shared = [step for step in steps if step["prefill_tokens"] == PREFILL_CHUNK and step["sequences"] == 2]
+    assert len(shared) >= 4  # the long prompt's chunks ran next to the other sequence's decode steps
 
 
 def test_a_burst_beyond_the_limits_gets_503s_and_loses_no_accepted_request(server):
