@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import uvloop
 
-from mer.cli.flag_types import as_flag_type, positive_int
-from mer.cli.pipeline_flags import add_config_flag, add_config_flags
+from mer.cli.flag_types import positive_int
+from mer.cli.pipeline_flags import add_config_flags, add_model_flags
 from mer.cli.progress import ProgressDisplay
 from mer.config import GENERATION, config_overrides
 from mer.logging_setup import configure_logging
 from mer.models import tiny_model_path
-from mer.runtime.ram_budget import parse_size
 
 DEFAULT_MAX_SEQUENCES = 8
 DEFAULT_MAX_QUEUE = 64
@@ -59,14 +57,10 @@ def register(subparsers) -> None:
         description="Start the process graph and an OpenAI-compatible HTTP server (/v1/completions, "
                     "/v1/chat/completions, /v1/models, /health, /metrics) with continuous batching, until "
                     "SIGINT or SIGTERM. Without --model it serves the tiny model shipped with mer.")
-    parser.add_argument("--model", type=Path, default=None, metavar="MODEL.gguf",
-                        help="The MoE GGUF (default: the tiny model shipped with mer, docs/tiny-model.md).")
+    add_model_flags(parser, ram_budget_help="Bound the graph's resident memory (e.g. 8GiB): the KV pool takes at "
+                                            "most a quarter, the slot arena what the dense weights, KV pool and "
+                                            "processes leave.")
     add_server_flags(parser)
-    memory = parser.add_mutually_exclusive_group()
-    memory.add_argument("--ram-budget", type=as_flag_type(parse_size), metavar="SIZE",
-                        help="Bound the graph's resident memory (e.g. 8GiB): the KV pool takes at most a quarter, "
-                             "the slot arena what the dense weights, KV pool and processes leave.")
-    add_config_flag(memory, "cache_slots")
     add_config_flags(parser, job=GENERATION, skip=("cache_slots", "record_trace", "record_hidden"))
     parser.set_defaults(handler=run)
 

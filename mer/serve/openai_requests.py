@@ -144,7 +144,7 @@ def _generation(body: Mapping[str, Any], served: ServedModel, prompt: list[int],
     return GenerationRequest(
         prompt_tokens=prompt, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True), top_k=_integer(body, "top_k", 0, 0) or 0,
-        seed=_integer(body, "seed", None, -(2**63), 2**63 - 1), stop=_stop(body), stream=stream,
+        seed=_integer(body, "seed", None, 0, 2**64 - 1), stop=_stop(body), stream=stream,
         include_usage=bool(stream_options.get("include_usage", False)), logprobs=logprobs,
         want_logprobs=want_logprobs, ignore_eos=ignore_eos)
 

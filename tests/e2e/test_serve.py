@@ -135,6 +135,14 @@ def test_sampling_parameters_and_logprobs(client):
     for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert len(top) <= 3 and logprob <= 0
         assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+    chat = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == 5 and "".join(entry.token for entry in entries) == chat.choices[0].message.content
+    assert all(len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+               for entry in entries)
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        client.completions.create(model=MODEL_ID, prompt="def ", seed=-1)
 
 
 def test_stop_strings_cut_the_text(client, reference):

@@ -11,6 +11,8 @@ exits 143 and nothing of its run is left (processes, /dev/shm, runtime directory
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,7 @@ from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
+from tests.support.pipeline_runs import MER_PIPELINE, run_ids_in_log
 from tests.support.serve_runs import ServerRun
 
 pytestmark = pytest.mark.slow  # starts the process graph and an HTTP server
@@ -34,6 +37,7 @@ BURST = 10
 PREFILL_CHUNK = 4
 LONG_PROMPT = "def parse(text):\n    for line in text.splitlines():\n        if line:"
 EXIT_SIGTERM = 143
+EXIT_SIGINT = 130
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +147,29 @@ def test_sigterm_during_streaming_ends_the_streams_with_an_error_and_leaves_noth
     assert len(outcomes) == 2 and all("shutting down (SIGTERM)" in outcome for outcome in outcomes), outcomes
     assert run_ids and not server.leftovers(run_ids)
     assert "SIGTERM" in "".join(server.stderr_lines)
+
+
+def test_up_serve_serves_the_embedded_model_until_sigint(tmp_path, leak_guard):
+    run = ServerRun.start(tmp_path, "--max-sequences", 2, command=("up", "--serve"))
+    try:
+        answer = client_for(run).completions.create(model=MODEL_ID, prompt="def ", max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens <= 4 and answer.choices[0].text
+        run_ids = run.run_ids()
+        for run_id in run_ids:
+            leak_guard.add_run(run_id)
+        assert run.stop(signal.SIGINT) == EXIT_SIGINT
+        assert run_ids and not run.leftovers(run_ids)
+    finally:
+        run.kill()
+
+
+def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path, leak_guard):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([MER_PIPELINE, "serve", "--port", str(port), "--log-file", str(tmp_path / "l.jsonl")],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"mer-pipeline serve: error: --host 127.0.0.1 --port {port}")
+    assert "cannot listen" in result.stderr and not run_ids_in_log(tmp_path / "l.jsonl")

@@ -41,9 +41,10 @@ class ServerRun:
     stderr_lines: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, workdir: Path, *flags: Any, cache_dir: Path | None = None) -> "ServerRun":
+    def start(cls, workdir: Path, *flags: Any, cache_dir: Path | None = None,
+              command: tuple[str, ...] = ("serve",)) -> "ServerRun":
         log_path = workdir / f"serve-{os.getpid()}-{time.monotonic_ns()}.jsonl"
-        argv = [MER_PIPELINE, "serve", "--port", "0", "--log-file", str(log_path),
+        argv = [MER_PIPELINE, *command, "--port", "0", "--log-file", str(log_path),
                 "--handshake-timeout-s", str(HANDSHAKE_TIMEOUT_S), *map(str, flags)]
         environment = dict(os.environ)
         if cache_dir is not None:
