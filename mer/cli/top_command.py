@@ -48,6 +48,14 @@ def next_snapshot(url: str, before: dict[str, float], interval_s: float) -> tupl
     return snapshot(before, after, time.monotonic() - started), after
 
 
+def slot_map(resident: list[int]) -> str:
+    """One block per MoE layer, its shade by how many of the cache's experts it holds (the largest: full)."""
+    shades = " ░▒▓█"
+    most = max(resident, default=0) or 1
+    return "".join(shades[round(count / most * (len(shades) - 1))] for count in resident) + \
+        f"  ({', '.join(map(str, resident))})"
+
+
 def table(url: str, view: dict) -> Table:
     grid = Table(title=f"mer serve at {url}" + ("" if view["ready"] else " (loading)"), show_header=False)
     rows = [("generated tokens/s", f"{view['tokens_per_s']:.1f}"),
@@ -57,7 +65,10 @@ def table(url: str, view: dict) -> Table:
             ("requests in flight", str(view["requests_in_flight"])),
             ("KV positions", f"{view['kv_positions_used']} / {view['kv_positions']}"),
             ("expert hit rate", f"{view['hit_rate_pct']:.1f}% ({view['cache_slots']} slots)"),
-            ("SSD reads", f"{view['ssd_mib_per_s']:.2f} MiB/s"),
+            ("SSD reads, I/O queue", f"{view['ssd_mib_per_s']:.2f} MiB/s, {view['io_queue_depth']} reads"),
+            ("slots used / pinned", f"{view['slots_used']} / {view['slots_pinned']} of {view['cache_slots']}"),
+            ("slot map (experts per MoE layer)", slot_map(view["resident_experts_per_layer"])),
+            ("compute workers busy", "  ".join(f"{pct:.0f}%" for pct in view["worker_busy_pct"]) or "-"),
             ("mean TTFT / ITL", f"{view['mean_ttft_ms'] or 0:.1f} ms / {view['mean_itl_ms'] or 0:.1f} ms")]
     for name, value in rows:
         grid.add_row(name, value)

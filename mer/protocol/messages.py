@@ -322,6 +322,11 @@ class ServeStep:
     prefetches_issued: int
     prefetches_used: int
     prefetches_wasted: int
+    worker_busy_us: list[float]  # per compute worker: the kernels' time of its batch jobs
+    resident_experts: list[int]  # per MoE layer: its experts in the cache (resident or loading) now
+    slots_used: int
+    slots_pinned: int
+    io_queue_depth: int
 
 
 # --- io.sock: slot leases and prefetch ------------------------------------------------------------
@@ -400,7 +405,7 @@ class SplitReads:
     token: int
 
 
-@message(MessageKind.IO_STATS, version=2)
+@message(MessageKind.IO_STATS, version=3)
 class IoStats:
     """Answer to `StatsRequest`: the I/O worker's counters. Aggregates only, so its size does not
     grow with the run (`tests/integration/test_io_stats_size.py`)."""
@@ -414,6 +419,9 @@ class IoStats:
     read_latency_us: LatencyHistogram  # every finished read, foreground and prefetch
     prefetch: PrefetchCounts
     predictors: list[PredictorReport]  # by name
+    slot_experts: list[int]  # the expert each slot holds or is loading now (-1: free); one entry per slot
+    pinned_slots: int  # slots of pinned experts now
+    queue_depth: int  # reads in flight or queued now
 
     @property
     def reads(self) -> ReadCounts:

@@ -12,7 +12,9 @@ model once, then steps the running sequences together until Shutdown:
    (the dispatcher of the other jobs, with the step's number as its token);
 3. each sequence samples its next token with its own sampler; `SequenceToken` goes to the supervisor
    at once, `SequenceDone` when a stop rule ends it (its KV positions go back to the pool);
-4. `ServeStep` reports the step and the cumulative counters (expert lookups, the I/O worker's reads).
+4. `ServeStep` reports the step, the cumulative counters (expert lookups, the I/O worker's reads, each
+   compute worker's kernel time) and a snapshot of the cache (experts resident per MoE layer, pinned
+   slots, the I/O queue).
 
 Every kernel computes a row with the same bits whatever its batch, so a greedy sequence gets exactly
 the tokens `mer-pipeline generate` gives it alone (tests/unit/test_batch_invariance.py,
@@ -77,6 +79,7 @@ class ServeJob(Job):
         self.observe = observe
         self.log = log
         self.send_control = send_control
+        self.compute = compute
         self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=config.cache_slots)
         self.wake = asyncio.Event()
         self.batch: ServingBatch | None = None
@@ -185,10 +188,16 @@ class ServeJob(Job):
         assert batch is not None
         io = await self.io.stats()
         lookups = experts.decode  # every served token counts as a decode token (prompt_length 0)
+        resident = [0] * self.manifest.geometry.num_moe_layers
+        for expert_id in io.slot_experts:
+            if expert_id >= 0:
+                resident[self.manifest.expert(expert_id).moe_layer] += 1
         step = ServeStep(self.step, sequences, tokens, prefill_tokens, round(step_us, 1), len(batch.running),
                          batch.num_waiting, batch.pool.num_used, lookups.hits, lookups.misses,
                          round(lookups.io_wait_us, 1), round(lookups.compute_us, 1), io.reads.reads, io.reads.nbytes,
-                         io.prefetch.issued, io.prefetch.used, io.prefetch.wasted)
+                         io.prefetch.issued, io.prefetch.used, io.prefetch.wasted,
+                         [round(busy, 1) for busy in self.compute.busy_us], resident, sum(resident), io.pinned_slots,
+                         io.queue_depth)
         self.reported_busy = bool(batch.running or batch.waiting)
         if self.config.log_file and sequences:
             self.log.info("serve_step", step=self.step, sequences=sequences, tokens=tokens,

@@ -9,7 +9,10 @@ read when the page is asked for): `mer_expert_lookups_total{result=hit|miss}`, `
 `mer_ssd_bytes_read_total`, `mer_prefetches_total{outcome=issued|used|wasted}`,
 `mer_io_wait_seconds_total`, `mer_expert_compute_seconds_total`, and the gauges `mer_ready`,
 `mer_active_sequences`, `mer_waiting_sequences` (the queue depth in the router),
-`mer_kv_positions_used`, `mer_kv_positions`, `mer_cache_slots`, `mer_max_sequences`.
+`mer_kv_positions_used`, `mer_kv_positions`, `mer_cache_slots`, `mer_max_sequences`; per compute worker
+`mer_compute_worker_busy_seconds_total{worker}`; the cache now: `mer_cache_slots_used`,
+`mer_cache_slots_pinned`, `mer_resident_experts{moe_layer}` (the slot map by layer) and
+`mer_io_queue_depth` (reads in flight or queued).
 """
 
 from __future__ import annotations
@@ -94,7 +97,20 @@ class _StepCollector:
                                   value=step.io_wait_us / 1e6)
         yield CounterMetricFamily("mer_expert_compute_seconds", "Time of the experts' batch jobs",
                                   value=step.compute_us / 1e6)
+        busy = CounterMetricFamily("mer_compute_worker_busy_seconds", "Kernel time of each compute worker's batch jobs",
+                                   labels=["worker"])
+        for worker, busy_us in enumerate(step.worker_busy_us):
+            busy.add_metric([str(worker)], busy_us / 1e6)
+        yield busy
+        resident = GaugeMetricFamily("mer_resident_experts", "Experts in the cache (resident or loading) per MoE layer",
+                                     labels=["moe_layer"])
+        for layer, count in enumerate(step.resident_experts):
+            resident.add_metric([str(layer)], count)
+        yield resident
         for name, value, documentation in (("mer_active_sequences", step.active, "Sequences decoding"),
                                            ("mer_waiting_sequences", step.waiting, "Sequences waiting in the router"),
-                                           ("mer_kv_positions_used", step.kv_positions_used, "KV positions held")):
+                                           ("mer_kv_positions_used", step.kv_positions_used, "KV positions held"),
+                                           ("mer_cache_slots_used", step.slots_used, "Slots holding an expert"),
+                                           ("mer_cache_slots_pinned", step.slots_pinned, "Slots of pinned experts"),
+                                           ("mer_io_queue_depth", step.io_queue_depth, "Reads in flight or queued")):
             yield GaugeMetricFamily(name, documentation, value=value)

@@ -1,7 +1,9 @@
 """What `mer-pipeline top` shows of a running server: one snapshot from two scrapes of `/metrics`.
 
-Rates (generated tokens/s, steps/s, SSD MiB/s), the mean batch and the mean time to first token and
-inter-token latency are over the interval between the scrapes; the hit rate is over the server's life.
+Rates (generated tokens/s, steps/s, SSD MiB/s, each compute worker's busy share), the mean batch and
+the mean time to first token and inter-token latency are over the interval between the scrapes; the hit
+rate is over the server's life; the slot map (experts in the cache per MoE layer), slots and I/O queue
+are the router's last report.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ def _delta(before: dict[str, float], after: dict[str, float], name: str) -> floa
 def _mean(before: dict[str, float], after: dict[str, float], histogram: str) -> float | None:
     count = _delta(before, after, f"{histogram}_count")
     return _delta(before, after, f"{histogram}_sum") / count if count else None
+
+
+def _labelled(samples: dict[str, float], name: str, label: str) -> list[float]:
+    """The values of `name{label=0}`, `name{label=1}`, ... in order."""
+    values, index = [], 0
+    while f"{name}{{{label}={index}}}" in samples:
+        values.append(samples[f"{name}{{{label}={index}}}"])
+        index += 1
+    return values
 
 
 def snapshot(before: dict[str, float], after: dict[str, float], interval_s: float) -> dict[str, Any]:
@@ -45,4 +56,12 @@ def snapshot(before: dict[str, float], after: dict[str, float], interval_s: floa
         "generated_tokens": int(after.get("mer_generated_tokens_total", 0)),
         "mean_ttft_ms": None if ttft is None else round(ttft * 1e3, 2),
         "mean_itl_ms": None if itl is None else round(itl * 1e3, 2),
+        "slots_used": int(after.get("mer_cache_slots_used", 0)),
+        "slots_pinned": int(after.get("mer_cache_slots_pinned", 0)),
+        "io_queue_depth": int(after.get("mer_io_queue_depth", 0)),
+        "resident_experts_per_layer": [int(v) for v in _labelled(after, "mer_resident_experts", "moe_layer")],
+        "worker_busy_pct": [round(100.0 * (now - then) / interval_s, 1) for now, then in zip(
+            _labelled(after, "mer_compute_worker_busy_seconds_total", "worker"),
+            _labelled(before, "mer_compute_worker_busy_seconds_total", "worker") or
+            [0.0] * len(_labelled(after, "mer_compute_worker_busy_seconds_total", "worker")))],
     }

@@ -238,6 +238,7 @@ def test_a_client_that_disconnects_frees_its_sequence(server):
 
 def test_metrics_parse_and_agree_with_the_log(server, client):
     client.completions.create(model=MODEL_ID, prompt="def ", max_tokens=8, temperature=0)
+    assert server.post("/v1/completions", {"prompt": "def ", "temperature": 9})[0] == 400
     samples = wait_idle(server)
     time.sleep(0.5)
     done = server.events_named("sequence_done")
@@ -252,7 +253,9 @@ def test_metrics_parse_and_agree_with_the_log(server, client):
     assert samples["mer_ssd_bytes_read_total"] > 0 and samples["mer_ssd_reads_total"] > 0
     ok = samples["mer_requests_total{endpoint=/v1/completions,status=200}"]
     assert ok >= 1 and samples["mer_time_to_first_token_seconds_count"] >= ok
-    assert samples["mer_requests_total{endpoint=/v1/completions,status=400}"] >= 3
+    assert samples["mer_requests_total{endpoint=/v1/completions,status=400}"] >= 1
+    assert samples["mer_cache_slots_used"] == sum(v for k, v in samples.items() if k.startswith("mer_resident_experts{"))
+    assert samples["mer_compute_worker_busy_seconds_total{worker=0}"] > 0
 
 
 def test_top_once_json_reads_the_live_server(server, client):
@@ -277,6 +280,12 @@ def test_top_once_json_reads_the_live_server(server, client):
     assert view["tokens_per_s"] > 0 and view["steps_per_s"] > 0 and view["mean_itl_ms"] > 0
     assert view["generated_tokens"] >= view["tokens_per_s"] * view["interval_s"] * 0.5
     assert 0 < view["hit_rate_pct"] <= 100
+    assert len(view["resident_experts_per_layer"]) == 4  # the embedded model's MoE layers
+    assert sum(view["resident_experts_per_layer"]) == view["slots_used"] <= view["cache_slots"] + 2  # + prefetch reserve
+    assert len(view["worker_busy_pct"]) == 2 and max(view["worker_busy_pct"]) > 0
+    shown = subprocess.run([MER_PIPELINE, "top", "--url", server.base_url, "--once", "--interval", "0.2"],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "slot map" in shown.stdout and "tokens/s" in shown.stdout
     bad = subprocess.run([MER_PIPELINE, "top", "--url", "http://127.0.0.1:9", "--once"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "cannot read" in bad.stderr

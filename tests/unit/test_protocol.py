@@ -66,7 +66,8 @@ def io_stats_sample() -> IoStats:
     markov = PredictorReport("markov", PredictorCounters(9, 5, 4, 3, 1, 4, 0, 8, 5, 11, 16), [])
     gate = PredictorReport("gate", PredictorCounters(hints=2, predictions=1), [LayerHintCounts(3, 1, 1, 1, 2, 2, 2)])
     return IoStats(99, "uring", True, ReadCounts(12, 12 << 20), ReadCounts(5, 5 << 20), ReadCounts(7, 7 << 20),
-                   LatencyHistogram.of([0.5, 812.5, 1 << 40]), PrefetchCounts(5, 4, 3, 1, 4, 0), [gate, markov])
+                   LatencyHistogram.of([0.5, 812.5, 1 << 40]), PrefetchCounts(5, 4, 3, 1, 4, 0), [gate, markov],
+                   [3, -1, 17, 4], 1, 2)
 
 
 def test_io_stats_records_are_checked_by_path():
@@ -121,7 +122,8 @@ def sample_messages() -> list:
         CancelSequence(41, "client disconnected"),
         SequenceToken(41, 2, 117, -0.25, [117, 3], [-0.25, -1.5]),
         SequenceDone(41, "max_tokens", 3, 32, ""),
-        ServeStep(12, 4, 7, 3, 1250.5, 4, 2, 300, 40, 8, 900.5, 1200.25, 8, 819200, 3, 2, 1),
+        ServeStep(12, 4, 7, 3, 1250.5, 4, 2, 300, 40, 8, 900.5, 1200.25, 8, 819200, 3, 2, 1, [500.5, 612.0],
+                  [8, 3], 11, 0, 2),
     ]
 
 
