@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -71,8 +72,6 @@ def model_id(prepared: PreparedServing) -> str:
 
 async def serve(prepared: PreparedServing, settings: ServerSettings, listener: socket.socket) -> None:
     """Serve until SIGINT/SIGTERM (then KeyboardInterrupt / Terminated) or the graph fails (its error)."""
-    import os
-
     for name, value in SINGLE_THREAD_BLAS.items():
         os.environ.setdefault(name, value)
     supervisor: Supervisor | None = None
