@@ -100,6 +100,7 @@ def main() -> int:
     memory.add_argument("--ram-budget", default=None, help="Passed to serve (e.g. 12GiB).")
     memory.add_argument("--cache-slots", type=int, default=None, help="Passed to serve.")
     parser.add_argument("--compute-workers", default="auto", help="Passed to serve (default auto).")
+    parser.add_argument("--kv-positions", type=int, default=None, help="Passed to serve (default: serve's).")
     parser.add_argument("--quick", action="store_true", help="The embedded model, 8 cache slots, 24 tokens x 2.")
     parser.add_argument("--json", action="store_true", help="One JSON object on stdout instead of the table.")
     args = parser.parse_args()
@@ -113,6 +114,7 @@ def main() -> int:
     flags += ["--model", args.model] if args.model else []
     flags += ["--ram-budget", args.ram_budget] if args.ram_budget else []
     flags += ["--cache-slots", args.cache_slots] if args.cache_slots else []
+    flags += ["--kv-positions", args.kv_positions] if args.kv_positions else []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         server = ServerRun.start(Path(workdir), *flags)
         try:

@@ -216,11 +216,13 @@ def serving_kv_positions(hparams: HParams, max_sequences: int, budget: int) -> i
 
 def prepare_serving(model_path: str | os.PathLike, *, max_sequences: int, config_path: Path | None = None,
                     overrides: Mapping[str, Any] | None = None, ram_budget: int | None = None,
-                    start_phase=None) -> PreparedServing:
-    """Check the model and size the serving run (the KV pool counted in the RAM plan); no process is started."""
+                    kv_positions: int | None = None, start_phase=None) -> PreparedServing:
+    """Check the model and size the serving run (the KV pool, `kv_positions` or `serving_kv_positions`,
+    counted in the RAM plan); no process is started."""
     source, hparams, tokenizer = open_model(model_path)
-    kv_positions = serving_kv_positions(hparams, max_sequences,
-                                        ram_budget if ram_budget is not None else default_ram_budget()[0])
+    if kv_positions is None:
+        kv_positions = serving_kv_positions(hparams, max_sequences,
+                                            ram_budget if ram_budget is not None else default_ram_budget()[0])
     config, store, plan = prepare_model_run(
         model_path, source, hparams, positions=kv_positions, config_path=config_path, overrides=overrides,
         ram_budget=ram_budget, start_phase=start_phase, command="serve")

@@ -47,6 +47,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=queue_length, default=DEFAULT_MAX_QUEUE, metavar="N",
                         help=f"Requests that may wait beyond --max-sequences (default {DEFAULT_MAX_QUEUE}); "
                              f"more get 503 at once.")
+    parser.add_argument("--kv-positions", type=positive_int, default=None, metavar="N",
+                        help="KV cache positions shared by the sequences (default: a context per sequence, at most "
+                             "a quarter of the RAM budget); a request takes prompt + max_tokens of them.")
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="Require 'Authorization: Bearer KEY' on /v1/ routes (401 otherwise).")
 
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         with ProgressDisplay("serve") as display:
             prepared = prepare_serving(model, max_sequences=settings.max_sequences, config_path=args.config,
                                        overrides=config_overrides(args), ram_budget=getattr(args, "ram_budget", None),
-                                       start_phase=display.start_phase)
+                                       kv_positions=args.kv_positions, start_phase=display.start_phase)
         if prepared.ram_plan is not None:
             print(f"mer-pipeline serve: {prepared.ram_plan.describe()}", file=sys.stderr)
         uvloop.run(serve(prepared, settings, listener))

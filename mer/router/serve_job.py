@@ -25,24 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from mer.config import PipelineConfig
 from mer.metrics.summary import JobSummary
 from mer.model.forward import ForwardPass, Segment
-from mer.model.model import MoEModel, check_model_matches_store
 from mer.model.sampling import Sampler
 from mer.protocol import CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence
-from mer.router.clients import ComputeClient, IoClient
-from mer.router.dispatcher import ExpertDispatcher
-from mer.router.generate_job import warm_up_dense
 from mer.router.graph_forward import DenseThread, GraphExperts
-from mer.router.job import Job, sends_hidden
+from mer.router.job import sends_hidden
+from mer.router.model_job import ModelJob
 from mer.router.serve_batch import STOP_CANCELLED, KVPool, ServedSequence, ServingBatch
-from mer.store.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -67,20 +61,13 @@ def choose_token(sequence: ServedSequence, logits: np.ndarray) -> TokenChoice:
     return TokenChoice(token, float(logprobs[token]), tuple(int(i) for i in top), tuple(float(logprobs[i]) for i in top))
 
 
-class ServeJob(Job):
+class ServeJob(ModelJob):
     """Serves requests with continuous batching until Shutdown (see the module docstring)."""
 
-    def __init__(self, start: StartServing, config: PipelineConfig, manifest: Manifest, io: IoClient,
-                 compute: ComputeClient, observe, log, send_control: Callable[[object], Awaitable[None]]):
-        self.start = start
-        self.config = config
-        self.manifest = manifest
-        self.io = io
-        self.observe = observe
-        self.log = log
-        self.send_control = send_control
-        self.compute = compute
-        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=config.cache_slots)
+    start: StartServing
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.wake = asyncio.Event()
         self.batch: ServingBatch | None = None
         self.early: list[SubmitSequence | CancelSequence] = []  # requests before the model was loaded
@@ -118,9 +105,7 @@ class ServeJob(Job):
     async def run(self) -> JobSummary:
         dense = DenseThread()
         try:
-            model = await dense(MoEModel.load, self.start.model, 1, True)  # dense weights resident
-            check_model_matches_store(model, self.manifest, self.start.model)
-            warm_up_s = await dense(warm_up_dense, model)
+            model, warm_up_s = await self.load_model(dense)
             self.context_length = model.hparams.context_length
             experts = GraphExperts(self.dispatcher, self.observe, self.log, num_moe_layers=len(model.moe_layers),
                                    prompt_length=0, send_hidden=sends_hidden(self.config),

@@ -35,6 +35,7 @@ MODEL_ID = "tiny-moe-q8_0"
 API_KEY = "sk-test-4b1d"
 BURST = 10
 PREFILL_CHUNK = 4
+KV_POSITIONS = 600
 LONG_PROMPT = "def parse(text):\n    for line in text.splitlines():\n        if line:"
 EXIT_SIGTERM = 143
 EXIT_SIGINT = 130
@@ -43,7 +44,8 @@ EXIT_SIGINT = 130
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run = ServerRun.start(tmp_path_factory.mktemp("serve"), "--max-sequences", 2, "--max-queue", 2,
-                          "--api-key", API_KEY, "--compute-workers", 1, "--prefill-chunk", PREFILL_CHUNK)
+                          "--api-key", API_KEY, "--compute-workers", 1, "--prefill-chunk", PREFILL_CHUNK,
+                          "--kv-positions", KV_POSITIONS)
     try:
         yield run
     finally:
@@ -59,6 +61,7 @@ def test_the_api_key_is_required_on_v1_routes(server):
         client_for(server, "sk-wrong").models.list()
     assert server.get("/v1/models")[0] == 401
     assert server.get("/health")[0] == 200  # probes need no key
+    assert server.metrics()["mer_kv_positions"] == KV_POSITIONS  # /metrics needs no key either
     assert [model.id for model in client_for(server).models.list().data] == [MODEL_ID]
 
 
