@@ -236,6 +236,23 @@ def test_a_client_that_disconnects_frees_its_sequence(server):
     assert 3 <= done["tokens"] < 200
 
 
+def test_a_client_that_leaves_before_a_whole_response_frees_its_sequence(server):
+    wait_idle(server)
+    request = json.dumps({"model": MODEL_ID, "prompt": "class ", "max_tokens": 200, "temperature": 0,
+                          "ignore_eos": True}).encode()
+    with socket.create_connection((server.host, server.port)) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: " + str(len(request)).encode() + b"\r\n\r\n" + request)
+        deadline = time.monotonic() + 30
+        while server.metrics()["mer_active_sequences"] == 0:  # running in the router
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    wait_idle(server, timeout_s=10.0)
+    time.sleep(0.5)
+    done = server.events_named("sequence_done")[-1]
+    assert done["stop_reason"] == "cancelled" and done["reason"] == "client disconnected" and done["tokens"] < 200
+
+
 def test_metrics_parse_and_agree_with_the_log(server, client):
     client.completions.create(model=MODEL_ID, prompt="def ", max_tokens=8, temperature=0)
     assert server.post("/v1/completions", {"prompt": "def ", "temperature": 9})[0] == 400
