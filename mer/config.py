@@ -129,6 +129,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
     record_hidden: Annotated[bool, spec(
         "With record_trace, also record each decision's residual stream (base64 float32), so a replay can run "
         "the gate predictor.", job=GENERATION)] = False
+    prefill_chunk: Annotated[int, spec(
+        "Prompt tokens per forward pass: a longer prompt is prefilled in chunks of this many (the same chunks "
+        "in generate and serve, so their outputs are identical; serving also caps each step's prompt tokens "
+        "at it, so a long prompt does not stall the decoding sequences).",
+        ge=1, le=1_000_000, unit="tokens", metavar="TOKENS", job=GENERATION)] = 512
     handshake_timeout_s: Annotated[float, spec(
         "Time a child has to answer Hello and Ready at start-up; extended while the children still "
         "starting keep using CPU (a slow start on a busy machine), up to 10 times it (at least 600 s).", ge=0.1, le=3600.0, unit="s",

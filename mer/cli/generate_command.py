@@ -19,9 +19,9 @@ from typing import IO, Any
 
 import uvloop
 
-from mer.cli.flag_types import (as_flag_type, non_negative_int, non_negative_number, probability_mass, seed,
+from mer.cli.flag_types import (non_negative_int, non_negative_number, probability_mass, seed,
                                  utf8_text)
-from mer.cli.pipeline_flags import add_config_flag, add_config_flags
+from mer.cli.pipeline_flags import add_config_flags, add_model_flags
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
 from mer.config import GENERATION, config_overrides
@@ -30,7 +30,6 @@ from mer.cli.generation_setup import (PreparedGeneration, PromptSpec, SamplerSet
 from mer.logging_setup import configure_logging
 from mer.model.tokenizer import Tokenizer
 from mer.models import tiny_model_path
-from mer.runtime.ram_budget import parse_size
 
 
 def token_id_list(text: str) -> tuple[int, ...]:
@@ -50,8 +49,8 @@ def register(subparsers) -> None:
         description="Generate text from a Mixture-of-Experts GGUF: the router runs the dense part, the experts "
                     "stream from the expert store (converted once, cached) through the graph. Text goes to "
                     "stdout as it is generated; a timing line goes to stderr.")
-    parser.add_argument("--model", type=Path, default=None, metavar="MODEL.gguf",
-                        help="The MoE GGUF (default: the tiny model shipped with mer, docs/tiny-model.md).")
+    add_model_flags(parser, ram_budget_help="Bound the graph's resident memory (e.g. 8GiB): the slot arena gets "
+                                            "what the dense weights, KV cache and processes leave.")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", type=utf8_text, metavar="TEXT", help="Prompt text (BOS added as the GGUF's add_bos_token says).")
     prompt.add_argument("--prompt-tokens", type=token_id_list, metavar="1,2,3",
@@ -66,11 +65,6 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", dest="sampler_seed", type=seed, default=None, metavar="S",
                         help="Sampler seed: the same seed gives the same tokens (default: random).")
     parser.add_argument("--ignore-eos", action="store_true", help="Do not stop on end-of-generation tokens.")
-    memory = parser.add_mutually_exclusive_group()
-    memory.add_argument("--ram-budget", type=as_flag_type(parse_size), metavar="SIZE",
-                        help="Bound the graph's resident memory (e.g. 8GiB): the slot arena gets what the dense "
-                             "weights, KV cache and processes leave.")
-    add_config_flag(memory, "cache_slots")
     add_config_flags(parser, job=GENERATION, skip=("cache_slots",))
     parser.add_argument("--dump-logits", type=Path, metavar="FILE.npy", default=None,
                         help="Save the logits each generated token was chosen from ([tokens, vocab] float32).")

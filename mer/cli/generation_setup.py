@@ -27,7 +27,7 @@ from mer.model.hparams import HParams, moe_layers_of, read_hparams
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import Tokenizer, load_tokenizer
 from mer.predict.fusion import GATE
-from mer.protocol import StartGeneration
+from mer.protocol import StartGeneration, StartServing
 from mer.runtime.host_memory import default_ram_budget
 from mer.runtime.ram_budget import (RamPlan, dense_nbytes, kv_cache_nbytes, metadata_nbytes, plan_cache_slots,
                             prefetch_reserve_slots)
@@ -105,14 +105,37 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     if dump_logits and not Path(dump_logits).resolve().parent.is_dir():
         raise ConfigError(f"--dump-logits {dump_logits}: the directory {Path(dump_logits).resolve().parent} "
                           f"does not exist")
-    source = read_gguf_source(model_path)
-    hparams = read_hparams(source.parts[0])
-    moe_layers_of(source, hparams)  # the expert tensors are where the metadata says
-    tokenizer = load_tokenizer(source.parts[0])
+    source, hparams, tokenizer = open_model(model_path)
     ids = prompt_token_ids(tokenizer, tokenizer.vocab_size, prompt)
     context = hparams.context_length
     if len(ids) > context:
         raise ContextLengthError(f"the prompt has {len(ids)} tokens, more than the model's context of {context}")
+    config, store, plan = prepare_model_run(
+        model_path, source, hparams, positions=min(context, len(ids) + max_tokens), config_path=config_path,
+        overrides=overrides, ram_budget=ram_budget, start_phase=start_phase, command="generate")
+    start = StartGeneration(
+        model=str(Path(model_path).resolve()), prompt_tokens=list(ids), max_tokens=max_tokens,
+        temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p, seed=sampler.seed,
+        ignore_eos=ignore_eos, end_ids=sorted(tokenizer.end_of_generation_ids),
+        dump_logits=str(Path(dump_logits).resolve()) if dump_logits else None)
+    return PreparedGeneration(config, store, start, tokenizer, plan)
+
+
+def open_model(model_path: str | os.PathLike) -> tuple[GGUFSource, HParams, Tokenizer]:
+    """The GGUF's parts, hyper-parameters and tokenizer; its expert tensors checked to be where the metadata says."""
+    source = read_gguf_source(model_path)
+    hparams = read_hparams(source.parts[0])
+    moe_layers_of(source, hparams)
+    return source, hparams, load_tokenizer(source.parts[0])
+
+
+def prepare_model_run(model_path: str | os.PathLike, source: GGUFSource, hparams: HParams, *,
+                      positions: int, config_path: Path | None,
+                      overrides: Mapping[str, Any] | None, ram_budget: int | None, start_phase, command: str
+                      ) -> tuple[PipelineConfig, ExpertStore, RamPlan | None]:
+    """The configuration (model defaults, the cache sized by `--cache-slots`, `--ram-budget` or the
+    machine), the converted store and the RAM plan of a run of the model whose KV cache holds
+    `positions` positions."""
     overrides = dict(overrides or {})
     if ram_budget is not None and overrides.get("cache_slots") is not None:
         raise ConfigError("--ram-budget sizes the cache itself: give --ram-budget or --cache-slots, not both")
@@ -121,7 +144,6 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     overrides.update({key: value for key, value in MODEL_DEFAULTS.items()
                       if overrides.get(key) is None and key not in in_file})
     config = load_config(config_path, overrides)
-    positions = min(context, len(ids) + max_tokens)
     plan = None
     if ram_budget is not None:  # checked before the (possibly long) conversion
         plan = _ram_plan(ram_budget, source, hparams, config, positions)
@@ -138,17 +160,11 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     else:  # --cache-slots or the config file's, within k..all experts
         cache = min(max(config.cache_slots, hparams.top_k), source.geometry.num_experts)
         config = msgspec.structs.replace(config, cache_slots=cache)
-    store_dir = converted_store(Path(model_path), command="generate", start_phase=start_phase,
-                                parts=source.parts)
+    store_dir = converted_store(Path(model_path), command=command, start_phase=start_phase, parts=source.parts)
     store = ExpertStore.open(store_dir)
     config = msgspec.structs.replace(config, store=store_dir)
     validate_against_geometry(config, store.manifest.geometry)
-    start = StartGeneration(
-        model=str(Path(model_path).resolve()), prompt_tokens=list(ids), max_tokens=max_tokens,
-        temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p, seed=sampler.seed,
-        ignore_eos=ignore_eos, end_ids=sorted(tokenizer.end_of_generation_ids),
-        dump_logits=str(Path(dump_logits).resolve()) if dump_logits else None)
-    return PreparedGeneration(config, store, start, tokenizer, plan)
+    return config, store, plan
 
 
 def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: PipelineConfig, positions: int,
@@ -172,3 +188,44 @@ async def run_generation(prepared: PreparedGeneration, on_token: Callable[[int, 
     forward = None if on_token is None else (lambda message: on_token(message.index, message.token))
     supervisor = Supervisor(prepared.config, prepared.store, job=prepared.start, on_token=forward)
     return await (supervisor.run() if supervise is None else supervise(supervisor))
+
+
+# The serving job's KV pool takes at most this share of the RAM budget (docs/serving.md, "KV pool").
+KV_POOL_BUDGET_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class PreparedServing:
+    """A checked serving run: configuration, store, the job's start message, tokenizer, RAM plan, context."""
+
+    config: PipelineConfig
+    store: ExpertStore
+    start: StartServing
+    tokenizer: Tokenizer
+    ram_plan: RamPlan | None
+    context_length: int
+
+
+def serving_kv_positions(hparams: HParams, max_sequences: int, budget: int) -> int:
+    """The KV pool: a whole context per sequence, at most `KV_POOL_BUDGET_SHARE` of the budget (and at least
+    one position per sequence)."""
+    per_position = kv_cache_nbytes(hparams.num_blocks, 1, hparams.kv_width)
+    share = int(budget * KV_POOL_BUDGET_SHARE) // per_position
+    return max(max_sequences, min(max_sequences * hparams.context_length, share))
+
+
+def prepare_serving(model_path: str | os.PathLike, *, max_sequences: int, config_path: Path | None = None,
+                    overrides: Mapping[str, Any] | None = None, ram_budget: int | None = None,
+                    kv_positions: int | None = None, start_phase=None) -> PreparedServing:
+    """Check the model and size the serving run (the KV pool, `kv_positions` or `serving_kv_positions`,
+    counted in the RAM plan); no process is started."""
+    source, hparams, tokenizer = open_model(model_path)
+    if kv_positions is None:
+        kv_positions = serving_kv_positions(hparams, max_sequences,
+                                            ram_budget if ram_budget is not None else default_ram_budget()[0])
+    config, store, plan = prepare_model_run(
+        model_path, source, hparams, positions=kv_positions, config_path=config_path, overrides=overrides,
+        ram_budget=ram_budget, start_phase=start_phase, command="serve")
+    start = StartServing(model=str(Path(model_path).resolve()), max_sequences=max_sequences,
+                         kv_positions=kv_positions, end_ids=sorted(tokenizer.end_of_generation_ids))
+    return PreparedServing(config, store, start, tokenizer, plan, hparams.context_length)

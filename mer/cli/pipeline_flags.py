@@ -15,8 +15,10 @@ import argparse
 import math
 from pathlib import Path
 
+from mer.cli.flag_types import as_flag_type
 from mer.config import AUTO, SETTINGS, check_value, flag_name
 from mer.errors import ConfigError
+from mer.runtime.ram_budget import parse_size
 
 _PARSERS = {"an integer": int, "a number": float}
 
@@ -95,6 +97,16 @@ def add_config_flag(parser, key: str) -> None:
     else:
         parser.add_argument(flag_name(key), dest=key, type=_flag_type(key), metavar=setting.metavar, default=None,
                             help=_help(key))
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, ram_budget_help: str) -> None:
+    """`--model` (default: the embedded model) and the cache's size, `--ram-budget SIZE` or `--cache-slots C`:
+    the flags of the commands that run a model (`generate`, `serve`)."""
+    parser.add_argument("--model", type=Path, default=None, metavar="MODEL.gguf",
+                        help="The MoE GGUF (default: the tiny model shipped with mer, docs/tiny-model.md).")
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument("--ram-budget", type=as_flag_type(parse_size), metavar="SIZE", help=ram_budget_help)
+    add_config_flag(memory, "cache_slots")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, job: str | None = None, skip: tuple[str, ...] = ()) -> None:

@@ -4,7 +4,8 @@ With `--store` it runs the benchmark job with `run`'s flags; with `--model` it c
 experts once (cached by the GGUF's identity) and runs a short generation demo (`--tokens` tokens,
 greedy, after a fixed prompt; text streamed as `mer-pipeline generate` does); with no arguments it
 runs that demonstration on the embedded default, the trained tiny model shipped in `mer/models`
-(docs/tiny-model.md), after the prompt "def ". With only `--config` it runs the benchmark on a
+(docs/tiny-model.md), after the prompt "def ". With `--serve` it serves `--model` (default: the
+embedded model) over HTTP instead, as `mer-pipeline serve` does (docs/serving.md). With only `--config` it runs the benchmark on a
 small synthetic store created once under the cache directory. After a benchmark job in a terminal
 the graph stays up, showing live figures, until Ctrl-C; without a terminal on stdin, and after a
 generation demo, `up` exits after the job (0 on success).
@@ -16,7 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from mer.cli import serve_command
 from mer.cli.pipeline_flags import add_config_flag, add_config_flags
+from mer.cli.serve_command import add_server_flags
+from mer.errors import ConfigError
 from mer.cli.pipeline_job import run_pipeline_job
 from mer.config import config_overrides, load_config
 from mer.logging_setup import configure_logging
@@ -47,10 +51,19 @@ def register(subparsers) -> None:
     add_config_flags(parser, skip=("store",))
     parser.add_argument("--json", action="store_true",
                         help="Print the run summary (or the generation's result) as one JSON object on stdout.")
+    parser.add_argument("--serve", action="store_true",
+                        help="Serve --model (default: the embedded model) over an OpenAI-compatible HTTP API until "
+                             "SIGINT/SIGTERM, as `mer-pipeline serve` does (its flags below).")
+    add_server_flags(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.serve:
+        if args.store is not None:
+            raise ConfigError("--serve serves a model: give --model MODEL.gguf (or nothing: the embedded model), "
+                              "not --store")
+        return serve_command.run(args)
     if args.model is None and args.store is None and args.config is None:
         args.model = tiny_model_path()  # the embedded default: the trained tiny model (docs/tiny-model.md)
         return generation_demo(args, prompt=EMBEDDED_DEMO_PROMPT)

@@ -381,9 +381,13 @@ class IoService:
 
     def stats(self, request_id: int) -> IoStats:
         tally = self.tally
+        infos = self.table.slot_infos()
+        pinned = sum(info.expert_id is not None and self.table.is_pinned(info.expert_id) for info in infos)
         return IoStats(request_id, self.reader.name, self.reader.o_direct, tally.by_kind("foreground"),
                        tally.by_kind("prefetch"), tally.split(), tally.latency_histogram(), self.admission.counts(),
-                       self.admission.ledger.reports())
+                       self.admission.ledger.reports(),
+                       [-1 if info.expert_id is None else info.expert_id for info in infos], pinned,
+                       self.reader.num_in_flight + self.reader.num_queued)
 
     async def _send_stats(self, identity: bytes, request_id: int) -> None:
         frames = encode(self.stats(request_id))

@@ -9,7 +9,9 @@ All in float32, following ggml's order of operations where it matters for parity
   "normal" style rotates the pairs (2i, 2i+1) (llama), "neox" the pairs (i, i + n/2) (qwen3moe,
   olmoe).
 - attention: `softmax(q·kᵀ · scale + causal mask) · v` per head, query head h reading KV head
-  `h // (num_heads / num_kv_heads)` (GQA).
+  `h // (num_heads / num_kv_heads)` (GQA). One token (a decode step) runs every head at once as
+  batched matmuls; a row's result depends only on its query and the keys it sees, so a sequence
+  decoded alone (`generate`) and next to others (`serve`) gets the same bits.
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ def causal_attention(
     if num_heads % num_kv_heads:
         raise ShapeError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     group = num_heads // num_kv_heads
+    if num_tokens == 1:
+        return _one_query_attention(queries[0], keys[: int(positions[0]) + 1], values[: int(positions[0]) + 1],
+                                    group, scale)
     out = np.empty((num_tokens, num_heads, head_dim), dtype=np.float32)
     visible = np.arange(keys.shape[0])[None, :] <= np.asarray(positions)[:, None]
     for head in range(num_heads):
@@ -118,3 +123,15 @@ def causal_attention(
         probabilities = scores / scores.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
         out[:, head, :] = probabilities @ values[:, kv_head, :]
     return out.reshape(num_tokens, num_heads * head_dim)
+
+
+def _one_query_attention(query: np.ndarray, keys: np.ndarray, values: np.ndarray, group: int,
+                         scale: float) -> np.ndarray:
+    """`causal_attention` of one token (a decode step) over the keys it sees, every head at once: the
+    same steps as the per-head loop, as batched matmuls over the KV heads (`[1, heads * d]`)."""
+    num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
+    grouped = query.reshape(num_kv_heads, group, head_dim)
+    scores = np.matmul(grouped, keys.transpose(1, 2, 0)) * np.float32(scale)  # [kv_heads, group, length]
+    scores = np.exp(scores - scores.max(axis=2, keepdims=True))
+    probabilities = scores / scores.sum(axis=2, keepdims=True, dtype=np.float64).astype(np.float32)
+    return np.matmul(probabilities, values.transpose(1, 0, 2)).reshape(1, -1)  # [kv_heads, group, d] -> [1, heads * d]

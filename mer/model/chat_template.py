@@ -50,7 +50,12 @@ def render_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> str
 
 def chat_prompt_tokens(tokenizer: Tokenizer, user_text: str) -> list[int]:
     """Token ids of a one-message chat: the rendered template, special tokens parsed."""
-    text = render_chat(tokenizer, [{"role": "user", "content": user_text}])
+    return chat_messages_tokens(tokenizer, [{"role": "user", "content": user_text}])
+
+
+def chat_messages_tokens(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation: the rendered template, special tokens parsed."""
+    text = render_chat(tokenizer, messages)
     bos_text = _piece(tokenizer, tokenizer.bos_id)
     tokens = tokenizer.encode(text, add_special=False, parse_special=True)
     if tokenizer.add_bos and tokenizer.bos_id is not None and not (bos_text and text.startswith(bos_text)):

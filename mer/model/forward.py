@@ -9,8 +9,15 @@ batches, token)` -> `{expert: out}` (`token`: the position of the pass's last to
 dense(function, *args)`, `inline` or the router's dense thread; the optional `observer` is told of
 each MoE block's routing and residual before its experts run and of its costs after.
 `forward(model, ids, cache, expert_fn)` runs the same steps inline with a synchronous `ExpertFn`
-(docs/model.md), so the two give identical numbers. Logits that hold NaN or inf end the pass with
-`NonFiniteError` (never sampled from).
+(docs/model.md), so the two give identical numbers.
+
+`ForwardPass.step(segments)` runs the new tokens of several sequences (each a `Segment`: its ids and
+its own KV cache) as ONE pass: attention per sequence over its own cache, everything else on the
+rows of all of them together, so each MoE block groups the tokens of every sequence by expert and
+hands each chosen expert its rows in one batch (serving's continuous batching, docs/serving.md).
+Every kernel computes a row with the same bits whatever else is in its batch
+(`tests/unit/test_batch_invariance.py`), so a sequence's logits do not depend on its companions.
+Logits that hold NaN or inf end the pass with `NonFiniteError` (never sampled from).
 """
 
 from __future__ import annotations
@@ -91,9 +98,17 @@ class ForwardCosts:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's new tokens in a pass, continuing the sequence held in its KV cache."""
+
+    token_ids: Sequence[int] | np.ndarray
+    kv_cache: KVCache
+
+
 @dataclass
 class ForwardResult:
-    """Logits float32 `[tokens, vocab]` (or `[1, vocab]`, the last token's, when not all were
+    """Logits float32 `[tokens, vocab]` (or one row per segment, its last token's, when not all were
     asked for), the routing of every MoE block by block index, and the pass's costs."""
 
     logits: np.ndarray
@@ -105,9 +120,11 @@ def _elapsed_us(started: float) -> float:
     return (time.perf_counter() - started) * 1e6
 
 
-def _block_front(model: MoEModel, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray):
-    """Attention and ffn_norm, then the dense FFN, or the gate and the expert-major batches."""
-    hidden = model.attention_block(block, hidden, kv_cache, positions)
+def _block_front(model: MoEModel, block: int, hidden: np.ndarray, segments: Sequence[Segment], bounds: np.ndarray,
+                 positions: np.ndarray):
+    """Attention (each segment over its own KV cache) and ffn_norm, then the dense FFN, or the gate and
+    the expert-major batches of every segment's rows together."""
+    hidden = model.attention_blocks(block, hidden, [segment.kv_cache for segment in segments], bounds, positions)
     normed = model.ffn_input(block, hidden)
     if not model.is_moe_block(block):
         return hidden + model.dense_ffn(block, normed), None, None, None
@@ -117,11 +134,11 @@ def _block_front(model: MoEModel, block: int, hidden: np.ndarray, kv_cache: KVCa
 
 
 def finite_logits(model: MoEModel, hidden: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """The logits of the last `len(hidden)` positions; NonFiniteError if one is NaN or inf (never sampled)."""
+    """The logits of the rows `hidden` (at `positions`); NonFiniteError if one is NaN or inf (never sampled)."""
     logits = model.logits(hidden)
     finite = np.isfinite(logits).all(axis=-1)
     if not finite.all():
-        position = int(positions[len(positions) - len(hidden) + int(np.argmin(finite))])
+        position = int(positions[int(np.argmin(finite))])
         raise NonFiniteError(f"logits: NaN or inf at position {position} (the dense weights, or an expert's output "
                              "that was not caught, hold NaN or inf)")
     return logits
@@ -139,32 +156,43 @@ class ForwardPass:
     async def __call__(self, token_ids: Sequence[int] | np.ndarray, kv_cache: KVCache, *,
                        all_logits: bool = True) -> ForwardResult:
         """Run new tokens (continuing the sequence in `kv_cache`) through the model."""
+        return await self.step([Segment(token_ids, kv_cache)], all_logits=all_logits)
+
+    async def step(self, segments: Sequence[Segment], *, all_logits: bool = False,
+                   clock: int | None = None) -> ForwardResult:
+        """Run the new tokens of several sequences as one pass (see the module docstring). The experts
+        and the observer are told of `clock` for every token when it is given (a serving step's number:
+        the positions of different sequences mean nothing to the I/O worker), else of the positions."""
         result = ForwardResult(np.empty(0, np.float32))
         started = time.perf_counter()
-        hidden = await self.dense(self.model.embed, token_ids)
+        hidden = await self.dense(self.model.embed, np.concatenate([np.asarray(s.token_ids, np.int64) for s in segments]))
         result.costs.other_us += _elapsed_us(started)
-        positions = next_positions(kv_cache, 0, hidden.shape[0])
+        bounds = np.concatenate([[0], np.cumsum([len(segment.token_ids) for segment in segments])])
+        positions = np.concatenate([next_positions(segment.kv_cache, 0, len(segment.token_ids)) for segment in segments])
         for block in range(self.model.hparams.num_blocks):
-            hidden = await self._block(block, hidden, kv_cache, positions, result)
+            hidden = await self._block(block, hidden, segments, bounds, positions, result, clock)
         started = time.perf_counter()
-        result.logits = await self.dense(finite_logits, self.model, hidden if all_logits else hidden[-1:], positions)
+        rows = slice(None) if all_logits else bounds[1:] - 1  # every row, or each sequence's last
+        result.logits = await self.dense(finite_logits, self.model, hidden[rows], positions[rows])
         result.costs.other_us += _elapsed_us(started)
         return result
 
-    async def _block(self, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray,
-                     result: ForwardResult) -> np.ndarray:
+    async def _block(self, block: int, hidden: np.ndarray, segments: Sequence[Segment], bounds: np.ndarray,
+                     positions: np.ndarray, result: ForwardResult, clock: int | None) -> np.ndarray:
         model, costs = self.model, result.costs
         started = time.perf_counter()
-        hidden, routing, groups, batches = await self.dense(_block_front, model, block, hidden, kv_cache, positions)
+        hidden, routing, groups, batches = await self.dense(_block_front, model, block, hidden, segments, bounds,
+                                                            positions)
         dense_us = _elapsed_us(started)
         if routing is None:
             costs.other_us += dense_us
             return hidden
         moe_layer = model.moe_layers[block]
+        tokens = positions if clock is None else np.full(positions.size, clock)
         if self.observer is not None:
-            await self.observer.routed(moe_layer, positions, hidden, routing)
+            await self.observer.routed(moe_layer, tokens, hidden, routing)
         started = time.perf_counter()
-        outputs = await self.experts(moe_layer, batches, int(positions[-1]))
+        outputs = await self.experts(moe_layer, batches, int(tokens[-1]))
         expert_us = _elapsed_us(started)
         started = time.perf_counter()
         hidden = await self.dense(lambda: hidden + combine_experts(routing, groups, outputs, model.hparams.d_model))
@@ -173,7 +201,7 @@ class ForwardPass:
         result.routings[block] = routing
         if self.observer is not None:
             await self.observer.block_done(
-                MoEBlockCosts(block, moe_layer, positions, len(batches), dense_us, expert_us))
+                MoEBlockCosts(block, moe_layer, tokens, len(batches), dense_us, expert_us))
         return hidden
 
 

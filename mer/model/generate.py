@@ -1,7 +1,7 @@
 """THE generation loop: prefill the prompt, then decode one token at a time.
 
-The prompt runs as one batch (expert-major in every MoE block), then each new token runs alone
-with the KV cache. The stop rules: after `max_tokens` tokens, on an end-of-generation token
+The prompt runs as one batch (expert-major in every MoE block; a prompt longer than `prefill_chunk`
+in consecutive passes of that many tokens), then each new token runs alone with the KV cache. The stop rules: after `max_tokens` tokens, on an end-of-generation token
 (unless `ignore_eos`; the token is kept in the output), or when the context is full. An empty
 prompt, one longer than the context or a bad `max_tokens` is refused.
 
@@ -58,10 +58,12 @@ async def generate_tokens(
     keep_routings: bool = True,
     on_token: Callable[[int, int], Awaitable[None]] | None = None,
     on_prefill: Callable[[GenerationResult], Awaitable[None]] | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Generate up to `max_tokens` tokens after `prompt_ids` (used exactly as given);
     `await on_token(index, token)` as each token is chosen, `await on_prefill(result)` once the prompt
-    has run (its `t_prefill_*` set). Times are `time.monotonic()`, durations their differences."""
+    has run (its `t_prefill_*` set). The prompt runs in passes of at most `prefill_chunk` tokens
+    (None: one pass). Times are `time.monotonic()`, durations their differences."""
     model, dense = forward_pass.model, forward_pass.dense
     prompt = [int(token) for token in prompt_ids]
     context = model.hparams.context_length
@@ -74,7 +76,8 @@ async def generate_tokens(
     kv_cache = await dense(model.new_kv_cache, min(context, len(prompt) + max_tokens) or 1)
     result = GenerationResult(prompt, [], STOP_MAX_TOKENS, 0.0, 0.0)
     result.t_prefill_start = time.monotonic()
-    step = await forward_pass(prompt, kv_cache, all_logits=False)
+    for chunk in prompt_chunks(prompt, prefill_chunk):
+        step = await forward_pass(chunk, kv_cache, all_logits=False)
     result.t_prefill_end = time.monotonic()
     result.prefill_seconds = result.t_prefill_end - result.t_prefill_start
     if on_prefill is not None:
@@ -105,6 +108,12 @@ async def generate_tokens(
     return result
 
 
+def prompt_chunks(prompt: Sequence[int], prefill_chunk: int | None) -> list[list[int]]:
+    """The prompt's prefill passes: consecutive pieces of at most `prefill_chunk` tokens (None: the whole)."""
+    size = len(prompt) if prefill_chunk is None else prefill_chunk
+    return [list(prompt[start : start + size]) for start in range(0, len(prompt), max(size, 1))]
+
+
 def generate(
     model: MoEModel,
     prompt_ids: Sequence[int],
@@ -116,6 +125,7 @@ def generate(
     ignore_eos: bool = False,
     keep_logits: bool = False,
     on_token: Callable[[int], None] | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """The loop in one process (dense steps inline, experts from `expert_fn`); `on_token(token)` as each comes."""
 
@@ -124,4 +134,4 @@ def generate(
 
     return run_inline(generate_tokens(ForwardPass(model, in_process(expert_fn)), prompt_ids, max_tokens, sampler,
                                       end_ids=end_ids, ignore_eos=ignore_eos, keep_logits=keep_logits,
-                                      on_token=None if on_token is None else stream))
+                                      on_token=None if on_token is None else stream, prefill_chunk=prefill_chunk))

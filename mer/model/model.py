@@ -74,26 +74,33 @@ class MoEModel:
     def attention_block(self, block: int, hidden: np.ndarray, kv_cache: KVCache, positions: np.ndarray) -> np.ndarray:
         """`hidden + attention(rms_norm(hidden))` for tokens at `positions` (the cache's next
         positions, in order); appends their keys and values to `kv_cache`."""
+        return self.attention_blocks(block, hidden, [kv_cache], np.array([0, hidden.shape[0]]), positions)
+
+    def attention_blocks(self, block: int, hidden: np.ndarray, kv_caches: list[KVCache], bounds: np.ndarray,
+                         positions: np.ndarray) -> np.ndarray:
+        """`attention_block` for several sequences at once: rows `bounds[i]:bounds[i+1]` of `hidden`
+        continue the sequence in `kv_caches[i]`. The projections run on all rows together (each row's
+        result does not depend on the others: tests/unit/test_batch_invariance.py), the attention of
+        each sequence over its own cache."""
         hparams, weights = self.hparams, self.weights.blocks[block]
         positions = np.asarray(positions, dtype=np.int64)
-        expected = kv_cache.lengths[block] + np.arange(hidden.shape[0])
-        if positions.shape != expected.shape or not np.array_equal(positions, expected):
-            raise ContextLengthError(f"block {block}: positions {positions.tolist()[:4]}... must continue the KV cache "
-                                     f"at position {kv_cache.lengths[block]}")
-        if expected.size and expected[-1] >= kv_cache.capacity:
-            raise ContextLengthError(f"position {int(expected[-1])} does not fit in the KV cache of "
-                                     f"{kv_cache.capacity} positions")
+        for kv_cache, start, stop in zip(kv_caches, bounds, bounds[1:]):
+            _check_positions(block, kv_cache, positions[start:stop])
         x = rms_norm(hidden, weights.attn_norm, hparams.rms_norm_eps)
         queries, keys, values = (matrix(x, self.threads) for matrix in (weights.attn_q, weights.attn_k, weights.attn_v))
         queries, keys = self._qk_norm(weights, queries, keys)
         cos, sin = rope_tables(positions, hparams.rope_dimensions, hparams.rope_base, hparams.rope_position_scale)
         queries = apply_rope(queries, cos, sin, hparams.rules.rope_style)
         keys = apply_rope(keys, cos, sin, hparams.rules.rope_style)
-        kv_cache.store(block, keys, values.reshape(-1, hparams.num_kv_heads, hparams.head_dim))
-        length = kv_cache.lengths[block]
-        attended = causal_attention(queries, kv_cache.keys[block, :length], kv_cache.values[block, :length],
-                                    positions, 1.0 / np.sqrt(hparams.head_dim))
-        return hidden + weights.attn_output(attended, self.threads)
+        values = values.reshape(-1, hparams.num_kv_heads, hparams.head_dim)
+        attended = []
+        for kv_cache, start, stop in zip(kv_caches, bounds, bounds[1:]):
+            kv_cache.store(block, keys[start:stop], values[start:stop])
+            length = kv_cache.lengths[block]
+            attended.append(causal_attention(queries[start:stop], kv_cache.keys[block, :length],
+                                             kv_cache.values[block, :length], positions[start:stop],
+                                             1.0 / np.sqrt(hparams.head_dim)))
+        return hidden + weights.attn_output(attended[0] if len(attended) == 1 else np.concatenate(attended), self.threads)
 
     def _qk_norm(
         self, weights: BlockWeights, queries: np.ndarray, keys: np.ndarray
@@ -136,6 +143,17 @@ class MoEModel:
         """Output norm and LM head: float32 `[tokens, vocab]`."""
         normed = rms_norm(hidden, self.weights.output_norm, self.hparams.rms_norm_eps)
         return self.weights.output(normed, self.threads)
+
+
+def _check_positions(block: int, kv_cache: KVCache, positions: np.ndarray) -> None:
+    """`positions` must be the next positions of `block` in `kv_cache`, and fit in it."""
+    expected = kv_cache.lengths[block] + np.arange(positions.size)
+    if positions.shape != expected.shape or not np.array_equal(positions, expected):
+        raise ContextLengthError(f"block {block}: positions {positions.tolist()[:4]}... must continue the KV cache "
+                                 f"at position {kv_cache.lengths[block]}")
+    if expected.size and expected[-1] >= kv_cache.capacity:
+        raise ContextLengthError(f"position {int(expected[-1])} does not fit in the KV cache of "
+                                 f"{kv_cache.capacity} positions")
 
 
 def check_model_matches_store(model: MoEModel, manifest: Manifest, path: str) -> None:

@@ -11,6 +11,7 @@ from mer.protocol.messages import (
     PinSet, PredictorReport, PredictorStats, PrefetchCounts, PrefetchHint, PrefetchHints, ReadCounts, Ready, Release,
     RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, SplitReads, StartBenchmark,
     StartGeneration, StatsRequest, TokenGenerated, UNKNOWN_REQUEST_ID,
+    CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence,
 )
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, JsonMap, ScalarMap
 from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, raise_remote

@@ -178,6 +178,7 @@ class ComputeClient(_Client):
 
     def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int):
         self.num_workers = num_workers
+        self.busy_us = [0.0] * num_workers  # per worker: the kernels' time of the batch jobs it answered
         self.identities: dict[int, bytes] = {}
         self.sent_to: dict[int, bytes] = {}  # job id -> identity of the worker it was sent to
         self.jobs: dict[int, tuple[int, ExpertBatchJob]] = {}  # job id -> (worker, job), until its reply
@@ -275,6 +276,7 @@ class ComputeClient(_Client):
             for _, mine, future in waits:
                 result: ExpertBatchResult = await future
                 partials[mine] = result.partials
+                self.busy_us[result.worker] += result.compute_us
         finally:  # answered, failed or cancelled: never resubmitted
             for job_id, _, _ in waits:
                 self.jobs.pop(job_id, None)

@@ -1,8 +1,8 @@
 """The generation job, run by the router: THE generation loop (`mer.model.generate.generate_tokens`)
 with THE forward pass placed on the graph (`mer.router.graph_forward`).
 
-The router loads the model once, here, with its dense weights resident (`mer.model.resident`: read
-into the router's memory, so expert traffic cannot evict them). Each generated token goes
+The router loads the model once (`mer.router.model_job`, with its dense weights resident: read into
+the router's memory, so expert traffic cannot evict them). Each generated token goes
 to the supervisor at once (`TokenGenerated`); routing decisions go to the predictor and, with
 `record_trace`, to a trace. The summary is `mer.metrics.summary.GenerationSummary`; the I/O worker
 counts the decode steps' reads apart from the prompt length on (`SplitReads`, sent before the first
@@ -11,50 +11,33 @@ acquire). With the gate predictor on, its per-layer accuracies are logged as `ga
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 
 import numpy as np
 
-from mer.config import PipelineConfig
 from mer.model.forward import ForwardPass
 from mer.model.generate import GenerationResult, generate_tokens
-from mer.model.model import MoEModel, check_model_matches_store
+from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.predict.fusion import GATE
 from mer.protocol import StartGeneration, TokenGenerated
-from mer.router.clients import ComputeClient, IoClient
-from mer.router.dispatcher import ExpertDispatcher, ExpertStats, router_lease_limit
+from mer.router.dispatcher import ExpertStats
 from mer.router.graph_forward import DenseThread, GraphExperts
-from mer.router.job import Job, sends_hidden
-from mer.store.manifest import Manifest
+from mer.router.job import sends_hidden
+from mer.router.model_job import ModelJob
 from mer.metrics.summary import MIB, GenerationSummary, predictor_summaries
 from mer.routing.trace import TraceHeader, TraceWriter
 
 
-class GenerateJob(Job):
+class GenerateJob(ModelJob):
     """One generation through the graph (see the module docstring)."""
 
-    def __init__(self, start: StartGeneration, config: PipelineConfig, manifest: Manifest, io: IoClient,
-                 compute: ComputeClient, observe, log, send_control: Callable[[object], Awaitable[None]]):
-        self.start = start
-        self.config = config
-        self.manifest = manifest
-        self.io = io
-        self.log = log
-        self.send_control = send_control
-        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=router_lease_limit(config),
-                                            expert_slices=config.expert_slices)
-        self.compute_workers = compute.num_workers
-        self.observe = observe
+    start: StartGeneration
 
     async def run(self) -> GenerationSummary:
         dense = DenseThread()
         try:
-            model = await dense(MoEModel.load, self.start.model, 1, True)  # dense weights resident
-            check_model_matches_store(model, self.manifest, self.start.model)
-            warm_up_s = await dense(warm_up_dense, model)
+            model, warm_up_s = await self.load_model(dense)
             self.log.info("generation_started", model=self.start.model, architecture=model.hparams.architecture,
                           prompt_tokens=len(self.start.prompt_tokens), max_tokens=self.start.max_tokens,
                           dense_warm_up_s=round(warm_up_s, 3), cache_slots=self.config.cache_slots)
@@ -104,7 +87,7 @@ class GenerateJob(Job):
             forward_pass, start.prompt_tokens, start.max_tokens,
             Sampler(start.temperature, start.top_k, start.top_p, start.seed), end_ids=frozenset(start.end_ids),
             ignore_eos=start.ignore_eos, keep_logits=bool(start.dump_logits), keep_routings=False, on_token=stream,
-            on_prefill=prefilled)
+            on_prefill=prefilled, prefill_chunk=self.config.prefill_chunk)
         self.log.info("generation_decode_done", steps=result.decode_steps, tokens=len(result.tokens),
                       stop_reason=result.stop_reason, t_start=result.t_prefill_end, t_end=result.t_end)
         return result
@@ -145,18 +128,3 @@ def hit_rate_pct(stats: ExpertStats) -> float:
     """Hits per lookup in percent (0 without lookups)."""
     lookups = stats.hits + stats.misses
     return 100.0 * stats.hits / lookups if lookups else 0.0
-
-
-def warm_up_dense(model: MoEModel) -> float:
-    """Compile (or load from numba's cache) the dense kernels on a throwaway one-token pass of the
-    first block and the LM head, so that the prefill time does not include it; returns seconds."""
-    started = time.perf_counter()
-    cache = model.new_kv_cache(1)
-    hidden = model.attention_block(0, model.embed([0]), cache, np.arange(1))
-    normed = model.ffn_input(0, hidden)
-    if model.is_moe_block(0):
-        model.route(0, normed)
-    else:
-        model.dense_ffn(0, normed)
-    model.logits(hidden)
-    return time.perf_counter() - started

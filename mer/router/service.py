@@ -1,5 +1,6 @@
 """The router: runs the job the start message picks (`mer.router.job`) through the graph once the
-supervisor says every child is ready.
+supervisor says every child is ready. The serving job (`StartServing`) also takes `SubmitSequence`
+and `CancelSequence` on the control socket while it runs.
 
 Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
 (`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
@@ -12,11 +13,13 @@ import asyncio
 
 import zmq
 
-from mer.protocol import JobDone, StartBenchmark, StartGeneration
+from mer.errors import ProtocolError
+from mer.protocol import CancelSequence, JobDone, StartBenchmark, StartGeneration, StartServing, SubmitSequence
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.generate_job import GenerateJob
 from mer.router.job import Job
+from mer.router.serve_job import ServeJob
 from mer.runtime.cpu_progress import start_limit_s
 from mer.store.manifest import Manifest
 
@@ -26,7 +29,8 @@ class Router:
         self.context = context
         self.manifest = Manifest.load(context.run.store)
         self.start_job = asyncio.Event()
-        self.start_message: StartBenchmark | StartGeneration | None = None
+        self.start_message: StartBenchmark | StartGeneration | StartServing | None = None
+        self.job: Job | None = None
         self.io: IoClient | None = None
         self.compute: ComputeClient | None = None
         self.observe = None
@@ -44,9 +48,13 @@ class Router:
         return {"compute_workers": run.num_compute_workers}
 
     async def on_control(self, message) -> None:
-        if isinstance(message, (StartBenchmark, StartGeneration)):
+        if isinstance(message, (StartBenchmark, StartGeneration, StartServing)):
             self.start_message = message
             self.start_job.set()
+        elif isinstance(message, (SubmitSequence, CancelSequence)):
+            if not isinstance(self.job, ServeJob):
+                raise ProtocolError(f"{type(message).__name__} for a router that is not serving")
+            await self.job.on_request(message)
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Wait for the start message, run the job, then wait for Shutdown. A Shutdown that arrives first (the
@@ -69,7 +77,8 @@ class Router:
         await stop.wait()
 
     async def _run_job(self) -> None:
-        summary = await self._job().run()
+        self.job = self._job()
+        summary = await self.job.run()
         await self.context.send_control(JobDone(summary.to_json_dict()))
 
     def _job(self) -> Job:
@@ -78,6 +87,8 @@ class Router:
         common = (context.config, self.manifest, self.io, self.compute, self.observe, context.log)
         if isinstance(self.start_message, StartGeneration):
             return GenerateJob(self.start_message, *common, context.send_control)
+        if isinstance(self.start_message, StartServing):
+            return ServeJob(self.start_message, *common, context.send_control)
         return BenchJob(*common, progress=progress_printer(context.config.tokens))
 
     def close(self) -> None:

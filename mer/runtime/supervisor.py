@@ -10,9 +10,11 @@ One run:
    start-up with that child's own error. Every
    child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
    without a model is refused before anything starts;
-3. send the job's start message to the router (`StartBenchmark`, or `StartGeneration`) and wait for
-   its `JobDone`, returned as the job's typed summary (`RunSummary`, `GenerationSummary`);
-   `TokenGenerated` messages before it are handed to `on_token` as they arrive;
+3. send the job's start message to the router (`StartBenchmark`, `StartGeneration` or `StartServing`)
+   and wait for its `JobDone`, returned as the job's typed summary (`RunSummary`, `GenerationSummary`);
+   `TokenGenerated` messages before it are handed to `on_token` as they arrive, the serving job's
+   `SequenceToken`, `SequenceDone` and `ServeStep` to `on_serving` (a serving job runs until the
+   supervisor is cancelled; `send_to_router` hands it requests);
 4. shut down: `Shutdown` to the router, then (once it has exited) to the other children; children
    still starting get SIGTERM at once; whatever is alive after the grace period gets SIGTERM, then
    SIGKILL; unlink the arena and remove the runtime directory (sockets included).
@@ -48,8 +50,9 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, JobDone, Ready, Shutdown, StartBenchmark,
-                          StartGeneration, TokenGenerated, decode, encode, error_reply)
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, JobDone, Ready, SequenceDone,
+                          SequenceToken, ServeStep, Shutdown, StartBenchmark, StartGeneration, StartServing,
+                          TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.cpu_progress import start_limit_s
@@ -92,13 +95,14 @@ class Child:
         return f"exit code {code}"
 
 
-StartMessage = StartBenchmark | StartGeneration
+StartMessage = StartBenchmark | StartGeneration | StartServing
+SERVING_REPORTS = (SequenceToken, SequenceDone, ServeStep)  # the serving job's messages to the supervisor
 
 
 def job_model(job: StartMessage, gate_model: Path | None = None) -> str | None:
     """The GGUF the children read: a generation's `model`, else a benchmark's `gate_model` (the gate predictor
     replaying a layered trace recorded with its residuals: the configuration checks that), else None."""
-    if isinstance(job, StartGeneration):
+    if isinstance(job, (StartGeneration, StartServing)):
         return job.model
     return None if gate_model is None else str(gate_model)
 
@@ -107,13 +111,17 @@ class Supervisor:
     """Runs one job through a freshly started process graph."""
 
     def __init__(self, config: PipelineConfig, store: ExpertStore, on_job_done=None,
-                 job: StartMessage = StartBenchmark(), on_token=None):
+                 job: StartMessage = StartBenchmark(), on_token=None, on_serving=None):
         self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
         self.job = job  # the router's start message
         self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
+        self.on_serving = on_serving  # optional function(message) for the serving job's SERVING_REPORTS
+        self.job_started = asyncio.Event()  # every child is ready and the router has the start message
+        self._control: zmq.asyncio.Socket | None = None
+        self._router_name = b""
         self.model = job_model(job, config.gate_model)
         check_model_for_predictors(config.predictors, self.model,
-                                   "generation" if isinstance(job, StartGeneration) else "benchmark")
+                                   "benchmark" if isinstance(job, StartBenchmark) else "generation")
         self.config = config
         self.store = store
         self.log = get_logger()
@@ -147,11 +155,14 @@ class Supervisor:
                 await self._handshake()
                 router = next(child for child in self.children.values() if child.role == "router")
                 await control.send_multipart([router.name.encode(), *encode(self.job)], copy=False)
+                self._control, self._router_name = control, router.name.encode()
+                self.job_started.set()
                 summary = await self._wait_job_done()
                 if self.on_job_done is not None:
                     await self.on_job_done(summary, self)
                 return summary
             finally:
+                self._control = None  # no more requests to the router
                 receiver.cancel()
                 await self._shutdown(control)
         finally:
@@ -199,7 +210,8 @@ class Supervisor:
             identity, *frames = await control.recv_multipart(copy=False)
             name = bytes(identity.buffer).decode(errors="replace")
             try:
-                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated, Heartbeat))
+                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated, Heartbeat,
+                                                         *SERVING_REPORTS))
                 self._check_sender(name, message)
             except Exception as error:  # logged, answered and dropped: the control socket keeps serving
                 self.log.warning("bad_control_message", child=name, error=str(error))
@@ -219,7 +231,7 @@ class Supervisor:
             raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not a child of this run")
         if hasattr(message, "name") and message.name != identity:
             raise ProtocolError(f"{type(message).__name__} naming {message.name!r} sent by {identity!r}")
-        if isinstance(message, (JobDone, TokenGenerated)) and child.role != "router":
+        if isinstance(message, (JobDone, TokenGenerated, *SERVING_REPORTS)) and child.role != "router":
             raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not the router")
 
     async def _next_event(self, deadline: float | None):
@@ -325,6 +337,10 @@ class Supervisor:
                 if self.on_token is not None:
                     self.on_token(payload)
                 continue
+            if isinstance(payload, SERVING_REPORTS):
+                if self.on_serving is not None:
+                    self.on_serving(payload)
+                continue
             if kind == "Ready":
                 self._on_restart_ready(self._on_ready(payload))
                 continue
@@ -373,6 +389,12 @@ class Supervisor:
         seconds = None if child.restarted_at is None else round(time.monotonic() - child.restarted_at, 3)
         self.log.warning("child_recovered", child=child.name, child_pid=child.process.pid, seconds=seconds,
                          restarts=self.restarts)
+
+    async def send_to_router(self, message) -> None:
+        """Send a control message to the router once the job has started (the serving job's requests)."""
+        if self._control is None:
+            raise PipelineError("the graph is not serving yet")
+        await self._control.send_multipart([self._router_name, *encode(message)], copy=False)
 
     def status_line(self) -> str:
         """Live figures of the graph: processes alive and their resident memory."""

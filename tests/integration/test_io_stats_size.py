@@ -1,5 +1,5 @@
 """The I/O worker's statistics do not grow with the run: `IoStats` carries aggregates (counters and a
-fixed latency histogram), never one record per read.
+fixed latency histogram, and a snapshot of the slots: one expert id per slot), never one record per read.
 
 Two `mer-pipeline run`s of the tiny store with few slots (so most lookups read), 200 and 2,000 tokens
 with prefetch on (the preadv backend: the message's size does not depend on it): the I/O worker logs the encoded size of every `IoStats` it sends (`io_stats_sent`).
@@ -18,14 +18,16 @@ from tests.support.pipeline_runs import run_pipeline
 
 pytestmark = pytest.mark.slow  # starts the process graph
 
-# the latency buckets; three read counters of 2; six prefetch counters; 11 counters and a list per predictor
-MAX_INTEGERS = NUM_LATENCY_BUCKETS + 6 + 6 + 4 * 11
+CACHE_SLOTS = 3
+# the latency buckets; three read counters of 2; six prefetch counters; 11 counters and a list per predictor;
+# the expert of each slot of the arena (the cache and the prefetch reserve of 2), pinned slots and queue depth
+MAX_INTEGERS = NUM_LATENCY_BUCKETS + 6 + 6 + 4 * 11 + (CACHE_SLOTS + 2) + 2
 MAX_NBYTES = 9 * MAX_INTEGERS + 1024  # every integer at its widest, plus names, floats and framing
 
 
 def final_io_stats(leak_guard, store, tokens: int, workdir) -> dict:
     workdir.mkdir()
-    run = run_pipeline(leak_guard, store, "--tokens", tokens, "--cache-slots", 3, "--compute-workers", 1,
+    run = run_pipeline(leak_guard, store, "--tokens", tokens, "--cache-slots", CACHE_SLOTS, "--compute-workers", 1,
                        "--workload", "markov", "--seed", 5, "--io-backend", "preadv",  # the size is the backend's
                        workdir=workdir).check_ok()
     sent = run.events_named("io_stats_sent")

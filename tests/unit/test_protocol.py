@@ -12,6 +12,12 @@ from mer.metrics.events import LayerHintCounts, PredictorCounters
 from mer.metrics.stats import LatencyHistogram
 from mer.protocol import (
     MESSAGE_TYPES,
+    CancelSequence,
+    SequenceDone,
+    SequenceToken,
+    ServeStep,
+    StartServing,
+    SubmitSequence,
     Acquire,
     ChildFailed,
     ComputeItem,
@@ -61,7 +67,8 @@ def io_stats_sample() -> IoStats:
     markov = PredictorReport("markov", PredictorCounters(9, 5, 4, 3, 1, 4, 0, 8, 5, 11, 16), [])
     gate = PredictorReport("gate", PredictorCounters(hints=2, predictions=1), [LayerHintCounts(3, 1, 1, 1, 2, 2, 2)])
     return IoStats(99, "uring", True, ReadCounts(12, 12 << 20), ReadCounts(5, 5 << 20), ReadCounts(7, 7 << 20),
-                   LatencyHistogram.of([0.5, 812.5, 1 << 40]), PrefetchCounts(5, 4, 3, 1, 4, 0), [gate, markov])
+                   LatencyHistogram.of([0.5, 812.5, 1 << 40]), PrefetchCounts(5, 4, 3, 1, 4, 0), [gate, markov],
+                   [3, -1, 17, 4], 1, 2)
 
 
 def test_io_stats_records_are_checked_by_path():
@@ -112,12 +119,19 @@ def sample_messages() -> list:
         SplitReads(12),
         PinSet("locality", [4, 9]),
         HiddenObserved(7, 2, activations(d_model=64)[0]),
+        StartServing("/m.gguf", 8, 2048, [2]),
+        SubmitSequence(41, [1, 5, 9], 32, 0.8, 40, 0.95, 7, True, 3),
+        CancelSequence(41, "client disconnected"),
+        SequenceToken(41, 2, 117, -0.25, [117, 3], [-0.25, -1.5]),
+        SequenceDone(41, "max_tokens", 3, 32, ""),
+        ServeStep(12, 4, 7, 3, 1250.5, 4, 2, 300, 40, 8, 900.5, 1200.25, 8, 819200, 3, 2, 1, [500.5, 612.0],
+                  [8, 3], 11, 0, 2),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 23
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 29
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)

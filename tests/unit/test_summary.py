@@ -296,7 +296,7 @@ def test_the_run_and_the_log_compute_the_same_read_figures():
     reads = [ReadRecord.from_event(event) for event in events if event["event"] == "expert_read"]
     stats = IoStats(1, "uring", True, ReadCounts(len(reads), sum(r.nbytes for r in reads)), ReadCounts(0, 0),
                     ReadCounts(0, 0), LatencyHistogram.of(r.latency_us for r in reads),
-                    PrefetchCounts(0, 0, 0, 0, 0, 0), [])
+                    PrefetchCounts(0, 0, 0, 0, 0, 0), [], [0, -1], 0, 0)
     decoded = decode(encode(stats))
     in_run = summarize_log_events([e for e in events if e["event"] != "expert_read"], ReadFigures.of_stats(decoded))
     assert in_run == summarize_log_events(json.loads(json.dumps(event)) for event in events)
