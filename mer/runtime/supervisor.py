@@ -377,7 +377,8 @@ class Supervisor:
         self.restarts += 1
         self.stall_watch.forget(dead.name)
         dead_pid, exit_line = dead.process.pid, dead.describe_exit()
-        dead.process.close()
+        with contextlib.suppress(ValueError):  # frees its sentinel and pipe (reaped by _on_sentinel)
+            dead.process.close()
         child = self._spawn(self.run_spec, dead.role, dead.index)
         child.restarted_at = time.monotonic()
         # until Ready, no progress (CPU, I/O) within the handshake timeout is a stall, as at start-up
