@@ -85,16 +85,43 @@ def read_events(log_path: Path) -> list[dict]:
     return events
 
 
-def victims(events: list[dict]) -> dict[str, int]:
-    """{name: pid} of the run's compute workers and predictor whose latest process is ready (a kill
-    while one is still restarting would only test the start-up again)."""
-    latest, ready = {}, set()
-    for event in events:
-        if event.get("event") == "child_spawned" and str(event["child"]).startswith(VICTIM_PREFIXES):
-            latest[event["child"]] = int(event["child_pid"])
-        if event.get("event") == "child_ready" and "child" not in event:  # the child's own event
-            ready.add((event.get("process"), event.get("pid")))
-    return {name: pid for name, pid in latest.items() if (name, pid) in ready}
+class LogFollower:
+    """A run's log read as it grows (only the new complete lines each time): whether an event was
+    logged, and the compute workers and predictor whose latest process is ready."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.seen: set[str] = set()
+        self.latest: dict[str, int] = {}
+        self.ready: set[tuple[str, int]] = set()
+
+    def update(self) -> None:
+        try:
+            with open(self.path, "rb") as file:
+                file.seek(self.offset)
+                chunk = file.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                self._take(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+
+    def _take(self, event: dict) -> None:
+        name = event.get("event")
+        self.seen.add(name)
+        if name == "child_spawned" and str(event["child"]).startswith(VICTIM_PREFIXES):
+            self.latest[event["child"]] = int(event["child_pid"])
+        if name == "child_ready" and "child" not in event:  # the child's own event
+            self.ready.add((event.get("process"), event.get("pid")))
+
+    def victims(self) -> dict[str, int]:
+        """{name: pid} of the ready ones (a kill while one is still restarting would only test its start-up again)."""
+        return {name: pid for name, pid in self.latest.items() if (name, pid) in self.ready}
 
 
 def is_alive(pid: int) -> bool:
@@ -133,13 +160,15 @@ def wait_for_leftovers(run_id: str, timeout_s: float = 5.0) -> list[str]:
     return left
 
 
-@dataclass(frozen=True)
+@dataclass
 class KillPlan:
-    """When to kill: every ~`interval_s` (drawn from 0.5-1.5 times it), at most `per_run` times a run."""
+    """When to kill: every ~`interval_s` (drawn from 0.5-1.5 times it), at most `per_run` times a run,
+    and not after `until` (time.monotonic(): the phase's time is spent, the run ends undisturbed)."""
 
     rng: random.Random
     interval_s: float
     per_run: int
+    until: float = float("inf")
 
     def next_after(self, now: float) -> float:
         return now + self.rng.uniform(0.5, 1.5) * self.interval_s
@@ -150,18 +179,20 @@ def run_disturbed(argv: list[str], log_path: Path, plan: KillPlan, tally: Tally,
     """Run `argv` in the background, killing a random victim every ~`interval_s` once `started_event`
     is logged; a kill after `done_event` (the job's summary) counts as after the job."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    started = time.monotonic()
+    deadline = started + RUN_TIMEOUT_S
     next_kill = None
     kills = []
+    log = LogFollower(log_path)
     while process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-        events = read_events(log_path)
+        log.update()
         if next_kill is None:
-            if any(event.get("event") == started_event for event in events):
+            if started_event in log.seen:
                 next_kill = plan.next_after(time.monotonic())
             continue
-        if time.monotonic() >= next_kill and len(kills) < plan.per_run:
-            alive = sorted((name, pid) for name, pid in victims(events).items() if is_alive(pid))
+        if plan.until > time.monotonic() >= next_kill and len(kills) < plan.per_run:
+            alive = sorted((name, pid) for name, pid in log.victims().items() if is_alive(pid))
             if alive:
                 name, pid = plan.rng.choice(alive)
                 os.kill(pid, signal.SIGKILL)
@@ -172,6 +203,8 @@ def run_disturbed(argv: list[str], log_path: Path, plan: KillPlan, tally: Tally,
     if process.poll() is None:
         process.kill()
     stdout, stderr = process.communicate()
+    print(f"soak: {argv[1]} exited {process.returncode} after {len(kills)} kills, "
+          f"{time.monotonic() - started:.1f} s", file=sys.stderr)
     count_recoveries(read_events(log_path), [pid for _, pid, _ in kills], done_event, tally)
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
@@ -208,7 +241,7 @@ def bench_argv(store: Path, tokens: int, dump: Path, log_path: Path, max_restart
 
 
 def calibrated_tokens(store: Path, workdir: Path, seconds: float) -> int:
-    """Benchmark tokens that take about `seconds` here, from a short undisturbed run."""
+    """Benchmark tokens that take about `seconds` here undisturbed, from a short run."""
     log_path = workdir / "calibration.jsonl"
     argv = bench_argv(store, CALIBRATION_TOKENS, workdir / "calibration.npy", log_path, 0)
     completed = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -218,13 +251,14 @@ def calibrated_tokens(store: Path, workdir: Path, seconds: float) -> int:
     return max(CALIBRATION_TOKENS, int(rate * seconds))
 
 
-def soak_benchmark(workdir: Path, tokens: int, plan: KillPlan, tally: Tally) -> None:
+def soak_benchmark(workdir: Path, tokens: int, plan: KillPlan, tally: Tally, kill_seconds: float) -> None:
     store = workdir / "store"
     reference_log, disturbed_log = workdir / "bench-reference.jsonl", workdir / "bench-disturbed.jsonl"
     reference = subprocess.run(bench_argv(store, tokens, workdir / "reference.npy", reference_log, 0),
                                capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     finish_run("benchmark (undisturbed)", reference, reference_log, tally)
     argv = bench_argv(store, tokens, workdir / "disturbed.npy", disturbed_log, 1_000_000)
+    plan.until = time.monotonic() + kill_seconds
     disturbed = run_disturbed(argv, disturbed_log, plan, tally, "token_done", "run_summary")
     events = finish_run("benchmark", disturbed, disturbed_log, tally)
     tally.tokens_completed += sum(event.get("event") == "token_done" for event in events)
@@ -249,8 +283,10 @@ def reference_tokens(prompt: str, steps: int) -> tuple[list[int], list[int]]:
     return ids, generate(model, ids, steps, Sampler(), GGUFExperts(model.source), ignore_eos=True).tokens
 
 
-def soak_generation(workdir: Path, deadline: float, steps: int, plan: KillPlan, tally: Tally) -> None:
-    """Generations with kills, a prompt after another, until `deadline` (at least one)."""
+def soak_generation(workdir: Path, seconds: float, steps: int, plan: KillPlan, tally: Tally) -> None:
+    """Generations with kills, a prompt after another, for `seconds` (at least one; the last one
+    started then ends undisturbed)."""
+    plan.until = deadline = time.monotonic() + seconds if seconds else float("inf")
     for index in range(10**6):
         prompt = PROMPTS[index % len(PROMPTS)]
         log_path = workdir / f"generate-{index}.jsonl"
@@ -266,15 +302,16 @@ def soak_generation(workdir: Path, deadline: float, steps: int, plan: KillPlan, 
             tally.tokens_differing += sum(a != b for a, b in zip(expected, got)) + abs(len(expected) - len(got))
             if result["prompt_tokens"] != prompt_ids:
                 tally.failed_runs.append(f"generate {prompt!r}: prompt ids {result['prompt_tokens']} != {prompt_ids}")
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or not seconds:
             return
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0,
-                        help="time (s) of the disturbed runs, half benchmark and half generation; the undisturbed "
-                             "references come on top (default 60)")
+                        help="time (s) of the faults, half during the benchmark and half during generations; the "
+                             "undisturbed references, start-ups and the runs' ends after the last fault come on "
+                             "top (default 60)")
     parser.add_argument("--interval-s", type=float, default=2.0,
                         help="mean time (s) between kills, each drawn from 0.5-1.5 times it (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times and victims (default 0)")
@@ -295,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MER_CACHE_DIR", str(workdir / "cache"))
         subprocess.run([MER_PIPELINE, "synth", "--preset", "tiny", "--out", str(workdir / "store"), "--quiet"],
                        check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
-        tokens = 500 if args.quick else calibrated_tokens(workdir / "store", workdir, args.seconds / 2)
-        soak_benchmark(workdir, tokens, plan, tally)
-        generation_deadline = time.monotonic() + (0 if args.quick else args.seconds / 2)
-        soak_generation(workdir, generation_deadline, 60 if args.quick else 200, plan, tally)
+        # undisturbed, the benchmark would take a quarter of the time: restarts stall it meanwhile
+        tokens = 500 if args.quick else calibrated_tokens(workdir / "store", workdir, args.seconds / 4)
+        soak_benchmark(workdir, tokens, plan, tally, kill_seconds=float("inf") if args.quick else args.seconds / 2)
+        soak_generation(workdir, 0 if args.quick else args.seconds / 2, 60 if args.quick else 200, plan, tally)
     figures = {**asdict(tally), "seconds": round(time.monotonic() - started, 1), "seed": args.seed, "ok": tally.ok}
     print(tally.report(), file=sys.stderr)
     for line in tally.leaks + tally.failed_runs:
