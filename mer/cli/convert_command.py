@@ -36,12 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--log-file", default=None, metavar="FILE",
                         help="append the JSON events (convert_started, convert_layer_done, convert_done) to FILE "
-                             "instead of stderr")
+                             "(without it, only warnings are logged, to stderr)")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    configure_logging("mer-convert", log_file=args.log_file, level="info")
+    configure_logging("mer-convert", log_file=args.log_file)  # its events to the log file; stderr: warnings
     with ProgressDisplay("convert", enabled=not args.quiet) as display:
         result = convert_gguf(args.model, args.out, layout=args.layout, force=args.force,
                               start_phase=display.start_phase)

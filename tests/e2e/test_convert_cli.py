@@ -20,7 +20,8 @@ def mer_pipeline(*args) -> subprocess.CompletedProcess:
 
 def test_json_result_is_the_only_stdout(tmp_path):
     info = write_tiny_moe_gguf(tmp_path / "m.gguf", arch="qwen3moe", n_layers=3)
-    done = mer_pipeline("convert", info.path, "--out", tmp_path / "store", "--json", "--quiet")
+    done = mer_pipeline("convert", info.path, "--out", tmp_path / "store", "--json", "--quiet",
+                        "--log-file", tmp_path / "convert.jsonl")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert set(result) == {"out", "experts", "bytes", "seconds", "source_hash"}
@@ -28,7 +29,8 @@ def test_json_result_is_the_only_stdout(tmp_path):
     assert result["out"] == str(tmp_path / "store") and result["experts"] == 12 == manifest.geometry.num_experts
     assert result["bytes"] == manifest.total_payload_nbytes() and result["seconds"] >= 0
     assert result["source_hash"] == gguf_identity(info.path) == manifest.source.hash
-    assert '"event": "convert_done"' in done.stderr
+    assert '"event": "convert_done"' in (tmp_path / "convert.jsonl").read_text()  # the events go to the log file
+    assert '"event"' not in done.stderr  # and stderr holds no info events (warnings only)
 
 
 def test_plain_result_line_and_force(tmp_path):
