@@ -110,3 +110,21 @@ def test_a_tiny_f32_model_matches_the_float64_reference_and_chunked_prefill_chan
     assert whole.tally.count == 3 * 31
     assert whole.tally.ppl == pytest.approx(expected, rel=1e-5)
     assert pieces.tally.ppl == pytest.approx(whole.tally.ppl, rel=1e-6)
+
+
+def test_token_nlls_of_many_rows_equal_the_row_by_row_values():
+    rng = np.random.default_rng(9)
+    logits = rng.normal(0, 4, size=(100, 77)).astype(np.float32)  # more rows than one float64 block
+    targets = rng.integers(0, 77, size=100)
+    np.testing.assert_array_equal(token_nlls(logits, targets),
+                                  np.concatenate([token_nlls(logits[i : i + 1], targets[i : i + 1]) for i in range(100)]))
+
+
+def test_the_start_message_refuses_chunks_that_do_not_fit_the_tokens():
+    from mer.protocol import StartPerplexity
+
+    StartPerplexity("/m.gguf", list(range(16)), 8, 2, 1)
+    with pytest.raises(ConfigError, match="3 chunks of 8 tokens do not fit 16 tokens"):
+        StartPerplexity("/m.gguf", list(range(16)), 8, 3, 1)
+    with pytest.raises(ConfigError, match="tokens must be token ids"):
+        StartPerplexity("/m.gguf", [1, -2, *range(14)], 8, 2, 1)
