@@ -3,9 +3,10 @@ file, flag or value, the documented exit status (1, or 2 for a bad flag), nothin
 store converted, nothing left behind (the leak guard). What llama-perplexity refuses (a text of fewer
 than 2 x ctx tokens) is refused, and so is what mer cannot run (a context above the model's).
 
-The one run that starts the graph (marked slow) checks the human output: llama-perplexity's lines on
+The one test that starts the graph (marked slow) checks the human output: llama-perplexity's lines on
 stdout (`[1]...,[2]...,` running values and `Final estimate: PPL = ... +/- ...`), equal to the `--json`
-run's values, and the progress on stderr.
+run's values, and the progress on stderr; and that `logs summarize` recomputes those values from the
+run's log, or from the chunks an interrupted run scored (with a warning).
 """
 
 from __future__ import annotations
@@ -145,3 +146,24 @@ def test_the_human_output_is_llama_perplexitys_lines_with_the_json_runs_values(l
     assert text.splitlines() == [running, f"Final estimate: PPL = {result['ppl']:.4f} +/- {result['ppl_error']:.5f}"]
     assert [line for line in stderr.splitlines() if "[3/3]" in line][0].startswith(
         f"mer-pipeline perplexity: [3/3] {result['ppl']:.4f} (this chunk {result['chunk_ppl'][2]:.4f}")
+    # `logs summarize` recomputes the values from the chunks' events, and says when the run did not finish
+    summarized = subprocess.run([MER_PIPELINE, "logs", "summarize", str(tmp_path / "b.jsonl"), "--json"],
+                                capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert summarized.returncode == 0 and summarized.stderr == "", summarized.stderr
+    recomputed = json.loads(summarized.stdout)
+    assert recomputed["kind"] == "perplexity" and recomputed["chunks"] == 3
+    assert recomputed["ppl"] == pytest.approx(result["ppl"], rel=1e-12)
+    assert recomputed["ppl_error"] == pytest.approx(result["ppl_error"], rel=1e-12)
+    assert recomputed["running_ppl"] == pytest.approx(result["running_ppl"], rel=1e-12)
+    lines = (tmp_path / "b.jsonl").read_text().splitlines()
+    chunk_events = [index for index, line in enumerate(lines) if '"perplexity_chunk_done"' in line]
+    cut = tmp_path / "interrupted.jsonl"
+    cut.write_text("\n".join(lines[: chunk_events[1] + 1]) + "\n")  # two chunks scored, then nothing
+    partial = subprocess.run([MER_PIPELINE, "logs", "summarize", str(cut)], capture_output=True, text=True,
+                             timeout=CLI_TIMEOUT_S)
+    assert partial.returncode == 0, partial.stderr
+    assert "the run did not finish (interrupted or failed); its values are those of the 2 of 3 chunks" in partial.stderr
+    kind, what, running = partial.stdout.splitlines()[:3]
+    assert kind == "log kind: perplexity (a perplexity run (mer-pipeline perplexity))"
+    assert what.startswith(f"perplexity of {model}: 2 of 3 chunks of 32 tokens, 30 scored, in ")
+    assert running == ",".join(f"[{index + 1}]{value:.4f}" for index, value in enumerate(result["running_ppl"][:2])) + ","
