@@ -10,7 +10,9 @@ and against the float64 numpy forward pass (tests/support/reference_forward.py) 
   here with numpy from the per-token nll;
 - a tiny random f32 model: mer's perplexity equals the one computed from the float64 reference's
   logits with the same chunking to 1e-5 relative (measured ~1e-9), and running the chunks in
-  passes of 24 tokens (chunked prefill) instead of one gives the same value to 1e-6.
+  passes of 24 tokens (chunked prefill) instead of one gives the same value to 1e-6;
+- the shipped held-out text is whole stdlib files the tiny model's training held out, long enough
+  for a default run (and, on the CPython it was written from, byte for byte those files).
 """
 
 from __future__ import annotations
@@ -128,3 +130,21 @@ def test_the_start_message_refuses_chunks_that_do_not_fit_the_tokens():
         StartPerplexity("/m.gguf", list(range(16)), 8, 3, 1)
     with pytest.raises(ConfigError, match="tokens must be token ids"):
         StartPerplexity("/m.gguf", [1, -2, *range(14)], 8, 2, 1)
+
+
+def test_the_shipped_held_out_text_is_whole_held_out_stdlib_files_long_enough_for_the_default_run():
+    import platform
+
+    from mer.model.tokenizer import load_tokenizer
+    from mer.models import held_out_text_path, tiny_model_path
+    from mer.store.gguf_source import read_gguf_source
+    from tools.tiny_moe_data import is_held_out, stdlib_root
+    from tools.write_held_out_text import FILES, held_out_text
+
+    assert all(is_held_out(name) for name in FILES)
+    shipped = held_out_text_path().read_bytes()
+    if platform.python_version() == "3.11.7":  # the standard library it was written from
+        assert shipped == held_out_text(stdlib_root())
+    tokenizer = load_tokenizer(read_gguf_source(tiny_model_path()).parts[0])
+    tokens = tokenizer.encode(shipped.decode("utf-8"))
+    assert tokens[0] == tokenizer.bos_id and len(tokens) // 256 >= 64  # chunks of the model's context: enough to judge
