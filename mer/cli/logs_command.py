@@ -3,10 +3,10 @@
 Subcommands (docs/events.md describes the events they read):
 
 - `summarize FILE... [--json]`: say what kind of log each run is (`mer.logs.kinds`: run, generate,
-  convert) and recompute its summary from the raw events: a benchmark run's as `run` computed it
+  perplexity, convert) and recompute its summary from the raw events: a benchmark run's as `run` computed it
   (`--json`: the keys of `run --json`), a generation's (`mer.logs.generation`; `--json`: the keys of
-  `generate --json` with counts for the token lists, `kind: "generate"`), a conversion's
-  (`mer.logs.conversion`; `kind: "convert"`). One JSON object per run, one per line.
+  `generate --json` with counts for the token lists, `kind: "generate"`), a perplexity run's
+  (`mer.logs.perplexity`; `kind: "perplexity"`), a conversion's (`mer.logs.conversion`; `kind: "convert"`). One JSON object per run, one per line.
 - `compare A B [C...] [--json]`: the summaries side by side with ratios against A; a FILE may also
   be the output of `run --json`.
 - `plot FILE --out DIR`: PNG plots of one run.
@@ -28,7 +28,8 @@ from mer.errors import EventLogError, MerError, os_error_reason
 from mer.logs.compare import compare_summaries, format_comparison
 from mer.logs.conversion import format_conversion, summarize_conversion
 from mer.logs.generation import format_generation, summarize_generation
-from mer.logs.kinds import CONVERT, DESCRIPTIONS, GENERATE, RUN, kind_line, log_kind
+from mer.logs.kinds import CONVERT, DESCRIPTIONS, GENERATE, PERPLEXITY, RUN, kind_line, log_kind
+from mer.logs.perplexity import format_perplexity, summarize_perplexity
 from mer.logs.recompute import recompute_summary
 from mer.logs.runs import RunLog, load_runs, select_run
 from mer.metrics.summary import RunSummary, format_seed_block
@@ -127,14 +128,19 @@ def _summary_of(run: RunLog) -> tuple[str, Any, list[str]]:
     if kind == CONVERT:
         conversion = summarize_conversion(run)
         return kind, conversion.summary, conversion.warnings
+    if kind == PERPLEXITY:
+        perplexity = summarize_perplexity(run)
+        return kind, perplexity.summary, perplexity.warnings
     names = ", ".join(sorted({event["event"] for event in run.events})[:12])
-    raise EventLogError(f"{run.label}: log kind {kind} ({DESCRIPTIONS[kind]}): no run_started, generation_started or "
-                        f"convert_started event, nothing to summarize (events: {names})")
+    raise EventLogError(f"{run.label}: log kind {kind} ({DESCRIPTIONS[kind]}): no run_started, generation_started, "
+                        f"perplexity_started or convert_started event, nothing to summarize (events: {names})")
 
 
 def _summary_text(kind: str, summary: Any) -> str:
     if kind == RUN:
         return format_seed_block(summary)
+    if kind == PERPLEXITY:
+        return format_perplexity(summary)
     return format_generation(summary) if kind == GENERATE else format_conversion(summary)
 
 

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "mer.cli.run_command",
     "mer.cli.up_command",
     "mer.cli.generate_command",
+    "mer.cli.perplexity_command",
     "mer.cli.serve_command",
     "mer.cli.top_command",
     "mer.cli.trace_command",

@@ -2,6 +2,7 @@
 
 - `run`: a benchmark job (`mer-pipeline run`, `up` with a workload): `run_started`;
 - `generate`: a generation (`mer-pipeline generate`, `up --model`): `generation_started`;
+- `perplexity`: a perplexity run (`mer-pipeline perplexity`): `perplexity_started`;
 - `convert`: a conversion (`mer-pipeline convert --log-file`): `convert_started` or `convert_done`
   (a generation that converted its model first is a `generate` log; one that failed before its
   generation started reads as the conversion it did);
@@ -15,17 +16,19 @@ from __future__ import annotations
 from mer.logs.runs import RunLog
 from mer.metrics.events import RUN_STARTED
 
-RUN, GENERATE, CONVERT, GRAPH, UNKNOWN = "run", "generate", "convert", "graph", "unknown"
+RUN, GENERATE, PERPLEXITY, CONVERT, GRAPH, UNKNOWN = "run", "generate", "perplexity", "convert", "graph", "unknown"
 
 DESCRIPTIONS = {
     RUN: "a benchmark run (mer-pipeline run / up)",
     GENERATE: "a generation (mer-pipeline generate / up --model)",
+    PERPLEXITY: "a perplexity run (mer-pipeline perplexity)",
     CONVERT: "a conversion (mer-pipeline convert)",
     GRAPH: "a process graph that started no job",
-    UNKNOWN: "no run, generation or conversion",
+    UNKNOWN: "no run, generation, perplexity run or conversion",
 }
 
-_MARKERS = ((RUN, (RUN_STARTED,)), (GENERATE, ("generation_started",)), (CONVERT, ("convert_started", "convert_done")),
+_MARKERS = ((RUN, (RUN_STARTED,)), (GENERATE, ("generation_started",)), (PERPLEXITY, ("perplexity_started",)),
+            (CONVERT, ("convert_started", "convert_done")),
             (GRAPH, ("run_started_supervisor", "child_spawned")))
 
 

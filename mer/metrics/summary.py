@@ -162,7 +162,47 @@ class GenerationSummary:
         return cls(**{field.name: data[field.name] for field in fields(cls)})
 
 
-JobSummary = RunSummary | GenerationSummary
+@dataclass(frozen=True)
+class PerplexitySummary:
+    """A perplexity job's summary (`perplexity --json`, the `perplexity_summary` event; the rules:
+    `mer.model.perplexity`). `ppl` ± `ppl_error` is the final value (the error None where it is
+    undefined), `nll` the mean negative log-likelihood of the `scored_tokens`; per chunk (in order)
+    `chunk_ppl` is the chunk's own value and `running_ppl` the value over the chunks up to it. The
+    lookup and read figures have `RunSummary`'s meanings; `tokens_per_s` counts every token run."""
+
+    context: int
+    chunks: int
+    text_tokens: int
+    scored_tokens: int
+    ppl: float
+    ppl_error: float | None
+    nll: float
+    chunk_ppl: list[float]
+    running_ppl: list[float]
+    seconds: float
+    tokens_per_s: float
+    hits: int
+    misses: int
+    hit_rate_pct: float
+    reads: int
+    bytes_read: int
+    cache_slots: int
+    compute_workers: int
+    io_backend: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON types, `kind: "perplexity"` first."""
+        return {"kind": "perplexity", **{field.name: getattr(self, field.name) for field in fields(self)}}
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> "PerplexitySummary":
+        missing = sorted({field.name for field in fields(cls)} - set(data))
+        if missing:
+            raise EventLogError(f"perplexity summary: missing fields {missing}")
+        return cls(**{field.name: data[field.name] for field in fields(cls)})
+
+
+JobSummary = RunSummary | GenerationSummary | PerplexitySummary
 
 
 @dataclass(frozen=True)

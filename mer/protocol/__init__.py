@@ -12,6 +12,7 @@ from mer.protocol.messages import (
     RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, SplitReads, StartBenchmark,
     StartGeneration, StatsRequest, TokenGenerated, UNKNOWN_REQUEST_ID,
     CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence,
+    PerplexityChunk, StartPerplexity,
 )
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, JsonMap, ScalarMap
 from mer.protocol.remote_errors import ErrorFields, error_fields, error_reply, raise_remote

@@ -56,6 +56,8 @@ class MessageKind(IntEnum):
     SEQUENCE_TOKEN = 52
     SEQUENCE_DONE = 53
     SERVE_STEP = 54
+    START_PERPLEXITY = 60
+    PERPLEXITY_CHUNK = 61
 
 
 Activations = Annotated[np.ndarray, ArraySpec("float32", ("batch", "d_model"))]
@@ -336,6 +338,45 @@ class ServeStep:
     slots_pinned: int
     io_queue_depth: int
 
+
+
+# --- control.sock: the perplexity job (`mer-pipeline perplexity`) ---------------------------------
+
+
+@message(MessageKind.START_PERPLEXITY)
+class StartPerplexity:
+    """Every child is ready: compute the perplexity of `tokens` (the text's ids, BOS first when the
+    vocabulary adds one) with `model`, in `num_chunks` chunks of `context` tokens, each chunk's first
+    token replaced by `bos_id` when it is not None (`mer.model.perplexity`). Checked when built (in the
+    CLI, before any process starts) and when decoded."""
+
+    model: str  # the GGUF whose dense weights the router maps (its experts are in the run's store)
+    tokens: list[int]
+    context: int
+    num_chunks: int
+    bos_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if any(isinstance(value, bool) or not isinstance(value, int) or value < 0 for value in self.tokens):
+            raise ConfigError(f"tokens must be token ids (integers >= 0), got {list(self.tokens)[:8]}")
+        if self.context < 4 or self.num_chunks < 1 or self.num_chunks * self.context > len(self.tokens):
+            raise ConfigError(f"StartPerplexity: {self.num_chunks} chunks of {self.context} tokens do not fit "
+                              f"{len(self.tokens)} tokens (context >= 4, chunks >= 1)")
+
+
+@message(MessageKind.PERPLEXITY_CHUNK)
+class PerplexityChunk:
+    """A chunk is scored (router -> supervisor): `chunk` (0-based) of `num_chunks`, its `count` scored
+    tokens with the sums of their negative log-likelihoods `nll` and of their squares `nll2`, the
+    perplexity over every chunk so far (`running_ppl`) and the chunk's seconds."""
+
+    chunk: int
+    num_chunks: int
+    count: int
+    nll: float
+    nll2: float
+    running_ppl: float
+    seconds: float
 
 # --- io.sock: slot leases and prefetch ------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The router's job interface: what runs through the graph once every child is ready.
 
 The start message's type picks the job (`mer.router.service`): `StartBenchmark` runs `BenchJob`,
-`StartGeneration` runs `GenerateJob` (serving's scheduler will be the third). A job runs to its end
+`StartGeneration` runs `GenerateJob`, `StartServing` runs `ServeJob` (serving's continuous batching) and
+`StartPerplexity` runs `PerplexityJob` (`mer-pipeline perplexity`). A job runs to its end
 and returns its typed summary, which the router sends to the supervisor in `JobDone`.
 """
 

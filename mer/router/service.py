@@ -14,11 +14,13 @@ import asyncio
 import zmq
 
 from mer.errors import ProtocolError
-from mer.protocol import CancelSequence, JobDone, StartBenchmark, StartGeneration, StartServing, SubmitSequence
+from mer.protocol import (CancelSequence, JobDone, StartBenchmark, StartGeneration, StartPerplexity, StartServing,
+                          SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.generate_job import GenerateJob
 from mer.router.job import Job
+from mer.router.perplexity_job import PerplexityJob
 from mer.router.serve_job import ServeJob
 from mer.runtime.cpu_progress import start_limit_s
 from mer.store.manifest import Manifest
@@ -29,7 +31,7 @@ class Router:
         self.context = context
         self.manifest = Manifest.load(context.run.store)
         self.start_job = asyncio.Event()
-        self.start_message: StartBenchmark | StartGeneration | StartServing | None = None
+        self.start_message: StartBenchmark | StartGeneration | StartServing | StartPerplexity | None = None
         self.job: Job | None = None
         self.io: IoClient | None = None
         self.compute: ComputeClient | None = None
@@ -48,7 +50,7 @@ class Router:
         return {"compute_workers": run.num_compute_workers}
 
     async def on_control(self, message) -> None:
-        if isinstance(message, (StartBenchmark, StartGeneration, StartServing)):
+        if isinstance(message, (StartBenchmark, StartGeneration, StartServing, StartPerplexity)):
             self.start_message = message
             self.start_job.set()
         elif isinstance(message, (SubmitSequence, CancelSequence)):
@@ -89,6 +91,8 @@ class Router:
             return GenerateJob(self.start_message, *common, context.send_control)
         if isinstance(self.start_message, StartServing):
             return ServeJob(self.start_message, *common, context.send_control)
+        if isinstance(self.start_message, StartPerplexity):
+            return PerplexityJob(self.start_message, *common, context.send_control)
         return BenchJob(*common, progress=progress_printer(context.config.tokens))
 
     def close(self) -> None:

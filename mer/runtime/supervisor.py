@@ -10,9 +10,10 @@ One run:
    start-up with that child's own error. Every
    child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
    without a model is refused before anything starts;
-3. send the job's start message to the router (`StartBenchmark`, `StartGeneration` or `StartServing`)
-   and wait for its `JobDone`, returned as the job's typed summary (`RunSummary`, `GenerationSummary`);
-   `TokenGenerated` messages before it are handed to `on_token` as they arrive, the serving job's
+3. send the job's start message to the router (`StartBenchmark`, `StartGeneration`, `StartServing` or
+   `StartPerplexity`) and wait for its `JobDone`, returned as the job's typed summary (`RunSummary`,
+   `GenerationSummary`, `PerplexitySummary`); `TokenGenerated` messages before it are handed to
+   `on_token` as they arrive, the perplexity job's `PerplexityChunk` to `on_chunk`, the serving job's
    `SequenceToken`, `SequenceDone` and `ServeStep` to `on_serving` (a serving job runs until the
    supervisor is cancelled; `send_to_router` hands it requests);
 4. shut down: `Shutdown` to the router, then (once it has exited) to the other children; children
@@ -51,7 +52,8 @@ from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
 from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, JobDone, Ready, SequenceDone,
-                          SequenceToken, ServeStep, Shutdown, StartBenchmark, StartGeneration, StartServing,
+                          PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark, StartGeneration,
+                          StartPerplexity, StartServing,
                           TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
@@ -62,7 +64,7 @@ from mer.runtime.run_spec import RunSpec
 from mer.runtime.stall_watch import ProgressMark, StallWatch, heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
-from mer.metrics.summary import GenerationSummary, JobSummary, RunSummary
+from mer.metrics.summary import GenerationSummary, JobSummary, PerplexitySummary, RunSummary
 
 KILL_WAIT_S = 2.0
 PREFAULT_MIN_BYTES_PER_S = 100e6
@@ -95,27 +97,38 @@ class Child:
         return f"exit code {code}"
 
 
-StartMessage = StartBenchmark | StartGeneration | StartServing
+StartMessage = StartBenchmark | StartGeneration | StartServing | StartPerplexity
 SERVING_REPORTS = (SequenceToken, SequenceDone, ServeStep)  # the serving job's messages to the supervisor
+JOB_REPORTS = (TokenGenerated, PerplexityChunk, *SERVING_REPORTS)  # what only the router sends before JobDone
 
 
 def job_model(job: StartMessage, gate_model: Path | None = None) -> str | None:
     """The GGUF the children read: a generation's `model`, else a benchmark's `gate_model` (the gate predictor
     replaying a layered trace recorded with its residuals: the configuration checks that), else None."""
-    if isinstance(job, (StartGeneration, StartServing)):
+    if isinstance(job, (StartGeneration, StartServing, StartPerplexity)):
         return job.model
     return None if gate_model is None else str(gate_model)
+
+
+def summary_type_of(job: StartMessage) -> type:
+    """The typed summary the job's `JobDone` carries."""
+    if isinstance(job, StartGeneration):
+        return GenerationSummary
+    if isinstance(job, StartPerplexity):
+        return PerplexitySummary
+    return RunSummary
 
 
 class Supervisor:
     """Runs one job through a freshly started process graph."""
 
     def __init__(self, config: PipelineConfig, store: ExpertStore, on_job_done=None,
-                 job: StartMessage = StartBenchmark(), on_token=None, on_serving=None):
+                 job: StartMessage = StartBenchmark(), on_token=None, on_serving=None, on_chunk=None):
         self.on_job_done = on_job_done  # optional coroutine function(summary, supervisor) run before shutdown
         self.job = job  # the router's start message
         self.on_token = on_token  # optional function(TokenGenerated) called as each generated token arrives
         self.on_serving = on_serving  # optional function(message) for the serving job's SERVING_REPORTS
+        self.on_chunk = on_chunk  # optional function(PerplexityChunk) called as each chunk is scored
         self.job_started = asyncio.Event()  # every child is ready and the router has the start message
         self._control: zmq.asyncio.Socket | None = None
         self._router_name = b""
@@ -210,8 +223,7 @@ class Supervisor:
             identity, *frames = await control.recv_multipart(copy=False)
             name = bytes(identity.buffer).decode(errors="replace")
             try:
-                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, TokenGenerated, Heartbeat,
-                                                         *SERVING_REPORTS))
+                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, Heartbeat, *JOB_REPORTS))
                 self._check_sender(name, message)
             except Exception as error:  # logged, answered and dropped: the control socket keeps serving
                 self.log.warning("bad_control_message", child=name, error=str(error))
@@ -231,7 +243,7 @@ class Supervisor:
             raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not a child of this run")
         if hasattr(message, "name") and message.name != identity:
             raise ProtocolError(f"{type(message).__name__} naming {message.name!r} sent by {identity!r}")
-        if isinstance(message, (JobDone, TokenGenerated, *SERVING_REPORTS)) and child.role != "router":
+        if isinstance(message, (JobDone, *JOB_REPORTS)) and child.role != "router":
             raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not the router")
 
     async def _next_event(self, deadline: float | None):
@@ -321,7 +333,7 @@ class Supervisor:
     async def _wait_job_done(self) -> JobSummary:
         """Pass on the job's tokens until its `JobDone`; meanwhile kill stalled children and restart the
         compute workers and the predictor that die (up to `max_restarts`); any other death ends the run."""
-        summary_type = GenerationSummary if isinstance(self.job, StartGeneration) else RunSummary
+        summary_type = summary_type_of(self.job)
         interval = heartbeat_interval_s(self.config.stall_timeout_s)
         next_check = time.monotonic() + interval
         while True:
@@ -336,6 +348,10 @@ class Supervisor:
             if kind == "TokenGenerated":
                 if self.on_token is not None:
                     self.on_token(payload)
+                continue
+            if kind == "PerplexityChunk":
+                if self.on_chunk is not None:
+                    self.on_chunk(payload)
                 continue
             if isinstance(payload, SERVING_REPORTS):
                 if self.on_serving is not None:

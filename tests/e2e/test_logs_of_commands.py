@@ -172,5 +172,6 @@ def test_a_log_with_nothing_to_summarize_says_what_it_holds(tmp_path):
     log_path.write_text(json.dumps({"event": "child_stopped", "schema": 1, "t_mono": 1.0, "pid": 7}) + "\n")
     result = logs("summarize", log_path)
     assert result.returncode == 1 and result.stdout == ""
-    assert (f"{log_path}: log kind unknown (no run, generation or conversion): no run_started, generation_started or "
-            "convert_started event, nothing to summarize (events: child_stopped)") in result.stderr
+    assert (f"{log_path}: log kind unknown (no run, generation, perplexity run or conversion): no run_started, "
+            "generation_started, perplexity_started or convert_started event, nothing to summarize "
+            "(events: child_stopped)") in result.stderr

@@ -17,6 +17,8 @@ from mer.protocol import (
     SequenceToken,
     ServeStep,
     StartServing,
+    StartPerplexity,
+    PerplexityChunk,
     SubmitSequence,
     Acquire,
     ChildFailed,
@@ -126,12 +128,14 @@ def sample_messages() -> list:
         SequenceDone(41, "max_tokens", 3, 32, ""),
         ServeStep(12, 4, 7, 3, 1250.5, 4, 2, 300, 40, 8, 900.5, 1200.25, 8, 819200, 3, 2, 1, [500.5, 612.0],
                   [8, 3], 11, 0, 2),
+        StartPerplexity("/m.gguf", [1, 5, 9, 12, 7, 3, 8, 2], 4, 2, 1),
+        PerplexityChunk(1, 2, 1, 1.75, 3.0625, 5.5, 0.25),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 29
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 31
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
