@@ -356,6 +356,7 @@ def write_tiny_moe_gguf(
     add_bos: bool | None = None,
     context_length: int = 256,
     chat_template: str | None = None,
+    omit_tensors: Sequence[str] = (),
 ) -> TinyMoEInfo:
     """Write a tiny MoE model to `path` and describe it.
 
@@ -366,7 +367,8 @@ def write_tiny_moe_gguf(
     normal ones are set (to build inconsistent files). `dense_dtype` is the type of the dense
     matrices, `tokenizer` the vocabulary kind ("spm" or "bpe"), `add_bos` writes
     `tokenizer.ggml.add_bos_token` (None: the key is absent for "spm", false for "bpe");
-    `chat_template` writes `tokenizer.chat_template`.
+    `chat_template` writes `tokenizer.chat_template`; tensors named in `omit_tensors` are left out
+    (to build incomplete files).
     Same arguments and seed, same bytes.
     """
     if arch not in ARCHITECTURES or layout not in EXPERT_LAYOUTS:
@@ -382,7 +384,8 @@ def write_tiny_moe_gguf(
         layer_dtypes=tuple(tuple(triple) for triple in layer_dtypes), seed=seed,  # type: ignore[misc]
         dense_dtype=dense_dtype, tokenizer=tokenizer, context_length=context_length,
     )
-    tensors = _model_tensors(np.random.default_rng(seed), info)
+    tensors = _TensorList(entry for entry in _model_tensors(np.random.default_rng(seed), info)
+                          if entry[0] not in omit_tensors)
     writer = GGUFWriter(path, arch, split_max_tensors=math.ceil(len(tensors) / split) if split else 0)
     _add_metadata(writer, info, dense_first_layer, add_bos)
     for key, value in (metadata_overrides or {}).items():
