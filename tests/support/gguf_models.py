@@ -357,6 +357,7 @@ def write_tiny_moe_gguf(
     context_length: int = 256,
     chat_template: str | None = None,
     omit_tensors: Sequence[str] = (),
+    omit_keys: Sequence[str] = (),
 ) -> TinyMoEInfo:
     """Write a tiny MoE model to `path` and describe it.
 
@@ -368,7 +369,7 @@ def write_tiny_moe_gguf(
     matrices, `tokenizer` the vocabulary kind ("spm" or "bpe"), `add_bos` writes
     `tokenizer.ggml.add_bos_token` (None: the key is absent for "spm", false for "bpe");
     `chat_template` writes `tokenizer.chat_template`; tensors named in `omit_tensors` are left out
-    (to build incomplete files).
+    and metadata keys named in `omit_keys` are not written (to build incomplete files).
     Same arguments and seed, same bytes.
     """
     if arch not in ARCHITECTURES or layout not in EXPERT_LAYOUTS:
@@ -390,6 +391,9 @@ def write_tiny_moe_gguf(
     _add_metadata(writer, info, dense_first_layer, add_bos)
     for key, value in (metadata_overrides or {}).items():
         writer.add_uint32(key, value)
+    for key in omit_keys:
+        if writer.kv_data[0].pop(key, None) is None:  # the writer's pending keys (first part)
+            raise ValueError(f"omit_keys: {key} is not a key this model writes")
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     for name, array, raw_dtype in tensors:

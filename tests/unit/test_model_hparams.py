@@ -117,3 +117,8 @@ def test_qwen2moe_without_its_expert_sizes_names_the_missing_key(tmp_path, prese
     path = write_metadata(tmp_path / "m.gguf", "qwen2moe", {**BASE_KEYS, **present})
     with pytest.raises(UnsupportedModelError, match=rf"m\.gguf: metadata key qwen2moe\.{missing} is missing"):
         read_hparams(open_part(path))
+
+
+def test_an_unsupported_architecture_error_lists_qwen2moe_among_the_supported(tmp_path):
+    with pytest.raises(UnsupportedModelError, match=r"architecture 'dbrx' is not supported; supported: .*qwen2moe"):
+        read_hparams(open_part(write_metadata(tmp_path / "g.gguf", "dbrx", BASE_KEYS)))
