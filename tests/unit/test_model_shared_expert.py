@@ -103,11 +103,13 @@ def test_shared_expert_tensors_in_another_architecture_are_refused(tmp_path):
     info = write_tiny_moe_gguf(tmp_path / "q2.gguf", arch="qwen2moe", n_layers=1)
     reader = gguf.GGUFReader(info.path)
     writer = gguf.GGUFWriter(tmp_path / "q3.gguf", "qwen3moe")
-    for field in reader.fields.values():
+    for field in reader.fields.values():  # the hyper-parameters under the qwen3moe prefix
         if field.name.startswith("qwen2moe."):
-            writer.add_uint32(field.name.replace("qwen2moe.", "qwen3moe."), int(field.contents())) \
-                if isinstance(field.contents(), int) else writer.add_float32(
-                    field.name.replace("qwen2moe.", "qwen3moe."), float(field.contents()))
+            name, value = field.name.replace("qwen2moe.", "qwen3moe."), field.contents()
+            if isinstance(value, int):
+                writer.add_uint32(name, value)
+            else:
+                writer.add_float32(name, value)
     for tensor in reader.tensors:
         if not tensor.name.endswith(".bias"):
             writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
