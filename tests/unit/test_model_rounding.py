@@ -14,7 +14,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from mer.compute.dtypes import dtype_by_name
 from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.quant.matmul import round_float_activation
-from tests.support.quant_helpers import random_matrix
+from tests.support.quant_helpers import q8_k_reference, random_matrix
 from mer.compute.swiglu import swiglu_expert
 
 RNG = np.random.default_rng(8)
@@ -40,27 +40,13 @@ def test_f16_and_bf16_rounding():
         assert np.array_equal(round_float_activation(dtype, x), x)
 
 
-def q8_k_reference(block: np.ndarray) -> np.ndarray:
-    """ggml's quantize_row_q8_K_ref, one element at a time in float32, then `q * d`."""
-    largest = np.float32(0)
-    for value in block:  # the first value of largest magnitude, with its sign
-        if abs(value) > abs(largest):
-            largest = value
-    if largest == 0:
-        return np.zeros_like(block)
-    inverse_scale = np.float32(-127) / largest
-    scale = np.float32(1) / inverse_scale
-    return np.array([np.float32(min(127, round(float(np.float32(inverse_scale * value))))) * scale
-                     for value in block], dtype=np.float32)
-
-
 def test_k_quant_inputs_are_rounded_to_q8_k_as_ggml_rounds_them():
     rng = np.random.default_rng(14)  # its own stream: the module's RNG feeds the tests below
     x = (rng.standard_normal((3, 512)) * 10.0 ** rng.integers(-3, 4, (3, 512))).astype(np.float32)
     x[1, :256] = 0  # a block of zeros stays zero
     x[2, 300] = -np.abs(x[2, 256:512]).max() * 2  # a negative largest value: iscale positive
     x[2, 400] = -x[2, 300]  # a later value of the same magnitude does not replace it
-    expected = np.stack([np.concatenate([q8_k_reference(row[:256]), q8_k_reference(row[256:])]) for row in x])
+    expected = q8_k_reference(x)
     for dtype in ("q4_k", "q5_k", "q6_k"):
         rounded = round_float_activation(dtype, x)
         assert np.array_equal(rounded, expected)
