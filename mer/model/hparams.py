@@ -20,8 +20,9 @@ asserts for these archs), `rope.scaling.type` (none; linear is supported, YaRN a
 refused), `expert_weights_scale` (none), `leading_dense_block_count` (0, mer-only: dense first
 blocks). qwen2moe also reads `expert_feed_forward_length` (default `feed_forward_length /
 expert_used_count`) and `expert_shared_feed_forward_length` (default `feed_forward_length`), as
-llama.cpp does; with neither key present the first missing one is named. A missing required key, a wrong type or an unsupported architecture raises
-`UnsupportedModelError` / `GGUFError` naming the file and the key.
+llama.cpp does; with neither key present the first missing one is named. A missing required key,
+a wrong type or an unsupported architecture raises `UnsupportedModelError` / `GGUFError` naming the
+file and the key.
 """
 
 from __future__ import annotations

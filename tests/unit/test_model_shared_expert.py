@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from mer.errors import UnsupportedModelError
+from mer.errors import GGUFError, UnsupportedModelError
 from mer.model.attention import next_positions
 from mer.model.experts import GGUFExperts
 from mer.model.forward import forward
@@ -121,3 +121,12 @@ def test_shared_expert_tensors_in_another_architecture_are_refused(tmp_path):
     writer.close()
     with pytest.raises(UnsupportedModelError, match=r"tensor blk\.0\.ffn_\w+_shexp\.weight is not supported"):
         MoEModel.load(tmp_path / "q3.gguf")
+
+
+def test_expert_sizes_from_llama_cpps_defaults_must_match_the_tensors(tmp_path):
+    """Without expert_feed_forward_length llama.cpp takes feed_forward_length / k for the experts."""
+    info = write_tiny_moe_gguf(tmp_path / "m.gguf", arch="qwen2moe", d_ff=128, dense_d_ff=128,
+                               omit_keys=("qwen2moe.expert_feed_forward_length",))
+    with pytest.raises(GGUFError, match=r"m\.gguf: the metadata gives the experts a hidden size of 64 .* the "
+                                        r"expert tensors have 128"):
+        MoEModel.load(info.path)
