@@ -10,8 +10,9 @@ summed in order equal the full output up to float32 rounding. For q4_0/q8_0 matr
 of gate/up (x) and of down (h) are rounded to q8_0 per 32-block, as llama.cpp does; since the
 slice ends are multiples of `slice_quantum` (a multiple of 32), a slice quantizes exactly the
 same h blocks as the full computation. With `ggml_rounding=True` the inputs of f16 / bf16
-matrices are also rounded to f16 / bf16 first, as ggml does (`round_float_activation`): what
-the model's forward pass uses for parity with llama.cpp.
+matrices are also rounded to f16 / bf16 first, and those of K-quant matrices to q8_K per 256-block
+(a K-quant slice is a multiple of 256, so again the same blocks), as ggml does
+(`round_float_activation`): what the model's forward pass uses for parity with llama.cpp.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each block: attention with the KV cache, then the FFN: for a MoE block the tokens are routed,
 grouped by expert (expert-major: a prompt needs each chosen expert once per block), the block's
-groups are handed to the experts in ONE call, and the outputs are summed with the gate weights.
+groups are handed to the experts in ONE call, and the outputs are summed with the gate weights
+(plus, for qwen2moe, the block's shared expert, computed with the dense steps: it is resident).
 
 `ForwardPass(model, experts, dense, observer)` says where the parts run: `await experts(moe_layer,
 batches, token)` -> `{expert: out}` (`token`: the position of the pass's last token); `await
@@ -34,6 +35,7 @@ from mer.model.attention import KVCache, next_positions
 from mer.model.experts import ExpertFn
 from mer.model.model import MoEModel
 from mer.model.moe import Routing, combine_experts, expert_batches, group_by_expert
+from mer.model.shared_expert import add_shared_expert
 
 Experts = Callable[[int, Mapping[int, np.ndarray], int], Awaitable[dict[int, np.ndarray]]]
 DenseRunner = Callable[..., Awaitable[Any]]
@@ -127,10 +129,10 @@ def _block_front(model: MoEModel, block: int, hidden: np.ndarray, segments: Sequ
     hidden = model.attention_blocks(block, hidden, [segment.kv_cache for segment in segments], bounds, positions)
     normed = model.ffn_input(block, hidden)
     if not model.is_moe_block(block):
-        return hidden + model.dense_ffn(block, normed), None, None, None
+        return hidden + model.dense_ffn(block, normed), None, None, None, None
     routing = model.route(block, normed)
     groups = group_by_expert(routing)
-    return hidden, routing, groups, expert_batches(normed, groups)
+    return hidden, routing, groups, expert_batches(normed, groups), model.shared_expert(block, normed)
 
 
 def finite_logits(model: MoEModel, hidden: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -181,8 +183,8 @@ class ForwardPass:
                      positions: np.ndarray, result: ForwardResult, clock: int | None) -> np.ndarray:
         model, costs = self.model, result.costs
         started = time.perf_counter()
-        hidden, routing, groups, batches = await self.dense(_block_front, model, block, hidden, segments, bounds,
-                                                            positions)
+        hidden, routing, groups, batches, shared = await self.dense(_block_front, model, block, hidden, segments,
+                                                                    bounds, positions)
         dense_us = _elapsed_us(started)
         if routing is None:
             costs.other_us += dense_us
@@ -195,7 +197,8 @@ class ForwardPass:
         outputs = await self.experts(moe_layer, batches, int(tokens[-1]))
         expert_us = _elapsed_us(started)
         started = time.perf_counter()
-        hidden = await self.dense(lambda: hidden + combine_experts(routing, groups, outputs, model.hparams.d_model))
+        hidden = await self.dense(lambda: hidden + add_shared_expert(
+            combine_experts(routing, groups, outputs, model.hparams.d_model), shared))
         dense_us += _elapsed_us(started)
         costs.add(ForwardCosts(1, dense_us, expert_us))
         result.routings[block] = routing

@@ -9,6 +9,7 @@ Supported architectures (`general.architecture`) and what llama.cpp fixes in cod
 | `llama` (Mixtral, needs `llama.expert_count`) | normal: (2i, 2i+1) | none | softmax, top-k, renormalised |
 | `qwen3moe` | neox: (i, i + n/2)  | per head (`head_dim` weights)     | softmax, top-k, renormalised        |
 | `olmoe`    | neox: (i, i + n/2)  | over the whole q / k projection   | softmax, top-k, not renormalised    |
+| `qwen2moe` | neox: (i, i + n/2)  | none (q/k/v biases instead)       | softmax, top-k, not renormalised; plus a shared expert (`mer.model.shared_expert`) |
 
 Required keys (`{arch}.` prefix): `context_length`, `embedding_length`, `block_count`,
 `attention.head_count`, `attention.layer_norm_rms_epsilon`, `expert_count`,
@@ -17,8 +18,11 @@ Required keys (`{arch}.` prefix): `context_length`, `embedding_length`, `block_c
 `rope.freq_base` (10000), `rope.dimension_count` (= key_length; must equal it, as llama.cpp
 asserts for these archs), `rope.scaling.type` (none; linear is supported, YaRN and others are
 refused), `expert_weights_scale` (none), `leading_dense_block_count` (0, mer-only: dense first
-blocks). A missing required key, a wrong type or an unsupported architecture raises
-`UnsupportedModelError` / `GGUFError` naming the file and the key.
+blocks). qwen2moe also reads `expert_feed_forward_length` (default `feed_forward_length /
+expert_used_count`) and `expert_shared_feed_forward_length` (default `feed_forward_length`), as
+llama.cpp does; with neither key present the first missing one is named. A missing required key,
+a wrong type or an unsupported architecture raises `UnsupportedModelError` / `GGUFError` naming the
+file and the key.
 """
 
 from __future__ import annotations
@@ -48,12 +52,16 @@ class ArchitectureRules:
     rope_style: str  # ROPE_NORMAL or ROPE_NEOX
     qk_norm: str  # QK_NORM_NONE, QK_NORM_PER_HEAD or QK_NORM_WHOLE
     normalize_expert_weights: bool  # renormalise the top-k softmax probabilities to sum to 1
+    qkv_bias: bool = False  # attn_q / attn_k / attn_v have bias vectors (qwen2moe)
+    shared_expert: bool = False  # a sigmoid-gated shared SwiGLU expert per MoE block (qwen2moe)
 
 
 ARCHITECTURES: dict[str, ArchitectureRules] = {
     "llama": ArchitectureRules(ROPE_NORMAL, QK_NORM_NONE, normalize_expert_weights=True),
     "qwen3moe": ArchitectureRules(ROPE_NEOX, QK_NORM_PER_HEAD, normalize_expert_weights=True),
     "olmoe": ArchitectureRules(ROPE_NEOX, QK_NORM_WHOLE, normalize_expert_weights=False),
+    "qwen2moe": ArchitectureRules(ROPE_NEOX, QK_NORM_NONE, normalize_expert_weights=False, qkv_bias=True,
+                                  shared_expert=True),
 }
 
 
@@ -77,6 +85,8 @@ class HParams:
     top_k: int
     expert_weights_scale: float  # 0: the gate weights are not scaled
     leading_dense_blocks: int
+    expert_d_ff: int = 0  # the metadata's expert hidden size (0: not given; the tensors decide)
+    shared_expert_d_ff: int = 0  # the shared expert's hidden size (0: the architecture has none)
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -179,7 +189,19 @@ def read_hparams(part: GGUFPart) -> HParams:
         top_k=top_k,
         expert_weights_scale=keys.number("expert_weights_scale", 0.0),
         leading_dense_blocks=keys.integer("leading_dense_block_count", 0, minimum=0),
+        **(_shared_expert_sizes(keys, top_k) if rules.shared_expert else {}),
     )
+
+
+def _shared_expert_sizes(keys: _Metadata, top_k: int) -> dict[str, int]:
+    """The expert and shared-expert hidden sizes, with llama.cpp's qwen2moe fallbacks to
+    `feed_forward_length` (its value / k for the experts, itself for the shared expert)."""
+    if keys.part.value(f"{keys.prefix}.feed_forward_length") is None:
+        return {"expert_d_ff": keys.integer("expert_feed_forward_length"),
+                "shared_expert_d_ff": keys.integer("expert_shared_feed_forward_length")}
+    feed_forward = keys.integer("feed_forward_length")
+    return {"expert_d_ff": keys.integer("expert_feed_forward_length", max(feed_forward // top_k, 1)),
+            "shared_expert_d_ff": keys.integer("expert_shared_feed_forward_length", feed_forward)}
 
 
 def _rope_position_scale(keys: _Metadata) -> float:
@@ -212,4 +234,8 @@ def moe_layers_of(source: GGUFSource, hparams: HParams) -> dict[int, int]:
     if sorted(moe_layers) != expected:
         raise GGUFError(f"{source.paths[0]}: expert tensors in blocks {sorted(moe_layers)}, but the metadata "
                         f"makes blocks {expected} MoE blocks")
+    if hparams.expert_d_ff and hparams.expert_d_ff != source.geometry.d_ff:
+        raise GGUFError(f"{source.paths[0]}: the metadata gives the experts a hidden size of {hparams.expert_d_ff} "
+                        f"({hparams.architecture}.expert_feed_forward_length, or llama.cpp's default from "
+                        f"feed_forward_length), but the expert tensors have {source.geometry.d_ff}")
     return moe_layers

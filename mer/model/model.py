@@ -8,7 +8,8 @@ the experts elsewhere:
         hidden = model.attention_block(block, hidden, kv_cache, positions)
         normed = model.ffn_input(block, hidden)
         routing = model.route(block, normed)            # MoE blocks; dense ones: model.dense_ffn
-        hidden = hidden + <gate-weighted experts of normed>   (mer.model.forward)
+        hidden = hidden + (<gate-weighted experts of normed> + model.shared_expert(block, normed))
+                                                        (mer.model.forward; the shared expert: qwen2moe)
     logits = model.logits(hidden)
 
 Every method takes and returns float32 arrays `[tokens, ...]`.
@@ -88,6 +89,8 @@ class MoEModel:
             _check_positions(block, kv_cache, positions[start:stop])
         x = rms_norm(hidden, weights.attn_norm, hparams.rms_norm_eps)
         queries, keys, values = (matrix(x, self.threads) for matrix in (weights.attn_q, weights.attn_k, weights.attn_v))
+        if weights.qkv_bias is not None:  # qwen2moe: added before the head reshape and RoPE, as llama.cpp does
+            queries, keys, values = (out + bias for out, bias in zip((queries, keys, values), weights.qkv_bias))
         queries, keys = self._qk_norm(weights, queries, keys)
         cos, sin = rope_tables(positions, hparams.rope_dimensions, hparams.rope_base, hparams.rope_position_scale)
         queries = apply_rope(queries, cos, sin, hparams.rules.rope_style)
@@ -130,6 +133,11 @@ class MoEModel:
         logits = router(normed, self.threads)
         hparams = self.hparams
         return route_tokens(logits, hparams.top_k, hparams.rules.normalize_expert_weights, hparams.expert_weights_scale)
+
+    def shared_expert(self, block: int, normed: np.ndarray) -> np.ndarray | None:
+        """The gated shared expert's output of a MoE block (`mer.model.shared_expert`), None without one."""
+        shared = self.weights.blocks[block].shared_expert
+        return None if shared is None else shared(normed, self.threads)
 
     def dense_ffn(self, block: int, normed: np.ndarray) -> np.ndarray:
         """The SwiGLU FFN of a dense block."""

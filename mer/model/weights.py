@@ -13,10 +13,13 @@ Tensor names and GGML shapes (ne, fastest first) are llama.cpp's:
 `attn_k_norm` (qwen3moe: [head_dim]; olmoe: [q_width] / [kv_width]), `ffn_norm` [d_model], then
 `ffn_gate_inp` [d_model, experts] for a MoE block (its experts are read by `mer.model.experts`)
 or `ffn_gate` / `ffn_up` [d_model, d_ff] and `ffn_down` [d_ff, d_model] for a dense block.
+Where the architecture has them (qwen2moe): `attn_q.bias` [q_width], `attn_k.bias` / `attn_v.bias`
+[kv_width], and each MoE block's shared expert (`mer.model.shared_expert`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +30,7 @@ from mer.errors import ShapeError, UnsupportedModelError
 from mer.compute.expert_format import MatrixSpec
 from mer.model.resident import read_resident
 from mer.model.hparams import QK_NORM_NONE, QK_NORM_PER_HEAD, HParams
+from mer.model.shared_expert import SharedExpert
 from mer.quant.dequant import dequantize
 from mer.quant.matmul import matmul, round_float_activation
 from mer.store.gguf_files import GGUFPart, TensorData
@@ -84,6 +88,8 @@ class BlockWeights:
     ffn_norm: np.ndarray
     router: DenseMatrix | None  # ffn_gate_inp of a MoE block
     dense_ffn: tuple[DenseMatrix, DenseMatrix, DenseMatrix] | None  # (gate, up, down) of a dense block
+    qkv_bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (q, k, v) biases (qwen2moe)
+    shared_expert: SharedExpert | None = None  # a MoE block's shared expert (qwen2moe)
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,24 @@ def _block_weights(tensors: _Tensors, hparams: HParams, block: int) -> BlockWeig
         ffn_norm=tensors.vector(f"{prefix}.ffn_norm.weight", d_model),  # type: ignore[arg-type]
         router=tensors.matrix(f"{prefix}.ffn_gate_inp.weight", d_model, hparams.num_experts) if is_moe else None,
         dense_ffn=None if is_moe else _dense_ffn(tensors, prefix, d_model),
+        qkv_bias=_qkv_bias(tensors, hparams, prefix) if hparams.rules.qkv_bias else None,
+        shared_expert=_shared_expert(tensors, hparams, prefix) if is_moe and hparams.rules.shared_expert else None,
     )
+
+
+def _qkv_bias(tensors: _Tensors, hparams: HParams, prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(tensors.vector(f"{prefix}.attn_{name}.bias", width)  # type: ignore[return-value]
+                 for name, width in (("q", hparams.q_width), ("k", hparams.kv_width), ("v", hparams.kv_width)))
+
+
+def _shared_expert(tensors: _Tensors, hparams: HParams, prefix: str) -> SharedExpert:
+    d_model, d_ff = hparams.d_model, hparams.shared_expert_d_ff
+    gate_input = tensors.get(f"{prefix}.ffn_gate_inp_shexp.weight", (d_model,))
+    as_matrix = dataclasses.replace(gate_input, shape=(d_model, 1), data=gate_input.data.copy())  # type: ignore[arg-type]
+    return SharedExpert(gate_input=DenseMatrix.of(as_matrix),
+                        gate=tensors.matrix(f"{prefix}.ffn_gate_shexp.weight", d_model, d_ff),
+                        up=tensors.matrix(f"{prefix}.ffn_up_shexp.weight", d_model, d_ff),
+                        down=tensors.matrix(f"{prefix}.ffn_down_shexp.weight", d_ff, d_model))
 
 
 def _qk_norm_sizes(hparams: HParams) -> tuple[int, int]:

@@ -37,6 +37,7 @@ from mer.quant.matmul_quantized import (
     vnni_matmul,
     vnni_matmul_parallel,
 )
+from mer.quant.q8k_rounding import K_QUANT_DTYPES, round_to_q8_k
 from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels
 
 FUSED_DTYPES = tuple(BLOCKS_PER_GROUP)
@@ -62,8 +63,11 @@ def prepare_activation(dtype: str, x: np.ndarray) -> Activation:
 def round_float_activation(dtype: str, x: np.ndarray) -> np.ndarray:
     """`x` (float32) rounded as ggml rounds the input of a `dtype` matmul before its dot
     products: to f16 for f16 weights, to bf16 for bf16 weights (round to nearest even, NaN kept
-    quiet), unchanged otherwise (q4_0/q8_0 inputs are rounded to q8_0 by `prepare_activation`)."""
+    quiet), to q8_K for K-quant weights (`mer.quant.q8k_rounding`), unchanged otherwise (q4_0/q8_0
+    inputs are rounded to q8_0 by `prepare_activation`)."""
     values = np.asarray(x, dtype=np.float32)
+    if dtype in K_QUANT_DTYPES:
+        return round_to_q8_k(values)
     if dtype == "f16":
         return values.astype(np.float16).astype(np.float32)
     if dtype == "bf16":

@@ -2,13 +2,15 @@
 
 Tiny random models of each architecture (written in tmp with `tests/support/gguf_models.py`: 2 blocks, 8
 experts top-2, d_model 64, vocab 384; llama q4_0, qwen3moe q8_0, olmoe f16, the f16 one checking
-that the compute workers round f16 inputs as llama.cpp does) run through the graph: router (dense
-part in its thread), I/O worker (experts converted implicitly into a store on disk, read with
-io_uring or preadv into /dev/shm slots), predictor and compute workers. Checked:
+that the compute workers round f16 inputs as llama.cpp does; qwen2moe a Q4_K_M-like mix at d_model
+256, whose compute workers round K-quant inputs to q8_K and whose shared expert runs in the router)
+run through the graph: router (dense part in its thread), I/O worker (experts converted implicitly
+into a store on disk, read with io_uring or preadv into /dev/shm slots), predictor and compute
+workers. Checked:
 
 - greedy tokens equal the single-process `mer.model.generate` (experts computed on the GGUF's own
-  bytes) and llama.cpp's (marked `llama`) for 32 steps; logits equal the single-process ones within
-  the float32 rounding of slicing (see LOGIT_RELATIVE_TOLERANCE) and, bit for bit, those of the
+  bytes) and llama.cpp's (marked `llama`) for 32 steps (qwen2moe: 64) with 4 cache slots for 16
+  experts; logits equal the single-process ones within the float32 rounding of slicing (see LOGIT_RELATIVE_TOLERANCE) and, bit for bit, those of the
   single-process model computing its experts in the graph's d_ff slices;
 - streaming never changes the answer: 1 or 2 compute workers, a cache of every expert or of only k
   (a long prompt then needs more experts per layer than the cache holds: leased in chunks), prefetch
@@ -40,14 +42,19 @@ from tests.support.gguf_models import TinyMoEInfo, write_tiny_moe_gguf
 pytestmark = pytest.mark.slow  # starts the process graph
 
 STEPS = 32
+GREEDY_STEPS = {"qwen2moe": 64}  # arch -> steps of its greedy run, where not STEPS (the issue asks 64 for qwen2moe)
 PROMPT = "the router picks two experts for every token in every layer of the model"
-MODELS = {"llama": ("spm", "q4_0"), "qwen3moe": ("bpe", "q8_0"), "olmoe": ("spm", "f16")}  # arch -> vocab, dtype
+MODELS = {"llama": ("spm", "q4_0"), "qwen3moe": ("bpe", "q8_0"), "olmoe": ("spm", "f16"),
+          "qwen2moe": ("bpe", "q4_k_m")}  # arch -> vocab, dtype
+# Q4_K_M-like: q4_K / q6_K experts (and qwen2moe's shared experts), q4_K dense matrices; K-quants need d_model 256
+Q4_K_M = dict(layer_dtypes=[("q4_k", "q4_k", "q6_k"), ("q4_k", "q4_k", "q4_k")], dense_dtype="q4_k", d_model=256,
+              d_ff=256)
 # The graph sums each expert's d_ff slices (mer.compute.slicing) where the single-process model runs the whole
 # d_ff in one kernel call: the same up to float32 summation order. Measured: identical logits for q4_0
 # and q8_0; for f16 identical except now and then one step (2.2e-4 relative), where an ulp of difference
 # moves an input across an f16 rounding boundary (llama.cpp's rounding of f16 matmul inputs). Against
 # the single-process model run with the same slices the graph is bit-identical (asserted).
-LOGIT_RELATIVE_TOLERANCE = {"q4_0": 1e-6, "q8_0": 1e-6, "f16": 5e-3}
+LOGIT_RELATIVE_TOLERANCE = {"q4_0": 1e-6, "q8_0": 1e-6, "f16": 5e-3, "q4_k_m": 1e-6}
 _GREEDY_RUNS: dict[str, GenerateRun] = {}  # one graph run per architecture, shared by the tests below
 
 
@@ -59,9 +66,10 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(workdir) -> dict[str, TinyMoEInfo]:
     return {arch: write_tiny_moe_gguf(
-        workdir / f"{arch}-{dtype}.gguf", arch=arch, dtypes=(dtype,) * 3, dense_dtype=dtype, n_layers=2, n_experts=8,
-        top_k=2, d_model=64, d_ff=128, n_heads=4, n_kv_heads=4 if arch == "olmoe" else 2, vocab_size=384,
-        tokenizer=vocabulary, seed=3) for arch, (vocabulary, dtype) in MODELS.items()}
+        workdir / f"{arch}-{dtype}.gguf", arch=arch, n_layers=2, n_experts=8, top_k=2, n_heads=4,
+        n_kv_heads=4 if arch == "olmoe" else 2, vocab_size=384, tokenizer=vocabulary, seed=3,
+        **(Q4_K_M if dtype == "q4_k_m" else dict(dtypes=(dtype,) * 3, dense_dtype=dtype, d_model=64, d_ff=128)))
+        for arch, (vocabulary, dtype) in MODELS.items()}
 
 
 class SlicedGGUFExperts(GGUFExperts):
@@ -89,7 +97,8 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 def greedy_run(arch: str, models, leak_guard, workdir) -> GenerateRun:
     """The graph's greedy run of `arch` (started by the first test that needs it, under its leak guard)."""
     if arch not in _GREEDY_RUNS:
-        flags = ["--prompt", PROMPT, "-n", STEPS, "--ignore-eos", "--compute-workers", 1, "--cache-slots", 4,
+        flags = ["--prompt", PROMPT, "-n", GREEDY_STEPS.get(arch, STEPS), "--ignore-eos", "--compute-workers", 1,
+                 "--cache-slots", 4,
                  "--dump-logits", workdir / f"{arch}-logits.npy", "--record-trace", workdir / f"{arch}-trace.jsonl"]
         _GREEDY_RUNS[arch] = run_generate(leak_guard, models[arch].path, *flags, workdir=workdir,
                                           cache_dir=workdir / "cache")
@@ -98,20 +107,20 @@ def greedy_run(arch: str, models, leak_guard, workdir) -> GenerateRun:
 
 @pytest.mark.parametrize("arch", MODELS)
 def test_greedy_generation_matches_the_single_process_model(arch, models, leak_guard, workdir):
-    run = greedy_run(arch, models, leak_guard, workdir)
+    run, steps = greedy_run(arch, models, leak_guard, workdir), GREEDY_STEPS.get(arch, STEPS)
     result = run.result
     tokenizer = load_tokenizer(MoEModel.load(models[arch].path).source.parts[0])
     assert result["prompt_tokens"] == tokenizer.encode(PROMPT)
-    reference = single_process(models[arch].path, result["prompt_tokens"], STEPS)
+    reference = single_process(models[arch].path, result["prompt_tokens"], steps)
     assert result["tokens"] == reference.tokens
     assert len(set(result["tokens"])) >= 8, "a degenerate continuation is a weak comparison"
     logits = np.load(workdir / f"{arch}-logits.npy")
-    assert logits.shape == (STEPS, models[arch].vocab_size)
+    assert logits.shape == (steps, models[arch].vocab_size)
     assert relative_error(logits, np.stack(reference.step_logits)) <= LOGIT_RELATIVE_TOLERANCE[MODELS[arch][1]]
-    sliced = single_process(models[arch].path, result["prompt_tokens"], STEPS, sliced=True)
+    sliced = single_process(models[arch].path, result["prompt_tokens"], steps, sliced=True)
     assert np.array_equal(logits, np.stack(sliced.step_logits)), "the graph must compute exactly the sliced model"
     assert result["text"] == tokenizer.decode(result["tokens"])
-    assert result["stop_reason"] == "max_tokens" and result["decode_steps"] == STEPS - 1
+    assert result["stop_reason"] == "max_tokens" and result["decode_steps"] == steps - 1
     assert result["misses"] > 0 and result["hits"] > 0  # 4 slots for 16 experts
 
 
@@ -122,7 +131,7 @@ def test_greedy_generation_matches_llama_cpp(arch, models, leak_guard, workdir):
     from tests.support.llama_reference import llama_greedy, open_llama
 
     result = greedy_run(arch, models, leak_guard, workdir).result
-    theirs, _ = llama_greedy(open_llama(models[arch].path), result["prompt_tokens"], STEPS)
+    theirs, _ = llama_greedy(open_llama(models[arch].path), result["prompt_tokens"], GREEDY_STEPS.get(arch, STEPS))
     differing = [step for step, (a, b) in enumerate(zip(result["tokens"], theirs)) if a != b]
     assert not differing, f"greedy tokens differ from llama.cpp first at step {differing[0]}"
 

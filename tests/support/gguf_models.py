@@ -3,7 +3,9 @@
 `write_tiny_moe_gguf` writes a complete small model in llama.cpp naming: token embedding, per block
 attention (q, k, v, output, norms; q/k norms where the architecture has them), the router
 (`ffn_gate_inp`), the experts (merged `ffn_{gate,up,down}_exps` or the older per-expert
-`ffn_{gate,up,down}.E` tensors), an optional dense first block, the output norm and head, and a
+`ffn_{gate,up,down}.E` tensors), for qwen2moe the q/k/v biases and each MoE block's shared expert
+(`ffn_gate_inp_shexp`, `ffn_{gate,up,down}_shexp`, `dense_d_ff` wide, in the experts' dtypes), an
+optional dense first block, the output norm and head, and a
 small vocabulary that llama.cpp loads: `tokenizer="spm"` (llama-style sentencepiece: `<unk>`,
 `<s>`, `</s>`, the 256 byte tokens, then pieces merged from a small built-in text, with scores)
 or `tokenizer="bpe"` (gpt2-style byte-level BPE with merges, pre-tokenizer "qwen2", special
@@ -32,7 +34,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
-ARCHITECTURES = ("llama", "qwen3moe", "olmoe")
+ARCHITECTURES = ("llama", "qwen3moe", "olmoe", "qwen2moe")
 EXPERT_LAYOUTS = ("merged", "per_expert")
 MATRIX_NAMES = ("gate", "up", "down")
 K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
@@ -153,6 +155,10 @@ def _add_metadata(writer: GGUFWriter, info: TinyMoEInfo, dense_first_layer: bool
         writer.add_expert_feed_forward_length(info.d_ff)
         writer.add_key_length(info.head_dim)
         writer.add_value_length(info.head_dim)
+    elif info.arch == "qwen2moe":  # as convert_hf_to_gguf writes Qwen1.5/2-MoE: the shared expert is dense_d_ff wide
+        writer.add_feed_forward_length(info.dense_d_ff)
+        writer.add_expert_feed_forward_length(info.d_ff)
+        writer.add_expert_shared_feed_forward_length(info.dense_d_ff)
     else:
         writer.add_feed_forward_length(info.d_ff)
         writer.add_rope_dimension_count(info.head_dim)
@@ -273,6 +279,9 @@ def _add_attention(tensors: _TensorList, rng: np.random.Generator, info: TinyMoE
     tensors.add(f"{prefix}.attn_q.weight", random_weight_bytes(rng, dtype, (q_width, info.d_model), inverse_root), dtype)
     tensors.add(f"{prefix}.attn_k.weight", random_weight_bytes(rng, dtype, (kv_width, info.d_model), inverse_root), dtype)
     tensors.add(f"{prefix}.attn_v.weight", random_weight_bytes(rng, dtype, (kv_width, info.d_model), inverse_root), dtype)
+    if info.arch == "qwen2moe":  # q/k/v biases (no output bias)
+        for name, width in (("q", q_width), ("k", kv_width), ("v", kv_width)):
+            tensors.add(f"{prefix}.attn_{name}.bias", (rng.standard_normal(width) * 0.5).astype(np.float32))
     if info.arch == "qwen3moe":  # per-head RMS norms
         tensors.add(f"{prefix}.attn_q_norm.weight", np.ones(info.head_dim, np.float32))
         tensors.add(f"{prefix}.attn_k_norm.weight", np.ones(info.head_dim, np.float32))
@@ -305,6 +314,21 @@ def _add_experts(tensors: _TensorList, rng: np.random.Generator, info: TinyMoEIn
         for expert in range(info.n_experts):
             weights = random_weight_bytes(rng, dtype, (rows, columns), scale)
             tensors.add(f"blk.{block}.ffn_{name}.{expert}.weight", weights, dtype)
+    if info.arch == "qwen2moe":
+        _add_shared_expert(tensors, rng, info, block, dtypes)
+
+
+def _add_shared_expert(tensors: _TensorList, rng: np.random.Generator, info: TinyMoEInfo, block: int,
+                       dtypes: tuple[str, str, str]) -> None:
+    """qwen2moe's shared expert: an f32 gate vector and a SwiGLU of `dense_d_ff` in the experts' dtypes
+    (llama.cpp's quantizer treats `ffn_*_shexp` as it treats the experts)."""
+    d_model, d_ff = info.d_model, info.dense_d_ff
+    gate_input = random_weight_bytes(rng, "f32", (d_model,), 2.0 / math.sqrt(d_model))
+    tensors.add(f"blk.{block}.ffn_gate_inp_shexp.weight", gate_input)
+    shapes = ((d_ff, d_model), (d_ff, d_model), (d_model, d_ff))
+    for name, dtype, (rows, columns) in zip(MATRIX_NAMES, dtypes, shapes):
+        weights = random_weight_bytes(rng, dtype, (rows, columns), 1.0 / math.sqrt(columns))
+        tensors.add(f"blk.{block}.ffn_{name}_shexp.weight", weights, dtype)
 
 
 def write_tiny_moe_gguf(
@@ -332,6 +356,8 @@ def write_tiny_moe_gguf(
     add_bos: bool | None = None,
     context_length: int = 256,
     chat_template: str | None = None,
+    omit_tensors: Sequence[str] = (),
+    omit_keys: Sequence[str] = (),
 ) -> TinyMoEInfo:
     """Write a tiny MoE model to `path` and describe it.
 
@@ -342,7 +368,8 @@ def write_tiny_moe_gguf(
     normal ones are set (to build inconsistent files). `dense_dtype` is the type of the dense
     matrices, `tokenizer` the vocabulary kind ("spm" or "bpe"), `add_bos` writes
     `tokenizer.ggml.add_bos_token` (None: the key is absent for "spm", false for "bpe");
-    `chat_template` writes `tokenizer.chat_template`.
+    `chat_template` writes `tokenizer.chat_template`; tensors named in `omit_tensors` are left out
+    and metadata keys named in `omit_keys` are not written (to build incomplete files).
     Same arguments and seed, same bytes.
     """
     if arch not in ARCHITECTURES or layout not in EXPERT_LAYOUTS:
@@ -358,11 +385,15 @@ def write_tiny_moe_gguf(
         layer_dtypes=tuple(tuple(triple) for triple in layer_dtypes), seed=seed,  # type: ignore[misc]
         dense_dtype=dense_dtype, tokenizer=tokenizer, context_length=context_length,
     )
-    tensors = _model_tensors(np.random.default_rng(seed), info)
+    tensors = _TensorList(entry for entry in _model_tensors(np.random.default_rng(seed), info)
+                          if entry[0] not in omit_tensors)
     writer = GGUFWriter(path, arch, split_max_tensors=math.ceil(len(tensors) / split) if split else 0)
     _add_metadata(writer, info, dense_first_layer, add_bos)
     for key, value in (metadata_overrides or {}).items():
         writer.add_uint32(key, value)
+    for key in omit_keys:
+        if writer.kv_data[0].pop(key, None) is None:  # the writer's pending keys (first part)
+            raise ValueError(f"omit_keys: {key} is not a key this model writes")
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     for name, array, raw_dtype in tensors:

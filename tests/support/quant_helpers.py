@@ -83,3 +83,22 @@ def dequantize_activation(activation: QuantizedActivation) -> np.ndarray:
     scales = activation.block_scales.transpose(1, 0, 2).reshape(batch, -1)
     values = blocks * scales[:, :, None]
     return values.reshape(batch, -1)[:, : activation.num_blocks * BLOCK_SIZE]
+
+
+def q8_k_reference(values: np.ndarray) -> np.ndarray:
+    """ggml's q8_K rounding (quantize_row_q8_K_ref) of float32 values, one element at a time, returned
+    as `q * d` float32: per 256-block, the first value of largest magnitude `m` (with its sign),
+    `iscale = -127 / m`, `q = min(127, round_half_even(iscale * x))`, `d = 1 / iscale`; zeros stay zero."""
+    flat = np.asarray(values, dtype=np.float32).reshape(-1, 256)
+    out = np.zeros_like(flat)
+    for row, block in enumerate(flat):
+        largest = np.float32(0)
+        for value in block:
+            if abs(value) > abs(largest):
+                largest = value
+        if largest == 0:
+            continue
+        inverse_scale = np.float32(-127) / largest
+        scale = np.float32(1) / inverse_scale
+        out[row] = [np.float32(min(127, round(float(np.float32(inverse_scale * value))))) * scale for value in block]
+    return out.reshape(np.shape(values))

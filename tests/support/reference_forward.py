@@ -4,8 +4,9 @@ Reads the file with `gguf.GGUFReader`, dequantizes every tensor with `gguf.quant
 and runs the whole model in float64 without any activation rounding: RMS norms, RoPE (exact
 angles `position * base^(-2i/d)`; pairs (2i, 2i+1) for llama, (i, i + d/2) for qwen3moe and
 olmoe), q/k norms (qwen3moe per head, olmoe over the whole projection), causal GQA attention,
-softmax gating with top-k (renormalised for llama and qwen3moe, not for olmoe) and SwiGLU
-experts. Only for tiny models with merged expert tensors: everything is dequantized up front.
+softmax gating with top-k (renormalised for llama and qwen3moe, not for olmoe and qwen2moe) and
+SwiGLU experts; for qwen2moe also the q/k/v biases and the shared expert scaled by
+`1 / (1 + exp(-ffn_gate_inp_shexp · x))`. Only for tiny models with merged expert tensors: everything is dequantized up front.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-NEOX_ARCHITECTURES = ("qwen3moe", "olmoe")
+NEOX_ARCHITECTURES = ("qwen3moe", "olmoe", "qwen2moe")
 RENORMALIZING_ARCHITECTURES = ("llama", "qwen3moe")
 
 
@@ -56,6 +57,9 @@ class ReferenceModel:
         head_dim = self.key("attention.key_length", hidden.shape[1] // num_heads)
         x = rms_norm(hidden, t("attn_norm"), self.eps)
         q, k, v = x @ t("attn_q").T, x @ t("attn_k").T, x @ t("attn_v").T
+        if self.arch == "qwen2moe":
+            bias = lambda name: self.tensors[f"blk.{block}.{name}.bias"]  # noqa: E731
+            q, k, v = q + bias("attn_q"), k + bias("attn_k"), v + bias("attn_v")
         if self.arch == "olmoe":
             q, k = rms_norm(q, t("attn_q_norm"), self.eps), rms_norm(k, t("attn_k_norm"), self.eps)
         q = q.reshape(len(hidden), num_heads, head_dim)
@@ -87,7 +91,15 @@ class ReferenceModel:
                 weights = weights / weights.sum()
             for expert, weight in zip(chosen, weights):
                 out[token] += weight * self.expert(block, int(expert), x[token])
+        if self.arch == "qwen2moe":
+            out += self.shared_expert(block, x)
         return out
+
+    def shared_expert(self, block: int, x: np.ndarray) -> np.ndarray:
+        t = lambda name: self.tensors[f"blk.{block}.{name}.weight"]  # noqa: E731
+        gate, up = x @ t("ffn_gate_shexp").T, x @ t("ffn_up_shexp").T
+        out = (gate / (1 + np.exp(-gate)) * up) @ t("ffn_down_shexp").T
+        return out / (1 + np.exp(-(x @ t("ffn_gate_inp_shexp"))))[:, None]
 
     def expert(self, block: int, expert: int, x: np.ndarray) -> np.ndarray:
         matrices = [self.tensors[f"blk.{block}.ffn_{name}_exps.weight"][expert] for name in ("gate", "up", "down")]

@@ -74,6 +74,33 @@ def test_the_ranking_routes_exactly_as_the_router_on_the_residual_it_has_there(t
             np.testing.assert_allclose(top / top.sum(), routing.weights[row], rtol=1e-6)  # Mixtral renormalises
 
 
+def test_qwen2moe_hints_are_the_routers_choices_with_its_unnormalised_weights(tmp_path):
+    """qwen2moe routes by softmax top-k without renormalising (and adds a shared expert the predictor
+    ignores: it is resident): the ranking picks the router's experts, and the hint scores are exactly
+    the routing weights the router gives them, on a residual of the model's own forward pass."""
+    info = write_tiny_moe_gguf(tmp_path / "qwen2moe.gguf", arch="qwen2moe", n_layers=3, n_experts=8, top_k=2,
+                               dtypes=("q4_0",) * 3, dense_dtype="q8_0", tokenizer="bpe", vocab_size=384, seed=2)
+    model, weights = MoEModel.load(info.path), GateWeights.load(info.path)
+    cache = model.new_kv_cache(6)
+    hidden = model.embed([5, 60, 7, 200, 9, 31])
+    positions = next_positions(cache, 0, 6)
+    for block, moe_layer in model.moe_layers.items():
+        hidden = model.attention_block(block, hidden, cache, positions)  # the residual the predictor receives
+        normed = model.ffn_input(block, hidden)
+        routing = model.route(block, normed)
+        for row, residual in enumerate(hidden):
+            ranking = weights.ranking(moe_layer, residual)[:2]
+            assert [expert for expert, _ in ranking] == routing.experts[row].tolist()
+            np.testing.assert_allclose([p for _, p in ranking], routing.weights[row], rtol=1e-6)
+        assert (routing.weights.sum(axis=1) < 1 - 1e-3).all()  # not renormalised
+        hidden = hidden + model.shared_expert(block, normed)  # move on (the routed part does not matter here)
+    gate = GatePredictor(weights, global_id)
+    gate.observe_hidden(0, 0, hidden[0])
+    gate.observe(0, [0, 1])
+    assert [hint for hint, _ in gate.predict(2, 2)] == [global_id(layer, e) for layer in (1, 2)
+                                                          for e, _ in weights.ranking(layer, hidden[0])[:2]]
+
+
 def test_moe_layers_are_numbered_without_the_dense_blocks(tmp_path):
     info = write_tiny_moe_gguf(tmp_path / "dense-first.gguf", n_layers=3, n_experts=4, dense_first_layer=True,
                                dtypes=("q8_0",) * 3)

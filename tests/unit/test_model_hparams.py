@@ -39,6 +39,7 @@ def write_metadata(path: Path, arch: str, keys: dict) -> Path:
     ("llama", ROPE_NORMAL, QK_NORM_NONE, True),
     ("qwen3moe", ROPE_NEOX, QK_NORM_PER_HEAD, True),
     ("olmoe", ROPE_NEOX, QK_NORM_WHOLE, False),
+    ("qwen2moe", ROPE_NEOX, QK_NORM_NONE, False),
 ])
 def test_tiny_models_read_back(tmp_path, arch, rope, qk_norm, normalize):
     info = write_tiny_moe_gguf(tmp_path / "m.gguf", arch=arch, n_layers=3, n_experts=8, top_k=3, d_model=96,
@@ -91,3 +92,33 @@ def test_unsupported_architecture_and_dense_model_are_refused(tmp_path):
 def test_inconsistent_keys_are_refused(tmp_path, keys, message):
     with pytest.raises(GGUFError, match=message):
         read_hparams(open_part(write_metadata(tmp_path / "m.gguf", "llama", {**BASE_KEYS, **keys})))
+
+
+def test_qwen2moe_reads_its_expert_sizes_and_its_rules(tmp_path):
+    info = write_tiny_moe_gguf(tmp_path / "m.gguf", arch="qwen2moe", d_ff=96, dense_d_ff=160)
+    hparams = read_hparams(open_part(info.path))
+    assert (hparams.expert_d_ff, hparams.shared_expert_d_ff) == (96, 160)
+    assert (hparams.rules.qkv_bias, hparams.rules.shared_expert) == (True, True)
+    other = read_hparams(open_part(write_tiny_moe_gguf(tmp_path / "o.gguf", arch="qwen3moe").path))
+    assert (other.rules.qkv_bias, other.rules.shared_expert, other.shared_expert_d_ff) == (False, False, 0)
+
+
+def test_qwen2moe_expert_sizes_fall_back_to_feed_forward_length_as_llama_cpp_does(tmp_path):
+    keys = {**BASE_KEYS, "feed_forward_length": 512}
+    hparams = read_hparams(open_part(write_metadata(tmp_path / "m.gguf", "qwen2moe", keys)))
+    assert (hparams.expert_d_ff, hparams.shared_expert_d_ff) == (256, 512)  # n_ff / k, n_ff
+
+
+@pytest.mark.parametrize("present, missing", [
+    ({}, "expert_feed_forward_length"),
+    ({"expert_feed_forward_length": 96}, "expert_shared_feed_forward_length"),
+])
+def test_qwen2moe_without_its_expert_sizes_names_the_missing_key(tmp_path, present, missing):
+    path = write_metadata(tmp_path / "m.gguf", "qwen2moe", {**BASE_KEYS, **present})
+    with pytest.raises(UnsupportedModelError, match=rf"m\.gguf: metadata key qwen2moe\.{missing} is missing"):
+        read_hparams(open_part(path))
+
+
+def test_an_unsupported_architecture_error_lists_qwen2moe_among_the_supported(tmp_path):
+    with pytest.raises(UnsupportedModelError, match=r"architecture 'dbrx' is not supported; supported: .*qwen2moe"):
+        read_hparams(open_part(write_metadata(tmp_path / "g.gguf", "dbrx", BASE_KEYS)))

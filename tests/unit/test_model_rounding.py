@@ -14,7 +14,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from mer.compute.dtypes import dtype_by_name
 from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.quant.matmul import round_float_activation
-from tests.support.quant_helpers import random_matrix
+from tests.support.quant_helpers import q8_k_reference, random_matrix
 from mer.compute.swiglu import swiglu_expert
 
 RNG = np.random.default_rng(8)
@@ -36,8 +36,21 @@ def test_f16_and_bf16_rounding():
     ties = np.array([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8], dtype=np.float32)  # exactly halfway between bf16 values
     assert np.array_equal(round_float_activation("bf16", ties), np.array([1.0, 1.0 + 2.0**-6], dtype=np.float32))
     assert np.isnan(round_float_activation("bf16", np.array([np.nan], dtype=np.float32))[0])
-    for dtype in ("f32", "q4_0", "q8_0", "q6_k"):
+    for dtype in ("f32", "q4_0", "q8_0"):
         assert np.array_equal(round_float_activation(dtype, x), x)
+
+
+def test_k_quant_inputs_are_rounded_to_q8_k_as_ggml_rounds_them():
+    rng = np.random.default_rng(14)  # its own stream: the module's RNG feeds the tests below
+    x = (rng.standard_normal((3, 512)) * 10.0 ** rng.integers(-3, 4, (3, 512))).astype(np.float32)
+    x[1, :256] = 0  # a block of zeros stays zero
+    x[2, 300] = -np.abs(x[2, 256:512]).max() * 2  # a negative largest value: iscale positive
+    x[2, 400] = -x[2, 300]  # a later value of the same magnitude does not replace it
+    expected = q8_k_reference(x)
+    for dtype in ("q4_k", "q5_k", "q6_k"):
+        rounded = round_float_activation(dtype, x)
+        assert np.array_equal(rounded, expected)
+    assert not rounded[1, :256].any() and (np.abs(rounded - x) <= np.abs(x).max(axis=1, keepdims=True) / 254 * 1.0001).all()
 
 
 def test_f16_expert_with_ggml_rounding_matches_a_rounded_reference():
