@@ -10,8 +10,9 @@ dequantizing it as a whole and without touching the bytes outside the slices:
   llama.cpp does, `mer.quant.activation`), then exact integer block dots are scaled and summed
   in float32 (`kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_avx2` on AVX2 + FMA + F16C
   CPUs, else `kernels_portable`);
-- mxfp4: the same q8_0 rounding, then `kernels_mxfp4` (portable numba; exact integer block dots
-  with the doubled E2M1 table, scaled by half the E8M0 scale), whatever `kernel` says;
+- mxfp4: the same q8_0 rounding, then exact integer block dots with the doubled E2M1 table scaled
+  by half the E8M0 scale: `kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_mxfp4` (portable
+  numba; also what "avx2" gives, there is no AVX2 MXFP4 kernel);
 - q4_k, q5_k, q6_k, f32, f16, bf16: each row is dequantized into a float32 buffer and dotted
   with the float32 `x` (`matmul_generic`).
 
@@ -200,7 +201,10 @@ def _fused_matmul(
     arguments = (data, addressing, row_start, row_stop, activation.quants, activation.block_scales, out)
     kind = (matrix.dtype_info.name, matrix.layout == "planar")
     if kind[0] == "mxfp4":
-        _run_kernel(mxfp4_matmul, mxfp4_matmul_parallel, arguments, threads)
+        if kernel == "vnni":
+            _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[("mxfp4", False)]), threads)
+        else:  # no AVX2 MXFP4 kernel: "avx2" means the portable one
+            _run_kernel(mxfp4_matmul, mxfp4_matmul_parallel, arguments, threads)
     elif kernel == "vnni":
         _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[kind]), threads)
     elif kernel == "avx2":

@@ -173,6 +173,11 @@ def lanes(builder: ir.IRBuilder, values: ir.Value, start: int, count: int) -> ir
     return builder.shuffle_vector(values, values, indices)
 
 
+def shuffle_bytes(builder: ir.IRBuilder, table: ir.Value, indices: ir.Value) -> ir.Value:
+    """`vpshufb` on 64 bytes: each byte of `indices` (0-15) picks a byte of its 16-byte lane of `table`."""
+    return _call_intrinsic(builder, "llvm.x86.avx512.pshuf.b.512", table.type, [table, indices])
+
+
 def float32_from_float16_bits(builder: ir.IRBuilder, halves: ir.Value) -> ir.Value:
     """Widen a vector of f16 bit patterns (i16 lanes) to float32 lanes (exact)."""
     count = halves.type.count

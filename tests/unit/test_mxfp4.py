@@ -19,6 +19,7 @@ from mer.compute.expert_format import MatrixSpec
 from mer.quant.activation import quantize_activation
 from mer.quant.dequant import dequantize
 from mer.quant.matmul import matmul, prepare_activation, uses_quantized_activation
+from mer.quant.vector_ir import has_vnni_kernels
 from tests.support.quant_helpers import random_matrix
 from tests.unit.test_matmul import assert_float32_close, integer_tokens, reference_q8_0, tokens
 
@@ -118,3 +119,41 @@ def test_activation_prepared_for_another_dtype_is_refused() -> None:
     spec, data, _ = make_mxfp4(4, 64)
     with pytest.raises(Exception, match="another dtype"):
         matmul(spec, data, quantize_activation(tokens(1, 64), "q8_0"))
+
+
+KERNELS = [
+    "portable",
+    pytest.param("vnni", marks=pytest.mark.skipif(not has_vnni_kernels(), reason="the CPU lacks AVX-512 VNNI")),
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("batch", [1, 3, 8, 11])
+def test_every_kernel_matches_the_reference_and_the_integer_dots(kernel: str, batch: int) -> None:
+    spec, data, weights = make_mxfp4(37, 608)
+    x = tokens(batch, 608)
+    for threads in (1, 2):
+        out = matmul(spec, data, x, threads=threads, kernel=kernel)
+        assert_float32_close(out, weights, reference_q8_0(x))
+        part = matmul(spec, data, x[:, 96:416], rows=slice(7, 30), columns=slice(96, 416), threads=threads,
+                      kernel=kernel)  # a column slice that starts and ends inside groups of 4 blocks
+        assert_float32_close(part, weights[7:30, 96:416], reference_q8_0(x[:, 96:416]))
+    rng = np.random.default_rng(SEED + batch)
+    codes = rng.integers(0, 16, size=(37 * 608 // 32, 32))
+    packed = (codes[:, :16] | (codes[:, 16:] << 4)).astype(np.uint8)
+    native = np.concatenate([np.full((codes.shape[0], 1), 128, dtype=np.uint8), packed], axis=1).reshape(-1)
+    doubled = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int64)
+    integer_x = integer_tokens(batch, 608, rng)
+    expected = integer_x.astype(np.int64) @ doubled[codes].reshape(37, 608).T
+    assert np.array_equal(matmul(spec, native, integer_x, kernel=kernel), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_subnormal_and_large_scales_in_every_kernel(kernel: str) -> None:
+    """E8M0 bytes 0..150 (half-scales from the subnormal 2^-128 to 2^22), against gguf-py's values."""
+    spec, data, _ = make_mxfp4(8, 512)
+    blocks = data.reshape(-1, 17).copy()
+    blocks[:, 0] = np.arange(blocks.shape[0]) % 151
+    weights = gguf_dequantize(blocks.reshape(8, -1), GGMLQuantizationType.MXFP4).astype(np.float64)
+    x = tokens(3, 512)
+    assert_float32_close(matmul(spec, blocks.reshape(-1), x, kernel=kernel), weights, reference_q8_0(x))
