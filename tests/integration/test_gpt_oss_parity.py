@@ -114,3 +114,11 @@ def test_the_graph_with_a_small_cache_matches_llama_cpp(models, leak_guard, tmp_
     differing = [step for step, (a, b) in enumerate(zip(result["tokens"], theirs)) if a != b]
     assert not differing, f"the graph's greedy tokens differ from llama.cpp first at step {differing[0]}"
     assert result["misses"] > 0 and result["hits"] > 0  # 4 slots for 16 experts
+
+
+@pytest.mark.parametrize("key", ["rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast"])
+def test_an_unsupported_key_is_named(tmp_path, key):
+    info = write_tiny_gpt_oss_gguf(tmp_path / "unsupported.gguf", expert_dtype="f32", dense_dtype="f32", n_layers=1,
+                                   extra_float_keys={key: 0.1})
+    with pytest.raises(UnsupportedModelError, match=f"gpt-oss.{key} is not supported"):
+        MoEModel.load(info.path)

@@ -52,8 +52,10 @@ def write_tiny_gpt_oss_gguf(path: str | Path, *, expert_dtype: str = "mxfp4", de
                             n_layers: int = 2, n_experts: int = 8, top_k: int = 2, d_model: int = 64, d_ff: int = 128,
                             n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 32, vocab_size: int = 400,
                             sliding_window: int = 8, yarn_factor: float = 4.0, original_context: int = 64,
-                            context_length: int = 256, seed: int = 0, omit_key: str | None = None) -> TinyGptOssInfo:
-    """Write a tiny gpt-oss model to `path`; `omit_key` leaves one metadata key out (error tests)."""
+                            context_length: int = 256, seed: int = 0, omit_key: str | None = None,
+                            extra_float_keys: dict[str, float] | None = None) -> TinyGptOssInfo:
+    """Write a tiny gpt-oss model to `path`; `omit_key` leaves one metadata key out and
+    `extra_float_keys` adds `gpt-oss.KEY` float32 keys (error tests)."""
     info = TinyGptOssInfo(Path(path), n_layers, n_experts, top_k, d_model, d_ff, n_heads, n_kv_heads, head_dim,
                           vocab_size, sliding_window, expert_dtype, dense_dtype)
     rng = np.random.default_rng(seed)
@@ -74,6 +76,8 @@ def write_tiny_gpt_oss_gguf(path: str | Path, *, expert_dtype: str = "mxfp4", de
     for key, (add, value) in keys.items():
         if key != omit_key:
             add(f"gpt-oss.{key}", value)
+    for key, value in (extra_float_keys or {}).items():
+        writer.add_float32(f"gpt-oss.{key}", value)
     _add_vocabulary(writer, vocab_size)
     writer.add_chat_template(GPT_OSS_TEMPLATE)
     for name, array, raw_dtype in _tensors(rng, info):
