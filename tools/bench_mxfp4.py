@@ -1,6 +1,6 @@
 """MXFP4 expert kernel against the q4_0 one, per weight byte, in the same run (and ggml's for each).
 
-    python tools/bench_mxfp4.py [--repeats N] [--batches 1,8] [--threads 1] [--json]
+    python tools/bench_mxfp4.py [--repeats N] [--batches 1,8] [--threads 1] [--kernel auto] [--json]
 
 Random valid experts of the Mixtral shape (d_model 4096, d_ff 14336) in MXFP4 (17 bytes per 32
 weights: 93.6 MB) and q4_0 (18 bytes: 99.1 MB, planar layout as mer stores it) run interleaved
@@ -33,11 +33,19 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method and batch (default 5)")
     parser.add_argument("--batches", default="1,8", help="comma-separated token batch sizes (default 1,8)")
     parser.add_argument("--threads", type=int, default=1, help="kernel threads (default 1)")
+    parser.add_argument("--kernel", default="auto", choices=("auto", "vnni", "avx2", "portable"),
+                        help="mer's kernel for both dtypes (default auto: the fastest this CPU runs)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser.parse_args(argv)
 
 
 def run(arguments: argparse.Namespace) -> dict:
+    if arguments.kernel != "auto":  # swiglu_expert runs matmul's "auto" kernel: make it this one
+        import mer.quant.matmul as matmul_module
+
+        if not matmul_module.is_kernel_available(arguments.kernel):
+            raise SystemExit(f"the {arguments.kernel} kernel cannot run on this CPU")
+        matmul_module.fastest_kernel = lambda: arguments.kernel
     payloads = {"mxfp4": make_payloads("mxfp4")[0], "q4_0": make_payloads("q4_0")[1]}  # mxfp4 native, q4_0 planar
     ggml = {dtype: ggml_factory(dtype, make_payloads(dtype)[0].data)[0] for dtype in payloads}
     rows = []
@@ -59,7 +67,8 @@ def run(arguments: argparse.Namespace) -> dict:
         engine, dtype = row["method"].split()
         baseline = per_byte.get((f"{engine} q4_0", row["batch"]))
         row["per_byte_vs_q4_0"] = row["ns_per_byte"] / baseline if baseline else None
-    return {"kernel": fastest_kernel(), "threads": arguments.threads, "repeats": arguments.repeats, "results": rows}
+    kernel = fastest_kernel() if arguments.kernel == "auto" else arguments.kernel
+    return {"kernel": kernel, "threads": arguments.threads, "repeats": arguments.repeats, "results": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,6 @@ GROUP_FORMATS = {
     "mxfp4": GroupFormat(blocks_per_group=4, quant_bytes_per_block=16, native_block_bytes=17),
 }
 MXFP4_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 codes' values doubled
-_E8M0_SMALLEST_NORMAL = 2  # E8M0 bytes below this have a subnormal float32 half-scale
 
 
 def _byte_constant(value: int) -> ir.Constant:
@@ -163,20 +162,12 @@ class _WeightRow:
 
 
     def _mxfp4_half_scales(self, group: ir.Value, valid_blocks: ir.Value | None) -> ir.Value:
-        """The group's E8M0 scale bytes as float32 half-scales, ggml's `e8m0_to_fp32_half`: the bits
-        `(e - 1) << 23`, or `0x00200000 << e` (a subnormal) for e < 2."""
+        """The group's E8M0 scale bytes as float32 half-scales (`vector_ir.float32_from_e8m0_half`)."""
         builder, fmt = self.emitter.builder, self.emitter.format
         offsets = [self._block_offset(self.scales_offset, group, block, fmt.native_block_bytes)
                    for block in range(fmt.blocks_per_group)]
         pieces = self._load_native(offsets, vir.vector(vir.INT8, 1), valid_blocks)
-        count = fmt.blocks_per_group
-        words_type = vir.vector(vir.INT32, count)
-        exponents = builder.zext(vir.concatenate(builder, pieces), words_type)
-        normal = builder.shl(builder.sub(exponents, ir.Constant(words_type, [1] * count)),
-                             ir.Constant(words_type, [23] * count))
-        subnormal = builder.shl(ir.Constant(words_type, [0x00200000] * count), exponents)
-        is_small = builder.icmp_unsigned("<", exponents, ir.Constant(words_type, [_E8M0_SMALLEST_NORMAL] * count))
-        return builder.bitcast(builder.select(is_small, subnormal, normal), vir.vector(vir.FLOAT, count))
+        return vir.float32_from_e8m0_half(builder, vir.concatenate(builder, pieces))
 
 
 class _DotEmitter:

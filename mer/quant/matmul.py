@@ -11,8 +11,7 @@ dequantizing it as a whole and without touching the bytes outside the slices:
   in float32 (`kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_avx2` on AVX2 + FMA + F16C
   CPUs, else `kernels_portable`);
 - mxfp4: the same q8_0 rounding, then exact integer block dots with the doubled E2M1 table scaled
-  by half the E8M0 scale: `kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_mxfp4` (portable
-  numba; also what "avx2" gives, there is no AVX2 MXFP4 kernel);
+  by half the E8M0 scale (`kernels_vnni`, else `kernels_avx2`, else `kernels_mxfp4`, portable);
 - q4_k, q5_k, q6_k, f32, f16, bf16: each row is dequantized into a float32 buffer and dotted
   with the float32 `x` (`matmul_generic`).
 
@@ -203,7 +202,9 @@ def _fused_matmul(
     if kind[0] == "mxfp4":
         if kernel == "vnni":
             _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[("mxfp4", False)]), threads)
-        else:  # no AVX2 MXFP4 kernel: "avx2" means the portable one
+        elif kernel == "avx2":
+            _run_kernel(avx2_matmul, avx2_matmul_parallel, (*arguments, AVX2_KERNEL_CODES[("mxfp4", False)]), threads)
+        else:
             _run_kernel(mxfp4_matmul, mxfp4_matmul_parallel, arguments, threads)
     elif kernel == "vnni":
         _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[kind]), threads)

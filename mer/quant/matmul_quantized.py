@@ -27,8 +27,9 @@ _FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
 
 # Kernel codes of the VNNI and AVX2 entry points (numba entry points called from Python cannot
 # take the compile-time constants the intrinsics need).
-AVX2_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3}
-VNNI_KERNEL_CODES = {**AVX2_KERNEL_CODES, ("mxfp4", False): 4}
+VNNI_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3,
+                     ("mxfp4", False): 4}
+AVX2_KERNEL_CODES = VNNI_KERNEL_CODES
 _AVX2_VARIANTS = {code: kind for kind, code in AVX2_KERNEL_CODES.items()}
 
 

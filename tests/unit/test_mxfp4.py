@@ -4,7 +4,8 @@ Reference: `gguf.quants.dequantize` (gguf-py's MXFP4: the doubled E2M1 table tim
 `e8m0_to_fp32_half`), a float64 matmul, and llama.cpp's q8_0 rounding of the activation
 (`reference_q8_0` of test_matmul, written out independently of mer). Tolerance as for q4_0: only
 float32 arithmetic differs, |error| <= 1e-6 * sum_j |W_ij * x_j|. With every scale byte 128 (half
-scale 1) the block dots are integers below 2^24 and must be exact, at every thread count.
+scale 1) the block dots are integers below 2^24 and must be exact, in every kernel (portable, and
+AVX-512 VNNI / AVX2 where the CPU has them) at every thread count, extreme weights (+-12) included.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from mer.compute.dtypes import dtype_by_name
 from mer.compute.expert_format import MatrixSpec
 from mer.quant.activation import quantize_activation
 from mer.quant.dequant import dequantize
-from mer.quant.matmul import matmul, prepare_activation, uses_quantized_activation
-from mer.quant.vector_ir import has_vnni_kernels
+from mer.quant.matmul import is_kernel_available, matmul, prepare_activation, uses_quantized_activation
+from mer.quant.vector_ir import has_avx2_kernels, has_vnni_kernels
 from tests.support.quant_helpers import random_matrix
 from tests.unit.test_matmul import assert_float32_close, integer_tokens, reference_q8_0, tokens
 
@@ -95,7 +96,10 @@ def test_row_and_column_slices() -> None:
     assert np.allclose(sum(partials), full, rtol=0, atol=1e-5 * np.abs(full).max())
 
 
-def test_integer_block_dots_are_exact_at_every_thread_count() -> None:
+@pytest.mark.parametrize("kernel", ["portable", "vnni", "avx2"])
+def test_integer_block_dots_are_exact_at_every_thread_count(kernel: str) -> None:
+    if not is_kernel_available(kernel):
+        pytest.skip(f"the CPU cannot run the {kernel} kernel")
     rows, columns, batch = 37, 608, 33
     rng = np.random.default_rng(SEED)
     codes = rng.integers(0, 16, size=(rows * columns // 32, 32))
@@ -110,8 +114,9 @@ def test_integer_block_dots_are_exact_at_every_thread_count() -> None:
     expected = x.astype(np.int64) @ weights.T
     assert 100_000 < np.abs(expected).max() < 2**24
     for threads in (1, 2):
-        assert np.array_equal(matmul(spec, native, x, threads=threads), expected.astype(np.float32))
-        part = matmul(spec, native, x[:, 64:544], rows=slice(3, 30), columns=slice(64, 544), threads=threads)
+        assert np.array_equal(matmul(spec, native, x, threads=threads, kernel=kernel), expected.astype(np.float32))
+        part = matmul(spec, native, x[:, 64:544], rows=slice(3, 30), columns=slice(64, 544), threads=threads,
+                      kernel=kernel)
         assert np.array_equal(part, (x[:, 64:544].astype(np.int64) @ weights[3:30, 64:544].T).astype(np.float32))
 
 
@@ -124,6 +129,7 @@ def test_activation_prepared_for_another_dtype_is_refused() -> None:
 KERNELS = [
     "portable",
     pytest.param("vnni", marks=pytest.mark.skipif(not has_vnni_kernels(), reason="the CPU lacks AVX-512 VNNI")),
+    pytest.param("avx2", marks=pytest.mark.skipif(not has_avx2_kernels(), reason="the CPU lacks AVX2 + FMA + F16C")),
 ]
 
 
