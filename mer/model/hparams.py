@@ -9,6 +9,7 @@ Supported architectures (`general.architecture`) and what llama.cpp fixes in cod
 | `llama` (Mixtral, needs `llama.expert_count`) | normal: (2i, 2i+1) | none | softmax, top-k, renormalised |
 | `qwen3moe` | neox: (i, i + n/2)  | per head (`head_dim` weights)     | softmax, top-k, renormalised        |
 | `olmoe`    | neox: (i, i + n/2)  | over the whole q / k projection   | softmax, top-k, not renormalised    |
+| `gpt-oss`  | neox, YaRN          | none (biases, sinks, sliding window: `mer.model.gpt_oss`) | logits + bias, top-k, softmax over k |
 
 Required keys (`{arch}.` prefix): `context_length`, `embedding_length`, `block_count`,
 `attention.head_count`, `attention.layer_norm_rms_epsilon`, `expert_count`,
