@@ -53,7 +53,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed runs per method and configuration (default 7, quick 3)"
     )
-    parser.add_argument("--dtype", default="q4_0", choices=("q4_0", "q8_0"), help="weight dtype of the expert")
+    parser.add_argument("--dtype", default="q4_0", choices=("q4_0", "q8_0", "mxfp4"), help="weight dtype of the expert")
     return parser.parse_args(argv)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 8}
+GGML_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 8, "mxfp4": 39}
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
 
 

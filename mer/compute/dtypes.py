@@ -43,7 +43,7 @@ def _make(name: str) -> DType:
 
 
 SUPPORTED_DTYPES: dict[str, DType] = {
-    name: _make(name) for name in ("f32", "f16", "bf16", "q4_0", "q8_0", "q4_k", "q5_k", "q6_k")
+    name: _make(name) for name in ("f32", "f16", "bf16", "q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "mxfp4")
 }
 _BY_GGML = {dtype.ggml_type: dtype for dtype in SUPPORTED_DTYPES.values()}
 

@@ -6,6 +6,11 @@ gate (W1) ‖ up (W3) ‖ down (W2), each matrix in row-major GGUF block layout:
 - gate and up: `rows = d_ff`, `columns = d_model` (one row per hidden unit);
 - down: `rows = d_model`, `columns = d_ff`.
 
+Some architectures (gpt-oss) add biases: the payload then continues, after the matrices, with
+float32 `gate_bias [d_ff]` ‖ `up_bias [d_ff]` ‖ `down_bias [d_model]` (`has_biases`), and
+`activation` names the gated activation (`mer.compute.expert_activation`; "silu" by default).
+Both are written to the manifest only when they differ from the defaults.
+
 `columns` is GGML's ne0 (the contiguous, blocked dimension), `rows` is ne1. Matrix `layout` is
 "native" (the GGUF bytes verbatim) or "planar" (the same bytes permuted by `mer.quant.planar`
 into a kernel-friendly order; identical size, lossless).
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mer.compute.dtypes import DType, dtype_by_name
+from mer.compute.expert_activation import ACTIVATIONS
 from mer.errors import ShapeError
 
 MATRIX_NAMES = ("gate", "up", "down")
@@ -65,6 +71,8 @@ class ExpertFormat:
     d_model: int
     d_ff: int
     matrices: tuple[MatrixSpec, MatrixSpec, MatrixSpec]
+    activation: str = "silu"
+    has_biases: bool = False
 
     @property
     def gate(self) -> MatrixSpec:
@@ -79,8 +87,23 @@ class ExpertFormat:
         return self.matrices[2]
 
     @property
-    def payload_nbytes(self) -> int:
+    def matrices_nbytes(self) -> int:
         return sum(matrix.nbytes for matrix in self.matrices)
+
+    @property
+    def biases_nbytes(self) -> int:
+        return 4 * (2 * self.d_ff + self.d_model) if self.has_biases else 0
+
+    @property
+    def payload_nbytes(self) -> int:
+        return self.matrices_nbytes + self.biases_nbytes
+
+    def bias_ranges(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(start, stop) byte ranges of the gate, up and down biases in the payload."""
+        gate = self.matrices_nbytes
+        up = gate + 4 * self.d_ff
+        down = up + 4 * self.d_ff
+        return (gate, up), (up, down), (down, down + 4 * self.d_model)
 
     @property
     def read_nbytes(self) -> int:
@@ -94,9 +117,10 @@ class ExpertFormat:
 
     @classmethod
     def build(
-        cls, d_model: int, d_ff: int, dtypes: tuple[str, str, str], layout: str = "native"
+        cls, d_model: int, d_ff: int, dtypes: tuple[str, str, str], layout: str = "native",
+        activation: str = "silu", has_biases: bool = False,
     ) -> "ExpertFormat":
-        """Lay out gate ‖ up ‖ down back to back with the given dtypes."""
+        """Lay out gate ‖ up ‖ down back to back with the given dtypes (then the biases, if any)."""
         shapes = ((d_ff, d_model), (d_ff, d_model), (d_model, d_ff))
         offset = 0
         specs = []
@@ -104,9 +128,11 @@ class ExpertFormat:
             nbytes = dtype_by_name(dtype_name).matrix_nbytes(rows, columns)
             specs.append(MatrixSpec(name, dtype_by_name(dtype_name).name, rows, columns, offset, nbytes, layout))
             offset += nbytes
-        return cls(d_model, d_ff, (specs[0], specs[1], specs[2]))
+        return cls(d_model, d_ff, (specs[0], specs[1], specs[2]), activation, has_biases)
 
     def validate(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ShapeError(f"expert activation {self.activation!r} is not one of {ACTIVATIONS}")
         offset = 0
         for name, matrix, shape in zip(
             MATRIX_NAMES, self.matrices, ((self.d_ff, self.d_model),) * 2 + ((self.d_model, self.d_ff),)
@@ -120,18 +146,24 @@ class ExpertFormat:
             offset += matrix.nbytes
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "d_model": self.d_model,
             "d_ff": self.d_ff,
             "matrices": [matrix.__dict__.copy() for matrix in self.matrices],
         }
+        if self.activation != "silu":
+            data["activation"] = self.activation
+        if self.has_biases:
+            data["has_biases"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExpertFormat":
         matrices = tuple(MatrixSpec(**matrix) for matrix in data["matrices"])
         if len(matrices) != 3:
             raise ShapeError(f"an expert has 3 matrices, the format lists {len(matrices)}")
-        expert_format = cls(int(data["d_model"]), int(data["d_ff"]), matrices)  # type: ignore[arg-type]
+        expert_format = cls(int(data["d_model"]), int(data["d_ff"]), matrices,  # type: ignore[arg-type]
+                            str(data.get("activation", "silu")), bool(data.get("has_biases", False)))
         expert_format.validate()
         return expert_format
 
@@ -145,3 +177,10 @@ class ExpertPayload:
 
     def matrix_bytes(self, matrix: MatrixSpec) -> np.ndarray:
         return self.data[matrix.offset : matrix.offset + matrix.nbytes]
+
+    def biases(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(gate, up, down) float32 bias vectors (views), or None when the format has none."""
+        if not self.format.has_biases:
+            return None
+        gate, up, down = (self.data[start:stop].view(np.float32) for start, stop in self.format.bias_ranges())
+        return gate, up, down

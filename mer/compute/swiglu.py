@@ -2,6 +2,10 @@
 
     out = down · (silu(gate · x) ⊙ (up · x))
 
+(or, for formats with biases and another activation, such as gpt-oss's,
+`down · act(gate · x + b_gate, up · x + b_up) + b_down`, the down bias added to the partial of
+the slice that starts at 0, so that the partials still sum to the output)
+
 with gate, up (`d_ff x d_model`) and down (`d_model x d_ff`) read in place from an
 `ExpertPayload` (any supported dtype and layout, see `mer.quant.matmul`). A `d_ff_slice` `s`
 restricts the hidden units to `s`: the result is the partial output `down[:, s] · h[s]`, which
@@ -20,14 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from mer.errors import ShapeError
+from mer.compute.expert_activation import activate, silu_gate
 from mer.compute.expert_format import ExpertPayload
 from mer.quant.matmul import matmul, prepare_activation, round_float_activation
 
 
-def silu_gate(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """`silu(gate) * up` in float32 (silu(g) = g / (1 + exp(-g)))."""
-    with np.errstate(over="ignore"):
-        return (gate / (np.float32(1) + np.exp(-gate))) * up
+__all__ = ["silu_gate", "swiglu_expert"]
 
 
 def _checked_slice(d_ff_slice: slice | None, d_ff: int, quantum: int) -> slice:
@@ -82,6 +84,11 @@ def swiglu_expert(
     )
     gate_out = matmul(gate, payload.matrix_bytes(gate), gate_input, rows=hidden, threads=num_threads)
     up_out = matmul(up, payload.matrix_bytes(up), up_input, rows=hidden, threads=num_threads)
-    hidden_values = _rounded(down_dtype, silu_gate(gate_out, up_out), ggml_rounding)
+    biases = payload.biases()
+    if biases is not None:
+        gate_out, up_out = gate_out + biases[0][hidden], up_out + biases[1][hidden]
+    hidden_values = _rounded(down_dtype, activate(expert_format.activation, gate_out, up_out), ggml_rounding)
     out = matmul(down, payload.matrix_bytes(down), hidden_values, columns=hidden, threads=num_threads)
+    if biases is not None and hidden.start == 0:  # the down bias once per expert: in the first slice's partial
+        out = out + biases[2]
     return out[0] if np.ndim(x) == 1 else out

@@ -101,37 +101,53 @@ def next_positions(kv_cache: KVCache, block: int, num_tokens: int) -> np.ndarray
 
 
 def causal_attention(
-    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray, scale: float
+    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, positions: np.ndarray, scale: float,
+    window: int = 0, sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Attention of `queries` `[T, heads, d]` at `positions` over the cached `keys`/`values`
-    `[length, kv_heads, d]` (position p sees cache entries 0..p): float32 `[T, heads * d]`."""
+    `[length, kv_heads, d]` (position p sees cache entries 0..p, or with a sliding `window` only
+    p - window + 1..p): float32 `[T, heads * d]`. `sinks` (float32 `[heads]`, gpt-oss) adds one
+    logit per head to each softmax's max and denominator, with no value (ggml's `soft_max_ext`)."""
     num_tokens, num_heads, head_dim = queries.shape
     num_kv_heads = keys.shape[1]
     if num_heads % num_kv_heads:
         raise ShapeError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     group = num_heads // num_kv_heads
     if num_tokens == 1:
-        return _one_query_attention(queries[0], keys[: int(positions[0]) + 1], values[: int(positions[0]) + 1],
-                                    group, scale)
+        stop = int(positions[0]) + 1
+        start = max(0, stop - window) if window else 0
+        return _one_query_attention(queries[0], keys[start:stop], values[start:stop], group, scale, sinks)
     out = np.empty((num_tokens, num_heads, head_dim), dtype=np.float32)
-    visible = np.arange(keys.shape[0])[None, :] <= np.asarray(positions)[:, None]
+    distance = np.asarray(positions)[:, None] - np.arange(keys.shape[0])[None, :]
+    visible = (distance >= 0) & (distance < window) if window else distance >= 0
     for head in range(num_heads):
         kv_head = head // group
         scores = (queries[:, head, :] @ keys[:, kv_head, :].T) * np.float32(scale)
         scores = np.where(visible, scores, np.float32(-np.inf))
-        scores = np.exp(scores - scores.max(axis=1, keepdims=True))
-        probabilities = scores / scores.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
-        out[:, head, :] = probabilities @ values[:, kv_head, :]
+        sink = None if sinks is None else sinks[head]
+        out[:, head, :] = _softmax_rows(scores, sink, axis=1) @ values[:, kv_head, :]
     return out.reshape(num_tokens, num_heads * head_dim)
 
 
+def _softmax_rows(scores: np.ndarray, sink: np.ndarray | None, axis: int) -> np.ndarray:
+    """Softmax along `axis` (max subtracted, sum in float64); a sink joins the max and the sum."""
+    peak = scores.max(axis=axis, keepdims=True)
+    if sink is not None:
+        peak = np.maximum(peak, sink)
+    exponentials = np.exp(scores - peak)
+    total = exponentials.sum(axis=axis, keepdims=True, dtype=np.float64)
+    if sink is not None:
+        total = total + np.exp(sink - peak).astype(np.float64)
+    return exponentials / total.astype(np.float32)
+
+
 def _one_query_attention(query: np.ndarray, keys: np.ndarray, values: np.ndarray, group: int,
-                         scale: float) -> np.ndarray:
+                         scale: float, sinks: np.ndarray | None = None) -> np.ndarray:
     """`causal_attention` of one token (a decode step) over the keys it sees, every head at once: the
     same steps as the per-head loop, as batched matmuls over the KV heads (`[1, heads * d]`)."""
     num_kv_heads, head_dim = keys.shape[1], keys.shape[2]
     grouped = query.reshape(num_kv_heads, group, head_dim)
     scores = np.matmul(grouped, keys.transpose(1, 2, 0)) * np.float32(scale)  # [kv_heads, group, length]
-    scores = np.exp(scores - scores.max(axis=2, keepdims=True))
-    probabilities = scores / scores.sum(axis=2, keepdims=True, dtype=np.float64).astype(np.float32)
+    head_sinks = None if sinks is None else sinks.reshape(num_kv_heads, group, 1)
+    probabilities = _softmax_rows(scores, head_sinks, axis=2)
     return np.matmul(probabilities, values.transpose(1, 0, 2)).reshape(1, -1)  # [kv_heads, group, d] -> [1, heads * d]

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from mer.compute.expert_format import ExpertPayload
+from mer.store.convert import fill_payload
 from mer.store.gguf_source import GGUFSource
 from mer.store.reader import ExpertStore
 from mer.compute.swiglu import swiglu_expert
@@ -41,9 +42,10 @@ class GGUFExperts:
         self.calls: list[tuple[int, tuple[int, ...]]] = []  # (moe_layer, experts) of every call
 
     def payload(self, moe_layer: int, expert: int) -> ExpertPayload:
-        layer = self.source.layers[moe_layer]
-        data = np.concatenate([matrix.expert_bytes(expert)[1] for matrix in layer.matrices])
-        return ExpertPayload(self.source.expert_format(moe_layer), data)
+        expert_format = self.source.expert_format(moe_layer)
+        data = np.empty(expert_format.payload_nbytes, dtype=np.uint8)
+        fill_payload(data, self.source.layers[moe_layer], expert, expert_format)
+        return ExpertPayload(expert_format, data)
 
     def __call__(self, moe_layer: int, batches: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
         self.calls.append((moe_layer, tuple(batches)))

@@ -10,6 +10,7 @@ Supported architectures (`general.architecture`) and what llama.cpp fixes in cod
 | `qwen3moe` | neox: (i, i + n/2)  | per head (`head_dim` weights)     | softmax, top-k, renormalised        |
 | `olmoe`    | neox: (i, i + n/2)  | over the whole q / k projection   | softmax, top-k, not renormalised    |
 | `qwen2moe` | neox: (i, i + n/2)  | none (q/k/v biases instead)       | softmax, top-k, not renormalised; plus a shared expert (`mer.model.shared_expert`) |
+| `gpt-oss`  | neox, YaRN          | none (biases, sinks, sliding window: `mer.model.gpt_oss`) | logits + bias, top-k, softmax over k |
 
 Required keys (`{arch}.` prefix): `context_length`, `embedding_length`, `block_count`,
 `attention.head_count`, `attention.layer_norm_rms_epsilon`, `expert_count`,
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mer.errors import GGUFError, UnsupportedModelError
+from mer.model.rope_yarn import NO_YARN, YarnRope
 from mer.store.gguf_files import GGUFPart
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ QK_NORM_NONE = "none"
 QK_NORM_PER_HEAD = "per_head"
 QK_NORM_WHOLE = "whole"
 DEFAULT_ROPE_BASE = 10000.0
+GATING_SOFTMAX = "softmax"
+GATING_SOFTMAX_WEIGHT = "softmax_weight"
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,13 @@ class ArchitectureRules:
     rope_style: str  # ROPE_NORMAL or ROPE_NEOX
     qk_norm: str  # QK_NORM_NONE, QK_NORM_PER_HEAD or QK_NORM_WHOLE
     normalize_expert_weights: bool  # renormalise the top-k softmax probabilities to sum to 1
-    qkv_bias: bool = False  # attn_q / attn_k / attn_v have bias vectors (qwen2moe)
+    qkv_bias: bool = False  # attn_q / attn_k / attn_v have bias vectors (qwen2moe, gpt-oss)
     shared_expert: bool = False  # a sigmoid-gated shared SwiGLU expert per MoE block (qwen2moe)
+    gating: str = GATING_SOFTMAX  # GATING_SOFTMAX, or GATING_SOFTMAX_WEIGHT (top-k logits, softmax over k)
+    ffn_norm: str = "ffn_norm"  # the norm tensor of the FFN input (gpt-oss: post_attention_norm)
+    biases: bool = False  # output, router (ffn_gate_inp) and expert biases
+    attention_sinks: bool = False  # one learned logit per head joins each softmax (attn_sinks)
+    sliding_window: bool = False  # {arch}.attention.sliding_window on a pattern of blocks
 
 
 ARCHITECTURES: dict[str, ArchitectureRules] = {
@@ -62,6 +71,9 @@ ARCHITECTURES: dict[str, ArchitectureRules] = {
     "olmoe": ArchitectureRules(ROPE_NEOX, QK_NORM_WHOLE, normalize_expert_weights=False),
     "qwen2moe": ArchitectureRules(ROPE_NEOX, QK_NORM_NONE, normalize_expert_weights=False, qkv_bias=True,
                                   shared_expert=True),
+    "gpt-oss": ArchitectureRules(ROPE_NEOX, QK_NORM_NONE, normalize_expert_weights=False, gating=GATING_SOFTMAX_WEIGHT,
+                                 ffn_norm="post_attention_norm", qkv_bias=True, biases=True, attention_sinks=True,
+                                 sliding_window=True),
 }
 
 
@@ -87,6 +99,18 @@ class HParams:
     leading_dense_blocks: int
     expert_d_ff: int = 0  # the metadata's expert hidden size (0: not given; the tensors decide)
     shared_expert_d_ff: int = 0  # the shared expert's hidden size (0: the architecture has none)
+    sliding_window: int = 0  # tokens a sliding-window block sees (its own included); 0: none
+    sliding_window_period: int = 0  # block b slides when b % period < period - 1 (llama.cpp's pattern)
+    rope_base_swa: float = 0.0  # the RoPE base of sliding-window blocks (0: rope_base)
+    yarn: YarnRope = NO_YARN
+
+    def is_sliding_block(self, block: int) -> bool:
+        """True when `block`'s attention sees only the last `sliding_window` positions."""
+        period = self.sliding_window_period
+        return self.sliding_window > 0 and period > 0 and block % period < period - 1
+
+    def block_rope_base(self, block: int) -> float:
+        return self.rope_base_swa if self.is_sliding_block(block) and self.rope_base_swa else self.rope_base
 
     @property
     def num_queries_per_kv(self) -> int:
@@ -164,12 +188,16 @@ def read_hparams(part: GGUFPart) -> HParams:
     value_dim = keys.integer("attention.value_length", head_dim)
     num_experts = keys.integer("expert_count")
     top_k = keys.integer("expert_used_count")
-    _check(part.path, num_heads % num_kv_heads == 0,
+    check(part.path, num_heads % num_kv_heads == 0,
            f"attention.head_count {num_heads} is not a multiple of attention.head_count_kv {num_kv_heads}")
-    _check(part.path, value_dim == head_dim, f"attention.value_length {value_dim} differs from key_length {head_dim}")
-    _check(part.path, top_k <= num_experts, f"expert_used_count {top_k} exceeds expert_count {num_experts}")
+    check(part.path, value_dim == head_dim, f"attention.value_length {value_dim} differs from key_length {head_dim}")
+    check(part.path, top_k <= num_experts, f"expert_used_count {top_k} exceeds expert_count {num_experts}")
     rope_dimensions = keys.integer("rope.dimension_count", head_dim)
-    _check(part.path, rope_dimensions == head_dim,
+    if rules.sliding_window:
+        from mer.model.gpt_oss import gpt_oss_hparams  # its own module; it uses this one's definitions
+
+        return gpt_oss_hparams(keys, rules, architecture, d_model, num_heads, num_kv_heads, head_dim, num_experts, top_k)
+    check(part.path, rope_dimensions == head_dim,
            f"rope.dimension_count {rope_dimensions} differs from the head size {head_dim} "
            f"(partial RoPE is not supported)")
     return HParams(
@@ -184,7 +212,7 @@ def read_hparams(part: GGUFPart) -> HParams:
         rms_norm_eps=keys.number("attention.layer_norm_rms_epsilon"),
         rope_base=keys.number("rope.freq_base", DEFAULT_ROPE_BASE),
         rope_dimensions=rope_dimensions,
-        rope_position_scale=_rope_position_scale(keys),
+        rope_position_scale=rope_position_scale(keys),
         num_experts=num_experts,
         top_k=top_k,
         expert_weights_scale=keys.number("expert_weights_scale", 0.0),
@@ -204,7 +232,7 @@ def _shared_expert_sizes(keys: _Metadata, top_k: int) -> dict[str, int]:
             "shared_expert_d_ff": keys.integer("expert_shared_feed_forward_length", feed_forward)}
 
 
-def _rope_position_scale(keys: _Metadata) -> float:
+def rope_position_scale(keys: _Metadata) -> float:
     scaling = keys.text("rope.scaling.type", "none")
     if scaling == "none":
         return 1.0
@@ -213,11 +241,11 @@ def _rope_position_scale(keys: _Metadata) -> float:
             f"{keys.part.path}: {keys.prefix}.rope.scaling.type {scaling!r} is not supported (none, linear)"
         )
     factor = keys.number("rope.scaling.factor", 1.0)
-    _check(keys.part.path, factor > 0, f"rope.scaling.factor {factor} must be positive")
+    check(keys.part.path, factor > 0, f"rope.scaling.factor {factor} must be positive")
     return 1.0 / factor
 
 
-def _check(path: Path, condition: bool, message: str) -> None:
+def check(path: Path, condition: bool, message: str) -> None:
     if not condition:
         raise GGUFError(f"{path}: {message}")
 

@@ -25,7 +25,9 @@ import numpy as np
 
 from mer.errors import ContextLengthError, ShapeError, StoreError, TokenizerError
 from mer.model.attention import KVCache, apply_rope, causal_attention, rms_norm, rope_tables
-from mer.model.hparams import QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, moe_layers_of, read_hparams
+from mer.model.hparams import (GATING_SOFTMAX_WEIGHT, QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, moe_layers_of,
+                               read_hparams)
+from mer.model.rope_yarn import yarn_rope_tables
 from mer.model.moe import Routing, route_tokens
 from mer.model.weights import BlockWeights, ModelWeights, load_weights
 from mer.store.gguf_source import GGUFSource, read_gguf_source
@@ -89,21 +91,30 @@ class MoEModel:
             _check_positions(block, kv_cache, positions[start:stop])
         x = rms_norm(hidden, weights.attn_norm, hparams.rms_norm_eps)
         queries, keys, values = (matrix(x, self.threads) for matrix in (weights.attn_q, weights.attn_k, weights.attn_v))
-        if weights.qkv_bias is not None:  # qwen2moe: added before the head reshape and RoPE, as llama.cpp does
+        if weights.qkv_bias is not None:  # qwen2moe, gpt-oss: added before the head reshape and RoPE, as llama.cpp does
             queries, keys, values = (out + bias for out, bias in zip((queries, keys, values), weights.qkv_bias))
         queries, keys = self._qk_norm(weights, queries, keys)
-        cos, sin = rope_tables(positions, hparams.rope_dimensions, hparams.rope_base, hparams.rope_position_scale)
+        cos, sin = self._rope_tables(block, positions)
         queries = apply_rope(queries, cos, sin, hparams.rules.rope_style)
         keys = apply_rope(keys, cos, sin, hparams.rules.rope_style)
         values = values.reshape(-1, hparams.num_kv_heads, hparams.head_dim)
+        window = hparams.sliding_window if hparams.is_sliding_block(block) else 0
         attended = []
         for kv_cache, start, stop in zip(kv_caches, bounds, bounds[1:]):
             kv_cache.store(block, keys[start:stop], values[start:stop])
             length = kv_cache.lengths[block]
             attended.append(causal_attention(queries[start:stop], kv_cache.keys[block, :length],
                                              kv_cache.values[block, :length], positions[start:stop],
-                                             1.0 / np.sqrt(hparams.head_dim)))
-        return hidden + weights.attn_output(attended[0] if len(attended) == 1 else np.concatenate(attended), self.threads)
+                                             1.0 / np.sqrt(hparams.head_dim), window, weights.attn_sinks))
+        out = weights.attn_output(attended[0] if len(attended) == 1 else np.concatenate(attended), self.threads)
+        return hidden + (out if weights.attn_output_bias is None else out + weights.attn_output_bias)
+
+    def _rope_tables(self, block: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        hparams = self.hparams
+        base = hparams.block_rope_base(block)
+        if hparams.yarn.is_enabled:
+            return yarn_rope_tables(positions, hparams.rope_dimensions, base, hparams.yarn)
+        return rope_tables(positions, hparams.rope_dimensions, base, hparams.rope_position_scale)
 
     def _qk_norm(
         self, weights: BlockWeights, queries: np.ndarray, keys: np.ndarray
@@ -119,7 +130,8 @@ class MoEModel:
         return queries, keys
 
     def ffn_input(self, block: int, hidden: np.ndarray) -> np.ndarray:
-        """`rms_norm(hidden)` with the block's ffn_norm: the input of the router and the experts."""
+        """`rms_norm(hidden)` with the block's ffn_norm (gpt-oss: post_attention_norm): the input of the
+        router and the experts."""
         return rms_norm(hidden, self.weights.blocks[block].ffn_norm, self.hparams.rms_norm_eps)
 
     def is_moe_block(self, block: int) -> bool:
@@ -131,8 +143,12 @@ class MoEModel:
         if router is None:
             raise ShapeError(f"block {block} is a dense block: it has no router")
         logits = router(normed, self.threads)
+        bias = self.weights.blocks[block].router_bias
+        if bias is not None:
+            logits = logits + bias
         hparams = self.hparams
-        return route_tokens(logits, hparams.top_k, hparams.rules.normalize_expert_weights, hparams.expert_weights_scale)
+        return route_tokens(logits, hparams.top_k, hparams.rules.normalize_expert_weights, hparams.expert_weights_scale,
+                            softmax_after_top_k=hparams.rules.gating == GATING_SOFTMAX_WEIGHT)
 
     def shared_expert(self, block: int, normed: np.ndarray) -> np.ndarray | None:
         """The gated shared expert's output of a MoE block (`mer.model.shared_expert`), None without one."""

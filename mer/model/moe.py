@@ -43,11 +43,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
 
 
-def route_tokens(router_logits: np.ndarray, top_k: int, normalize: bool, scale: float = 0.0) -> Routing:
-    """The routing of each token from its router logits float32 `[tokens, experts]`."""
+def route_tokens(router_logits: np.ndarray, top_k: int, normalize: bool, scale: float = 0.0,
+                 softmax_after_top_k: bool = False) -> Routing:
+    """The routing of each token from its router logits float32 `[tokens, experts]`; with
+    `softmax_after_top_k` (gpt-oss) the top-k of the raw logits, weighted by a softmax over those k."""
     logits = np.atleast_2d(np.asarray(router_logits, dtype=np.float32))
     if not 1 <= top_k <= logits.shape[1]:
         raise ShapeError(f"top_k {top_k} must be in 1..{logits.shape[1]} (the experts of the block)")
+    if softmax_after_top_k:
+        experts = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+        weights = softmax(np.take_along_axis(logits, experts, axis=1))
+        return Routing(experts.astype(np.int64), weights.astype(np.float32))
     probabilities = softmax(logits)
     experts = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     weights = np.take_along_axis(probabilities, experts, axis=1)

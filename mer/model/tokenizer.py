@@ -38,7 +38,7 @@ from mer.store.gguf_files import GGUFPart
 
 SPACE_MARK = "\u2581"
 END_OF_GENERATION_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                           "<|eom_id|>", "<EOT>", "<|end_of_text|>")
+                           "<|eom_id|>", "<EOT>", "<|end_of_text|>", "<|return|>", "<|call|>")
 _KEY = "tokenizer.ggml."
 
 
@@ -154,6 +154,11 @@ class Tokenizer:
         return b"".join(self.token_bytes(token, special) for token in tokens).decode("utf-8", errors="replace")
 
 
+# gpt-oss's harmony tokens that llama.cpp makes user-defined whatever the vocabulary says (its "quick hack
+# for gpt-oss", checked against the installed llama.cpp): parsed in any text and rendered as their text.
+ALWAYS_PARSED_TEXTS = frozenset({"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>", "<|end|>"})
+
+
 def load_tokenizer(part: GGUFPart) -> Tokenizer:
     """The tokenizer of a GGUF (its first part); TokenizerError naming the file and key."""
     model = part.value(_KEY + "model")
@@ -163,6 +168,7 @@ def load_tokenizer(part: GGUFPart) -> Tokenizer:
                              f"'llama' (SentencePiece-style) and 'gpt2' (byte-level BPE) vocabularies")
     kind = "spm" if model == "llama" else "bpe"
     types = _list(part, "token_type", [TokenType.NORMAL] * len(pieces), len(pieces))
+    types = [TokenType.USER_DEFINED if piece in ALWAYS_PARSED_TEXTS else kind for piece, kind in zip(pieces, types)]
     pre = part.value(_KEY + "pre") or "default"
     try:
         _, _, bpe_add_bos = compile_pre_tokenizer(pre) if kind == "bpe" else ([], False, True)

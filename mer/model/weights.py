@@ -34,7 +34,7 @@ from mer.model.shared_expert import SharedExpert
 from mer.quant.dequant import dequantize
 from mer.quant.matmul import matmul, round_float_activation
 from mer.store.gguf_files import GGUFPart, TensorData
-from mer.store.gguf_source import MERGED_EXPERT_TENSOR, PER_EXPERT_TENSOR
+from mer.store.gguf_source import EXPERT_BIAS_TENSOR, MERGED_EXPERT_TENSOR, PER_EXPERT_TENSOR
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,11 @@ class BlockWeights:
     ffn_norm: np.ndarray
     router: DenseMatrix | None  # ffn_gate_inp of a MoE block
     dense_ffn: tuple[DenseMatrix, DenseMatrix, DenseMatrix] | None  # (gate, up, down) of a dense block
-    qkv_bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (q, k, v) biases (qwen2moe)
+    qkv_bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (q, k, v) biases (qwen2moe, gpt-oss)
     shared_expert: SharedExpert | None = None  # a MoE block's shared expert (qwen2moe)
+    attn_output_bias: np.ndarray | None = None  # (gpt-oss)
+    attn_sinks: np.ndarray | None = None  # one logit per head (gpt-oss)
+    router_bias: np.ndarray | None = None  # added to the router logits (gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ class _Tensors:
 
 
 def _is_expert_tensor(name: str) -> bool:
-    return bool(MERGED_EXPERT_TENSOR.match(name) or PER_EXPERT_TENSOR.match(name))
+    return bool(MERGED_EXPERT_TENSOR.match(name) or PER_EXPERT_TENSOR.match(name) or EXPERT_BIAS_TENSOR.match(name))
 
 
 def load_weights(parts: tuple[GGUFPart, ...], hparams: HParams, resident: bool = False) -> ModelWeights:
@@ -180,11 +183,15 @@ def _block_weights(tensors: _Tensors, hparams: HParams, block: int) -> BlockWeig
         attn_output=tensors.matrix(f"{prefix}.attn_output.weight", hparams.q_width, d_model),
         attn_q_norm=tensors.vector(f"{prefix}.attn_q_norm.weight", q_norm_size) if has_qk_norm else None,
         attn_k_norm=tensors.vector(f"{prefix}.attn_k_norm.weight", k_norm_size) if has_qk_norm else None,
-        ffn_norm=tensors.vector(f"{prefix}.ffn_norm.weight", d_model),  # type: ignore[arg-type]
+        ffn_norm=tensors.vector(f"{prefix}.{hparams.rules.ffn_norm}.weight", d_model),  # type: ignore[arg-type]
         router=tensors.matrix(f"{prefix}.ffn_gate_inp.weight", d_model, hparams.num_experts) if is_moe else None,
         dense_ffn=None if is_moe else _dense_ffn(tensors, prefix, d_model),
         qkv_bias=_qkv_bias(tensors, hparams, prefix) if hparams.rules.qkv_bias else None,
         shared_expert=_shared_expert(tensors, hparams, prefix) if is_moe and hparams.rules.shared_expert else None,
+        attn_output_bias=tensors.vector(f"{prefix}.attn_output.bias", d_model) if hparams.rules.biases else None,
+        attn_sinks=tensors.vector(f"{prefix}.attn_sinks.weight", hparams.num_heads) if hparams.rules.attention_sinks else None,
+        router_bias=tensors.vector(f"{prefix}.ffn_gate_inp.bias", hparams.num_experts)
+        if hparams.rules.biases and is_moe else None,
     )
 
 

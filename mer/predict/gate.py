@@ -42,8 +42,9 @@ class GateLayer:
     """The router gate of one MoE layer and the norm applied before it."""
 
     block: int
-    ffn_norm: np.ndarray  # float32 [d_model]
+    ffn_norm: np.ndarray  # float32 [d_model] (gpt-oss: its post_attention_norm)
     router: DenseMatrix  # ffn_gate_inp: [experts] x [d_model]
+    router_bias: np.ndarray | None = None  # gpt-oss: added to the logits (the softmax keeps their order)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class GateWeights:
         for block, moe_layer in model.moe_layers.items():
             weights = model.weights.blocks[block]
             router = DenseMatrix.of(dataclasses.replace(weights.router.tensor, data=weights.router.tensor.data.copy()))
-            layers[moe_layer] = GateLayer(block, weights.ffn_norm.copy(), router)
+            bias = None if weights.router_bias is None else weights.router_bias.copy()
+            layers[moe_layer] = GateLayer(block, weights.ffn_norm.copy(), router, bias)
         hparams = model.hparams
         return cls(str(path), tuple(layers), hparams.rms_norm_eps, hparams.d_model, hparams.num_experts)
 
@@ -82,7 +84,8 @@ class GateWeights:
             raise ShapeError(f"{self.path}: a hidden state of {rows.shape[1]} values, the model's d_model is "
                              f"{self.d_model}")
         layer = self.layers[moe_layer]
-        return softmax(layer.router(rms_norm(rows, layer.ffn_norm, self.rms_norm_eps)))
+        logits = layer.router(rms_norm(rows, layer.ffn_norm, self.rms_norm_eps))
+        return softmax(logits if layer.router_bias is None else logits + layer.router_bias)
 
     def ranking(self, moe_layer: int, hidden: np.ndarray) -> list[tuple[int, float]]:
         """Every expert of `moe_layer` (ids within the layer) with its probability for one residual

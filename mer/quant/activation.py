@@ -1,13 +1,13 @@
 """Activations quantized to q8_0 per 32-block, laid out for the q4_0 / q8_0 kernels.
 
-Like llama.cpp, the input of a q4_0 or q8_0 matmul is rounded to q8_0 per 32-element block:
+Like llama.cpp, the input of a q4_0, q8_0 or mxfp4 matmul is rounded to q8_0 per 32-element block:
 `d = amax / 127` (stored as f16, used as the float32 value of that f16) and
 `q = round_half_to_even(x * (127 / amax))` as int8 (all zero when amax is 0). This is the
 rounding of llama.cpp's AVX path; the integer dot of a weight block with `q` times
 `d_weight * d_activation` then gives the block's product.
 
 `QuantizedActivation` holds a batch of such rows in the order the kernels read them. A "group"
-is what one 64-byte weight load covers (4 q4_0 blocks or 2 q8_0 blocks); every row is padded
+is what one 64-byte weight load covers (4 q4_0 blocks or 2 q8_0 blocks; mxfp4 as q4_0); every row is padded
 with zero blocks (d = 0) to whole groups. The tokens of a group lie side by side, so a kernel
 that updates several tokens per weight group reads one contiguous run:
 
@@ -28,7 +28,7 @@ import numpy as np
 from mer.errors import ShapeError, UnsupportedDTypeError
 
 BLOCK_SIZE = 32
-BLOCKS_PER_GROUP = {"q4_0": 4, "q8_0": 2}
+BLOCKS_PER_GROUP = {"q4_0": 4, "q8_0": 2, "mxfp4": 4}  # mxfp4 packs its nibbles as q4_0 does
 ACTIVATION_OFFSET = 128
 
 
@@ -63,7 +63,7 @@ def quantize_activation(x: np.ndarray, weight_dtype: str) -> QuantizedActivation
     """Quantize float32 activations `[batch, n]` (or `[n]`) for a `weight_dtype` matmul."""
     if weight_dtype not in BLOCKS_PER_GROUP:
         raise UnsupportedDTypeError(
-            f"q8_0 activations are made for q4_0 or q8_0 weights, not {weight_dtype!r}"
+            f"q8_0 activations are made for q4_0, q8_0 or mxfp4 weights, not {weight_dtype!r}"
         )
     rows = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
     if rows.ndim != 2 or rows.shape[1] % BLOCK_SIZE or rows.shape[1] == 0:

@@ -263,6 +263,34 @@ def dequantize_row_q6_k(source: np.ndarray, destination: np.ndarray) -> None:
                     destination[out + 96 + offset] = factors[3] * np.float32(q3)
 
 
+MXFP4_DOUBLED_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int8)
+"""The 16 E2M1 codes' values doubled (all integers): code `c` means `MXFP4_DOUBLED_VALUES[c] / 2`."""
+
+
+@njit(cache=True)
+def e8m0_half_scale(exponent: int) -> np.float32:
+    """Half the value of an E8M0 scale byte, `2^(exponent - 128)`, as ggml computes it: the bits of
+    a float32 power of two (a subnormal for exponent 0 and 1; 255 is 2^127, not NaN)."""
+    if exponent < 2:
+        return _float32_from_bits(np.uint32(0x00200000) << np.uint32(exponent))
+    return _float32_from_bits(np.uint32(exponent - 1) << np.uint32(23))
+
+
+@njit(cache=True)
+def dequantize_row_mxfp4(source: np.ndarray, destination: np.ndarray) -> None:
+    """MXFP4 blocks (E8M0 scale byte, 16 bytes of E2M1 codes; low nibbles first) to
+    `2^(e - 128) * doubled_value(code)` (the doubled table times half the scale, as ggml)."""
+    num_blocks = _num_blocks(source, destination, 32, 17)
+    for block in range(num_blocks):
+        at = 17 * block
+        out = 32 * block
+        scale = e8m0_half_scale(np.int64(source[at]))
+        for index in range(16):
+            byte = np.int64(source[at + 1 + index])
+            destination[out + index] = scale * np.float32(MXFP4_DOUBLED_VALUES[byte & 0x0F])
+            destination[out + 16 + index] = scale * np.float32(MXFP4_DOUBLED_VALUES[byte >> 4])
+
+
 ROW_DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "f32": dequantize_row_f32,
     "f16": dequantize_row_f16,
@@ -272,6 +300,7 @@ ROW_DEQUANTIZERS: dict[str, Callable[[np.ndarray, np.ndarray], None]] = {
     "q4_k": dequantize_row_q4_k,
     "q5_k": dequantize_row_q5_k,
     "q6_k": dequantize_row_q6_k,
+    "mxfp4": dequantize_row_mxfp4,
 }
 
 

@@ -18,6 +18,9 @@ with a token ends up in 8 int32 lanes, two or four per block (`GroupFormat.lane_
   group, shared by every token) is subtracted. The exact result, 8 products of |q| <= 128 and
   |w| <= 8, fits int16, so the wrapping int16 arithmetic is exact; `vpmaddwd` with ones then
   sums lane pairs into int32.
+- mxfp4: as q4_0, the nibbles looked up (`vpshufb`) in the table of doubled E2M1 values,
+  w in [-12, 12]: pair sums at most 2 * 255 * 12 = 6120, the exact result 8 * 128 * 12 = 12288
+  fits int16; the weight scale is half the block's E8M0 scale (native blocks only).
 - q8_0: weights span [-128, 127], where `u * w` pairs would saturate, so the signs move to the
   activation (as ggml does): `vpmaddubsw(|w|, sign(q, w))` with `q = u - 128` in [-127, 127]
   (what `quantize_activation` makes; -128 would not survive the sign flip): each pair sum is at
@@ -77,7 +80,9 @@ class GroupFormat:
 GROUP_FORMATS = {
     "q4_0": GroupFormat(blocks_per_group=4, quant_bytes_per_block=16, native_block_bytes=18),
     "q8_0": GroupFormat(blocks_per_group=2, quant_bytes_per_block=32, native_block_bytes=34),
+    "mxfp4": GroupFormat(blocks_per_group=4, quant_bytes_per_block=16, native_block_bytes=17),
 }
+MXFP4_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 codes' values doubled
 
 
 def _byte_constant(value: int) -> ir.Constant:
@@ -147,6 +152,8 @@ class _WeightRow:
         """The group's weight scales as float32, one lane per block (0 for missing blocks)."""
         emitter = self.emitter
         builder, fmt = emitter.builder, emitter.format
+        if emitter.dtype == "mxfp4":
+            return self._mxfp4_half_scales(group, valid_blocks)
         halves_type = vir.vector(vir.INT16, fmt.blocks_per_group)
         if emitter.planar:
             offset = builder.add(self.scales_offset, builder.mul(group, vir.INT64(2 * fmt.blocks_per_group)))
@@ -172,6 +179,23 @@ class _WeightRow:
                     value = builder.extract_element(piece, vir.INT32(0))
                 halves = builder.insert_element(halves, value, vir.INT32(block))
         return vir.float32_from_float16_bits(builder, halves)
+
+
+    def _mxfp4_half_scales(self, group: ir.Value, valid_blocks: ir.Value | None) -> ir.Value:
+        """The group's E8M0 scale bytes (native blocks) as float32 half-scales, one lane per block."""
+        builder, fmt = self.emitter.builder, self.emitter.format
+        exponents = ir.Constant(vir.vector(vir.INT8, fmt.blocks_per_group), None)
+        for block in range(fmt.blocks_per_group):
+            pointer = builder.gep(self.emitter.weights, [self._block_offset(self.scales_offset, group, block,
+                                                                            fmt.native_block_bytes)])
+            if valid_blocks is None:
+                value = builder.load(pointer)
+            else:
+                is_valid = builder.icmp_unsigned(">", valid_blocks, vir.INT64(block))
+                piece = vir.masked_load_vector(builder, pointer, vir.vector(vir.INT8, 1), vir.splat(builder, is_valid, 1))
+                value = builder.extract_element(piece, vir.INT32(0))
+            exponents = builder.insert_element(exponents, value, vir.INT32(block))
+        return vir.float32_from_e8m0_half(builder, exponents)
 
 
 @dataclass
@@ -224,9 +248,14 @@ class _DotEmitter:
         if self.dtype == "q8_0":
             return _RowGroup([[vir.absolute_bytes(builder, half), half] for half in halves], None, scales)
         parts, corrections = [], []
+        table = ir.Constant(vir.vector(vir.INT8, HALF_BYTES), list(MXFP4_DOUBLED) * (HALF_BYTES // 16))
         for raw in halves:
-            low = builder.sub(builder.and_(raw, _byte_constant(0x0F)), _byte_constant(8))
-            high = builder.sub(builder.lshr(raw, _byte_constant(4)), _byte_constant(8))
+            if self.dtype == "mxfp4":  # each nibble looks up its doubled E2M1 value (-12..12)
+                low = vir.shuffle_bytes(builder, table, builder.and_(raw, _byte_constant(0x0F)))
+                high = vir.shuffle_bytes(builder, table, builder.lshr(raw, _byte_constant(4)))
+            else:
+                low = builder.sub(builder.and_(raw, _byte_constant(0x0F)), _byte_constant(8))
+                high = builder.sub(builder.lshr(raw, _byte_constant(4)), _byte_constant(8))
             both = builder.add(low, high)
             corrections.append(vir.multiply_add_unsigned_signed_bytes(builder, _byte_constant(ACTIVATION_OFFSET), both))
             parts.append([low, high])

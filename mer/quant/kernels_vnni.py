@@ -7,14 +7,15 @@ activations of tokens `token_start ...` (layout: `mer.quant.activation`; C-conti
 `position` = (quants_offset, scales_offset, row_quant_stride, row_scale_stride, num_blocks):
 each row is a run of `num_blocks` consecutive blocks whose quants and scales start at those
 byte offsets of `weights`, row i `i * row_quant_stride` / `i * row_scale_stride` bytes later.
-`dtype` ("q4_0" or "q8_0"), `planar`, `num_rows` and `num_tokens` must be compile-time constants.
+`dtype` ("q4_0", "q8_0" or "mxfp4", native only), `planar`, `num_rows` and `num_tokens` must be compile-time constants.
 
 Each row is processed a GROUP at a time: 64 weight bytes, i.e. 4 q4_0 blocks or 2 q8_0 blocks,
 in 16 int32 lanes of which each holds a part of one block's integer dot product (lane l is in
 block l // 4 for q4_0, l // 8 for q8_0):
 
 - the weights become signed bytes: q4_0 nibbles minus 8 (low nibbles = elements 0-15 of each
-  block, high nibbles = elements 16-31), q8_0 bytes as they are;
+  block, high nibbles = elements 16-31), q8_0 bytes as they are, MXFP4 nibbles looked up in the
+  table of doubled E2M1 values (`vpshufb`; the block's weight scale is then half its E8M0 scale);
 - the activation bytes are stored unsigned, `q + 128`, so `vpdpbusd` (unsigned x signed bytes,
   four adjacent products summed per int32 lane) can multiply them; the `+ 128` is removed by
   starting each lane at `-128 * (sum of its weight bytes)`, computed once per row and group with
@@ -71,7 +72,9 @@ class GroupFormat:
 GROUP_FORMATS = {
     "q4_0": GroupFormat(blocks_per_group=4, quant_bytes_per_block=16, native_block_bytes=18),
     "q8_0": GroupFormat(blocks_per_group=2, quant_bytes_per_block=32, native_block_bytes=34),
+    "mxfp4": GroupFormat(blocks_per_group=4, quant_bytes_per_block=16, native_block_bytes=17),
 }
+MXFP4_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 codes' values doubled
 
 
 def _byte_constant(value: int) -> ir.Constant:
@@ -135,6 +138,8 @@ class _WeightRow:
         """The group's weight scales as 16 float lanes (each block's scale over its lanes)."""
         emitter = self.emitter
         builder, fmt = emitter.builder, emitter.format
+        if emitter.dtype == "mxfp4":
+            return vir.repeat_lanes(builder, self._mxfp4_half_scales(group, valid_blocks), fmt.lanes_per_block)
         halves_type = vir.vector(vir.INT16, fmt.blocks_per_group)
         if emitter.planar:
             step = vir.INT64(2 * fmt.blocks_per_group)
@@ -154,6 +159,15 @@ class _WeightRow:
             halves = vir.concatenate(builder, pieces)
         scales = vir.float32_from_float16_bits(builder, halves)
         return vir.repeat_lanes(builder, scales, fmt.lanes_per_block)
+
+
+    def _mxfp4_half_scales(self, group: ir.Value, valid_blocks: ir.Value | None) -> ir.Value:
+        """The group's E8M0 scale bytes as float32 half-scales (`vector_ir.float32_from_e8m0_half`)."""
+        builder, fmt = self.emitter.builder, self.emitter.format
+        offsets = [self._block_offset(self.scales_offset, group, block, fmt.native_block_bytes)
+                   for block in range(fmt.blocks_per_group)]
+        pieces = self._load_native(offsets, vir.vector(vir.INT8, 1), valid_blocks)
+        return vir.float32_from_e8m0_half(builder, vir.concatenate(builder, pieces))
 
 
 class _DotEmitter:
@@ -199,6 +213,10 @@ class _DotEmitter:
         builder = self.builder
         if self.dtype == "q8_0":
             return [raw]
+        if self.dtype == "mxfp4":  # each nibble looks up its doubled E2M1 value (vpshufb per 16 bytes)
+            table = ir.Constant(vir.vector(vir.INT8, GROUP_BYTES), list(MXFP4_DOUBLED) * (GROUP_BYTES // 16))
+            nibbles = [builder.and_(raw, _byte_constant(0x0F)), builder.lshr(raw, _byte_constant(4))]
+            return [vir.shuffle_bytes(builder, table, nibble) for nibble in nibbles]
         low = builder.sub(builder.and_(raw, _byte_constant(0x0F)), _byte_constant(8))
         high = builder.sub(builder.lshr(raw, _byte_constant(4)), _byte_constant(8))
         return [low, high]

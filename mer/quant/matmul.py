@@ -10,6 +10,8 @@ dequantizing it as a whole and without touching the bytes outside the slices:
   llama.cpp does, `mer.quant.activation`), then exact integer block dots are scaled and summed
   in float32 (`kernels_vnni` on AVX-512 VNNI CPUs, else `kernels_avx2` on AVX2 + FMA + F16C
   CPUs, else `kernels_portable`);
+- mxfp4: the same q8_0 rounding, then exact integer block dots with the doubled E2M1 table scaled
+  by half the E8M0 scale (`kernels_vnni`, else `kernels_avx2`, else `kernels_mxfp4`, portable);
 - q4_k, q5_k, q6_k, f32, f16, bf16: each row is dequantized into a float32 buffer and dotted
   with the float32 `x` (`matmul_generic`).
 
@@ -37,6 +39,7 @@ from mer.quant.matmul_quantized import (
     vnni_matmul,
     vnni_matmul_parallel,
 )
+from mer.quant.kernels_mxfp4 import MXFP4_QUANTS_OFFSET, MXFP4_SCALE_OFFSET, mxfp4_matmul, mxfp4_matmul_parallel
 from mer.quant.q8k_rounding import K_QUANT_DTYPES, round_to_q8_k
 from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels
 
@@ -47,7 +50,7 @@ Activation = np.ndarray | QuantizedActivation
 
 
 def uses_quantized_activation(dtype: str) -> bool:
-    """True when `dtype`'s kernel rounds its input to q8_0 (q4_0, q8_0)."""
+    """True when `dtype`'s kernel rounds its input to q8_0 (q4_0, q8_0, mxfp4)."""
     return dtype in FUSED_DTYPES
 
 
@@ -160,10 +163,12 @@ def is_kernel_available(kernel: str) -> bool:
 
 
 def block_addressing(matrix: MatrixSpec, block_start: int, num_blocks: int) -> tuple[int, ...]:
-    """The `addressing` tuple of `matmul_quantized` for a q4_0/q8_0 matrix's block range."""
+    """The `addressing` tuple of `matmul_quantized` for a q4_0/q8_0/mxfp4 matrix's block range."""
     dtype = matrix.dtype_info
     blocks_per_row = matrix.columns // dtype.block_size
-    if matrix.layout == "planar":
+    if dtype.name == "mxfp4":  # no planar form: its bytes are the same in both layouts
+        quants, scales = (MXFP4_QUANTS_OFFSET, dtype.type_size), (MXFP4_SCALE_OFFSET, dtype.type_size)
+    elif matrix.layout == "planar":
         quant_bytes = planar_layout.quant_bytes_per_block(dtype.name)
         scales_base = planar_layout.scales_offset(dtype.name, matrix.rows, matrix.columns)
         quants, scales = (0, quant_bytes), (scales_base, planar_layout.SCALE_BYTES)
@@ -198,7 +203,14 @@ def _fused_matmul(
     addressing = block_addressing(matrix, *block_range)
     arguments = (data, addressing, row_start, row_stop, activation.quants, activation.block_scales, out)
     kind = (matrix.dtype_info.name, matrix.layout == "planar")
-    if kernel == "vnni":
+    if kind[0] == "mxfp4":
+        if kernel == "vnni":
+            _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[("mxfp4", False)]), threads)
+        elif kernel == "avx2":
+            _run_kernel(avx2_matmul, avx2_matmul_parallel, (*arguments, AVX2_KERNEL_CODES[("mxfp4", False)]), threads)
+        else:
+            _run_kernel(mxfp4_matmul, mxfp4_matmul_parallel, arguments, threads)
+    elif kernel == "vnni":
         _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[kind]), threads)
     elif kernel == "avx2":
         _run_kernel(avx2_matmul, avx2_matmul_parallel, (*arguments, AVX2_KERNEL_CODES[kind]), threads)

@@ -27,7 +27,8 @@ _FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
 
 # Kernel codes of the VNNI and AVX2 entry points (numba entry points called from Python cannot
 # take the compile-time constants the intrinsics need).
-VNNI_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3}
+VNNI_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3,
+                     ("mxfp4", False): 4}
 AVX2_KERNEL_CODES = VNNI_KERNEL_CODES
 _AVX2_VARIANTS = {code: kind for kind, code in AVX2_KERNEL_CODES.items()}
 
@@ -100,8 +101,10 @@ def _vnni_rows_by_code(weights, addressing, start, stop, quants, scales, out, ou
         _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q4_0", False)
     elif code == 2:
         _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", True)
-    else:
+    elif code == 3:
         _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "q8_0", False)
+    else:
+        _vnni_rows(weights, addressing, start, stop, quants, scales, out, out_base, "mxfp4", False)
 
 
 @njit(**_FAST)

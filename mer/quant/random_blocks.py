@@ -10,7 +10,8 @@ Nothing here quantizes: the bytes are drawn directly in each dtype's GGUF block 
 2. Each 16-bit field that must stay sane is then replaced through a 65,536-entry table indexed
    by its own random bits: the f16 block scales `d` (and `dmin` for q4_k/q5_k) become uniform in
    `[0.5, 1.5] * nominal` (with a random sign for q4_0, q8_0 and q6_k, whose quantized values
-   are centred on -0.5), and f16/bf16 elements (the high half of f32 elements) become normal
+   are centred on -0.5), MXFP4's E8M0 scale bytes become one of two neighbouring powers of two,
+   and f16/bf16 elements (the high half of f32 elements) become normal
    quantiles times `std`, so floats are normal with tails cut at 4.3 std.
 
 The nominal scales make the element standard deviation equal `std` (default `1 / sqrt(columns)`,
@@ -79,6 +80,31 @@ def _remap_u16_fields(data: np.ndarray, start: int, stride: int, count: int, tab
         data[position] = value & 0xFF
         data[position + 1] = value >> 8
         position += stride
+
+
+@numba.njit(nogil=True, cache=True)
+def _remap_u8_fields(data: np.ndarray, start: int, stride: int, count: int, table: np.ndarray) -> None:
+    for position in range(start, start + stride * count, stride):
+        data[position] = table[data[position]]
+
+
+_MXFP4_VALUE_SQUARE = float(np.mean(np.array([0, 1, 2, 3, 4, 6, 8, 12], dtype=np.float64) ** 2))  # doubled codes
+
+
+@lru_cache(maxsize=256)
+def _mxfp4_exponent_table(std: float) -> np.ndarray:
+    """256 E8M0 bytes for the 256 values of a random byte: two neighbouring powers of two (half-scales
+    d and 2d), mixed in the share that gives elements of standard deviation `std`."""
+    target = std * std / _MXFP4_VALUE_SQUARE  # E[half_scale^2]
+    low = 2.0 ** np.floor(np.log2(target) / 2)  # low^2 <= target < 4 low^2
+    low_share = (4 * low * low - target) / (3 * low * low)
+    exponent = int(np.log2(low)) + 128
+    if not 2 <= exponent <= 253:
+        raise ConfigError(f"std {std} needs MXFP4 scales beyond E8M0's normal range")
+    table = np.full(256, exponent + 1, dtype=np.uint8)
+    table[: int(round(low_share * 256))] = exponent
+    table.setflags(write=False)
+    return table
 
 
 def fill_random_bytes(out: np.ndarray, key: int) -> None:
@@ -187,7 +213,9 @@ def _float_table(dtype: str, std: float) -> np.ndarray:
 def _fix_fields(data: np.ndarray, dtype: DType, std: float) -> None:
     """Replace the random bits of every scale field (or float element) by sane values."""
     num_blocks = data.size // dtype.type_size
-    if dtype.name in _SCALE_FIELDS:
+    if dtype.name == "mxfp4":  # the E8M0 byte; the E2M1 codes stay uniform (mean 0: the table is symmetric)
+        _remap_u8_fields(data, 0, dtype.type_size, num_blocks, _mxfp4_exponent_table(std))
+    elif dtype.name in _SCALE_FIELDS:
         nominals = _nominal_scales(dtype.name, std)
         for field, offset in _SCALE_FIELDS[dtype.name].items():
             table = _scale_table(nominals[field], dtype.name in _SIGNED_SCALES)

@@ -173,6 +173,25 @@ def lanes(builder: ir.IRBuilder, values: ir.Value, start: int, count: int) -> ir
     return builder.shuffle_vector(values, values, indices)
 
 
+def shuffle_bytes(builder: ir.IRBuilder, table: ir.Value, indices: ir.Value) -> ir.Value:
+    """`vpshufb` on 64 (AVX-512) or 32 (AVX2) bytes: each byte of `indices` (0-15) picks a byte of
+    its 16-byte lane of `table`."""
+    name = "llvm.x86.avx512.pshuf.b.512" if table.type.count == 64 else "llvm.x86.avx2.pshuf.b"
+    return _call_intrinsic(builder, name, table.type, [table, indices])
+
+
+def float32_from_e8m0_half(builder: ir.IRBuilder, exponents: ir.Value) -> ir.Value:
+    """MXFP4's E8M0 scale bytes (i8 lanes) as float32 half-scales `2^(e - 128)`, as ggml's
+    `e8m0_to_fp32_half`: the bits `(e - 1) << 23`, or `0x00200000 << e` (a subnormal) for e < 2."""
+    count = exponents.type.count
+    words_type = vector(INT32, count)
+    words = builder.zext(exponents, words_type)
+    normal = builder.shl(builder.sub(words, ir.Constant(words_type, [1] * count)), ir.Constant(words_type, [23] * count))
+    subnormal = builder.shl(ir.Constant(words_type, [0x00200000] * count), words)
+    is_small = builder.icmp_unsigned("<", words, ir.Constant(words_type, [2] * count))
+    return builder.bitcast(builder.select(is_small, subnormal, normal), vector(FLOAT, count))
+
+
 def float32_from_float16_bits(builder: ir.IRBuilder, halves: ir.Value) -> ir.Value:
     """Widen a vector of f16 bit patterns (i16 lanes) to float32 lanes (exact)."""
     count = halves.type.count

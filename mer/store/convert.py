@@ -109,13 +109,18 @@ def _copy_experts(source: GGUFSource, formats: list[ExpertFormat], writer: Store
 
 def fill_payload(payload: np.ndarray, layer: MoELayerSource, expert: int, expert_format: ExpertFormat,
                  checksums: TensorChecksums | None = None, transform: MatrixTransform | None = None) -> None:
-    """Copy one expert's gate, up and down bytes from the GGUF into `payload` (optionally transformed)."""
+    """Copy one expert's gate, up and down bytes (optionally transformed), then its biases if it has
+    any, from the GGUF into `payload`."""
     for matrix_source, matrix in zip(layer.matrices, expert_format.matrices):
         tensor, raw = matrix_source.expert_bytes(expert)
         if checksums is not None:
             checksums.update(tensor, raw)
         target = payload[matrix.offset : matrix.offset + matrix.nbytes]
         target[:] = raw if transform is None else transform(matrix.dtype, raw, matrix.rows, matrix.columns)
+    for (tensor, raw), (start, stop) in zip(layer.bias_bytes(expert), expert_format.bias_ranges()):
+        if checksums is not None:
+            checksums.update(tensor, raw)
+        payload[start:stop] = raw
 
 
 def _check_replaceable(out: Path, force: bool) -> None:

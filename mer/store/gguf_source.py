@@ -21,13 +21,15 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from mer.compute.dtypes import DType, dtype_by_ggml
+from mer.compute.expert_activation import expert_activation_of
 from mer.errors import GGUFError, ShapeError
 from mer.compute.expert_format import MATRIX_NAMES, ExpertFormat
 from mer.store.gguf_files import GGUFPart, TensorData, open_parts
@@ -35,6 +37,7 @@ from mer.store.manifest import Geometry
 
 MERGED_EXPERT_TENSOR = re.compile(r"^blk\.(?P<block>\d+)\.ffn_(?P<matrix>gate|up|down)_exps\.weight$")
 PER_EXPERT_TENSOR = re.compile(r"^blk\.(?P<block>\d+)\.ffn_(?P<matrix>gate|up|down)\.(?P<expert>\d+)\.weight$")
+EXPERT_BIAS_TENSOR = re.compile(r"^blk\.(?P<block>\d+)\.ffn_(?P<matrix>gate|up|down)_exps\.bias$")
 FUSED_GATE_UP_TENSOR = re.compile(r"^blk\.\d+\.ffn_gate_up_exps\.weight$")
 
 
@@ -68,13 +71,23 @@ class MoELayerSource:
     moe_layer: int
     block: int
     matrices: tuple[ExpertMatrixSource, ExpertMatrixSource, ExpertMatrixSource]
+    biases: tuple[TensorData, TensorData, TensorData] | None = None  # f32 [rows, experts] (gpt-oss)
+    activation: str = "silu"
 
     @property
     def dtypes(self) -> tuple[str, str, str]:
         return tuple(matrix.dtype.name for matrix in self.matrices)  # type: ignore[return-value]
 
     def expert_format(self, d_model: int, d_ff: int, layout: str = "native") -> ExpertFormat:
-        return ExpertFormat.build(d_model, d_ff, self.dtypes, layout)
+        return ExpertFormat.build(d_model, d_ff, self.dtypes, layout, self.activation, self.biases is not None)
+
+    def bias_bytes(self, expert: int) -> list[tuple[TensorData, np.ndarray]]:
+        """(tensor, bytes) of the expert's gate, up and down biases (views); empty without biases."""
+        pieces = []
+        for tensor in self.biases or ():
+            size = tensor.shape[0] * 4
+            pieces.append((tensor, tensor.data[expert * size : (expert + 1) * size]))
+        return pieces
 
 
 @dataclass(frozen=True)
@@ -105,10 +118,42 @@ def read_gguf_source(path: str | os.PathLike) -> GGUFSource:
     tensors = [tensor for part in parts for tensor in part.tensors]
     by_block = _expert_tensors_by_block(first.path, tensors)
     num_experts = _required_count(first, f"{architecture}.expert_count")
-    layers = tuple(_layer_source(moe_layer, block, by_block[block], num_experts)
+    biases = _expert_biases_by_block(tensors, num_experts)
+    activation = expert_activation_of(architecture)
+    layers = tuple(_with_biases(_layer_source(moe_layer, block, by_block[block], num_experts), biases, activation)
                    for moe_layer, block in enumerate(sorted(by_block)))
     geometry = _geometry(first, architecture, layers, num_experts)
     return GGUFSource(parts, geometry, layers)
+
+
+def _expert_biases_by_block(tensors: list[TensorData], num_experts: int) -> dict[int, dict[str, TensorData]]:
+    """{block: {matrix name: bias tensor}} of the merged expert biases (f32 `[rows, experts]`)."""
+    found: dict[int, dict[str, TensorData]] = defaultdict(dict)
+    for tensor in tensors:
+        if match := EXPERT_BIAS_TENSOR.match(tensor.name):
+            if tensor.ggml_type != GGMLQuantizationType.F32 or len(tensor.shape) != 2 or tensor.shape[1] != num_experts:
+                raise ShapeError(f"{tensor.path}: tensor {tensor.name} must be f32 of GGML shape [rows, {num_experts}], "
+                                 f"got {GGMLQuantizationType(tensor.ggml_type).name} {list(tensor.shape)}")
+            found[int(match["block"])][match["matrix"]] = tensor
+    return found
+
+
+def _with_biases(layer: MoELayerSource, biases: dict[int, dict[str, TensorData]], activation: str) -> MoELayerSource:
+    """The layer with its expert biases (all three or none) and the architecture's activation."""
+    found = biases.get(layer.block, {})
+    if not found:
+        return replace(layer, activation=activation)
+    missing = [name for name in MATRIX_NAMES if name not in found]
+    if missing:
+        tensor = next(iter(found.values()))
+        raise GGUFError(f"{tensor.path}: block {layer.block} has expert biases but no blk.{layer.block}.ffn_{missing[0]}"
+                        f"_exps.bias")
+    for matrix in layer.matrices:
+        tensor = found[matrix.name]
+        if tensor.shape[0] != matrix.rows:
+            raise ShapeError(f"{tensor.path}: tensor {tensor.name} has {tensor.shape[0]} rows, the {matrix.name} "
+                             f"experts have {matrix.rows}")
+    return replace(layer, biases=tuple(found[name] for name in MATRIX_NAMES), activation=activation)
 
 
 def _required(part: GGUFPart, key: str) -> Any:

@@ -283,10 +283,19 @@ def _layer(data: JsonObject) -> LayerEntry:
                      for matrix in expert_format.objects("matrices"))
     if len(matrices) != 3:
         raise FieldError(f"{expert_format.path}.matrices lists {len(matrices)} matrices, an expert has 3")
-    layer_format = ExpertFormat(expert_format.integer("d_model"), expert_format.integer("d_ff"), matrices)
+    layer_format = ExpertFormat(expert_format.integer("d_model"), expert_format.integer("d_ff"), matrices,
+                                expert_format.text("activation", "silu"), _flag(expert_format, "has_biases"))
     layer_format.validate()
     return LayerEntry(data.integer("moe_layer"), data.integer("block"), data.text("file"),
                       data.integer("expert_stride"), layer_format)
+
+
+def _flag(data: JsonObject, name: str) -> bool:
+    """An optional boolean field (false when absent)."""
+    value = data.data.get(name, False)
+    if not isinstance(value, bool):
+        raise FieldError(f"{data.path}.{name} is {value!r}, expected true or false")
+    return value
 
 
 def _expert(row, path: str) -> ExpertEntry:

@@ -32,7 +32,7 @@ from mer.quant.dequant import (
 )
 
 FLOAT_DTYPES = ("f32", "f16", "bf16")
-QUANTIZED_DTYPES = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k")
+QUANTIZED_DTYPES = ("q4_0", "q8_0", "q4_k", "q5_k", "q6_k", "mxfp4")
 
 # Byte offsets of the f16 fields inside one block (for f16 itself: the element).
 F16_FIELD_OFFSETS = {
@@ -44,6 +44,7 @@ F16_FIELD_OFFSETS = {
     "q4_k": (0, 2),
     "q5_k": (0, 2),
     "q6_k": (208,),
+    "mxfp4": (),  # its scale is one E8M0 byte: random bytes cover all 256
 }
 
 EXTREME_HALVES = (65504.0, -65504.0, 2.0**-24, -(2.0**-24), 1023 * 2.0**-24, 2.0**-14, 0.0, -0.0)

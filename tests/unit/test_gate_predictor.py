@@ -224,3 +224,21 @@ def test_a_replay_needs_only_the_models_routing_geometry_in_the_store():
     assert gate.global_id(3, 5) == 29 and gate.min_probability == 1.5 / 8
     with pytest.raises(ConfigError, match=r"4 MoE layers x 8 experts, the store has 2 x 8: the replayed routing"):
         load_gate_predictor(str(tiny_model_path()), store(2, 8, 128), replay=True)
+
+
+def test_the_gpt_oss_ranking_routes_exactly_as_its_router(tmp_path):
+    """gpt-oss: post_attention_norm, router logits plus bias, top-k of the logits, softmax over the k."""
+    from tests.support.gpt_oss_models import write_tiny_gpt_oss_gguf
+
+    info = write_tiny_gpt_oss_gguf(tmp_path / "gpt-oss.gguf", expert_dtype="f32", dense_dtype="f32", n_layers=2)
+    model, weights = MoEModel.load(info.path), GateWeights.load(info.path)
+    k = model.hparams.top_k
+    assert all(layer.router_bias is not None for layer in weights.layers)
+    for block, moe_layer in model.moe_layers.items():
+        hidden = residuals(model)
+        routing = model.route(block, model.ffn_input(block, hidden))
+        for row, residual in enumerate(hidden):
+            ranking = weights.ranking(moe_layer, residual)
+            assert [expert for expert, _ in ranking[:k]] == routing.experts[row].tolist()
+            top = np.array([probability for _, probability in ranking[:k]], dtype=np.float32)
+            np.testing.assert_allclose(top / top.sum(), routing.weights[row], rtol=1e-5)  # softmax over the k
