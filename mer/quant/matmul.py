@@ -34,22 +34,18 @@ from mer.quant.activation import BLOCKS_PER_GROUP, QuantizedActivation, quantize
 from mer.quant.activation_k import K_QUANT_DTYPES, SuperBlockActivation, quantize_activation_k
 from mer.quant.matmul_generic import DTYPE_CODES, dequantizing_matmul, dequantizing_matmul_parallel
 from mer.quant.matmul_quantized import (
-    AVX2_KERNEL_CODES,
+    AVX2_KERNELS,
     VNNI_KERNEL_CODES,
-    avx2_matmul,
-    avx2_matmul_parallel,
     portable_matmul,
     portable_matmul_parallel,
     vnni_matmul,
     vnni_matmul_parallel,
 )
 from mer.quant.matmul_kquant import (
-    KQUANT_KERNEL_CODES,
     PORTABLE_CODES,
+    SIMD_KQUANT_KERNELS,
     portable_kquant_matmul,
     portable_kquant_matmul_parallel,
-    simd_kquant_matmul,
-    simd_kquant_matmul_parallel,
 )
 from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels
 
@@ -221,7 +217,7 @@ def _fused_matmul(
     if kernel == "vnni":
         _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[kind]), threads)
     elif kernel == "avx2":
-        _run_kernel(avx2_matmul, avx2_matmul_parallel, (*arguments, AVX2_KERNEL_CODES[kind]), threads)
+        _run_kernel(*AVX2_KERNELS[kind], arguments, threads)
     else:
         is_q4_0 = matrix.dtype_info.name == "q4_0"
         _run_kernel(portable_matmul, portable_matmul_parallel, (*arguments, is_q4_0), threads)
@@ -262,8 +258,8 @@ def _kquant_matmul(
     position = (block_range[0] * dtype.type_size, dtype.row_nbytes(matrix.columns), block_range[1])
     arguments = (data, position, row_start, row_stop, activation.quants, activation.sums, activation.scales, out)
     if kernel in VECTOR_WIDTHS:
-        code = KQUANT_KERNEL_CODES[(dtype.name, VECTOR_WIDTHS[kernel])]
-        _run_kernel(simd_kquant_matmul, simd_kquant_matmul_parallel, (*arguments, code), threads)
+        single, parallel = SIMD_KQUANT_KERNELS[(dtype.name, VECTOR_WIDTHS[kernel])]
+        _run_kernel(single, parallel, arguments, threads)
     else:
         code = PORTABLE_CODES[dtype.name]
         _run_kernel(portable_kquant_matmul, portable_kquant_matmul_parallel, (*arguments, code), threads)

@@ -12,8 +12,7 @@ split into chunks over numba's threads in the `*_parallel` variants.
 from __future__ import annotations
 
 import numpy as np
-from numba import literally, njit, prange, types
-from numba.extending import overload
+from numba import literally, njit, prange
 
 from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
 from mer.quant.dequant import _read_float16
@@ -22,11 +21,6 @@ from mer.quant.matmul_quantized import _store
 
 _FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
 
-# Kernel codes of the SIMD entry points: (dtype, vector width in bytes).
-KQUANT_KERNEL_CODES = {
-    ("q4_k", 64): 0, ("q5_k", 64): 1, ("q6_k", 64): 2, ("q4_k", 32): 3, ("q5_k", 32): 4, ("q6_k", 32): 5,
-}
-_VARIANTS = {code: kind for kind, code in KQUANT_KERNEL_CODES.items()}
 PORTABLE_CODES = {"q4_k": 0, "q5_k": 1, "q6_k": 2}
 TOKENS_PER_CALL = 4
 
@@ -66,39 +60,102 @@ def _rows(weights, position, row_start, row_stop, quants, sums, scales, out, out
         _row_block(weights, position, row, 1, quants, sums, scales, out, row - out_base, dtype, width)
 
 
-def _rows_of(weights, position, start, stop, quants, sums, scales, out, out_base, code):  # type: ignore[no-untyped-def]
-    """`_rows` for the (dtype, width) of `code`, a literal KQUANT_KERNEL_CODES value."""
+@njit(**_FAST)
+def _pair_chunk(row_start, row_stop, chunk, num_chunks):  # type: ignore[no-untyped-def]
+    """Rows [start, stop) of chunk `chunk` of `num_chunks` (even sizes, so row pairs stay whole)."""
+    num_pairs = (row_stop - row_start + 1) // 2
+    start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
+    stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
+    return start, stop
 
 
-@overload(_rows_of, prefer_literal=True)
-def _rows_of_code(weights, position, start, stop, quants, sums, scales, out, out_base, code):  # type: ignore[no-untyped-def]
-    """Types `_rows_of` with only the variant of `code` (each variant compiles on its own)."""
-    if not isinstance(code, types.IntegerLiteral):
-        return None
-    dtype, width = _VARIANTS[code.literal_value]
-
-    def implementation(weights, position, start, stop, quants, sums, scales, out, out_base, code):  # type: ignore[no-untyped-def]
-        _rows(weights, position, start, stop, quants, sums, scales, out, out_base, dtype, width)
-
-    return implementation
+# One entry point per (dtype, width), each a numba function of its own: an entry taking the
+# variant as a `literally` argument is re-dispatched by numba in Python on every call (~3 ms),
+# and one branching at run time on a code would compile all six variants at once.
+# Each: `out[t, r - row_start]` for rows [row_start, row_stop); `_parallel` on numba's threads.
 
 
 @njit(**_FAST)
-def simd_kquant_matmul(weights, position, row_start, row_stop, quants, sums, scales, out, code):  # type: ignore[no-untyped-def]
-    """`out[t, r - row_start]` for rows [row_start, row_stop), one thread (see KQUANT_KERNEL_CODES)."""
-    literally(code)
-    _rows_of(weights, position, row_start, row_stop, quants, sums, scales, out, row_start, code)
+def _q4_k_64(weights, position, row_start, row_stop, quants, sums, scales, out):  # type: ignore[no-untyped-def]
+    _rows(weights, position, row_start, row_stop, quants, sums, scales, out, row_start, "q4_k", 64)
+
+
+@njit(**_FAST)
+def _q5_k_64(weights, position, row_start, row_stop, quants, sums, scales, out):  # type: ignore[no-untyped-def]
+    _rows(weights, position, row_start, row_stop, quants, sums, scales, out, row_start, "q5_k", 64)
+
+
+@njit(**_FAST)
+def _q6_k_64(weights, position, row_start, row_stop, quants, sums, scales, out):  # type: ignore[no-untyped-def]
+    _rows(weights, position, row_start, row_stop, quants, sums, scales, out, row_start, "q6_k", 64)
+
+
+@njit(**_FAST)
+def _q4_k_32(weights, position, row_start, row_stop, quants, sums, scales, out):  # type: ignore[no-untyped-def]
+    _rows(weights, position, row_start, row_stop, quants, sums, scales, out, row_start, "q4_k", 32)
+
+
+@njit(**_FAST)
+def _q5_k_32(weights, position, row_start, row_stop, quants, sums, scales, out):  # type: ignore[no-untyped-def]
+    _rows(weights, position, row_start, row_stop, quants, sums, scales, out, row_start, "q5_k", 32)
+
+
+@njit(**_FAST)
+def _q6_k_32(weights, position, row_start, row_stop, quants, sums, scales, out):  # type: ignore[no-untyped-def]
+    _rows(weights, position, row_start, row_stop, quants, sums, scales, out, row_start, "q6_k", 32)
 
 
 @njit(parallel=True, **_FAST)
-def simd_kquant_matmul_parallel(weights, position, row_start, row_stop, quants, sums, scales, out, code, num_chunks):  # type: ignore[no-untyped-def]
-    """`simd_kquant_matmul` with the rows split into `num_chunks` chunks (even sizes) on numba's threads."""
-    literally(code)
-    num_pairs = (row_stop - row_start + 1) // 2
+def _q4_k_64_parallel(weights, position, row_start, row_stop, quants, sums, scales, out, num_chunks):  # type: ignore[no-untyped-def]
     for chunk in prange(num_chunks):
-        start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
-        stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
-        _rows_of(weights, position, start, stop, quants, sums, scales, out, row_start, code)
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _rows(weights, position, start, stop, quants, sums, scales, out, row_start, "q4_k", 64)
+
+
+@njit(parallel=True, **_FAST)
+def _q5_k_64_parallel(weights, position, row_start, row_stop, quants, sums, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _rows(weights, position, start, stop, quants, sums, scales, out, row_start, "q5_k", 64)
+
+
+@njit(parallel=True, **_FAST)
+def _q6_k_64_parallel(weights, position, row_start, row_stop, quants, sums, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _rows(weights, position, start, stop, quants, sums, scales, out, row_start, "q6_k", 64)
+
+
+@njit(parallel=True, **_FAST)
+def _q4_k_32_parallel(weights, position, row_start, row_stop, quants, sums, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _rows(weights, position, start, stop, quants, sums, scales, out, row_start, "q4_k", 32)
+
+
+@njit(parallel=True, **_FAST)
+def _q5_k_32_parallel(weights, position, row_start, row_stop, quants, sums, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _rows(weights, position, start, stop, quants, sums, scales, out, row_start, "q5_k", 32)
+
+
+@njit(parallel=True, **_FAST)
+def _q6_k_32_parallel(weights, position, row_start, row_stop, quants, sums, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _rows(weights, position, start, stop, quants, sums, scales, out, row_start, "q6_k", 32)
+
+
+# (dtype, vector width in bytes) -> (one-thread entry, parallel entry taking `num_chunks` last)
+SIMD_KQUANT_KERNELS = {
+    ("q4_k", 64): (_q4_k_64, _q4_k_64_parallel),
+    ("q5_k", 64): (_q5_k_64, _q5_k_64_parallel),
+    ("q6_k", 64): (_q6_k_64, _q6_k_64_parallel),
+    ("q4_k", 32): (_q4_k_32, _q4_k_32_parallel),
+    ("q5_k", 32): (_q5_k_32, _q5_k_32_parallel),
+    ("q6_k", 32): (_q6_k_32, _q6_k_32_parallel),
+}
 
 
 @njit(**_FAST)
