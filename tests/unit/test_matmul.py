@@ -36,8 +36,7 @@ from mer.compute.expert_format import MatrixSpec
 from mer.quant.activation import quantize_activation
 from mer.quant.matmul import matmul, prepare_activation
 from mer.quant.planar import to_planar
-from tests.support.quant_helpers import dequantize_activation, random_matrix
-from test_matmul_kquant import reference_q8_k
+from tests.support.quant_helpers import dequantize_activation, random_matrix, reference_q8_k
 from mer.quant import matmul as matmul_module
 from mer.quant import vector_ir
 from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels

@@ -3,8 +3,8 @@
 - The activation rounding is ggml's Q8_K, checked bit for bit against the `quantize_row_q8_K`
   of the llama.cpp bundled with llama-cpp-python (d, quants and the int16 block sums).
 - Each kernel (portable, AVX-512 VNNI, AVX2, where the CPU has it) against the float64 product
-  of `gguf.quants.dequantize`'s weights and the Q8_K-rounded activation (`reference_q8_k`,
-  written out below from ggml's rule): only float32 arithmetic differs, |error| <= 1e-6 *
+  of `gguf.quants.dequantize`'s weights and the Q8_K-rounded activation (`reference_q8_k`
+  of `tests.support.quant_helpers`, written out from ggml's rule): only float32 arithmetic differs, |error| <= 1e-6 *
   sum_j |W_ij * x_j| (measured 5e-9 to 4e-8: the block sums are exact integers, combined with
   d, dmin and d_x in float32). Against the unrounded activation the error is the rounding's
   own (each element off by up to amax/254 of its 256-block): relative 2-norm error in
@@ -33,7 +33,7 @@ from mer.quant import matmul as matmul_module
 from mer.quant.activation_k import K4_ORDER, quantize_activation_k
 from mer.quant.matmul import matmul, prepare_activation
 from mer.quant.vector_ir import has_avx2_kernels, has_vnni_kernels
-from tests.support.quant_helpers import random_matrix
+from tests.support.quant_helpers import random_matrix, reference_q8_k
 
 SEED = 5151
 K_QUANTS = ["q4_k", "q5_k", "q6_k"]
@@ -45,20 +45,6 @@ KERNELS = [
 ]
 AVAILABLE_KERNELS = [kernel for kernel in ("portable", "vnni", "avx2") if matmul_module.is_kernel_available(kernel)]
 D_FIELDS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # byte offsets of the f16 d (and dmin)
-
-
-def reference_q8_k(x: np.ndarray) -> np.ndarray:
-    """ggml's Q8_K rounding of float32 rows (256-blocks), dequantized, as float64: the value of
-    largest magnitude (first on ties) maps to -127, `q = min(127, rint(x * -127 / max))`,
-    `d = 1 / (-127 / max)` in float32."""
-    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 256)
-    first_largest = np.abs(blocks).argmax(axis=2)[:, :, None]
-    largest = np.take_along_axis(blocks, first_largest, axis=2)
-    safe = np.where(largest == 0, np.float32(1), largest)
-    inverse = np.where(largest == 0, np.float32(0), np.float32(-127) / safe).astype(np.float32)
-    q = np.minimum(np.rint(blocks * inverse), 127)
-    d = np.where(inverse == 0, np.float32(0), np.float32(1) / np.where(inverse == 0, 1, inverse)).astype(np.float32)
-    return (q * d.astype(np.float64)).reshape(x.shape)
 
 
 def make_matrix(dtype: str, rows: int, columns: int, seed: int = SEED) -> tuple[MatrixSpec, np.ndarray, np.ndarray]:

@@ -28,10 +28,9 @@ from mer.compute.dtypes import dtype_by_name
 from mer.errors import ShapeError
 from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.quant.planar import to_planar
-from tests.support.quant_helpers import random_matrix
+from tests.support.quant_helpers import random_matrix, reference_q8_k
 from mer.compute.swiglu import swiglu_expert
 from test_matmul import reference_q8_0
-from test_matmul_kquant import reference_q8_k
 
 SEED = 777
 D_MODEL, D_FF = 256, 512
