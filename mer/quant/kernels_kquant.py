@@ -104,8 +104,8 @@ class _PreparedBlock:
     vectors: list[ir.Value]  # unsigned quant bytes, piece-major, `width` bytes each
     scales: list[ir.Value]  # per vector: the int16 scale of each of its byte pairs
     sum_factors: ir.Value  # 16 x i16: per 16-element activation sum, its weight factor
-    d: ir.Value
-    dmin: ir.Value | None
+    d: ir.Value  # splat over the float lanes; with mins at width 64: d in lanes 0-7, -dmin in 8-15
+    minus_dmin: ir.Value | None  # splat of -dmin (width 32 with mins), else None
 
 
 class _KDotEmitter:
@@ -235,9 +235,16 @@ class _KDotEmitter:
                 else:
                     indices = [self._k4_sub_block(piece, byte) for byte in pair_bytes]
                 scales.append(self._spread(block_scales, indices))
-        dmin = None if fmt.dmin_at is None else builder.extract_element(self._half(base, fmt.dmin_at), vir.INT32(0))
+        count = width // 4
         d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
-        return _PreparedBlock(vectors, scales, sum_factors, d, dmin)
+        if fmt.dmin_at is None:
+            return _PreparedBlock(vectors, scales, sum_factors, vir.splat(builder, d, count), None)
+        minus_dmin = builder.fneg(builder.extract_element(self._half(base, fmt.dmin_at), vir.INT32(0)))
+        if width == 64:
+            both = builder.insert_element(ir.Constant(vir.vector(vir.FLOAT, 2), None), d, vir.INT32(0))
+            both = builder.insert_element(both, minus_dmin, vir.INT32(1))
+            return _PreparedBlock(vectors, scales, sum_factors, vir.repeat_lanes(builder, both, 8), None)
+        return _PreparedBlock(vectors, scales, sum_factors, vir.splat(builder, d, count), vir.splat(builder, minus_dmin, count))
 
     # ---- the token side --------------------------------------------------------------------
 
@@ -249,10 +256,12 @@ class _KDotEmitter:
         indices = ir.Constant(vir.vector(vir.INT32, count), list(range(count)))
         return self.builder.shuffle_vector(values, ir.Constant(values.type, None), indices)
 
-    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, accumulator: ir.Value) -> None:
+    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulator: ir.Value) -> None:
+        """Add one token's super-block to its accumulator (`d_x`: its scale, splat)."""
         builder, width = self.builder, self.width
-        lanes = vir.vector(vir.INT32, width // 4)
-        floats = vir.vector(vir.FLOAT, width // 4)
+        count = width // 4
+        lanes = vir.vector(vir.INT32, count)
+        floats = vir.vector(vir.FLOAT, count)
         quants_at = builder.mul(index, vir.INT64(256))
         total = ir.Constant(lanes, None)
         for number, (vector, scale) in enumerate(zip(prepared.vectors, prepared.scales)):
@@ -260,15 +269,17 @@ class _KDotEmitter:
             activation = vir.load_vector(builder, pointer, vir.vector(vir.INT8, width))
             total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
         sums = vir.load_vector(builder, builder.gep(self.sums, [builder.mul(index, vir.INT64(16))]), vir.vector(vir.INT16, 16))
-        correction = self._widen_lanes(_word_pair_products(builder, sums, prepared.sum_factors))
-        d_x = builder.load(builder.gep(self.scales, [index]))
+        correction = _word_pair_products(builder, sums, prepared.sum_factors)  # 8 x i32
         result = builder.load(accumulator)
-        if prepared.dmin is None:
-            total = builder.sub(total, builder.shl(correction, ir.Constant(lanes, [5] * (width // 4))))
+        if self.format.dmin_at is None:  # q6_K: all in integers, S - 32 C
+            total = builder.sub(total, builder.shl(self._widen_lanes(correction), ir.Constant(lanes, [5] * count)))
+        elif width == 64:  # S folded to 8 lanes, M beside it: one conversion, d and -dmin per half
+            folded = builder.add(vir.lanes(builder, total, 0, 8), vir.lanes(builder, total, 8, 8))
+            total = builder.shuffle_vector(folded, correction, ir.Constant(vir.vector(vir.INT32, 16), list(range(16))))
         else:
-            factor = builder.fmul(builder.fneg(prepared.dmin), d_x)
-            result = vir.multiply_add(builder, builder.sitofp(correction, floats), vir.splat(builder, factor, width // 4), result)
-        factor = vir.splat(builder, builder.fmul(prepared.d, d_x), width // 4)
+            factor = builder.fmul(prepared.minus_dmin, d_x)
+            result = vir.multiply_add(builder, builder.sitofp(correction, floats), factor, result)
+        factor = builder.fmul(prepared.d, d_x)
         builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, result), accumulator)
 
     def emit(self, context, return_type) -> ir.Value:  # type: ignore[no-untyped-def]
@@ -288,8 +299,9 @@ class _KDotEmitter:
             first = builder.add(builder.mul(block, self.batch), self.token_start)
             for token in range(self.num_tokens):
                 index = builder.add(first, vir.INT64(token))
+                d_x = vir.splat(builder, builder.load(builder.gep(self.scales, [index])), self.width // 4)
                 for row, row_block in enumerate(prepared):
-                    self._add_token(row_block, index, accumulators[row][token])
+                    self._add_token(row_block, index, d_x, accumulators[row][token])
         sums = [vir.horizontal_sum(builder, builder.load(accumulator)) for row in accumulators for accumulator in row]
         return context.make_tuple(builder, return_type, sums)
 
