@@ -179,38 +179,25 @@ class _KDotEmitter:
         chunk = 2 * (piece // 2) + piece_byte // 32
         return 2 * chunk + piece % 2
 
-    def _k4_scales_and_mins(self, base: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """The eight 6-bit scales and mins of a q4_K / q5_K super-block, as 8 x i16 each.
+    def _k4_scales_and_mins(self, base: ir.Value) -> ir.Value:
+        """The eight 6-bit scales, then the eight 6-bit mins, of a q4_K / q5_K super-block, as
+        16 x i16, unpacked with a few 16-byte vector operations.
 
         Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7, bytes 4-7
         the mins likewise, bytes 8-11 the low 4 bits of scales 4-7 (low nibbles) and mins
-        4-7 (high nibbles)."""
+        4-7 (high nibbles). The load's bytes 12-15 are the block's first quants, unused."""
         builder = self.builder
-        at = self.format.scales_at
-        words = [self._load(base, at + 4 * index, vir.INT32) for index in range(3)]
-
-        def constant(value: int) -> ir.Constant:
-            return vir.INT32(value)
-
-        low_six, low_four, top_two = constant(0x3F3F3F3F), constant(0x0F0F0F0F), constant(0x03030303)
-        scales_low = builder.and_(words[0], low_six)
-        mins_low = builder.and_(words[1], low_six)
-        scales_high = builder.or_(
-            builder.and_(words[2], low_four),
-            builder.shl(builder.and_(builder.lshr(words[0], constant(6)), top_two), constant(4)),
-        )
-        mins_high = builder.or_(
-            builder.and_(builder.lshr(words[2], constant(4)), low_four),
-            builder.shl(builder.and_(builder.lshr(words[1], constant(6)), top_two), constant(4)),
-        )
-        return self._widen_words(scales_low, scales_high), self._widen_words(mins_low, mins_high)
-
-    def _widen_words(self, low: ir.Value, high: ir.Value) -> ir.Value:
-        """Two i32 words' eight bytes (little-endian) as 8 x i16."""
-        builder = self.builder
-        pair = builder.insert_element(ir.Constant(vir.vector(vir.INT32, 2), None), low, vir.INT32(0))
-        pair = builder.insert_element(pair, high, vir.INT32(1))
-        return builder.zext(builder.bitcast(pair, vir.vector(vir.INT8, 8)), vir.vector(vir.INT16, 8))
+        byte_vector = vir.vector(vir.INT8, 16)
+        packed = self._load(base, self.format.scales_at, byte_vector)
+        high_nibbles = builder.lshr(packed, ir.Constant(byte_vector, [4] * 16))
+        top_bits = builder.lshr(packed, ir.Constant(byte_vector, [6] * 16))
+        low_sources = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 24, 25, 26, 27]  # 16+: from high_nibbles
+        low = builder.shuffle_vector(packed, high_nibbles, ir.Constant(vir.vector(vir.INT32, 16), low_sources))
+        low = builder.and_(low, ir.Constant(byte_vector, [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4))
+        top_sources = [16, 16, 16, 16, 0, 1, 2, 3, 16, 16, 16, 16, 4, 5, 6, 7]  # 16: a zero byte
+        top = builder.shuffle_vector(top_bits, ir.Constant(byte_vector, None), ir.Constant(vir.vector(vir.INT32, 16), top_sources))
+        combined = builder.or_(low, builder.shl(top, ir.Constant(byte_vector, [4] * 16)))
+        return builder.zext(combined, vir.vector(vir.INT16, 16))
 
     def _spread(self, values: ir.Value, indices: list[int]) -> ir.Value:
         return self.builder.shuffle_vector(values, values, ir.Constant(vir.vector(vir.INT32, len(indices)), indices))
@@ -224,8 +211,8 @@ class _KDotEmitter:
             block_scales = builder.sext(self._load(base, fmt.scales_at, vir.vector(vir.INT8, 16)), vir.vector(vir.INT16, 16))
             sum_factors = block_scales
         else:
-            block_scales, mins = self._k4_scales_and_mins(base)
-            sum_factors = self._spread(mins, [lane // 2 for lane in range(16)])
+            block_scales = self._k4_scales_and_mins(base)  # scales in lanes 0-7, mins in 8-15
+            sum_factors = self._spread(block_scales, [8 + lane // 2 for lane in range(16)])
         for piece in range(PIECES):
             vectors.extend(self._piece_vectors(base, piece))
             for part in range(PIECE_BYTES // width):
