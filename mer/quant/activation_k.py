@@ -16,7 +16,9 @@ tokens of one super-block side by side:
   96-127, then the same for 128-255 (the low nibbles of quant bytes 0-63 hold elements 0-31
   and 64-95, the high nibbles 32-63 and 96-127);
 - `sums` int16 `[num_blocks, batch, 16]`: the sums of natural elements 16k ... 16k + 15;
-- `scales` float32 `[num_blocks, batch]`: d.
+- `scales` float32 `[num_blocks, batch, 9]`: d, then for each 32-element run j (natural
+  elements 32j ... 32j + 31) `d * (its sum of q)` in float32, what the q4_K / q5_K mins
+  multiply.
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def quantize_activation_k(x: np.ndarray, weight_dtype: str) -> SuperBlockActivat
     quants, scales = quantize_super_blocks(rows)
     blocks = quants.reshape(batch, num_blocks, SUPER_BLOCK)
     sums = blocks.reshape(batch, num_blocks, SUM_SPAN, -1).sum(axis=3, dtype=np.int16)
+    run_sums = sums.reshape(batch, num_blocks, 8, 2).sum(axis=3, dtype=np.int32).astype(np.float32)
+    scaled_sums = np.concatenate([scales[:, :, None], scales[:, :, None] * run_sums], axis=2)
     if weight_dtype != "q6_k":
         blocks = blocks[:, :, K4_ORDER]
     return SuperBlockActivation(
@@ -91,5 +95,5 @@ def quantize_activation_k(x: np.ndarray, weight_dtype: str) -> SuperBlockActivat
         num_blocks=num_blocks,
         quants=np.ascontiguousarray(blocks.transpose(1, 0, 2)),
         sums=np.ascontiguousarray(sums.transpose(1, 0, 2)),
-        scales=np.ascontiguousarray(scales.T),
+        scales=np.ascontiguousarray(scaled_sums.transpose(1, 0, 2)),
     )

@@ -16,15 +16,16 @@ stores the 64 elements of piece p at bytes 64p ... 64p + 63 of its super-block (
 `activation_k`). Per token and piece, `vpmaddubsw` (unsigned weight x signed activation bytes,
 adjacent pairs summed to int16: at most 2 * 63 * 127, never saturating) and then `vpmaddwd` /
 `vpdpwssd` with the int16 sub-block scale of each pair (6-bit q4_K/q5_K scales, int8 q6_K
-scales) sum `scale * q * x` exactly into int32 lanes. The activation's int16 block sums give the
-rest, per token and super-block, in int32: q4_K/q5_K `sum_j min_j * sum(x_j)` (32-element
-sub-blocks), q6_K `32 * sum_j scale_j * sum(x_j)` (16-element ones), subtracted in integers. So a
-super-block's contribution is, exactly as ggml forms it,
+scales) sum `scale * q * x` exactly into int32 lanes: S. The rest comes from the activation's
+block sums, per token and super-block: q6_K `C = sum_j scale_j * sum(x_j)` (16-element runs,
+int16 sums, one `vpmaddwd`) subtracted in integers; q4_K/q5_K the 8 floats `d_x * sum(x_j)`
+(32-element runs, made with the activation) times the row's `-dmin * min_j`, one 8-lane FMA into
+an accumulator of their own. So a super-block's contribution is
 
-    q4_K, q5_K:  d_x * (d * S - dmin * M)        q6_K:  d_x * d * (S - 32 * C)
+    q4_K, q5_K:  d * d_x * S - sum_j (dmin * min_j) * (d_x * sum(x_j))      q6_K:  d * d_x * (S - 32 * C)
 
-with exact integers S, M, C; the int32 lanes go to float32 and are fused-multiply-added, times
-(d * d_x) and -(dmin * d_x), into one float vector per (row, token), summed at the end. The
+with exact integers S, C; the int32 lanes go to float32 and are fused-multiply-added, times
+d * d_x, into one float vector per (row, token), summed at the end (with the mins' vector). The
 unpacked pieces, spread scales and decoded 6-bit scales and mins of a row's super-block are
 made once and shared by the call's tokens; the row's bytes are prefetched 4 KiB ahead.
 """
@@ -103,9 +104,8 @@ class _PreparedBlock:
 
     vectors: list[ir.Value]  # unsigned quant bytes, piece-major, `width` bytes each
     scales: list[ir.Value]  # per vector: the int16 scale of each of its byte pairs
-    sum_factors: ir.Value  # 16 x i16: per 16-element activation sum, its weight factor
-    d: ir.Value  # splat over the float lanes; with mins at width 64: d in lanes 0-7, -dmin in 8-15
-    minus_dmin: ir.Value | None  # splat of -dmin (width 32 with mins), else None
+    d: ir.Value  # splat over the float lanes
+    offsets: ir.Value  # q6_K: 16 x i16 scales (of the 16-element sums); q4_K/q5_K: 8 floats -dmin * min_j
 
 
 class _KDotEmitter:
@@ -209,10 +209,12 @@ class _KDotEmitter:
         vectors, scales = [], []
         if self.dtype == "q6_k":
             block_scales = builder.sext(self._load(base, fmt.scales_at, vir.vector(vir.INT8, 16)), vir.vector(vir.INT16, 16))
-            sum_factors = block_scales
+            offsets = block_scales
         else:
             block_scales = self._k4_scales_and_mins(base)  # scales in lanes 0-7, mins in 8-15
-            sum_factors = self._spread(block_scales, [8 + lane // 2 for lane in range(16)])
+            mins = builder.sitofp(vir.lanes(builder, block_scales, 8, 8), vir.vector(vir.FLOAT, 8))
+            minus_dmin = builder.fneg(builder.extract_element(self._half(base, fmt.dmin_at), vir.INT32(0)))
+            offsets = builder.fmul(mins, vir.splat(builder, minus_dmin, 8))
         for piece in range(PIECES):
             vectors.extend(self._piece_vectors(base, piece))
             for part in range(PIECE_BYTES // width):
@@ -222,16 +224,8 @@ class _KDotEmitter:
                 else:
                     indices = [self._k4_sub_block(piece, byte) for byte in pair_bytes]
                 scales.append(self._spread(block_scales, indices))
-        count = width // 4
         d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
-        if fmt.dmin_at is None:
-            return _PreparedBlock(vectors, scales, sum_factors, vir.splat(builder, d, count), None)
-        minus_dmin = builder.fneg(builder.extract_element(self._half(base, fmt.dmin_at), vir.INT32(0)))
-        if width == 64:
-            both = builder.insert_element(ir.Constant(vir.vector(vir.FLOAT, 2), None), d, vir.INT32(0))
-            both = builder.insert_element(both, minus_dmin, vir.INT32(1))
-            return _PreparedBlock(vectors, scales, sum_factors, vir.repeat_lanes(builder, both, 8), None)
-        return _PreparedBlock(vectors, scales, sum_factors, vir.splat(builder, d, count), vir.splat(builder, minus_dmin, count))
+        return _PreparedBlock(vectors, scales, vir.splat(builder, d, width // 4), offsets)
 
     # ---- the token side --------------------------------------------------------------------
 
@@ -243,8 +237,9 @@ class _KDotEmitter:
         indices = ir.Constant(vir.vector(vir.INT32, count), list(range(count)))
         return self.builder.shuffle_vector(values, ir.Constant(values.type, None), indices)
 
-    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulator: ir.Value) -> None:
-        """Add one token's super-block to its accumulator (`d_x`: its scale, splat)."""
+    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulators: tuple) -> None:
+        """Add one token's super-block to its accumulators (`d_x`: its scale, splat; the
+        accumulators: the scale products', and for q4_K/q5_K the mins' 8 float lanes)."""
         builder, width = self.builder, self.width
         count = width // 4
         lanes = vir.vector(vir.INT32, count)
@@ -255,30 +250,33 @@ class _KDotEmitter:
             pointer = builder.gep(self.quants, [builder.add(quants_at, vir.INT64(width * number))])
             activation = vir.load_vector(builder, pointer, vir.vector(vir.INT8, width))
             total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
-        sums = vir.load_vector(builder, builder.gep(self.sums, [builder.mul(index, vir.INT64(16))]), vir.vector(vir.INT16, 16))
-        correction = _word_pair_products(builder, sums, prepared.sum_factors)  # 8 x i32
-        result = builder.load(accumulator)
         if self.format.dmin_at is None:  # q6_K: all in integers, S - 32 C
-            total = builder.sub(total, builder.shl(self._widen_lanes(correction), ir.Constant(lanes, [5] * count)))
-        elif width == 64:  # S folded to 8 lanes, M beside it: one conversion, d and -dmin per half
-            folded = builder.add(vir.lanes(builder, total, 0, 8), vir.lanes(builder, total, 8, 8))
-            total = builder.shuffle_vector(folded, correction, ir.Constant(vir.vector(vir.INT32, 16), list(range(16))))
-        else:
-            factor = builder.fmul(prepared.minus_dmin, d_x)
-            result = vir.multiply_add(builder, builder.sitofp(correction, floats), factor, result)
+            sums_at = builder.gep(self.sums, [builder.mul(index, vir.INT64(16))])
+            sums = vir.load_vector(builder, sums_at, vir.vector(vir.INT16, 16))
+            correction = self._widen_lanes(_word_pair_products(builder, sums, prepared.offsets))
+            total = builder.sub(total, builder.shl(correction, ir.Constant(lanes, [5] * count)))
+        else:  # q4_K/q5_K: -dmin * min_j times the token's d_x * (sum of run j)
+            run_sums_at = builder.gep(self.scales, [builder.add(builder.mul(index, vir.INT64(9)), vir.INT64(1))])
+            run_sums = vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8))
+            mins_total = vir.multiply_add(builder, prepared.offsets, run_sums, builder.load(accumulators[1]))
+            builder.store(mins_total, accumulators[1])
         factor = builder.fmul(prepared.d, d_x)
-        builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, result), accumulator)
+        result = vir.multiply_add(builder, builder.sitofp(total, floats), factor, builder.load(accumulators[0]))
+        builder.store(result, accumulators[0])
 
     def emit(self, context, return_type) -> ir.Value:  # type: ignore[no-untyped-def]
         builder = self.builder
-        floats = vir.vector(vir.FLOAT, self.width // 4)
+        kinds = [vir.vector(vir.FLOAT, self.width // 4)]
+        if self.format.dmin_at is not None:
+            kinds.append(vir.vector(vir.FLOAT, 8))
         accumulators = []
         for _ in self.row_offsets:
             row_accumulators = []
             for _ in range(self.num_tokens):
-                accumulator = cgutils.alloca_once(builder, floats)
-                builder.store(ir.Constant(floats, None), accumulator)
-                row_accumulators.append(accumulator)
+                pair = tuple(cgutils.alloca_once(builder, kind) for kind in kinds)
+                for accumulator, kind in zip(pair, kinds):
+                    builder.store(ir.Constant(kind, None), accumulator)
+                row_accumulators.append(pair)
             accumulators.append(row_accumulators)
         with cgutils.for_range(builder, self.num_blocks) as loop:
             block = loop.index
@@ -286,10 +284,15 @@ class _KDotEmitter:
             first = builder.add(builder.mul(block, self.batch), self.token_start)
             for token in range(self.num_tokens):
                 index = builder.add(first, vir.INT64(token))
-                d_x = vir.splat(builder, builder.load(builder.gep(self.scales, [index])), self.width // 4)
+                d_x_at = builder.gep(self.scales, [builder.mul(index, vir.INT64(9))])
+                d_x = vir.splat(builder, builder.load(d_x_at), self.width // 4)
                 for row, row_block in enumerate(prepared):
                     self._add_token(row_block, index, d_x, accumulators[row][token])
-        sums = [vir.horizontal_sum(builder, builder.load(accumulator)) for row in accumulators for accumulator in row]
+        sums = []
+        for row in accumulators:
+            for pair in row:
+                totals = [vir.horizontal_sum(builder, builder.load(accumulator)) for accumulator in pair]
+                sums.append(totals[0] if len(totals) == 1 else builder.fadd(totals[0], totals[1]))
         return context.make_tuple(builder, return_type, sums)
 
 
@@ -304,7 +307,7 @@ def kquant_dot(typingctx, weights, position, quants, sums, scales, token_start, 
     row_count, token_count = num_rows.literal_value, num_tokens.literal_value
     if dtype_name not in FORMATS or vector_width not in WIDTHS or row_count < 1 or token_count < 1:
         return None
-    arrays = ((weights, 1), (quants, 3), (sums, 3), (scales, 2))
+    arrays = ((weights, 1), (quants, 3), (sums, 3), (scales, 3))
     if any(not isinstance(array, types.Array) or array.layout != "C" or array.ndim != ndim for array, ndim in arrays):
         return None  # the IR addresses the arrays' bytes directly
     signature = types.UniTuple(types.float32, row_count * token_count)(

@@ -234,7 +234,7 @@ def portable_kquant_matmul(weights, position, row_start, row_stop, quants, sums,
                     products += factors[run] * run_dot
                     weight_sum = np.int32(sums[block, token, run])
                     corrections += (32 * factors[run] if dtype_code == 2 else offsets[run]) * weight_sum
-                d_x = scales[block, token]
+                d_x = scales[block, token, 0]
                 if dtype_code == 2:
                     value = (d * d_x) * np.float32(products - corrections)
                 else:

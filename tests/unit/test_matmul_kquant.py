@@ -95,7 +95,9 @@ def test_activation_rounding_is_ggml_q8_k_bit_for_bit() -> None:
             ours = activation.quants[:, token, :]
             if weight_dtype != "q6_k":
                 ours = ours[:, np.argsort(K4_ORDER)]  # back to the natural order
-            assert np.array_equal(activation.scales[:, token], d)
+            assert np.array_equal(activation.scales[:, token, 0], d)
+            run_sums = sums.reshape(-1, 8, 2).sum(axis=2).astype(np.float32)
+            assert np.array_equal(activation.scales[:, token, 1:], d[:, None] * run_sums)
             assert np.array_equal(ours, quants)
             assert np.array_equal(activation.sums[:, token, :], sums)
     assert np.array_equal(reference_q8_k(x), quants_and_scales_product(x))  # the test's own rule is ggml's
