@@ -21,7 +21,10 @@ from mer.quant.dequant import _read_float16
 from mer.quant.kernels_kquant import kquant_dot
 from mer.quant.matmul_quantized import _store
 
-_FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
+# No fastmath: the kernels' float operations are explicit IR, in a fixed order; with fast-math
+# flags LLVM may reassociate them differently in a fresh compile and in a cached one (measured:
+# the q4_K sums of a fresh process and of one loading numba's cache differed in the last bit).
+_FAST = {"cache": True, "fastmath": False, "boundscheck": False, "nogil": True}
 
 PORTABLE_CODES = {"q4_k": 0, "q5_k": 1, "q6_k": 2}
 

@@ -203,3 +203,32 @@ def test_prepared_activation_is_reused_and_checked() -> None:
         quantize_activation_k(np.zeros((1, 300), dtype=np.float32), "q4_k")
     with pytest.raises(UnsupportedDTypeError, match="q4_0"):
         quantize_activation_k(np.zeros((1, 256), dtype=np.float32), "q4_0")
+
+
+FRESH_OR_CACHED = """
+import hashlib, numpy as np
+from mer.compute.expert_format import MatrixSpec
+from mer.quant.matmul import matmul
+from tests.support.quant_helpers import random_matrix
+native = random_matrix("{dtype}", 6, 512, (1, 2))
+spec = MatrixSpec("gate", "{dtype}", 6, 512, 0, native.size, "native")
+x = np.random.default_rng(3).standard_normal((3, 512)).astype(np.float32)
+print(hashlib.sha256(matmul(spec, native.reshape(-1), x).tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow  # compiles the kernels in a fresh numba cache
+@pytest.mark.parametrize("dtype", ["q4_k", "q6_k"])
+def test_a_fresh_compile_and_numba_s_cache_give_the_same_bits(dtype: str, tmp_path: Path) -> None:
+    """Worker processes may compile the kernels or load them from numba's cache; both must
+    compute the same bits (with fast-math flags they did not: LLVM reassociated differently)."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    script = FRESH_OR_CACHED.format(dtype=dtype)
+    runs = [subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                           check=True, timeout=300).stdout.strip() for _ in range(2)]
+    assert any(tmp_path.rglob("*.nbc"))  # the second run loaded what the first compiled
+    assert runs[0] == runs[1] and len(runs[0]) == 64
