@@ -122,9 +122,10 @@ class _KDotEmitter:
         self.num_blocks = num_blocks
         self.row_offsets = [builder.add(offset, builder.mul(row_stride, vir.INT64(row))) for row in range(num_rows)]
         self.token_start = token_start
-        arrays = [context.make_array(kind)(context, builder, value) for kind, value in
-                  zip(signature.args[:5], (weights, position, quants, sums, scales)) if isinstance(kind, types.Array)]
-        weights_array, quants_array, sums_array, scales_array = arrays
+        weights_array, quants_array, sums_array, scales_array = (
+            context.make_array(signature.args[number])(context, builder, value)
+            for number, value in ((0, weights), (2, quants), (3, sums), (4, scales))
+        )
         self.weights = builder.bitcast(weights_array.data, vir.INT8.as_pointer())
         self.batch = cgutils.unpack_tuple(builder, quants_array.shape)[1]
         self.quants = builder.bitcast(quants_array.data, vir.INT8.as_pointer())
@@ -133,11 +134,10 @@ class _KDotEmitter:
 
     # ---- the weight side -------------------------------------------------------------------
 
-    def _load(self, base: ir.Value, at: int, vector_type: ir.Type) -> ir.Value:
+    def _load(self, base: ir.Value, at: int, vector_type: ir.VectorType) -> ir.Value:
+        """An unaligned vector load from byte `base + at` of the weights."""
         builder = self.builder
-        pointer = builder.gep(self.weights, [builder.add(base, vir.INT64(at))])
-        return vir.load_vector(builder, pointer, vector_type) if isinstance(vector_type, ir.VectorType) else \
-            builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=1)
+        return vir.load_vector(builder, builder.gep(self.weights, [builder.add(base, vir.INT64(at))]), vector_type)
 
     def _half(self, base: ir.Value, at: int) -> ir.Value:
         return vir.float32_from_float16_bits(self.builder, self._load(base, at, vir.vector(vir.INT16, 1)))
