@@ -7,7 +7,8 @@ the package) and builds the SwiGLU expert graph
     out = mul_mat(down, swiglu_split(mul_mat(gate, x), mul_mat(up, x)))
 
 on tensors whose `data` points straight at numpy buffers: ggml computes on the very bytes mer
-computes on (native GGUF layout), with its usual q8_0 rounding of the activations.
+computes on (native GGUF layout), with its usual rounding of the activations (q8_0 for q4_0 /
+q8_0 weights, Q8_K for K-quants).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 8, "mxfp4": 39}
+GGML_TYPES = {"f32": 0, "q4_0": 2, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14, "mxfp4": 39}
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
 
 
@@ -88,11 +89,12 @@ def _load_libraries() -> tuple[ctypes.CDLL, ctypes.CDLL]:
 class GgmlExpert:
     """The SwiGLU expert of one native payload as a ggml graph, for batches of `batch` tokens.
 
-    `payload` (uint8, gate ‖ up ‖ down, all of `dtype`) and the input buffer are used in place;
-    call `compute(x, threads)` to run it.
+    `payload` (uint8, gate ‖ up ‖ down, all of `dtype`, or of the three dtypes of a tuple such
+    as ("q4_k", "q4_k", "q6_k")) and the input buffer are used in place; call
+    `compute(x, threads)` to run it.
     """
 
-    def __init__(self, payload: np.ndarray, d_model: int, d_ff: int, dtype: str, batch: int):
+    def __init__(self, payload: np.ndarray, d_model: int, d_ff: int, dtype: str | tuple[str, str, str], batch: int):
         self._base, self._cpu = _load_libraries()
         self.batch, self.d_model, self.d_ff = batch, d_model, d_ff
         self._payload = payload
@@ -100,7 +102,8 @@ class GgmlExpert:
         self._tensor_context = self._base.ggml_init(_InitParams(16 * 1024 * 1024, None, True))
         compute_bytes = 4 * batch * (3 * d_ff + d_model) + 16 * 1024 * 1024
         self._compute_context = self._base.ggml_init(_InitParams(compute_bytes, None, False))
-        self._graph, self._output = self._build(GGML_TYPES[dtype])
+        self._dtypes = (dtype,) * 3 if isinstance(dtype, str) else tuple(dtype)
+        self._graph, self._output = self._build()
         self._work = np.empty(0, dtype=np.uint8)
 
     def _weight(self, type_id: int, columns: int, rows: int, offset: int) -> _TensorPointer:
@@ -108,12 +111,18 @@ class GgmlExpert:
         tensor.contents.data = self._payload.ctypes.data + offset
         return tensor
 
-    def _build(self, type_id: int) -> tuple[int, _TensorPointer]:
+    def _build(self) -> tuple[int, _TensorPointer]:
+        from mer.compute.dtypes import dtype_by_name
+
         d_model, d_ff = self.d_model, self.d_ff
-        matrix_bytes = self._payload.size // 3
-        gate = self._weight(type_id, d_model, d_ff, 0)
-        up = self._weight(type_id, d_model, d_ff, matrix_bytes)
-        down = self._weight(type_id, d_ff, d_model, 2 * matrix_bytes)
+        shapes = ((d_model, d_ff), (d_model, d_ff), (d_ff, d_model))  # (columns, rows) = (ne0, ne1)
+        matrices, offset = [], 0
+        for dtype, (columns, rows) in zip(self._dtypes, shapes):
+            matrices.append(self._weight(GGML_TYPES[dtype], columns, rows, offset))
+            offset += rows * dtype_by_name(dtype).row_nbytes(columns)
+        if offset != self._payload.size:
+            raise ValueError(f"payload of {self._payload.size} bytes, the {self._dtypes} expert needs {offset}")
+        gate, up, down = matrices
         x = self._base.ggml_new_tensor_2d(self._tensor_context, GGML_TYPES["f32"], d_model, self.batch)
         x.contents.data = self._input.ctypes.data
         context = self._compute_context

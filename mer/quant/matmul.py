@@ -12,8 +12,13 @@ dequantizing it as a whole and without touching the bytes outside the slices:
   CPUs, else `kernels_portable`);
 - mxfp4: the same q8_0 rounding, then exact integer block dots with the doubled E2M1 table scaled
   by half the E8M0 scale (`kernels_vnni`, else `kernels_avx2`, else `kernels_mxfp4`, portable);
-- q4_k, q5_k, q6_k, f32, f16, bf16: each row is dequantized into a float32 buffer and dotted
-  with the float32 `x` (`matmul_generic`).
+- q4_k, q5_k, q6_k (native layout): `x` is first rounded to Q8_K per 256-block (as llama.cpp
+  does, `mer.quant.activation_k`), then exact integer sub-block dots, scales and mins are
+  combined per super-block in float32, on the packed bytes (`kernels_kquant` with 64-byte
+  vectors on AVX-512 VNNI CPUs, 32-byte ones on AVX2 CPUs, else `matmul_kquant`'s portable
+  kernel);
+- f32, f16, bf16: each row is dequantized into a float32 buffer and dotted with the float32
+  `x` (`matmul_generic`).
 
 `threads` > 1 runs the rows on numba's thread pool (never together with a BLAS pool); 1 runs in
 the calling thread and starts no pool.
@@ -28,36 +33,43 @@ from mer.errors import ConfigError, ShapeError, UnsupportedDTypeError
 from mer.compute.expert_format import MatrixSpec
 from mer.quant import planar as planar_layout
 from mer.quant.activation import BLOCKS_PER_GROUP, QuantizedActivation, quantize_activation
+from mer.quant.activation_k import K_QUANT_DTYPES, SuperBlockActivation, quantize_activation_k
 from mer.quant.matmul_generic import DTYPE_CODES, dequantizing_matmul, dequantizing_matmul_parallel
 from mer.quant.matmul_quantized import (
-    AVX2_KERNEL_CODES,
+    AVX2_KERNELS,
     VNNI_KERNEL_CODES,
-    avx2_matmul,
-    avx2_matmul_parallel,
     portable_matmul,
     portable_matmul_parallel,
     vnni_matmul,
     vnni_matmul_parallel,
 )
 from mer.quant.kernels_mxfp4 import MXFP4_QUANTS_OFFSET, MXFP4_SCALE_OFFSET, mxfp4_matmul, mxfp4_matmul_parallel
-from mer.quant.q8k_rounding import K_QUANT_DTYPES, round_to_q8_k
+from mer.quant.matmul_kquant import (
+    PORTABLE_CODES,
+    SIMD_KQUANT_KERNELS,
+    portable_kquant_matmul,
+    portable_kquant_matmul_parallel,
+)
 from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels
 
 FUSED_DTYPES = tuple(BLOCKS_PER_GROUP)
 CHUNKS_PER_THREAD = 4
 KERNELS = ("auto", "vnni", "avx2", "portable")
-Activation = np.ndarray | QuantizedActivation
+Activation = np.ndarray | QuantizedActivation | SuperBlockActivation
+VECTOR_WIDTHS = {"vnni": 64, "avx2": 32}
 
 
 def uses_quantized_activation(dtype: str) -> bool:
-    """True when `dtype`'s kernel rounds its input to q8_0 (q4_0, q8_0, mxfp4)."""
-    return dtype in FUSED_DTYPES
+    """True when `dtype`'s kernel rounds its input to q8_0 (q4_0, q8_0, mxfp4) or Q8_K (K-quants)."""
+    return dtype in FUSED_DTYPES or dtype in K_QUANT_DTYPES
 
 
 def prepare_activation(dtype: str, x: np.ndarray) -> Activation:
     """`x` (float32 `[batch, n]`) as the input of a `dtype` matmul; reusable for several
     matrices of that dtype and the same columns (gate and up)."""
     rows = _float_rows(x)
+    if dtype in K_QUANT_DTYPES:
+        return quantize_activation_k(rows, dtype)
     if uses_quantized_activation(dtype):
         return quantize_activation(rows, dtype)
     return rows
@@ -66,11 +78,9 @@ def prepare_activation(dtype: str, x: np.ndarray) -> Activation:
 def round_float_activation(dtype: str, x: np.ndarray) -> np.ndarray:
     """`x` (float32) rounded as ggml rounds the input of a `dtype` matmul before its dot
     products: to f16 for f16 weights, to bf16 for bf16 weights (round to nearest even, NaN kept
-    quiet), to q8_K for K-quant weights (`mer.quant.q8k_rounding`), unchanged otherwise (q4_0/q8_0
-    inputs are rounded to q8_0 by `prepare_activation`)."""
+    quiet), unchanged otherwise (q4_0/q8_0 inputs are rounded to q8_0, K-quant inputs to Q8_K,
+    by `prepare_activation`)."""
     values = np.asarray(x, dtype=np.float32)
-    if dtype in K_QUANT_DTYPES:
-        return round_to_q8_k(values)
     if dtype == "f16":
         return values.astype(np.float16).astype(np.float32)
     if dtype == "bf16":
@@ -105,13 +115,15 @@ def _checked_range(part: slice | None, size: int, what: str, quantum: int = 1) -
 def _activation_columns(activation: Activation) -> int:
     if isinstance(activation, QuantizedActivation):
         return activation.num_blocks * 32
+    if isinstance(activation, SuperBlockActivation):
+        return activation.num_blocks * 256
     return int(activation.shape[1])
 
 
 def matmul(
     matrix: MatrixSpec,
     data: np.ndarray,
-    x: np.ndarray | QuantizedActivation,
+    x: np.ndarray | QuantizedActivation | SuperBlockActivation,
     *,
     rows: slice | None = None,
     columns: slice | None = None,
@@ -121,8 +133,8 @@ def matmul(
     """`W[rows, columns] · x[t]` for each token t: float32 `[batch, num_rows]` (`[num_rows]`
     when `x` is 1-D). `x` is float32 `[batch, num_columns]` or a `prepare_activation` result.
 
-    `kernel` picks the q4_0/q8_0 implementation: "auto" (`vector_ir.fastest_kernel()`: VNNI,
-    else AVX2, else portable), "vnni", "avx2" or "portable"; the other dtypes ignore it.
+    `kernel` picks the q4_0/q8_0/K-quant implementation: "auto" (`vector_ir.fastest_kernel()`:
+    VNNI, else AVX2, else portable), "vnni", "avx2" or "portable"; f32/f16/bf16 ignore it.
     """
     dtype = matrix.dtype_info
     if not is_kernel_available(kernel):
@@ -134,22 +146,26 @@ def matmul(
     row_start, row_stop = _checked_range(rows, matrix.rows, f"{name} row")
     column_start, column_stop = _checked_range(columns, matrix.columns, f"{name} column", dtype.block_size)
     is_vector = isinstance(x, np.ndarray) and x.ndim == 1
-    activation = x if isinstance(x, QuantizedActivation) else prepare_activation(dtype.name, x)
+    is_prepared = isinstance(x, (QuantizedActivation, SuperBlockActivation))
+    activation = x if is_prepared else prepare_activation(dtype.name, x)
     if _activation_columns(activation) != column_stop - column_start:
         raise ShapeError(
             f"matrix {matrix.name}: activation has {_activation_columns(activation)} columns, "
             f"the column range {column_start}..{column_stop} has {column_stop - column_start}"
         )
-    if uses_quantized_activation(dtype.name) != isinstance(activation, QuantizedActivation) or (
-        isinstance(activation, QuantizedActivation) and activation.weight_dtype != dtype.name
+    is_quantized = isinstance(activation, (QuantizedActivation, SuperBlockActivation))
+    if uses_quantized_activation(dtype.name) != is_quantized or (
+        is_quantized and activation.weight_dtype != dtype.name
     ):
         raise UnsupportedDTypeError(f"{name} ({dtype.name}): activation prepared for another dtype")
-    batch = activation.batch if isinstance(activation, QuantizedActivation) else activation.shape[0]
+    batch = activation.batch if is_quantized else activation.shape[0]
     out = np.empty((batch, row_stop - row_start), dtype=np.float32)
     block_range = (column_start // dtype.block_size, (column_stop - column_start) // dtype.block_size)
     flat = np.ascontiguousarray(data).reshape(-1)
-    if isinstance(activation, QuantizedActivation):
-        chosen = fastest_kernel() if kernel == "auto" else kernel
+    chosen = fastest_kernel() if kernel == "auto" else kernel
+    if isinstance(activation, SuperBlockActivation):
+        _kquant_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads, chosen)
+    elif isinstance(activation, QuantizedActivation):
         _fused_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads, chosen)
     else:
         _dequantizing_matmul(matrix, flat, activation, row_start, row_stop, block_range, out, threads)
@@ -202,20 +218,16 @@ def _fused_matmul(
 ) -> None:
     addressing = block_addressing(matrix, *block_range)
     arguments = (data, addressing, row_start, row_stop, activation.quants, activation.block_scales, out)
-    kind = (matrix.dtype_info.name, matrix.layout == "planar")
-    if kind[0] == "mxfp4":
-        if kernel == "vnni":
-            _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[("mxfp4", False)]), threads)
-        elif kernel == "avx2":
-            _run_kernel(avx2_matmul, avx2_matmul_parallel, (*arguments, AVX2_KERNEL_CODES[("mxfp4", False)]), threads)
-        else:
-            _run_kernel(mxfp4_matmul, mxfp4_matmul_parallel, arguments, threads)
-    elif kernel == "vnni":
+    name = matrix.dtype_info.name
+    kind = (name, matrix.layout == "planar" and name != "mxfp4")  # mxfp4 has no planar form
+    if kernel == "vnni":
         _run_kernel(vnni_matmul, vnni_matmul_parallel, (*arguments, VNNI_KERNEL_CODES[kind]), threads)
     elif kernel == "avx2":
-        _run_kernel(avx2_matmul, avx2_matmul_parallel, (*arguments, AVX2_KERNEL_CODES[kind]), threads)
+        _run_kernel(*AVX2_KERNELS[kind], arguments, threads)
+    elif name == "mxfp4":
+        _run_kernel(mxfp4_matmul, mxfp4_matmul_parallel, arguments, threads)
     else:
-        is_q4_0 = matrix.dtype_info.name == "q4_0"
+        is_q4_0 = name == "q4_0"
         _run_kernel(portable_matmul, portable_matmul_parallel, (*arguments, is_q4_0), threads)
 
 
@@ -237,3 +249,25 @@ def _dequantizing_matmul(
     code = DTYPE_CODES[dtype.name]
     arguments = (code, data, row_bytes, byte_start, byte_count, row_start, row_stop, x, out)
     _run_kernel(dequantizing_matmul, dequantizing_matmul_parallel, arguments, threads)
+
+
+def _kquant_matmul(
+    matrix: MatrixSpec,
+    data: np.ndarray,
+    activation: SuperBlockActivation,
+    row_start: int,
+    row_stop: int,
+    block_range: tuple[int, int],
+    out: np.ndarray,
+    threads: int,
+    kernel: str,
+) -> None:
+    dtype = matrix.dtype_info  # K-quants have no planar form: both layouts are the GGUF bytes
+    position = (block_range[0] * dtype.type_size, dtype.row_nbytes(matrix.columns), block_range[1])
+    arguments = (data, position, row_start, row_stop, activation.quants, activation.sums, activation.scales, out)
+    if kernel in VECTOR_WIDTHS:
+        single, parallel = SIMD_KQUANT_KERNELS[(dtype.name, VECTOR_WIDTHS[kernel])]
+        _run_kernel(single, parallel, arguments, threads)
+    else:
+        code = PORTABLE_CODES[dtype.name]
+        _run_kernel(portable_kquant_matmul, portable_kquant_matmul_parallel, (*arguments, code), threads)

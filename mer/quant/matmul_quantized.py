@@ -15,8 +15,7 @@ scale at `scales_base + (r * blocks_per_row + b) * scale_stride`; each row's blo
 
 from __future__ import annotations
 
-from numba import literally, njit, prange, types
-from numba.extending import overload
+from numba import literally, njit, prange
 
 from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
 from mer.quant.kernels_portable import portable_row_dot_q4_0, portable_row_dot_q8_0
@@ -29,8 +28,6 @@ _FAST = {"cache": True, "fastmath": True, "boundscheck": False, "nogil": True}
 # take the compile-time constants the intrinsics need).
 VNNI_KERNEL_CODES = {("q4_0", True): 0, ("q4_0", False): 1, ("q8_0", True): 2, ("q8_0", False): 3,
                      ("mxfp4", False): 4}
-AVX2_KERNEL_CODES = VNNI_KERNEL_CODES
-_AVX2_VARIANTS = {code: kind for kind, code in AVX2_KERNEL_CODES.items()}
 
 
 @njit(**_FAST)
@@ -193,38 +190,87 @@ def _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, ou
         _avx2_row_block(weights, addressing, row, 1, quants, scales, out, row - out_base, dtype, planar)
 
 
-def _avx2_rows_of(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
-    """`_avx2_rows` for the (dtype, planar) of `code`, a literal AVX2_KERNEL_CODES value."""
+@njit(**_FAST)
+def _pair_chunk(row_start, row_stop, chunk, num_chunks):  # type: ignore[no-untyped-def]
+    """Rows [start, stop) of chunk `chunk` of `num_chunks` (even sizes, so row pairs stay whole)."""
+    num_pairs = (row_stop - row_start + 1) // 2
+    start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
+    stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
+    return start, stop
 
 
-@overload(_avx2_rows_of, prefer_literal=True)
-def _avx2_rows_of_code(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
-    """Types `_avx2_rows_of` with only the variant of `code` (compiling all four, as a runtime
-    branch on the code would, takes ~15 s of CPU; one takes a quarter of it)."""
-    if not isinstance(code, types.IntegerLiteral):
-        return None
-    dtype, planar = _AVX2_VARIANTS[code.literal_value]
-
-    def implementation(weights, addressing, start, stop, quants, scales, out, out_base, code):  # type: ignore[no-untyped-def]
-        _avx2_rows(weights, addressing, start, stop, quants, scales, out, out_base, dtype, planar)
-
-    return implementation
+# The AVX2 entry points, one numba function per (dtype, planar): compiling all four variants
+# behind one runtime code branch takes ~15 s of CPU, and an entry taking the code as a
+# `literally` argument is re-dispatched by numba in Python on every call (~3 ms a call).
+# Each: `out[t, r - row_start]` for rows [row_start, row_stop); `_parallel` splits the rows
+# into `num_chunks` chunks (even sizes) on numba's threads.
 
 
 @njit(**_FAST)
-def avx2_matmul(weights, addressing, row_start, row_stop, quants, scales, out, code):  # type: ignore[no-untyped-def]
-    """`out[t, r - row_start]` for rows [row_start, row_stop), one thread (see AVX2_KERNEL_CODES;
-    each code is its own compiled specialisation)."""
-    literally(code)
-    _avx2_rows_of(weights, addressing, row_start, row_stop, quants, scales, out, row_start, code)
+def _avx2_q4_0_planar(weights, addressing, row_start, row_stop, quants, scales, out):  # type: ignore[no-untyped-def]
+    _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, row_start, "q4_0", True)
+
+
+@njit(**_FAST)
+def _avx2_q4_0_native(weights, addressing, row_start, row_stop, quants, scales, out):  # type: ignore[no-untyped-def]
+    _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, row_start, "q4_0", False)
+
+
+@njit(**_FAST)
+def _avx2_q8_0_planar(weights, addressing, row_start, row_stop, quants, scales, out):  # type: ignore[no-untyped-def]
+    _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, row_start, "q8_0", True)
+
+
+@njit(**_FAST)
+def _avx2_q8_0_native(weights, addressing, row_start, row_stop, quants, scales, out):  # type: ignore[no-untyped-def]
+    _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, row_start, "q8_0", False)
 
 
 @njit(parallel=True, **_FAST)
-def avx2_matmul_parallel(weights, addressing, row_start, row_stop, quants, scales, out, code, num_chunks):  # type: ignore[no-untyped-def]
-    """`avx2_matmul` with the rows split into `num_chunks` chunks (even sizes) on numba's threads."""
-    literally(code)
-    num_pairs = (row_stop - row_start + 1) // 2
+def _avx2_q4_0_planar_parallel(weights, addressing, row_start, row_stop, quants, scales, out, num_chunks):  # type: ignore[no-untyped-def]
     for chunk in prange(num_chunks):
-        start = min(row_start + 2 * (chunk * num_pairs // num_chunks), row_stop)
-        stop = min(row_start + 2 * ((chunk + 1) * num_pairs // num_chunks), row_stop)
-        _avx2_rows_of(weights, addressing, start, stop, quants, scales, out, row_start, code)
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, row_start, "q4_0", True)
+
+
+@njit(parallel=True, **_FAST)
+def _avx2_q4_0_native_parallel(weights, addressing, row_start, row_stop, quants, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, row_start, "q4_0", False)
+
+
+@njit(parallel=True, **_FAST)
+def _avx2_q8_0_planar_parallel(weights, addressing, row_start, row_stop, quants, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, row_start, "q8_0", True)
+
+
+@njit(parallel=True, **_FAST)
+def _avx2_q8_0_native_parallel(weights, addressing, row_start, row_stop, quants, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, row_start, "q8_0", False)
+
+
+@njit(**_FAST)
+def _avx2_mxfp4_native(weights, addressing, row_start, row_stop, quants, scales, out):  # type: ignore[no-untyped-def]
+    _avx2_rows(weights, addressing, row_start, row_stop, quants, scales, out, row_start, "mxfp4", False)
+
+
+@njit(parallel=True, **_FAST)
+def _avx2_mxfp4_native_parallel(weights, addressing, row_start, row_stop, quants, scales, out, num_chunks):  # type: ignore[no-untyped-def]
+    for chunk in prange(num_chunks):
+        start, stop = _pair_chunk(row_start, row_stop, chunk, num_chunks)
+        _avx2_rows(weights, addressing, start, stop, quants, scales, out, row_start, "mxfp4", False)
+
+
+# (dtype, planar) -> (one-thread entry, parallel entry taking `num_chunks` last)
+AVX2_KERNELS = {
+    ("q4_0", True): (_avx2_q4_0_planar, _avx2_q4_0_planar_parallel),
+    ("q4_0", False): (_avx2_q4_0_native, _avx2_q4_0_native_parallel),
+    ("q8_0", True): (_avx2_q8_0_planar, _avx2_q8_0_planar_parallel),
+    ("q8_0", False): (_avx2_q8_0_native, _avx2_q8_0_native_parallel),
+    ("mxfp4", False): (_avx2_mxfp4_native, _avx2_mxfp4_native_parallel),
+}

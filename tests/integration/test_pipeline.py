@@ -30,7 +30,7 @@ from mer.store.reader import ExpertStore
 from mer.metrics.summary import summarize_log_events
 from mer.routing.trace import read_trace
 from tests.support.host import AUTO_BACKEND, URING_PROBLEM
-from tests.support.quant_helpers import q8_k_reference
+from tests.support.quant_helpers import reference_q8_k
 from tests.support.pipeline_runs import filesystem_type, read_json_lines, round_up_to_page, run_pipeline
 
 pytestmark = pytest.mark.slow  # starts the process graph
@@ -43,8 +43,9 @@ CACHE_SLOTS = 4  # fewer than the 16 experts: evictions happen
 # test; what is asserted bit for bit is the worker-count independence the slicing design guarantees).
 REFERENCE_RTOL = 1e-5
 REFERENCE_ATOL = 1e-6
-# Plain numpy in float64 on dequantized weights vs the graph's float32 kernels (k-quants take a
-# float32 activation): float32 rounding of 256- and 512-term dot products, relative to the output scale.
+# Plain numpy in float64 on dequantized weights, with the K-quant inputs (x, h) rounded to Q8_K as
+# the kernels and llama.cpp round them, vs the graph's float32 kernels: float32 rounding of 256- and
+# 512-term dot products, relative to the output scale.
 NUMPY_RELATIVE_TOLERANCE = 1e-4
 
 
@@ -110,8 +111,8 @@ def _dequantized(payload, matrix) -> np.ndarray:
 
 def test_outputs_match_plain_numpy_on_dequantized_weights(leak_guard, pipeline_stores, tmp_path):
     """An independent check of what the graph computes: the recorded routing, the synthetic hidden
-    states and float64 SwiGLU on weights dequantized by `gguf.quants` (q4_k gate/up, q6_k down), with
-    the K-quant inputs (x and the hidden units) rounded to q8_K as ggml rounds them."""
+    states and float64 SwiGLU on weights dequantized by `gguf.quants` (q4_k gate/up, q6_k down), their
+    inputs rounded to Q8_K (`reference_q8_k`)."""
     store_dir = pipeline_stores["mixed"]
     trace_path = tmp_path / "trace.jsonl"
     outputs, _ = dump_run(leak_guard, store_dir, tmp_path, workers=2, workload="markov", layered=False,
@@ -120,14 +121,15 @@ def test_outputs_match_plain_numpy_on_dequantized_weights(leak_guard, pipeline_s
     decisions = list(read_trace(trace_path)[1])
     assert len(decisions) == TOKENS == len(outputs)
     for index, decision in enumerate(decisions):
-        x = q8_k_reference(synthetic_hidden_state(SEED, decision.token, decision.layer, 256)[0]).astype(np.float64)
+        x = synthetic_hidden_state(SEED, decision.token, decision.layer, 256)[0].astype(np.float64)
         expected = np.zeros(256)
         for expert_id, weight in zip(decision.experts, decision.weights):
             payload = store.read_payload(expert_id)
             gate, up, down = (_dequantized(payload, matrix) for matrix in payload.format.matrices)
-            gate_x = gate @ x
-            hidden = q8_k_reference((gate_x / (1 + np.exp(-gate_x)) * (up @ x)).astype(np.float32))
-            expected += weight * (down @ hidden.astype(np.float64))
+            rounded_x = reference_q8_k(x[None, :])[0]
+            gate_x = gate @ rounded_x
+            hidden = gate_x / (1 + np.exp(-gate_x)) * (up @ rounded_x)
+            expected += weight * (down @ reference_q8_k(hidden[None, :])[0])
         scale = np.abs(expected).max()
         assert scale > 0
         error = np.abs(outputs[index, 0].astype(np.float64) - expected).max()

@@ -1,4 +1,5 @@
-"""Test-only views of the quantized formats: random matrices, scale ranges, and the inverse layouts."""
+"""Test-only views of the quantized formats: random matrices, scale ranges, the inverse layouts,
+and the Q8_K activation rounding written out from ggml's rule."""
 
 from __future__ import annotations
 
@@ -85,20 +86,15 @@ def dequantize_activation(activation: QuantizedActivation) -> np.ndarray:
     return values.reshape(batch, -1)[:, : activation.num_blocks * BLOCK_SIZE]
 
 
-def q8_k_reference(values: np.ndarray) -> np.ndarray:
-    """ggml's q8_K rounding (quantize_row_q8_K_ref) of float32 values, one element at a time, returned
-    as `q * d` float32: per 256-block, the first value of largest magnitude `m` (with its sign),
-    `iscale = -127 / m`, `q = min(127, round_half_even(iscale * x))`, `d = 1 / iscale`; zeros stay zero."""
-    flat = np.asarray(values, dtype=np.float32).reshape(-1, 256)
-    out = np.zeros_like(flat)
-    for row, block in enumerate(flat):
-        largest = np.float32(0)
-        for value in block:
-            if abs(value) > abs(largest):
-                largest = value
-        if largest == 0:
-            continue
-        inverse_scale = np.float32(-127) / largest
-        scale = np.float32(1) / inverse_scale
-        out[row] = [np.float32(min(127, round(float(np.float32(inverse_scale * value))))) * scale for value in block]
-    return out.reshape(np.shape(values))
+def reference_q8_k(x: np.ndarray) -> np.ndarray:
+    """ggml's Q8_K rounding of float32 rows (256-blocks), dequantized, as float64: the value of
+    largest magnitude (first on ties) maps to -127, `q = min(127, rint(x * -127 / max))`,
+    `d = 1 / (-127 / max)` in float32."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 256)
+    first_largest = np.abs(blocks).argmax(axis=2)[:, :, None]
+    largest = np.take_along_axis(blocks, first_largest, axis=2)
+    safe = np.where(largest == 0, np.float32(1), largest)
+    inverse = np.where(largest == 0, np.float32(0), np.float32(-127) / safe).astype(np.float32)
+    q = np.minimum(np.rint(blocks * inverse), 127)
+    d = np.where(inverse == 0, np.float32(0), np.float32(1) / np.where(inverse == 0, 1, inverse)).astype(np.float32)
+    return (q * d.astype(np.float64)).reshape(x.shape)

@@ -36,14 +36,14 @@ from mer.compute.expert_format import MatrixSpec
 from mer.quant.activation import quantize_activation
 from mer.quant.matmul import matmul, prepare_activation
 from mer.quant.planar import to_planar
-from tests.support.quant_helpers import dequantize_activation, random_matrix
+from tests.support.quant_helpers import dequantize_activation, random_matrix, reference_q8_k
 from mer.quant import matmul as matmul_module
 from mer.quant import vector_ir
 from mer.quant.vector_ir import fastest_kernel, has_avx2_kernels, has_vnni_kernels
 
 SEED = 4242
 FUSED = ["q4_0", "q8_0"]
-GENERIC = ["q4_k", "q5_k", "q6_k", "f16", "bf16", "f32"]
+GENERIC = ["f16", "bf16", "f32"]  # the K-quants: tests/unit/test_matmul_kquant.py
 FLOAT32_TOLERANCE = 1e-6
 KERNELS = [
     "portable",
@@ -162,7 +162,8 @@ def test_threads_give_the_same_result(dtype: str, layout: str, kernel: str) -> N
     # an odd row range; for q4_0/q8_0 a column slice starting and ending inside kernel groups
     rows, columns = slice(7, 62), slice(96, 416) if dtype in FUSED else slice(256, 512)
     part = matmul(spec, data, x[:, columns], rows=rows, columns=columns, threads=2, kernel=kernel)
-    assert_float32_close(part, weights[rows, columns], reference_q8_0(x[:, columns]) if dtype in FUSED else x[:, columns])
+    reference_x = reference_q8_0(x[:, columns]) if dtype in FUSED else reference_q8_k(x[:, columns])
+    assert_float32_close(part, weights[rows, columns], reference_x)
     assert np.array_equal(part, matmul(spec, data, x[:, columns], rows=rows, columns=columns, kernel=kernel))
 
 
@@ -300,7 +301,9 @@ def test_kernel_cache_is_stamped_with_every_kernel_source() -> None:
     locator = kernel_cache.PackageStampedLocator.from_function(driver, matmul_quantized.__file__)
     assert locator is not None and locator.get_source_stamp()[1] == kernel_cache.sources_stamp()
     assert kernel_cache.PackageStampedLocator.from_function(tokens, __file__) is None
-    assert {"kernels_vnni.py", "kernels_avx2.py", "vector_ir.py", "dequant.py"} <= set(kernel_cache.KERNEL_SOURCES)
+    assert {"kernels_vnni.py", "kernels_avx2.py", "kernels_kquant.py", "vector_ir.py", "dequant.py"} <= set(
+        kernel_cache.KERNEL_SOURCES
+    )
 
 
 def test_thread_count_must_be_positive_and_odd_layouts_work() -> None:

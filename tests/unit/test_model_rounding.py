@@ -13,8 +13,9 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from mer.compute.dtypes import dtype_by_name
 from mer.compute.expert_format import ExpertFormat, ExpertPayload
-from mer.quant.matmul import round_float_activation
-from tests.support.quant_helpers import q8_k_reference, random_matrix
+from mer.quant.activation_k import K4_ORDER
+from mer.quant.matmul import prepare_activation, round_float_activation
+from tests.support.quant_helpers import random_matrix, reference_q8_k
 from mer.compute.swiglu import swiglu_expert
 
 RNG = np.random.default_rng(8)
@@ -40,15 +41,22 @@ def test_f16_and_bf16_rounding():
         assert np.array_equal(round_float_activation(dtype, x), x)
 
 
-def test_k_quant_inputs_are_rounded_to_q8_k_as_ggml_rounds_them():
+def test_k_quant_inputs_are_rounded_to_q8_k_once_as_ggml_rounds_them():
+    """The K-quant kernels take their input as Q8_K (`prepare_activation`); `round_float_activation`
+    leaves it alone, so the model's float path cannot round it twice."""
     rng = np.random.default_rng(14)  # its own stream: the module's RNG feeds the tests below
     x = (rng.standard_normal((3, 512)) * 10.0 ** rng.integers(-3, 4, (3, 512))).astype(np.float32)
     x[1, :256] = 0  # a block of zeros stays zero
     x[2, 300] = -np.abs(x[2, 256:512]).max() * 2  # a negative largest value: iscale positive
     x[2, 400] = -x[2, 300]  # a later value of the same magnitude does not replace it
-    expected = q8_k_reference(x)
+    expected = reference_q8_k(x)
     for dtype in ("q4_k", "q5_k", "q6_k"):
-        rounded = round_float_activation(dtype, x)
+        assert np.array_equal(round_float_activation(dtype, x), x)
+        activation = prepare_activation(dtype, x)
+        quants = activation.quants.astype(np.float64)  # [num_blocks, batch, 256] in the kernel's order
+        if dtype != "q6_k":
+            quants = quants[:, :, np.argsort(K4_ORDER)]
+        rounded = (quants * activation.scales[:, :, :1].astype(np.float64)).transpose(1, 0, 2).reshape(x.shape)
         assert np.array_equal(rounded, expected)
     assert not rounded[1, :256].any() and (np.abs(rounded - x) <= np.abs(x).max(axis=1, keepdims=True) / 254 * 1.0001).all()
 
