@@ -9,7 +9,8 @@ top-2, d_model 64, 4 heads of 32 (q width 128), YaRN factor 4 over an original c
   5.7e-7 and 1.8e-7: mer rounds the inputs of q8_0 and MXFP4 matmuls to q8_0 as ggml does); the
   prompt plus 64 tokens pass the window many times over, and routing reaches most experts;
 - through the process graph (`mer-pipeline generate`: implicit conversion to a store, 4 cache slots
-  for 16 experts, compute workers on the MXFP4 payloads with their biases): the same 64 tokens;
+  for 16 experts, compute workers on the MXFP4 payloads with their biases, the gate predictor
+  hinting from gpt-oss's biased router): the same 64 tokens;
 - the tokenizer (o200k pre-tokenizer "gpt-4o", the harmony tokens llama.cpp always parses) gives
   llama.cpp's ids on texts with spaces, digits, punctuation, non-ASCII and special tokens, and the
   chat template the GGUF carries renders into ids llama.cpp parses the same way;
@@ -106,7 +107,8 @@ def test_the_graph_with_a_small_cache_matches_llama_cpp(models, leak_guard, tmp_
     from tests.support.generate_runs import run_generate
 
     info = models["mxfp4"]
-    flags = ["--prompt", PROMPT, "-n", STEPS, "--ignore-eos", "--compute-workers", 1, "--cache-slots", 4]
+    flags = ["--prompt", PROMPT, "-n", STEPS, "--ignore-eos", "--compute-workers", 1, "--cache-slots", 4,
+             "--predictors", "gate"]
     run = run_generate(leak_guard, info.path, *flags, workdir=tmp_path, cache_dir=tmp_path / "cache")
     assert run.returncode == 0, run.stderr
     result = run.result
@@ -114,6 +116,8 @@ def test_the_graph_with_a_small_cache_matches_llama_cpp(models, leak_guard, tmp_
     differing = [step for step, (a, b) in enumerate(zip(result["tokens"], theirs)) if a != b]
     assert not differing, f"the graph's greedy tokens differ from llama.cpp first at step {differing[0]}"
     assert result["misses"] > 0 and result["hits"] > 0  # 4 slots for 16 experts
+    gate = result["predictors"]["gate"]  # the gate predictor applies gpt-oss's router (with its bias)
+    assert gate["issued"] > 0 and gate["used"] > 0 and [layer["layer"] for layer in gate["per_layer"]] == [1]
 
 
 @pytest.mark.parametrize("key", ["rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_beta_fast"])

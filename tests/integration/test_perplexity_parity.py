@@ -10,6 +10,8 @@ the ggml way in both engines, but an element on a rounding boundary can round th
 - the same geometry quantized (q4_0 experts, q8_0 dense matrices) run with a cache of only 2 slots
   and prefill passes of 24 tokens, so every chunk streams its experts through the slots in several
   expert-major passes;
+- qwen2moe (a Q4_K_M-like q4_K/q6_K mix, its shared expert resident) and gpt-oss (MXFP4 experts,
+  q8_0 dense), 16 routed experts through 4 slots with the gate predictor on;
 - the embedded model (q8_0) on its shipped held-out text, as `mer-pipeline perplexity` runs with no
   arguments (4 chunks of its full context, 256).
 
@@ -97,3 +99,29 @@ def test_the_embedded_model_on_its_held_out_text_agrees_with_llama_cpp_to_1e_2(l
     assert result["file"] == str(held_out_text_path())
     assert_agrees(result, stderr, events, llama_perplexity(tiny_model_path(), held_out_text_path().read_text(), 256, 4),
                   1e-2)
+
+
+def write_qwen2moe_q4_k_m(path):  # type: ignore[no-untyped-def]
+    """qwen2moe as real files have it: q4_K / q6_K experts and shared experts, q4_K dense matrices."""
+    return write_tiny_moe_gguf(path, arch="qwen2moe", layer_dtypes=[("q4_k", "q4_k", "q6_k"), ("q4_k", "q4_k", "q4_k")],
+                               dense_dtype="q4_k", n_layers=2, n_experts=8, top_k=2, d_model=256, d_ff=256, n_heads=4,
+                               n_kv_heads=2, vocab_size=384, tokenizer="bpe", seed=3)
+
+
+def write_gpt_oss_mxfp4(path):  # type: ignore[no-untyped-def]
+    from tests.support.gpt_oss_models import write_tiny_gpt_oss_gguf
+
+    return write_tiny_gpt_oss_gguf(path, expert_dtype="mxfp4", dense_dtype="q8_0", seed=3)
+
+
+@pytest.mark.parametrize("writer", [write_qwen2moe_q4_k_m, write_gpt_oss_mxfp4], ids=["qwen2moe", "gpt-oss"])
+def test_each_new_architecture_streamed_through_four_slots_agrees_with_llama_cpp_to_1e_2(
+        leak_guard, tmp_path, text_file, writer):
+    """qwen2moe (its shared expert resident) and gpt-oss (sinks, sliding window, MXFP4 experts with
+    biases): 16 routed experts through 4 slots, the gate predictor on."""
+    info = writer(tmp_path / "model.gguf")
+    result, stderr, events = run_perplexity(leak_guard, tmp_path, "--model", str(info.path), "--file", str(text_file),
+                                            "--ctx", "64", "--chunks", "4", "--cache-slots", "4",
+                                            "--predictors", "gate")
+    assert result["cache_slots"] == 4 and result["misses"] > 0
+    assert_agrees(result, stderr, events, llama_perplexity(info.path, text_file.read_text(), 64, 4), 1e-2)
