@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Soak: kill random compute workers and the predictor every few seconds while mer works, and check
-that nothing is lost, changed or left behind.
+"""Soak: kill random compute workers, the predictor and the I/O worker every few seconds while mer
+works, and check that nothing is lost, changed or left behind.
 
 1. The benchmark (`mer-pipeline run`) on a synthetic tiny store: once undisturbed, once with kills,
    both dumping their outputs (`--dump-outputs`); a token whose output differs by a single byte
@@ -10,10 +10,10 @@ that nothing is lost, changed or left behind.
    the same prompt (which an undisturbed graph run equals token for token:
    tests/e2e/test_generate_default_model.py).
 
-Each kill is a SIGKILL to a random compute worker or the predictor of the running graph (pids from
-the run's log: the latest `child_spawned` of each child once it is ready, so restarted processes are
-targets too),
-at random intervals around `--interval-s`, once the job is under way. After each run, whatever of it
+Each kill is a SIGKILL to a random compute worker, the predictor or the I/O worker of the running
+graph (pids from the run's log: the latest `child_spawned` of each child once it is ready, so
+restarted processes are targets too), at random intervals around `--interval-s`, once the job is
+under way. After each run, whatever of it
 is left is a leak: a process titled `mer-...-<run>`, a `/dev/shm/mer-<run>-*` file, a runtime
 directory. Prints faults injected, recoveries (`child_recovered`: one per fault made while the job
 ran), tokens completed, tokens that differ (must be 0) and leaks (must be 0); exits 1 unless every
@@ -43,7 +43,7 @@ import numpy as np
 from mer.runtime.paths import SHM_DIR, runtime_base_dir
 
 MER_PIPELINE = shutil.which("mer-pipeline", path=str(Path(sys.executable).parent)) or "mer-pipeline"
-VICTIM_PREFIXES = ("mer-compute-", "mer-predictor-")
+VICTIM_PREFIXES = ("mer-compute-", "mer-predictor-", "mer-io-")
 PROMPTS = ("def ", "import os\n", "class Path(", "    return self.", "for i in range(", "if __name__ == ")
 RUN_TIMEOUT_S = 300.0
 CALIBRATION_TOKENS = 300
@@ -87,7 +87,7 @@ def read_events(log_path: Path) -> list[dict]:
 
 class LogFollower:
     """A run's log read as it grows (only the new complete lines each time): whether an event was
-    logged, and the compute workers and predictor whose latest process is ready."""
+    logged, and the compute workers, predictor and I/O worker whose latest process is ready."""
 
     def __init__(self, path: Path):
         self.path = path
