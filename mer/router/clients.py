@@ -166,10 +166,13 @@ class IoClient(_Client):
 
     async def _resume(self, restarts: int) -> None:
         """Tell the new worker that it may write slots (`LeasesDropped`), then let requests through."""
+        socket = self.socket
         try:
-            await self.socket.send_multipart(encode(LeasesDropped(restarts)))
+            await self._send(socket, LeasesDropped(restarts))
             if self.split_token is not None:
-                await self.socket.send_multipart(encode(SplitReads(self.split_token)))
+                await self._send(socket, SplitReads(self.split_token))
+        except IoWorkerRestartedError:
+            pass  # restarted again while sending: the newest worker gets its own LeasesDropped (below)
         finally:
             self.resuming = None
         if restarts == self.restarts:

@@ -217,6 +217,48 @@ def test_a_compute_job_on_a_dead_worker_s_slot_ends_before_the_new_worker_writes
     assert retried["expert_ids"] == [miss]
 
 
+def test_a_second_restart_before_the_leases_are_dropped_fences_only_the_newest_worker(graph):
+    """Two deaths in a row while the router still holds a lease of the first worker: the second worker is
+    never told anything; the third gets one `LeasesDropped` once that lease is given back, and serves."""
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        client = None
+        workers = []
+        try:
+            workers.append(await graph.start_io(context, 0))
+            client = IoClient(context, graph.run.endpoint("io"))
+            (held,) = await client.acquire(0, [3])
+            for incarnation in (1, 2):
+                await stop_io(*workers.pop())
+                client.on_restart("mer-io-test", incarnation)
+                workers.append(await graph.start_io(context, incarnation))
+                await asyncio.sleep(QUIET_S)
+                assert workers[-1][0].is_fenced
+            newest = workers[-1][0]
+            acquiring = asyncio.create_task(client.acquire(1, [3]))
+            await asyncio.sleep(QUIET_S)
+            assert not acquiring.done() and newest.is_fenced
+            await client.release([held.ref])
+            (grant,) = await asyncio.wait_for(acquiring, TIMEOUT_S)
+            assert not newest.is_fenced and not grant.hit and grant.generation > held.generation
+            await client.release([grant.ref])
+            return client.leases
+        finally:
+            if client is not None:
+                client.close()
+            for worker in workers:
+                await stop_io(*worker)
+            context.term()
+
+    with structlog.testing.capture_logs() as logs:
+        leases = asyncio.run(scenario())
+    assert leases == {}  # every lease given back, of every worker
+    assert [entry["restarts"] for entry in logs if entry["event"] == "io_fence_lifted"] == [2]
+    assert [entry["restarts"] for entry in logs if entry["event"] == "io_leases_dropped"] == [2]
+    assert not [entry for entry in logs if entry["event"] == "bad_io_message"]
+
+
 def test_leases_dropped_to_a_worker_that_was_not_restarted_is_refused_and_it_keeps_serving(graph):
     """`LeasesDropped` to a worker that is not fenced (a bug in the router) is refused and logged; the
     worker serves on."""

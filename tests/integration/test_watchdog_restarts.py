@@ -37,15 +37,17 @@ CHECK_INTERVAL_S = 0.4  # heartbeat_interval_s(2.0)
 DETECTION_SLACK_S = 1.5  # a busy 2-core machine: the supervisor's check may run late
 TOKENS = 1500  # about 7 s of the benchmark on the tiny store
 BENCH_FLAGS = ("--tokens", TOKENS, "--cache-slots", 4, "--compute-workers", 2, "--stall-timeout-s", STALL_TIMEOUT_S)
+IO_BENCH_TOKENS = 500  # the I/O worker restarts in well under a second: a shorter run still kills it mid-run
+IO_BENCH_FLAGS = ("--tokens", IO_BENCH_TOKENS, *BENCH_FLAGS[2:])
 
 
 def events_named(events: list[dict], name: str) -> list[dict]:
     return [event for event in events if event.get("event") == name]
 
 
-def undisturbed_outputs(leak_guard, store, tmp_path) -> np.ndarray:
+def undisturbed_outputs(leak_guard, store, tmp_path, flags=BENCH_FLAGS) -> np.ndarray:
     dump = tmp_path / f"undisturbed-{uuid.uuid4().hex[:8]}.npy"
-    run_pipeline(leak_guard, store, *BENCH_FLAGS, "--dump-outputs", dump, workdir=tmp_path).check_ok()
+    run_pipeline(leak_guard, store, *flags, "--dump-outputs", dump, workdir=tmp_path).check_ok()
     return np.load(dump)
 
 
@@ -80,9 +82,9 @@ def restart_of(events: list[dict], name: str, exit_pattern: str) -> tuple[dict, 
     return restarted, recovered
 
 
-def start_bench(leak_guard, store, tmp_path, *flags) -> tuple[RunningPipeline, os.PathLike]:
+def start_bench(leak_guard, store, tmp_path, *flags, bench_flags=BENCH_FLAGS) -> tuple[RunningPipeline, os.PathLike]:
     dump = tmp_path / f"disturbed-{uuid.uuid4().hex[:8]}.npy"
-    run = RunningPipeline(leak_guard, store, *BENCH_FLAGS, "--dump-outputs", dump, *flags, workdir=tmp_path)
+    run = RunningPipeline(leak_guard, store, *bench_flags, "--dump-outputs", dump, *flags, workdir=tmp_path)
     return flowing(run, "token_done", 50), dump
 
 
@@ -192,21 +194,21 @@ def test_kill_9_of_the_io_worker_mid_run_restarts_it_and_the_outputs_are_identic
     """A benchmark whose I/O worker is killed: a new one rebuilds the slot table over the same arena, the
     router's acquires in flight are retried there, and the dumped outputs equal an undisturbed run's."""
     store = pipeline_stores["tiny"]
-    run, dump = start_bench(leak_guard, store, tmp_path)
+    run, dump = start_bench(leak_guard, store, tmp_path, bench_flags=IO_BENCH_FLAGS)
     name, pid, _, result = signal_child(run, "mer-io-", signal.SIGKILL)
     assert result.returncode == 0, result.stderr
     restarted, recovered = io_restart_checked(result.events, name, "killed by SIGKILL")
     assert restarted["dead_pid"] == pid
     print(f"I/O worker restarted in {recovered['seconds']} s")
-    assert json.loads(result.stdout)["tokens"] == TOKENS
-    assert np.load(dump).tobytes() == undisturbed_outputs(leak_guard, store, tmp_path).tobytes()
+    assert json.loads(result.stdout)["tokens"] == IO_BENCH_TOKENS
+    assert np.load(dump).tobytes() == undisturbed_outputs(leak_guard, store, tmp_path, IO_BENCH_FLAGS).tobytes()
 
 
 def generation_with_a_signalled_child(leak_guard, tmp_path, child_prefix: str, number: signal.Signals, *flags):
-    """A generation of the embedded model (120 tokens) whose child `child_prefix` gets `number` once 5
-    tokens are out: (the finished run, the 120 tokens of mer's single-process generation, steps)."""
+    """A generation of the embedded model (60 tokens) whose child `child_prefix` gets `number` once 5
+    tokens are out: (the finished run, the 60 tokens of mer's single-process generation, steps)."""
     model = tiny_model_path()
-    steps = 120
+    steps = 60
     log_path = tmp_path / "generate.jsonl"
     argv = generate_argv(model, "--prompt", "def ", "-n", steps, "--ignore-eos", "--compute-workers", 2,
                          "--cache-slots", 8, *flags, log_path=log_path)
