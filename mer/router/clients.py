@@ -132,6 +132,7 @@ class IoClient(_Client):
 
     def _connected_socket(self) -> zmq.asyncio.Socket:
         socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)  # what is queued for a dead worker is dropped with the socket
         socket.connect(self.endpoint)
         return socket
 

@@ -8,8 +8,8 @@ always fit, pinned slots aside: `router_lease_limit`); the grants come in parts,
 `ExpertBatchJob` per compute worker, and released (also on error); each expert's slice partials are
 summed in slice order, so the outputs are bit-identical for any worker count, cache size, prefetch
 setting or read backend, and across a restart of the I/O worker (the experts not yet granted are
-acquired again from the new one; those computed are kept). `run(moe_layer, token, batches)` does the same for one MoE block (ids
-within the layer, in ascending order). Both return what the experts cost (`ExpertStats`).
+acquired again from the new one; those computed are kept). `run(moe_layer, token, batches)` does
+the same for one MoE block (ids within the layer, in ascending order). Both return what the experts cost (`ExpertStats`).
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dea
 the predictor or the I/O worker that died of a signal is started again under its name, up to
 `max_restarts` per run (the router resubmits the dead compute worker's jobs,
 `mer.router.clients.ComputeClient`, or fails its requests over to the new I/O worker,
-`mer.router.clients.IoClient`); any other death
-is reported by name and signal (or stall), the graph is brought down and `ChildDiedError` raised. SIGINT and
+`mer.router.clients.IoClient`); any other death is reported by name and signal (or stall), the
+graph is brought down and `ChildDiedError` raised. SIGINT and
 SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
 """
 
@@ -55,9 +55,8 @@ from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
 from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, IoWorkerRestarted, JobDone, Ready,
-                          SequenceDone,
-                          PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark, StartGeneration,
-                          StartPerplexity, StartServing,
+                          SequenceDone, PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark,
+                          StartGeneration, StartPerplexity, StartServing,
                           TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
@@ -74,7 +73,7 @@ KILL_WAIT_S = 2.0
 PREFAULT_MIN_BYTES_PER_S = 100e6
 SENTINEL_REAP_WAIT_S = 1.0  # longest wait for the exit status of a child whose sentinel fired
 FAILURE_REPORT_WAIT_S = 1.0  # how long a child's ChildFailed may trail its exit
-RESTARTABLE_ROLES = ("compute", "predictor", "io")  # the router resubmits compute jobs and acquires; hints are only hints
+RESTARTABLE_ROLES = ("compute", "predictor", "io")  # the router resubmits compute jobs and acquires; hints are hints
 
 
 @dataclass

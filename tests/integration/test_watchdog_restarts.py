@@ -82,7 +82,8 @@ def restart_of(events: list[dict], name: str, exit_pattern: str) -> tuple[dict, 
     return restarted, recovered
 
 
-def start_bench(leak_guard, store, tmp_path, *flags, bench_flags=BENCH_FLAGS) -> tuple[RunningPipeline, os.PathLike]:
+def start_bench(leak_guard, store, tmp_path, *flags,
+                bench_flags=BENCH_FLAGS) -> tuple[RunningPipeline, os.PathLike]:
     dump = tmp_path / f"disturbed-{uuid.uuid4().hex[:8]}.npy"
     run = RunningPipeline(leak_guard, store, *bench_flags, "--dump-outputs", dump, *flags, workdir=tmp_path)
     return flowing(run, "token_done", 50), dump
@@ -226,7 +227,8 @@ def test_kill_9_of_the_io_worker_mid_generation_restarts_it_and_the_tokens_are_i
     (name, _, _, result), expected, steps = generation_with_a_signalled_child(
         leak_guard, tmp_path, "mer-io-", signal.SIGKILL)
     restarted, _ = io_restart_checked(result.events, name, "killed by SIGKILL")
-    after = [event for event in events_named(result.events, "generation_token") if event["t_mono"] > restarted["t_mono"]]
+    generated = events_named(result.events, "generation_token")
+    after = [event for event in generated if event["t_mono"] > restarted["t_mono"]]
     assert len(after) >= steps // 2, len(after)  # killed mid-generation
     assert json.loads(result.stdout)["tokens"] == expected
 
