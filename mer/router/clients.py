@@ -128,6 +128,7 @@ class IoClient(_Client):
         self.resumed.set()
         self.split_token: int | None = None  # sent again to a new worker
         self.resuming: asyncio.Task | None = None
+        self.stats_restarts_noted = 0  # the restarts `io_stats_since_restart` has been logged for
         super().__init__(self._connected_socket(), "I/O worker")
 
     def _connected_socket(self) -> zmq.asyncio.Socket:
@@ -257,13 +258,18 @@ class IoClient(_Client):
         await self._send(await self._ready_socket(), SplitReads(token))
 
     async def stats(self) -> IoStats:
-        """The I/O worker's counters; after a restart, the new worker's (they count from its start)."""
+        """The I/O worker's counters; after a restart, the new worker's: they count from its start (the dead
+        worker's are lost with it; `io_stats_since_restart` says so once per restart)."""
         while True:
             socket = await self._ready_socket()
             request_id, future = self.pending.new()
             try:
                 await self._send(socket, StatsRequest(request_id))
-                return await future
+                stats = await future
+                if self.restarts > self.stats_restarts_noted:
+                    self.stats_restarts_noted = self.restarts
+                    get_logger().warning("io_stats_since_restart", restarts=self.restarts, reads=stats.reads.reads)
+                return stats
             except IoWorkerRestartedError:
                 if future.done() and not future.cancelled():
                     future.exception()  # seen: the request goes again to the new worker

@@ -128,6 +128,8 @@ def test_a_restarted_io_worker_writes_no_slot_until_the_dead_one_s_leases_are_dr
             with pytest.raises(StaleSlotError):  # the old reference can never match again
                 graph.arena.check_slot(held.slot, held.generation, 3)
             await client.release([grant.ref for grant in grants])
+            stats = await client.stats()  # the new worker's own: its two reads, not the dead one's
+            assert stats.reads.reads == 2 and stats.split_reads.reads == 2
             fresh = graph.headers()
             untouched = [slot for slot in range(NUM_SLOTS) if slot not in {grant.slot for grant in grants}]
             assert all(fresh[slot] == (before[slot][0] + 1, NO_EXPERT) for slot in untouched), (before, fresh)
@@ -147,6 +149,8 @@ def test_a_restarted_io_worker_writes_no_slot_until_the_dead_one_s_leases_are_dr
     assert failover["leases_held"] == 1 and failover["requests_failed"] == 1
     assert [entry["event"] for entry in logs if entry["event"] in ("io_leases_dropped", "io_fence_lifted")] == [
         "io_leases_dropped", "io_fence_lifted"]
+    (noted,) = [entry for entry in logs if entry["event"] == "io_stats_since_restart"]
+    assert noted["restarts"] == 1 and noted["reads"] == 2
 
 
 def test_a_compute_job_on_a_dead_worker_s_slot_ends_before_the_new_worker_writes_and_the_rest_is_retried(graph):

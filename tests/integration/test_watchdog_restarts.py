@@ -201,7 +201,12 @@ def test_kill_9_of_the_io_worker_mid_run_restarts_it_and_the_outputs_are_identic
     restarted, recovered = io_restart_checked(result.events, name, "killed by SIGKILL")
     assert restarted["dead_pid"] == pid
     print(f"I/O worker restarted in {recovered['seconds']} s")
-    assert json.loads(result.stdout)["tokens"] == IO_BENCH_TOKENS
+    summary = json.loads(result.stdout)
+    assert summary["tokens"] == IO_BENCH_TOKENS
+    # the summary's reads are the new worker's (counted from its start), and the run says so
+    (noted,) = events_named(result.events, "io_stats_since_restart")
+    new_reads = [event for event in events_named(result.events, "expert_read") if event["pid"] == restarted["child_pid"]]
+    assert noted["restarts"] == 1 and 0 < summary["reads"] == noted["reads"] <= len(new_reads)
     assert np.load(dump).tobytes() == undisturbed_outputs(leak_guard, store, tmp_path, IO_BENCH_FLAGS).tobytes()
 
 
