@@ -144,8 +144,8 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
         "ends, as after a death. A stall is seen within it plus a second at most.", ge=0.5, le=3600.0,
         unit="s", metavar="SECONDS")] = 8.0
     max_restarts: Annotated[int, spec(
-        "Restarts of compute workers and the predictor after a death (kill -9, the OOM killer, a stall) "
-        "in one run; one more death ends the run. 0: every death ends the run.", ge=0, le=1_000_000,
+        "Restarts of compute workers, the predictor and the I/O worker after a death (kill -9, the OOM "
+        "killer, a stall) in one run; one more death ends the run. 0: every death ends the run.", ge=0, le=1_000_000,
         unit="restarts", metavar="N")] = 10
     shutdown_grace_s: Annotated[float, spec(
         "Time children have to exit after Shutdown before they are killed.", ge=0.0, le=600.0, unit="s",

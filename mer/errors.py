@@ -137,6 +137,11 @@ class ChildDiedError(PipelineError):
     """A child process of the graph exited unexpectedly (crash, kill -9, OOM kill)."""
 
 
+class IoWorkerRestartedError(PipelineError):
+    """The I/O worker died and was restarted while a request waited for it: the request is void, and its
+    asker tries again on the new worker (`mer.router.dispatcher`); it never reaches the user."""
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: like KeyboardInterrupt (not an Exception, so no `except Exception` swallows it),
     it unwinds the stack, so `with` blocks clean up (a half-written store is removed) before exit 143."""

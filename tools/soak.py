@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Soak: kill random compute workers and the predictor every few seconds while mer works, and check
-that nothing is lost, changed or left behind.
+"""Soak: kill random compute workers, the predictor and the I/O worker every few seconds while mer
+works, and check that nothing is lost, changed or left behind.
 
 1. The benchmark (`mer-pipeline run`) on a synthetic tiny store: once undisturbed, once with kills,
    both dumping their outputs (`--dump-outputs`); a token whose output differs by a single byte
@@ -10,10 +10,11 @@ that nothing is lost, changed or left behind.
    the same prompt (which an undisturbed graph run equals token for token:
    tests/e2e/test_generate_default_model.py).
 
-Each kill is a SIGKILL to a random compute worker or the predictor of the running graph (pids from
-the run's log: the latest `child_spawned` of each child once it is ready, so restarted processes are
-targets too),
-at random intervals around `--interval-s`, once the job is under way. After each run, whatever of it
+Each kill is a SIGKILL to a random compute worker, the predictor or the I/O worker of the running
+graph (pids from the run's log: the latest `child_spawned` of each child once it is ready, so
+restarted processes are targets too), at random intervals around `--interval-s`, once the job is
+under way; the roles take turns in a random order drawn for each run, so even a few kills a run
+reach all three. After each run, whatever of it
 is left is a leak: a process titled `mer-...-<run>`, a `/dev/shm/mer-<run>-*` file, a runtime
 directory. Prints faults injected, recoveries (`child_recovered`: one per fault made while the job
 ran), tokens completed, tokens that differ (must be 0) and leaks (must be 0); exits 1 unless every
@@ -43,7 +44,8 @@ import numpy as np
 from mer.runtime.paths import SHM_DIR, runtime_base_dir
 
 MER_PIPELINE = shutil.which("mer-pipeline", path=str(Path(sys.executable).parent)) or "mer-pipeline"
-VICTIM_PREFIXES = ("mer-compute-", "mer-predictor-")
+VICTIM_ROLES = ("compute", "predictor", "io")
+VICTIM_PREFIXES = tuple(f"mer-{role}-" for role in VICTIM_ROLES)
 PROMPTS = ("def ", "import os\n", "class Path(", "    return self.", "for i in range(", "if __name__ == ")
 RUN_TIMEOUT_S = 300.0
 CALIBRATION_TOKENS = 300
@@ -54,6 +56,7 @@ class Tally:
     """What the soak did and found (the printed report)."""
 
     faults_injected: int = 0
+    faults_by_role: dict[str, int] = field(default_factory=dict)  # compute, predictor, io
     faults_after_job: int = 0  # kills whose restarted process the job, done first, no longer needed
     recoveries: int = 0
     tokens_completed: int = 0
@@ -68,8 +71,9 @@ class Tally:
                 and self.recoveries == self.faults_injected - self.faults_after_job)
 
     def report(self) -> str:
-        return (f"soak: {self.runs} runs, {self.faults_injected} faults injected ({self.faults_after_job} after the "
-                f"job was done), {self.recoveries} recoveries, "
+        roles = ", ".join(f"{count} {role}" for role, count in sorted(self.faults_by_role.items()))
+        return (f"soak: {self.runs} runs, {self.faults_injected} faults injected ({roles}; {self.faults_after_job} "
+                f"after the job was done), {self.recoveries} recoveries, "
                 f"{self.tokens_completed} tokens completed, {self.tokens_differing} differing from an undisturbed "
                 f"run, {len(self.leaks)} leaks, {len(self.failed_runs)} failed runs")
 
@@ -87,7 +91,7 @@ def read_events(log_path: Path) -> list[dict]:
 
 class LogFollower:
     """A run's log read as it grows (only the new complete lines each time): whether an event was
-    logged, and the compute workers and predictor whose latest process is ready."""
+    logged, and the compute workers, predictor and I/O worker whose latest process is ready."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -169,9 +173,25 @@ class KillPlan:
     interval_s: float
     per_run: int
     until: float = float("inf")
+    role_order: list[str] = field(default_factory=list)
 
     def next_after(self, now: float) -> float:
         return now + self.rng.uniform(0.5, 1.5) * self.interval_s
+
+    def victim(self, alive: list[tuple[str, int]], kills_so_far: int) -> tuple[str, int]:
+        """A random one of the ready processes of the next role in turn (the roles in a random order,
+        drawn at a run's first kill), so that even a few kills a run reach every role; any ready one when
+        none of that role is ready."""
+        if kills_so_far == 0:
+            self.role_order = self.rng.sample(VICTIM_ROLES, len(VICTIM_ROLES))
+        role = self.role_order[kills_so_far % len(VICTIM_ROLES)]
+        of_role = [victim for victim in alive if victim_role(victim[0]) == role]
+        return self.rng.choice(of_role or alive)
+
+
+def victim_role(name: str) -> str:
+    """`compute`, `predictor` or `io` of a child's name `mer-<role>[-i]-<run>`."""
+    return name.split("-")[1]
 
 
 def run_disturbed(argv: list[str], log_path: Path, plan: KillPlan, tally: Tally,
@@ -194,9 +214,11 @@ def run_disturbed(argv: list[str], log_path: Path, plan: KillPlan, tally: Tally,
         if plan.until > time.monotonic() >= next_kill and len(kills) < plan.per_run:
             alive = sorted((name, pid) for name, pid in log.victims().items() if is_alive(pid))
             if alive:
-                name, pid = plan.rng.choice(alive)
+                name, pid = plan.victim(alive, len(kills))
                 os.kill(pid, signal.SIGKILL)
                 tally.faults_injected += 1
+                role = victim_role(name)
+                tally.faults_by_role[role] = tally.faults_by_role.get(role, 0) + 1
                 kills.append((name, pid, time.monotonic()))
                 print(f"soak: kill -9 {name} (pid {pid})", file=sys.stderr)
             next_kill = plan.next_after(time.monotonic())

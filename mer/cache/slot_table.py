@@ -191,6 +191,18 @@ class SlotTable:
     def num_free(self) -> int:
         return len(self._free_slots)
 
+    def continue_generations(self, generations: list[int]) -> None:
+        """Start every slot's generation at `generations[slot]` (a restarted I/O worker: those its dead
+        predecessor last wrote to the arena plus one), so that no (slot, generation) of a new lease equals
+        one of the dead worker's. Only on a table whose slots are all FREE, and never backwards."""
+        if len(generations) != self.num_slots:
+            raise SlotStateError(f"{len(generations)} generations for {self.num_slots} slots")
+        for slot, (record, generation) in enumerate(zip(self._slots, generations)):
+            if record.state is not SlotState.FREE or generation < record.generation:
+                raise SlotStateError(f"slot {slot} is {record.state.value} at generation {record.generation}: "
+                                     f"cannot continue at generation {generation}")
+            record.generation = generation
+
     # ---- foreground ----------------------------------------------------------------------------
 
     def acquire(self, expert_id: int, token: int) -> AcquireResult:

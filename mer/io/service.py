@@ -12,6 +12,16 @@ Which hints become reads, and which queued prefetch reads an acquire makes stale
 `mer.cache.admission`. Pins: the slot table is built with `max_pinned` from the configuration; a
 `PinSet` replaces the pins of the experts the table holds pinned (unpinned first, then pinned in
 order until `max_pinned` is reached).
+
+A restarted I/O worker (`RunSpec.incarnation` > 0; the supervisor starts one in place of a dead or
+stalled one) starts with an empty slot table over the same arena: it trusts nothing it has not read
+itself (every slot FREE; each expert's first read is checked again), and its prefetch and policy
+state start empty. Compute workers may still be reading slots under leases of the dead worker, so it
+starts *fenced*: it writes no slot (no prefault of the arena, `Acquire` refused, prefetch hints
+dropped) until the router's `LeasesDropped` says that no such lease is left (`mer.router.clients.IoClient`).
+Then it marks every slot empty in the arena with a generation above the dead worker's last one
+(`SlotTable.continue_generations`), so that a stale reference could never match a slot it rewrites,
+and serves as usual (`io_fence_lifted`).
 """
 
 from __future__ import annotations
@@ -36,12 +46,13 @@ from mer.io.read_request import ReadResult
 from mer.io.read_tally import ReadTally
 from mer.io.slot_load import Load, injected_faults, read_failure
 from mer.protocol import (
-    Acquire, IoStats, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
+    Acquire, IoStats, LeasesDropped, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
     StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
 )
 from mer.metrics.events import EXPERT_READ
 from mer.runtime.child import receive_unless_stopped
 from mer.shm.arena import SlotArena
+from mer.shm.layout import NO_EXPERT
 from mer.shm.prefault import BackgroundPrefault
 from mer.store.checksum import CRC32_IMPLEMENTATION
 from mer.store.manifest import Manifest
@@ -66,6 +77,9 @@ class IoService:
         self.tasks: set[asyncio.Task] = set()
         self.checker = PayloadChecker(self.manifest, Path(run.store), every_read=config.verify_reads)
         self.is_closing = False
+        self.is_fenced = run.incarnation > 0  # a restart: no slot is written before LeasesDropped
+        self.fenced_at = time.monotonic()
+        self.hints_dropped_fenced = 0  # prefetch hints dropped while fenced
 
     async def start(self) -> dict:
         run, config = self.run, self.config
@@ -79,8 +93,11 @@ class IoService:
             except RuntimeError:  # the loop has closed: the worker is exiting
                 pass
 
-        self.prefault = self.arena.prefault_in_background(prefault_done)
-        if self.prefault is None:  # no MADV_POPULATE_WRITE: touched here, before READY
+        if self.is_fenced:  # the pages are populated already, and a touch would write slots still read
+            self.log.warning("io_fenced", incarnation=run.incarnation, slots=self.arena.num_slots)
+        else:
+            self.prefault = self.arena.prefault_in_background(prefault_done)
+        if self.prefault is None and not self.is_fenced:  # no MADV_POPULATE_WRITE: touched here, before READY
             self._prefault_done(time.perf_counter() - started, None, method="touch")
         files = [Path(run.store) / layer.file for layer in self.manifest.layers]
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
@@ -131,7 +148,7 @@ class IoService:
             message = None
             try:
                 message = decode(frames, expected_kinds=(Acquire, Release, PrefetchHints, PredictorStats, PinSet,
-                                                         SplitReads, StatsRequest))
+                                                         SplitReads, StatsRequest, LeasesDropped))
                 self._check(message)
                 self._dispatch(identity, message)
             except Exception as error:  # a malformed message is answered and logged, never fatal
@@ -145,7 +162,13 @@ class IoService:
 
     def _check(self, message) -> None:
         """Refuse, before any state changes, a well-formed request that cannot be served: experts that
-        are not in the store, or more experts in one Acquire than the slots pins cannot hold (it could wait forever)."""
+        are not in the store, more experts in one Acquire than the slots pins cannot hold (it could wait
+        forever), an Acquire while fenced, a LeasesDropped while not."""
+        if isinstance(message, Acquire) and self.is_fenced:
+            raise ProtocolError("Acquire before LeasesDropped: this I/O worker was restarted and writes no slot "
+                                "until the router has dropped every lease of the dead one")
+        if isinstance(message, LeasesDropped) and not self.is_fenced:
+            raise ProtocolError("LeasesDropped to an I/O worker that is not fenced (not restarted, or lifted already)")
         if isinstance(message, PrefetchHints):
             check_expert_ids("PrefetchHints", [hint.expert_id for hint in message.hints], self.num_experts)
         if isinstance(message, Acquire):
@@ -162,7 +185,12 @@ class IoService:
         elif isinstance(message, Release):
             self._release(message)
         elif isinstance(message, PrefetchHints):
-            self._admit_prefetches(message)
+            if self.is_fenced:
+                self.hints_dropped_fenced += len(message.hints)
+            else:
+                self._admit_prefetches(message)
+        elif isinstance(message, LeasesDropped):
+            self._lift_fence(message)
         elif isinstance(message, PredictorStats):
             self.admission.ledger.reported(message)
         elif isinstance(message, PinSet):
@@ -171,6 +199,18 @@ class IoService:
             self.tally.split_token = message.token
         else:
             self._spawn(self._send_stats(identity, message.request_id))
+
+    def _lift_fence(self, message: LeasesDropped) -> None:
+        """No lease of the dead I/O worker is left: mark every slot empty, at a generation above the dead
+        worker's, and start writing slots."""
+        generations = [self.arena.read_slot_header(slot).generation + 1 for slot in range(self.arena.num_slots)]
+        for slot, generation in enumerate(generations):
+            self.arena.write_slot_header(slot, generation, NO_EXPERT, 0)
+        self.table.continue_generations(generations)
+        self.is_fenced = False
+        self.log.warning("io_fence_lifted", restarts=message.restarts,
+                         fenced_s=round(time.monotonic() - self.fenced_at, 3), hints_dropped=self.hints_dropped_fenced,
+                         max_generation=max(generations))
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.create_task(coroutine)

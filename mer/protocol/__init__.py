@@ -7,7 +7,8 @@ frames and back (`mer.protocol.codec`); errors cross processes via `mer.protocol
 from mer.protocol.codec import ARRAY_KEY, check_expert_ids, decode, encode
 from mer.protocol.messages import (
     Acquire, Activations, BatchPartials, ChildFailed, ComputeItem, ErrorReply,
-    ExpertBatchJob, ExpertBatchResult, Heartbeat, Hello, HiddenObserved, HiddenState, IoStats, JobDone, MessageKind,
+    ExpertBatchJob, ExpertBatchResult, Heartbeat, Hello, HiddenObserved, HiddenState, IoStats, IoWorkerRestarted, JobDone,
+    LeasesDropped, MessageKind,
     PinSet, PredictorReport, PredictorStats, PrefetchCounts, PrefetchHint, PrefetchHints, ReadCounts, Ready, Release,
     RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, SplitReads, StartBenchmark,
     StartGeneration, StatsRequest, TokenGenerated, UNKNOWN_REQUEST_ID,

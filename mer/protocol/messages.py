@@ -46,6 +46,8 @@ class MessageKind(IntEnum):
     PREDICTOR_STATS = 16
     PIN_SET = 17
     SPLIT_READS = 18
+    LEASES_DROPPED = 20
+    IO_WORKER_RESTARTED = 21
     EXPERT_BATCH_JOB = 22
     EXPERT_BATCH_RESULT = 23
     ROUTING_OBSERVED = 30
@@ -188,6 +190,16 @@ class JobDone:
     """The router finished its job; `summary` is the job's typed summary as JSON (`mer.metrics.summary`)."""
 
     summary: JsonMap
+
+
+@message(MessageKind.IO_WORKER_RESTARTED)
+class IoWorkerRestarted:
+    """The supervisor to the router: the I/O worker `name` died and a new process (`pid`) is starting in
+    its place. Every lease and request of the dead worker is void: the router fails its requests over
+    to the new worker (`mer.router.clients.IoClient`)."""
+
+    name: str
+    pid: int
 
 
 @message(MessageKind.START_BENCHMARK)
@@ -406,6 +418,16 @@ class Release:
     """Return leases taken with `Acquire`."""
 
     refs: list[SlotRef]
+
+
+@message(MessageKind.LEASES_DROPPED)
+class LeasesDropped:
+    """The router to a restarted I/O worker: it holds no lease of the dead worker's slots any more
+    (every compute job naming one has ended), so the new worker may write slots. Until it comes, a
+    restarted I/O worker writes nothing (it refuses `Acquire` and drops prefetch hints); `restarts`
+    counts the I/O worker's restarts the router has seen, for the logs."""
+
+    restarts: int
 
 
 @message(MessageKind.PREFETCH_HINTS)

@@ -7,8 +7,9 @@ always fit, pinned slots aside: `router_lease_limit`); the grants come in parts,
 (`IoClient.acquire_parts`), and each part is computed as it comes, while the next reads go on; a part is computed layer by layer (each layer's format has its own d_ff slices) as one
 `ExpertBatchJob` per compute worker, and released (also on error); each expert's slice partials are
 summed in slice order, so the outputs are bit-identical for any worker count, cache size, prefetch
-setting or read backend. `run(moe_layer, token, batches)` does the same for one MoE block (ids
-within the layer, in ascending order). Both return what the experts cost (`ExpertStats`).
+setting or read backend, and across a restart of the I/O worker (the experts not yet granted are
+acquired again from the new one; those computed are kept). `run(moe_layer, token, batches)` does
+the same for one MoE block (ids within the layer, in ascending order). Both return what the experts cost (`ExpertStats`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mer.compute.batches import expert_outputs, pack_batches
+from mer.errors import IoWorkerRestartedError
+from mer.logging_setup import get_logger
 from mer.protocol import ComputeItem, SlotGrant
 from mer.router.clients import ComputeClient, IoClient
 from mer.compute.slicing import plan_slices
@@ -95,29 +98,52 @@ class ExpertDispatcher:
 
     async def _run_chunk(self, token: int, chunk: list[int], batches: Mapping[int, np.ndarray], stats: ExpertStats,
                          log: DispatchLog | None) -> dict[int, np.ndarray]:
-        """Lease the chunk and compute each part of the grants as it comes: the hits while the misses load."""
+        """Lease the chunk and compute each part of the grants as it comes: the hits while the misses load.
+        If the I/O worker is restarted meanwhile, the parts granted before are computed to the end and
+        kept, and the other experts are acquired again from the new worker (`acquire_retried`)."""
+        outputs: dict[int, np.ndarray] = {}
+        missing = list(chunk)
+        while True:
+            try:
+                await self._lease_and_compute(token, missing, batches, stats, log, outputs)
+                return outputs
+            except IoWorkerRestartedError as error:
+                missing = [expert for expert in chunk if expert not in outputs]
+                get_logger().warning("acquire_retried", token=token, expert_ids=missing, reason=str(error))
+
+    async def _lease_and_compute(self, token: int, experts: list[int], batches: Mapping[int, np.ndarray],
+                                 stats: ExpertStats, log: DispatchLog | None, outputs: dict[int, np.ndarray]) -> None:
+        """One `Acquire` of `experts`, each part computed as it comes, into `outputs`; released at the end.
+
+        On `IoWorkerRestartedError` the parts already granted are still computed to the end (their
+        slots are not written before every lease of the dead worker is released, `IoClient`), so no
+        compute job is left reading a slot when its lease is given back; then the error is raised."""
         requested_at = time.monotonic()
         started = time.perf_counter()
         grants: list[SlotGrant] = []
         computing: list[asyncio.Task] = []
         jobs = None if log is None else log.jobs
         try:
-            async for part in self.io.acquire_parts(token, chunk):
-                grants += part
-                computing.append(asyncio.ensure_future(self._timed_compute(part, batches, jobs, stats)))
-            misses = sum(not grant.hit for grant in grants)
+            try:
+                async for part in self.io.acquire_parts(token, experts):
+                    grants += part
+                    computing.append(asyncio.ensure_future(self._timed_compute(part, batches, jobs, stats)))
+            finally:
+                misses = sum(not grant.hit for grant in grants)
+                stats.hits += len(grants) - misses
+                stats.misses += misses
+                stats.prefetch_joins += sum(grant.joined_prefetch for grant in grants)
             if log is not None:
                 log.t_acquire_start = log.t_acquire_start or requested_at
                 log.t_acquire_end = time.monotonic()
-            stats.hits += len(grants) - misses
-            stats.misses += misses
-            stats.prefetch_joins += sum(grant.joined_prefetch for grant in grants)
             stats.io_wait_us += (time.perf_counter() - started) * 1e6 if misses else 0.0
             stats.chunks += 1
-            outputs: dict[int, np.ndarray] = {}
             for part_outputs in await asyncio.gather(*computing):
                 outputs.update(part_outputs)
-            return outputs
+        except IoWorkerRestartedError:
+            for part_outputs in await asyncio.gather(*computing):
+                outputs.update(part_outputs)
+            raise
         finally:
             for task in computing:  # on an error, no part is still computing on slots about to be released
                 if not task.done():

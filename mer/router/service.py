@@ -1,6 +1,7 @@
 """The router: runs the job the start message picks (`mer.router.job`) through the graph once the
 supervisor says every child is ready. The serving job (`StartServing`) also takes `SubmitSequence`
-and `CancelSequence` on the control socket while it runs.
+and `CancelSequence` on the control socket while it runs; any job takes `IoWorkerRestarted` (the
+I/O worker's requests fail over to its replacement: `mer.router.clients.IoClient`).
 
 Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
 (`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
@@ -14,7 +15,7 @@ import asyncio
 import zmq
 
 from mer.errors import ProtocolError
-from mer.protocol import (CancelSequence, JobDone, StartBenchmark, StartGeneration, StartPerplexity, StartServing,
+from mer.protocol import (CancelSequence, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration, StartPerplexity, StartServing,
                           SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
@@ -53,6 +54,8 @@ class Router:
         if isinstance(message, (StartBenchmark, StartGeneration, StartServing, StartPerplexity)):
             self.start_message = message
             self.start_job.set()
+        elif isinstance(message, IoWorkerRestarted):
+            self.io.on_restart(message.name, message.pid)
         elif isinstance(message, (SubmitSequence, CancelSequence)):
             if not isinstance(self.job, ServeJob):
                 raise ProtocolError(f"{type(message).__name__} for a router that is not serving")

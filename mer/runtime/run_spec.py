@@ -21,6 +21,7 @@ class RunSpec:
     num_compute_workers: int
     config: dict[str, Any]
     model: str | None = None  # the GGUF of a generation job (the gate predictor reads its router gates); None: benchmark
+    incarnation: int = 0  # processes that held this child's name before it (0: started with the graph; >0: a restart)
 
     def endpoint(self, name: str) -> str:
         """ipc endpoint of a socket of this run (`control`, `io`, `compute`, `observe`)."""

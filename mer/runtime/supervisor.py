@@ -26,10 +26,12 @@ the runtime directory (`mer.runtime.supervisor_watch`).
 
 Children are watched through their process sentinels, so a death (kill -9) is seen at once. While
 the job runs, a ready child that shows no progress for `stall_timeout_s` (no heartbeat, CPU time or
-I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead. A compute worker
-or the predictor that died of a signal is started again under its name, up to `max_restarts` per run
-(the router resubmits the dead worker's jobs: `mer.router.clients.ComputeClient`); any other death
-is reported by name and signal (or stall), the graph is brought down and `ChildDiedError` raised. SIGINT and
+I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead. A compute worker,
+the predictor or the I/O worker that died of a signal is started again under its name, up to
+`max_restarts` per run (the router resubmits the dead compute worker's jobs,
+`mer.router.clients.ComputeClient`, or fails its requests over to the new I/O worker,
+`mer.router.clients.IoClient`); any other death is reported by name and signal (or stall), the
+graph is brought down and `ChildDiedError` raised. SIGINT and
 SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import signal
@@ -51,9 +54,9 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, JobDone, Ready, SequenceDone,
-                          PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark, StartGeneration,
-                          StartPerplexity, StartServing,
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, IoWorkerRestarted, JobDone, Ready,
+                          SequenceDone, PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark,
+                          StartGeneration, StartPerplexity, StartServing,
                           TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.cleanup import remove_run, remove_stale_runs
@@ -70,7 +73,7 @@ KILL_WAIT_S = 2.0
 PREFAULT_MIN_BYTES_PER_S = 100e6
 SENTINEL_REAP_WAIT_S = 1.0  # longest wait for the exit status of a child whose sentinel fired
 FAILURE_REPORT_WAIT_S = 1.0  # how long a child's ChildFailed may trail its exit
-RESTARTABLE_ROLES = ("compute", "predictor")  # the router resubmits a compute worker's jobs; hints are only hints
+RESTARTABLE_ROLES = ("compute", "predictor", "io")  # the router resubmits compute jobs and acquires; hints are hints
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Child:
     info: dict = field(default_factory=dict)
     stall: str = ""  # why the watchdog killed it (`Stall.describe`), if it did
     restarted_at: float | None = None  # time.monotonic() when it was started in a dead child's place
+    incarnation: int = 0  # processes that held this name before (`RunSpec.incarnation`)
 
     def describe_exit(self) -> str:
         if self.stall:
@@ -199,13 +203,14 @@ class Supervisor:
         for role, index in [("io", None), ("predictor", None), *computes, ("router", None)]:
             self._spawn(run, role, index)
 
-    def _spawn(self, run: RunSpec, role: str, index: int | None) -> Child:
+    def _spawn(self, run: RunSpec, role: str, index: int | None, incarnation: int = 0) -> Child:
         name = process_name(role, self.run_id, index)
+        spec = dataclasses.replace(run, incarnation=incarnation)
         process = multiprocessing.get_context("spawn").Process(
-            target=_child_entry, args=(role, index, name, run.to_json()), name=name, daemon=False
+            target=_child_entry, args=(role, index, name, spec.to_json()), name=name, daemon=False
         )
         process.start()
-        child = Child(name, role, index, process)
+        child = Child(name, role, index, process, incarnation=incarnation)
         self.children[name] = child
         asyncio.get_running_loop().add_reader(process.sentinel, self._on_sentinel, child)
         self.log.info("child_spawned", child=name, child_pid=process.pid)
@@ -362,7 +367,7 @@ class Supervisor:
                 continue
             if kind == "exited" and payload.role in RESTARTABLE_ROLES and self._died_abnormally(payload):
                 if self.restarts < self.config.max_restarts:
-                    self._restart(payload)
+                    await self._restart(payload)
                     continue
                 await self._raise_for(kind, payload, f" (after {self.restarts} restarts, max_restarts)")
             await self._raise_for(kind, payload)
@@ -386,21 +391,26 @@ class Supervisor:
         """Killed by a signal (kill -9, the OOM killer) or by the watchdog; not an exit with its own error."""
         return bool(child.stall) or (child.process.exitcode or 0) < 0
 
-    def _restart(self, dead: Child) -> None:
-        """Start a new process in the dead child's place (same name and role); the router resubmits the
-        compute jobs it had sent to it once it says Hello (`mer.router.clients.ComputeClient`)."""
+    async def _restart(self, dead: Child) -> None:
+        """Start a new process in the dead child's place (same name and role). The router resubmits the
+        compute jobs it had sent to a compute worker once the new one says Hello
+        (`mer.router.clients.ComputeClient`); of the I/O worker's restart it is told at once
+        (`IoWorkerRestarted`), and fails its requests over to the new one (`mer.router.clients.IoClient`)."""
         assert self.run_spec is not None
         self.restarts += 1
         self.stall_watch.forget(dead.name)
         dead_pid, exit_line = dead.process.pid, dead.describe_exit()
         with contextlib.suppress(ValueError):  # frees its sentinel and pipe (reaped by _on_sentinel)
             dead.process.close()
-        child = self._spawn(self.run_spec, dead.role, dead.index)
+        child = self._spawn(self.run_spec, dead.role, dead.index, dead.incarnation + 1)
         child.restarted_at = time.monotonic()
         # until Ready, no progress (CPU, I/O) within the handshake timeout is a stall, as at start-up
         self.stall_watch.watch(child.name, child.process.pid, self.config.handshake_timeout_s, time.monotonic())
         self.log.warning("child_restarted", child=child.name, dead_pid=dead_pid, child_pid=child.process.pid,
                          exit=exit_line, restarts=self.restarts)
+        if child.role == "io" and self._control is not None:
+            await self._control.send_multipart(
+                [self._router_name, *encode(IoWorkerRestarted(child.name, child.process.pid))], copy=False)
 
     def _on_restart_ready(self, child: Child) -> None:
         seconds = None if child.restarted_at is None else round(time.monotonic() - child.restarted_at, 3)

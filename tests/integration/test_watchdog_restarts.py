@@ -1,6 +1,7 @@
 """Children stopped or killed mid-run: the watchdog names a stalled child within its bound, the
-supervisor restarts compute workers and the predictor, and the run's outputs are bit-identical to an
-undisturbed run's; a stall of a child that cannot be restarted ends the run naming it.
+supervisor restarts compute workers, the predictor and the I/O worker, and the run's outputs are
+bit-identical to an undisturbed run's; a stall of a child that cannot be restarted (the router) ends
+the run naming it, and so does a death with no restart left.
 
 Real `mer-pipeline run` and `generate` processes, real SIGSTOP and SIGKILL through the pids the log
 names; the leak guard of `tests/conftest.py` checks that no process, /dev/shm segment or runtime
@@ -36,15 +37,17 @@ CHECK_INTERVAL_S = 0.4  # heartbeat_interval_s(2.0)
 DETECTION_SLACK_S = 1.5  # a busy 2-core machine: the supervisor's check may run late
 TOKENS = 1500  # about 7 s of the benchmark on the tiny store
 BENCH_FLAGS = ("--tokens", TOKENS, "--cache-slots", 4, "--compute-workers", 2, "--stall-timeout-s", STALL_TIMEOUT_S)
+IO_BENCH_TOKENS = 500  # the I/O worker restarts in well under a second: a shorter run still kills it mid-run
+IO_BENCH_FLAGS = ("--tokens", IO_BENCH_TOKENS, *BENCH_FLAGS[2:])
 
 
 def events_named(events: list[dict], name: str) -> list[dict]:
     return [event for event in events if event.get("event") == name]
 
 
-def undisturbed_outputs(leak_guard, store, tmp_path) -> np.ndarray:
+def undisturbed_outputs(leak_guard, store, tmp_path, flags=BENCH_FLAGS) -> np.ndarray:
     dump = tmp_path / f"undisturbed-{uuid.uuid4().hex[:8]}.npy"
-    run_pipeline(leak_guard, store, *BENCH_FLAGS, "--dump-outputs", dump, workdir=tmp_path).check_ok()
+    run_pipeline(leak_guard, store, *flags, "--dump-outputs", dump, workdir=tmp_path).check_ok()
     return np.load(dump)
 
 
@@ -79,9 +82,10 @@ def restart_of(events: list[dict], name: str, exit_pattern: str) -> tuple[dict, 
     return restarted, recovered
 
 
-def start_bench(leak_guard, store, tmp_path, *flags) -> tuple[RunningPipeline, os.PathLike]:
+def start_bench(leak_guard, store, tmp_path, *flags,
+                bench_flags=BENCH_FLAGS) -> tuple[RunningPipeline, os.PathLike]:
     dump = tmp_path / f"disturbed-{uuid.uuid4().hex[:8]}.npy"
-    run = RunningPipeline(leak_guard, store, *BENCH_FLAGS, "--dump-outputs", dump, *flags, workdir=tmp_path)
+    run = RunningPipeline(leak_guard, store, *bench_flags, "--dump-outputs", dump, *flags, workdir=tmp_path)
     return flowing(run, "token_done", 50), dump
 
 
@@ -169,12 +173,89 @@ def test_a_stalled_router_ends_the_run_within_the_default_bound_naming_it(leak_g
     assert events_named(result.events, "child_restarted") == []
 
 
-def test_kill_9_of_the_io_worker_ends_the_run_naming_it(leak_guard, pipeline_stores, tmp_path):
-    """The I/O worker owns the slot table and is not restarted: its death is a clean abort."""
-    name, pid, killed_at, result = signal_a_long_run(leak_guard, pipeline_stores["tiny"], tmp_path, "mer-io-",
-                                                     signal.SIGKILL)
+def io_restart_checked(events: list[dict], name: str, exit_pattern: str) -> tuple[dict, dict]:
+    """The I/O worker's one restart in `events`: restarted and recovered, its fence lifted once the router
+    dropped the dead worker's leases, and every slot it wrote after that at a generation above the dead
+    worker's (a stale reference can never match a rewritten slot)."""
+    restarted, recovered = restart_of(events, name, exit_pattern)
+    (failover,) = events_named(events, "io_failover")
+    (lifted,) = events_named(events, "io_fence_lifted")
+    assert failover["restarts"] == lifted["restarts"] == 1
+    assert restarted["t_mono"] <= failover["t_mono"] <= lifted["t_mono"]
+    new_pid = restarted["child_pid"]
+    old_reads = [event for event in events_named(events, "expert_read") if event["pid"] == restarted["dead_pid"]]
+    new_reads = [event for event in events_named(events, "expert_read") if event["pid"] == new_pid]
+    assert old_reads and new_reads, (len(old_reads), len(new_reads))  # killed mid-run, reads went on
+    assert min(event["t_submit"] for event in new_reads) >= lifted["t_mono"]  # nothing written while fenced
+    return restarted, recovered
+
+
+def test_kill_9_of_the_io_worker_mid_run_restarts_it_and_the_outputs_are_identical(
+        leak_guard, pipeline_stores, tmp_path):
+    """A benchmark whose I/O worker is killed: a new one rebuilds the slot table over the same arena, the
+    router's acquires in flight are retried there, and the dumped outputs equal an undisturbed run's."""
+    store = pipeline_stores["tiny"]
+    run, dump = start_bench(leak_guard, store, tmp_path, bench_flags=IO_BENCH_FLAGS)
+    name, pid, _, result = signal_child(run, "mer-io-", signal.SIGKILL)
+    assert result.returncode == 0, result.stderr
+    restarted, recovered = io_restart_checked(result.events, name, "killed by SIGKILL")
+    assert restarted["dead_pid"] == pid
+    print(f"I/O worker restarted in {recovered['seconds']} s")
+    summary = json.loads(result.stdout)
+    assert summary["tokens"] == IO_BENCH_TOKENS
+    # the summary's reads are the new worker's (counted from its start), and the run says so
+    (noted,) = events_named(result.events, "io_stats_since_restart")
+    new_reads = [event for event in events_named(result.events, "expert_read") if event["pid"] == restarted["child_pid"]]
+    assert noted["restarts"] == 1 and 0 < summary["reads"] == noted["reads"] <= len(new_reads)
+    assert np.load(dump).tobytes() == undisturbed_outputs(leak_guard, store, tmp_path, IO_BENCH_FLAGS).tobytes()
+
+
+def generation_with_a_signalled_child(leak_guard, tmp_path, child_prefix: str, number: signal.Signals, *flags):
+    """A generation of the embedded model (60 tokens) whose child `child_prefix` gets `number` once 5
+    tokens are out: (the finished run, the 60 tokens of mer's single-process generation, steps)."""
+    model = tiny_model_path()
+    steps = 60
+    log_path = tmp_path / "generate.jsonl"
+    argv = generate_argv(model, "--prompt", "def ", "-n", steps, "--ignore-eos", "--compute-workers", 2,
+                         "--cache-slots", 8, *flags, log_path=log_path)
+    run = RunningPipeline.of_argv(leak_guard, argv, log_path,
+                                  env={**os.environ, "MER_CACHE_DIR": str(tmp_path / "cache")})
+    name, pid, sent_at, result = signal_child(flowing(run, "generation_token", 5), child_prefix, number)
+    assert result.returncode == 0, result.stderr
+    reference = MoEModel.load(model)
+    prompt = json.loads(result.stdout)["prompt_tokens"]
+    expected = generate(reference, prompt, steps, Sampler(), GGUFExperts(reference.source), ignore_eos=True).tokens
+    return (name, pid, sent_at, result), expected, steps
+
+
+def test_kill_9_of_the_io_worker_mid_generation_restarts_it_and_the_tokens_are_identical(leak_guard, tmp_path):
+    (name, _, _, result), expected, steps = generation_with_a_signalled_child(
+        leak_guard, tmp_path, "mer-io-", signal.SIGKILL)
+    restarted, _ = io_restart_checked(result.events, name, "killed by SIGKILL")
+    generated = events_named(result.events, "generation_token")
+    after = [event for event in generated if event["t_mono"] > restarted["t_mono"]]
+    assert len(after) >= steps // 2, len(after)  # killed mid-generation
+    assert json.loads(result.stdout)["tokens"] == expected
+
+
+def test_a_stopped_io_worker_is_restarted_and_the_tokens_are_identical(leak_guard, tmp_path):
+    (name, pid, stopped_at, result), expected, _ = generation_with_a_signalled_child(
+        leak_guard, tmp_path, "mer-io-", signal.SIGSTOP, "--stall-timeout-s", STALL_TIMEOUT_S)
+    (stalled,) = events_named(result.events, "child_stalled")
+    assert stalled["child"] == name and stalled["child_pid"] == pid and stalled["state"] == "stopped"
+    assert stalled["t_mono"] - stopped_at <= STALL_TIMEOUT_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
+    io_restart_checked(result.events, name, STALL_EXIT)
+    assert process_title(pid) == ""  # the stopped process was killed, not left behind
+    assert json.loads(result.stdout)["tokens"] == expected
+
+
+def test_kill_9_of_the_io_worker_without_restarts_ends_the_run_naming_it(leak_guard, pipeline_stores, tmp_path):
+    """With `--max-restarts 0` the I/O worker's death is a clean abort naming it."""
+    run = RunningPipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 20_000, "--cache-slots", 4,
+                          "--compute-workers", 1, "--max-restarts", 0, workdir=tmp_path)
+    name, pid, killed_at, result = signal_child(flowing(run, "token_done", 20), "mer-io-", signal.SIGKILL)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == (f"mer-pipeline run: error: {name} (pid {pid}) died: "
-                                                      "killed by SIGKILL")
+                                                      "killed by SIGKILL (after 0 restarts, max_restarts)")
     assert events_named(result.events, "child_restarted") == []
     assert time.monotonic() - killed_at < 10.0

@@ -30,6 +30,8 @@ from mer.protocol import (
     Hello,
     HiddenObserved,
     IoStats,
+    IoWorkerRestarted,
+    LeasesDropped,
     JobDone,
     MessageKind,
     PrefetchHint,
@@ -119,6 +121,8 @@ def sample_messages() -> list:
         ExpertBatchResult(32, 0, np.arange(2 * 5 * 64, dtype=np.float32).reshape(2, 5, 64), 99.5),
         PredictorStats("gate", 7, 3, 9, 14, [LayerHintCounts(2, 1, 7, 3, 9, 14, 11)]),
         SplitReads(12),
+        LeasesDropped(2),
+        IoWorkerRestarted("mer-io-0a1b2c3d", 4343),
         PinSet("locality", [4, 9]),
         HiddenObserved(7, 2, activations(d_model=64)[0]),
         StartServing("/m.gguf", 8, 2048, [2]),
@@ -135,7 +139,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 31
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 33
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)

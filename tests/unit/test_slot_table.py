@@ -276,6 +276,22 @@ def test_a_policy_choosing_a_non_evictable_slot_is_an_error():
         table.acquire(1, token=0)
 
 
+def test_a_table_continues_the_generations_it_is_given_and_never_goes_back():
+    """A restarted I/O worker's table starts each slot above the dead worker's last generation."""
+    table = SlotTable(3)
+    table.continue_generations([5, 1, 9])
+    first = table.acquire(7, token=0)
+    assert (first.slot, first.generation) == (0, 6)
+    with pytest.raises(SlotStateError, match="slot 0 is loading at generation 6"):
+        table.continue_generations([10, 10, 10])  # only a table whose slots are all free
+    fresh = SlotTable(2)
+    fresh.continue_generations([4, 4])
+    with pytest.raises(SlotStateError, match="slot 1 is free at generation 4: cannot continue at generation 3"):
+        fresh.continue_generations([4, 3])
+    with pytest.raises(SlotStateError, match="3 generations for 2 slots"):
+        fresh.continue_generations([4, 4, 4])
+
+
 def test_make_policy_and_constructor_validation():
     assert isinstance(make_policy("lru"), LruPolicy)
     with pytest.raises(ConfigError, match="unknown cache policy 'mru'"):
