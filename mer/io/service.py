@@ -103,7 +103,8 @@ class IoService:
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
                                   registration_unit=self.arena.slot_nbytes)
         self._inject_read_faults()
-        self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned)
+        self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned,
+                               experts_per_layer=self._experts_per_layer())
         governor = PrefetchGovernor(config.governor_threshold, horizon=config.pipeline_depth)
         self.admission = PrefetchAdmission(self.table, governor, config.predict_fanout * config.pipeline_depth,
                                            config.pipeline_depth)
@@ -127,6 +128,11 @@ class IoService:
         elif self.prefault is None or self.prefault.is_done or method == "touch":
             self.log.info("arena_prefaulted", method=method, background=method != "touch",
                           seconds=round(seconds, 3), nbytes=nbytes)
+
+    def _experts_per_layer(self) -> int | None:
+        """The store's experts per MoE layer when requests come per layer (a model, or a `layered` benchmark)."""
+        per_layer = self.config.layered or self.run.model is not None
+        return self.manifest.geometry.experts_per_layer if per_layer else None
 
     def _policy(self):
         """The configured eviction policy; `layer` sees the store's MoE layers when requests are per layer
