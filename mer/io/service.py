@@ -409,9 +409,14 @@ class IoService:
             in_flight = sum(load.kind == "prefetch" for load in self.loads.values())
             pending = self.reader.num_in_flight + self.reader.num_queued
             assignment = self.admission.admit(message.source, rank, hint.expert_id, message.token,
-                                              self.current_token, in_flight, pending)
+                                              self.current_token, in_flight, pending, in_prefill=self._in_prefill())
             if assignment is not None:
                 self._start_read(assignment.slot, assignment.generation, hint.expert_id, "prefetch", message.token)
+
+    def _in_prefill(self) -> bool:
+        """Whether the current token is a generation's prefill pass (before `SplitReads`' token)."""
+        split = self.tally.split_token
+        return split is not None and self.current_token < split
 
     def _set_pins(self, expert_ids: list[int]) -> None:
         """Pin `expert_ids` (in order, until `max_pinned`); experts pinned before and not named are unpinned."""
