@@ -59,6 +59,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="batches 1 and 8 only, 3 repeats, no native layout"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--batches", type=batch_list, default=None,
+                        help="comma-separated token batches (default 1,8,32; --quick 1,8), e.g. 32,128,512 for prefill")
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed runs per method and configuration (default 7, quick 3)"
     )
@@ -68,6 +70,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "(gate,up,down), or 'all' for every dtype beside q4_0 and ggml",
     )
     return parser.parse_args(argv)
+
+
+def batch_list(text: str) -> tuple[int, ...]:
+    """Positive token counts, comma-separated."""
+    try:
+        batches = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive token counts")
+    return batches
 
 
 def dtype_spec(text: str) -> str:
@@ -149,7 +162,7 @@ def numpy_baseline_ms(payload: ExpertPayload, x: np.ndarray) -> float:
 def run_all(arguments: argparse.Namespace) -> dict:
     """Every dtype of ALL_DTYPES, mer native beside ggml, interleaved per configuration."""
     repeats = arguments.repeats or (3 if arguments.quick else 7)
-    batches = (1, 8) if arguments.quick else (1, 8, 32)
+    batches = arguments.batches or ((1, 8) if arguments.quick else (1, 8, 32))
     thread_counts = sorted({1, len(os.sched_getaffinity(0))})
     experts, payload_bytes, ggml_note = {}, {}, ""
     for spec in ALL_DTYPES:
@@ -204,7 +217,7 @@ def print_all_table(report: dict) -> None:
 
 def run(arguments: argparse.Namespace) -> dict:
     repeats = arguments.repeats or (3 if arguments.quick else 7)
-    batches = (1, 8) if arguments.quick else (1, 8, 32)
+    batches = arguments.batches or ((1, 8) if arguments.quick else (1, 8, 32))
     all_cores = len(os.sched_getaffinity(0))
     thread_counts = sorted({1, all_cores})
     log(f"building a random {arguments.dtype} expert {D_MODEL}x{D_FF} ...")

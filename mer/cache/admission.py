@@ -36,13 +36,14 @@ class PrefetchAdmission:
         self.issued = self.completed = self.dropped = self.cancelled = 0
 
     def admit(self, source: str, rank: int, expert_id: int, hint_token: int, current_token: int,
-              prefetches_in_flight: int, reads_pending: int) -> Assignment | None:
-        """The slot to read hint `rank` of `source` into, or None (resident: ignored; refused: dropped)."""
+              prefetches_in_flight: int, reads_pending: int, *, in_prefill: bool = False) -> Assignment | None:
+        """The slot to read hint `rank` of `source` into, or None (resident: ignored; refused: dropped).
+        `in_prefill`: the current token is a prefill pass (`SlotTable.assign_prefetch`'s `past_layers`)."""
         if self.table.lookup(expert_id) is not None:
             return None  # resident or already loading: nothing to do
         self.governor.noted(source, rank, expert_id, hint_token)
         worth = prefetches_in_flight < self.limit and self.governor.admits(source, rank, reads_pending)
-        assignment = self.table.assign_prefetch(expert_id, current_token) if worth else None
+        assignment = self.table.assign_prefetch(expert_id, current_token, past_layers=in_prefill) if worth else None
         if assignment is None:
             self.dropped += 1
             self.ledger.dropped(source)

@@ -18,7 +18,9 @@ Legal transitions and who causes them (every call comes from the I/O worker):
   I/O worker then writes the arena slot header and starts the read into the slot.
 - READY -> LOADING (eviction and assignment in one step): as above when no slot is FREE; the victim
   is chosen by the policy among the evictable slots. Foreground: READY, unleased, expert unpinned.
-  Prefetch: additionally not used in the current (or a later) token.
+  Prefetch: additionally not used in the current (or a later) token, except, with `past_layers` (a
+  prefill pass) on a table told its `experts_per_layer`, an expert the current token used at a layer
+  before the prefetched one's.
 - LOADING -> LOADING: `acquire` of an expert whose read is in flight (JOIN_LOADING): the request
   shares that read and gets a pending lease.
 - LOADING -> LEASED(n) or READY: `finish_load(slot, generation, ok=True)` when the read completed;
@@ -161,7 +163,8 @@ class _Slot:
 class SlotTable:
     """Slot states, the expert -> slot map, pins and counters; victims chosen by an `EvictionPolicy`."""
 
-    def __init__(self, num_slots: int, policy: EvictionPolicy | None = None, *, max_pinned: int = 0):
+    def __init__(self, num_slots: int, policy: EvictionPolicy | None = None, *, max_pinned: int = 0,
+                 experts_per_layer: int | None = None):
         if num_slots < 1:
             raise ConfigError(f"cache slots must be >= 1, got {num_slots}")
         if not 0 <= max_pinned < num_slots:
@@ -174,6 +177,10 @@ class SlotTable:
         self._free_slots = list(range(num_slots))  # a min-heap: lowest free index first
         self._slot_of_expert: dict[int, int] = {}
         self._pinned_experts: set[int] = set()
+        # Global expert ids are layer-major: with `experts_per_layer` (requests per MoE layer, in layer
+        # order within a token) a prefetch with `past_layers` may also evict what the current token
+        # used at an earlier layer.
+        self.experts_per_layer = experts_per_layer
 
     # ---- queries -------------------------------------------------------------------------------
 
@@ -242,17 +249,20 @@ class SlotTable:
 
     # ---- prefetch ------------------------------------------------------------------------------
 
-    def can_admit_prefetch(self, expert_id: int, token: int) -> bool:
-        """Whether `assign_prefetch(expert_id, token)` would assign a slot."""
+    def can_admit_prefetch(self, expert_id: int, token: int, *, past_layers: bool = False) -> bool:
+        """Whether `assign_prefetch(expert_id, token, past_layers=...)` would assign a slot."""
         if expert_id in self._slot_of_expert:
             return False
-        return bool(self._free_slots) or self.policy.choose_victim(partial(self._is_evictable, token=token)) is not None
+        evictable = self._prefetch_evictable(expert_id, token, past_layers)
+        return bool(self._free_slots) or self.policy.choose_victim(evictable) is not None
 
-    def assign_prefetch(self, expert_id: int, token: int) -> Assignment | None:
-        """Assign a FREE slot, or evict a READY one not used in `token`, for a prefetch read; None if not admitted."""
+    def assign_prefetch(self, expert_id: int, token: int, *, past_layers: bool = False) -> Assignment | None:
+        """Assign a FREE slot, or evict a READY one not used in `token`, for a prefetch read; None if not
+        admitted. With `past_layers` (a prefill pass: all its layers are one token) and `experts_per_layer`,
+        an expert used in `token` at a layer before `expert_id`'s may be evicted too."""
         if expert_id in self._slot_of_expert:
             return None
-        taken = self._take_slot(partial(self._is_evictable, token=token))
+        taken = self._take_slot(self._prefetch_evictable(expert_id, token, past_layers))
         if taken is None:
             return None
         slot, evicted_expert, wasted = taken
@@ -303,12 +313,21 @@ class SlotTable:
         self.policy.record_access(slot, record.expert_id)
         return AcquireResult(kind, slot, record.generation, used_prefetch=used_prefetch)
 
-    def _is_evictable(self, slot: int, token: int | None = None) -> bool:
-        """READY, unleased, unpinned; with `token` (prefetch) also not used in that or a later token."""
+    def _prefetch_evictable(self, expert_id: int, token: int, past_layers: bool) -> Callable[[int], bool]:
+        layer = expert_id // self.experts_per_layer if past_layers and self.experts_per_layer else None
+        return partial(self._is_evictable, token=token, before_layer=layer)
+
+    def _is_evictable(self, slot: int, token: int | None = None, before_layer: int | None = None) -> bool:
+        """READY, unleased, unpinned; with `token` (prefetch) also not used in that or a later token,
+        unless used in `token` itself at a layer before `before_layer` (the pass has gone past it: a
+        prefill pass is one token, and without this a full cache admitted no prefetch during it)."""
         record = self._slots[slot]
         if record.state is not SlotState.READY or record.expert_id in self._pinned_experts:
             return False
-        return token is None or record.last_token is None or record.last_token < token
+        if token is None or record.last_token is None or record.last_token < token:
+            return True
+        return (before_layer is not None and record.last_token == token
+                and record.expert_id // self.experts_per_layer < before_layer)
 
     def _take_slot(self, is_evictable: Callable[[int], bool]) -> tuple[int, int | None, bool] | None:
         """A FREE slot (lowest first), else an evicted victim: (slot, evicted expert or None, whether the

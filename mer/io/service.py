@@ -103,7 +103,8 @@ class IoService:
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
                                   registration_unit=self.arena.slot_nbytes)
         self._inject_read_faults()
-        self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned)
+        self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned,
+                               experts_per_layer=self._experts_per_layer())
         governor = PrefetchGovernor(config.governor_threshold, horizon=config.pipeline_depth)
         self.admission = PrefetchAdmission(self.table, governor, config.predict_fanout * config.pipeline_depth,
                                            config.pipeline_depth)
@@ -127,6 +128,11 @@ class IoService:
         elif self.prefault is None or self.prefault.is_done or method == "touch":
             self.log.info("arena_prefaulted", method=method, background=method != "touch",
                           seconds=round(seconds, 3), nbytes=nbytes)
+
+    def _experts_per_layer(self) -> int | None:
+        """The store's experts per MoE layer when requests come per layer (a model, or a `layered` benchmark)."""
+        per_layer = self.config.layered or self.run.model is not None
+        return self.manifest.geometry.experts_per_layer if per_layer else None
 
     def _policy(self):
         """The configured eviction policy; `layer` sees the store's MoE layers when requests are per layer
@@ -403,9 +409,14 @@ class IoService:
             in_flight = sum(load.kind == "prefetch" for load in self.loads.values())
             pending = self.reader.num_in_flight + self.reader.num_queued
             assignment = self.admission.admit(message.source, rank, hint.expert_id, message.token,
-                                              self.current_token, in_flight, pending)
+                                              self.current_token, in_flight, pending, in_prefill=self._in_prefill())
             if assignment is not None:
                 self._start_read(assignment.slot, assignment.generation, hint.expert_id, "prefetch", message.token)
+
+    def _in_prefill(self) -> bool:
+        """Whether the current token is a generation's prefill pass (before `SplitReads`' token)."""
+        split = self.tally.split_token
+        return split is not None and self.current_token < split
 
     def _set_pins(self, expert_ids: list[int]) -> None:
         """Pin `expert_ids` (in order, until `max_pinned`); experts pinned before and not named are unpinned."""

@@ -105,6 +105,24 @@ def test_fused_kernels_match_the_reference(dtype: str, layout: str, kernel: str,
     assert 1e-4 < relative < 2e-2  # the activation rounding is there, and no larger than expected
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", FUSED)
+def test_a_batch_of_several_token_tiles_gives_the_bits_of_small_batches(dtype: str, kernel: str) -> None:
+    """300 tokens over 4096 columns span three token tiles of the SIMD kernels (`_token_tile`: 112
+    tokens): the same bits as 8 tokens at a time, and the reference's values."""
+    from mer.quant.matmul_quantized import _token_tile
+
+    rows, columns, batch = 21, 4096, 300
+    spec, data, weights = make_matrix(dtype, rows, columns, "planar")
+    x = tokens(batch, columns)
+    tile = _token_tile(prepare_activation(dtype, x[:1]).quants)
+    assert tile % 8 == 0 and 2 * tile < batch
+    out = matmul(spec, data, x, kernel=kernel)
+    pieces = np.concatenate([matmul(spec, data, x[start : start + 8], kernel=kernel) for start in range(0, batch, 8)])
+    assert np.array_equal(out, pieces)
+    assert_float32_close(out, weights, reference_q8_0(x))
+
+
 @pytest.mark.parametrize("dtype", GENERIC)
 @pytest.mark.parametrize("batch", [1, 3, 5])
 def test_generic_kernels_match_the_reference(dtype: str, batch: int) -> None:

@@ -193,6 +193,27 @@ def test_prefetch_evicts_only_slots_not_used_in_the_current_token():
     assert table_used_now.acquire(2, token=4).evicted_expert == 0  # the foreground may evict it
 
 
+def test_a_layered_table_lets_a_prefetch_evict_what_the_token_used_at_earlier_layers():
+    """A prefill pass is one token: with `past_layers` on a table with `experts_per_layer` (ids
+    layer-major, 4 per layer here) a prefetch for layer L may evict what the token used at layers before
+    L, never at L or after; without `past_layers` (decode) or on a flat table the plain rule holds."""
+    table = SlotTable(3, experts_per_layer=4)
+    load(table, 9, token=7)   # layer 2
+    load(table, 5, token=7)   # layer 1
+    load(table, 1, token=7)   # layer 0
+    assert table.assign_prefetch(13, token=7) is None  # decode: nothing used in token 7 is evicted
+    assert not table.can_admit_prefetch(2, token=7, past_layers=True)  # layer 0: nothing is behind it
+    assert table.assign_prefetch(2, token=7, past_layers=True) is None
+    assert table.can_admit_prefetch(6, token=7, past_layers=True)
+    assert table.assign_prefetch(6, token=7, past_layers=True).evicted_expert == 1  # layer 1: layer 0 is behind it
+    assert table.assign_prefetch(7, token=7, past_layers=True) is None  # layer 1 again: layers 1 and 2 stay
+    assert table.assign_prefetch(13, token=7, past_layers=True).evicted_expert == 9  # layer 3: 9 (LRU) or 5
+    flat = SlotTable(2)
+    load(flat, 1, token=7)
+    load(flat, 5, token=7)
+    assert flat.assign_prefetch(13, token=7, past_layers=True) is None
+
+
 def test_prefetch_never_evicts_pinned_leased_or_loading_slots():
     table = SlotTable(3, max_pinned=1)
     load(table, 0, token=0)
