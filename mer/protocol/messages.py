@@ -50,6 +50,8 @@ class MessageKind(IntEnum):
     IO_WORKER_RESTARTED = 21
     EXPERT_BATCH_JOB = 22
     EXPERT_BATCH_RESULT = 23
+    JOB_PROGRESS = 24
+    CHILD_STUCK = 25
     ROUTING_OBSERVED = 30
     HIDDEN_OBSERVED = 31
     ERROR_REPLY = 40
@@ -200,6 +202,18 @@ class IoWorkerRestarted:
 
     name: str
     pid: int
+
+
+@message(MessageKind.CHILD_STUCK)
+class ChildStuck:
+    """The router to the supervisor: child `name` (process `pid`) has had work in hand (`work`, e.g.
+    `compute job 12`) and shown no progress on it for `silent_s` seconds, more than `job_deadline_s`:
+    it is stuck (a busy loop, a deadlock that still uses CPU); the supervisor kills it like a stall."""
+
+    name: str
+    pid: int
+    work: str
+    silent_s: float
 
 
 @message(MessageKind.START_BENCHMARK)
@@ -543,6 +557,17 @@ class ExpertBatchResult:
     compute_us: float
 
     __eq__ = equal_with_arrays
+
+
+@message(MessageKind.JOB_PROGRESS)
+class JobProgress:
+    """A compute worker is still working on job `job_id`: `items_done` of its items are computed. Sent
+    between items at most every `mer.router.work_deadlines.progress_interval_s` while a job runs (the
+    router's per-job deadline, `job_deadline_s`, restarts at each)."""
+
+    job_id: int
+    worker: int
+    items_done: int
 
 
 # --- observe.sock: routing history for the predictor ----------------------------------------------

@@ -15,7 +15,7 @@ import asyncio
 import zmq
 
 from mer.errors import ProtocolError
-from mer.protocol import (CancelSequence, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration, StartPerplexity, StartServing,
+from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration, StartPerplexity, StartServing,
                           SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
@@ -40,7 +40,8 @@ class Router:
 
     async def start(self) -> dict:
         run, zmq_context = self.context.run, self.context.zmq
-        self.compute = ComputeClient(zmq_context, run.endpoint("compute"), run.num_compute_workers)
+        self.compute = ComputeClient(zmq_context, run.endpoint("compute"), run.num_compute_workers,
+                                     self.context.config.job_deadline_s)
         self.io = IoClient(zmq_context, run.endpoint("io"))
         self.observe = zmq_context.socket(zmq.PUSH)
         self.observe.setsockopt(zmq.LINGER, 0)
@@ -69,10 +70,12 @@ class Router:
             return
         job_task = asyncio.create_task(self._run_job())
         stop_task = asyncio.create_task(stop.wait())
+        deadlines_task = asyncio.create_task(self._watch_deadlines())
         try:
             await asyncio.wait({job_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop_task.cancel()
+            deadlines_task.cancel()
         if not job_task.done():
             job_task.cancel()
             await asyncio.gather(job_task, return_exceptions=True)
@@ -80,6 +83,19 @@ class Router:
             return
         job_task.result()  # a failed job is reported by the child bootstrap as ChildFailed
         await stop.wait()
+
+    async def _watch_deadlines(self) -> None:
+        """Name every compute worker stuck on its jobs to the supervisor, which kills it (`ChildStuck`;
+        `mer.router.work_deadlines`)."""
+        deadlines = self.compute.deadlines
+        while True:
+            await asyncio.sleep(deadlines.interval_s)
+            for process, overdue in self.compute.stuck_workers():
+                work = f"compute job {overdue.job_id}" + (f" ({overdue.in_hand} jobs in hand)" if overdue.in_hand > 1 else "")
+                self.context.log.error("compute_worker_stuck", child=process.name, child_pid=process.pid,
+                                       job_id=overdue.job_id, in_hand=overdue.in_hand,
+                                       silent_s=round(overdue.silent_s, 2), job_deadline_s=deadlines.deadline_s)
+                await self.context.send_control(ChildStuck(process.name, process.pid, work, overdue.silent_s))
 
     async def _run_job(self) -> None:
         self.job = self._job()
