@@ -30,6 +30,7 @@ import zmq
 from mer.compute.expert_format import ExpertPayload
 from mer.environment import ComputeFaults, read_environment
 from mer.errors import NonFiniteError
+from mer.logging_setup import flush_log
 from mer.runtime.child import receive_unless_stopped
 from mer.compute.batches import item_partials
 from mer.protocol import (UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, JobProgress, decode, encode,
@@ -118,6 +119,8 @@ class ComputeWorker:
         partials = np.empty((len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
         self.jobs_started += 1
         if self.faults.spin == (self.index, self.jobs_started) and self.context.run.incarnation == 0:
+            self.context.log.warning("compute_fault_injected", fault="spin", job_id=job.job_id)
+            flush_log()  # the log is written by the event loop, which the loop below holds forever
             _spin_forever()
         reported_at = time.monotonic()
         for item_index, item in enumerate(job.items):

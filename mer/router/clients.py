@@ -343,7 +343,7 @@ class ComputeClient(_Client):
             raise PipelineError(f"{type(message).__name__} for job {job_id} from {identity_bytes!r}, "
                                 f"which was not sent that job")
         if isinstance(message, JobProgress):
-            self.deadlines.progressed(worker_index(identity_bytes), job_id, time.monotonic())
+            self.deadlines.progressed(worker_index(identity_bytes), time.monotonic())
             return
         self.deadlines.answered(worker_index(identity_bytes), job_id, time.monotonic())
         del self.sent_to[job_id]

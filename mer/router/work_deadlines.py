@@ -20,7 +20,7 @@ deadlines back by however late it ran.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mer.runtime.stall_watch import heartbeat_interval_s
 
@@ -33,20 +33,20 @@ def progress_interval_s(deadline_s: float) -> float:
 
 @dataclass
 class _Worker:
-    in_hand: int = 0  # jobs sent to its current process and not answered yet
+    jobs: list[int] = field(default_factory=list)  # sent to its current process and not answered, oldest first
     progress_at: float = 0.0  # time.monotonic() of its last progress (or of work given to it idle)
-    last_job: int | None = None  # the job it last made progress on, or was last sent
     reported: bool = False  # named stuck: not again until its replacement's Hello
 
 
 @dataclass(frozen=True)
 class Overdue:
-    """A worker with `in_hand` jobs and no progress on them for `silent_s` seconds (last on `job_id`)."""
+    """A worker with `in_hand` jobs and no progress on them for `silent_s` seconds; `job_id` is the oldest of
+    them, the one it works on (a worker takes its jobs in order)."""
 
     worker: int
     silent_s: float
     in_hand: int
-    job_id: int | None
+    job_id: int
 
 
 class WorkDeadlines:
@@ -67,21 +67,22 @@ class WorkDeadlines:
 
     def sent(self, worker: int, job_id: int, now: float) -> None:
         state = self._worker(worker)
-        if state.in_hand == 0:
-            state.progress_at, state.last_job = now, job_id
-        state.in_hand += 1
+        if not state.jobs:
+            state.progress_at = now
+        state.jobs.append(job_id)
 
-    def progressed(self, worker: int, job_id: int, now: float) -> None:
-        state = self._worker(worker)
-        state.progress_at, state.last_job = now, job_id
+    def progressed(self, worker: int, now: float) -> None:
+        self._worker(worker).progress_at = now
 
     def answered(self, worker: int, job_id: int, now: float) -> None:
         state = self._worker(worker)
-        state.in_hand = max(0, state.in_hand - 1)
-        state.progress_at, state.last_job = now, job_id
+        if job_id in state.jobs:
+            state.jobs.remove(job_id)
+        state.progress_at = now
 
-    def in_hand(self, worker: int) -> int:
-        return self._worker(worker).in_hand
+    def in_hand(self, worker: int) -> list[int]:
+        """The jobs `worker` has in hand, oldest first."""
+        return list(self._worker(worker).jobs)
 
     def overdue(self, now: float) -> list[Overdue]:
         """The workers with work in hand and no progress for longer than the deadline, each reported once.
@@ -95,7 +96,7 @@ class WorkDeadlines:
         found = []
         for worker, state in self._workers.items():
             silent_s = now - state.progress_at
-            if state.in_hand and not state.reported and silent_s > self.deadline_s:
+            if state.jobs and not state.reported and silent_s > self.deadline_s:
                 state.reported = True
-                found.append(Overdue(worker, silent_s, state.in_hand, state.last_job))
+                found.append(Overdue(worker, silent_s, len(state.jobs), state.jobs[0]))
         return found

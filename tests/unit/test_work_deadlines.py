@@ -56,9 +56,9 @@ def test_progress_and_answers_keep_a_long_job_alive():
         assert deadlines.overdue(now) == []
         now += STEP_S
         assert deadlines.overdue(now) == []
-        deadlines.progressed(0, 1, now + 0.1)
+        deadlines.progressed(0, now + 0.1)
     deadlines.answered(0, 1, now)
-    assert deadlines.in_hand(0) == 0
+    assert deadlines.in_hand(0) == []
     assert checked_until(deadlines, now, now + 20.0) == []
 
 
@@ -70,8 +70,14 @@ def test_a_job_queued_behind_another_does_not_restart_the_deadline():
     (found,) = checked_until(deadlines, 0.0, 5.0)
     assert found[0] <= DEADLINE_S + STEP_S + 1e-9
     assert (found[1].in_hand, found[1].job_id) == (2, 1)
-    deadlines.answered(0, 1, 0.0)  # answers make progress; one job still in hand
-    assert deadlines.in_hand(0) == 1
+    deadlines.answered(0, 1, 5.0)  # answers make progress; one job still in hand
+    assert deadlines.in_hand(0) == [2]
+    deadlines.hello(0, 5.0)
+    deadlines.sent(0, 3, 5.0)
+    deadlines.sent(0, 4, 5.0)
+    deadlines.answered(0, 4, 5.5)  # answered out of order: the oldest job left is the one named
+    (found,) = checked_until(deadlines, 5.0 + STEP_S, 10.0)
+    assert (found[1].in_hand, found[1].job_id) == (1, 3)
 
 
 def test_workers_are_judged_apart_and_a_hello_starts_anew():
@@ -84,12 +90,12 @@ def test_workers_are_judged_apart_and_a_hello_starts_anew():
     found = []
     while now < 6.0:
         now += STEP_S
-        deadlines.progressed(1, 2, now)  # worker 1 works, worker 0 is stuck
+        deadlines.progressed(1, now)  # worker 1 works, worker 0 is stuck
         found += deadlines.overdue(now)
     assert [overdue.worker for overdue in found] == [0]
     deadlines.answered(1, 2, now)
     deadlines.hello(0, now)  # its replacement: nothing in hand, may be reported again
-    assert deadlines.in_hand(0) == 0
+    assert deadlines.in_hand(0) == []
     deadlines.sent(0, 1, now)
     assert [overdue.worker for _, overdue in checked_until(deadlines, now, now + 5.0)] == [0]
 
@@ -101,7 +107,7 @@ def test_time_the_router_was_not_listening_does_not_count():
     assert deadlines.overdue(STEP_S) == []
     # the router's loop was busy for 10 s (a long dense layer): progress messages waited unread
     assert deadlines.overdue(STEP_S + 10.0) == []
-    deadlines.progressed(0, 1, STEP_S + 10.0 + 0.01)  # read as soon as the loop turned
+    deadlines.progressed(0, STEP_S + 10.0 + 0.01)  # read as soon as the loop turned
     assert checked_until(deadlines, 2 * STEP_S + 10.0, 2 * STEP_S + 10.0 + DEADLINE_S - STEP_S) == []
     # ... but a worker that really is stuck is still named, a deadline after the router listens again
     (found,) = checked_until(deadlines, 2 * STEP_S + 10.0, 30.0)
