@@ -12,7 +12,7 @@ fixed thread count (`kernel_threads`); workers x threads <= cores.
 While a job runs (the event loop is busy with it) the worker reports its progress between items,
 at most every `heartbeat_interval_s(job_deadline_s)` (`JobProgress`, sent at once without waiting):
 the router's per-worker deadline (`mer.router.work_deadlines`) tells such long work from a worker
-stuck in a busy loop. `MER_COMPUTE_FAULTS` injects such a loop, or slow items, for the tests.
+stuck in a busy loop. `MER_WORK_FAULTS` injects such a loop, or slow items, for the tests.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from mer.compute.expert_format import ExpertPayload
-from mer.environment import ComputeFaults, read_environment
+from mer.environment import WorkFaults, read_environment
 from mer.errors import NonFiniteError
 from mer.logging_setup import flush_log
 from mer.runtime.child import receive_unless_stopped
@@ -52,7 +52,7 @@ class ComputeWorker:
         self.last_job: dict | None = None  # timing of the last job done, logged after its reply is sent
         self.progress_socket: zmq.Socket | None = None  # the job socket, for JobProgress sent mid-job
         self.progress_interval_s = heartbeat_interval_s(context.config.job_deadline_s)
-        self.faults = read_environment().compute_faults or ComputeFaults()
+        self.faults = read_environment().work_faults or WorkFaults()
         self.jobs_started = 0
 
     async def start(self) -> dict:
@@ -118,8 +118,8 @@ class ComputeWorker:
         x = np.array(job.x, dtype=np.float32)  # a writable copy of the received frame
         partials = np.empty((len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
         self.jobs_started += 1
-        if self.faults.spin == (self.index, self.jobs_started) and self.context.run.incarnation == 0:
-            self.context.log.warning("compute_fault_injected", fault="spin", job_id=job.job_id)
+        if self.faults.spins_in(str(self.index), self.jobs_started, self.context.run.incarnation):
+            self.context.log.warning("work_fault_injected", fault="spin", job_id=job.job_id)
             flush_log()  # the log is written by the event loop, which the loop below holds forever
             _spin_forever()
         reported_at = time.monotonic()
@@ -164,13 +164,13 @@ class ComputeWorker:
 
 
 def _spin_forever() -> None:
-    """An injected bug (`MER_COMPUTE_FAULTS` spin): a busy loop that never ends and reports nothing."""
+    """An injected bug (`MER_WORK_FAULTS` spin): a busy loop that never ends and reports nothing."""
     while True:
         pass
 
 
 def _busy_for(seconds: float) -> None:
-    """Injected slow work (`MER_COMPUTE_FAULTS` slow): use the CPU for `seconds`."""
+    """Injected slow work (`MER_WORK_FAULTS` slow): use the CPU for `seconds`."""
     until = time.monotonic() + seconds
     while time.monotonic() < until:
         pass

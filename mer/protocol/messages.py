@@ -52,6 +52,7 @@ class MessageKind(IntEnum):
     EXPERT_BATCH_RESULT = 23
     JOB_PROGRESS = 24
     CHILD_STUCK = 25
+    IO_PROGRESS = 26
     ROUTING_OBSERVED = 30
     HIDDEN_OBSERVED = 31
     ERROR_REPLY = 40
@@ -472,6 +473,19 @@ class PinSet:
 
     source: str
     expert_ids: list[int]
+
+
+@message(MessageKind.IO_PROGRESS)
+class IoProgress:
+    """The I/O worker (process `pid`) is still working on this peer's requests, the oldest of them being
+    `request_id` (reads in flight, or waiting for a slot to be released): sent every
+    `mer.router.work_deadlines.progress_interval_s` while any `Acquire` of the peer is unanswered. Its
+    event loop sends it, so a worker spinning in a busy loop sends none (the router's deadline,
+    `job_deadline_s`); `reads_done` counts the reads it has finished in its lifetime."""
+
+    request_id: int
+    pid: int
+    reads_done: int
 
 
 @message(MessageKind.STATS_REQUEST)

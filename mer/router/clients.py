@@ -23,7 +23,8 @@ from mer.errors import IoWorkerRestartedError, PipelineError
 from mer.logging_setup import get_logger
 from mer.compute.batches import PackedBatches
 from mer.protocol import (
-    Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, JobProgress, LeasesDropped,
+    Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoProgress, IoStats, JobProgress,
+    LeasesDropped,
     Release,
     SlotGrant, SlotRef, SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode, raise_remote,
 )
@@ -121,10 +122,18 @@ class IoClient(_Client):
     `release`. Those leases are only forgotten (the dead worker's table is gone), but a compute job may
     still be reading their slots: so `release` of the last one is what sends `LeasesDropped`, which lets
     the new worker write slots; requests wait for it. Invariant: no slot is written by an I/O worker
-    while the router holds a lease of it from any worker (docs/reliability.md)."""
+    while the router holds a lease of it from any worker (docs/reliability.md).
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str):
+    Deadlines: while an `Acquire` is unanswered the I/O worker's event loop sends `IoProgress` (whether
+    it reads or waits for a slot the router holds); a worker with acquires in hand and no message at
+    all for `job_deadline_s` is stuck (`stuck`, `mer.router.work_deadlines`): a busy loop."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, name: str = "I/O worker",
+                 job_deadline_s: float = 10.0):
         self.context, self.endpoint = context, endpoint
+        self.name, self.pid = name, 0  # the current I/O worker's process name and pid (0: not known yet)
+        self.deadlines = WorkDeadlines(job_deadline_s)
+        self.deadlines.hello(0, time.monotonic())
         self.restarts = 0  # I/O worker restarts seen
         self.leases: dict[tuple[int, SlotRef], int] = {}  # (incarnation, ref) -> leases held
         self.resumed = asyncio.Event()  # set while requests may go to the current worker
@@ -141,8 +150,17 @@ class IoClient(_Client):
         return socket
 
     def _on_frames(self, frames: list) -> None:
-        message = decode(frames, expected_kinds=(SlotsReady, IoStats, ErrorReply))
+        message = decode(frames, expected_kinds=(SlotsReady, IoStats, ErrorReply, IoProgress))
+        self.deadlines.progressed(0, time.monotonic())
+        if isinstance(message, IoProgress):
+            self.pid = message.pid
+            return
         self.pending.resolve(message.request_id, message, final=getattr(message, "final", True))
+
+    def stuck(self) -> list[Overdue]:
+        """The I/O worker, once, if it has had acquires in hand and sent nothing for `job_deadline_s`.
+        Call every `deadlines.interval_s`."""
+        return self.deadlines.overdue(time.monotonic())
 
     # ---- failover --------------------------------------------------------------------------------
 
@@ -150,6 +168,8 @@ class IoClient(_Client):
         """The I/O worker died and `pid` is starting in its place: fail its requests, and send nothing to
         the new one until the dead one's leases are given back."""
         self.restarts += 1
+        self.name, self.pid = name, pid
+        self.deadlines.hello(0, time.monotonic())  # nothing in hand at the new worker; its deadline starts anew
         self.resumed.clear()
         self.receiver.cancel()
         self.socket.close(linger=0)
@@ -230,16 +250,20 @@ class IoClient(_Client):
         socket = await self._ready_socket()
         request_id, stream = self.pending.new_stream()
         await self._send(socket, Acquire(request_id, token, list(expert_ids)))
-        while True:
-            message = await stream.get()
-            if isinstance(message, BaseException):
-                raise message
-            if isinstance(message, ErrorReply):
-                raise_remote(message)
-            self._hold(grant.ref for grant in message.refs)
-            yield list(message.refs)
-            if message.final:
-                return
+        self.deadlines.sent(0, request_id, time.monotonic())
+        try:
+            while True:
+                message = await stream.get()
+                if isinstance(message, BaseException):
+                    raise message
+                if isinstance(message, ErrorReply):
+                    raise_remote(message)
+                self._hold(grant.ref for grant in message.refs)
+                yield list(message.refs)
+                if message.final:
+                    return
+        finally:
+            self.deadlines.answered(0, request_id, time.monotonic())
 
     async def acquire(self, token: int, expert_ids: list[int]) -> list[SlotGrant]:
         """Every grant of `expert_ids` for `token`, in request order, once all are leased."""

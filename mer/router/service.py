@@ -19,6 +19,8 @@ from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone
                           SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
+from mer.router.work_deadlines import Overdue
+from mer.runtime.paths import process_name
 from mer.router.generate_job import GenerateJob
 from mer.router.job import Job
 from mer.router.perplexity_job import PerplexityJob
@@ -42,7 +44,8 @@ class Router:
         run, zmq_context = self.context.run, self.context.zmq
         self.compute = ComputeClient(zmq_context, run.endpoint("compute"), run.num_compute_workers,
                                      self.context.config.job_deadline_s)
-        self.io = IoClient(zmq_context, run.endpoint("io"))
+        self.io = IoClient(zmq_context, run.endpoint("io"), process_name("io", run.run_id),
+                           self.context.config.job_deadline_s)
         self.observe = zmq_context.socket(zmq.PUSH)
         self.observe.setsockopt(zmq.LINGER, 0)
         self.observe.setsockopt(zmq.SNDHWM, 10_000)
@@ -85,17 +88,21 @@ class Router:
         await stop.wait()
 
     async def _watch_deadlines(self) -> None:
-        """Name every compute worker stuck on its jobs to the supervisor, which kills it (`ChildStuck`;
-        `mer.router.work_deadlines`)."""
+        """Name every compute worker stuck on its jobs, and the I/O worker stuck on its acquires, to the
+        supervisor, which kills it (`ChildStuck`; `mer.router.work_deadlines`)."""
         deadlines = self.compute.deadlines
         while True:
             await asyncio.sleep(deadlines.interval_s)
             for process, overdue in self.compute.stuck_workers():
-                work = f"compute job {overdue.job_id}" + (f" ({overdue.in_hand} jobs in hand)" if overdue.in_hand > 1 else "")
-                self.context.log.error("compute_worker_stuck", child=process.name, child_pid=process.pid,
-                                       job_id=overdue.job_id, in_hand=overdue.in_hand,
-                                       silent_s=round(overdue.silent_s, 2), job_deadline_s=deadlines.deadline_s)
-                await self.context.send_control(ChildStuck(process.name, process.pid, work, overdue.silent_s))
+                await self._report_stuck(process.name, process.pid, "compute job", overdue)
+            for overdue in self.io.stuck():
+                await self._report_stuck(self.io.name, self.io.pid, "I/O request", overdue)
+
+    async def _report_stuck(self, name: str, pid: int, kind: str, overdue: Overdue) -> None:
+        work = f"{kind} {overdue.job_id}" + (f" ({overdue.in_hand} in hand)" if overdue.in_hand > 1 else "")
+        self.context.log.error("worker_stuck", child=name, child_pid=pid, work=work, in_hand=overdue.in_hand,
+                               silent_s=round(overdue.silent_s, 2), job_deadline_s=self.compute.deadlines.deadline_s)
+        await self.context.send_control(ChildStuck(name, pid, work, overdue.silent_s))
 
     async def _run_job(self) -> None:
         self.job = self._job()

@@ -27,8 +27,8 @@ the runtime directory (`mer.runtime.supervisor_watch`).
 Children are watched through their process sentinels, so a death (kill -9) is seen at once. While
 the job runs, a ready child that shows no progress for `stall_timeout_s` (no heartbeat, CPU time or
 I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead, and so is a compute
-worker the router names stuck on its jobs (`ChildStuck`: no progress for `job_deadline_s`, e.g. a busy
-loop; `mer.router.work_deadlines`). A compute worker,
+worker or I/O worker the router names stuck on its work (`ChildStuck`: no progress for `job_deadline_s`,
+e.g. a busy loop; `mer.router.work_deadlines`). A compute worker,
 the predictor or the I/O worker that died of a signal is started again under its name, up to
 `max_restarts` per run (the router resubmits the dead compute worker's jobs,
 `mer.router.clients.ComputeClient`, or fails its requests over to the new I/O worker,
@@ -397,17 +397,18 @@ class Supervisor:
         reports it as a death, named with the work it was stuck on. A report on a process that is no longer
         the child's (already dead, restarted meanwhile) is only logged."""
         child = self.children.get(report.name)
-        if child is None or child.process.pid != report.pid or not child.ready or not child.process.is_alive():
+        if (child is None or report.pid not in (0, child.process.pid) or not child.ready
+                or not child.process.is_alive()):  # pid 0: the router does not know it (the I/O worker's, at first)
             self.log.warning("child_stuck_ignored", child=report.name, child_pid=report.pid, work=report.work,
                              reason="not that child's live process")
             return
         child.stall = (f"stuck: no progress on {report.work} for {report.silent_s:.1f} s "
                        f"(job_deadline_s {self.config.job_deadline_s:g} s)")
         self.stall_watch.forget(child.name)
-        self.log.error("child_stuck", child=child.name, child_pid=report.pid, work=report.work,
+        self.log.error("child_stuck", child=child.name, child_pid=child.process.pid, work=report.work,
                        silent_s=round(report.silent_s, 2), job_deadline_s=self.config.job_deadline_s)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(report.pid, signal.SIGKILL)
+            os.kill(child.process.pid, signal.SIGKILL)
 
     @staticmethod
     def _died_abnormally(child: Child) -> bool:

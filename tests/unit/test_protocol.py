@@ -32,6 +32,7 @@ from mer.protocol import (
     IoStats,
     IoWorkerRestarted,
     JobProgress,
+    IoProgress,
     ChildStuck,
     LeasesDropped,
     JobDone,
@@ -126,6 +127,7 @@ def sample_messages() -> list:
         LeasesDropped(2),
         IoWorkerRestarted("mer-io-0a1b2c3d", 4343),
         JobProgress(32, 1, 7),
+        IoProgress(17, 4242, 1234),
         ChildStuck("mer-compute-1-0a1b2c3d", 4444, "compute job 32", 10.25),
         PinSet("locality", [4, 9]),
         HiddenObserved(7, 2, activations(d_model=64)[0]),
@@ -143,7 +145,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 35
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 36
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
