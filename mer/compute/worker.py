@@ -50,8 +50,8 @@ class ComputeWorker:
         self.arena: SlotArena | None = None
         self.socket = None
         self.last_job: dict | None = None  # timing of the last job done, logged after its reply is sent
-        self.progress_socket: zmq.Socket | None = None  # the job socket, for JobProgress sent mid-job
-        self.progress_interval_s = heartbeat_interval_s(context.config.job_deadline_s)
+        self.progress_socket: zmq.Socket | None = None  # the job socket, for JobProgress sent mid-job (`start`)
+        self.progress_interval_s = 0.0
         self.faults = read_environment().work_faults or WorkFaults()
         self.jobs_started = 0
 
@@ -65,6 +65,7 @@ class ComputeWorker:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.context.run.endpoint("compute"))
         self.progress_socket = zmq.Socket.shadow(self.socket.underlying)  # synchronous sends from inside a job
+        self.progress_interval_s = heartbeat_interval_s(self.context.config.job_deadline_s)
         await self.socket.send_multipart(encode(Hello(self.context.name, os.getpid())))
         return {"kernel": fastest_kernel(), "kernel_threads": threads, "warm_up_s": round(compile_seconds, 3)}
 
@@ -118,13 +119,14 @@ class ComputeWorker:
         x = np.array(job.x, dtype=np.float32)  # a writable copy of the received frame
         partials = np.empty((len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
         self.jobs_started += 1
-        if self.faults.spins_in(str(self.index), self.jobs_started, self.context.run.incarnation):
+        if self.faults.spin is not None and self.faults.spins_in(str(self.index), self.jobs_started,
+                                                                  self.context.run.incarnation):
             self.context.log.warning("work_fault_injected", fault="spin", job_id=job.job_id)
             flush_log()  # the log is written by the event loop, which the loop below holds forever
             _spin_forever()
         reported_at = time.monotonic()
         for item_index, item in enumerate(job.items):
-            if time.monotonic() - reported_at >= self.progress_interval_s:
+            if self.progress_socket is not None and time.monotonic() - reported_at >= self.progress_interval_s:
                 self._report_progress(job.job_id, item_index)
                 reported_at = time.monotonic()
             if self.faults.slow_item_s:

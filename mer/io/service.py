@@ -54,8 +54,8 @@ from mer.io.read_request import ReadResult
 from mer.io.read_tally import ReadTally
 from mer.io.slot_load import Load, injected_faults, read_failure
 from mer.protocol import (
-    Acquire, IoProgress, IoStats, LeasesDropped, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
-    StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
+    Acquire, IoProgress, IoStats, LeasesDropped, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady,
+    SplitReads, StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
 )
 from mer.metrics.events import EXPERT_READ
 from mer.runtime.child import receive_unless_stopped

@@ -24,9 +24,8 @@ from mer.logging_setup import get_logger
 from mer.compute.batches import PackedBatches
 from mer.protocol import (
     Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoProgress, IoStats, JobProgress,
-    LeasesDropped,
-    Release,
-    SlotGrant, SlotRef, SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode, raise_remote,
+    LeasesDropped, Release, SlotGrant, SlotRef, SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode,
+    raise_remote,
 )
 from mer.compute.slicing import slices_of_worker
 from mer.router.work_deadlines import Overdue, WorkDeadlines
@@ -363,7 +362,9 @@ class ComputeClient(_Client):
         job_id = message.job_id if isinstance(message, JobProgress) else _reply_id(message)
         if self.sent_to.get(job_id) != identity_bytes:
             if job_id in self.resubmitted and job_id not in self.sent_to:
-                return  # the second answer of a job the restarted worker got twice: the first was used
+                if not isinstance(message, JobProgress):  # the second answer of a job the restarted worker
+                    self.deadlines.answered(worker_index(identity_bytes), job_id, time.monotonic())  # got twice
+                return  # the first answer was used
             raise PipelineError(f"{type(message).__name__} for job {job_id} from {identity_bytes!r}, "
                                 f"which was not sent that job")
         if isinstance(message, JobProgress):

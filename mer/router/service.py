@@ -15,8 +15,8 @@ import asyncio
 import zmq
 
 from mer.errors import ProtocolError
-from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration, StartPerplexity, StartServing,
-                          SubmitSequence)
+from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration,
+                          StartPerplexity, StartServing, SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
 from mer.router.work_deadlines import Overdue

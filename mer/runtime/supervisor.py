@@ -56,8 +56,8 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, ChildStuck, Heartbeat, Hello, IoWorkerRestarted, JobDone, Ready,
-                          SequenceDone, PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark,
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, ChildStuck, Heartbeat, Hello, IoWorkerRestarted, JobDone,
+                          Ready, SequenceDone, PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark,
                           StartGeneration, StartPerplexity, StartServing,
                           TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots

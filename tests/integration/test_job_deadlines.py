@@ -119,7 +119,8 @@ def test_a_stuck_compute_worker_without_restarts_ends_the_run_naming_it_and_its_
     assert result.returncode == 1 and result.stdout == ""
     (injected,) = events_named(result.events, "work_fault_injected")
     last_line = result.stderr.strip().splitlines()[-1]
-    pattern = (r"mer-pipeline run: error: (mer-compute-0-\w+) \(pid (\d+)\) died: " + STUCK_EXIT.format(kind="compute job")
+    pattern = (r"mer-pipeline run: error: (mer-compute-0-\w+) \(pid (\d+)\) died: "
+               + STUCK_EXIT.format(kind="compute job")
                + r"; killed by the watchdog \(after 0 restarts, max_restarts\)")
     match = re.fullmatch(pattern, last_line)
     assert match, last_line
