@@ -128,7 +128,7 @@ class IoClient(_Client):
     all for `job_deadline_s` is stuck (`stuck`, `mer.router.work_deadlines`): a busy loop."""
 
     def __init__(self, context: zmq.asyncio.Context, endpoint: str, name: str = "I/O worker",
-                 job_deadline_s: float = 10.0):
+                 job_deadline_s: float = 8.0):
         self.context, self.endpoint = context, endpoint
         self.name, self.pid = name, 0  # the current I/O worker's process name and pid (0: not known yet)
         self.deadlines = WorkDeadlines(job_deadline_s)
@@ -335,7 +335,7 @@ class ComputeClient(_Client):
     none for `job_deadline_s` is stuck (`stuck_workers`, `mer.router.work_deadlines`): the router has
     the supervisor kill it, and its jobs go to its replacement as after any death."""
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int, job_deadline_s: float = 10.0):
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int, job_deadline_s: float = 8.0):
         self.num_workers = num_workers
         self.busy_us = [0.0] * num_workers  # per worker: the kernels' time of the batch jobs it answered
         self.identities: dict[int, bytes] = {}
