@@ -207,8 +207,9 @@ class IoWorkerRestarted:
 
 @message(MessageKind.CHILD_STUCK)
 class ChildStuck:
-    """The router to the supervisor: child `name` (process `pid`) has had work in hand (`work`, e.g.
-    `compute job 12`) and shown no progress on it for `silent_s` seconds, more than `job_deadline_s`:
+    """The router to the supervisor: child `name` (process `pid`; 0 when the router does not know it, as
+    for the first I/O worker before its first `IoProgress`) has had work in hand (`work`: `compute job 12`,
+    `I/O request 40`) and shown no progress on it for `silent_s` seconds, more than `job_deadline_s`:
     it is stuck (a busy loop, a deadlock that still uses CPU); the supervisor kills it like a stall."""
 
     name: str

@@ -1,17 +1,20 @@
-"""Per-worker deadlines on work in hand: is a compute worker that has jobs still making progress?
+"""Per-worker deadlines on work in hand: is a worker that has jobs (or requests) still making progress?
 
 The stall watch (`mer.runtime.stall_watch`) cannot tell a child spinning in a busy loop from one
 doing long work: both use CPU. Only the worker knows how far it got, so a compute worker reports
-progress while it works (`JobProgress` between a job's items, at most every `progress_interval_s`;
-its answers count too), and the router keeps, for each worker, how much work it has in hand and when
-it last showed progress. A worker with work in hand and no progress for `deadline_s` is stuck; the
-router tells the supervisor (`ChildStuck`), which kills it like a stall and restarts it.
+progress while it works (`JobProgress` between a job's items, at most every `progress_interval_s`),
+and the I/O worker's event loop reports while an `Acquire` is unanswered (`IoProgress`: it may be
+reading, or waiting for a slot the router holds, which is not its fault; a loop that does not turn
+sends nothing). Answers count too. The router keeps, for each worker (`mer.router.clients`), the
+work it has in hand and when it last showed progress. A worker with work in hand and no progress
+for `deadline_s` is stuck; the router tells the supervisor (`ChildStuck`), which kills it like a
+stall and restarts it.
 
 The deadline is per worker, not per job: a job queued behind another waits without progress of its
 own, and that is not the worker's fault. It starts when an idle worker is sent work, and again at
-every progress. A worker's `Hello` (sent once its kernels are compiled, just before `Ready`) resets it,
-so a first numba compile never counts. A stuck worker is reported once; its replacement's `Hello`
-starts it anew.
+every progress. A compute worker's `Hello` (sent once its kernels are compiled, just before `Ready`)
+or an I/O worker's restart resets it, so a first numba compile never counts. A stuck worker is
+reported once; its replacement starts it anew.
 
 Time the router itself was not listening (its event loop busy with a long dense layer, so that
 progress messages waited unread in the socket) does not count: each `overdue` check pushes the
