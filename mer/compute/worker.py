@@ -30,8 +30,8 @@ import zmq
 from mer.compute.expert_format import ExpertPayload
 from mer.environment import WorkFaults, read_environment
 from mer.errors import NonFiniteError
-from mer.logging_setup import flush_log
 from mer.runtime.child import receive_unless_stopped
+from mer.runtime.fault_loops import busy_for, spin_forever
 from mer.compute.batches import item_partials
 from mer.protocol import (UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, JobProgress, decode, encode,
                           error_reply)
@@ -121,16 +121,14 @@ class ComputeWorker:
         self.jobs_started += 1
         if self.faults.spin is not None and self.faults.spins_in(str(self.index), self.jobs_started,
                                                                   self.context.run.incarnation):
-            self.context.log.warning("work_fault_injected", fault="spin", job_id=job.job_id)
-            flush_log()  # the log is written by the event loop, which the loop below holds forever
-            _spin_forever()
+            spin_forever(self.context.log, job_id=job.job_id)
         reported_at = time.monotonic()
         for item_index, item in enumerate(job.items):
             if self.progress_socket is not None and time.monotonic() - reported_at >= self.progress_interval_s:
                 self._report_progress(job.job_id, item_index)
                 reported_at = time.monotonic()
             if self.faults.slow_item_s:
-                _busy_for(self.faults.slow_item_s)
+                busy_for(self.faults.slow_item_s)
             layer = self.manifest.layers[item.moe_layer]
             self.arena.check_slot(item.slot, item.generation, item.expert_id)
             payload = ExpertPayload(layer.format, self.arena.slot_array(item.slot)[: layer.format.payload_nbytes])
@@ -164,15 +162,3 @@ class ComputeWorker:
         if self.arena is not None:
             self.arena.close()
 
-
-def _spin_forever() -> None:
-    """An injected bug (`MER_WORK_FAULTS` spin): a busy loop that never ends and reports nothing."""
-    while True:
-        pass
-
-
-def _busy_for(seconds: float) -> None:
-    """Injected slow work (`MER_WORK_FAULTS` slow): use the CPU for `seconds`."""
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        pass

@@ -46,7 +46,6 @@ from mer.cache.policy import make_policy
 from mer.cache.slot_table import AcquireKind, SlotTable, lease_limit
 from mer.cache.step import acquire_order
 from mer.environment import WorkFaults, read_environment
-from mer.logging_setup import flush_log
 from mer.errors import ProtocolError
 from mer.io.backend import open_reader
 from mer.io.payload_check import PayloadChecker
@@ -59,6 +58,7 @@ from mer.protocol import (
 )
 from mer.metrics.events import EXPERT_READ
 from mer.runtime.child import receive_unless_stopped
+from mer.runtime.fault_loops import spin_forever
 from mer.runtime.stall_watch import heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.shm.layout import NO_EXPERT
@@ -257,9 +257,7 @@ class IoService:
     async def _answer_acquire(self, identity: bytes, request: Acquire) -> None:
         self.acquires_received += 1
         if self.faults.spins_in("io", self.acquires_received, self.run.incarnation):
-            self.log.warning("work_fault_injected", fault="spin", request_id=request.request_id)
-            flush_log()  # the log is written by the event loop, which the loop below holds forever
-            _spin_forever()
+            spin_forever(self.log, request_id=request.request_id)
         self.unanswered[request.request_id] = identity
         try:
             await self._answer_acquire_now(identity, request)
@@ -530,8 +528,3 @@ def _done(value):
     future.set_result(value)
     return future
 
-
-def _spin_forever() -> None:
-    """An injected bug (`MER_WORK_FAULTS` spin:io): a busy loop that never ends and reports nothing."""
-    while True:
-        pass
