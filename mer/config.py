@@ -143,6 +143,14 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
         "watchdog names it stalled (stopped, deadlocked) and kills it; it is then restarted or the run "
         "ends, as after a death. A stall is seen within it plus a second at most.", ge=0.5, le=3600.0,
         unit="s", metavar="SECONDS")] = 8.0
+    job_deadline_s: Annotated[float, spec(
+        "Time a compute worker with a job in hand, or the I/O worker with an Acquire unanswered, may go "
+        "without reporting progress (a compute worker does so between a job's items, the I/O worker's event "
+        "loop while it reads or waits, at least every min(1 s, this / 5)) before the router names it stuck "
+        "(a busy loop, a deadlock that still uses CPU) and the supervisor kills it; it is then restarted and "
+        "its work sent again, or the run ends, as after a death. Counts from work sent to an idle worker, "
+        "never during a compute worker's start-up (its kernels are compiled before it is ready).", ge=0.5,
+        le=3600.0, unit="s", metavar="SECONDS")] = 8.0
     max_restarts: Annotated[int, spec(
         "Restarts of compute workers, the predictor and the I/O worker after a death (kill -9, the OOM "
         "killer, a stall) in one run; one more death ends the run. 0: every death ends the run.", ge=0, le=1_000_000,

@@ -12,6 +12,12 @@ mer's own variables share the `MER_` prefix:
 - `MER_READ_FAULTS`: injected read faults, for testing the I/O worker's retries
   (`mer.io.reader_base`): `ID:COUNT[,ID:COUNT...]` makes the first COUNT reads of expert ID (its
   global id in the store) fail with EIO as a failing disk would; unset: none.
+- `MER_WORK_FAULTS`: injected faults of the workers, for testing the router's job deadlines
+  (`mer.router.work_deadlines`): `spin:WORKER:JOB` makes the first process of compute worker WORKER
+  (a number) spin forever in its JOB-th job, or with WORKER `io` the first I/O worker in its JOB-th
+  `Acquire` (1-based: a busy loop that uses CPU and reports no progress, as a bug would);
+  `slow:SECONDS` makes every item of every compute job take SECONDS longer, busy on the CPU
+  (legitimate long work that reports its progress between items). Comma-separated; unset: none.
 
 The XDG base-directory variables are read here too, as the defaults above (relative XDG paths are
 ignored, as the XDG specification asks; a relative `MER_*` path is an error). Any other `MER_*`
@@ -29,7 +35,7 @@ from mer.errors import ConfigError
 
 PREFIX = "MER_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-KNOWN_VARIABLES = ("MER_CACHE_DIR", "MER_RUNTIME_DIR", "MER_LOG_LEVEL", "MER_READ_FAULTS")
+KNOWN_VARIABLES = ("MER_CACHE_DIR", "MER_RUNTIME_DIR", "MER_LOG_LEVEL", "MER_READ_FAULTS", "MER_WORK_FAULTS")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,21 @@ class Environment:
     log_level: str | None  # None: unset
     unknown_variables: tuple[str, ...] = ()
     read_faults: tuple[tuple[int, int], ...] = ()  # (expert id, reads that fail)
+    work_faults: "WorkFaults | None" = None  # None: none injected
+
+
+@dataclass(frozen=True)
+class WorkFaults:
+    """`MER_WORK_FAULTS`: `spin` (worker: a compute worker's number or `io`, 1-based job number) spins
+    forever in that job of that worker's first process; `slow_item_s` is added, busy, to every item of
+    every compute job."""
+
+    spin: tuple[str, int] | None = None
+    slow_item_s: float = 0.0
+
+    def spins_in(self, worker: str, job: int, incarnation: int) -> bool:
+        """Whether the `job`-th job (1-based) of `worker`'s process `incarnation` is to spin forever."""
+        return self.spin == (worker, job) and incarnation == 0
 
 
 def _first_path(environ: Mapping[str, str], names: tuple[str, ...], default: Path) -> Path:
@@ -67,7 +88,31 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         raise ConfigError(f"environment variable MER_LOG_LEVEL={log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     unknown = tuple(sorted(name for name in environ if name.startswith(PREFIX) and name not in KNOWN_VARIABLES))
     read_faults = _read_faults(environ.get("MER_READ_FAULTS", ""))
-    return Environment(cache_dir, runtime_base_dir, log_level, unknown, read_faults)
+    work_faults = _work_faults(environ.get("MER_WORK_FAULTS", ""))
+    return Environment(cache_dir, runtime_base_dir, log_level, unknown, read_faults, work_faults)
+
+
+def _work_faults(text: str) -> WorkFaults | None:
+    """`spin:WORKER:JOB` and `slow:SECONDS` entries; a malformed entry is a ConfigError naming it."""
+    spin, slow_item_s = None, 0.0
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        kind, _, value = entry.partition(":")
+        worker, _, job = value.partition(":")
+        if kind == "spin" and (worker.isdigit() or worker == "io") and job.isdigit() and int(job) >= 1:
+            spin = (worker, int(job))
+        elif kind == "slow" and _is_seconds(value):
+            slow_item_s = float(value)
+        else:
+            raise ConfigError(f"environment variable MER_WORK_FAULTS: entry {entry!r} is neither spin:WORKER:JOB "
+                              "(a compute worker's number or io, and a job number >= 1) nor slow:SECONDS (>= 0)")
+    return None if spin is None and slow_item_s == 0.0 else WorkFaults(spin, slow_item_s)
+
+
+def _is_seconds(text: str) -> bool:
+    try:
+        return 0.0 <= float(text) < float("inf")
+    except ValueError:
+        return False
 
 
 def _read_faults(text: str) -> tuple[tuple[int, int], ...]:

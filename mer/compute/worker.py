@@ -8,11 +8,17 @@ it changes only f16/bf16 matrices) and answers the partials `[slices, rows, d_mo
 item the worker checks the slot header's generation and expert id before and after computing, so
 a slot reassigned under it is refused (`StaleSlotError`) instead of computed. Kernels run with a
 fixed thread count (`kernel_threads`); workers x threads <= cores.
+
+While a job runs (the event loop is busy with it) the worker reports its progress between items,
+at most every `heartbeat_interval_s(job_deadline_s)` (`JobProgress`, sent at once without waiting):
+the router's per-worker deadline (`mer.router.work_deadlines`) tells such long work from a worker
+stuck in a busy loop. `MER_WORK_FAULTS` injects such a loop, or slow items, for the tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -22,10 +28,14 @@ import numpy as np
 import zmq
 
 from mer.compute.expert_format import ExpertPayload
+from mer.environment import WorkFaults, read_environment
 from mer.errors import NonFiniteError
 from mer.runtime.child import receive_unless_stopped
+from mer.runtime.fault_loops import busy_for, spin_forever
 from mer.compute.batches import item_partials
-from mer.protocol import UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, decode, encode, error_reply
+from mer.protocol import (UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, JobProgress, decode, encode,
+                          error_reply)
+from mer.runtime.stall_watch import heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.store.manifest import Manifest
 from mer.quant.vector_ir import fastest_kernel
@@ -40,6 +50,10 @@ class ComputeWorker:
         self.arena: SlotArena | None = None
         self.socket = None
         self.last_job: dict | None = None  # timing of the last job done, logged after its reply is sent
+        self.progress_socket: zmq.Socket | None = None  # the job socket, for JobProgress sent mid-job (`start`)
+        self.progress_interval_s = 0.0
+        self.faults = read_environment().work_faults or WorkFaults()
+        self.jobs_started = 0
 
     async def start(self) -> dict:
         threads = self.context.config.kernel_threads
@@ -50,6 +64,8 @@ class ComputeWorker:
         self.socket.setsockopt(zmq.IDENTITY, f"compute-{self.index}".encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(self.context.run.endpoint("compute"))
+        self.progress_socket = zmq.Socket.shadow(self.socket.underlying)  # synchronous sends from inside a job
+        self.progress_interval_s = heartbeat_interval_s(self.context.config.job_deadline_s)
         await self.socket.send_multipart(encode(Hello(self.context.name, os.getpid())))
         return {"kernel": fastest_kernel(), "kernel_threads": threads, "warm_up_s": round(compile_seconds, 3)}
 
@@ -102,7 +118,17 @@ class ComputeWorker:
         before and after."""
         x = np.array(job.x, dtype=np.float32)  # a writable copy of the received frame
         partials = np.empty((len(job.slices), x.shape[0], x.shape[1]), dtype=np.float32)
+        self.jobs_started += 1
+        if self.faults.spin is not None and self.faults.spins_in(str(self.index), self.jobs_started,
+                                                                  self.context.run.incarnation):
+            spin_forever(self.context.log, job_id=job.job_id)
+        reported_at = time.monotonic()
         for item_index, item in enumerate(job.items):
+            if self.progress_socket is not None and time.monotonic() - reported_at >= self.progress_interval_s:
+                self._report_progress(job.job_id, item_index)
+                reported_at = time.monotonic()
+            if self.faults.slow_item_s:
+                busy_for(self.faults.slow_item_s)
             layer = self.manifest.layers[item.moe_layer]
             self.arena.check_slot(item.slot, item.generation, item.expert_id)
             payload = ExpertPayload(layer.format, self.arena.slot_array(item.slot)[: layer.format.payload_nbytes])
@@ -114,6 +140,12 @@ class ComputeWorker:
                 raise NonFiniteError(self._non_finite_message(item.expert_id))
         return partials
 
+    def _report_progress(self, job_id: int, items_done: int) -> None:
+        """`JobProgress` to the router now; dropped if it cannot go at once (the router is not reading):
+        the next one says the same."""
+        with contextlib.suppress(zmq.Again):
+            self.progress_socket.send_multipart(encode(JobProgress(job_id, self.index, items_done)), flags=zmq.NOBLOCK)
+
     def _non_finite_message(self, expert_id: int) -> str:
         entry = self.manifest.expert(expert_id)
         path = Path(self.context.run.store) / self.manifest.layers[entry.moe_layer].file
@@ -124,7 +156,9 @@ class ComputeWorker:
         pass
 
     def close(self) -> None:
+        self.progress_socket = None  # a shadow of the job socket: closing it would close that one
         if self.socket is not None:
             self.socket.close(linger=0)
         if self.arena is not None:
             self.arena.close()
+

@@ -22,12 +22,19 @@ dropped) until the router's `LeasesDropped` says that no such lease is left (`me
 Then it marks every slot empty in the arena with a generation above the dead worker's last one
 (`SlotTable.continue_generations`), so that a stale reference could never match a slot it rewrites,
 and serves as usual (`io_fence_lifted`).
+
+While any `Acquire` of a peer is unanswered (reads in flight, or waiting for a slot that peer still
+holds), the worker's event loop sends that peer `IoProgress` every `progress_interval_s(job_deadline_s)`:
+the router's per-request deadline (`mer.router.work_deadlines`) tells a worker that is working or
+waiting from one stuck in a busy loop. `MER_WORK_FAULTS=spin:io:N` injects such a loop, for the tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import os
 import time
 from pathlib import Path
 
@@ -38,7 +45,7 @@ from mer.cache.governor import PrefetchGovernor
 from mer.cache.policy import make_policy
 from mer.cache.slot_table import AcquireKind, SlotTable, lease_limit
 from mer.cache.step import acquire_order
-from mer.environment import read_environment
+from mer.environment import WorkFaults, read_environment
 from mer.errors import ProtocolError
 from mer.io.backend import open_reader
 from mer.io.payload_check import PayloadChecker
@@ -46,11 +53,13 @@ from mer.io.read_request import ReadResult
 from mer.io.read_tally import ReadTally
 from mer.io.slot_load import Load, injected_faults, read_failure
 from mer.protocol import (
-    Acquire, IoStats, LeasesDropped, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady, SplitReads,
-    StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
+    Acquire, IoProgress, IoStats, LeasesDropped, PinSet, PredictorStats, PrefetchHints, Release, SlotGrant, SlotsReady,
+    SplitReads, StatsRequest, UNKNOWN_REQUEST_ID, check_expert_ids, decode, encode, error_reply,
 )
 from mer.metrics.events import EXPERT_READ
 from mer.runtime.child import receive_unless_stopped
+from mer.runtime.fault_loops import spin_forever
+from mer.runtime.stall_watch import heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.shm.layout import NO_EXPERT
 from mer.shm.prefault import BackgroundPrefault
@@ -78,6 +87,9 @@ class IoService:
         self.checker = PayloadChecker(self.manifest, Path(run.store), every_read=config.verify_reads)
         self.is_closing = False
         self.is_fenced = run.incarnation > 0  # a restart: no slot is written before LeasesDropped
+        self.unanswered: dict[int, bytes] = {}  # Acquire request id -> its peer, oldest first
+        self.faults = read_environment().work_faults or WorkFaults()
+        self.acquires_received = 0
         self.fenced_at = time.monotonic()
         self.hints_dropped_fenced = 0  # prefetch hints dropped while fenced
 
@@ -145,6 +157,26 @@ class IoService:
                            geometry.num_experts, num_layers=geometry.num_moe_layers if per_layer else 1)
 
     async def serve(self, stop: asyncio.Event) -> None:
+        progress = asyncio.create_task(self._report_progress())
+        try:
+            await self._serve(stop)
+        finally:
+            progress.cancel()
+
+    async def _report_progress(self) -> None:
+        """`IoProgress` to every peer with an unanswered `Acquire`, naming its oldest, at every interval."""
+        interval = heartbeat_interval_s(self.config.job_deadline_s)
+        while True:
+            await asyncio.sleep(interval)
+            oldest: dict[bytes, int] = {}
+            for request_id, identity in self.unanswered.items():
+                oldest.setdefault(identity, request_id)
+            for identity, request_id in oldest.items():
+                message = IoProgress(request_id, os.getpid(), self.tally.num_reads)
+                with contextlib.suppress(zmq.ZMQError):  # the peer is gone: nothing to report to
+                    await self.socket.send_multipart([identity, *encode(message)], flags=zmq.NOBLOCK, copy=False)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         while True:
             frames = await receive_unless_stopped(self.socket, stop)
             if frames is None:
@@ -229,6 +261,16 @@ class IoService:
     # ---- foreground ------------------------------------------------------------------------------
 
     async def _answer_acquire(self, identity: bytes, request: Acquire) -> None:
+        self.acquires_received += 1
+        if self.faults.spins_in("io", self.acquires_received, self.run.incarnation):
+            spin_forever(self.log, request_id=request.request_id)
+        self.unanswered[request.request_id] = identity
+        try:
+            await self._answer_acquire_now(identity, request)
+        finally:
+            self.unanswered.pop(request.request_id, None)
+
+    async def _answer_acquire_now(self, identity: bytes, request: Acquire) -> None:
         try:
             t_received = time.monotonic()
             self.current_token = max(self.current_token, request.token)
@@ -496,3 +538,4 @@ def _done(value):
     future = asyncio.get_running_loop().create_future()
     future.set_result(value)
     return future
+

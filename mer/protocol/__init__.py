@@ -6,7 +6,7 @@ frames and back (`mer.protocol.codec`); errors cross processes via `mer.protocol
 
 from mer.protocol.codec import ARRAY_KEY, check_expert_ids, decode, encode
 from mer.protocol.messages import (
-    Acquire, Activations, BatchPartials, ChildFailed, ComputeItem, ErrorReply,
+    Acquire, Activations, BatchPartials, ChildFailed, ChildStuck, JobProgress, IoProgress, ComputeItem, ErrorReply,
     ExpertBatchJob, ExpertBatchResult, Heartbeat, Hello, HiddenObserved, HiddenState, IoStats, IoWorkerRestarted, JobDone,
     LeasesDropped, MessageKind,
     PinSet, PredictorReport, PredictorStats, PrefetchCounts, PrefetchHint, PrefetchHints, ReadCounts, Ready, Release,

@@ -50,6 +50,9 @@ class MessageKind(IntEnum):
     IO_WORKER_RESTARTED = 21
     EXPERT_BATCH_JOB = 22
     EXPERT_BATCH_RESULT = 23
+    JOB_PROGRESS = 24
+    CHILD_STUCK = 25
+    IO_PROGRESS = 26
     ROUTING_OBSERVED = 30
     HIDDEN_OBSERVED = 31
     ERROR_REPLY = 40
@@ -200,6 +203,19 @@ class IoWorkerRestarted:
 
     name: str
     pid: int
+
+
+@message(MessageKind.CHILD_STUCK)
+class ChildStuck:
+    """The router to the supervisor: child `name` (process `pid`; 0 when the router does not know it, as
+    for the first I/O worker before its first `IoProgress`) has had work in hand (`work`: `compute job 12`,
+    `I/O request 40`) and shown no progress on it for `silent_s` seconds, more than `job_deadline_s`:
+    it is stuck (a busy loop, a deadlock that still uses CPU); the supervisor kills it like a stall."""
+
+    name: str
+    pid: int
+    work: str
+    silent_s: float
 
 
 @message(MessageKind.START_BENCHMARK)
@@ -460,6 +476,19 @@ class PinSet:
     expert_ids: list[int]
 
 
+@message(MessageKind.IO_PROGRESS)
+class IoProgress:
+    """The I/O worker (process `pid`) is still working on this peer's requests, the oldest of them being
+    `request_id` (reads in flight, or waiting for a slot to be released): sent every
+    `mer.router.work_deadlines.progress_interval_s` while any `Acquire` of the peer is unanswered. Its
+    event loop sends it, so a worker spinning in a busy loop sends none (the router's deadline,
+    `job_deadline_s`); `reads_done` counts the reads it has finished in its lifetime."""
+
+    request_id: int
+    pid: int
+    reads_done: int
+
+
 @message(MessageKind.STATS_REQUEST)
 class StatsRequest:
     """Ask the I/O worker for its counters."""
@@ -543,6 +572,17 @@ class ExpertBatchResult:
     compute_us: float
 
     __eq__ = equal_with_arrays
+
+
+@message(MessageKind.JOB_PROGRESS)
+class JobProgress:
+    """A compute worker is still working on job `job_id`: `items_done` of its items are computed. Sent
+    between items at most every `mer.router.work_deadlines.progress_interval_s` while a job runs (the
+    router's per-job deadline, `job_deadline_s`, restarts at each)."""
+
+    job_id: int
+    worker: int
+    items_done: int
 
 
 # --- observe.sock: routing history for the predictor ----------------------------------------------

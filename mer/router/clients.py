@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -22,10 +23,12 @@ from mer.errors import IoWorkerRestartedError, PipelineError
 from mer.logging_setup import get_logger
 from mer.compute.batches import PackedBatches
 from mer.protocol import (
-    Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, LeasesDropped, Release,
-    SlotGrant, SlotRef, SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode, raise_remote,
+    Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoProgress, IoStats, JobProgress,
+    LeasesDropped, Release, SlotGrant, SlotRef, SlotsReady, SliceRange, SplitReads, StatsRequest, decode, encode,
+    raise_remote,
 )
 from mer.compute.slicing import slices_of_worker
+from mer.router.work_deadlines import Overdue, WorkDeadlines
 
 
 class _PendingReplies:
@@ -118,10 +121,18 @@ class IoClient(_Client):
     `release`. Those leases are only forgotten (the dead worker's table is gone), but a compute job may
     still be reading their slots: so `release` of the last one is what sends `LeasesDropped`, which lets
     the new worker write slots; requests wait for it. Invariant: no slot is written by an I/O worker
-    while the router holds a lease of it from any worker (docs/reliability.md)."""
+    while the router holds a lease of it from any worker (docs/reliability.md).
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str):
+    Deadlines: while an `Acquire` is unanswered the I/O worker's event loop sends `IoProgress` (whether
+    it reads or waits for a slot the router holds); a worker with acquires in hand and no message at
+    all for `job_deadline_s` is stuck (`stuck`, `mer.router.work_deadlines`): a busy loop."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, name: str = "I/O worker",
+                 job_deadline_s: float = 8.0):
         self.context, self.endpoint = context, endpoint
+        self.name, self.pid = name, 0  # the current I/O worker's process name and pid (0: not known yet)
+        self.deadlines = WorkDeadlines(job_deadline_s)
+        self.deadlines.hello(0, time.monotonic())
         self.restarts = 0  # I/O worker restarts seen
         self.leases: dict[tuple[int, SlotRef], int] = {}  # (incarnation, ref) -> leases held
         self.resumed = asyncio.Event()  # set while requests may go to the current worker
@@ -138,8 +149,17 @@ class IoClient(_Client):
         return socket
 
     def _on_frames(self, frames: list) -> None:
-        message = decode(frames, expected_kinds=(SlotsReady, IoStats, ErrorReply))
+        message = decode(frames, expected_kinds=(SlotsReady, IoStats, ErrorReply, IoProgress))
+        self.deadlines.progressed(0, time.monotonic())
+        if isinstance(message, IoProgress):
+            self.pid = message.pid
+            return
         self.pending.resolve(message.request_id, message, final=getattr(message, "final", True))
+
+    def stuck(self) -> list[Overdue]:
+        """The I/O worker, once, if it has had acquires in hand and sent nothing for `job_deadline_s`.
+        Call every `deadlines.interval_s`."""
+        return self.deadlines.overdue(time.monotonic())
 
     # ---- failover --------------------------------------------------------------------------------
 
@@ -147,6 +167,8 @@ class IoClient(_Client):
         """The I/O worker died and `pid` is starting in its place: fail its requests, and send nothing to
         the new one until the dead one's leases are given back."""
         self.restarts += 1
+        self.name, self.pid = name, pid
+        self.deadlines.hello(0, time.monotonic())  # nothing in hand at the new worker; its deadline starts anew
         self.resumed.clear()
         self.receiver.cancel()
         self.socket.close(linger=0)
@@ -227,16 +249,20 @@ class IoClient(_Client):
         socket = await self._ready_socket()
         request_id, stream = self.pending.new_stream()
         await self._send(socket, Acquire(request_id, token, list(expert_ids)))
-        while True:
-            message = await stream.get()
-            if isinstance(message, BaseException):
-                raise message
-            if isinstance(message, ErrorReply):
-                raise_remote(message)
-            self._hold(grant.ref for grant in message.refs)
-            yield list(message.refs)
-            if message.final:
-                return
+        self.deadlines.sent(0, request_id, time.monotonic())
+        try:
+            while True:
+                message = await stream.get()
+                if isinstance(message, BaseException):
+                    raise message
+                if isinstance(message, ErrorReply):
+                    raise_remote(message)
+                self._hold(grant.ref for grant in message.refs)
+                yield list(message.refs)
+                if message.final:
+                    return
+        finally:
+            self.deadlines.answered(0, request_id, time.monotonic())
 
     async def acquire(self, token: int, expert_ids: list[int]) -> list[SlotGrant]:
         """Every grant of `expert_ids` for `token`, in request order, once all are leased."""
@@ -303,12 +329,18 @@ class ComputeClient(_Client):
     `Hello` then means that every job sent to the dead process before it is lost, and those jobs
     are sent again to the new one (`compute_jobs_resubmitted`). A job for a worker that is down
     meanwhile waits for it. Slices are computed the same way by any process, so the partials, and
-    the outputs, are bit-identical to an undisturbed run's."""
+    the outputs, are bit-identical to an undisturbed run's.
 
-    def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int):
+    A worker with jobs in hand reports progress between their items (`JobProgress`); one that shows
+    none for `job_deadline_s` is stuck (`stuck_workers`, `mer.router.work_deadlines`): the router has
+    the supervisor kill it, and its jobs go to its replacement as after any death."""
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: str, num_workers: int, job_deadline_s: float = 8.0):
         self.num_workers = num_workers
         self.busy_us = [0.0] * num_workers  # per worker: the kernels' time of the batch jobs it answered
         self.identities: dict[int, bytes] = {}
+        self.processes: dict[int, Hello] = {}  # worker -> the Hello (name, pid) of its current process
+        self.deadlines = WorkDeadlines(job_deadline_s)
         self.sent_to: dict[int, bytes] = {}  # job id -> identity of the worker it was sent to
         self.jobs: dict[int, tuple[int, ExpertBatchJob]] = {}  # job id -> (worker, job), until its reply
         self.resubmitted: set[int] = set()  # job ids sent again to a restarted worker
@@ -323,26 +355,34 @@ class ComputeClient(_Client):
     def _on_frames(self, frames: list) -> None:
         identity, *frames = frames
         identity_bytes = bytes(identity.buffer)
-        message = decode(frames, expected_kinds=(Hello, ExpertBatchResult, ErrorReply))
+        message = decode(frames, expected_kinds=(Hello, ExpertBatchResult, ErrorReply, JobProgress))
         if isinstance(message, Hello):
-            self._on_hello(identity_bytes)
+            self._on_hello(identity_bytes, message)
             return
-        job_id = _reply_id(message)
+        job_id = message.job_id if isinstance(message, JobProgress) else _reply_id(message)
         if self.sent_to.get(job_id) != identity_bytes:
             if job_id in self.resubmitted and job_id not in self.sent_to:
-                return  # the second answer of a job the restarted worker got twice: the first was used
+                if not isinstance(message, JobProgress):  # the second answer of a job the restarted worker
+                    self.deadlines.answered(worker_index(identity_bytes), job_id, time.monotonic())  # got twice
+                return  # the first answer was used
             raise PipelineError(f"{type(message).__name__} for job {job_id} from {identity_bytes!r}, "
                                 f"which was not sent that job")
+        if isinstance(message, JobProgress):
+            self.deadlines.progressed(worker_index(identity_bytes), time.monotonic())
+            return
+        self.deadlines.answered(worker_index(identity_bytes), job_id, time.monotonic())
         del self.sent_to[job_id]
         self.jobs.pop(job_id, None)
         self.pending.resolve(job_id, message)
 
-    def _on_hello(self, identity: bytes) -> None:
+    def _on_hello(self, identity: bytes, hello: Hello) -> None:
         index = worker_index(identity)
         if index >= self.num_workers:
             raise PipelineError(f"Hello from {identity!r}: there are only {self.num_workers} compute workers")
         restarted = index in self.identities
         self.identities[index] = identity
+        self.processes[index] = hello
+        self.deadlines.hello(index, time.monotonic())
         if len(self.identities) == self.num_workers:
             self.all_connected.set()
         if restarted:  # the jobs sent to the process before this one are lost with it
@@ -365,6 +405,14 @@ class ComputeClient(_Client):
         except zmq.ZMQError as error:
             if error.errno != zmq.EHOSTUNREACH:
                 raise
+            return
+        self.deadlines.sent(worker, job.job_id, time.monotonic())
+
+    def stuck_workers(self) -> list[tuple[Hello, Overdue]]:
+        """The workers that have had jobs in hand and shown no progress for `job_deadline_s`, each named
+        once per process (its Hello: name and pid). Call every `deadlines.interval_s`."""
+        return [(self.processes[overdue.worker], overdue) for overdue in self.deadlines.overdue(time.monotonic())
+                if overdue.worker in self.processes]
 
     def close(self) -> None:
         for task in self.tasks:

@@ -15,10 +15,12 @@ import asyncio
 import zmq
 
 from mer.errors import ProtocolError
-from mer.protocol import (CancelSequence, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration, StartPerplexity, StartServing,
-                          SubmitSequence)
+from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration,
+                          StartPerplexity, StartServing, SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.clients import ComputeClient, IoClient
+from mer.router.work_deadlines import Overdue
+from mer.runtime.paths import process_name
 from mer.router.generate_job import GenerateJob
 from mer.router.job import Job
 from mer.router.perplexity_job import PerplexityJob
@@ -40,8 +42,10 @@ class Router:
 
     async def start(self) -> dict:
         run, zmq_context = self.context.run, self.context.zmq
-        self.compute = ComputeClient(zmq_context, run.endpoint("compute"), run.num_compute_workers)
-        self.io = IoClient(zmq_context, run.endpoint("io"))
+        self.compute = ComputeClient(zmq_context, run.endpoint("compute"), run.num_compute_workers,
+                                     self.context.config.job_deadline_s)
+        self.io = IoClient(zmq_context, run.endpoint("io"), process_name("io", run.run_id),
+                           self.context.config.job_deadline_s)
         self.observe = zmq_context.socket(zmq.PUSH)
         self.observe.setsockopt(zmq.LINGER, 0)
         self.observe.setsockopt(zmq.SNDHWM, 10_000)
@@ -69,10 +73,12 @@ class Router:
             return
         job_task = asyncio.create_task(self._run_job())
         stop_task = asyncio.create_task(stop.wait())
+        deadlines_task = asyncio.create_task(self._watch_deadlines())
         try:
             await asyncio.wait({job_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop_task.cancel()
+            deadlines_task.cancel()
         if not job_task.done():
             job_task.cancel()
             await asyncio.gather(job_task, return_exceptions=True)
@@ -80,6 +86,23 @@ class Router:
             return
         job_task.result()  # a failed job is reported by the child bootstrap as ChildFailed
         await stop.wait()
+
+    async def _watch_deadlines(self) -> None:
+        """Name every compute worker stuck on its jobs, and the I/O worker stuck on its acquires, to the
+        supervisor, which kills it (`ChildStuck`; `mer.router.work_deadlines`)."""
+        deadlines = self.compute.deadlines
+        while True:
+            await asyncio.sleep(deadlines.interval_s)
+            for process, overdue in self.compute.stuck_workers():
+                await self._report_stuck(process.name, process.pid, "compute job", overdue)
+            for overdue in self.io.stuck():
+                await self._report_stuck(self.io.name, self.io.pid, "I/O request", overdue)
+
+    async def _report_stuck(self, name: str, pid: int, kind: str, overdue: Overdue) -> None:
+        work = f"{kind} {overdue.job_id}" + (f" ({overdue.in_hand} in hand)" if overdue.in_hand > 1 else "")
+        self.context.log.error("worker_stuck", child=name, child_pid=pid, work=work, in_hand=overdue.in_hand,
+                               silent_s=round(overdue.silent_s, 2), job_deadline_s=self.compute.deadlines.deadline_s)
+        await self.context.send_control(ChildStuck(name, pid, work, overdue.silent_s))
 
     async def _run_job(self) -> None:
         self.job = self._job()

@@ -26,7 +26,9 @@ the runtime directory (`mer.runtime.supervisor_watch`).
 
 Children are watched through their process sentinels, so a death (kill -9) is seen at once. While
 the job runs, a ready child that shows no progress for `stall_timeout_s` (no heartbeat, CPU time or
-I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead. A compute worker,
+I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead, and so is a compute
+worker or I/O worker the router names stuck on its work (`ChildStuck`: no progress for `job_deadline_s`,
+e.g. a busy loop; `mer.router.work_deadlines`). A compute worker,
 the predictor or the I/O worker that died of a signal is started again under its name, up to
 `max_restarts` per run (the router resubmits the dead compute worker's jobs,
 `mer.router.clients.ComputeClient`, or fails its requests over to the new I/O worker,
@@ -54,8 +56,8 @@ from mer.config import PipelineConfig
 from mer.errors import ChildDiedError, PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, Heartbeat, Hello, IoWorkerRestarted, JobDone, Ready,
-                          SequenceDone, PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark,
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, ChildStuck, Heartbeat, Hello, IoWorkerRestarted, JobDone,
+                          Ready, SequenceDone, PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark,
                           StartGeneration, StartPerplexity, StartServing,
                           TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
@@ -104,6 +106,7 @@ class Child:
 StartMessage = StartBenchmark | StartGeneration | StartServing | StartPerplexity
 SERVING_REPORTS = (SequenceToken, SequenceDone, ServeStep)  # the serving job's messages to the supervisor
 JOB_REPORTS = (TokenGenerated, PerplexityChunk, *SERVING_REPORTS)  # what only the router sends before JobDone
+ROUTER_REPORTS = (JobDone, ChildStuck, *JOB_REPORTS)  # what only the router sends
 
 
 def job_model(job: StartMessage, gate_model: Path | None = None) -> str | None:
@@ -228,7 +231,7 @@ class Supervisor:
             identity, *frames = await control.recv_multipart(copy=False)
             name = bytes(identity.buffer).decode(errors="replace")
             try:
-                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, JobDone, Heartbeat, *JOB_REPORTS))
+                message = decode(frames, expected_kinds=(Hello, Ready, ChildFailed, Heartbeat, *ROUTER_REPORTS))
                 self._check_sender(name, message)
             except Exception as error:  # logged, answered and dropped: the control socket keeps serving
                 self.log.warning("bad_control_message", child=name, error=str(error))
@@ -246,9 +249,9 @@ class Supervisor:
         child = self.children.get(identity)
         if child is None:
             raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not a child of this run")
-        if hasattr(message, "name") and message.name != identity:
+        if hasattr(message, "name") and message.name != identity and not isinstance(message, ChildStuck):
             raise ProtocolError(f"{type(message).__name__} naming {message.name!r} sent by {identity!r}")
-        if isinstance(message, (JobDone, *JOB_REPORTS)) and child.role != "router":
+        if isinstance(message, ROUTER_REPORTS) and child.role != "router":
             raise ProtocolError(f"{type(message).__name__} from {identity!r}, which is not the router")
 
     async def _next_event(self, deadline: float | None):
@@ -365,6 +368,9 @@ class Supervisor:
             if kind == "Ready":
                 self._on_restart_ready(self._on_ready(payload))
                 continue
+            if kind == "ChildStuck":
+                self._kill_stuck(payload)
+                continue
             if kind == "exited" and payload.role in RESTARTABLE_ROLES and self._died_abnormally(payload):
                 if self.restarts < self.config.max_restarts:
                     await self._restart(payload)
@@ -385,6 +391,24 @@ class Supervisor:
                            state=stall.state)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stall.pid, signal.SIGKILL)
+
+    def _kill_stuck(self, report: ChildStuck) -> None:
+        """Kill (SIGKILL) the child the router found stuck on its work (`job_deadline_s`); its sentinel then
+        reports it as a death, named with the work it was stuck on. A report on a process that is no longer
+        the child's (already dead, restarted meanwhile) is only logged."""
+        child = self.children.get(report.name)
+        if (child is None or report.pid not in (0, child.process.pid) or not child.ready
+                or not child.process.is_alive()):  # pid 0: the router does not know it (the I/O worker's, at first)
+            self.log.warning("child_stuck_ignored", child=report.name, child_pid=report.pid, work=report.work,
+                             reason="not that child's live process")
+            return
+        child.stall = (f"stuck: no progress on {report.work} for {report.silent_s:.1f} s "
+                       f"(job_deadline_s {self.config.job_deadline_s:g} s)")
+        self.stall_watch.forget(child.name)
+        self.log.error("child_stuck", child=child.name, child_pid=child.process.pid, work=report.work,
+                       silent_s=round(report.silent_s, 2), job_deadline_s=self.config.job_deadline_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.process.pid, signal.SIGKILL)
 
     @staticmethod
     def _died_abnormally(child: Child) -> bool:

@@ -59,6 +59,17 @@ def test_read_faults_are_expert_and_count_pairs():
             read_environment({"MER_READ_FAULTS": bad})
 
 
+def test_work_faults_are_parsed_and_a_bad_entry_is_named():
+    assert read_environment({}).work_faults is None
+    faults = read_environment({"MER_WORK_FAULTS": "spin:1:3, slow:0.25"}).work_faults
+    assert (faults.spin, faults.slow_item_s) == (("1", 3), 0.25)
+    assert faults.spins_in("1", 3, 0) and not faults.spins_in("1", 3, 1) and not faults.spins_in("0", 3, 0)
+    assert read_environment({"MER_WORK_FAULTS": "spin:io:40"}).work_faults.spin == ("io", 40)
+    for bad in ("spin:1", "spin:1:0", "spin:x:2", "spin:router:2", "slow:-1", "slow:nan", "slow:inf", "freeze:1"):
+        with pytest.raises(ConfigError, match=rf"MER_WORK_FAULTS: entry '{bad}' is neither spin:WORKER:JOB"):
+            read_environment({"MER_WORK_FAULTS": bad})
+
+
 def test_unknown_mer_variables_are_reported():
     environment = read_environment({"MER_CACHE_DIRR": "/x", "MER_LOG_LEVEL": "info", "OTHER": "1"})
     assert environment.unknown_variables == ("MER_CACHE_DIRR",)
@@ -71,5 +82,5 @@ def test_the_cli_warns_about_unknown_mer_variables(tmp_path, monkeypatch, capsys
     assert main(["run", "--store", str(tmp_path / "absent")]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == ("mer-pipeline: warning: unknown environment variable MER_CACHE_DIRR "
-                        "(mer reads MER_CACHE_DIR, MER_RUNTIME_DIR, MER_LOG_LEVEL, MER_READ_FAULTS)")
+                        "(mer reads MER_CACHE_DIR, MER_RUNTIME_DIR, MER_LOG_LEVEL, MER_READ_FAULTS, MER_WORK_FAULTS)")
     assert lines[1].startswith("mer-pipeline run: error:")

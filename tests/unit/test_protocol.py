@@ -31,6 +31,9 @@ from mer.protocol import (
     HiddenObserved,
     IoStats,
     IoWorkerRestarted,
+    JobProgress,
+    IoProgress,
+    ChildStuck,
     LeasesDropped,
     JobDone,
     MessageKind,
@@ -123,6 +126,9 @@ def sample_messages() -> list:
         SplitReads(12),
         LeasesDropped(2),
         IoWorkerRestarted("mer-io-0a1b2c3d", 4343),
+        JobProgress(32, 1, 7),
+        IoProgress(17, 4242, 1234),
+        ChildStuck("mer-compute-1-0a1b2c3d", 4444, "compute job 32", 10.25),
         PinSet("locality", [4, 9]),
         HiddenObserved(7, 2, activations(d_model=64)[0]),
         StartServing("/m.gguf", 8, 2048, [2]),
@@ -139,7 +145,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 33
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 36
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)

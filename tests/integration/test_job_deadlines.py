@@ -1,0 +1,156 @@
+"""Per-job deadlines: a compute worker spinning in a busy loop (it uses CPU, so the stall watch cannot
+see it) is named stuck by the router within `job_deadline_s` plus one check, killed and restarted, its
+jobs sent again and the tokens identical to mer's single-process generation; long work that reports
+its progress never trips the deadline; with no restart left the run ends naming the worker and job.
+
+Real `mer-pipeline generate` and `run` processes; the faults are injected with `MER_WORK_FAULTS`
+(`mer.environment`): `spin:WORKER:JOB` (a busy loop in that job of the worker's first process),
+`slow:SECONDS` (every item of every job that much longer, busy, progress reported between items). The
+leak guard of `tests/conftest.py` checks that nothing of a run is left. The log's `t_mono` is
+`time.monotonic()`, one clock for every process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from mer.model.experts import GGUFExperts
+from mer.model.generate import generate
+from mer.model.model import MoEModel
+from mer.model.sampling import Sampler
+from mer.models import tiny_model_path
+from tests.support.generate_runs import generate_argv
+from tests.support.pipeline_runs import PipelineRun, RunningPipeline, process_title, run_pipeline
+
+pytestmark = pytest.mark.slow  # starts the process graph
+
+DEADLINE_S = 2.0
+CHECK_INTERVAL_S = 0.4  # progress_interval_s(2.0): the router checks this often
+DETECTION_SLACK_S = 1.5  # a busy 2-core machine: the router's check may run late
+STUCK_EXIT = r"stuck: no progress on {kind} (\d+)( \(\d+ in hand\))? for (\d+\.\d) s \(job_deadline_s ([\d.]+) s\)"
+
+
+def events_named(events: list[dict], name: str) -> list[dict]:
+    return [event for event in events if event.get("event") == name]
+
+
+def generation(leak_guard, tmp_path, faults: str, prompt: str, steps: int, *flags) -> tuple[PipelineRun, list[int]]:
+    """A generation of the embedded model with `MER_WORK_FAULTS=faults`, run to its end: (the run,
+    the tokens of mer's single-process generation of the same prompt)."""
+    model = tiny_model_path()
+    log_path = tmp_path / "generate.jsonl"
+    argv = generate_argv(model, "--prompt", prompt, "-n", steps, "--ignore-eos", "--compute-workers", 2,
+                         "--cache-slots", 8, *flags, log_path=log_path)
+    run = RunningPipeline.of_argv(leak_guard, argv, log_path, env={
+        **os.environ, "MER_CACHE_DIR": str(tmp_path / "cache"), "MER_WORK_FAULTS": faults})
+    try:
+        result = run.finish()
+    finally:
+        run.kill_if_running()
+    assert result.returncode == 0, result.stderr
+    reference = MoEModel.load(model)
+    prompt_tokens = json.loads(result.stdout)["prompt_tokens"]
+    expected = generate(reference, prompt_tokens, steps, Sampler(), GGUFExperts(reference.source), ignore_eos=True)
+    return result, expected.tokens
+
+
+def test_a_compute_worker_spinning_forever_is_named_within_the_deadline_restarted_and_the_tokens_are_identical(
+        leak_guard, tmp_path):
+    result, expected = generation(leak_guard, tmp_path, "spin:0:30", "def ", 40, "--job-deadline-s", DEADLINE_S)
+    events = result.events
+    (injected,) = events_named(events, "work_fault_injected")
+    (stuck,) = events_named(events, "child_stuck")
+    (reported,) = events_named(events, "worker_stuck")
+    spun_at, spinner = injected["t_mono"], injected["pid"]
+    assert stuck["child"].startswith("mer-compute-0-") and stuck["child_pid"] == spinner
+    # named with the job it spins in, within the deadline plus one check of the router
+    assert reported["work"] == stuck["work"] and re.fullmatch(rf"compute job {injected['job_id']}( \(\d+ in hand\))?",
+                                                              stuck["work"])
+    assert DEADLINE_S < stuck["silent_s"] <= DEADLINE_S + CHECK_INTERVAL_S + DETECTION_SLACK_S, stuck
+    assert stuck["t_mono"] - spun_at <= DEADLINE_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
+    print(f"busy loop in compute job {injected['job_id']}: named stuck {stuck['t_mono'] - spun_at:.2f} s after it "
+          f"began (silent {stuck['silent_s']} s)")
+    assert events_named(events, "child_stalled") == []  # it used CPU: the stall watch could not see it
+    (restarted,) = events_named(events, "child_restarted")
+    assert restarted["child"] == stuck["child"] and restarted["dead_pid"] == spinner != restarted["child_pid"]
+    match = re.fullmatch(STUCK_EXIT.format(kind="compute job") + "; killed by the watchdog", restarted["exit"])
+    assert match and int(match.group(1)) == injected["job_id"], restarted["exit"]
+    (recovered,) = events_named(events, "child_recovered")
+    assert recovered["child_pid"] == restarted["child_pid"]
+    (resubmitted,) = events_named(events, "compute_jobs_resubmitted")
+    assert resubmitted["worker"] == 0 and injected["job_id"] in resubmitted["job_ids"]
+    assert process_title(spinner) == ""  # the spinning process was killed, not left behind
+    assert json.loads(result.stdout)["tokens"] == expected
+
+
+def test_long_jobs_that_report_progress_never_trip_the_deadline(leak_guard, pipeline_stores, tmp_path, monkeypatch):
+    """A layered benchmark whose every token uses all 8 experts of each layer, all cached after the first
+    token: each job then holds 8 items, and every item is made 0.15 s longer, busy on the CPU. Jobs last
+    more than twice the deadline of 0.5 s, but the worker reports progress between items."""
+    deadline_s = 0.5
+    store = pipeline_stores["tiny"]
+    flags = ("--tokens", 2, "--layered", "--top-k", 8, "--cache-slots", 16, "--compute-workers", 2,
+             "--job-deadline-s", deadline_s)
+    undisturbed = tmp_path / "undisturbed.npy"
+    run_pipeline(leak_guard, store, *flags, "--dump-outputs", undisturbed, workdir=tmp_path).check_ok()
+    monkeypatch.setenv("MER_WORK_FAULTS", "slow:0.15")
+    slowed = tmp_path / "slowed.npy"
+    result = run_pipeline(leak_guard, store, *flags, "--dump-outputs", slowed, workdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = result.events
+    longest = max(event["t_end"] - event["t_start"] for event in events_named(events, "compute_job"))
+    print(f"longest compute job {longest:.2f} s with job_deadline_s {deadline_s} s")
+    assert longest > 2 * deadline_s
+    assert events_named(events, "child_stuck") == events_named(events, "worker_stuck") == []
+    assert events_named(events, "child_restarted") == []
+    assert np.load(slowed).tobytes() == np.load(undisturbed).tobytes()
+
+
+def test_a_stuck_compute_worker_without_restarts_ends_the_run_naming_it_and_its_job(
+        leak_guard, pipeline_stores, tmp_path, monkeypatch):
+    monkeypatch.setenv("MER_WORK_FAULTS", "spin:0:20")
+    result = run_pipeline(leak_guard, pipeline_stores["tiny"], "--tokens", 2000, "--cache-slots", 4,
+                          "--compute-workers", 1, "--max-restarts", 0, "--job-deadline-s", 1, workdir=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    (injected,) = events_named(result.events, "work_fault_injected")
+    last_line = result.stderr.strip().splitlines()[-1]
+    pattern = (r"mer-pipeline run: error: (mer-compute-0-\w+) \(pid (\d+)\) died: "
+               + STUCK_EXIT.format(kind="compute job")
+               + r"; killed by the watchdog \(after 0 restarts, max_restarts\)")
+    match = re.fullmatch(pattern, last_line)
+    assert match, last_line
+    assert int(match.group(2)) == injected["pid"] and int(match.group(3)) == injected["job_id"]
+    assert float(match.group(6)) == 1.0
+    assert events_named(result.events, "child_restarted") == []
+
+
+def test_an_io_worker_spinning_forever_is_named_within_the_deadline_restarted_and_the_tokens_are_identical(
+        leak_guard, tmp_path):
+    """The I/O worker's event loop sends `IoProgress` while an `Acquire` is unanswered; spinning in a busy
+    loop, it sends nothing: named stuck, killed, restarted (the router fails its acquires over to the new
+    worker), and the tokens are those of mer's single-process generation."""
+    result, expected = generation(leak_guard, tmp_path, "spin:io:40", "def ", 40, "--job-deadline-s", DEADLINE_S)
+    events = result.events
+    (injected,) = events_named(events, "work_fault_injected")
+    (stuck,) = events_named(events, "child_stuck")
+    spun_at, spinner = injected["t_mono"], injected["pid"]
+    assert stuck["child"].startswith("mer-io-") and stuck["child_pid"] == spinner
+    assert re.fullmatch(rf"I/O request {injected['request_id']}( \(\d+ in hand\))?", stuck["work"]), stuck
+    assert DEADLINE_S < stuck["silent_s"] <= DEADLINE_S + CHECK_INTERVAL_S + DETECTION_SLACK_S, stuck
+    assert stuck["t_mono"] - spun_at <= DEADLINE_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
+    print(f"busy loop in the I/O worker's request {injected['request_id']}: named stuck "
+          f"{stuck['t_mono'] - spun_at:.2f} s after it began (silent {stuck['silent_s']} s)")
+    assert events_named(events, "child_stalled") == []
+    (restarted,) = events_named(events, "child_restarted")
+    assert restarted["child"] == stuck["child"] and restarted["dead_pid"] == spinner != restarted["child_pid"]
+    assert re.fullmatch(STUCK_EXIT.format(kind="I/O request") + "; killed by the watchdog", restarted["exit"])
+    (failover,) = events_named(events, "io_failover")
+    (lifted,) = events_named(events, "io_fence_lifted")
+    assert restarted["t_mono"] <= failover["t_mono"] <= lifted["t_mono"]
+    assert process_title(spinner) == ""
+    assert json.loads(result.stdout)["tokens"] == expected
