@@ -98,14 +98,30 @@ def _add_word_pair_products(builder: ir.IRBuilder, total: ir.Value, first: ir.Va
     return builder.call(function, [total, builder.bitcast(first, lanes), builder.bitcast(second, lanes)])
 
 
+def _pack_words(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
+    """`vpackssdw` (16 x i32, 16 x i32 -> 32 x i16, saturating): per 128-bit lane k, int16
+    lanes 8k ... 8k + 3 are `first`'s int32 lanes 4k ... 4k + 3, 8k + 4 ... 8k + 7 `second`'s."""
+    lanes = vir.vector(vir.INT32, 16)
+    function_type = ir.FunctionType(vir.vector(vir.INT16, 32), [lanes, lanes])
+    function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.x86.avx512.packssdw.512")
+    return builder.call(function, [first, second])
+
+
+def _packed_piece_and_byte(pair: int, word: int) -> tuple[int, int]:
+    """The piece (0..3) and the piece byte whose 4-byte `vpdpbusd` lane lands in int16 lane
+    `word` (0..31) of `_pack_words` of pieces 2 * pair and 2 * pair + 1."""
+    piece = 2 * pair + (word % 8) // 4
+    return piece, 4 * (4 * (word // 8) + word % 4)
+
+
 @dataclass
 class _PreparedBlock:
     """One row's super-block, unpacked once for every token."""
 
     vectors: list[ir.Value]  # unsigned quant bytes, piece-major, `width` bytes each
-    scales: list[ir.Value]  # per vector: the int16 scale of each of its byte pairs
+    scales: list[ir.Value]  # per vector (width 32) or piece pair (width 64): int16 scales, see `_prepare`
     d: ir.Value  # splat over the float lanes
-    offsets: ir.Value  # q6_K: 16 x i16 scales (of the 16-element sums); q4_K/q5_K: 8 floats -dmin * min_j
+    offsets: ir.Value  # q6_K: 16 x i16 scales (of the 16-element sums); q4_K/q5_K: -dmin * min_j in float lanes 0-7
 
 
 class _KDotEmitter:
@@ -217,66 +233,88 @@ class _KDotEmitter:
             offsets = builder.fmul(mins, vir.splat(builder, minus_dmin, 8))
         for piece in range(PIECES):
             vectors.extend(self._piece_vectors(base, piece))
-            for part in range(PIECE_BYTES // width):
-                pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
-                if self.dtype == "q6_k":
-                    indices = [8 * (piece // 2) + (64 * (piece % 2) + byte) // 16 for byte in pair_bytes]
-                else:
-                    indices = [self._k4_sub_block(piece, byte) for byte in pair_bytes]
+            if width == 32:  # the scale of each byte pair of each vector (`vpmaddubsw` then `vpmaddwd`)
+                for part in range(PIECE_BYTES // width):
+                    pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
+                    scales.append(self._spread(block_scales, [self._scale_index(piece, byte) for byte in pair_bytes]))
+        if width == 64:  # the scale of each int16 lane of the packed `vpdpbusd` sums of a piece pair
+            for pair in range(PIECES // 2):
+                indices = [self._scale_index(*_packed_piece_and_byte(pair, word)) for word in range(32)]
                 scales.append(self._spread(block_scales, indices))
+        if self.format.dmin_at is not None:
+            offsets = self._widen(offsets)
         d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
         return _PreparedBlock(vectors, scales, vir.splat(builder, d, width // 4), offsets)
 
+    def _scale_index(self, piece: int, piece_byte: int) -> int:
+        """The lane of `block_scales` (`_prepare`) that scales byte `piece_byte` of `piece`."""
+        if self.dtype == "q6_k":
+            return 8 * (piece // 2) + (64 * (piece % 2) + piece_byte) // 16
+        return self._k4_sub_block(piece, piece_byte)
+
     # ---- the token side --------------------------------------------------------------------
 
-    def _widen_lanes(self, values: ir.Value) -> ir.Value:
-        """8 x i32 as the int32 lanes of a `width` vector (zeros above)."""
+    def _widen(self, values: ir.Value) -> ir.Value:
+        """8 lanes as the low lanes of a vector of `width / 4` (zeros above)."""
         count = self.width // 4
         if count == 8:
             return values
         indices = ir.Constant(vir.vector(vir.INT32, count), list(range(count)))
         return self.builder.shuffle_vector(values, ir.Constant(values.type, None), indices)
 
-    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulators: tuple) -> None:
-        """Add one token's super-block to its accumulators (`d_x`: its scale, splat; the
-        accumulators: the scale products', and for q4_K/q5_K the mins' 8 float lanes)."""
+    def _scale_products(self, prepared: _PreparedBlock, quants_at: ir.Value) -> ir.Value:
+        """S: the int32 lanes of sum(scale * q * x) over the super-block, for one token."""
+        builder, width = self.builder, self.width
+        lanes = vir.vector(vir.INT32, width // 4)
+        activations = []
+        for number in range(len(prepared.vectors)):
+            pointer = builder.gep(self.quants, [builder.add(quants_at, vir.INT64(width * number))])
+            activations.append(vir.load_vector(builder, pointer, vir.vector(vir.INT8, width)))
+        total = ir.Constant(lanes, None)
+        if width == 32:
+            for vector, activation, scale in zip(prepared.vectors, activations, prepared.scales):
+                total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
+            return total
+        # AVX-512 VNNI: one `vpdpbusd` per piece (4-byte runs, each inside one sub-block: at most
+        # 4 * 63 * 127 < 2^15 in magnitude), two pieces' sums packed to int16 without saturating,
+        # then one `vpdpwssd` with the scales per piece pair.
+        dots = [vir.dot_unsigned_signed_bytes(builder, ir.Constant(lanes, None), vector, activation)
+                for vector, activation in zip(prepared.vectors, activations)]
+        for pair, scale in enumerate(prepared.scales):
+            packed = _pack_words(builder, dots[2 * pair], dots[2 * pair + 1])
+            total = _add_word_pair_products(builder, total, packed, scale)
+        return total
+
+    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulator: ir.Value) -> None:
+        """Add one token's super-block to its float accumulator (`d_x`: its scale, splat)."""
         builder, width = self.builder, self.width
         count = width // 4
         lanes = vir.vector(vir.INT32, count)
         floats = vir.vector(vir.FLOAT, count)
-        quants_at = builder.mul(index, vir.INT64(256))
-        total = ir.Constant(lanes, None)
-        for number, (vector, scale) in enumerate(zip(prepared.vectors, prepared.scales)):
-            pointer = builder.gep(self.quants, [builder.add(quants_at, vir.INT64(width * number))])
-            activation = vir.load_vector(builder, pointer, vir.vector(vir.INT8, width))
-            total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
+        total = self._scale_products(prepared, builder.mul(index, vir.INT64(256)))
+        value = builder.load(accumulator)
         if self.format.dmin_at is None:  # q6_K: all in integers, S - 32 C
             sums_at = builder.gep(self.sums, [builder.mul(index, vir.INT64(16))])
             sums = vir.load_vector(builder, sums_at, vir.vector(vir.INT16, 16))
-            correction = self._widen_lanes(_word_pair_products(builder, sums, prepared.offsets))
+            correction = self._widen(_word_pair_products(builder, sums, prepared.offsets))
             total = builder.sub(total, builder.shl(correction, ir.Constant(lanes, [5] * count)))
-        else:  # q4_K/q5_K: -dmin * min_j times the token's d_x * (sum of run j)
+        else:  # q4_K/q5_K: -dmin * min_j times the token's d_x * (sum of run j), in lanes 0-7
             run_sums_at = builder.gep(self.scales, [builder.add(builder.mul(index, vir.INT64(9)), vir.INT64(1))])
-            run_sums = vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8))
-            mins_total = vir.multiply_add(builder, prepared.offsets, run_sums, builder.load(accumulators[1]))
-            builder.store(mins_total, accumulators[1])
+            run_sums = self._widen(vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8)))
+            value = vir.multiply_add(builder, prepared.offsets, run_sums, value)
         factor = builder.fmul(prepared.d, d_x)
-        result = vir.multiply_add(builder, builder.sitofp(total, floats), factor, builder.load(accumulators[0]))
-        builder.store(result, accumulators[0])
+        builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, value), accumulator)
 
     def emit(self, context, return_type) -> ir.Value:  # type: ignore[no-untyped-def]
         builder = self.builder
-        kinds = [vir.vector(vir.FLOAT, self.width // 4)]
-        if self.format.dmin_at is not None:
-            kinds.append(vir.vector(vir.FLOAT, 8))
+        floats = vir.vector(vir.FLOAT, self.width // 4)
         accumulators = []
         for _ in self.row_offsets:
             row_accumulators = []
             for _ in range(self.num_tokens):
-                pair = tuple(cgutils.alloca_once(builder, kind) for kind in kinds)
-                for accumulator, kind in zip(pair, kinds):
-                    builder.store(ir.Constant(kind, None), accumulator)
-                row_accumulators.append(pair)
+                accumulator = cgutils.alloca_once(builder, floats)
+                builder.store(ir.Constant(floats, None), accumulator)
+                row_accumulators.append(accumulator)
             accumulators.append(row_accumulators)
         with cgutils.for_range(builder, self.num_blocks) as loop:
             block = loop.index
@@ -288,11 +326,7 @@ class _KDotEmitter:
                 d_x = vir.splat(builder, builder.load(d_x_at), self.width // 4)
                 for row, row_block in enumerate(prepared):
                     self._add_token(row_block, index, d_x, accumulators[row][token])
-        sums = []
-        for row in accumulators:
-            for pair in row:
-                totals = [vir.horizontal_sum(builder, builder.load(accumulator)) for accumulator in pair]
-                sums.append(totals[0] if len(totals) == 1 else builder.fadd(totals[0], totals[1]))
+        sums = [vir.horizontal_sum(builder, builder.load(accumulator)) for row in accumulators for accumulator in row]
         return context.make_tuple(builder, return_type, sums)
 
 
