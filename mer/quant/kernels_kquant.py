@@ -13,21 +13,28 @@ A super-block is read as four PIECES of 64 quant bytes, each one vector (width 6
 (width 32), the quants made unsigned (q4_K nibbles 0..15, q5_K 0..31 with the fifth bit from
 `qh`, q6_K 0..63 with the top two bits from `qh`, its `- 32` left for later); the activation
 stores the 64 elements of piece p at bytes 64p ... 64p + 63 of its super-block (the orders of
-`activation_k`). Per token and piece, `vpmaddubsw` (unsigned weight x signed activation bytes,
-adjacent pairs summed to int16: at most 2 * 63 * 127, never saturating) and then `vpmaddwd` /
-`vpdpwssd` with the int16 sub-block scale of each pair (6-bit q4_K/q5_K scales, int8 q6_K
-scales) sum `scale * q * x` exactly into int32 lanes: S. The rest comes from the activation's
-block sums, per token and super-block: q6_K `C = sum_j scale_j * sum(x_j)` (16-element runs,
-int16 sums, one `vpmaddwd`) subtracted in integers; q4_K/q5_K the 8 floats `d_x * sum(x_j)`
-(32-element runs, made with the activation) times the row's `-dmin * min_j`, one 8-lane FMA into
-an accumulator of their own. So a super-block's contribution is
+`activation_k`). The exact integer S = sum(scale * q * x) of a token's super-block:
+
+- width 64 (AVX-512 VNNI): per piece one `vpdpbusd` (unsigned weight x signed activation
+  bytes, 4 adjacent products per int32 lane, each lane inside one sub-block: at most
+  4 * 63 * 127 < 2^15 in magnitude); two pieces' lanes packed to int16 (`vpackssdw`, never
+  saturating), then one `vpdpwssd` with the int16 sub-block scale of each lane (6-bit
+  q4_K/q5_K scales, int8 q6_K scales): 4 + 2 multiplying instructions per super-block and token;
+- width 32 (AVX2): per 32 bytes `vpmaddubsw` (adjacent pairs summed to int16: at most
+  2 * 63 * 127, never saturating), then `vpmaddwd` with the scale of each pair, added.
+
+The rest comes from the activation's block sums, per token and super-block: q6_K `C = sum_j
+scale_j * sum(x_j)` (16-element runs, int16 sums, one `vpmaddwd`) subtracted in integers;
+q4_K/q5_K the 8 floats `d_x * sum(x_j)` (32-element runs, made with the activation) times the
+row's `-dmin * min_j`, one FMA into float lanes 0-7. So a super-block's contribution is
 
     q4_K, q5_K:  d * d_x * S - sum_j (dmin * min_j) * (d_x * sum(x_j))      q6_K:  d * d_x * (S - 32 * C)
 
-with exact integers S, C; the int32 lanes go to float32 and are fused-multiply-added, times
-d * d_x, into one float vector per (row, token), summed at the end (with the mins' vector). The
-unpacked pieces, spread scales and decoded 6-bit scales and mins of a row's super-block are
-made once and shared by the call's tokens; the row's bytes are prefetched 4 KiB ahead.
+with exact integers S, C; the mins' FMA goes into the (row, token)'s float accumulator (or, for
+the pairs in SEPARATE_MINS, into one of their own, added at the end), then S's int32 lanes,
+converted to float32, are fused-multiply-added into it times d * d_x; the lanes are summed at
+the end. The unpacked pieces, spread scales and decoded 6-bit scales and mins of a row's
+super-block are made once and shared by the call's tokens; the row's bytes are prefetched 4 KiB ahead.
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ PIECES = 4
 PIECE_BYTES = 64
 PREFETCH_BYTES = 4096
 WIDTHS = (32, 64)
+# (dtype, width) whose mins term gets a float accumulator of its own rather than joining the
+# scale products' one. Measured (a 4096 x 4096 matrix, one thread, batch 8 and 32, AVX2):
+# q5_K 5-10 % faster with its own (the register pressure of its unpacking differs), q4_K
+# 0-5 % faster sharing it; on AVX-512 sharing it is as fast or faster for both.
+SEPARATE_MINS = {("q5_k", 32)}
 
 
 @dataclass(frozen=True)
@@ -133,6 +145,7 @@ class _KDotEmitter:
         self.format = FORMATS[dtype]
         self.width = width
         self.num_tokens = num_tokens
+        self.separate_mins = (dtype, width) in SEPARATE_MINS
         weights, position, quants, sums, scales, token_start = args[:6]
         offset, row_stride, num_blocks = cgutils.unpack_tuple(builder, position)
         self.num_blocks = num_blocks
@@ -285,8 +298,10 @@ class _KDotEmitter:
             total = _add_word_pair_products(builder, total, packed, scale)
         return total
 
-    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulator: ir.Value) -> None:
-        """Add one token's super-block to its float accumulator (`d_x`: its scale, splat)."""
+    def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulators: tuple) -> None:
+        """Add one token's super-block to its float accumulators (`d_x`: its scale, splat): the
+        scale products', and the mins' where they have one of their own (`emit`)."""
+        accumulator, mins_accumulator = accumulators
         builder, width = self.builder, self.width
         count = width // 4
         lanes = vir.vector(vir.INT32, count)
@@ -301,9 +316,19 @@ class _KDotEmitter:
         else:  # q4_K/q5_K: -dmin * min_j times the token's d_x * (sum of run j), in lanes 0-7
             run_sums_at = builder.gep(self.scales, [builder.add(builder.mul(index, vir.INT64(9)), vir.INT64(1))])
             run_sums = self._widen(vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8)))
-            value = vir.multiply_add(builder, prepared.offsets, run_sums, value)
+            if mins_accumulator is None:
+                value = vir.multiply_add(builder, prepared.offsets, run_sums, value)
+            else:
+                mins_total = vir.multiply_add(builder, prepared.offsets, run_sums, builder.load(mins_accumulator))
+                builder.store(mins_total, mins_accumulator)
         factor = builder.fmul(prepared.d, d_x)
         builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, value), accumulator)
+
+    def _zeroed(self, kind: ir.VectorType) -> ir.Value:
+        """A new float accumulator (an alloca), zeroed."""
+        accumulator = cgutils.alloca_once(self.builder, kind)
+        self.builder.store(ir.Constant(kind, None), accumulator)
+        return accumulator
 
     def emit(self, context, return_type) -> ir.Value:  # type: ignore[no-untyped-def]
         builder = self.builder
@@ -312,9 +337,8 @@ class _KDotEmitter:
         for _ in self.row_offsets:
             row_accumulators = []
             for _ in range(self.num_tokens):
-                accumulator = cgutils.alloca_once(builder, floats)
-                builder.store(ir.Constant(floats, None), accumulator)
-                row_accumulators.append(accumulator)
+                mins = self._zeroed(floats) if self.separate_mins else None
+                row_accumulators.append((self._zeroed(floats), mins))
             accumulators.append(row_accumulators)
         with cgutils.for_range(builder, self.num_blocks) as loop:
             block = loop.index
@@ -326,7 +350,13 @@ class _KDotEmitter:
                 d_x = vir.splat(builder, builder.load(d_x_at), self.width // 4)
                 for row, row_block in enumerate(prepared):
                     self._add_token(row_block, index, d_x, accumulators[row][token])
-        sums = [vir.horizontal_sum(builder, builder.load(accumulator)) for row in accumulators for accumulator in row]
+        sums = []
+        for row in accumulators:
+            for accumulator, mins_accumulator in row:
+                total = vir.horizontal_sum(builder, builder.load(accumulator))
+                if mins_accumulator is not None:
+                    total = builder.fadd(total, vir.horizontal_sum(builder, builder.load(mins_accumulator)))
+                sums.append(total)
         return context.make_tuple(builder, return_type, sums)
 
 
