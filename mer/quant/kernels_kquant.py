@@ -110,13 +110,20 @@ def _add_word_pair_products(builder: ir.IRBuilder, total: ir.Value, first: ir.Va
     return builder.call(function, [total, builder.bitcast(first, lanes), builder.bitcast(second, lanes)])
 
 
-def _interleave_words(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
-    """32 x i16: word 2n the low word of `first`'s int32 lane n, word 2n + 1 `second`'s (one
-    `vpermt2w`); exact where every lane fits in int16."""
-    words = vir.vector(vir.INT16, 32)
-    indices = [32 * (word % 2) + 2 * (word // 2) for word in range(32)]
-    return builder.shuffle_vector(builder.bitcast(first, words), builder.bitcast(second, words),
-                                  ir.Constant(vir.vector(vir.INT32, 32), indices))
+def _pack_words(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
+    """`vpackssdw` (16 x i32, 16 x i32 -> 32 x i16, saturating): per 128-bit lane k, int16
+    lanes 8k ... 8k + 3 are `first`'s int32 lanes 4k ... 4k + 3, 8k + 4 ... 8k + 7 `second`'s."""
+    lanes = vir.vector(vir.INT32, 16)
+    function_type = ir.FunctionType(vir.vector(vir.INT16, 32), [lanes, lanes])
+    function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.x86.avx512.packssdw.512")
+    return builder.call(function, [first, second])
+
+
+def _packed_piece_and_byte(pair: int, word: int) -> tuple[int, int]:
+    """The piece (0..3) and the piece byte whose 4-byte `vpdpbusd` lane lands in int16 lane
+    `word` (0..31) of `_pack_words` of pieces 2 * pair and 2 * pair + 1."""
+    piece = 2 * pair + (word % 8) // 4
+    return piece, 4 * (4 * (word // 8) + word % 4)
 
 
 @dataclass
@@ -127,8 +134,6 @@ class _PreparedBlock:
     scales: list[ir.Value]  # per vector (width 32) or piece pair (width 64): int16 scales, see `_prepare`
     d: ir.Value  # splat over the float lanes
     offsets: ir.Value  # q6_K: 16 x i16 scales (of the 16-element sums); q4_K/q5_K: -dmin * min_j in float lanes 0-7
-    mins: ir.Value | None = None  # width 64, q4_K/q5_K: the 8 mins, 8 x i16
-    factors: ir.Value | None = None  # width 64, q4_K/q5_K: 16 floats, d in lanes 0-7, -dmin in 8-11, 0 above
 
 
 class _KDotEmitter:
@@ -140,7 +145,9 @@ class _KDotEmitter:
         self.format = FORMATS[dtype]
         self.width = width
         self.num_tokens = num_tokens
-        self.separate_mins = (dtype, width) in SEPARATE_MINS
+        # one token (width 64): the byte-pair kernel, as AVX2 (see the module docstring)
+        self.byte_pairs = width == 32 or num_tokens == 1
+        self.separate_mins = self.format.dmin_at is not None and ((dtype, width) in SEPARATE_MINS or width == 64)
         weights, position, quants, sums, scales, token_start = args[:6]
         offset, row_stride, num_blocks = cgutils.unpack_tuple(builder, position)
         self.num_blocks = num_blocks
@@ -241,28 +248,18 @@ class _KDotEmitter:
             offsets = builder.fmul(mins, vir.splat(builder, minus_dmin, 8))
         for piece in range(PIECES):
             vectors.extend(self._piece_vectors(base, piece))
-            if width == 32:  # the scale of each byte pair of each vector (`vpmaddubsw` then `vpmaddwd`)
+            if self.byte_pairs:  # the scale of each byte pair of each vector (`vpmaddubsw` then `vpmaddwd`)
                 for part in range(PIECE_BYTES // width):
                     pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
                     scales.append(self._spread(block_scales, [self._scale_index(piece, byte) for byte in pair_bytes]))
         d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
-        if width == 32:
-            if self.format.dmin_at is not None:
-                offsets = self._widen(offsets)
-            return _PreparedBlock(vectors, scales, vir.splat(builder, d, 8), offsets)
-        # width 64: the scale of each int16 lane of the interleaved `vpdpbusd` sums of a piece
-        # pair (`_interleave_words`: word 2n from piece 2 * pair, word 2n + 1 from the next, lane n)
-        for pair in range(PIECES // 2):
-            indices = [self._scale_index(2 * pair + word % 2, 4 * (word // 2)) for word in range(32)]
-            scales.append(self._spread(block_scales, indices))
-        if self.format.dmin_at is None:
-            return _PreparedBlock(vectors, scales, vir.splat(builder, d, 8), offsets)
-        dmin = builder.extract_element(self._half(base, fmt.dmin_at), vir.INT32(0))
-        factors = ir.Constant(vir.vector(vir.FLOAT, 16), None)
-        for lane in range(12):
-            factors = builder.insert_element(factors, d if lane < 8 else builder.fneg(dmin), vir.INT32(lane))
-        mins = vir.lanes(builder, block_scales, 8, 8)
-        return _PreparedBlock(vectors, scales, d, offsets, mins=mins, factors=factors)
+        if not self.byte_pairs:  # the scale of each int16 lane of the packed sums of a piece pair
+            for pair in range(PIECES // 2):
+                indices = [self._scale_index(*_packed_piece_and_byte(pair, word)) for word in range(32)]
+                scales.append(self._spread(block_scales, indices))
+        if self.format.dmin_at is not None:
+            offsets = self._widen(offsets)
+        return _PreparedBlock(vectors, scales, vir.splat(builder, d, width // 4), offsets)
 
     def _scale_index(self, piece: int, piece_byte: int) -> int:
         """The lane of `block_scales` (`_prepare`) that scales byte `piece_byte` of `piece`."""
@@ -291,50 +288,51 @@ class _KDotEmitter:
     def _scale_products(self, prepared: _PreparedBlock, quants_at: ir.Value) -> ir.Value:
         """Width 32: S, the 8 int32 lanes of sum(scale * q * x) over the super-block, for one token."""
         builder = self.builder
-        total = ir.Constant(vir.vector(vir.INT32, 8), None)
+        total = ir.Constant(vir.vector(vir.INT32, self.width // 4), None)
         activations = self._activations(len(prepared.vectors), quants_at)
         for vector, activation, scale in zip(prepared.vectors, activations, prepared.scales):
             total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
         return total
-
-    def _vnni_scale_products(self, prepared: _PreparedBlock, quants_at: ir.Value) -> ir.Value:
-        """Width 64: S as 8 int32 lanes, lane i the sum over the 32-element groups (sub-blocks) of
-        scale * (dot of the group's elements 4i ... 4i + 3), for one token.
-
-        One `vpdpbusd` per piece (lane n: group n // 8 of the piece, elements 4 (n % 8) ...;
-        at most 4 * 63 * 127 < 2^15 in magnitude); the low words of two pieces' lanes
-        interleaved (word 2n from the first piece's lane n, 2n + 1 from the second's), one
-        `vpdpwssd` with their scales per piece pair, then lanes n and n + 8 added."""
-        builder = self.builder
-        lanes = vir.vector(vir.INT32, 16)
-        activations = self._activations(len(prepared.vectors), quants_at)
-        dots = [vir.dot_unsigned_signed_bytes(builder, ir.Constant(lanes, None), vector, activation)
-                for vector, activation in zip(prepared.vectors, activations)]
-        total = ir.Constant(lanes, None)
-        for pair, scale in enumerate(prepared.scales):
-            words = _interleave_words(builder, dots[2 * pair], dots[2 * pair + 1])
-            total = _add_word_pair_products(builder, total, words, scale)
-        return builder.add(vir.lanes(builder, total, 0, 8), vir.lanes(builder, total, 8, 8))
 
     def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulators: tuple) -> None:
         """Width 32: add one token's super-block to its float accumulators (`d_x`: its scale,
         splat): the scale products', and the mins' where they have one of their own (`emit`)."""
         accumulator, mins_accumulator = accumulators
         builder = self.builder
-        lanes = vir.vector(vir.INT32, 8)
-        floats = vir.vector(vir.FLOAT, 8)
+        floats = vir.vector(vir.FLOAT, self.width // 4)
         total = self._scale_products(prepared, builder.mul(index, vir.INT64(256)))
         value = builder.load(accumulator)
         if self.format.dmin_at is None:  # q6_K: all in integers, S - 32 C
-            total = builder.sub(total, self._q6_correction(prepared, index))
+            total = builder.sub(total, self._widen(self._q6_correction(prepared, index)))
         else:  # q4_K/q5_K: -dmin * min_j times the token's d_x * (sum of run j)
             run_sums_at = builder.gep(self.scales, [builder.add(builder.mul(index, vir.INT64(9)), vir.INT64(1))])
-            run_sums = vir.load_vector(builder, run_sums_at, floats)
+            run_sums = self._widen(vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8)))
             if mins_accumulator is None:
                 value = vir.multiply_add(builder, prepared.offsets, run_sums, value)
             else:
                 mins_total = vir.multiply_add(builder, prepared.offsets, run_sums, builder.load(mins_accumulator))
                 builder.store(mins_total, mins_accumulator)
+        factor = builder.fmul(prepared.d, d_x)
+        builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, value), accumulator)
+
+    def _add_token_packed(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulator: ir.Value) -> None:
+        """Width 64, several tokens: add one token's super-block to its 16-lane float accumulator."""
+        builder = self.builder
+        lanes = vir.vector(vir.INT32, 16)
+        floats = vir.vector(vir.FLOAT, 16)
+        activations = self._activations(len(prepared.vectors), builder.mul(index, vir.INT64(256)))
+        dots = [vir.dot_unsigned_signed_bytes(builder, ir.Constant(lanes, None), vector, activation)
+                for vector, activation in zip(prepared.vectors, activations)]
+        total = ir.Constant(lanes, None)
+        for pair, scale in enumerate(prepared.scales):
+            total = _add_word_pair_products(builder, total, _pack_words(builder, dots[2 * pair], dots[2 * pair + 1]), scale)
+        value = builder.load(accumulator)
+        if self.format.dmin_at is None:
+            total = builder.sub(total, self._widen(self._q6_correction(prepared, index)))
+        else:
+            run_sums_at = builder.gep(self.scales, [builder.add(builder.mul(index, vir.INT64(9)), vir.INT64(1))])
+            run_sums = self._widen(vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8)))
+            value = vir.multiply_add(builder, prepared.offsets, run_sums, value)
         factor = builder.fmul(prepared.d, d_x)
         builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, value), accumulator)
 
@@ -345,34 +343,6 @@ class _KDotEmitter:
         correction = _word_pair_products(builder, sums, prepared.offsets)
         return builder.shl(correction, ir.Constant(vir.vector(vir.INT32, 8), [5] * 8))
 
-    def _run_sums(self, index: ir.Value) -> ir.Value:
-        """Width 64, q4_K/q5_K: the token's eight 32-element sums of q, 8 x i16 (|sum| <= 4064)."""
-        builder = self.builder
-        sums = vir.load_vector(builder, builder.gep(self.sums, [builder.mul(index, vir.INT64(16))]), vir.vector(vir.INT16, 16))
-        pairs = _word_pair_products(builder, sums, ir.Constant(vir.vector(vir.INT16, 16), [1] * 16))
-        return builder.trunc(pairs, vir.vector(vir.INT16, 8))
-
-    def _add_token_vnni(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, run_sums, accumulator) -> None:  # type: ignore[no-untyped-def]
-        """Width 64: add one token's super-block to its float accumulator (`d_x`: its scale, a
-        scalar; `run_sums`: `_run_sums`, q4_K/q5_K). q6_K: 8 lanes += d d_x (S - 32 C);
-        q4_K/q5_K: lanes 0-7 += d d_x S, lanes 8-11 += -dmin d_x M, M lane k = min_2k r_2k +
-        min_2k+1 r_2k+1 (r: the run sums), all one FMA over the 16 lanes."""
-        builder = self.builder
-        total = self._vnni_scale_products(prepared, builder.mul(index, vir.INT64(256)))
-        value = builder.load(accumulator)
-        if self.format.dmin_at is None:
-            total = builder.sub(total, self._q6_correction(prepared, index))
-            factor = builder.fmul(prepared.d, vir.splat(builder, d_x, 8))
-            result = vir.multiply_add(builder, builder.sitofp(total, vir.vector(vir.FLOAT, 8)), factor, value)
-            builder.store(result, accumulator)
-            return
-        mins = _word_pair_products(builder, run_sums, prepared.mins)  # 4 x i32
-        widened = builder.shuffle_vector(mins, ir.Constant(mins.type, None), ir.Constant(vir.vector(vir.INT32, 8), list(range(8))))
-        lanes = builder.shuffle_vector(total, widened, ir.Constant(vir.vector(vir.INT32, 16), list(range(16))))
-        factor = builder.fmul(prepared.factors, vir.splat(builder, d_x, 16))
-        result = vir.multiply_add(builder, builder.sitofp(lanes, vir.vector(vir.FLOAT, 16)), factor, value)
-        builder.store(result, accumulator)
-
     def _zeroed(self, kind: ir.VectorType) -> ir.Value:
         """A new float accumulator (an alloca), zeroed."""
         accumulator = cgutils.alloca_once(self.builder, kind)
@@ -381,9 +351,7 @@ class _KDotEmitter:
 
     def emit(self, context, return_type) -> ir.Value:  # type: ignore[no-untyped-def]
         builder = self.builder
-        vnni = self.width == 64
-        lane_count = 8 if not vnni or self.format.dmin_at is None else 16
-        floats = vir.vector(vir.FLOAT, lane_count)
+        floats = vir.vector(vir.FLOAT, self.width // 4)
         accumulators = []
         for _ in self.row_offsets:
             row_accumulators = []
@@ -398,19 +366,15 @@ class _KDotEmitter:
             for token in range(self.num_tokens):
                 index = builder.add(first, vir.INT64(token))
                 d_x = builder.load(builder.gep(self.scales, [builder.mul(index, vir.INT64(9))]))
-                run_sums = self._run_sums(index) if vnni and self.format.dmin_at is not None else None
                 for row, row_block in enumerate(prepared):
-                    if vnni:
-                        self._add_token_vnni(row_block, index, d_x, run_sums, accumulators[row][token][0])
+                    if not self.byte_pairs:
+                        self._add_token_packed(row_block, index, vir.splat(builder, d_x, 16), accumulators[row][token][0])
                     else:
-                        self._add_token(row_block, index, vir.splat(builder, d_x, 8), accumulators[row][token])
+                        self._add_token(row_block, index, vir.splat(builder, d_x, self.width // 4), accumulators[row][token])
         sums = []
         for row in accumulators:
             for accumulator, mins_accumulator in row:
-                lanes = builder.load(accumulator)
-                total = vir.horizontal_sum(builder, vir.lanes(builder, lanes, 0, 8))
-                if lane_count == 16:  # the mins' 4 lanes, summed apart as ggml's AVX2 kernel does
-                    total = builder.fadd(total, vir.horizontal_sum(builder, vir.lanes(builder, lanes, 8, 4)))
+                total = vir.horizontal_sum(builder, builder.load(accumulator))
                 if mins_accumulator is not None:
                     total = builder.fadd(total, vir.horizontal_sum(builder, builder.load(mins_accumulator)))
                 sums.append(total)
