@@ -147,7 +147,8 @@ class _KDotEmitter:
         self.num_tokens = num_tokens
         # one token (width 64): the byte-pair kernel, as AVX2 (see the module docstring)
         self.byte_pairs = width == 32 or num_tokens == 1
-        self.separate_mins = self.format.dmin_at is not None and ((dtype, width) in SEPARATE_MINS or width == 64)
+        self.separate_mins = self.format.dmin_at is not None and (
+            (dtype, width) in SEPARATE_MINS or (width == 64 and self.byte_pairs))
         weights, position, quants, sums, scales, token_start = args[:6]
         offset, row_stride, num_blocks = cgutils.unpack_tuple(builder, position)
         self.num_blocks = num_blocks
