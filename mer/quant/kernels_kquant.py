@@ -13,28 +13,21 @@ A super-block is read as four PIECES of 64 quant bytes, each one vector (width 6
 (width 32), the quants made unsigned (q4_K nibbles 0..15, q5_K 0..31 with the fifth bit from
 `qh`, q6_K 0..63 with the top two bits from `qh`, its `- 32` left for later); the activation
 stores the 64 elements of piece p at bytes 64p ... 64p + 63 of its super-block (the orders of
-`activation_k`). The exact integer S = sum(scale * q * x) of a token's super-block:
-
-- width 64 (AVX-512 VNNI): per piece one `vpdpbusd` (unsigned weight x signed activation
-  bytes, 4 adjacent products per int32 lane, each lane inside one sub-block: at most
-  4 * 63 * 127 < 2^15 in magnitude); two pieces' lanes packed to int16 (`vpackssdw`, never
-  saturating), then one `vpdpwssd` with the int16 sub-block scale of each lane (6-bit
-  q4_K/q5_K scales, int8 q6_K scales): 4 + 2 multiplying instructions per super-block and token;
-- width 32 (AVX2): per 32 bytes `vpmaddubsw` (adjacent pairs summed to int16: at most
-  2 * 63 * 127, never saturating), then `vpmaddwd` with the scale of each pair, added.
-
-The rest comes from the activation's block sums, per token and super-block: q6_K `C = sum_j
-scale_j * sum(x_j)` (16-element runs, int16 sums, one `vpmaddwd`) subtracted in integers;
-q4_K/q5_K the 8 floats `d_x * sum(x_j)` (32-element runs, made with the activation) times the
-row's `-dmin * min_j`, one FMA into float lanes 0-7. So a super-block's contribution is
+`activation_k`). Per token and piece, `vpmaddubsw` (unsigned weight x signed activation bytes,
+adjacent pairs summed to int16: at most 2 * 63 * 127, never saturating) and then `vpmaddwd` /
+`vpdpwssd` with the int16 sub-block scale of each pair (6-bit q4_K/q5_K scales, int8 q6_K
+scales) sum `scale * q * x` exactly into int32 lanes: S. The rest comes from the activation's
+block sums, per token and super-block: q6_K `C = sum_j scale_j * sum(x_j)` (16-element runs,
+int16 sums, one `vpmaddwd`) subtracted in integers; q4_K/q5_K the 8 floats `d_x * sum(x_j)`
+(32-element runs, made with the activation) times the row's `-dmin * min_j`, one 8-lane FMA into
+an accumulator of their own. So a super-block's contribution is
 
     q4_K, q5_K:  d * d_x * S - sum_j (dmin * min_j) * (d_x * sum(x_j))      q6_K:  d * d_x * (S - 32 * C)
 
-with exact integers S, C; the mins' FMA goes into the (row, token)'s float accumulator (or, for
-the pairs in SEPARATE_MINS, into one of their own, added at the end), then S's int32 lanes,
-converted to float32, are fused-multiply-added into it times d * d_x; the lanes are summed at
-the end. The unpacked pieces, spread scales and decoded 6-bit scales and mins of a row's
-super-block are made once and shared by the call's tokens; the row's bytes are prefetched 4 KiB ahead.
+with exact integers S, C; the int32 lanes go to float32 and are fused-multiply-added, times
+d * d_x, into one float vector per (row, token), summed at the end (with the mins' vector). The
+unpacked pieces, spread scales and decoded 6-bit scales and mins of a row's super-block are
+made once and shared by the call's tokens; the row's bytes are prefetched 4 KiB ahead.
 """
 
 from __future__ import annotations
@@ -52,11 +45,6 @@ PIECES = 4
 PIECE_BYTES = 64
 PREFETCH_BYTES = 4096
 WIDTHS = (32, 64)
-# (dtype, width) whose mins term gets a float accumulator of its own rather than joining the
-# scale products' one. Measured (a 4096 x 4096 matrix, one thread, batch 8 and 32, AVX2):
-# q5_K 5-10 % faster with its own (the register pressure of its unpacking differs), q4_K
-# 0-5 % faster sharing it; on AVX-512 sharing it is as fast or faster for both.
-SEPARATE_MINS = {("q5_k", 32), ("q4_k", 64), ("q5_k", 64), ("q4_k", 32)}
 
 
 @dataclass(frozen=True)
@@ -94,7 +82,7 @@ def _byte_pair_products(builder: ir.IRBuilder, unsigned: ir.Value, signed: ir.Va
 def _word_pair_products(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
     """`vpmaddwd`: int32 lane i = a[2i] * b[2i] + a[2i+1] * b[2i+1] (exact)."""
     count = first.type.count
-    name = {32: "llvm.x86.avx512.pmaddw.d.512", 16: "llvm.x86.avx2.pmadd.wd", 8: "llvm.x86.sse2.pmadd.wd"}[count]
+    name = "llvm.x86.avx512.pmaddw.d.512" if count == 32 else "llvm.x86.avx2.pmadd.wd"
     function_type = ir.FunctionType(vir.vector(vir.INT32, count // 2), [first.type, second.type])
     function = cgutils.get_or_insert_function(builder.module, function_type, name)
     return builder.call(function, [first, second])
@@ -110,30 +98,14 @@ def _add_word_pair_products(builder: ir.IRBuilder, total: ir.Value, first: ir.Va
     return builder.call(function, [total, builder.bitcast(first, lanes), builder.bitcast(second, lanes)])
 
 
-def _pack_words(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
-    """`vpackssdw` (16 x i32, 16 x i32 -> 32 x i16, saturating): per 128-bit lane k, int16
-    lanes 8k ... 8k + 3 are `first`'s int32 lanes 4k ... 4k + 3, 8k + 4 ... 8k + 7 `second`'s."""
-    lanes = vir.vector(vir.INT32, 16)
-    function_type = ir.FunctionType(vir.vector(vir.INT16, 32), [lanes, lanes])
-    function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.x86.avx512.packssdw.512")
-    return builder.call(function, [first, second])
-
-
-def _packed_piece_and_byte(pair: int, word: int) -> tuple[int, int]:
-    """The piece (0..3) and the piece byte whose 4-byte `vpdpbusd` lane lands in int16 lane
-    `word` (0..31) of `_pack_words` of pieces 2 * pair and 2 * pair + 1."""
-    piece = 2 * pair + (word % 8) // 4
-    return piece, 4 * (4 * (word // 8) + word % 4)
-
-
 @dataclass
 class _PreparedBlock:
     """One row's super-block, unpacked once for every token."""
 
     vectors: list[ir.Value]  # unsigned quant bytes, piece-major, `width` bytes each
-    scales: list[ir.Value]  # per vector (width 32) or piece pair (width 64): int16 scales, see `_prepare`
+    scales: list[ir.Value]  # per vector: the int16 scale of each of its byte pairs
     d: ir.Value  # splat over the float lanes
-    offsets: ir.Value  # q6_K: 16 x i16 scales (of the 16-element sums); q4_K/q5_K: -dmin * min_j in float lanes 0-7
+    offsets: ir.Value  # q6_K: 16 x i16 scales (of the 16-element sums); q4_K/q5_K: 8 floats -dmin * min_j
 
 
 class _KDotEmitter:
@@ -145,10 +117,6 @@ class _KDotEmitter:
         self.format = FORMATS[dtype]
         self.width = width
         self.num_tokens = num_tokens
-        # one token (width 64): the byte-pair kernel, as AVX2 (see the module docstring)
-        self.byte_pairs = width == 32 or num_tokens == 1
-        self.separate_mins = self.format.dmin_at is not None and (
-            (dtype, width) in SEPARATE_MINS or (width == 64 and self.byte_pairs))
         weights, position, quants, sums, scales, token_start = args[:6]
         offset, row_stride, num_blocks = cgutils.unpack_tuple(builder, position)
         self.num_blocks = num_blocks
@@ -249,116 +217,66 @@ class _KDotEmitter:
             offsets = builder.fmul(mins, vir.splat(builder, minus_dmin, 8))
         for piece in range(PIECES):
             vectors.extend(self._piece_vectors(base, piece))
-            if self.byte_pairs:  # the scale of each byte pair of each vector (`vpmaddubsw` then `vpmaddwd`)
-                for part in range(PIECE_BYTES // width):
-                    pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
-                    scales.append(self._spread(block_scales, [self._scale_index(piece, byte) for byte in pair_bytes]))
-        d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
-        if not self.byte_pairs:  # the scale of each int16 lane of the packed sums of a piece pair
-            for pair in range(PIECES // 2):
-                indices = [self._scale_index(*_packed_piece_and_byte(pair, word)) for word in range(32)]
+            for part in range(PIECE_BYTES // width):
+                pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
+                if self.dtype == "q6_k":
+                    indices = [8 * (piece // 2) + (64 * (piece % 2) + byte) // 16 for byte in pair_bytes]
+                else:
+                    indices = [self._k4_sub_block(piece, byte) for byte in pair_bytes]
                 scales.append(self._spread(block_scales, indices))
-        if self.format.dmin_at is not None:
-            offsets = self._widen(offsets)
+        d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
         return _PreparedBlock(vectors, scales, vir.splat(builder, d, width // 4), offsets)
-
-    def _scale_index(self, piece: int, piece_byte: int) -> int:
-        """The lane of `block_scales` (`_prepare`) that scales byte `piece_byte` of `piece`."""
-        if self.dtype == "q6_k":
-            return 8 * (piece // 2) + (64 * (piece % 2) + piece_byte) // 16
-        return self._k4_sub_block(piece, piece_byte)
 
     # ---- the token side --------------------------------------------------------------------
 
-    def _widen(self, values: ir.Value) -> ir.Value:
-        """8 lanes as the low lanes of a vector of `width / 4` (zeros above)."""
+    def _widen_lanes(self, values: ir.Value) -> ir.Value:
+        """8 x i32 as the int32 lanes of a `width` vector (zeros above)."""
         count = self.width // 4
         if count == 8:
             return values
         indices = ir.Constant(vir.vector(vir.INT32, count), list(range(count)))
         return self.builder.shuffle_vector(values, ir.Constant(values.type, None), indices)
 
-    def _activations(self, count: int, quants_at: ir.Value) -> list[ir.Value]:
-        builder, width = self.builder, self.width
-        activations = []
-        for number in range(count):
-            pointer = builder.gep(self.quants, [builder.add(quants_at, vir.INT64(width * number))])
-            activations.append(vir.load_vector(builder, pointer, vir.vector(vir.INT8, width)))
-        return activations
-
-    def _scale_products(self, prepared: _PreparedBlock, quants_at: ir.Value) -> ir.Value:
-        """Width 32: S, the 8 int32 lanes of sum(scale * q * x) over the super-block, for one token."""
-        builder = self.builder
-        total = ir.Constant(vir.vector(vir.INT32, self.width // 4), None)
-        activations = self._activations(len(prepared.vectors), quants_at)
-        for vector, activation, scale in zip(prepared.vectors, activations, prepared.scales):
-            total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
-        return total
-
     def _add_token(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulators: tuple) -> None:
-        """Width 32: add one token's super-block to its float accumulators (`d_x`: its scale,
-        splat): the scale products', and the mins' where they have one of their own (`emit`)."""
-        accumulator, mins_accumulator = accumulators
-        builder = self.builder
-        floats = vir.vector(vir.FLOAT, self.width // 4)
-        total = self._scale_products(prepared, builder.mul(index, vir.INT64(256)))
-        value = builder.load(accumulator)
+        """Add one token's super-block to its accumulators (`d_x`: its scale, splat; the
+        accumulators: the scale products', and for q4_K/q5_K the mins' 8 float lanes)."""
+        builder, width = self.builder, self.width
+        count = width // 4
+        lanes = vir.vector(vir.INT32, count)
+        floats = vir.vector(vir.FLOAT, count)
+        quants_at = builder.mul(index, vir.INT64(256))
+        total = ir.Constant(lanes, None)
+        for number, (vector, scale) in enumerate(zip(prepared.vectors, prepared.scales)):
+            pointer = builder.gep(self.quants, [builder.add(quants_at, vir.INT64(width * number))])
+            activation = vir.load_vector(builder, pointer, vir.vector(vir.INT8, width))
+            total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
         if self.format.dmin_at is None:  # q6_K: all in integers, S - 32 C
-            total = builder.sub(total, self._widen(self._q6_correction(prepared, index)))
+            sums_at = builder.gep(self.sums, [builder.mul(index, vir.INT64(16))])
+            sums = vir.load_vector(builder, sums_at, vir.vector(vir.INT16, 16))
+            correction = self._widen_lanes(_word_pair_products(builder, sums, prepared.offsets))
+            total = builder.sub(total, builder.shl(correction, ir.Constant(lanes, [5] * count)))
         else:  # q4_K/q5_K: -dmin * min_j times the token's d_x * (sum of run j)
             run_sums_at = builder.gep(self.scales, [builder.add(builder.mul(index, vir.INT64(9)), vir.INT64(1))])
-            run_sums = self._widen(vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8)))
-            if mins_accumulator is None:
-                value = vir.multiply_add(builder, prepared.offsets, run_sums, value)
-            else:
-                mins_total = vir.multiply_add(builder, prepared.offsets, run_sums, builder.load(mins_accumulator))
-                builder.store(mins_total, mins_accumulator)
+            run_sums = vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8))
+            mins_total = vir.multiply_add(builder, prepared.offsets, run_sums, builder.load(accumulators[1]))
+            builder.store(mins_total, accumulators[1])
         factor = builder.fmul(prepared.d, d_x)
-        builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, value), accumulator)
-
-    def _add_token_packed(self, prepared: _PreparedBlock, index: ir.Value, d_x: ir.Value, accumulator: ir.Value) -> None:
-        """Width 64, several tokens: add one token's super-block to its 16-lane float accumulator."""
-        builder = self.builder
-        lanes = vir.vector(vir.INT32, 16)
-        floats = vir.vector(vir.FLOAT, 16)
-        activations = self._activations(len(prepared.vectors), builder.mul(index, vir.INT64(256)))
-        dots = [vir.dot_unsigned_signed_bytes(builder, ir.Constant(lanes, None), vector, activation)
-                for vector, activation in zip(prepared.vectors, activations)]
-        total = ir.Constant(lanes, None)
-        for pair, scale in enumerate(prepared.scales):
-            total = _add_word_pair_products(builder, total, _pack_words(builder, dots[2 * pair], dots[2 * pair + 1]), scale)
-        value = builder.load(accumulator)
-        if self.format.dmin_at is None:
-            total = builder.sub(total, self._widen(self._q6_correction(prepared, index)))
-        else:
-            run_sums_at = builder.gep(self.scales, [builder.add(builder.mul(index, vir.INT64(9)), vir.INT64(1))])
-            run_sums = self._widen(vir.load_vector(builder, run_sums_at, vir.vector(vir.FLOAT, 8)))
-            value = vir.multiply_add(builder, prepared.offsets, run_sums, value)
-        factor = builder.fmul(prepared.d, d_x)
-        builder.store(vir.multiply_add(builder, builder.sitofp(total, floats), factor, value), accumulator)
-
-    def _q6_correction(self, prepared: _PreparedBlock, index: ir.Value) -> ir.Value:
-        """q6_K's 32 C over 8 int32 lanes: lane k 32 (scale_2k sum_2k + scale_2k+1 sum_2k+1)."""
-        builder = self.builder
-        sums = vir.load_vector(builder, builder.gep(self.sums, [builder.mul(index, vir.INT64(16))]), vir.vector(vir.INT16, 16))
-        correction = _word_pair_products(builder, sums, prepared.offsets)
-        return builder.shl(correction, ir.Constant(vir.vector(vir.INT32, 8), [5] * 8))
-
-    def _zeroed(self, kind: ir.VectorType) -> ir.Value:
-        """A new float accumulator (an alloca), zeroed."""
-        accumulator = cgutils.alloca_once(self.builder, kind)
-        self.builder.store(ir.Constant(kind, None), accumulator)
-        return accumulator
+        result = vir.multiply_add(builder, builder.sitofp(total, floats), factor, builder.load(accumulators[0]))
+        builder.store(result, accumulators[0])
 
     def emit(self, context, return_type) -> ir.Value:  # type: ignore[no-untyped-def]
         builder = self.builder
-        floats = vir.vector(vir.FLOAT, self.width // 4)
+        kinds = [vir.vector(vir.FLOAT, self.width // 4)]
+        if self.format.dmin_at is not None:
+            kinds.append(vir.vector(vir.FLOAT, 8))
         accumulators = []
         for _ in self.row_offsets:
             row_accumulators = []
             for _ in range(self.num_tokens):
-                mins = self._zeroed(floats) if self.separate_mins else None
-                row_accumulators.append((self._zeroed(floats), mins))
+                pair = tuple(cgutils.alloca_once(builder, kind) for kind in kinds)
+                for accumulator, kind in zip(pair, kinds):
+                    builder.store(ir.Constant(kind, None), accumulator)
+                row_accumulators.append(pair)
             accumulators.append(row_accumulators)
         with cgutils.for_range(builder, self.num_blocks) as loop:
             block = loop.index
@@ -366,19 +284,15 @@ class _KDotEmitter:
             first = builder.add(builder.mul(block, self.batch), self.token_start)
             for token in range(self.num_tokens):
                 index = builder.add(first, vir.INT64(token))
-                d_x = builder.load(builder.gep(self.scales, [builder.mul(index, vir.INT64(9))]))
+                d_x_at = builder.gep(self.scales, [builder.mul(index, vir.INT64(9))])
+                d_x = vir.splat(builder, builder.load(d_x_at), self.width // 4)
                 for row, row_block in enumerate(prepared):
-                    if not self.byte_pairs:
-                        self._add_token_packed(row_block, index, vir.splat(builder, d_x, 16), accumulators[row][token][0])
-                    else:
-                        self._add_token(row_block, index, vir.splat(builder, d_x, self.width // 4), accumulators[row][token])
+                    self._add_token(row_block, index, d_x, accumulators[row][token])
         sums = []
         for row in accumulators:
-            for accumulator, mins_accumulator in row:
-                total = vir.horizontal_sum(builder, builder.load(accumulator))
-                if mins_accumulator is not None:
-                    total = builder.fadd(total, vir.horizontal_sum(builder, builder.load(mins_accumulator)))
-                sums.append(total)
+            for pair in row:
+                totals = [vir.horizontal_sum(builder, builder.load(accumulator)) for accumulator in pair]
+                sums.append(totals[0] if len(totals) == 1 else builder.fadd(totals[0], totals[1]))
         return context.make_tuple(builder, return_type, sums)
 
 
