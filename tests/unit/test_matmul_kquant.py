@@ -232,3 +232,19 @@ def test_a_fresh_compile_and_numba_s_cache_give_the_same_bits(dtype: str, tmp_pa
                            check=True, timeout=300).stdout.strip() for _ in range(2)]
     assert any(tmp_path.rglob("*.nbc"))  # the second run loaded what the first compiled
     assert runs[0] == runs[1] and len(runs[0]) == 64
+
+
+@pytest.mark.parametrize("dtype", K_QUANTS)
+def test_extreme_quants_and_activations_do_not_saturate(dtype: str) -> None:
+    """Row 0 has every quant at its top value and the activations round to all +127 or all
+    -127: the VNNI kernel's 4-product int32 lanes then reach +-4 * 63 * 127 (q6_K) before being
+    packed to int16, and the AVX2 kernel's byte-pair sums +-2 * 63 * 127; nothing may clip."""
+    rows, columns = 5, 512
+    native, weights = integer_matrix(dtype, rows, columns)
+    spec = MatrixSpec("gate", dtype, rows, columns, 0, native.size, "native")
+    x = np.ones((3, columns), dtype=np.float32)
+    x[1] = -1.0
+    x[2, ::8] = -1.0  # mixed signs inside the lanes
+    for kernel in AVAILABLE_KERNELS:
+        out = matmul(spec, native, x, kernel=kernel)
+        assert_float32_close(out, weights.astype(np.float64), reference_q8_k(x))
