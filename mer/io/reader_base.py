@@ -172,7 +172,8 @@ class ExpertReader(ABC):
         for future in list(self._queued):
             self.cancel(future)
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see Supervisor._next_event
+                await self._idle.wait()
         except TimeoutError:
             log.warning("io_reader_close_timeout", backend=self.name, in_flight=self._num_in_flight)
         self._release()

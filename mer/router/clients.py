@@ -421,7 +421,8 @@ class ComputeClient(_Client):
 
     async def wait_connected(self, timeout_s: float) -> None:
         try:
-            await asyncio.wait_for(self.all_connected.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see Supervisor._next_event
+                await self.all_connected.wait()
         except TimeoutError:
             raise PipelineError(
                 f"only {len(self.identities)} of {self.num_workers} compute workers connected within {timeout_s:g} s"

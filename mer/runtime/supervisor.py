@@ -256,8 +256,12 @@ class Supervisor:
 
     async def _next_event(self, deadline: float | None):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns an event that is ready at the
+        # moment the task is cancelled and drops the cancel, so a busy graph (a server's steady stream
+        # of reports) could never be stopped
         try:
-            return await asyncio.wait_for(self._events.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._events.get()
         except TimeoutError:
             return ("timeout", None)
 

@@ -120,7 +120,8 @@ async def _run_until_stopped(supervisor: Supervisor, http: _Uvicorn, hub: Servin
         http.should_exit = True
         stop.cancel()
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(web, SHUTDOWN_GRACE_S * 2)
+            async with asyncio.timeout(SHUTDOWN_GRACE_S * 2):  # not wait_for: see Supervisor._next_event
+                await web
         if not graph.done():
             graph.cancel()
         await asyncio.gather(graph, return_exceptions=True)

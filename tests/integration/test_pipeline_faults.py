@@ -241,3 +241,24 @@ def test_a_failure_that_follows_a_death_is_reported_as_the_death(pipeline_stores
         process.kill()
         process.join(10)
         process.close()
+
+
+def test_a_busy_supervisor_still_stops_when_cancelled(pipeline_stores):
+    """A server stops its graph by cancelling `Supervisor.run` while reports keep arriving. An event
+    that is ready at the moment of the cancel must not swallow it (Python 3.11's `asyncio.wait_for`
+    does: `serve` then ignored SIGTERM for good, 1 run in ~10)."""
+    supervisor = Supervisor(PipelineConfig(store=pipeline_stores["tiny"], compute_workers=1),
+                            ExpertStore.open(pipeline_stores["tiny"]))
+
+    async def cancel_as_an_event_arrives() -> bool:
+        waiting = asyncio.create_task(supervisor._wait_job_done())
+        await asyncio.sleep(0.05)  # waiting for its next event
+        supervisor._events.put_nowait(("TokenGenerated", None))
+        waiting.cancel()
+        await asyncio.wait({waiting}, timeout=5)
+        stopped = waiting.cancelled()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        return stopped
+
+    assert asyncio.run(cancel_as_an_event_arrives())
