@@ -22,7 +22,12 @@ import msgpack
 import numpy as np
 
 from mer.errors import ConfigError, ProtocolError
-from mer.protocol.messages import MessageKind
+# The modules that declare messages: each registers its own in MESSAGE_TYPES, compiled into _SCHEMAS below.
+from mer.protocol import (  # noqa: F401
+    compute_messages, control_messages, io_messages, job_messages, predictor_messages, remote_errors,
+    serving_messages,
+)
+from mer.protocol.kinds import MessageKind
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, MapValues
 
 ARRAY_KEY = "__array__"
@@ -223,7 +228,7 @@ def _array_checker(spec: ArraySpec) -> Checker:
 
 
 def _checker_for(annotation: Any, top_level: bool = False) -> Checker:
-    """Compile the wire check of one field annotation (see mer.protocol.messages).
+    """Compile the wire check of one field annotation (see mer.protocol.schema).
 
     Arrays are allowed only as top-level fields, so nested checks never touch the array frames.
     """

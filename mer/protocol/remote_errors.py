@@ -2,7 +2,8 @@
 
 The side that fails answers `ErrorReply(request_id, *error_fields(error))` (or sends
 `ChildFailed(name, *error_fields(error))`); the side that asked calls `raise_remote(reply)`, which
-raises `mer.errors.RemoteError` carrying the remote type, message and traceback.
+raises `mer.errors.RemoteError` carrying the remote type, message and traceback. `ErrorReply`, the
+message any request/reply socket may answer with, is declared here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,26 @@ import traceback as traceback_module
 from typing import NamedTuple, NoReturn
 
 from mer.errors import RemoteError
-from mer.protocol.messages import ChildFailed, ErrorReply
+from mer.protocol.control_messages import ChildFailed
+from mer.protocol.kinds import MessageKind
+from mer.protocol.schema import message
+
+
+# --- any request/reply socket ---------------------------------------------------------------------
+
+
+UNKNOWN_REQUEST_ID = -1  # the request_id of an ErrorReply to a message too malformed to name its request
+
+
+@message(MessageKind.ERROR_REPLY)
+class ErrorReply:
+    """A request failed on the other side; raise it locally with `raise_remote`. A malformed message
+    is answered with `request_id` UNKNOWN_REQUEST_ID (the asker logs it and drops it)."""
+
+    request_id: int
+    error_type: str
+    message: str
+    traceback: str
 
 
 class ErrorFields(NamedTuple):

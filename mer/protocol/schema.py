@@ -1,4 +1,4 @@
-"""The vocabulary messages are declared in (`mer.protocol.messages`) and checked by (`mer.protocol.codec`).
+"""The vocabulary messages are declared in (`mer.protocol.*_messages`) and checked by (`mer.protocol.codec`).
 
 - `ArraySpec` and `MapValues` annotate array and map fields: an array travels as its own zero-copy
   frame with a fixed dtype and axis count; a map's values are scalars or JSON-like values;
