@@ -18,7 +18,7 @@ stalled one) starts with an empty slot table over the same arena: it trusts noth
 itself (every slot FREE; each expert's first read is checked again), and its prefetch and policy
 state start empty. Compute workers may still be reading slots under leases of the dead worker, so it
 starts *fenced*: it writes no slot (no prefault of the arena, `Acquire` refused, prefetch hints
-dropped) until the router's `LeasesDropped` says that no such lease is left (`mer.router.clients.IoClient`).
+dropped) until the router's `LeasesDropped` says that no such lease is left (`mer.router.io_client.IoClient`).
 Then it marks every slot empty in the arena with a generation above the dead worker's last one
 (`SlotTable.continue_generations`), so that a stale reference could never match a slot it rewrites,
 and serves as usual (`io_fence_lifted`).

@@ -55,7 +55,7 @@ class Heartbeat:
 class IoWorkerRestarted:
     """The supervisor to the router: the I/O worker `name` died and a new process (`pid`) is starting in
     its place. Every lease and request of the dead worker is void: the router fails its requests over
-    to the new worker (`mer.router.clients.IoClient`)."""
+    to the new worker (`mer.router.io_client.IoClient`)."""
 
     name: str
     pid: int

@@ -25,7 +25,8 @@ from mer.errors import ConfigError
 from mer.compute.batches import weighted_sum
 from mer.protocol import HiddenObserved, RoutingObserved, encode
 from mer.runtime.ram_budget import pool_slots
-from mer.router.clients import ComputeClient, IoClient
+from mer.router.compute_client import ComputeClient
+from mer.router.io_client import IoClient
 from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats, router_lease_limit
 from mer.router.job import Job, sends_hidden
 from mer.routing.space import RoutingDecision, RoutingSpace

@@ -25,7 +25,8 @@ from mer.compute.batches import expert_outputs, pack_batches
 from mer.errors import IoWorkerRestartedError
 from mer.logging_setup import get_logger
 from mer.protocol import ComputeItem, SlotGrant
-from mer.router.clients import ComputeClient, IoClient
+from mer.router.compute_client import ComputeClient
+from mer.router.io_client import IoClient
 from mer.compute.slicing import plan_slices
 from mer.store.manifest import Manifest
 from mer.cache.slot_table import lease_limit

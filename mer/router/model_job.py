@@ -14,7 +14,8 @@ import numpy as np
 
 from mer.config import PipelineConfig
 from mer.model.model import MoEModel, check_model_matches_store
-from mer.router.clients import ComputeClient, IoClient
+from mer.router.compute_client import ComputeClient
+from mer.router.io_client import IoClient
 from mer.router.dispatcher import ExpertDispatcher, router_lease_limit
 from mer.router.graph_forward import DenseThread
 from mer.router.job import Job

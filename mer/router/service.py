@@ -1,7 +1,7 @@
 """The router: runs the job the start message picks (`mer.router.job`) through the graph once the
 supervisor says every child is ready. The serving job (`StartServing`) also takes `SubmitSequence`
 and `CancelSequence` on the control socket while it runs; any job takes `IoWorkerRestarted` (the
-I/O worker's requests fail over to its replacement: `mer.router.clients.IoClient`).
+I/O worker's requests fail over to its replacement: `mer.router.io_client.IoClient`).
 
 Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
 (`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
@@ -18,7 +18,8 @@ from mer.errors import ProtocolError
 from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration,
                           StartPerplexity, StartServing, SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
-from mer.router.clients import ComputeClient, IoClient
+from mer.router.compute_client import ComputeClient
+from mer.router.io_client import IoClient
 from mer.router.work_deadlines import Overdue
 from mer.runtime.paths import process_name
 from mer.router.generate_job import GenerateJob

@@ -5,8 +5,8 @@ doing long work: both use CPU. Only the worker knows how far it got, so a comput
 progress while it works (`JobProgress` between a job's items, at most every `progress_interval_s`),
 and the I/O worker's event loop reports while an `Acquire` is unanswered (`IoProgress`: it may be
 reading, or waiting for a slot the router holds, which is not its fault; a loop that does not turn
-sends nothing). Answers count too. The router keeps, for each worker (`mer.router.clients`), the
-work it has in hand and when it last showed progress. A worker with work in hand and no progress
+sends nothing). Answers count too. The router keeps, for each worker (`mer.router.io_client`,
+`mer.router.compute_client`), the work it has in hand and when it last showed progress. A worker with work in hand and no progress
 for `deadline_s` is stuck; the router tells the supervisor (`ChildStuck`), which kills it like a
 stall and restarts it.
 

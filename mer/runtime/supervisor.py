@@ -31,8 +31,8 @@ worker or I/O worker the router names stuck on its work (`ChildStuck`: no progre
 e.g. a busy loop; `mer.router.work_deadlines`). A compute worker,
 the predictor or the I/O worker that died of a signal is started again under its name, up to
 `max_restarts` per run (the router resubmits the dead compute worker's jobs,
-`mer.router.clients.ComputeClient`, or fails its requests over to the new I/O worker,
-`mer.router.clients.IoClient`); any other death is reported by name and signal (or stall), the
+`mer.router.compute_client.ComputeClient`, or fails its requests over to the new I/O worker,
+`mer.router.io_client.IoClient`); any other death is reported by name and signal (or stall), the
 graph is brought down and `ChildDiedError` raised. SIGINT and
 SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
 """
@@ -422,8 +422,8 @@ class Supervisor:
     async def _restart(self, dead: Child) -> None:
         """Start a new process in the dead child's place (same name and role). The router resubmits the
         compute jobs it had sent to a compute worker once the new one says Hello
-        (`mer.router.clients.ComputeClient`); of the I/O worker's restart it is told at once
-        (`IoWorkerRestarted`), and fails its requests over to the new one (`mer.router.clients.IoClient`)."""
+        (`mer.router.compute_client.ComputeClient`); of the I/O worker's restart it is told at once
+        (`IoWorkerRestarted`), and fails its requests over to the new one (`mer.router.io_client.IoClient`)."""
         assert self.run_spec is not None
         self.restarts += 1
         self.stall_watch.forget(dead.name)

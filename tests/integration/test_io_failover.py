@@ -25,7 +25,8 @@ from mer.errors import IoWorkerRestartedError, StaleSlotError
 from mer.io.service import IoService
 from mer.logging_setup import get_logger
 from mer.protocol import Acquire, ExpertBatchJob, ExpertBatchResult, Hello, PrefetchHint, PrefetchHints, decode, encode
-from mer.router.clients import ComputeClient, IoClient
+from mer.router.compute_client import ComputeClient
+from mer.router.io_client import IoClient
 from mer.router.dispatcher import ExpertDispatcher
 from mer.runtime.paths import new_run_id
 from mer.runtime.run_spec import RunSpec

@@ -37,7 +37,8 @@ from mer.protocol import (
     PrefetchHint, PrefetchHints, Ready, Release, RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef,
     SlotsReady, StartBenchmark, StatsRequest, TokenGenerated, decode, encode,
 )
-from mer.router.clients import ComputeClient, IoClient
+from mer.router.compute_client import ComputeClient
+from mer.router.io_client import IoClient
 from mer.runtime.child import _listen_control
 from mer.runtime.paths import runtime_base_dir
 from tests.support.generate_runs import GENERATE_TIMEOUT_S

@@ -22,7 +22,7 @@ from mer.config import PipelineConfig
 from mer.errors import RemoteError
 from mer.io.service import IoService
 from mer.logging_setup import get_logger
-from mer.router.clients import IoClient
+from mer.router.io_client import IoClient
 from mer.runtime.paths import new_run_id
 from mer.runtime.run_spec import RunSpec
 from mer.shm.arena import SlotArena

@@ -16,7 +16,7 @@ import zmq.asyncio
 from mer.errors import PipelineError
 from mer.compute.batches import expert_outputs, pack_batches
 from mer.protocol import ComputeItem, ExpertBatchJob, ExpertBatchResult, Hello, SliceRange, decode, encode
-from mer.router.clients import ComputeClient
+from mer.router.compute_client import ComputeClient
 
 D_MODEL = 4
 SLICES = [SliceRange(start, start + 32) for start in range(0, 5 * 32, 32)]
