@@ -18,10 +18,11 @@ from gguf import GGMLQuantizationType, GGUFReader
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import beyond_ram_report as report  # noqa: E402
-import bench_beyond_ram as bench  # noqa: E402
+from beyond_ram_setup import check_room, mixtral_geometry  # noqa: E402
 from memory_cgroup import CgroupUnavailable, cgroup_name, make_memory_cgroup  # noqa: E402
 from moe_gguf_writer import (FIRST_PLAIN_TOKEN, GEOMETRIES, MoEGeometry, plain_token_ids, q4_0_nbytes,  # noqa: E402
                              tensor_plans, write_moe_gguf)
+from page_cache import evict_files  # noqa: E402
 from process_io import IoSampler, process_tree  # noqa: E402
 
 from mer.quant.dequant import dequantize
@@ -81,22 +82,22 @@ def test_mixtral_geometry_matches_the_issue():
 
 
 def test_the_in_ram_variant_is_mixtrals_shape_with_fewer_blocks():
-    eight = bench.mixtral_geometry(8)
+    eight = mixtral_geometry(8)
     mixtral = GEOMETRIES["mixtral-8x7b"]
     assert eight.name == "mixtral-8x7b-8l" and eight.n_layers == 8
     assert eight.expert_nbytes == mixtral.expert_nbytes and eight.top_k == mixtral.top_k
     assert eight.expert_bytes_total == mixtral.expert_bytes_total // 4  # 8 of 32 blocks: ~6.3 GB of experts
-    assert bench.mixtral_geometry(None) is mixtral and bench.mixtral_geometry(32) is mixtral
+    assert mixtral_geometry(None) is mixtral and mixtral_geometry(32) is mixtral
     with pytest.raises(SystemExit, match="--layers 0"):
-        bench.mixtral_geometry(0)
+        mixtral_geometry(0)
 
 
 def test_a_disk_without_room_is_refused_with_the_numbers(tmp_path):
     huge = MoEGeometry("huge", n_layers=1, n_experts=8, top_k=2, d_model=4096, d_ff=2**27, n_heads=32,
                        n_kv_heads=8, vocab_size=32000, context_length=4096)
     with pytest.raises(SystemExit, match=r"GB free; the GGUF and its converted store need"):
-        bench.check_room(tmp_path / "m.gguf", tmp_path / "m-gguf", huge, write_gguf=True, convert=True)
-    bench.check_room(tmp_path / "m.gguf", tmp_path / "m-gguf", GEOMETRIES["tiny"], write_gguf=True, convert=True)
+        check_room(tmp_path / "m.gguf", tmp_path / "m-gguf", huge, write_gguf=True, convert=True)
+    check_room(tmp_path / "m.gguf", tmp_path / "m-gguf", GEOMETRIES["tiny"], write_gguf=True, convert=True)
 
 
 def _write_log(path: Path, prompt_length: int, decisions: list[tuple[int, list[int]]]) -> None:
@@ -182,7 +183,7 @@ def test_abba_rounds_pair_each_half_with_llama_cpp():
 def test_read_bytes_of_a_process_tree_count_reads_from_disk_once_and_not_page_cache_hits(tmp_path):
     data = tmp_path / "data.bin"
     data.write_bytes(os.urandom(32 << 20))
-    bench.evict_files([data])
+    evict_files([data])
     script = tmp_path / "reader.py"
     script.write_text(
         "import subprocess, sys, time\n"
