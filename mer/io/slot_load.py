@@ -7,6 +7,7 @@ Life of a load (`mer.io.service.IoService` drives it; the slot is LOADING throug
     read submitted --IoReadError, retries spent--> failed: the slot is freed, every waiter gets the error
     checksum check --mismatch--> failed: the slot is freed, every waiter gets PayloadChecksumError
     read submitted --cancelled (a stale queued prefetch)--> the slot is freed
+    read submitted --IoReadHungError (past read_deadline_s)--> failed, not retried: the slot is QUARANTINED
 
 A failed load names the expert (layer, index, id) before the reader's own message, which names the
 file, the offset and the size. The next acquire of that expert starts a fresh load.
@@ -68,6 +69,6 @@ def read_failure(expert: str, error: BaseException, attempts: int) -> IoReadErro
     message (file, offset, size, reason), then how often it was tried."""
     tried = f" (tried {attempts} times over {sum(READ_RETRY_DELAYS_S[:attempts - 1]):g} s)" if attempts > 1 else ""
     message = f"{expert}: {error}{tried}"
-    if isinstance(error, IoReadError):
-        return IoReadError(message, error.path, error.offset, error.nbytes, error.errno)
+    if isinstance(error, IoReadError):  # an IoReadHungError stays one; its `released` stays with the reader
+        return type(error)(message, error.path, error.offset, error.nbytes, error.errno)
     return IoReadError(message, "", -1, 0)

@@ -59,6 +59,15 @@ def test_read_faults_are_expert_and_count_pairs():
             read_environment({"MER_READ_FAULTS": bad})
 
 
+def test_read_hangs_are_expert_and_count_pairs_apart_from_the_faults():
+    environment = read_environment({"MER_READ_FAULTS": "hang:11, 3:1, hang:5:2"})
+    assert environment.read_hangs == ((11, 1), (5, 2)) and environment.read_faults == ((3, 1),)
+    assert read_environment({}).read_hangs == ()
+    for bad in ("hang:", "hang:x", "hang:11:x", "hang:11:2:3", "hung:11"):
+        with pytest.raises(ConfigError, match=rf"MER_READ_FAULTS: entry '{bad}' is not EXPERT_ID:COUNT nor hang:"):
+            read_environment({"MER_READ_FAULTS": bad})
+
+
 def test_work_faults_are_parsed_and_a_bad_entry_is_named():
     assert read_environment({}).work_faults is None
     faults = read_environment({"MER_WORK_FAULTS": "spin:1:3, slow:0.25"}).work_faults
