@@ -92,8 +92,8 @@ class ReadRequest:
     def hung_error(self, deadline_s: float, cancel: str) -> IoReadHungError:
         """The error of a read still in flight `deadline_s` after it was started."""
         seconds = (time.perf_counter_ns() - self.started_ns) / 1e9
-        message = (f"{self.describe()} hung: no completion within {deadline_s:g} s (read_deadline_s); "
-                   f"the device does not answer (cancel: {cancel})")
+        message = (f"{self.describe()} hung: no completion within {deadline_s:g} s (read_deadline_s): "
+                   f"the device does not answer; cancel {cancel}")
         return IoReadHungError(message, str(self.path), self.offset, self.nbytes, ETIMEDOUT, seconds,
                                self.released, cancel)
 

@@ -231,7 +231,7 @@ class ExpertReader(ABC):
 
     def _cancel_started(self, request: ReadRequest) -> str:
         """Try to cancel a hung read the backend has started; say what was done (for the error)."""
-        return "impossible: a preadv thread cannot be interrupted"
+        return "impossible (a preadv thread cannot be interrupted)"
 
     def _schedule_pump(self) -> None:
         if not self._is_pump_scheduled:
@@ -276,7 +276,7 @@ class ExpertReader(ABC):
         self._num_hung += 1
         self._update_idle()
         if request in self._withheld:
-            cancel = "failed: the injected hang (MER_READ_FAULTS) ignores it, as a device that does not answer"
+            cancel = "ignored (an injected hang: MER_READ_FAULTS)"
         else:
             cancel = self._cancel_started(request)
         if not request.future.done():

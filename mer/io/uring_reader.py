@@ -183,10 +183,10 @@ class UringReader(ExpertReader):
         """Ask the kernel to cancel the hung read (its completion, whenever it comes, releases it)."""
         user_data = next((key for key, (started, _) in self._in_kernel.items() if started is request), None)
         if user_data is None:
-            return "not needed: the read is not in the kernel"
+            return "not needed (the read is not in the kernel)"
         sqe = liburing.io_uring_get_sqe(self._ring)
         if sqe is None:
-            return "not tried: the submission queue is full"
+            return "not tried (the submission queue is full)"
         liburing.io_uring_prep_cancel64(sqe, user_data, 0)
         liburing.io_uring_sqe_set_data64(sqe, CANCEL_USER_DATA)
         self._flush()
