@@ -99,6 +99,10 @@ class IoReadHungError(IoReadError):
         return (type(self), (str(self), self.path, self.offset, self.nbytes, self.errno, self.seconds))
 
 
+class SlotsQuarantinedError(MerError):
+    """An Acquire names more experts than the slots left in service can hold (hung reads quarantine theirs)."""
+
+
 class NonFiniteError(MerError):
     """An expert's output or the logits hold NaN or infinity; names the layer and expert, or 'logits'."""
 

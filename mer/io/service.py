@@ -55,7 +55,7 @@ from mer.cache.policy import make_policy
 from mer.cache.slot_table import AcquireKind, SlotTable, lease_limit
 from mer.cache.step import acquire_order
 from mer.environment import WorkFaults, read_environment
-from mer.errors import IoReadHungError, ProtocolError, SlotStateError
+from mer.errors import IoReadHungError, ProtocolError, SlotsQuarantinedError
 from mer.io.backend import open_reader
 from mer.io.payload_check import PayloadChecker
 from mer.io.read_request import ReadResult
@@ -236,7 +236,7 @@ class IoService:
         table = self.table
         limit = lease_limit(table.num_in_service, self.config.max_pinned)
         if num_experts > limit:
-            raise SlotStateError(f"Acquire: {num_experts} experts, more than the {max(limit, 0)} slots left that "
+            raise SlotsQuarantinedError(f"Acquire: {num_experts} experts, more than the {max(limit, 0)} slots left that "
                                  f"pins cannot hold: {table.num_quarantined} of {table.num_slots} slots are "
                                  f"quarantined under reads that hang (max_pinned {self.config.max_pinned}); "
                                  "it could wait forever")

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import time
+from pathlib import Path
 
 import pytest
 import zmq.asyncio
@@ -23,6 +25,13 @@ from mer.config import PipelineConfig
 from mer.errors import RemoteError
 from mer.io.service import IoService
 from mer.logging_setup import get_logger
+from mer.model.experts import GGUFExperts
+from mer.model.forward import forward
+from mer.model.generate import generate
+from mer.model.model import MoEModel
+from mer.model.sampling import Sampler
+from mer.model.tokenizer import load_tokenizer
+from mer.models import tiny_model_path
 from mer.router.clients import IoClient
 from mer.runtime.paths import new_run_id
 from mer.runtime.run_spec import RunSpec
@@ -34,6 +43,7 @@ from tests.support.generate_runs import run_generate
 from tests.support.gguf_models import write_tiny_moe_gguf
 from tests.support.host import requires_io_uring
 from tests.support.pipeline_runs import run_pipeline
+from tests.support.serve_runs import ServerRun
 
 HUNG_EXPERT = 11  # layer 1 expert 3 of the 2 x 8 test stores
 HUNG_NAME = "layer 1 expert 3 (id 11)"
@@ -149,7 +159,7 @@ def test_the_slot_of_a_hung_read_is_quarantined_and_never_handed_out(leak_guard,
             again = await client.acquire(20, [HUNG_EXPERT, 9])  # the hang was injected once: read again, elsewhere
             granted += [grant.slot for grant in again]
             await client.release([grant.ref for grant in again])
-            with pytest.raises(RemoteError, match=r"SlotStateError: Acquire: 4 experts, more than the 3 slots left "
+            with pytest.raises(RemoteError, match=r"SlotsQuarantinedError: Acquire: 4 experts, more than the 3 slots left "
                                                   r"that pins cannot hold: 1 of 4 slots are quarantined"):
                 await client.acquire(21, [0, 1, 2, 3])
             states = [info.state.value for info in service.table.slot_infos()]
@@ -168,3 +178,45 @@ def test_the_slot_of_a_hung_read_is_quarantined_and_never_handed_out(leak_guard,
         arena.destroy()
     assert quarantined not in granted and len(set(granted)) == num_slots - 1, (quarantined, granted)
     assert states[quarantined] == "quarantined" and "leased" not in states and "loading" not in states, states
+
+
+@pytest.mark.slow  # starts the process graph and a server
+def test_a_hung_read_fails_the_requests_of_its_step_and_the_server_goes_on(tmp_path, monkeypatch):
+    """`serve` on the embedded model: the first request's prefill needs an expert whose read hangs; that
+    request ends with an error naming the expert, the file and the offset, and the next request (the same
+    prompt: the expert is read again, into another slot) gets the tokens of mer's single-process generation."""
+    model = MoEModel.load(tiny_model_path())
+    tokenizer = load_tokenizer(model.source.parts[0])
+    prompt = tokenizer.encode("def ")
+    experts = GGUFExperts(model.source)
+    routings = forward(model, prompt, model.new_kv_cache(len(prompt)), experts).routings
+    first_block = min(routings)
+    moe_layer, expert = model.moe_layers[first_block], int(routings[first_block].experts[0][0])
+    hung_expert = moe_layer * model.hparams.num_experts + expert
+    expected = generate(model, prompt, 8, Sampler(), experts, ignore_eos=True,
+                        end_ids=tokenizer.end_of_generation_ids).tokens
+    monkeypatch.setenv("MER_READ_FAULTS", f"hang:{hung_expert}")
+    server = ServerRun.start(tmp_path, "--read-deadline-s", DEADLINE_S, "--compute-workers", 1,
+                             cache_dir=tmp_path / "cache")
+    try:
+        body = {"model": "tiny-moe-q8_0", "prompt": "def ", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        status, failed = server.post("/v1/completions", body)
+        status_after, served = server.post("/v1/completions", body)
+        (hung,) = server.events_named("read_hung")
+        (step_failed,) = server.events_named("serve_step_failed")
+    finally:
+        run_ids = server.run_ids()
+        code = server.stop(signal.SIGTERM)
+    assert code == 143, "".join(server.stderr_lines)
+    assert run_ids and not server.leftovers(run_ids)
+    path, offset, _ = payload_place(Path(hung["file"]).parent, hung_expert)
+    assert hung["expert_id"] == hung_expert and (hung["file"], hung["offset"]) == (str(path), offset)
+    assert status == 500, failed
+    message = failed["error"]["message"]
+    name = f"layer {moe_layer} expert {expert} (id {hung_expert})"
+    assert re.search(rf"^the router could not serve the request: {re.escape(name)}: {re.escape(str(path))}: read of "
+                     rf"\d+ bytes at offset {offset} hung: no completion within {DEADLINE_S:g} s", message), message
+    assert step_failed["error_type"] == "mer.errors.IoReadHungError" and len(step_failed["request_ids"]) == 1
+    assert status_after == 200, served
+    assert served["choices"][0]["text"] == tokenizer.decode(expected)
+    assert served["usage"]["completion_tokens"] == 8
