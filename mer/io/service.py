@@ -236,10 +236,10 @@ class IoService:
         table = self.table
         limit = lease_limit(table.num_in_service, self.config.max_pinned)
         if num_experts > limit:
-            raise SlotsQuarantinedError(f"Acquire: {num_experts} experts, more than the {max(limit, 0)} slots left that "
-                                 f"pins cannot hold: {table.num_quarantined} of {table.num_slots} slots are "
-                                 f"quarantined under reads that hang (max_pinned {self.config.max_pinned}); "
-                                 "it could wait forever")
+            raise SlotsQuarantinedError(
+                f"Acquire: {num_experts} experts, more than the {max(limit, 0)} slots left that pins cannot hold: "
+                f"{table.num_quarantined} of {table.num_slots} slots are quarantined under reads that hang "
+                f"(max_pinned {self.config.max_pinned}); it could wait forever")
 
     def _dispatch(self, identity: bytes, message) -> None:
         if isinstance(message, Acquire):
