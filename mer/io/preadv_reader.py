@@ -82,5 +82,8 @@ class PreadvReader(ExpertReader):
         else:
             self._finish(request)
 
+    def _cancel_started(self, request: ReadRequest) -> str:
+        return "impossible (a preadv thread cannot be interrupted)"
+
     def _release(self) -> None:
         self._executor.shutdown(wait=self.num_hung == 0, cancel_futures=True)

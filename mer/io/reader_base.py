@@ -231,7 +231,7 @@ class ExpertReader(ABC):
 
     def _cancel_started(self, request: ReadRequest) -> str:
         """Try to cancel a hung read the backend has started; say what was done (for the error)."""
-        return "impossible (a preadv thread cannot be interrupted)"
+        return "not supported by this backend"
 
     def _schedule_pump(self) -> None:
         if not self._is_pump_scheduled:
@@ -239,7 +239,7 @@ class ExpertReader(ABC):
             self._loop.call_soon(self._pump)
 
     def _pump(self) -> None:
-        """Start queued reads, foreground first, while fewer than queue_depth are in flight."""
+        """Start queued reads, foreground first, while fewer than queue_depth are in flight (hung ones aside)."""
         self._is_pump_scheduled = False
         num_started = 0
         while self._num_in_flight - self._num_hung < self.queue_depth and self._queued:

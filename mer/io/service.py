@@ -31,7 +31,7 @@ waiting from one stuck in a busy loop. `MER_WORK_FAULTS=spin:io:N` injects such 
 A read that hangs (still in flight `read_deadline_s` after it was started: a device that does not
 answer, whose reader sits in a disk wait the stall watch counts as progress) is not retried: a retry
 would wait on the same device. It is logged as `read_hung` (expert, file, offset, seconds), its load
-fails like a read that keeps failing (every request waiting for the expert gets an `IoReadError`
+fails like a read that keeps failing (every request waiting for the expert gets an `IoReadHungError`
 naming expert, file and offset), and its slot is QUARANTINED (`slot_quarantined`): the kernel may
 still write into it, so it is not handed out again until the reader says the read has ended
 (`slot_quarantine_lifted`; io_uring is asked to cancel the read, a preadv thread cannot be). An
