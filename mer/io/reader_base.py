@@ -32,11 +32,11 @@ to anyone else before (`mer.io.service` quarantines the slot).  `close()` does n
 
 `inject_faults({(file_index, offset): count})` makes the next `count` reads at that place fail with
 EIO where a read would be started, exactly as the kernel's failure of that read would end it (the
-test hook behind `MER_READ_FAULTS`; see `mer.environment`).  `inject_hangs({...: count})` makes them
-hang instead: the read counts as in flight but is never handed to the kernel or a thread, so it never
-completes and its cancel fails, as a read stuck in a device that does not answer would (dm-delay or
-dm-flakey would make a real one; the test machines have no device-mapper).  `close()` ends such
-reads (nothing was written).
+test hook behind `MER_READ_FAULTS`; see `mer.environment`).  `inject_hangs({...: (count, seconds)})`
+makes them hang instead: the read counts as in flight but is handed to the kernel or a thread only
+`seconds` after it was started (never, with inf), and its cancel fails, as a read stuck in a device
+that does not answer (or answers late) would (dm-delay or dm-flakey would make a real one; the test
+machines have no device-mapper).  `close()` ends those not handed over (nothing was written).
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class ExpertReader(ABC):
         self._is_closed = False
         self._faults: dict[tuple[int, int], int] = {}  # (file index, offset) -> reads left to fail
         self._hangs: dict[tuple[int, int], int] = {}  # (file index, offset) -> reads left to hang
+        self._hang_seconds: dict[tuple[int, int], float] = {}  # (file index, offset) -> how long they hang
         self._withheld: set[ReadRequest] = set()  # injected hangs: in flight, never handed over
         self._fds = open_files(self.paths, o_direct)
         self._file_sizes = [os.fstat(fd).st_size for fd in self._fds]
@@ -182,9 +183,12 @@ class ExpertReader(ABC):
         """Fail the next `count` reads at each `(file_index, offset)` with EIO (see the module docstring)."""
         self._faults.update(faults)
 
-    def inject_hangs(self, hangs: dict[tuple[int, int], int]) -> None:
-        """Make the next `count` reads at each `(file_index, offset)` hang (see the module docstring)."""
-        self._hangs.update(hangs)
+    def inject_hangs(self, hangs: dict[tuple[int, int], tuple[int, float]]) -> None:
+        """Make the next `count` reads at each `(file_index, offset)` hang for `seconds` (inf: for ever; see
+        the module docstring)."""
+        for place, (count, seconds) in hangs.items():
+            self._hangs[place] = count
+            self._hang_seconds[place] = seconds
 
     @staticmethod
     def _take(injected: dict[tuple[int, int], int], request: ReadRequest) -> bool:
@@ -252,7 +256,7 @@ class ExpertReader(ABC):
             self._idle.clear()
             request.deadline = self._loop.call_later(self.read_deadline_s, self._on_deadline, request)
             if self._hangs and self._take(self._hangs, request):
-                self._withheld.add(request)
+                self._withhold(request)
                 continue
             try:
                 if self._faults and self._take(self._faults, request):
@@ -268,6 +272,24 @@ class ExpertReader(ABC):
     def _next_queued(self) -> ReadRequest:
         foreground = self._queues["foreground"]
         return foreground.popleft() if foreground else self._queues["prefetch"].popleft()
+
+    def _withhold(self, request: ReadRequest) -> None:
+        """An injected hang: in flight, handed over only after its seconds (never, if inf)."""
+        self._withheld.add(request)
+        seconds = self._hang_seconds[(request.file_index, request.offset)]
+        if seconds != float("inf"):
+            self._loop.call_later(seconds, self._hand_over, request)
+
+    def _hand_over(self, request: ReadRequest) -> None:
+        """The device of an injected hang answers at last: the read is started (after its deadline: as hung)."""
+        if request not in self._withheld:  # the reader closed meanwhile
+            return
+        self._withheld.discard(request)
+        try:
+            self._start(request)
+            self._flush()
+        except OSError as error:
+            self._finish(request, request.os_error(error.errno or 0, error.strerror or str(error)))
 
     def _on_deadline(self, request: ReadRequest) -> None:
         """The read is still in flight `read_deadline_s` after it was started: it hangs (module docstring)."""

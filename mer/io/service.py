@@ -142,7 +142,7 @@ class IoService:
         hangs = injected_faults(self.manifest, environment.read_hangs)
         if faults or hangs:
             self.log.warning("read_faults_injected", faults=[[*key, count] for key, count in faults.items()],
-                             hangs=[[*key, count] for key, count in hangs.items()])
+                             hangs=[[*key, count, str(seconds)] for key, (count, seconds) in hangs.items()])
             self.reader.inject_faults(faults)
             self.reader.inject_hangs(hangs)
 

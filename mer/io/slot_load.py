@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from mer.errors import IoReadError
 from mer.store.manifest import Manifest
@@ -53,14 +54,15 @@ class Load:
         return READ_RETRY_DELAYS_S[self.attempts - 1]
 
 
-def injected_faults(manifest: Manifest, faults: Iterable[tuple[int, int]]) -> dict[tuple[int, int], int]:
-    """`(expert id, count)` pairs (`MER_READ_FAULTS`) as the reader's `{(file index, offset): count}`;
-    ids not in the store are ignored."""
+def injected_faults(manifest: Manifest, faults: Iterable[tuple]) -> dict[tuple[int, int], Any]:
+    """`(expert id, count)` pairs (`MER_READ_FAULTS`) as the reader's `{(file index, offset): count}`, or
+    `(expert id, count, seconds)` (its hangs) as `{(file index, offset): (count, seconds)}`; ids not in
+    the store are ignored."""
     places = {}
-    for expert_id, count in faults:
+    for expert_id, *value in faults:
         if 0 <= expert_id < manifest.geometry.num_experts:
             entry = manifest.expert(expert_id)
-            places[(entry.moe_layer, entry.offset)] = count
+            places[(entry.moe_layer, entry.offset)] = value[0] if len(value) == 1 else tuple(value)
     return places
 
 

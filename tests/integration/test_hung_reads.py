@@ -118,18 +118,11 @@ def test_a_hung_read_ends_generate_within_the_deadline_naming_expert_file_and_of
     check_ended_in_time(result, hung, ended)
 
 
-def test_the_slot_of_a_hung_read_is_quarantined_and_never_handed_out(leak_guard, pipeline_stores, tmp_path,
-                                                                     monkeypatch):
-    """The I/O worker in process, asked by the router's client: the hung read's Acquire fails naming the
-    expert; its slot is never granted again while the read could still land in it, the expert itself is
-    read into another slot by its next Acquire, and an Acquire of more experts than the slots left in
-    service is refused instead of waiting forever."""
-    store = pipeline_stores["tiny"]
-    monkeypatch.setenv("MER_READ_FAULTS", f"hang:{HUNG_EXPERT}")
+def run_io_service(leak_guard, store: Path, tmp_path: Path, num_slots: int, scenario):
+    """The I/O worker in process on a new arena, with the router's client: `await scenario(service, client)`."""
     manifest = Manifest.load(store)
     run_id = new_run_id()
     leak_guard.add_run(run_id)
-    num_slots = 4
     arena = SlotArena.create(run_id, num_slots, manifest.slot_nbytes)
     config = PipelineConfig(store=store, cache_slots=num_slots, compute_workers=1, prefetch=False,
                             read_deadline_s=0.3)
@@ -138,34 +131,19 @@ def test_the_slot_of_a_hung_read_is_quarantined_and_never_handed_out(leak_guard,
     run = RunSpec(run_id, str(runtime), str(arena.path), num_slots, manifest.slot_nbytes, str(store), os.getpid(), 1,
                   config.to_dict())
 
-    async def scenario():
+    async def serving():
         context = zmq.asyncio.Context()
         service = IoService(config, run, get_logger(), context)
         stop = asyncio.Event()
         client = None
         try:
             await service.start()
-            serving = asyncio.create_task(service.serve(stop))
+            serve = asyncio.create_task(service.serve(stop))
             client = IoClient(context, run.endpoint("io"))
-            with pytest.raises(RemoteError, match=re.escape(f"IoReadHungError: {HUNG_NAME}: ")) as caught:
-                await client.acquire(0, [HUNG_EXPERT])
-            assert "hung: no completion within 0.3 s (read_deadline_s)" in str(caught.value)
-            (quarantined,) = [info.slot for info in service.table.slot_infos() if info.state.value == "quarantined"]
-            granted = []
-            for token, expert in enumerate([0, 1, 2, 3, 4, 0, 5, 6, 1, 7, 8, 2], start=1):  # evicting misses, hits
-                (grant,) = await client.acquire(token, [expert])
-                granted.append(grant.slot)
-                await client.release([grant.ref])
-            again = await client.acquire(20, [HUNG_EXPERT, 9])  # the hang was injected once: read again, elsewhere
-            granted += [grant.slot for grant in again]
-            await client.release([grant.ref for grant in again])
-            refused = r"SlotsQuarantinedError: Acquire: 4 experts, more than the 3 slots left that pins cannot hold: "
-            with pytest.raises(RemoteError, match=refused + r"1 of 4 slots are quarantined under reads that hang"):
-                await client.acquire(21, [0, 1, 2, 3])
-            states = [info.state.value for info in service.table.slot_infos()]
+            result = await scenario(service, client)
             stop.set()
-            await serving
-            return quarantined, granted, states
+            await serve
+            return result
         finally:
             if client is not None:
                 client.close()
@@ -173,11 +151,71 @@ def test_the_slot_of_a_hung_read_is_quarantined_and_never_handed_out(leak_guard,
             context.term()
 
     try:
-        quarantined, granted, states = asyncio.run(scenario())
+        return asyncio.run(serving())
     finally:
         arena.destroy()
-    assert quarantined not in granted and len(set(granted)) == num_slots - 1, (quarantined, granted)
+
+
+def slot_states(service: IoService) -> list[str]:
+    return [info.state.value for info in service.table.slot_infos()]
+
+
+async def acquire_hung(client: IoClient) -> None:
+    with pytest.raises(RemoteError, match=re.escape(f"IoReadHungError: {HUNG_NAME}: ")) as caught:
+        await client.acquire(0, [HUNG_EXPERT])
+    assert "hung: no completion within 0.3 s (read_deadline_s)" in str(caught.value)
+
+
+def test_the_slot_of_a_hung_read_is_quarantined_and_never_handed_out(leak_guard, pipeline_stores, tmp_path,
+                                                                     monkeypatch):
+    """The I/O worker in process, asked by the router's client: the hung read's Acquire fails naming the
+    expert; its slot is never granted again while the read could still land in it, the expert itself is
+    read into another slot by its next Acquire, and an Acquire of more experts than the slots left in
+    service is refused instead of waiting forever."""
+    monkeypatch.setenv("MER_READ_FAULTS", f"hang:{HUNG_EXPERT}")
+
+    async def scenario(service: IoService, client: IoClient):
+        await acquire_hung(client)
+        (quarantined,) = [slot for slot, state in enumerate(slot_states(service)) if state == "quarantined"]
+        granted = []
+        for token, expert in enumerate([0, 1, 2, 3, 4, 0, 5, 6, 1, 7, 8, 2], start=1):  # evicting misses, hits
+            (grant,) = await client.acquire(token, [expert])
+            granted.append(grant.slot)
+            await client.release([grant.ref])
+        again = await client.acquire(20, [HUNG_EXPERT, 9])  # the hang was injected once: read again, elsewhere
+        granted += [grant.slot for grant in again]
+        await client.release([grant.ref for grant in again])
+        refused = r"SlotsQuarantinedError: Acquire: 4 experts, more than the 3 slots left that pins cannot hold: "
+        with pytest.raises(RemoteError, match=refused + r"1 of 4 slots are quarantined under reads that hang"):
+            await client.acquire(21, [0, 1, 2, 3])
+        return quarantined, granted, slot_states(service)
+
+    quarantined, granted, states = run_io_service(leak_guard, pipeline_stores["tiny"], tmp_path, 4, scenario)
+    assert quarantined not in granted and len(set(granted)) == 3, (quarantined, granted)
     assert states[quarantined] == "quarantined" and "leased" not in states and "loading" not in states, states
+
+
+def test_a_quarantined_slot_serves_again_once_the_late_read_has_ended(leak_guard, pipeline_stores, tmp_path,
+                                                                      monkeypatch):
+    """The device answers 1 s after the read started (0.7 s after its deadline): until then the slot is
+    quarantined; once the read has ended in the kernel the slot is FREE and granted again."""
+    monkeypatch.setenv("MER_READ_FAULTS", f"hang:{HUNG_EXPERT}:1:1.0")
+
+    async def scenario(service: IoService, client: IoClient):
+        await acquire_hung(client)
+        quarantined = slot_states(service).index("quarantined")
+        with pytest.raises(RemoteError, match="SlotsQuarantinedError: Acquire: 4 experts"):
+            await client.acquire(1, [0, 1, 2, 3])
+        deadline = time.monotonic() + 10.0
+        while "quarantined" in slot_states(service):
+            assert time.monotonic() < deadline, "the quarantine was not lifted within 10 s"
+            await asyncio.sleep(0.05)
+        grants = await client.acquire(2, [0, 1, 2, 3])  # every slot in service again
+        await client.release([grant.ref for grant in grants])
+        return quarantined, [grant.slot for grant in grants]
+
+    quarantined, granted = run_io_service(leak_guard, pipeline_stores["tiny"], tmp_path, 4, scenario)
+    assert quarantined in granted and sorted(granted) == [0, 1, 2, 3]
 
 
 @pytest.mark.slow  # starts the process graph and a server
