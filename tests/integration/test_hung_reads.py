@@ -62,6 +62,7 @@ def check_ended_in_time(result, hung: dict, ended: float) -> None:
     """The command ended within the deadline plus END_BOUND_S of the hung read's start (monotonic clock,
     the same in every process of the machine)."""
     read_started = hung["t_mono"] - hung["seconds"]
+    print(f"the read hung {hung['seconds']:.3f} s; the command ended {ended - read_started:.2f} s after it started")
     assert DEADLINE_S <= hung["seconds"] < DEADLINE_S + 1.0, hung
     assert ended - read_started < DEADLINE_S + END_BOUND_S, (ended - read_started, result.stderr)
 
