@@ -227,9 +227,10 @@ class UringReader(ExpertReader):
         if self._eventfd >= 0 and not self._loop.is_closed():
             self._loop.remove_reader(self._eventfd)
         if self._is_ring_open:
-            if self._fixed_buffers is not None:
+            # Unregistering buffers waits for the reads using them: with hung reads, left to the ring's teardown.
+            if self._fixed_buffers is not None and not self.num_hung:
                 self._fixed_buffers.release(self._ring)
-                self._fixed_buffers = None
+            self._fixed_buffers = None
             liburing.io_uring_queue_exit(self._ring)
             self._is_ring_open = False
         if self._eventfd >= 0:
