@@ -34,6 +34,7 @@ AUTO = "auto"
 BENCHMARK, GENERATION = "benchmark", "generation"  # the jobs a setting can be specific to
 PredictorName = Literal["markov", "locality", "affinity", "gate"]
 PREDICTOR_NAMES: tuple[str, ...] = get_args(PredictorName)  # the canonical order of `predictors`
+READ_DEADLINE_S = 15.0  # the default of `read_deadline_s`, also the readers' (docs/configuration.md says why)
 
 
 def spec(doc: str, *, ge: float | None = None, le: float | None = None, unit: str = "", metavar: str = "",
@@ -121,6 +122,11 @@ class PipelineConfig(msgspec.Struct, frozen=True, kw_only=True):
     verify_reads: Annotated[bool, spec(
         "Check every expert read against the store's crc32, not only each expert's first read in the I/O "
         "worker's lifetime (the default).")] = False
+    read_deadline_s: Annotated[float, spec(
+        "Time an expert read may stay in flight (from the moment it is handed to the kernel or a thread) before "
+        "it is called hung: the request needing the expert fails naming expert, file and offset, the read is "
+        "not retried, and its slot is kept out of service until the kernel ends the read. Raise it for a very "
+        "slow disk with a large io_queue_depth.", ge=0.05, le=3600.0, unit="s", metavar="SECONDS")] = READ_DEADLINE_S
     log_file: Annotated[OptionalPath, spec(
         "Append every process's structlog JSON events to this file (the merged log) instead of warnings to "
         "stderr.", metavar="FILE")] = None

@@ -11,7 +11,10 @@ mer's own variables share the `MER_` prefix:
   failing command print its traceback after the one-line error (`mer.cli.exit_status`).
 - `MER_READ_FAULTS`: injected read faults, for testing the I/O worker's retries
   (`mer.io.reader_base`): `ID:COUNT[,ID:COUNT...]` makes the first COUNT reads of expert ID (its
-  global id in the store) fail with EIO as a failing disk would; unset: none.
+  global id in the store) fail with EIO as a failing disk would; an entry `hang:ID[:COUNT[:SECONDS]]` makes
+  the first COUNT (default 1) reads of expert ID hang instead, as on a device that does not answer
+  (for the read deadline, `read_deadline_s`): never completed, or with SECONDS handed to the kernel
+  only that long after they were started (a device that answers late); unset: none.
 - `MER_WORK_FAULTS`: injected faults of the workers, for testing the router's job deadlines
   (`mer.router.work_deadlines`): `spin:WORKER:JOB` makes the first process of compute worker WORKER
   (a number) spin forever in its JOB-th job, or with WORKER `io` the first I/O worker in its JOB-th
@@ -26,6 +29,7 @@ variable is reported in `Environment.unknown_variables` (a likely typo) for the 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +52,7 @@ class Environment:
     unknown_variables: tuple[str, ...] = ()
     read_faults: tuple[tuple[int, int], ...] = ()  # (expert id, reads that fail)
     work_faults: "WorkFaults | None" = None  # None: none injected
+    read_hangs: tuple[tuple[int, int, float], ...] = ()  # (expert id, reads that hang, seconds: inf for ever)
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,9 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     if log_level is not None and log_level not in LOG_LEVELS:
         raise ConfigError(f"environment variable MER_LOG_LEVEL={log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     unknown = tuple(sorted(name for name in environ if name.startswith(PREFIX) and name not in KNOWN_VARIABLES))
-    read_faults = _read_faults(environ.get("MER_READ_FAULTS", ""))
+    read_faults, read_hangs = _read_faults(environ.get("MER_READ_FAULTS", ""))
     work_faults = _work_faults(environ.get("MER_WORK_FAULTS", ""))
-    return Environment(cache_dir, runtime_base_dir, log_level, unknown, read_faults, work_faults)
+    return Environment(cache_dir, runtime_base_dir, log_level, unknown, read_faults, work_faults, read_hangs)
 
 
 def _work_faults(text: str) -> WorkFaults | None:
@@ -115,13 +120,20 @@ def _is_seconds(text: str) -> bool:
         return False
 
 
-def _read_faults(text: str) -> tuple[tuple[int, int], ...]:
-    """`ID:COUNT,...` as (expert id, count) pairs; a malformed entry is a ConfigError naming it."""
-    faults = []
+def _read_faults(text: str) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int, float], ...]]:
+    """`ID:COUNT` (EIO) entries as (expert id, count) pairs and `hang:ID[:COUNT[:SECONDS]]` entries as
+    (expert id, count, seconds or inf); a malformed entry is a ConfigError naming it."""
+    faults, hangs = [], []
     for entry in filter(None, (part.strip() for part in text.split(","))):
-        expert, _, count = entry.partition(":")
-        if not (expert.isdigit() and count.isdigit()):
+        is_hang = entry.startswith("hang:")
+        expert, _, rest = entry.removeprefix("hang:").partition(":")
+        count, _, seconds = rest.partition(":") if is_hang else (rest, "", "")
+        count = count or ("1" if is_hang else "")
+        if not (expert.isdigit() and count.isdigit() and (not seconds or _is_seconds(seconds))):
             raise ConfigError(f"environment variable MER_READ_FAULTS: entry {entry!r} is not EXPERT_ID:COUNT "
-                              "(two non-negative integers)")
-        faults.append((int(expert), int(count)))
-    return tuple(faults)
+                              "nor hang:EXPERT_ID[:COUNT[:SECONDS]] (non-negative numbers)")
+        if is_hang:
+            hangs.append((int(expert), int(count), float(seconds) if seconds else math.inf))
+        else:
+            faults.append((int(expert), int(count)))
+    return tuple(faults), tuple(hangs)

@@ -83,6 +83,26 @@ class IoReadError(MerError):
         return (type(self), (str(self), self.path, self.offset, self.nbytes, self.errno))
 
 
+class IoReadHungError(IoReadError):
+    """A read did not complete within `read_deadline_s`: the device hangs. Names the file, offset and size;
+    `released` (local to the reader's process) resolves when the kernel has ended the read, so that its
+    destination may be written by anyone else again."""
+
+    def __init__(self, message: str, path: str, offset: int, nbytes: int, errno: int | None = None,
+                 seconds: float = 0.0, released=None, cancel: str = ""):
+        super().__init__(message, path, offset, nbytes, errno)
+        self.seconds = seconds
+        self.released = released
+        self.cancel = cancel
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.path, self.offset, self.nbytes, self.errno, self.seconds))
+
+
+class SlotsQuarantinedError(MerError):
+    """An Acquire names more experts than the slots left in service can hold (hung reads quarantine theirs)."""
+
+
 class NonFiniteError(MerError):
     """An expert's output or the logits hold NaN or infinity; names the layer and expert, or 'logits'."""
 

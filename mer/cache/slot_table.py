@@ -10,6 +10,7 @@ States of a slot
                         |    --finish_load(ok), n waiters--> LEASED(n) <--acquire (hit)-------+
                         +----finish_load(failed)----------> FREE           (READY -> LEASED(1))
     READY (unleased, unpinned) --evict--> FREE, assigned again at once to the new expert
+    LOADING --quarantine (the read hangs)--> QUARANTINED --lift_quarantine (the kernel ended it)--> FREE
 
 Legal transitions and who causes them (every call comes from the I/O worker):
 
@@ -27,6 +28,13 @@ Legal transitions and who causes them (every call comes from the I/O worker):
   each pending request (the miss that started the read and every join) now holds one lease.
 - LOADING -> FREE: `finish_load(slot, generation, ok=False)`: the read failed; the pending requests
   hold no lease and the I/O worker answers them with the error.
+- LOADING -> QUARANTINED: `quarantine(slot, generation)`: the read went past its deadline and the
+  kernel may still write the slot (O_DIRECT into shared memory), so it must not be handed out. The
+  pending requests hold no lease (the I/O worker answers them with the error) and the expert is
+  forgotten (its next acquire starts a read into another slot). A QUARANTINED slot is never
+  assigned, evicted or leased.
+- QUARANTINED -> FREE: `lift_quarantine(slot)` once the kernel has ended the read (never, if the
+  device never answers).
 - READY -> LEASED(1), LEASED(n) -> LEASED(n+1): `acquire` of a resident expert (HIT).
 - LEASED(n) -> LEASED(n-1), LEASED(1) -> READY: `release(slot, generation)`.
 
@@ -44,7 +52,9 @@ one `Acquire` at a time, and an `Acquire` names at most `lease_limit(num_slots, 
 `num_slots - max_pinned` experts (the router splits larger batches, e.g. a prefill's, into chunks of
 that size, and the I/O worker refuses a larger `Acquire`); it releases its leases after computing,
 reads always finish (ok or failed), and pinned experts occupy at most `max_pinned` slots. So the
-slots that block a queued request are freed by work that does not wait for it. (An `Acquire` of
+slots that block a queued request are freed by work that does not wait for it. Quarantined slots
+take slots out of that count: the I/O worker refuses (or fails, if it waits) an `Acquire` of more
+than `lease_limit(num_in_service, max_pinned)` experts. (An `Acquire` of
 `cache_slots` experts with `max_pinned` slots pinned by experts it does not name would wait forever
 whenever `max_pinned` exceeds the prefetch reserve: `tests/e2e/test_generate_cli.py`
 `test_a_prefill_with_pinned_slots_never_waits_forever`.)
@@ -85,6 +95,7 @@ class SlotState(Enum):
     LOADING = "loading"
     READY = "ready"
     LEASED = "leased"
+    QUARANTINED = "quarantined"
 
 
 class AcquireKind(Enum):
@@ -147,6 +158,7 @@ class CacheCounters:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     load_failures: int = 0
+    quarantines: int = 0
 
 
 @dataclass(slots=True)
@@ -177,6 +189,7 @@ class SlotTable:
         self._free_slots = list(range(num_slots))  # a min-heap: lowest free index first
         self._slot_of_expert: dict[int, int] = {}
         self._pinned_experts: set[int] = set()
+        self._quarantined: set[int] = set()
         # Global expert ids are layer-major: with `experts_per_layer` (requests per MoE layer, in layer
         # order within a token) a prefetch with `past_layers` may also evict what the current token
         # used at an earlier layer.
@@ -197,6 +210,15 @@ class SlotTable:
     @property
     def num_free(self) -> int:
         return len(self._free_slots)
+
+    @property
+    def num_quarantined(self) -> int:
+        return len(self._quarantined)
+
+    @property
+    def num_in_service(self) -> int:
+        """Slots that can be assigned, now or once their leases and loads end: all but the quarantined."""
+        return self.num_slots - len(self._quarantined)
 
     def continue_generations(self, generations: list[int]) -> None:
         """Start every slot's generation at `generations[slot]` (a restarted I/O worker: those its dead
@@ -239,6 +261,26 @@ class SlotTable:
         self._vacate(slot)
         heapq.heappush(self._free_slots, slot)
         return waiters
+
+    def quarantine(self, slot: int, generation: int) -> int:
+        """The read into `slot` hangs: keep the slot out of service, forget its expert. Returns the number
+        of pending requests (to fail)."""
+        record = self._checked_slot(slot, generation, SlotState.LOADING, "quarantine")
+        waiters = record.pending_leases
+        self.counters.quarantines += 1
+        self._vacate(slot)
+        self._slots[slot].state = SlotState.QUARANTINED
+        self._quarantined.add(slot)
+        return waiters
+
+    def lift_quarantine(self, slot: int) -> None:
+        """The hung read into `slot` has ended in the kernel: the slot is FREE again."""
+        record = self._slots[self._check_index(slot)]
+        if record.state is not SlotState.QUARANTINED:
+            raise SlotStateError(f"lift_quarantine of slot {slot}: slot is {record.state.value}, expected quarantined")
+        record.state = SlotState.FREE
+        self._quarantined.remove(slot)
+        heapq.heappush(self._free_slots, slot)
 
     def release(self, slot: int, generation: int) -> None:
         """Give back one lease of `slot`; raises StaleSlotError for another generation, SlotStateError if not leased."""

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from mer.config import READ_DEADLINE_S
 from mer.errors import ConfigError, IoBackendUnavailableError
 from mer.compute.expert_format import PAGE_SIZE
 from mer.io.preadv_reader import PreadvReader
@@ -130,13 +131,15 @@ def open_reader(
     *,
     register_buffers: bool = False,
     registration_unit: int = PAGE_SIZE,
+    read_deadline_s: float = READ_DEADLINE_S,
 ) -> ExpertReader:
     """Open the read backend `kind` over `files`, reading into slices of `buffer`.
 
     Call from a coroutine: the reader binds to the running event loop.  `buffer` is the mmap-backed
     memory every destination lies in (the arena's data region); the uring backend registers it
     with the kernel when `register_buffers` is set, in pieces that are multiples of
-    `registration_unit` (pass the slot size).  Close the reader with `await reader.close()`.
+    `registration_unit` (pass the slot size).  A read still in flight `read_deadline_s` after it was
+    started fails as hung (`mer.io.reader_base`).  Close the reader with `await reader.close()`.
     """
     if kind not in READER_KINDS:
         raise ConfigError(f"io_backend must be one of {READER_KINDS}, not {kind!r}")
@@ -158,10 +161,12 @@ def open_reader(
             register_buffers=register_buffers,
             registration_unit=registration_unit,
             reason=reason,
+            read_deadline_s=read_deadline_s,
         )
     else:
         reason = fallback_reason(kind, uring_problem, o_direct_problem)
-        reader = PreadvReader(paths, queue_depth, o_direct=o_direct_problem is None, reason=reason)
+        reader = PreadvReader(paths, queue_depth, o_direct=o_direct_problem is None, reason=reason,
+                              read_deadline_s=read_deadline_s)
     log.info("io_backend_selected", backend=reader.name, o_direct=reader.o_direct, reason=reader.reason)
     return reader
 

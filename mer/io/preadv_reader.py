@@ -4,6 +4,12 @@ Used where io_uring is unavailable (old kernel, seccomp sandbox) or where the fi
 or refuse O_DIRECT (tmpfs, ramfs): then the reads are buffered.  The pool has `queue_depth` threads and the
 shared queue never hands it more than `queue_depth` reads, so the priority order is kept by the
 queue, not by the pool.
+
+A pool thread blocked in a read that hangs cannot be interrupted: the read is failed at its deadline
+(`mer.io.reader_base`) and no longer counts against `queue_depth`, and the pool has
+`SPARE_THREADS` threads more than `queue_depth` so the reads behind it still get a thread (more hung
+reads than that and they wait for one, past their own deadlines).  `close()` does not wait for a hung
+thread; a thread stuck in the kernel keeps the process from exiting until the device answers.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from functools import partial
 from pathlib import Path
 
 from mer.compute.expert_format import PAGE_SIZE
+from mer.config import READ_DEADLINE_S
 from mer.io.read_request import ReadRequest
 from mer.io.reader_base import ExpertReader
+
+SPARE_THREADS = 16  # threads for reads started while others hang in the kernel (created only when needed)
 
 
 def read_fully(fd: int, destination: memoryview, offset: int, o_direct: bool) -> tuple[int, int, tuple | None]:
@@ -45,9 +54,10 @@ class PreadvReader(ExpertReader):
 
     name = "preadv"
 
-    def __init__(self, paths: list[Path], queue_depth: int, *, o_direct: bool, reason: str = "preadv requested"):
-        super().__init__(paths, queue_depth, o_direct, reason)
-        self._executor = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="mer-preadv")
+    def __init__(self, paths: list[Path], queue_depth: int, *, o_direct: bool, reason: str = "preadv requested",
+                 read_deadline_s: float = READ_DEADLINE_S):
+        super().__init__(paths, queue_depth, o_direct, reason, read_deadline_s)
+        self._executor = ThreadPoolExecutor(max_workers=queue_depth + SPARE_THREADS, thread_name_prefix="mer-preadv")
 
     def _start(self, request: ReadRequest) -> None:
         fd = self._fds[request.file_index]
@@ -72,5 +82,8 @@ class PreadvReader(ExpertReader):
         else:
             self._finish(request)
 
+    def _cancel_started(self, request: ReadRequest) -> str:
+        return "impossible (a preadv thread cannot be interrupted)"
+
     def _release(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=self.num_hung == 0, cancel_futures=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import time
+from errno import ETIMEDOUT
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mer.errors import IoReadError, IoRequestError
+from mer.errors import IoReadError, IoReadHungError, IoRequestError
 from mer.compute.expert_format import PAGE_SIZE
 
 Priority = Literal["foreground", "prefetch"]
@@ -52,6 +53,8 @@ class ReadRequest:
     started_ns: int = 0
     nbytes_done: int = 0
     num_continuations: int = 0
+    deadline: asyncio.TimerHandle | None = None  # armed while the read is in flight (`read_deadline_s`)
+    released: asyncio.Future | None = None  # set once the read is past its deadline: resolves when it ends
 
     @property
     def next_offset(self) -> int:
@@ -80,6 +83,19 @@ class ReadRequest:
         """The error of a read the operating system refused or failed."""
         message = f"{self.describe()} failed: [Errno {errno}] {strerror}"
         return IoReadError(message, str(self.path), self.offset, self.nbytes, errno)
+
+    @property
+    def is_hung(self) -> bool:
+        """Whether the read went past its deadline (its future failed; the kernel may still write)."""
+        return self.released is not None
+
+    def hung_error(self, deadline_s: float, cancel: str) -> IoReadHungError:
+        """The error of a read still in flight `deadline_s` after it was started."""
+        seconds = (time.perf_counter_ns() - self.started_ns) / 1e9
+        message = (f"{self.describe()} hung: no completion within {deadline_s:g} s (read_deadline_s): "
+                   f"the device does not answer; cancel {cancel}")
+        return IoReadHungError(message, str(self.path), self.offset, self.nbytes, ETIMEDOUT, seconds,
+                               self.released, cancel)
 
     def short_read_error(self) -> IoReadError:
         """The error of a read that hit the end of the file after `nbytes_done` bytes."""

@@ -11,16 +11,32 @@ Life of a request::
     QUEUED --promote(future)--> moved to the foreground queue
     IN FLIGHT --short read--> IN FLIGHT (the remainder is read)
     IN FLIGHT --done--> future result ReadResult, or exception IoReadError
+    IN FLIGHT --read_deadline_s passes--> HUNG: future exception IoReadHungError; a cancel is tried
+    HUNG --the kernel ends the read (late completion, or cancelled)--> error.released resolves
     QUEUED --pump, an injected fault pending for its (file, offset)--> exception IoReadError (EIO)
+    QUEUED --pump, an injected hang pending for its (file, offset)--> IN FLIGHT, never handed over
 
 The pump always takes foreground requests before prefetch requests, each queue in FIFO order.
 An in-flight read cannot be called back: its destination is written until it completes, even if
 its future was cancelled; `close()` waits for it.  All methods must be called from the thread of
 the running event loop the reader was opened in.
 
+Deadlines: every read handed over is given `read_deadline_s` (from then, not from `submit`: the
+time a read waits in the queue is the deadline of the reads ahead of it).  A read still in flight
+then is HUNG: its future fails with `IoReadHungError` (file, offset, size, seconds), the backend
+tries to cancel it (`_cancel_started`: io_uring's async cancel; a preadv thread cannot be
+cancelled), and it no longer counts against `queue_depth`, so the reads behind it go on.  Its
+destination may still be written by the kernel until the read really ends; the error's `released`
+future resolves then (never, if the device never answers), and the caller must not hand that memory
+to anyone else before (`mer.io.service` quarantines the slot).  `close()` does not wait for hung reads.
+
 `inject_faults({(file_index, offset): count})` makes the next `count` reads at that place fail with
 EIO where a read would be started, exactly as the kernel's failure of that read would end it (the
-test hook behind `MER_READ_FAULTS`; see `mer.environment`).
+test hook behind `MER_READ_FAULTS`; see `mer.environment`).  `inject_hangs({...: (count, seconds)})`
+makes them hang instead: the read counts as in flight but is handed to the kernel or a thread only
+`seconds` after it was started (never, with inf), and its cancel fails, as a read stuck in a device
+that does not answer (or answers late) would (dm-delay or dm-flakey would make a real one; the test
+machines have no device-mapper).  `close()` ends those not handed over (nothing was written).
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from pathlib import Path
 
+from mer.config import READ_DEADLINE_S
 from mer.errors import IoRequestError, StoreError
 from mer.io.read_request import PRIORITIES, Priority, ReadRequest, ReadResult, check_request
 from mer.logging_setup import get_logger
@@ -69,24 +86,32 @@ class ExpertReader(ABC):
 
     name: str = ""
 
-    def __init__(self, paths: list[Path], queue_depth: int, o_direct: bool, reason: str):
+    def __init__(self, paths: list[Path], queue_depth: int, o_direct: bool, reason: str,
+                 read_deadline_s: float = READ_DEADLINE_S):
         if queue_depth < 1:
             raise IoRequestError(f"queue_depth must be at least 1, not {queue_depth}")
+        if not read_deadline_s > 0:
+            raise IoRequestError(f"read_deadline_s must be positive, not {read_deadline_s}")
         if not paths:
             raise IoRequestError("an expert reader needs at least one file")
         self.paths = [Path(path) for path in paths]
         self.queue_depth = queue_depth
         self.o_direct = o_direct
         self.reason = reason
+        self.read_deadline_s = read_deadline_s
         self._loop = asyncio.get_running_loop()
         self._queues: dict[Priority, deque[ReadRequest]] = {priority: deque() for priority in PRIORITIES}
         self._queued: dict[asyncio.Future, ReadRequest] = {}
         self._num_in_flight = 0
+        self._num_hung = 0  # of the reads in flight, those past their deadline
         self._idle = asyncio.Event()
         self._idle.set()
         self._is_pump_scheduled = False
         self._is_closed = False
         self._faults: dict[tuple[int, int], int] = {}  # (file index, offset) -> reads left to fail
+        self._hangs: dict[tuple[int, int], int] = {}  # (file index, offset) -> reads left to hang
+        self._hang_seconds: dict[tuple[int, int], float] = {}  # (file index, offset) -> how long they hang
+        self._withheld: set[ReadRequest] = set()  # injected hangs: in flight, never handed over
         self._fds = open_files(self.paths, o_direct)
         self._file_sizes = [os.fstat(fd).st_size for fd in self._fds]
 
@@ -94,6 +119,11 @@ class ExpertReader(ABC):
     def num_in_flight(self) -> int:
         """Reads handed to the kernel or a thread and not completed yet."""
         return self._num_in_flight
+
+    @property
+    def num_hung(self) -> int:
+        """Reads in flight past their deadline (their futures failed; the kernel has not ended them)."""
+        return self._num_hung
 
     @property
     def num_queued(self) -> int:
@@ -153,24 +183,37 @@ class ExpertReader(ABC):
         """Fail the next `count` reads at each `(file_index, offset)` with EIO (see the module docstring)."""
         self._faults.update(faults)
 
-    def _take_fault(self, request: ReadRequest) -> bool:
+    def inject_hangs(self, hangs: dict[tuple[int, int], tuple[int, float]]) -> None:
+        """Make the next `count` reads at each `(file_index, offset)` hang for `seconds` (inf: for ever; see
+        the module docstring)."""
+        for place, (count, seconds) in hangs.items():
+            self._hangs[place] = count
+            self._hang_seconds[place] = seconds
+
+    @staticmethod
+    def _take(injected: dict[tuple[int, int], int], request: ReadRequest) -> bool:
         key = (request.file_index, request.offset)
-        if self._faults.get(key, 0) <= 0:
+        if injected.get(key, 0) <= 0:
             return False
-        self._faults[key] -= 1
+        injected[key] -= 1
         return True
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Cancel queued reads, wait up to `timeout_s` for in-flight ones, free every resource.
 
-        Reads still in flight after the timeout (a hung device) are logged and abandoned: the
-        kernel may still write their destinations later.
+        Hung reads (past their deadline) are not waited for, nor are reads still in flight after the
+        timeout: they are logged and abandoned, and the kernel may still write their destinations.
         """
         if self._is_closed:
             return
         self._is_closed = True
         for future in list(self._queued):
             self.cancel(future)
+        for request in list(self._withheld):  # injected hangs: never handed over, nothing written
+            self._withheld.discard(request)
+            self._finish(request, IoRequestError(f"{self.name} reader closed"))
+        if self._num_hung:
+            log.warning("io_reader_closed_with_hung_reads", backend=self.name, hung=self._num_hung)
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: see Supervisor._next_event
                 await self._idle.wait()
@@ -188,7 +231,11 @@ class ExpertReader(ABC):
 
     @abstractmethod
     def _release(self) -> None:
-        """Free the backend's kernel resources; no read is in flight."""
+        """Free the backend's kernel resources; no read is in flight but hung ones."""
+
+    def _cancel_started(self, request: ReadRequest) -> str:
+        """Try to cancel a hung read the backend has started; say what was done (for the error)."""
+        return "not supported by this backend"
 
     def _schedule_pump(self) -> None:
         if not self._is_pump_scheduled:
@@ -196,10 +243,10 @@ class ExpertReader(ABC):
             self._loop.call_soon(self._pump)
 
     def _pump(self) -> None:
-        """Start queued reads, foreground first, while fewer than queue_depth are in flight."""
+        """Start queued reads, foreground first, while fewer than queue_depth are in flight (hung ones aside)."""
         self._is_pump_scheduled = False
         num_started = 0
-        while self._num_in_flight < self.queue_depth and self._queued:
+        while self._num_in_flight - self._num_hung < self.queue_depth and self._queued:
             request = self._next_queued()
             self._queued.pop(request.future)
             if request.future.done():
@@ -207,8 +254,12 @@ class ExpertReader(ABC):
             request.started_ns = time.perf_counter_ns()
             self._num_in_flight += 1
             self._idle.clear()
+            request.deadline = self._loop.call_later(self.read_deadline_s, self._on_deadline, request)
+            if self._hangs and self._take(self._hangs, request):
+                self._withhold(request)
+                continue
             try:
-                if self._faults and self._take_fault(request):
+                if self._faults and self._take(self._faults, request):
                     raise OSError(errno.EIO, "Input/output error (injected: MER_READ_FAULTS)")
                 self._start(request)
             except OSError as error:
@@ -222,11 +273,54 @@ class ExpertReader(ABC):
         foreground = self._queues["foreground"]
         return foreground.popleft() if foreground else self._queues["prefetch"].popleft()
 
+    def _withhold(self, request: ReadRequest) -> None:
+        """An injected hang: in flight, handed over only after its seconds (never, if inf)."""
+        self._withheld.add(request)
+        seconds = self._hang_seconds[(request.file_index, request.offset)]
+        if seconds != float("inf"):
+            self._loop.call_later(seconds, self._hand_over, request)
+
+    def _hand_over(self, request: ReadRequest) -> None:
+        """The device of an injected hang answers at last: the read is started (after its deadline: as hung)."""
+        if request not in self._withheld:  # the reader closed meanwhile
+            return
+        self._withheld.discard(request)
+        try:
+            self._start(request)
+            self._flush()
+        except OSError as error:
+            self._finish(request, request.os_error(error.errno or 0, error.strerror or str(error)))
+
+    def _on_deadline(self, request: ReadRequest) -> None:
+        """The read is still in flight `read_deadline_s` after it was started: it hangs (module docstring)."""
+        request.deadline = None
+        request.released = self._loop.create_future()
+        self._num_hung += 1
+        self._update_idle()
+        if request in self._withheld:
+            cancel = "ignored (an injected hang: MER_READ_FAULTS)"
+        else:
+            cancel = self._cancel_started(request)
+        if not request.future.done():
+            request.future.set_exception(request.hung_error(self.read_deadline_s, cancel))
+        if self._queued:
+            self._schedule_pump()
+
+    def _update_idle(self) -> None:
+        """`_idle` is set while no read is in flight but hung ones."""
+        if self._num_in_flight == self._num_hung:
+            self._idle.set()
+
     def _finish(self, request: ReadRequest, error: BaseException | None = None) -> None:
         """End an in-flight request with its result or `error`, and start the next queued ones."""
         self._num_in_flight -= 1
-        if self._num_in_flight == 0:
-            self._idle.set()
+        if request.deadline is not None:
+            request.deadline.cancel()
+            request.deadline = None
+        if request.is_hung:  # the kernel has let go of the destination at last
+            self._num_hung -= 1
+            request.released.set_result(error is None)
+        self._update_idle()
         if not request.future.done():
             if error is None:
                 request.future.set_result(request.result())

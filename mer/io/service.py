@@ -27,6 +27,15 @@ While any `Acquire` of a peer is unanswered (reads in flight, or waiting for a s
 holds), the worker's event loop sends that peer `IoProgress` every `progress_interval_s(job_deadline_s)`:
 the router's per-request deadline (`mer.router.work_deadlines`) tells a worker that is working or
 waiting from one stuck in a busy loop. `MER_WORK_FAULTS=spin:io:N` injects such a loop, for the tests.
+
+A read that hangs (still in flight `read_deadline_s` after it was started: a device that does not
+answer, whose reader sits in a disk wait the stall watch counts as progress) is not retried: a retry
+would wait on the same device. It is logged as `read_hung` (expert, file, offset, seconds), its load
+fails like a read that keeps failing (every request waiting for the expert gets an `IoReadHungError`
+naming expert, file and offset), and its slot is QUARANTINED (`slot_quarantined`): the kernel may
+still write into it, so it is not handed out again until the reader says the read has ended
+(`slot_quarantine_lifted`; io_uring is asked to cancel the read, a preadv thread cannot be). An
+`Acquire` of more experts than the slots left in service can hold fails instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ from mer.cache.policy import make_policy
 from mer.cache.slot_table import AcquireKind, SlotTable, lease_limit
 from mer.cache.step import acquire_order
 from mer.environment import WorkFaults, read_environment
-from mer.errors import ProtocolError
+from mer.errors import IoReadHungError, ProtocolError, SlotsQuarantinedError
 from mer.io.backend import open_reader
 from mer.io.payload_check import PayloadChecker
 from mer.io.read_request import ReadResult
@@ -113,7 +122,7 @@ class IoService:
             self._prefault_done(time.perf_counter() - started, None, method="touch")
         files = [Path(run.store) / layer.file for layer in self.manifest.layers]
         self.reader = open_reader(config.io_backend, files, self.arena.data_view(), config.io_queue_depth,
-                                  registration_unit=self.arena.slot_nbytes)
+                                  registration_unit=self.arena.slot_nbytes, read_deadline_s=config.read_deadline_s)
         self._inject_read_faults()
         self.table = SlotTable(self.arena.num_slots, self._policy(), max_pinned=config.max_pinned,
                                experts_per_layer=self._experts_per_layer())
@@ -127,11 +136,15 @@ class IoService:
                 "checksum": CRC32_IMPLEMENTATION, "verify_reads": config.verify_reads}
 
     def _inject_read_faults(self) -> None:
-        """The faults `MER_READ_FAULTS` asks for (`mer.environment`), handed to the reader."""
-        faults = injected_faults(self.manifest, read_environment().read_faults)
-        if faults:
-            self.log.warning("read_faults_injected", faults=[[*key, count] for key, count in faults.items()])
+        """The faults and hangs `MER_READ_FAULTS` asks for (`mer.environment`), handed to the reader."""
+        environment = read_environment()
+        faults = injected_faults(self.manifest, environment.read_faults)
+        hangs = injected_faults(self.manifest, environment.read_hangs)
+        if faults or hangs:
+            self.log.warning("read_faults_injected", faults=[[*key, count] for key, count in faults.items()],
+                             hangs=[[*key, count, str(seconds)] for key, (count, seconds) in hangs.items()])
             self.reader.inject_faults(faults)
+            self.reader.inject_hangs(hangs)
 
     def _prefault_done(self, seconds: float, error: BaseException | None, method: str = "madvise") -> None:
         nbytes = self.arena.num_slots * self.arena.slot_nbytes
@@ -216,6 +229,17 @@ class IoService:
                 raise ProtocolError(f"Acquire: {len(set(message.expert_ids))} experts, more than the {limit} slots "
                                     f"that pins cannot hold ({self.arena.num_slots} slots, max_pinned "
                                     f"{self.config.max_pinned}): it could wait forever")
+            self._check_slots_in_service(len(set(message.expert_ids)))
+
+    def _check_slots_in_service(self, num_experts: int) -> None:
+        """Refuse an Acquire that the slots left in service (hung reads quarantine theirs) cannot hold."""
+        table = self.table
+        limit = lease_limit(table.num_in_service, self.config.max_pinned)
+        if num_experts > limit:
+            raise SlotsQuarantinedError(
+                f"Acquire: {num_experts} experts, more than the {max(limit, 0)} slots left that pins cannot hold: "
+                f"{table.num_quarantined} of {table.num_slots} slots are quarantined under reads that hang "
+                f"(max_pinned {self.config.max_pinned}); it could wait forever")
 
     def _dispatch(self, identity: bytes, message) -> None:
         if isinstance(message, Acquire):
@@ -277,8 +301,13 @@ class IoService:
             self.admission.governor.demanded(request.expert_ids, request.token)
             self.table.policy.record_step(request.expert_ids)
             waits: list = [None] * len(request.expert_ids)
-            for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
-                waits[index] = await self._acquire_one(request.expert_ids[index], request.token)
+            try:
+                for index in acquire_order(self.table, request.expert_ids):  # resident first: no self-eviction
+                    waits[index] = await self._acquire_one(request.expert_ids[index], request.token,
+                                                           len(set(request.expert_ids)))
+            except Exception:  # slots quarantined while it waited: give back what it holds or will hold
+                self._release_unsent([asyncio.ensure_future(wait) for wait in waits if wait is not None], [])
+                raise
             ready = [wait.result() for wait in waits if isinstance(wait, asyncio.Future)]  # hits
             loading = [wait for wait in waits if not isinstance(wait, asyncio.Future)]  # misses
             t_hits_sent = None
@@ -318,9 +347,11 @@ class IoService:
         for read in reads:
             read.add_done_callback(release)
 
-    async def _acquire_one(self, expert_id: int, token: int):
-        """Lease `expert_id` (starting or joining its read); returns an awaitable of its SlotGrant."""
+    async def _acquire_one(self, expert_id: int, token: int, num_experts: int):
+        """Lease `expert_id` (starting or joining its read) for an Acquire of `num_experts`; returns an
+        awaitable of its SlotGrant."""
         while (result := self.table.acquire(expert_id, token)).kind is AcquireKind.NO_SLOT:
+            self._check_slots_in_service(num_experts)
             self.slot_released.clear()
             await self.slot_released.wait()
         self.admission.acquired(result)
@@ -390,6 +421,9 @@ class IoService:
             self._end_load(slot, load, error=asyncio.CancelledError())
             return
         error = done.exception()
+        if isinstance(error, IoReadHungError):  # not retried: a retry would wait on the same device
+            self._quarantine(slot, load, error)
+            return
         if error is not None and load.can_retry and not self.is_closing:
             self.log.warning("expert_read_retry", expert_id=load.expert_id, slot=slot, attempt=load.attempts,
                              delay_ms=round(load.retry_delay_s * 1e3, 1), error=str(error))
@@ -420,11 +454,38 @@ class IoService:
             return
         self._end_load(slot, load, result=result, check_us=check_us)
 
+    def _quarantine(self, slot: int, load: Load, error: IoReadHungError) -> None:
+        """A read hangs: log it, keep its slot out of service until the kernel ends it, fail the load."""
+        entry = self.manifest.expert(load.expert_id)
+        self.log.error("read_hung", expert_id=load.expert_id, expert=self.manifest.describe(load.expert_id),
+                       file=error.path, offset=error.offset, nbytes=error.nbytes, seconds=round(error.seconds, 3),
+                       read_deadline_s=self.config.read_deadline_s, slot=slot, layer=entry.moe_layer,
+                       kind=load.kind, cancel=error.cancel)
+        self._end_load(slot, load, error=read_failure(self.manifest.describe(load.expert_id), error, load.attempts),
+                       quarantine=True)
+        self.log.warning("slot_quarantined", slot=slot, expert_id=load.expert_id,
+                         quarantined=self.table.num_quarantined, in_service=self.table.num_in_service)
+        error.released.add_done_callback(lambda released: self._lift_quarantine(slot, released))
+
+    def _lift_quarantine(self, slot: int, released: asyncio.Future) -> None:
+        """The kernel has ended the hung read into `slot`: nothing writes it any more, it serves again."""
+        if self.is_closing:
+            return
+        self.table.lift_quarantine(slot)
+        self.log.info("slot_quarantine_lifted", slot=slot, read_ok=released.result(),
+                      quarantined=self.table.num_quarantined)
+        self.slot_released.set()
+
     def _end_load(self, slot: int, load: Load, *, result: ReadResult | None = None,
-                  error: BaseException | None = None, check_us: float | None = None) -> None:
-        """The slot is READY (a result) or FREE again (an error); the load's waiters learn which."""
+                  error: BaseException | None = None, check_us: float | None = None,
+                  quarantine: bool = False) -> None:
+        """The slot is READY (a result), FREE again (an error) or QUARANTINED (a hung read); the load's
+        waiters learn which."""
         del self.loads[slot]
-        self.table.finish_load(slot, load.generation, ok=error is None)
+        if quarantine:
+            self.table.quarantine(slot, load.generation)
+        else:
+            self.table.finish_load(slot, load.generation, ok=error is None)
         if load.kind == "prefetch":
             self.admission.finished(slot, ok=error is None)
         self.slot_released.set()

@@ -7,6 +7,7 @@ Life of a load (`mer.io.service.IoService` drives it; the slot is LOADING throug
     read submitted --IoReadError, retries spent--> failed: the slot is freed, every waiter gets the error
     checksum check --mismatch--> failed: the slot is freed, every waiter gets PayloadChecksumError
     read submitted --cancelled (a stale queued prefetch)--> the slot is freed
+    read submitted --IoReadHungError (past read_deadline_s)--> failed, not retried: the slot is QUARANTINED
 
 A failed load names the expert (layer, index, id) before the reader's own message, which names the
 file, the offset and the size. The next acquire of that expert starts a fresh load.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from mer.errors import IoReadError
 from mer.store.manifest import Manifest
@@ -52,14 +54,15 @@ class Load:
         return READ_RETRY_DELAYS_S[self.attempts - 1]
 
 
-def injected_faults(manifest: Manifest, faults: Iterable[tuple[int, int]]) -> dict[tuple[int, int], int]:
-    """`(expert id, count)` pairs (`MER_READ_FAULTS`) as the reader's `{(file index, offset): count}`;
-    ids not in the store are ignored."""
+def injected_faults(manifest: Manifest, faults: Iterable[tuple]) -> dict[tuple[int, int], Any]:
+    """`(expert id, count)` pairs (`MER_READ_FAULTS`) as the reader's `{(file index, offset): count}`, or
+    `(expert id, count, seconds)` (its hangs) as `{(file index, offset): (count, seconds)}`; ids not in
+    the store are ignored."""
     places = {}
-    for expert_id, count in faults:
+    for expert_id, *value in faults:
         if 0 <= expert_id < manifest.geometry.num_experts:
             entry = manifest.expert(expert_id)
-            places[(entry.moe_layer, entry.offset)] = count
+            places[(entry.moe_layer, entry.offset)] = value[0] if len(value) == 1 else tuple(value)
     return places
 
 
@@ -68,6 +71,6 @@ def read_failure(expert: str, error: BaseException, attempts: int) -> IoReadErro
     message (file, offset, size, reason), then how often it was tried."""
     tried = f" (tried {attempts} times over {sum(READ_RETRY_DELAYS_S[:attempts - 1]):g} s)" if attempts > 1 else ""
     message = f"{expert}: {error}{tried}"
-    if isinstance(error, IoReadError):
-        return IoReadError(message, error.path, error.offset, error.nbytes, error.errno)
+    if isinstance(error, IoReadError):  # an IoReadHungError stays one; its `released` stays with the reader
+        return type(error)(message, error.path, error.offset, error.nbytes, error.errno)
     return IoReadError(message, "", -1, 0)

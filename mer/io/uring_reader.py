@@ -21,6 +21,12 @@ for up to ~100 ms (pinning pages, building and queueing bios) with no gain in th
 
 A read that completes short is continued for its remainder; a read that ends at the end of the
 file fails with `IoReadError`.
+
+A read past its deadline (`mer.io.reader_base`) is cancelled with IORING_OP_ASYNC_CANCEL on its
+`user_data`.  The kernel cancels what has not reached the device, and interrupts what waits
+interruptibly; a read already issued to a device that does not answer goes on (the cancel
+completes with -EALREADY).  Either way the read's own completion, when it comes (-ECANCELED, an
+error, or late data), releases its destination; a hung read is never continued.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 import liburing
 
 from mer.errors import IoRequestError
+from mer.config import READ_DEADLINE_S
 from mer.compute.expert_format import PAGE_SIZE
 from mer.io.iovec_cache import IovecCache, raw_view
 from mer.io.read_request import ReadRequest, buffer_address
@@ -39,6 +46,7 @@ from mer.io.reader_base import ExpertReader, close_files
 from mer.logging_setup import get_logger
 
 MAX_FIXED_BUFFER_NBYTES = 1 << 30
+CANCEL_USER_DATA = 0  # the user_data of async cancels; reads are numbered from 1
 TRANSIENT_SUBMIT_ERRORS = (errno.EAGAIN, errno.EBUSY, errno.EINTR)
 
 log = get_logger()
@@ -85,8 +93,9 @@ class UringReader(ExpertReader):
         register_buffers: bool = False,
         registration_unit: int = PAGE_SIZE,
         reason: str = "io_uring requested",
+        read_deadline_s: float = READ_DEADLINE_S,
     ):
-        super().__init__(paths, queue_depth, o_direct, reason)
+        super().__init__(paths, queue_depth, o_direct, reason, read_deadline_s)
         self._ring = liburing.Ring()
         self._cqe = liburing.Cqe()
         self._is_ring_open = False
@@ -170,12 +179,32 @@ class UringReader(ExpertReader):
         if num_continued:
             self._flush()
 
+    def _cancel_started(self, request: ReadRequest) -> str:
+        """Ask the kernel to cancel the hung read (its completion, whenever it comes, releases it)."""
+        user_data = next((key for key, (started, _) in self._in_kernel.items() if started is request), None)
+        if user_data is None:
+            return "not needed (the read is not in the kernel)"
+        sqe = liburing.io_uring_get_sqe(self._ring)
+        if sqe is None:
+            return "not tried (the submission queue is full)"
+        liburing.io_uring_prep_cancel64(sqe, user_data, 0)
+        liburing.io_uring_sqe_set_data64(sqe, CANCEL_USER_DATA)
+        self._flush()
+        return "requested (io_uring async cancel)"
+
     def _on_completion(self, user_data: int, result: int) -> int:
         """Account one completion; return 1 if the read was continued after a short read."""
+        if user_data == CANCEL_USER_DATA:
+            outcome = "cancelled" if result == 0 else os.strerror(-result) if result < 0 else str(result)
+            log.info("hung_read_cancel", backend=self.name, result=result, outcome=outcome)
+            return 0
         entry = self._in_kernel.pop(user_data, None)
         if entry is None:
             return 0
         request = entry[0]
+        if request.is_hung:  # ended at last (cancelled, failed or late): nothing more is read into it
+            self._finish(request, request.os_error(-result, os.strerror(-result)) if result < 0 else None)
+            return 0
         if result < 0:
             self._finish(request, request.os_error(-result, os.strerror(-result)))
             return 0
@@ -198,9 +227,10 @@ class UringReader(ExpertReader):
         if self._eventfd >= 0 and not self._loop.is_closed():
             self._loop.remove_reader(self._eventfd)
         if self._is_ring_open:
-            if self._fixed_buffers is not None:
+            # Unregistering buffers waits for the reads using them: with hung reads, left to the ring's teardown.
+            if self._fixed_buffers is not None and not self.num_hung:
                 self._fixed_buffers.release(self._ring)
-                self._fixed_buffers = None
+            self._fixed_buffers = None
             liburing.io_uring_queue_exit(self._ring)
             self._is_ring_open = False
         if self._eventfd >= 0:

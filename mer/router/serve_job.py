@@ -19,6 +19,11 @@ model once, then steps the running sequences together until Shutdown:
 Every kernel computes a row with the same bits whatever its batch, so a greedy sequence gets exactly
 the tokens `mer-pipeline generate` gives it alone (tests/unit/test_batch_invariance.py,
 tests/e2e/test_serve.py). With nothing to run the job waits for a request.
+
+A step whose expert could not be read (a read that keeps failing or hangs, a payload whose checksum
+does not match, too few slots left in service: `STEP_FAILURES`) ends the sequences of that step with
+an error naming the expert, the file and the offset (`serve_step_failed`; their rows were batched
+together, so which of them needed the expert is not known); the server goes on with the others.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mer.errors import RemoteError
 from mer.metrics.summary import JobSummary
 from mer.model.forward import ForwardPass, Segment
 from mer.model.sampling import Sampler
@@ -37,6 +43,9 @@ from mer.router.graph_forward import DenseThread, GraphExperts
 from mer.router.job import sends_hidden
 from mer.router.model_job import ModelJob
 from mer.router.serve_batch import STOP_CANCELLED, KVPool, ServedSequence, ServingBatch
+
+STEP_FAILURES = frozenset(f"mer.errors.{name}" for name in (
+    "IoReadError", "IoReadHungError", "PayloadChecksumError", "SlotsQuarantinedError"))  # end a step, not the server
 
 
 @dataclass(frozen=True)
@@ -144,8 +153,14 @@ class ServeJob(ModelJob):
         num_tokens = sum(len(tokens) for _, tokens in planned)
         self.step += 1
         started = time.perf_counter()
-        result = await forward_pass.step([Segment(tokens, sequence.kv_cache) for sequence, tokens in planned],
-                                         clock=self.step)
+        try:
+            result = await forward_pass.step([Segment(tokens, sequence.kv_cache) for sequence, tokens in planned],
+                                             clock=self.step)
+        except RemoteError as error:
+            if error.error_type not in STEP_FAILURES:
+                raise
+            await self._fail_step([sequence for sequence, _ in planned], error)
+            return
         sampling = [(sequence, row) for (sequence, tokens), row in zip(planned, result.logits) if sequence.ran(len(tokens))]
         choices = await dense(lambda: [choose_token(sequence, row) for sequence, row in sampling])
         for (sequence, _), choice in zip(sampling, choices):
@@ -157,14 +172,21 @@ class ServeJob(ModelJob):
         step_us = (time.perf_counter() - started) * 1e6
         await self._report(experts, len(planned), num_tokens, prefill_tokens, step_us)
 
-    async def _done(self, sequence: ServedSequence, stop_reason: str) -> None:
+    async def _fail_step(self, sequences: list[ServedSequence], error: RemoteError) -> None:
+        """End the sequences of a step an expert read failed with the error; their KV positions go back."""
+        self.log.error("serve_step_failed", step=self.step, request_ids=[sequence.request_id for sequence in sequences],
+                       error_type=error.error_type, error=error.remote_message)
+        for sequence in sequences:
+            await self._done(sequence, "error", error.remote_message)
+
+    async def _done(self, sequence: ServedSequence, stop_reason: str, error: str = "") -> None:
         assert self.batch is not None
         self.batch.finish(sequence)
         self.log.info("sequence_done", request_id=sequence.request_id, stop_reason=stop_reason,
                       prompt_tokens=len(sequence.prompt), tokens=len(sequence.tokens),
                       reason=sequence.cancel_reason or None)
         await self.send_control(SequenceDone(sequence.request_id, stop_reason, len(sequence.prompt),
-                                             len(sequence.tokens)))
+                                             len(sequence.tokens), error))
 
     async def _report(self, experts: GraphExperts, sequences: int, tokens: int, prefill_tokens: int,
                       step_us: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,15 @@ def test_read_faults_are_expert_and_count_pairs():
     assert read_environment({"MER_READ_FAULTS": "11:2, 3:1,"}).read_faults == ((11, 2), (3, 1))
     for bad in ("11", "11:x", "-1:2", "11:2:3"):
         with pytest.raises(ConfigError, match=rf"MER_READ_FAULTS: entry '{bad}' is not EXPERT_ID:COUNT"):
+            read_environment({"MER_READ_FAULTS": bad})
+
+
+def test_read_hangs_are_expert_and_count_pairs_apart_from_the_faults():
+    environment = read_environment({"MER_READ_FAULTS": "hang:11, 3:1, hang:5:2, hang:7:1:2.5"})
+    assert environment.read_hangs == ((11, 1, math.inf), (5, 2, math.inf), (7, 1, 2.5))
+    assert environment.read_faults == ((3, 1),) and read_environment({}).read_hangs == ()
+    for bad in ("hang:", "hang:x", "hang:11:x", "hang:11:2:x", "hang:11:2:-1", "hang:11:2:3:4", "hung:11", "3:1:2"):
+        with pytest.raises(ConfigError, match=rf"MER_READ_FAULTS: entry '{bad}' is not EXPERT_ID:COUNT nor hang:"):
             read_environment({"MER_READ_FAULTS": bad})
 
 

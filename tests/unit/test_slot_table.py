@@ -121,6 +121,40 @@ def test_failed_read_frees_the_slot_and_reports_its_waiters():
 # ---- pins -------------------------------------------------------------------------------------
 
 
+def test_a_quarantined_slot_is_never_assigned_evicted_or_leased_until_lifted():
+    """A read that hangs: its slot leaves service (the kernel may still write it), the expert is forgotten."""
+    table = SlotTable(3)
+    hung = table.acquire(7, token=0)
+    assert table.acquire(7, token=0).kind is JOIN
+    assert table.quarantine(hung.slot, hung.generation) == 2  # both waiters are failed by the caller
+    assert table.slot_info(hung.slot).state is SlotState.QUARANTINED and table.lookup(7) is None
+    assert (table.num_quarantined, table.num_in_service, table.counters.quarantines) == (1, 2, 1)
+    slots_used = set()
+    for token, expert in enumerate([7, 1, 2, 3, 7, 4, 1, 5, 6, 2], start=1):  # misses that evict, and hits
+        result = table.acquire(expert, token)
+        assert result.kind in (HIT, MISS)
+        if result.kind is MISS:
+            table.finish_load(result.slot, result.generation, ok=True)
+        table.release(result.slot, result.generation)
+        slots_used.add(result.slot)
+        prefetch = table.assign_prefetch(100 + token, token + 1)  # evicts this token's expert or the other
+        assert prefetch is not None
+        slots_used.add(prefetch.slot)
+        table.finish_load(prefetch.slot, prefetch.generation, ok=True)
+    assert hung.slot not in slots_used and table.slot_info(hung.slot).state is SlotState.QUARANTINED
+    for other in range(3):  # the two slots in service leased: nothing left to give, never the quarantined one
+        if other != hung.slot and table.slot_info(other).state is SlotState.READY:
+            table.acquire(table.slot_info(other).expert_id, 99)
+    assert table.acquire(50, 99).kind is NO_SLOT
+    with pytest.raises(SlotStateError, match="finish_load of slot .*: slot is quarantined, expected loading"):
+        table.finish_load(hung.slot, hung.generation, ok=True)
+    table.lift_quarantine(hung.slot)  # the kernel ended the read
+    assert table.slot_info(hung.slot).state is SlotState.FREE and table.num_in_service == 3
+    assert table.acquire(50, 99).slot == hung.slot
+    with pytest.raises(SlotStateError, match="lift_quarantine of slot .*: slot is loading, expected quarantined"):
+        table.lift_quarantine(hung.slot)
+
+
 def test_pinned_experts_are_not_evicted_and_pins_are_bounded():
     table = SlotTable(3, max_pinned=1)
     for expert in (0, 1, 2):
