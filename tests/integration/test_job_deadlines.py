@@ -5,7 +5,8 @@ its progress never trips the deadline; with no restart left the run ends naming 
 
 Real `mer-pipeline generate` and `run` processes; the faults are injected with `MER_WORK_FAULTS`
 (`mer.environment`): `spin:WORKER:JOB` (a busy loop in that job of the worker's first process),
-`slow:SECONDS` (every item of every job that much longer, busy, progress reported between items). The
+`slow:SECONDS` (every item of every job that much longer, busy, progress reported between items),
+`slow_row:SECONDS` (every row that much longer, busy, progress reported between chunks of rows). The
 leak guard of `tests/conftest.py` checks that nothing of a run is left. The log's `t_mono` is
 `time.monotonic()`, one clock for every process.
 """
@@ -19,6 +20,7 @@ import re
 import numpy as np
 import pytest
 
+from mer.compute.batches import PROGRESS_CHUNK_ROWS
 from mer.model.experts import GGUFExperts
 from mer.model.generate import generate
 from mer.model.model import MoEModel
@@ -109,6 +111,26 @@ def test_long_jobs_that_report_progress_never_trip_the_deadline(leak_guard, pipe
     assert events_named(events, "child_stuck") == events_named(events, "worker_stuck") == []
     assert events_named(events, "child_restarted") == []
     assert np.load(slowed).tobytes() == np.load(undisturbed).tobytes()
+
+
+def test_one_expert_on_more_rows_than_the_deadline_allows_reports_progress_between_chunks_and_is_never_stuck(
+        leak_guard, tmp_path):
+    """A prefill of 168 tokens: an expert gets up to ~70 of its rows in one item, and `slow_row:0.01` makes
+    every row 10 ms longer, busy on the CPU (a slow kernel): one item alone lasts longer than the deadline of
+    0.6 s, but the worker reports progress between chunks of `PROGRESS_CHUNK_ROWS` rows (0.32 s each)."""
+    deadline_s, slow_row_s = 0.6, 0.01
+    prompt = " ".join(f"def f{i}(x): return x + {i}" for i in range(7))
+    result, expected = generation(leak_guard, tmp_path, f"slow_row:{slow_row_s}", prompt, 3,
+                                  "--job-deadline-s", deadline_s)
+    events = result.events
+    assert PROGRESS_CHUNK_ROWS * slow_row_s < deadline_s
+    longest_item_rows = max(event["max_item_rows"] for event in events_named(events, "compute_job"))
+    print(f"largest item: {longest_item_rows} rows, at least {longest_item_rows * slow_row_s:.2f} s with "
+          f"job_deadline_s {deadline_s} s")
+    assert longest_item_rows * slow_row_s > deadline_s  # one item's injected time alone is beyond the deadline
+    assert events_named(events, "child_stuck") == events_named(events, "worker_stuck") == []
+    assert events_named(events, "child_restarted") == []
+    assert json.loads(result.stdout)["tokens"] == expected
 
 
 def test_a_stuck_compute_worker_without_restarts_ends_the_run_naming_it_and_its_job(
