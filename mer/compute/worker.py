@@ -111,7 +111,8 @@ class ComputeWorker:
             partials = self.compute(job)
             compute_us = (time.perf_counter() - started) * 1e6
             self.last_job = {"job_id": job_id, "expert_ids": [item.expert_id for item in job.items],
-                             "slices": len(job.slices), "max_item_rows": self.last_item_rows, "t_start": t_start, "t_end": time.monotonic(),
+                             "slices": len(job.slices), "max_item_rows": self.last_item_rows, "t_start": t_start,
+                             "t_end": time.monotonic(),
                              "compute_us": compute_us}
             return ExpertBatchResult(job_id, self.index, partials, compute_us)
         except Exception as error:  # a bad job is answered, never fatal

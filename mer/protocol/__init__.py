@@ -9,7 +9,7 @@ from mer.protocol.messages import (
     Acquire, Activations, BatchPartials, ChildFailed, ChildStuck, JobProgress, IoProgress, ComputeItem, ErrorReply,
     ExpertBatchJob, ExpertBatchResult, Heartbeat, Hello, HiddenObserved, HiddenState, IoStats, IoWorkerRestarted, JobDone,
     LeasesDropped, MessageKind,
-    PinSet, PredictorReport, PredictorStats, PrefetchCounts, PrefetchHint, PrefetchHints, ReadCounts, Ready, Release,
+    PinSet, PredictorProgress, PredictorReport, PredictorStats, PrefetchCounts, PrefetchHint, PrefetchHints, ReadCounts, Ready, Release,
     RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, SplitReads, StartBenchmark,
     StartGeneration, StatsRequest, TokenGenerated, UNKNOWN_REQUEST_ID,
     CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence,

@@ -53,6 +53,7 @@ class MessageKind(IntEnum):
     JOB_PROGRESS = 24
     CHILD_STUCK = 25
     IO_PROGRESS = 26
+    PREDICTOR_PROGRESS = 27
     ROUTING_OBSERVED = 30
     HIDDEN_OBSERVED = 31
     ERROR_REPLY = 40
@@ -615,6 +616,20 @@ class HiddenObserved:
     hidden: HiddenState
 
     __eq__ = equal_with_arrays
+
+
+# --- predictor_progress.sock: the predictor's progress, for the router's deadline ------------------
+
+
+@message(MessageKind.PREDICTOR_PROGRESS)
+class PredictorProgress:
+    """The predictor (process `pid`) has consumed `observations` messages of `observe.sock` in its lifetime
+    and is working on them: sent by its event loop every `mer.router.work_deadlines.progress_interval_s`
+    while it consumes observations (or awaits a send of its hints), so a predictor spinning in a busy
+    loop sends none (the router's deadline on observations it sent, `job_deadline_s`)."""
+
+    pid: int
+    observations: int
 
 
 # --- any request/reply socket ---------------------------------------------------------------------
