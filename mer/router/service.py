@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 
-
 from mer.errors import ProtocolError
 from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration,
                           StartPerplexity, StartServing, SubmitSequence)
