@@ -57,12 +57,14 @@ class Environment:
 
 @dataclass(frozen=True)
 class WorkFaults:
-    """`MER_WORK_FAULTS`: `spin` (worker: a compute worker's number or `io`, 1-based job number) spins
-    forever in that job of that worker's first process; `slow_item_s` is added, busy, to every item of
-    every compute job."""
+    """`MER_WORK_FAULTS`: `spin` (worker: a compute worker's number, `io` or `predictor`; 1-based number of
+    its job, `Acquire` or routing observation) spins forever in that one of that worker's first process;
+    `slow_item_s` is added, busy, to every item of every compute job, and `slow_row_s` per row to every
+    chunk of an item's rows (a slow kernel)."""
 
     spin: tuple[str, int] | None = None
     slow_item_s: float = 0.0
+    slow_row_s: float = 0.0
 
     def spins_in(self, worker: str, job: int, incarnation: int) -> bool:
         """Whether the `job`-th job (1-based) of `worker`'s process `incarnation` is to spin forever."""
@@ -98,19 +100,26 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
 
 
 def _work_faults(text: str) -> WorkFaults | None:
-    """`spin:WORKER:JOB` and `slow:SECONDS` entries; a malformed entry is a ConfigError naming it."""
-    spin, slow_item_s = None, 0.0
+    """`spin:WORKER:JOB`, `slow:SECONDS` and `slow_row:SECONDS` entries; a malformed entry is a ConfigError
+    naming it."""
+    spin, slow_item_s, slow_row_s = None, 0.0, 0.0
     for entry in filter(None, (part.strip() for part in text.split(","))):
         kind, _, value = entry.partition(":")
         worker, _, job = value.partition(":")
-        if kind == "spin" and (worker.isdigit() or worker == "io") and job.isdigit() and int(job) >= 1:
+        if (kind == "spin" and (worker.isdigit() or worker in ("io", "predictor")) and job.isdigit()
+                and int(job) >= 1):
             spin = (worker, int(job))
         elif kind == "slow" and _is_seconds(value):
             slow_item_s = float(value)
+        elif kind == "slow_row" and _is_seconds(value):
+            slow_row_s = float(value)
         else:
             raise ConfigError(f"environment variable MER_WORK_FAULTS: entry {entry!r} is neither spin:WORKER:JOB "
-                              "(a compute worker's number or io, and a job number >= 1) nor slow:SECONDS (>= 0)")
-    return None if spin is None and slow_item_s == 0.0 else WorkFaults(spin, slow_item_s)
+                              "(a compute worker's number, io or predictor, and a job number >= 1) nor slow:SECONDS "
+                              "or slow_row:SECONDS (>= 0)")
+    if spin is None and slow_item_s == 0.0 and slow_row_s == 0.0:
+        return None
+    return WorkFaults(spin, slow_item_s, slow_row_s)
 
 
 def _is_seconds(text: str) -> bool:

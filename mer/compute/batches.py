@@ -12,12 +12,15 @@ start, and the d_ff slices of `mer.compute.slicing` split between the workers (s
   share a job; the benchmark then adds its experts' outputs with their gate weights
   (`weighted_sum`, in the decision's order);
 - worker: `item_partials` computes the partials of one expert on its rows with llama.cpp's input
-  rounding (`swiglu_expert(..., ggml_rounding=True)`), as the single-process model does.
+  rounding (`swiglu_expert(..., ggml_rounding=True)`), as the single-process model does;
+  `item_partials_in_chunks` does so `PROGRESS_CHUNK_ROWS` rows at a time, calling back between chunks
+  (where the worker reports its progress), with the very same bits: the kernels compute each row
+  independently of the others in its call (tests/unit/test_batch_invariance.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,16 @@ from mer.errors import ShapeError
 from mer.compute.expert_format import ExpertPayload
 from mer.protocol import SliceRange
 from mer.compute.swiglu import swiglu_expert
+
+
+# Rows of one expert computed between two progress reports of a compute worker. The router's deadline
+# (`job_deadline_s`, default 8 s, `mer.router.work_deadlines`) must never see one chunk as a stall: a
+# Mixtral-sized expert (d_model 4096, d_ff 14336, q4_0) takes about 2.5 ms per row on the 2-core
+# development machine unloaded; at 10x that under load, 32 rows take 0.8 s, a tenth of the default
+# deadline, whatever the prefill batch. Measured with tools/bench_progress_chunks.py (one kernel thread,
+# load average 5-6): one chunk of 32 rows 0.08-0.12 s (q4_0, q4_k/q6_k); chunked / one call 0.69-1.22
+# for items of 32-512 rows (no cost above the noise: a few dozen rows fill the kernels' row tiles).
+PROGRESS_CHUNK_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -83,3 +96,17 @@ def item_partials(payload: ExpertPayload, x: np.ndarray, slices: Sequence[SliceR
     for index, (start, stop) in enumerate(slices):
         out[index] = swiglu_expert(payload, x, slice(start, stop), threads=threads, ggml_rounding=True)
     return out
+
+
+def item_partials_in_chunks(payload: ExpertPayload, x: np.ndarray, slices: Sequence[SliceRange], threads: int,
+                            out: np.ndarray, before_chunk: Callable[[int], None],
+                            chunk_rows: int = PROGRESS_CHUNK_ROWS) -> None:
+    """`item_partials` written into `out` (`[len(slices), rows, d_model]`), `chunk_rows` rows at a time;
+    `before_chunk(rows)` is called before each chunk with its row count. Bit-identical to one call on all
+    rows (the kernels are batch-invariant)."""
+    if chunk_rows < 1:
+        raise ShapeError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    for start in range(0, x.shape[0], chunk_rows):
+        rows = slice(start, min(start + chunk_rows, x.shape[0]))
+        before_chunk(rows.stop - rows.start)
+        out[:, rows] = item_partials(payload, x[rows], slices, threads)

@@ -9,10 +9,12 @@ item the worker checks the slot header's generation and expert id before and aft
 a slot reassigned under it is refused (`StaleSlotError`) instead of computed. Kernels run with a
 fixed thread count (`kernel_threads`); workers x threads <= cores.
 
-While a job runs (the event loop is busy with it) the worker reports its progress between items,
-at most every `heartbeat_interval_s(job_deadline_s)` (`JobProgress`, sent at once without waiting):
-the router's per-worker deadline (`mer.router.work_deadlines`) tells such long work from a worker
-stuck in a busy loop. `MER_WORK_FAULTS` injects such a loop, or slow items, for the tests.
+While a job runs (the event loop is busy with it) the worker reports its progress between items and
+between chunks of an item's rows (`PROGRESS_CHUNK_ROWS`, `mer.compute.batches.item_partials_in_chunks`:
+the same bits as one call), at most every `heartbeat_interval_s(job_deadline_s)` (`JobProgress`, sent
+at once without waiting): the router's per-worker deadline (`mer.router.work_deadlines`) tells such
+long work, even one expert on the rows of a large prefill batch, from a worker stuck in a busy loop.
+`MER_WORK_FAULTS` injects such a loop, or slow items or rows, for the tests.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from mer.environment import WorkFaults, read_environment
 from mer.errors import NonFiniteError
 from mer.runtime.child import receive_unless_stopped
 from mer.runtime.fault_loops import busy_for, spin_forever
-from mer.compute.batches import item_partials
+from mer.compute.batches import item_partials_in_chunks
 from mer.protocol import (UNKNOWN_REQUEST_ID, ExpertBatchJob, ExpertBatchResult, Hello, JobProgress, decode, encode,
                           error_reply)
 from mer.runtime.stall_watch import heartbeat_interval_s
@@ -54,6 +56,8 @@ class ComputeWorker:
         self.progress_interval_s = 0.0
         self.faults = read_environment().work_faults or WorkFaults()
         self.jobs_started = 0
+        self._reported_at = 0.0  # time.monotonic() of the running job's start or last JobProgress
+        self.last_item_rows = 0  # the most rows of one item in the running job (logged with it)
 
     async def start(self) -> dict:
         threads = self.context.config.kernel_threads
@@ -103,10 +107,12 @@ class ComputeWorker:
             job_id = job.job_id
             t_start = time.monotonic()
             started = time.perf_counter()
+            self.last_item_rows = 0
             partials = self.compute(job)
             compute_us = (time.perf_counter() - started) * 1e6
             self.last_job = {"job_id": job_id, "expert_ids": [item.expert_id for item in job.items],
-                             "slices": len(job.slices), "t_start": t_start, "t_end": time.monotonic(),
+                             "slices": len(job.slices), "max_item_rows": self.last_item_rows, "t_start": t_start,
+                             "t_end": time.monotonic(),
                              "compute_us": compute_us}
             return ExpertBatchResult(job_id, self.index, partials, compute_us)
         except Exception as error:  # a bad job is answered, never fatal
@@ -122,23 +128,36 @@ class ComputeWorker:
         if self.faults.spin is not None and self.faults.spins_in(str(self.index), self.jobs_started,
                                                                   self.context.run.incarnation):
             spin_forever(self.context.log, job_id=job.job_id)
-        reported_at = time.monotonic()
+        self._reported_at = time.monotonic()
         for item_index, item in enumerate(job.items):
-            if self.progress_socket is not None and time.monotonic() - reported_at >= self.progress_interval_s:
-                self._report_progress(job.job_id, item_index)
-                reported_at = time.monotonic()
+            self._progress(job.job_id, item_index)
             if self.faults.slow_item_s:
                 busy_for(self.faults.slow_item_s)
             layer = self.manifest.layers[item.moe_layer]
             self.arena.check_slot(item.slot, item.generation, item.expert_id)
             payload = ExpertPayload(layer.format, self.arena.slot_array(item.slot)[: layer.format.payload_nbytes])
             rows = slice(job.row_offsets[item_index], job.row_offsets[item_index + 1])
+            self.last_item_rows = max(self.last_item_rows, rows.stop - rows.start)
+
+            def before_chunk(chunk_rows: int, items_done: int = item_index) -> None:
+                self._progress(job.job_id, items_done)
+                if self.faults.slow_row_s:
+                    busy_for(self.faults.slow_row_s * chunk_rows)
+
             with np.errstate(invalid="ignore", over="ignore"):  # NaN or inf is reported below, not warned of
-                partials[:, rows] = item_partials(payload, x[rows], job.slices, self.context.config.kernel_threads)
+                item_partials_in_chunks(payload, x[rows], job.slices, self.context.config.kernel_threads,
+                                        partials[:, rows], before_chunk)
             self.arena.check_slot(item.slot, item.generation, item.expert_id)
             if not np.isfinite(partials[:, rows]).all():
                 raise NonFiniteError(self._non_finite_message(item.expert_id))
         return partials
+
+    def _progress(self, job_id: int, items_done: int) -> None:
+        """Between items and between chunks of an item's rows: `JobProgress` if `progress_interval_s` has
+        passed since the last one (or since the job began)."""
+        if self.progress_socket is not None and time.monotonic() - self._reported_at >= self.progress_interval_s:
+            self._report_progress(job_id, items_done)
+            self._reported_at = time.monotonic()
 
     def _report_progress(self, job_id: int, items_done: int) -> None:
         """`JobProgress` to the router now; dropped if it cannot go at once (the router is not reading):

@@ -12,6 +12,13 @@ I/O worker as `PredictorStats` after every scored observation (merged into its p
 counters, which reach the run summary). With `max_pinned > 0` the locality predictor's hot experts
 are sent as a `PinSet` whenever they change.
 
+Progress: the predictor connects a PUSH to the router's `predictor_progress.sock` and its event loop
+sends `PredictorProgress` (pid, observations consumed) every `progress_interval_s(job_deadline_s)`
+while it consumed observations since the last report or awaits the send of its hints (never blocking:
+one the router does not take at once is dropped, the next says more). A predictor spinning in a busy
+loop sends none, and the router names it stuck (`mer.router.predictor_link`). `MER_WORK_FAULTS=
+spin:predictor:N` injects such a loop in the N-th observation of its first process, for the tests.
+
 The next-layer gate predictor (`gate`, `mer.predict.gate`) reads the router gates of the generation
 job's GGUF, named by the supervisor in the run spec (`RunSpec.model`), at start-up (so a bad model
 fails the handshake); the router then sends a `HiddenObserved` (the token's residual at that MoE
@@ -21,15 +28,20 @@ layer) just before each `RoutingObserved`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 
 import numpy as np
 import zmq
 
+from mer.environment import WorkFaults, read_environment
 from mer.predict.fusion import GATE, FusedPredictors, make_predictors
+from mer.router.work_deadlines import progress_interval_s
 from mer.runtime.child import receive_unless_stopped
-from mer.protocol import (HiddenObserved, PinSet, PrefetchHint, PrefetchHints, RoutingObserved, check_expert_ids,
-                          decode, encode)
+from mer.runtime.fault_loops import spin_forever
+from mer.protocol import (HiddenObserved, PinSet, PredictorProgress, PrefetchHint, PrefetchHints, RoutingObserved,
+                          check_expert_ids, decode, encode)
 from mer.store.manifest import Manifest
 
 
@@ -50,7 +62,12 @@ class PredictorService:
         self.pins: list[int] = []
         self.observe = None
         self.io = None
+        self.progress = None
         self.fused = FusedPredictors(self.predictors)
+        self.observations = 0  # observation messages consumed by this process
+        self.reported = 0  # `observations` at the last PredictorProgress
+        self.handling = False  # an observation is being handled (its hints may await their send)
+        self.faults = read_environment().work_faults or WorkFaults()
 
     async def start(self) -> dict:
         run, zmq_context = self.run, self.zmq
@@ -60,6 +77,9 @@ class PredictorService:
         self.io = zmq_context.socket(zmq.DEALER)
         self.io.setsockopt(zmq.LINGER, 0)
         self.io.connect(run.endpoint("io"))
+        self.progress = zmq_context.socket(zmq.PUSH)
+        self.progress.setsockopt(zmq.LINGER, 0)
+        self.progress.connect(run.endpoint("predictor_progress"))
         info = {"predictor": ",".join(self.names), "prefetch": self.config.prefetch}
         if self.gate is not None:
             started = time.perf_counter()
@@ -68,10 +88,22 @@ class PredictorService:
         return info
 
     async def serve(self, stop: asyncio.Event) -> None:
+        reporter = asyncio.create_task(self._report_progress())
+        try:
+            await self._serve(stop)
+        finally:
+            reporter.cancel()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         while True:
             frames = await receive_unless_stopped(self.observe, stop)
             if frames is None:
                 return
+            self.observations += 1
+            if self.faults.spin is not None and self.faults.spins_in("predictor", self.observations,
+                                                                      self.run.incarnation):
+                spin_forever(self.log, observation=self.observations)
+            self.handling = True
             try:  # a PULL socket cannot answer: a malformed observation is logged and dropped
                 message = decode(frames, expected_kinds=(RoutingObserved, HiddenObserved))
                 if isinstance(message, HiddenObserved):
@@ -81,6 +113,20 @@ class PredictorService:
                     await self._observe(message)
             except Exception as error:
                 self.log.warning("bad_observation", error=str(error))
+            finally:
+                self.handling = False
+
+    async def _report_progress(self) -> None:
+        """`PredictorProgress` every interval while observations were consumed or one is being handled; a
+        report the router does not take at once is dropped (the predictor never waits for the router)."""
+        interval = progress_interval_s(self.config.job_deadline_s)
+        while True:
+            await asyncio.sleep(interval)
+            if self.observations != self.reported or self.handling:
+                self.reported = self.observations
+                with contextlib.suppress(zmq.Again):
+                    await self.progress.send_multipart(encode(PredictorProgress(os.getpid(), self.observations)),
+                                                       flags=zmq.NOBLOCK)
 
     def _observe_hidden(self, message: HiddenObserved) -> None:
         for predictor in self.predictors:
@@ -116,6 +162,6 @@ class PredictorService:
         pass
 
     def close(self) -> None:
-        for socket in (self.observe, self.io):
+        for socket in (self.observe, self.io, self.progress):
             if socket is not None:
                 socket.close(linger=0)

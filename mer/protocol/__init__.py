@@ -3,7 +3,7 @@
 Every message is declared once, in the module of its socket and concern: `control_messages` (a child's
 handshake, heartbeat, failure, shutdown), `job_messages` (the jobs' start messages and reports),
 `serving_messages` (the serving job), `io_messages` (the I/O worker's slot leases and counters),
-`predictor_messages` (observations in, hints, pins and accuracy out), `compute_messages` (expert batch
+`predictor_messages` (observations in; hints, pins, accuracy and progress out), `compute_messages` (expert batch
 jobs) and `remote_errors` (`ErrorReply`); `kinds` numbers them. Import them from here.
 
 A message is a frozen dataclass registered with `@message(kind)` (`mer.protocol.schema`): it gets a `KIND` (a
@@ -33,7 +33,7 @@ from mer.protocol.job_messages import (
 )
 from mer.protocol.kinds import MessageKind
 from mer.protocol.predictor_messages import (
-    HiddenObserved, HiddenState, PinSet, PredictorStats, PrefetchHint, PrefetchHints, RoutingObserved,
+    HiddenObserved, HiddenState, PinSet, PredictorProgress, PredictorStats, PrefetchHint, PrefetchHints, RoutingObserved,
 )
 from mer.protocol.serving_messages import (
     CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence,

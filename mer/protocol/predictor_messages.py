@@ -1,6 +1,6 @@
 """The predictor's messages: what it observes on `observe.sock` (the router's routing decisions and, for
-the gate predictor, hidden states) and what it sends the I/O worker on `io.sock` (prefetch hints, pins,
-its accuracy) (docs/pipeline.md, "Messages").
+the gate predictor, hidden states), what it sends the I/O worker on `io.sock` (prefetch hints, pins,
+its accuracy) and its progress reports to the router on `predictor_progress.sock` (docs/pipeline.md, "Messages").
 """
 
 from typing import Annotated, NamedTuple
@@ -86,3 +86,17 @@ class HiddenObserved:
     hidden: HiddenState
 
     __eq__ = equal_with_arrays
+
+
+# --- predictor_progress.sock: the predictor's progress, for the router's deadline ------------------
+
+
+@message(MessageKind.PREDICTOR_PROGRESS)
+class PredictorProgress:
+    """The predictor (process `pid`) has consumed `observations` messages of `observe.sock` in its lifetime
+    and is working on them: sent by its event loop every `mer.router.work_deadlines.progress_interval_s`
+    while it consumes observations (or awaits a send of its hints), so a predictor spinning in a busy
+    loop sends none (the router's deadline on observations it sent, `job_deadline_s`)."""
+
+    pid: int
+    observations: int

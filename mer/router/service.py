@@ -4,7 +4,8 @@ and `CancelSequence` on the control socket while it runs; any job takes `IoWorke
 I/O worker's requests fail over to its replacement: `mer.router.io_client.IoClient`).
 
 Sockets: a DEALER to the I/O worker (`io.sock`), a ROUTER that the compute workers connect to
-(`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`). The job's
+(`compute.sock`), a PUSH of routing observations to the predictor (`observe.sock`) and a PULL of the
+predictor's progress reports (`predictor_progress.sock`; `mer.router.predictor_link`). The job's
 summary goes back to the supervisor as `JobDone`; the router then waits for `Shutdown`.
 """
 
@@ -12,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 
-import zmq
-
 from mer.errors import ProtocolError
 from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration,
                           StartPerplexity, StartServing, SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.compute_client import ComputeClient
 from mer.router.io_client import IoClient
+from mer.router.predictor_link import PredictorLink
 from mer.router.work_deadlines import Overdue
 from mer.runtime.paths import process_name
 from mer.router.generate_job import GenerateJob
@@ -39,7 +39,7 @@ class Router:
         self.job: Job | None = None
         self.io: IoClient | None = None
         self.compute: ComputeClient | None = None
-        self.observe = None
+        self.observe: PredictorLink | None = None
 
     async def start(self) -> dict:
         run, zmq_context = self.context.run, self.context.zmq
@@ -47,10 +47,8 @@ class Router:
                                      self.context.config.job_deadline_s)
         self.io = IoClient(zmq_context, run.endpoint("io"), process_name("io", run.run_id),
                            self.context.config.job_deadline_s)
-        self.observe = zmq_context.socket(zmq.PUSH)
-        self.observe.setsockopt(zmq.LINGER, 0)
-        self.observe.setsockopt(zmq.SNDHWM, 10_000)
-        self.observe.connect(run.endpoint("observe"))
+        self.observe = PredictorLink(zmq_context, run.endpoint("observe"), run.endpoint("predictor_progress"),
+                                     process_name("predictor", run.run_id), self.context.config.job_deadline_s)
         # bounded by the supervisor's start-up watchdog, which extends slow starts (mer.runtime.cpu_progress)
         await self.compute.wait_connected(start_limit_s(self.context.config.handshake_timeout_s))
         return {"compute_workers": run.num_compute_workers}
@@ -89,8 +87,8 @@ class Router:
         await stop.wait()
 
     async def _watch_deadlines(self) -> None:
-        """Name every compute worker stuck on its jobs, and the I/O worker stuck on its acquires, to the
-        supervisor, which kills it (`ChildStuck`; `mer.router.work_deadlines`)."""
+        """Name every compute worker stuck on its jobs, the I/O worker stuck on its acquires, and the predictor
+        stuck on its observations to the supervisor, which kills it (`ChildStuck`; `mer.router.work_deadlines`)."""
         deadlines = self.compute.deadlines
         while True:
             await asyncio.sleep(deadlines.interval_s)
@@ -98,6 +96,8 @@ class Router:
                 await self._report_stuck(process.name, process.pid, "compute job", overdue)
             for overdue in self.io.stuck():
                 await self._report_stuck(self.io.name, self.io.pid, "I/O request", overdue)
+            for overdue in self.observe.stuck():
+                await self._report_stuck(self.observe.name, self.observe.pid, "observation", overdue)
 
     async def _report_stuck(self, name: str, pid: int, kind: str, overdue: Overdue) -> None:
         work = f"{kind} {overdue.job_id}" + (f" ({overdue.in_hand} in hand)" if overdue.in_hand > 1 else "")
@@ -123,11 +123,9 @@ class Router:
         return BenchJob(*common, progress=progress_printer(context.config.tokens))
 
     def close(self) -> None:
-        for client in (self.io, self.compute):
+        for client in (self.io, self.compute, self.observe):
             if client is not None:
                 client.close()
-        if self.observe is not None:
-            self.observe.close(linger=0)
 
 
 async def _first_of(wanted: asyncio.Event, stop: asyncio.Event) -> bool:

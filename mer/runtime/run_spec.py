@@ -24,7 +24,7 @@ class RunSpec:
     incarnation: int = 0  # processes that held this child's name before it (0: started with the graph; >0: a restart)
 
     def endpoint(self, name: str) -> str:
-        """ipc endpoint of a socket of this run (`control`, `io`, `compute`, `observe`)."""
+        """ipc endpoint of a socket of this run (`control`, `io`, `compute`, `observe`, `predictor_progress`)."""
         return f"ipc://{self.runtime_dir}/{name}.sock"
 
     def to_json(self) -> str:

@@ -27,8 +27,8 @@ the runtime directory (`mer.runtime.supervisor_watch`).
 Children are watched through their process sentinels, so a death (kill -9) is seen at once. While
 the job runs, a ready child that shows no progress for `stall_timeout_s` (no heartbeat, CPU time or
 I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead, and so is a compute
-worker or I/O worker the router names stuck on its work (`ChildStuck`: no progress for `job_deadline_s`,
-e.g. a busy loop; `mer.router.work_deadlines`). A compute worker,
+worker, the I/O worker or the predictor the router names stuck on its work (`ChildStuck`: no progress for
+`job_deadline_s`, e.g. a busy loop; `mer.router.work_deadlines`, `mer.router.predictor_link`). A compute worker,
 the predictor or the I/O worker that died of a signal is started again under its name, up to
 `max_restarts` per run (the router resubmits the dead compute worker's jobs,
 `mer.router.compute_client.ComputeClient`, or fails its requests over to the new I/O worker,

@@ -1,11 +1,15 @@
-"""Per-job deadlines: a compute worker spinning in a busy loop (it uses CPU, so the stall watch cannot
-see it) is named stuck by the router within `job_deadline_s` plus one check, killed and restarted, its
-jobs sent again and the tokens identical to mer's single-process generation; long work that reports
-its progress never trips the deadline; with no restart left the run ends naming the worker and job.
+"""Per-job deadlines: a compute worker, the I/O worker or the predictor spinning in a busy loop (it uses
+CPU, so the stall watch cannot see it) is named stuck by the router within `job_deadline_s` plus one
+check, killed and restarted, its work sent again (hints resume, for the predictor) and the tokens
+identical to mer's single-process generation; long work that reports its progress (between items, and
+between chunks of one item's rows) never trips the deadline; with no restart left the run ends naming
+the worker and job.
 
 Real `mer-pipeline generate` and `run` processes; the faults are injected with `MER_WORK_FAULTS`
-(`mer.environment`): `spin:WORKER:JOB` (a busy loop in that job of the worker's first process),
-`slow:SECONDS` (every item of every job that much longer, busy, progress reported between items). The
+(`mer.environment`): `spin:WORKER:JOB` (a busy loop in that job, `Acquire` or observation of the worker's
+first process: a compute worker's number, `io` or `predictor`),
+`slow:SECONDS` (every item of every job that much longer, busy, progress reported between items),
+`slow_row:SECONDS` (every row that much longer, busy, progress reported between chunks of rows). The
 leak guard of `tests/conftest.py` checks that nothing of a run is left. The log's `t_mono` is
 `time.monotonic()`, one clock for every process.
 """
@@ -19,6 +23,7 @@ import re
 import numpy as np
 import pytest
 
+from mer.compute.batches import PROGRESS_CHUNK_ROWS
 from mer.model.experts import GGUFExperts
 from mer.model.generate import generate
 from mer.model.model import MoEModel
@@ -39,13 +44,14 @@ def events_named(events: list[dict], name: str) -> list[dict]:
     return [event for event in events if event.get("event") == name]
 
 
-def generation(leak_guard, tmp_path, faults: str, prompt: str, steps: int, *flags) -> tuple[PipelineRun, list[int]]:
+def generation(leak_guard, tmp_path, faults: str, prompt: str, steps: int, *flags,
+               cache_slots: int = 8) -> tuple[PipelineRun, list[int]]:
     """A generation of the embedded model with `MER_WORK_FAULTS=faults`, run to its end: (the run,
     the tokens of mer's single-process generation of the same prompt)."""
     model = tiny_model_path()
     log_path = tmp_path / "generate.jsonl"
     argv = generate_argv(model, "--prompt", prompt, "-n", steps, "--ignore-eos", "--compute-workers", 2,
-                         "--cache-slots", 8, *flags, log_path=log_path)
+                         "--cache-slots", cache_slots, *flags, log_path=log_path)
     run = RunningPipeline.of_argv(leak_guard, argv, log_path, env={
         **os.environ, "MER_CACHE_DIR": str(tmp_path / "cache"), "MER_WORK_FAULTS": faults})
     try:
@@ -111,6 +117,26 @@ def test_long_jobs_that_report_progress_never_trip_the_deadline(leak_guard, pipe
     assert np.load(slowed).tobytes() == np.load(undisturbed).tobytes()
 
 
+def test_one_expert_on_more_rows_than_the_deadline_allows_reports_progress_between_chunks_and_is_never_stuck(
+        leak_guard, tmp_path):
+    """A prefill of 216 tokens: an expert gets up to 94 of its rows in one item, and `slow_row:0.008` makes
+    every row 8 ms longer, busy on the CPU (a slow kernel): one item alone lasts longer than the deadline of
+    0.6 s, but the worker reports progress between chunks of `PROGRESS_CHUNK_ROWS` rows (0.26 s each)."""
+    deadline_s, slow_row_s = 0.6, 0.008
+    prompt = " ".join(f"def f{i}(x): return x + {i}" for i in range(9))
+    result, expected = generation(leak_guard, tmp_path, f"slow_row:{slow_row_s}", prompt, 3,
+                                  "--job-deadline-s", deadline_s)
+    events = result.events
+    assert PROGRESS_CHUNK_ROWS * slow_row_s < deadline_s
+    longest_item_rows = max(event["max_item_rows"] for event in events_named(events, "compute_job"))
+    print(f"largest item: {longest_item_rows} rows, at least {longest_item_rows * slow_row_s:.2f} s with "
+          f"job_deadline_s {deadline_s} s")
+    assert longest_item_rows * slow_row_s > deadline_s  # one item's injected time alone is beyond the deadline
+    assert events_named(events, "child_stuck") == events_named(events, "worker_stuck") == []
+    assert events_named(events, "child_restarted") == []
+    assert json.loads(result.stdout)["tokens"] == expected
+
+
 def test_a_stuck_compute_worker_without_restarts_ends_the_run_naming_it_and_its_job(
         leak_guard, pipeline_stores, tmp_path, monkeypatch):
     monkeypatch.setenv("MER_WORK_FAULTS", "spin:0:20")
@@ -153,4 +179,48 @@ def test_an_io_worker_spinning_forever_is_named_within_the_deadline_restarted_an
     (lifted,) = events_named(events, "io_fence_lifted")
     assert restarted["t_mono"] <= failover["t_mono"] <= lifted["t_mono"]
     assert process_title(spinner) == ""
+    assert json.loads(result.stdout)["tokens"] == expected
+
+
+def test_a_spinning_predictor_is_named_within_the_deadline_restarted_its_hints_resume_and_the_tokens_are_identical(
+        leak_guard, tmp_path):
+    """The predictor's event loop reports the observations it consumed (`PredictorProgress`); spinning in a
+    busy loop from its 8th observation (the prefill's), it reports nothing while the router's observations
+    keep coming: named stuck, killed and restarted; the router never waited for it (tokens flow while it
+    spins), the new predictor's hints are read by the I/O worker, and the tokens are those of mer's
+    single-process generation. Every compute item is made 5 ms longer (`slow:0.005`) so that the
+    generation outlasts the deadline and the restart by several seconds; 4 slots make the hints matter."""
+    result, expected = generation(leak_guard, tmp_path, "spin:predictor:8,slow:0.005", "def ", 240,
+                                  "--job-deadline-s", DEADLINE_S, cache_slots=4)
+    events = result.events
+    (injected,) = events_named(events, "work_fault_injected")
+    (stuck,) = events_named(events, "child_stuck")
+    (reported,) = events_named(events, "worker_stuck")
+    spun_at, spinner = injected["t_mono"], injected["pid"]
+    assert injected["process"].startswith("mer-predictor-") and injected["observation"] == 8
+    assert stuck["child"] == injected["process"] and stuck["child_pid"] == spinner
+    assert reported["work"] == stuck["work"] and re.fullmatch(r"observation \d+( \(\d+ in hand\))?", stuck["work"])
+    assert DEADLINE_S < stuck["silent_s"] <= DEADLINE_S + CHECK_INTERVAL_S + DETECTION_SLACK_S, stuck
+    assert stuck["t_mono"] - spun_at <= DEADLINE_S + CHECK_INTERVAL_S + DETECTION_SLACK_S
+    print(f"busy loop in the predictor's observation 8: named stuck {stuck['t_mono'] - spun_at:.2f} s after it "
+          f"began (silent {stuck['silent_s']} s, {reported['in_hand']} observations in hand)")
+    assert events_named(events, "child_stalled") == []  # it used CPU: the stall watch could not see it
+    tokens = events_named(events, "generation_token")
+    while_spinning = [event for event in tokens if spun_at < event["t_mono"] < stuck["t_mono"]]
+    assert len(while_spinning) >= 10  # the router's token path never waited for the predictor
+    (restarted,) = events_named(events, "child_restarted")
+    assert restarted["child"] == stuck["child"] and restarted["dead_pid"] == spinner != restarted["child_pid"]
+    assert re.fullmatch(STUCK_EXIT.format(kind="observation") + "; killed by the watchdog", restarted["exit"])
+    (recovered,) = events_named(events, "child_recovered")
+    assert recovered["child_pid"] == restarted["child_pid"]
+    # the hints of the new predictor: prefetch reads the I/O worker started after it was ready
+    resumed = [event for event in events_named(events, "expert_read")
+               if event["kind"] == "prefetch" and event["t_submit"] > recovered["t_mono"]]
+    tokens_after = [event for event in tokens if event["t_mono"] > recovered["t_mono"]]
+    assert len(tokens_after) >= 80, len(tokens_after)  # restarted well before the end
+    assert len(resumed) >= len(tokens_after) // 10, (len(resumed), len(tokens_after))
+    print(f"predictor restarted in {recovered['seconds']} s; {len(resumed)} prefetch reads over the "
+          f"{len(tokens_after)} tokens after it")
+    assert events_named(events, "compute_jobs_resubmitted") == events_named(events, "io_failover") == []
+    assert process_title(spinner) == ""  # the spinning process was killed, not left behind
     assert json.loads(result.stdout)["tokens"] == expected

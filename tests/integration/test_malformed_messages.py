@@ -7,10 +7,10 @@ Two kinds of tests, all on real ZeroMQ ipc sockets:
   clients, a compute worker's job loop, a child's control listener): the hand-made malformed
   variants of `tests/support/malformed_frames.py`, then hypothesis (random and mutated frames,
   `deadline=None`, a few dozen examples), then a valid exchange that must still work;
-- a real `mer-pipeline generate` on the embedded tiny model, its four bound sockets (`control`,
-  `io`, `compute`, `observe`) fed malformed and stray messages from outside while it generates: it
-  ends with exit 0 and the very tokens of mer's single-process generation, every bad message is in
-  the log, and nothing of the run is left.
+- a real `mer-pipeline generate` on the embedded tiny model, its five bound sockets (`control`,
+  `io`, `compute`, `observe`, `predictor_progress`) fed malformed and stray messages from outside
+  while it generates: it ends with exit 0 and the very tokens of mer's single-process generation,
+  every bad message is in the log, and nothing of the run is left.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from mer.compute.batches import pack_batches
 from mer.compute.worker import ComputeWorker
 from mer.protocol import (
     UNKNOWN_REQUEST_ID, Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, JobDone,
-    PrefetchHint, PrefetchHints, Ready, Release, RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef,
-    SlotsReady, StartBenchmark, StatsRequest, TokenGenerated, decode, encode,
+    PredictorProgress, PrefetchHint, PrefetchHints, Ready, Release, RoutingObserved, Shutdown, SliceRange, SlotGrant,
+    SlotRef, SlotsReady, StartBenchmark, StatsRequest, TokenGenerated, decode, encode,
 )
 from mer.router.compute_client import ComputeClient
 from mer.router.io_client import IoClient
@@ -334,6 +334,8 @@ def stray_messages(run_id: str) -> dict[str, list[tuple[str, list[bytes]]]]:
                                                                                               np.float32), 1.0)))],
         "observe": [*malformed_variants(RoutingObserved(0, 0, [1, 2], [0.5, 0.5]), seed=14),
                     ("a decision of unknown experts", encode(RoutingObserved(0, 0, [10_000, 3], [0.5, 0.5])))],
+        "predictor_progress": malformed_variants(PredictorProgress(1, 1), seed=16,
+                                                 expected_kinds=(PredictorProgress,)),
         "control": [*malformed_variants(Hello("x", 1), seed=15),
                     ("a Hello from a stranger naming a child", encode(Hello(f"mer-io-{run_id}", 1))),
                     ("a Ready from a stranger", encode(Ready("intruder", 1, {}))),
@@ -348,7 +350,8 @@ def feed_the_graph(runtime_dir: Path, messages: dict[str, list[tuple[str, list[b
     context = zmq.Context()
     sockets = {name: open_socket(context, kind, f"ipc://{runtime_dir}/{name}.sock", identity=identity)
                for name, kind, identity in [("io", zmq.DEALER, b"intruder"), ("compute", zmq.DEALER, b"compute-9"),
-                                            ("observe", zmq.PUSH, None), ("control", zmq.DEALER, b"intruder")]}
+                                            ("observe", zmq.PUSH, None), ("predictor_progress", zmq.PUSH, None),
+                                            ("control", zmq.DEALER, b"intruder")]}
     try:
         for socket in sockets.values():
             socket.setsockopt(zmq.RCVTIMEO, int(RECEIVE_TIMEOUT_S * 1000))
@@ -433,7 +436,10 @@ def test_every_socket_of_a_running_generation_survives_malformed_and_stray_messa
               for name in ("bad_io_message", "bad_reply", "bad_observation", "bad_control_message")}
     assert len(logged["bad_io_message"]) == len(messages["io"])
     assert all(event["peer"] == "intruder" for event in logged["bad_io_message"])
-    assert len(logged["bad_reply"]) == len(messages["compute"])
+    assert len([event for event in logged["bad_reply"] if event["peer"] == "compute"]) == len(messages["compute"])
+    assert len([event for event in logged["bad_reply"] if event["peer"] == "predictor"]) == len(
+        messages["predictor_progress"])
+    assert len(logged["bad_reply"]) == len(messages["compute"]) + len(messages["predictor_progress"])
     assert len(logged["bad_observation"]) == len(messages["observe"])
     assert len(logged["bad_control_message"]) == len(messages["control"])
     assert not [event for event in events if event.get("event") == "control_message_refused"]

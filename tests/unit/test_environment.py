@@ -75,7 +75,11 @@ def test_work_faults_are_parsed_and_a_bad_entry_is_named():
     assert (faults.spin, faults.slow_item_s) == (("1", 3), 0.25)
     assert faults.spins_in("1", 3, 0) and not faults.spins_in("1", 3, 1) and not faults.spins_in("0", 3, 0)
     assert read_environment({"MER_WORK_FAULTS": "spin:io:40"}).work_faults.spin == ("io", 40)
-    for bad in ("spin:1", "spin:1:0", "spin:x:2", "spin:router:2", "slow:-1", "slow:nan", "slow:inf", "freeze:1"):
+    faults = read_environment({"MER_WORK_FAULTS": "spin:predictor:9,slow_row:0.02"}).work_faults
+    assert (faults.spin, faults.slow_item_s, faults.slow_row_s) == (("predictor", 9), 0.0, 0.02)
+    assert faults.spins_in("predictor", 9, 0) and not faults.spins_in("predictor", 9, 1)
+    for bad in ("spin:1", "spin:1:0", "spin:x:2", "spin:router:2", "slow:-1", "slow:nan", "slow:inf", "freeze:1",
+                "slow_row:-0.5", "slow_row:x", "spin:predictor"):
         with pytest.raises(ConfigError, match=rf"MER_WORK_FAULTS: entry '{bad}' is neither spin:WORKER:JOB"):
             read_environment({"MER_WORK_FAULTS": bad})
 

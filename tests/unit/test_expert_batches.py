@@ -8,10 +8,12 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from mer.errors import ShapeError
-from mer.compute.batches import expert_outputs, item_partials, pack_batches, sum_slices, weighted_sum
+from mer.compute.batches import (PROGRESS_CHUNK_ROWS, expert_outputs, item_partials, item_partials_in_chunks,
+                                 pack_batches, sum_slices, weighted_sum)
 from mer.compute.expert_format import ExpertFormat, ExpertPayload
 from mer.compute.slicing import plan_slices
 from mer.compute.swiglu import swiglu_expert
+from mer.quant.random_blocks import random_expert_payload
 
 D_MODEL, D_FF = 64, 768  # d_ff of 2 slices (expert_slices 2, MIN_SLICE_ROWS = 256), so slices are really summed
 
@@ -96,3 +98,31 @@ def test_the_slice_plan_follows_expert_slices_within_the_minimum_slice_size():
     assert plan_slices(small, 64) == [(0, 256), (256, 512), (512, 768)]
     with pytest.raises(ValueError, match="expert_slices must be at least 1"):
         plan_slices(small, 0)
+
+
+@pytest.mark.parametrize("dtypes", [("q4_0", "q4_0", "q4_0"), ("q4_k", "q4_k", "q6_k")])
+@pytest.mark.parametrize("chunk_rows", [PROGRESS_CHUNK_ROWS, 7, 1])
+def test_an_item_computed_in_chunks_of_rows_has_the_bits_of_one_call(dtypes, chunk_rows):
+    """What a compute worker does between progress reports: an expert on a prefill-sized batch of rows,
+    chunk by chunk (the last chunk shorter), byte for byte equal to one call on all its rows."""
+    expert_format = ExpertFormat.build(256, 768, dtypes)
+    payload = ExpertPayload(expert_format, random_expert_payload(expert_format, 77))
+    slices = plan_slices(expert_format)
+    assert len(slices) > 1
+    x = np.random.default_rng(3).standard_normal((2 * PROGRESS_CHUNK_ROWS + 5, 256)).astype(np.float32)
+    whole = item_partials(payload, x, slices, threads=2)
+    chunked = np.full_like(whole, np.nan)
+    chunks: list[int] = []
+    item_partials_in_chunks(payload, x, slices, 2, chunked, chunks.append, chunk_rows=chunk_rows)
+    assert sum(chunks) == x.shape[0] and max(chunks) == chunk_rows and len(chunks) == -(-x.shape[0] // chunk_rows)
+    assert chunked.tobytes() == whole.tobytes()
+    assert np.isfinite(whole).all() and np.abs(whole).max() > 0
+
+
+def test_chunks_of_no_rows_are_refused():
+    expert_format = ExpertFormat.build(256, 768, ("q4_0",) * 3)
+    payload = ExpertPayload(expert_format, random_expert_payload(expert_format, 77))
+    x = np.zeros((3, 256), np.float32)
+    with pytest.raises(ShapeError, match="chunk_rows must be >= 1, got 0"):
+        item_partials_in_chunks(payload, x, plan_slices(expert_format), 1, np.empty((2, 3, 256), np.float32),
+                                lambda rows: None, chunk_rows=0)

@@ -33,6 +33,7 @@ from mer.protocol import (
     IoWorkerRestarted,
     JobProgress,
     IoProgress,
+    PredictorProgress,
     ChildStuck,
     LeasesDropped,
     JobDone,
@@ -128,6 +129,7 @@ def sample_messages() -> list:
         IoWorkerRestarted("mer-io-0a1b2c3d", 4343),
         JobProgress(32, 1, 7),
         IoProgress(17, 4242, 1234),
+        PredictorProgress(4343, 1234),
         ChildStuck("mer-compute-1-0a1b2c3d", 4444, "compute job 32", 10.25),
         PinSet("locality", [4, 9]),
         HiddenObserved(7, 2, activations(d_model=64)[0]),
@@ -145,7 +147,7 @@ def sample_messages() -> list:
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 36
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 37
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
