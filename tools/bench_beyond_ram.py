@@ -19,8 +19,12 @@
    MIN would read with the same cache slots on the same requests (the I/O worker's `acquire_done`
    events; `beyond_ram_report.belady_misses`), peak memory (the cgroup's
    `memory.max_usage_in_bytes` / `memory.peak`), start-up (launch to prefill), and the mer settings
-   used (its resolved configuration and RAM plan). `--budgets` draws the tokens/s-against-budget
-   curve (a table per budget and a PNG when matplotlib is installed).
+   used (its resolved configuration and RAM plan). For mer also, from its log's `moe_block_done`
+   events, the median dense and expert ms of a decode block (dense time at a small budget against
+   in RAM: are the dense weights resident?), the hit rates of decode and prefill, and the bytes its
+   processes read over its own count of decode reads (1.0: every read it causes is counted).
+   `--budgets` draws the tokens/s-against-budget curve (a table per budget and a PNG when
+   matplotlib is installed).
 4. Refuses to report when mer's routing is concentrated: the per-layer expert usage of its decode
    passes (from its `--log-file`) must be near even (`tools/beyond_ram_report.py`).
 
@@ -245,9 +249,13 @@ def run_once(setup: Setup, args: argparse.Namespace, engine: Engine, budget: int
         expert_bytes = setup.geometry.expert_nbytes
         misses = report.belady_misses(report.acquire_steps(log_file), result["cache_slots"], len(setup.prompt))
         record["belady_gb_per_token"] = misses * expert_bytes / report.GB / max(result["decode_steps"], 1)
+        record.update(report.block_figures(log_file))
     record.update(ok=True, decode_tps=result["decode_tps"], prefill_tps=result["prefill_tps"], decode_steps=steps,
                   decode_gb_per_token=sampler.bytes_between(start, end) / report.GB / max(steps, 1),
                   prefill_gb_read=sampler.bytes_between(*prefill_window) / report.GB)
+    if not engine.is_llama:  # mer's count of its decode reads against what its processes read (read_bytes)
+        mer_bytes = record["mer_mib_read_per_token"] * 2**20
+        record["counted_vs_mer_bytes"] = record["decode_gb_per_token"] * report.GB / mer_bytes if mer_bytes else None
     return record
 
 

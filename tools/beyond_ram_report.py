@@ -6,6 +6,9 @@
   `concentration_problems` says which layers are far from even (normalized entropy of the usage
   below `MIN_LAYER_ENTROPY`, or below `MIN_MEAN_ENTROPY` on average): a cache then holds what is
   used and no figure about streaming can be trusted.
+- `block_figures`: from the same log's `moe_block_done` events, the median dense and expert time of
+  a decode block (the dense-residency goal compares the first across budgets) and the hit rates of
+  decode and prefill separately.
 - `pair_ratios`: in an ABBA round (A B1 B2 .. B2 B1 A), each variant's run in the first half is
   paired with the llama.cpp run of the first half and likewise for the second half; a round's
   ratio is the geometric mean of its two, the spread is min..max over every half.
@@ -22,6 +25,10 @@ from pathlib import Path
 MIN_LAYER_ENTROPY = 0.6  # normalized (1.0: every expert used equally)
 MIN_MEAN_ENTROPY = 0.8
 GB = 1e9
+# mer's own figures per run, the table's second part: dense and expert ms per decode block, hit
+# rates of decode and prefill, and the bytes its processes read (their read_bytes) over mer's count
+MER_BLOCK_KEYS = ("dense_ms_per_block", "expert_ms_per_block", "decode_hit_rate_pct", "prefill_hit_rate_pct",
+                  "counted_vs_mer_bytes")
 
 
 def routing_usage(log_file: Path, prompt_length: int, experts_per_layer: int) -> dict[int, list[int]]:
@@ -50,6 +57,30 @@ def acquire_steps(log_file: Path) -> list[tuple[int, tuple[int, ...]]]:
                 if event.get("event") == "acquire_done":
                     steps.append((int(event["token"]), tuple(int(e) for e in event["expert_ids"])))
     return steps
+
+
+def block_figures(log_file: Path) -> dict:
+    """Per MoE block of one generation's log (`moe_block_done`): the median `dense_us` and `expert_us`
+    of the decode blocks (a block of one token) in ms, and the hit rates (% of expert lookups) of
+    decode and of prefill (blocks of more than one token), each None where the log has no such block."""
+    dense, expert, hits = [], [], {"decode": [0, 0], "prefill": [0, 0]}
+    with open(log_file) as lines:
+        for line in lines:
+            if '"moe_block_done"' not in line:
+                continue
+            event = json.loads(line)
+            if event.get("event") != "moe_block_done":
+                continue
+            phase = "decode" if int(event.get("tokens", 1)) == 1 else "prefill"
+            if phase == "decode":
+                dense.append(float(event["dense_us"]))
+                expert.append(float(event["expert_us"]))
+            hits[phase][0] += int(event["hits"])
+            hits[phase][1] += int(event["hits"]) + int(event["misses"])
+    return {"dense_ms_per_block": statistics.median(dense) / 1e3 if dense else None,
+            "expert_ms_per_block": statistics.median(expert) / 1e3 if expert else None,
+            **{f"{phase}_hit_rate_pct": 100.0 * found / total if total else None
+               for phase, (found, total) in hits.items()}}
 
 
 def belady_misses(steps: Sequence[tuple[int, tuple[int, ...]]], slots: int, from_token: int) -> int:
@@ -141,7 +172,7 @@ def summarize(runs: Sequence[dict], engines: Sequence[str], reference: str) -> l
         row = {"engine": engine, "runs": len(mine), "failed": sum(1 for run in runs if run["engine"] == engine
                                                                    and not run.get("ok"))}
         for key in ("decode_tps", "prefill_tps", "decode_gb_per_token", "belady_gb_per_token", "peak_gib",
-                    "hit_rate_pct", "startup_s"):
+                    "hit_rate_pct", "startup_s", *MER_BLOCK_KEYS):
             values = [run[key] for run in mine if run.get(key) is not None]
             row[key] = statistics.median(values) if values else None
             row[f"{key}_range"] = (min(values), max(values)) if values else None
@@ -189,6 +220,15 @@ def format_table(budget_label: str, rows: Sequence[dict]) -> str:
             f"| {_range(row['belady_gb_per_token_range'], 2)} "
             f"| {_range(row['peak_gib_range'], 2)} | {_range(row['hit_rate_pct_range'], 1)} "
             f"| {_range(row['startup_s_range'], 1)} |")
+    mer_rows = [row for row in rows if row.get("dense_ms_per_block_range")]
+    if mer_rows:
+        lines += ["", "| engine | dense ms per decode block | expert ms per decode block | decode hit % "
+                      "| prefill hit % | bytes its processes read / mer's count |", "|---|---|---|---|---|---|"]
+        for row in mer_rows:
+            lines.append(f"| {row['engine']} | {_range(row['dense_ms_per_block_range'], 1)} "
+                         f"| {_range(row['expert_ms_per_block_range'], 1)} "
+                         f"| {_range(row['decode_hit_rate_pct_range'], 1)} | {_range(row['prefill_hit_rate_pct_range'], 1)} "
+                         f"| {_range(row['counted_vs_mer_bytes_range'], 3)} |")
     return "\n".join(lines)
 
 

@@ -46,8 +46,11 @@ def test_quick_benchmark_streams_both_engines_and_mer_reads_no_more_per_token(tm
         assert run["cache_slots"] == allowance["cache_slots"]
         assert run["settings"]["cache_slots"] == allowance["cache_slots"]
         assert run["routing_problems"] == [] and run["routing"]["layers"] == output["geometry"]["n_layers"]
-        # mer's own count of expert bytes is part of what its processes read
+        # mer's own count of its decode reads agrees with what its processes read (their read_bytes)
         assert run["mer_mib_read_per_token"] * 2**20 <= run["decode_gb_per_token"] * 1e9 * 1.1
+        assert 0.95 <= run["counted_vs_mer_bytes"] <= 1.05, run
+        assert run["dense_ms_per_block"] > 0 and run["expert_ms_per_block"] > 0
+        assert 0 <= run["decode_hit_rate_pct"] <= 100 and 0 <= run["prefill_hit_rate_pct"] <= 100
     for run in llama_runs:  # llama.cpp's limit: its own memory + mer's dense weights and arena
         assert run["limit_bytes"] > allowance["llama_data_allowance"]
     # the goal: mer reads no more bytes per decode token than llama.cpp with the same data memory

@@ -142,6 +142,30 @@ def _fewest_misses(steps, slots, from_token, resident=frozenset()):
     return cost + min(_fewest_misses(rest, slots, from_token, state) for state in set(outcomes))
 
 
+def test_block_figures_split_decode_and_prefill_blocks_of_the_log(tmp_path):
+    log = tmp_path / "mer.jsonl"
+    def block(tokens, dense_us, expert_us, hits, misses):
+        return json.dumps({"event": "moe_block_done", "tokens": tokens, "dense_us": dense_us, "expert_us": expert_us,
+                           "hits": hits, "misses": misses})
+    log.write_text("\n".join([
+        block(32, 9000.0, 50000.0, 1, 7),  # prefill: 1 hit of 8
+        block(32, 9100.0, 52000.0, 3, 5),  # prefill: 3 of 8
+        json.dumps({"event": "acquire_done", "token": 32, "expert_ids": [1, 2]}),
+        block(1, 4000.0, 15000.0, 2, 0),
+        block(1, 5000.0, 70000.0, 1, 1),
+        block(1, 6000.0, 16000.0, 0, 2),
+        '{"event": "generation_token", "note": "moe_block_done is in its text, not its name"}',
+    ]) + "\n")
+    figures = report.block_figures(log)
+    assert figures["dense_ms_per_block"] == 5.0 and figures["expert_ms_per_block"] == 16.0  # decode medians
+    assert figures["decode_hit_rate_pct"] == pytest.approx(100 * 3 / 6)
+    assert figures["prefill_hit_rate_pct"] == pytest.approx(100 * 4 / 16)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert report.block_figures(empty) == {"dense_ms_per_block": None, "expert_ms_per_block": None,
+                                           "decode_hit_rate_pct": None, "prefill_hit_rate_pct": None}
+
+
 def test_belady_misses_are_the_optimum_and_count_only_the_decode_steps(tmp_path):
     # the textbook case: 3 slots, 1 2 3 4 1 2 5 1 2 3 4 5 -> 7 misses with MIN (LRU: 10)
     sequence = [1, 2, 3, 4, 1, 2, 5, 1, 2, 3, 4, 5]
