@@ -2,7 +2,7 @@
 
 `workers.entry` spawns it as `mer-io`; `mer.runtime.child.run_child` calls `start`, `serve` and
 `close`. Everything the I/O worker does (leases, reads, prefetch admission, statistics) lives in
-`mer.io.service` and `mer.cache`.
+`mer.io` (`service`, `lease_requests`, `slot_reads`, `predictor_advice`, `restart_fence`) and `mer.cache`.
 """
 
 from __future__ import annotations

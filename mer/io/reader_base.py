@@ -28,7 +28,7 @@ tries to cancel it (`_cancel_started`: io_uring's async cancel; a preadv thread 
 cancelled), and it no longer counts against `queue_depth`, so the reads behind it go on.  Its
 destination may still be written by the kernel until the read really ends; the error's `released`
 future resolves then (never, if the device never answers), and the caller must not hand that memory
-to anyone else before (`mer.io.service` quarantines the slot).  `close()` does not wait for hung reads.
+to anyone else before (`mer.io.slot_reads` quarantines the slot).  `close()` does not wait for hung reads.
 
 `inject_faults({(file_index, offset): count})` makes the next `count` reads at that place fail with
 EIO where a read would be started, exactly as the kernel's failure of that read would end it (the

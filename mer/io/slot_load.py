@@ -1,6 +1,6 @@
 """One expert being loaded into a slot by the I/O worker, and what happens when its read fails.
 
-Life of a load (`mer.io.service.IoService` drives it; the slot is LOADING throughout)::
+Life of a load (`mer.io.slot_reads.SlotReads` drives it; the slot is LOADING throughout)::
 
     read submitted --ok--> [checksum check, when due: mer.io.payload_check] --match--> READY, granted
     read submitted --IoReadError--> wait READ_RETRY_DELAYS_S[attempt] --> read submitted again

@@ -8,7 +8,7 @@ does I/O. So the supervisor counts as progress any of: a heartbeat, CPU time gro
 (`/proc/PID/stat`), bytes read or written grown (`/proc/PID/io`), or being seen running, runnable
 (on a machine so busy that it got no CPU yet) or in a disk wait. A child with none of these for
 `timeout_s` is stalled: stopped (SIGSTOP, state T), deadlocked, or waiting on something that never
-comes. The supervisor then kills it (SIGKILL) and handles it as a death (`mer.runtime.supervisor`).
+comes. The supervisor then kills it (SIGKILL) and handles it as a death (`mer.runtime.child_restarts`).
 
 Deadlines start when a child is watched: at its `Ready` (before that the start-up watchdog of
 `mer.runtime.cpu_progress` applies), or at its restart with the handshake timeout as its limit.

@@ -25,16 +25,12 @@ killed, its children exit on their own within moments and the last one out remov
 the runtime directory (`mer.runtime.supervisor_watch`).
 
 Children are watched through their process sentinels, so a death (kill -9) is seen at once. While
-the job runs, a ready child that shows no progress for `stall_timeout_s` (no heartbeat, CPU time or
-I/O: stopped, deadlocked; `mer.runtime.stall_watch`) is killed and counts as dead, and so is a compute
-worker, the I/O worker or the predictor the router names stuck on its work (`ChildStuck`: no progress for
-`job_deadline_s`, e.g. a busy loop; `mer.router.work_deadlines`, `mer.router.predictor_link`). A compute worker,
-the predictor or the I/O worker that died of a signal is started again under its name, up to
-`max_restarts` per run (the router resubmits the dead compute worker's jobs,
-`mer.router.compute_client.ComputeClient`, or fails its requests over to the new I/O worker,
-`mer.router.io_client.IoClient`); any other death is reported by name and signal (or stall), the
-graph is brought down and `ChildDiedError` raised. SIGINT and
-SIGTERM to the supervisor bring the graph down the same way (then `KeyboardInterrupt` or `Terminated` is raised).
+the job runs, a child that stalls or that the router names stuck is killed, and a compute worker, the
+predictor or the I/O worker that dies of a signal (or that the watchdog killed) is started again under
+its name, up to `max_restarts` per run (`mer.runtime.child_restarts`); any other death is reported by
+name and signal (or stall), the graph is brought down (`mer.runtime.graph_shutdown`) and
+`ChildDiedError` raised. SIGINT and SIGTERM to the supervisor bring the graph down the same way (then
+`KeyboardInterrupt` or `Terminated` is raised).
 """
 
 from __future__ import annotations
@@ -44,63 +40,37 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
 from mer.config import PipelineConfig
-from mer.errors import ChildDiedError, PipelineError, ProtocolError
+from mer.errors import PipelineError, ProtocolError
 from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
-from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, ChildStuck, Heartbeat, Hello, IoWorkerRestarted, JobDone,
-                          Ready, SequenceDone, PerplexityChunk, SequenceToken, ServeStep, Shutdown, StartBenchmark,
+from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, ChildStuck, Heartbeat, Hello, JobDone,
+                          Ready, SequenceDone, PerplexityChunk, SequenceToken, ServeStep, StartBenchmark,
                           StartGeneration, StartPerplexity, StartServing,
                           TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
+from mer.runtime.child_failures import ChildFailures
+from mer.runtime.child_restarts import ChildRestarts
 from mer.runtime.cleanup import remove_run, remove_stale_runs
 from mer.runtime.cpu_progress import start_limit_s
+from mer.runtime.graph_shutdown import shut_down
 from mer.runtime.membership import RunMembership
 from mer.runtime.paths import create_runtime_dir, new_run_id, process_name, remove_runtime_dir
 from mer.runtime.run_spec import RunSpec
+from mer.runtime.spawned_child import Child
 from mer.runtime.stall_watch import ProgressMark, StallWatch, heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
 from mer.metrics.summary import GenerationSummary, JobSummary, PerplexitySummary, RunSummary
 
-KILL_WAIT_S = 2.0
 PREFAULT_MIN_BYTES_PER_S = 100e6
 SENTINEL_REAP_WAIT_S = 1.0  # longest wait for the exit status of a child whose sentinel fired
-FAILURE_REPORT_WAIT_S = 1.0  # how long a child's ChildFailed may trail its exit
-RESTARTABLE_ROLES = ("compute", "predictor", "io")  # the router resubmits compute jobs and acquires; hints are hints
-
-
-@dataclass
-class Child:
-    """A spawned child and what the supervisor knows of it."""
-
-    name: str
-    role: str
-    index: int | None
-    process: multiprocessing.process.BaseProcess
-    ready: bool = False
-    info: dict = field(default_factory=dict)
-    stall: str = ""  # why the watchdog killed it (`Stall.describe`), if it did
-    restarted_at: float | None = None  # time.monotonic() when it was started in a dead child's place
-    incarnation: int = 0  # processes that held this name before (`RunSpec.incarnation`)
-
-    def describe_exit(self) -> str:
-        if self.stall:
-            return f"{self.stall}; killed by the watchdog"
-        code = self.process.exitcode
-        if code is None:
-            return "still running"
-        if code < 0:
-            return f"killed by {signal.Signals(-code).name}"
-        return f"exit code {code}"
 
 
 StartMessage = StartBenchmark | StartGeneration | StartServing | StartPerplexity
@@ -151,7 +121,8 @@ class Supervisor:
         self.membership: RunMembership | None = None
         self.run_spec: RunSpec | None = None
         self.stall_watch = StallWatch()
-        self.restarts = 0
+        self.child_restarts = ChildRestarts(config, self.children, self.stall_watch, self._spawn, self.log)
+        self.failures = ChildFailures(self.children, self._next_event, self.log)
         self._events: asyncio.Queue = asyncio.Queue()
 
     # ---- the whole run ---------------------------------------------------------------------------
@@ -184,7 +155,7 @@ class Supervisor:
             finally:
                 self._control = None  # no more requests to the router
                 receiver.cancel()
-                await self._shutdown(control)
+                await shut_down(list(self.children.values()), control, self.config.shutdown_grace_s, self.log)
         finally:
             control.close(linger=0)
             zmq_context.term()
@@ -265,44 +236,6 @@ class Supervisor:
         except TimeoutError:
             return ("timeout", None)
 
-    async def _raise_for(self, kind: str, payload, why: str = "") -> None:
-        """Turn a fatal event (a child's exit or its ChildFailed) into the error the user sees."""
-        if kind == "exited":
-            await self._raise_reported_failure(payload)
-            self.log.error("child_died", child=payload.name, child_pid=payload.process.pid,
-                           exit=payload.describe_exit())
-            raise ChildDiedError(f"{payload.name} (pid {payload.process.pid}) died: {payload.describe_exit()}{why}")
-        if kind == "ChildFailed":
-            killed = self._child_killed_by_signal()
-            if killed is not None and killed.name != payload.name:
-                # a failure caused by a death (e.g. the router losing a killed compute worker) may be
-                # reported before the death itself is seen: the death is the cause the user needs
-                self.log.warning("child_failed", child=payload.name, error_type=payload.error_type,
-                                 message=payload.message, after=f"{killed.name} died")
-                await self._raise_for("exited", killed)
-            self.log.error("child_failed", child=payload.name, error_type=payload.error_type,
-                           message=payload.message, traceback=payload.traceback)
-            raise PipelineError(f"{payload.name} failed: {payload.error_type}: {payload.message}"
-                                + _traceback_detail(payload.error_type, payload.traceback))
-
-    def _child_killed_by_signal(self) -> Child | None:
-        """A child that has died of a signal (kill -9, OOM killer), if any."""
-        return next((child for child in self.children.values()
-                     if not child.process.is_alive() and (child.process.exitcode or 0) < 0), None)
-
-    async def _raise_reported_failure(self, child: Child) -> None:
-        """A child that exits with an error code has sent ChildFailed just before; its sentinel may
-        still be seen first. Wait briefly for that report, so the user gets the child's own error."""
-        if not child.process.exitcode or child.process.exitcode < 0:
-            return  # a clean exit or a signal: there is no report to wait for
-        deadline = time.monotonic() + FAILURE_REPORT_WAIT_S
-        while True:
-            kind, payload = await self._next_event(deadline)
-            if kind == "timeout":
-                return
-            if kind == "ChildFailed" and payload.name == child.name:
-                await self._raise_for(kind, payload)
-
     def handshake_allowance_s(self) -> float:
         """The handshake timeout plus time for the I/O worker to prefault the arena (>= 100 MB/s)."""
         arena_nbytes = pool_slots(self.config) * self.store.manifest.slot_nbytes
@@ -332,7 +265,7 @@ class Supervisor:
                                     f"{', '.join(child.name for child in waiting)} ({why})")
             if kind == "Ready":
                 self._on_ready(payload)
-            await self._raise_for(kind, payload)
+            await self.failures.raise_for(kind, payload)
 
     def _on_ready(self, message: Ready) -> Child:
         """A child is ready: from now on the watchdog expects its progress (`mer.runtime.stall_watch`)."""
@@ -350,7 +283,7 @@ class Supervisor:
         next_check = time.monotonic() + interval
         while True:
             if time.monotonic() >= next_check:
-                self._kill_stalled()
+                self.child_restarts.kill_stalled()
                 next_check = time.monotonic() + interval
             kind, payload = await self._next_event(next_check)
             if kind == "timeout":
@@ -370,80 +303,18 @@ class Supervisor:
                     self.on_serving(payload)
                 continue
             if kind == "Ready":
-                self._on_restart_ready(self._on_ready(payload))
+                self.child_restarts.recovered(self._on_ready(payload))
                 continue
             if kind == "ChildStuck":
-                self._kill_stuck(payload)
+                self.child_restarts.kill_stuck(payload)
                 continue
-            if kind == "exited" and payload.role in RESTARTABLE_ROLES and self._died_abnormally(payload):
-                if self.restarts < self.config.max_restarts:
-                    await self._restart(payload)
+            if kind == "exited" and self.child_restarts.is_restartable(payload):
+                if self.child_restarts.has_restarts_left():
+                    await self.child_restarts.restart(payload, self.run_spec, self._control, self._router_name)
                     continue
-                await self._raise_for(kind, payload, f" (after {self.restarts} restarts, max_restarts)")
-            await self._raise_for(kind, payload)
-
-    # ---- the watchdog and restarts ---------------------------------------------------------------
-
-    def _kill_stalled(self) -> None:
-        """Kill (SIGKILL) every watched child that made no progress within its timeout; its sentinel then
-        reports it as a death, named as a stall."""
-        for stall in self.stall_watch.stalls(time.monotonic()):
-            child = self.children[stall.name]
-            child.stall = stall.describe()
-            self.stall_watch.forget(stall.name)
-            self.log.error("child_stalled", child=stall.name, child_pid=stall.pid, silent_s=round(stall.silent_s, 2),
-                           state=stall.state)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(stall.pid, signal.SIGKILL)
-
-    def _kill_stuck(self, report: ChildStuck) -> None:
-        """Kill (SIGKILL) the child the router found stuck on its work (`job_deadline_s`); its sentinel then
-        reports it as a death, named with the work it was stuck on. A report on a process that is no longer
-        the child's (already dead, restarted meanwhile) is only logged."""
-        child = self.children.get(report.name)
-        if (child is None or report.pid not in (0, child.process.pid) or not child.ready
-                or not child.process.is_alive()):  # pid 0: the router does not know it (the I/O worker's, at first)
-            self.log.warning("child_stuck_ignored", child=report.name, child_pid=report.pid, work=report.work,
-                             reason="not that child's live process")
-            return
-        child.stall = (f"stuck: no progress on {report.work} for {report.silent_s:.1f} s "
-                       f"(job_deadline_s {self.config.job_deadline_s:g} s)")
-        self.stall_watch.forget(child.name)
-        self.log.error("child_stuck", child=child.name, child_pid=child.process.pid, work=report.work,
-                       silent_s=round(report.silent_s, 2), job_deadline_s=self.config.job_deadline_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.process.pid, signal.SIGKILL)
-
-    @staticmethod
-    def _died_abnormally(child: Child) -> bool:
-        """Killed by a signal (kill -9, the OOM killer) or by the watchdog; not an exit with its own error."""
-        return bool(child.stall) or (child.process.exitcode or 0) < 0
-
-    async def _restart(self, dead: Child) -> None:
-        """Start a new process in the dead child's place (same name and role). The router resubmits the
-        compute jobs it had sent to a compute worker once the new one says Hello
-        (`mer.router.compute_client.ComputeClient`); of the I/O worker's restart it is told at once
-        (`IoWorkerRestarted`), and fails its requests over to the new one (`mer.router.io_client.IoClient`)."""
-        assert self.run_spec is not None
-        self.restarts += 1
-        self.stall_watch.forget(dead.name)
-        dead_pid, exit_line = dead.process.pid, dead.describe_exit()
-        with contextlib.suppress(ValueError):  # frees its sentinel and pipe (reaped by _on_sentinel)
-            dead.process.close()
-        child = self._spawn(self.run_spec, dead.role, dead.index, dead.incarnation + 1)
-        child.restarted_at = time.monotonic()
-        # until Ready, no progress (CPU, I/O) within the handshake timeout is a stall, as at start-up
-        self.stall_watch.watch(child.name, child.process.pid, self.config.handshake_timeout_s, time.monotonic())
-        self.log.warning("child_restarted", child=child.name, dead_pid=dead_pid, child_pid=child.process.pid,
-                         exit=exit_line, restarts=self.restarts)
-        if child.role == "io" and self._control is not None:
-            await self._control.send_multipart(
-                [self._router_name, *encode(IoWorkerRestarted(child.name, child.process.pid))], copy=False)
-
-    def _on_restart_ready(self, child: Child) -> None:
-        seconds = None if child.restarted_at is None else round(time.monotonic() - child.restarted_at, 3)
-        self.log.warning("child_recovered", child=child.name, child_pid=child.process.pid, seconds=seconds,
-                         restarts=self.restarts)
+                await self.failures.raise_for(kind, payload,
+                                              f" (after {self.child_restarts.restarts} restarts, max_restarts)")
+            await self.failures.raise_for(kind, payload)
 
     async def send_to_router(self, message) -> None:
         """Send a control message to the router once the job has started (the serving job's requests)."""
@@ -459,50 +330,7 @@ class Supervisor:
         return (f"run {self.run_id}: {len(alive)}/{len(self.children)} processes up, "
                 f"RSS {rss_mib:,.0f} MiB, slot arena {arena_mib:,.1f} MiB")
 
-    # ---- shutdown --------------------------------------------------------------------------------
-
-    async def _shutdown(self, control: zmq.asyncio.Socket) -> None:
-        """Shutdown in two stages, then terminate, then kill; every child is joined before returning.
-
-        The router, which drives the job, is stopped first and the other children only once it has
-        exited (or the grace period is over): stopped the other way round, a router still in its job
-        could fail on workers that are going away, and report that instead of the real cause."""
-        deadline = time.monotonic() + self.config.shutdown_grace_s
-        alive = [child for child in self.children.values() if child.process.is_alive()]
-        for stage in ([c for c in alive if c.role == "router"], [c for c in alive if c.role != "router"]):
-            for child in stage:
-                await self._stop_child(control, child)
-            await _wait_exit(stage, max(0.0, deadline - time.monotonic()))
-        for child in alive:
-            if child.process.is_alive():
-                self.log.warning("child_terminated", child=child.name, reason="no exit within the grace period")
-                child.process.terminate()
-        await _wait_exit(alive, KILL_WAIT_S)
-        for child in alive:
-            if child.process.is_alive():
-                self.log.warning("child_killed", child=child.name)
-                child.process.kill()
-        loop = asyncio.get_running_loop()
-        for child in self.children.values():
-            child.process.join(KILL_WAIT_S)
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(child.process.sentinel)
-            if child.process.exitcode is not None:
-                child.process.close()  # frees the sentinel and pipe; a child still alive here keeps them
-
-    async def _stop_child(self, control: zmq.asyncio.Socket, child: Child) -> None:
-        """Send `Shutdown` to a ready child; terminate one still starting (SIGTERM)."""
-        if not child.process.is_alive():
-            return
-        if not child.ready:
-            # Still starting: it listens for Shutdown only once ready (and a Shutdown sent before it
-            # connected is dropped), and it has nothing to drain, so it is stopped at once.
-            self.log.warning("child_terminated", child=child.name, reason="not ready at shutdown")
-            child.process.terminate()
-            return
-        with contextlib.suppress(zmq.ZMQError):  # gone meanwhile: the signals of _shutdown still apply
-            await control.send_multipart([child.name.encode(), *encode(Shutdown("graph shutting down"))],
-                                         flags=zmq.NOBLOCK, copy=False)
+    # ---- clean-up --------------------------------------------------------------------------------
 
     def _cleanup(self) -> None:
         """Leave the run and remove its resources: every child has been joined (or killed) by now, so
@@ -521,19 +349,6 @@ def _rss_bytes(pid: int) -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _traceback_detail(error_type: str, traceback: str) -> str:
-    """The remote traceback for the user, only for unexpected errors (mer's own errors explain themselves)."""
-    if not traceback or error_type.startswith("mer.errors."):
-        return ""
-    return f"\n{traceback}"
-
-
-async def _wait_exit(children: list[Child], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(child.process.is_alive() for child in children) and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
 
 
 def _child_entry(role: str, index: int | None, name: str, run_json: str) -> None:

@@ -105,7 +105,7 @@ def test_a_restarted_io_worker_writes_no_slot_until_the_dead_one_s_leases_are_dr
                 await asyncio.wait_for(waiting, TIMEOUT_S)
             new = await graph.start_io(context, 1)
             service = new[0]
-            assert service.is_fenced
+            assert service.fence.is_fenced
             # a stray Acquire (not from the router's client) is refused, hints are dropped: nothing is written
             stray = context.socket(zmq.DEALER)
             stray.setsockopt(zmq.LINGER, 0)
@@ -117,12 +117,12 @@ def test_a_restarted_io_worker_writes_no_slot_until_the_dead_one_s_leases_are_dr
             assert refusal.request_id == 77 and "Acquire before LeasesDropped" in refusal.message
             retried = asyncio.create_task(client.acquire(1, [4, 5]))  # waits: the old lease is still held
             await asyncio.sleep(QUIET_S)
-            assert not retried.done() and service.is_fenced and service.tally.num_reads == 0
+            assert not retried.done() and service.fence.is_fenced and service.tally.num_reads == 0
             assert graph.headers() == before and held.slot in range(NUM_SLOTS)
             assert before[held.slot] == (held.generation, 3)  # the leased slot is as the dead worker left it
             await client.release([held.ref])  # the last old lease: LeasesDropped, then the retried acquire
             grants = await asyncio.wait_for(retried, TIMEOUT_S)
-            assert not service.is_fenced and service.hints_dropped_fenced == 2
+            assert not service.fence.is_fenced and service.fence.hints_dropped == 2
             assert service.tally.split_token == 1  # SplitReads was sent again to the new worker
             for grant in grants:
                 assert grant.generation > before[grant.slot][0]
@@ -194,11 +194,11 @@ def test_a_compute_job_on_a_dead_worker_s_slot_ends_before_the_new_worker_writes
             io.on_restart("mer-io-test", 1)
             new = await graph.start_io(context, 1)
             await asyncio.sleep(QUIET_S)
-            assert new[0].is_fenced and not running.done()  # the hit's job still runs on the dead worker's slot
+            assert new[0].fence.is_fenced and not running.done()  # the hit's job still runs on the dead worker's slot
             partials = np.full((len(first.slices), *first.x.shape), 2.0, dtype=np.float32)
             await worker.send_multipart(encode(ExpertBatchResult(first.job_id, 0, partials, 1.0)))
             assert await answer(worker, 5.0) == [miss]  # acquired again from the new worker, then computed
-            assert not new[0].is_fenced
+            assert not new[0].fence.is_fenced
             outputs, stats = await asyncio.wait_for(running, TIMEOUT_S)
             return outputs, stats, len(first.slices)
         finally:
@@ -239,14 +239,14 @@ def test_a_second_restart_before_the_leases_are_dropped_fences_only_the_newest_w
                 client.on_restart("mer-io-test", incarnation)
                 workers.append(await graph.start_io(context, incarnation))
                 await asyncio.sleep(QUIET_S)
-                assert workers[-1][0].is_fenced
+                assert workers[-1][0].fence.is_fenced
             newest = workers[-1][0]
             acquiring = asyncio.create_task(client.acquire(1, [3]))
             await asyncio.sleep(QUIET_S)
-            assert not acquiring.done() and newest.is_fenced
+            assert not acquiring.done() and newest.fence.is_fenced
             await client.release([held.ref])
             (grant,) = await asyncio.wait_for(acquiring, TIMEOUT_S)
-            assert not newest.is_fenced and not grant.hit and grant.generation > held.generation
+            assert not newest.fence.is_fenced and not grant.hit and grant.generation > held.generation
             await client.release([grant.ref])
             return client.leases
         finally:

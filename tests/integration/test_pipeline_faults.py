@@ -25,7 +25,8 @@ from mer.protocol import ChildFailed
 from mer.runtime.paths import SUPERVISOR_RECORD_NAME, arena_path, new_run_id
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
-from mer.runtime.supervisor import Child, Supervisor
+from mer.runtime.spawned_child import Child
+from mer.runtime.supervisor import Supervisor
 from tests.support.host import URING_PROBLEM, forced_uring_error
 from tests.support.pipeline_runs import RunningPipeline, dead_process, process_title, run_pipeline
 
@@ -236,7 +237,7 @@ def test_a_failure_that_follows_a_death_is_reported_as_the_death(pipeline_stores
         router_failure = ChildFailed(f"mer-router-{supervisor.run_id}", "mer.errors.PipelineError",
                                      "compute worker 0 is unreachable: it exited or disconnected", "")
         with pytest.raises(ChildDiedError, match=rf"{name} \(pid {process.pid}\) died: killed by SIGKILL"):
-            asyncio.run(asyncio.wait_for(supervisor._raise_for("ChildFailed", router_failure), 30))
+            asyncio.run(asyncio.wait_for(supervisor.failures.raise_for("ChildFailed", router_failure), 30))
     finally:
         process.kill()
         process.join(10)
