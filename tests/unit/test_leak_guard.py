@@ -7,7 +7,6 @@ inner guard is the real one and the outer test's own guard is not disturbed by w
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
