@@ -218,6 +218,81 @@ def test_sigterm_during_synth_removes_the_partial_store_and_exits_143(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the store nor its partial directory
 
 
+def terminate_while(process: subprocess.Popen, is_working, what: str) -> None:
+    """SIGTERM `process` at a moment `is_working()` is true of it: poll until it is, stop the process
+    (SIGSTOP), check again (it cannot have finished meanwhile), then SIGTERM and SIGCONT it."""
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while True:
+        assert process.poll() is None, f"ended before {what} ({process.returncode}): {process.communicate()[1]}"
+        assert time.monotonic() < deadline, f"never caught {what}"
+        if is_working():
+            process.send_signal(signal.SIGSTOP)
+            if is_working():
+                break
+            process.send_signal(signal.SIGCONT)
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+
+
+def test_sigterm_during_convert_removes_the_partial_store_and_exits_143(tmp_path):
+    model = write_tiny_moe_gguf(tmp_path / "model.gguf", dtypes=("q8_0",) * 3, n_layers=4, n_experts=8,
+                                d_model=512, d_ff=1024).path
+    out = tmp_path / "store"
+    process = subprocess.Popen([MER_PIPELINE, "convert", str(model), "--out", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        terminate_while(process, lambda: bool(list(tmp_path.glob(".store.partial-*"))), "writing the store")
+        stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, stderr
+    assert stdout == "" and stderr == "mer-pipeline convert: terminated (SIGTERM)\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["model.gguf"]  # neither the store nor its partial
+
+
+def open_files_under(pid: int, directory: Path) -> list[Path]:
+    """The files under `directory` that process `pid` has open."""
+    found = []
+    for link in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = Path(os.readlink(link))
+        except OSError:  # closed meanwhile
+            continue
+        if target.is_relative_to(directory):
+            found.append(target)
+    return found
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int, bytes]]:
+    """By path under `directory`: (mode, mtime in ns, content) of every file."""
+    return {str(path.relative_to(directory)): (path.stat().st_mode, path.stat().st_mtime_ns, path.read_bytes())
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def test_sigterm_during_store_verify_exits_143_quietly_and_leaves_the_store_untouched(tmp_path):
+    # 8 layers x 8 experts x 1.6 MiB of q8_0 = 107 MB read with O_DIRECT: tens of ms with a payload file open
+    store = synth_store(SynthSpec(num_layers=8, experts_per_layer=8, top_k=2, d_model=512, d_ff=1024,
+                                  dtypes=("q8_0",) * 3, seed=5), tmp_path / "store").out
+    before = snapshot(tmp_path)
+    process = subprocess.Popen([MER_PIPELINE, "store", "verify", str(store)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        terminate_while(process, lambda: any(path.suffix == ".bin" for path in open_files_under(process.pid, store)),
+                        "reading a payload file")
+        stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, stderr
+    assert stdout == "" and stderr == "mer-pipeline store: terminated (SIGTERM)\n"
+    assert snapshot(tmp_path) == before
+    assert mer("store", "verify", store, "--quiet").returncode == 0
+
+
 # ---- permissions: the command run as `nobody` on a store it cannot read ------------------------------------
 
 

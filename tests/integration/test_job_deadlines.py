@@ -45,15 +45,15 @@ def events_named(events: list[dict], name: str) -> list[dict]:
 
 
 def generation(leak_guard, tmp_path, faults: str, prompt: str, steps: int, *flags,
-               cache_slots: int = 8) -> tuple[PipelineRun, list[int]]:
-    """A generation of the embedded model with `MER_WORK_FAULTS=faults`, run to its end: (the run,
-    the tokens of mer's single-process generation of the same prompt)."""
+               cache_slots: int = 8, env: dict | None = None) -> tuple[PipelineRun, list[int]]:
+    """A generation of the embedded model with `MER_WORK_FAULTS=faults` (and `env`), run to its end: (the
+    run, the tokens of mer's single-process generation of the same prompt)."""
     model = tiny_model_path()
     log_path = tmp_path / "generate.jsonl"
     argv = generate_argv(model, "--prompt", prompt, "-n", steps, "--ignore-eos", "--compute-workers", 2,
                          "--cache-slots", cache_slots, *flags, log_path=log_path)
     run = RunningPipeline.of_argv(leak_guard, argv, log_path, env={
-        **os.environ, "MER_CACHE_DIR": str(tmp_path / "cache"), "MER_WORK_FAULTS": faults})
+        **os.environ, "MER_CACHE_DIR": str(tmp_path / "cache"), "MER_WORK_FAULTS": faults, **(env or {})})
     try:
         result = run.finish()
     finally:
@@ -134,6 +134,27 @@ def test_one_expert_on_more_rows_than_the_deadline_allows_reports_progress_betwe
     assert longest_item_rows * slow_row_s > deadline_s  # one item's injected time alone is beyond the deadline
     assert events_named(events, "child_stuck") == events_named(events, "worker_stuck") == []
     assert events_named(events, "child_restarted") == []
+    assert json.loads(result.stdout)["tokens"] == expected
+
+
+def test_a_first_numba_compile_never_trips_a_deadline(leak_guard, tmp_path):
+    """A generation with an empty numba cache (`NUMBA_CACHE_DIR`): every child compiles its kernels, for
+    longer than the job deadline of 1 s and the stall timeout of 2 s, yet no child is named stuck or
+    stalled: compute workers compile before they are ready (deadlines count from there), and a compile
+    uses CPU (the stall watch sees it)."""
+    deadline_s, stall_s = 1.0, 2.0
+    numba_cache = tmp_path / "numba-cache"
+    numba_cache.mkdir()
+    result, expected = generation(leak_guard, tmp_path, "", "def ", 20, "--job-deadline-s", deadline_s,
+                                  "--stall-timeout-s", stall_s, env={"NUMBA_CACHE_DIR": str(numba_cache)})
+    events = result.events
+    warm_ups = [event["warm_up_s"] for event in events_named(events, "child_ready")
+                if "warm_up_s" in event and event.get("child", "").startswith("mer-compute-")]
+    print(f"compute workers' kernel warm-up with an empty numba cache: {warm_ups} s; job_deadline_s {deadline_s} s")
+    assert len(warm_ups) == 2 and min(warm_ups) > deadline_s  # each compiled for longer than the deadline
+    assert list(numba_cache.rglob("*.nbi"))  # compiled, not loaded from any other cache
+    for name in ("child_stuck", "worker_stuck", "child_stalled", "child_restarted"):
+        assert events_named(events, name) == [], name
     assert json.loads(result.stdout)["tokens"] == expected
 
 

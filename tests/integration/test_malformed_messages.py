@@ -10,12 +10,17 @@ Two kinds of tests, all on real ZeroMQ ipc sockets:
 - a real `mer-pipeline generate` on the embedded tiny model, its five bound sockets (`control`,
   `io`, `compute`, `observe`, `predictor_progress`) fed malformed and stray messages from outside
   while it generates: it ends with exit 0 and the very tokens of mer's single-process generation,
-  every bad message is in the log, and nothing of the run is left.
+  every bad message is in the log, and nothing of the run is left;
+- the same generation fuzzed by hypothesis on the four receivers that only a live graph has (the I/O
+  worker's `io`, the supervisor's `control`, the predictor's `observe`, the router's
+  `predictor_progress`): 40 examples each, every one logged, answered on `io` and `control`, and the
+  same exit 0 and tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -33,16 +38,19 @@ from hypothesis import HealthCheck, given, settings
 from mer.compute.batches import pack_batches
 from mer.compute.worker import ComputeWorker
 from mer.protocol import (
-    UNKNOWN_REQUEST_ID, Acquire, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Hello, IoStats, JobDone,
-    PredictorProgress, PrefetchHint, PrefetchHints, Ready, Release, RoutingObserved, Shutdown, SliceRange, SlotGrant,
-    SlotRef, SlotsReady, StartBenchmark, StatsRequest, TokenGenerated, decode, encode,
+    UNKNOWN_REQUEST_ID, Acquire, ChildFailed, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Heartbeat,
+    Hello, HiddenObserved, IoStats, JobDone, PinSet, PredictorProgress, PredictorStats, PrefetchHint, PrefetchHints,
+    Ready, Release, RoutingObserved, Shutdown, SliceRange, SlotGrant, SlotRef, SlotsReady, StartBenchmark,
+    StatsRequest, TokenGenerated, decode, encode,
 )
 from mer.router.compute_client import ComputeClient
 from mer.router.io_client import IoClient
 from mer.runtime.child import _listen_control
 from mer.runtime.paths import runtime_base_dir
 from tests.support.generate_runs import GENERATE_TIMEOUT_S
-from tests.support.malformed_frames import hypothesis_frames, malformed_variants
+from tests.support.malformed_frames import (
+    hypothesis_frames, hypothesis_malformed_frames, malformed_variants,
+)
 from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE, read_json_lines, run_ids_in_log
 
 FUZZ = settings(deadline=None, max_examples=25, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -383,6 +391,7 @@ def wait_for_first_token(process: subprocess.Popen, log_path: Path) -> str:
         time.sleep(0.02)
 
 
+@functools.cache
 def reference_tokens(steps: int) -> tuple[list[int], list[int]]:
     """(prompt ids, generated ids) of mer's single-process greedy generation of the embedded model."""
     from mer.model.experts import GGUFExperts
@@ -397,19 +406,26 @@ def reference_tokens(steps: int) -> tuple[list[int], list[int]]:
     return prompt, generate(model, prompt, steps, Sampler(), GGUFExperts(model.source), ignore_eos=True).tokens
 
 
-@pytest.mark.slow
-def test_every_socket_of_a_running_generation_survives_malformed_and_stray_messages(leak_guard, tmp_path):
-    log_path = tmp_path / "generate.jsonl"
+def start_generation(leak_guard, tmp_path: Path, log_path: Path) -> subprocess.Popen:
+    """A `mer-pipeline generate` of STEPS tokens on the embedded model, registered with the leak guard."""
     argv = [MER_PIPELINE, "generate", "--prompt", PROMPT, "-n", str(STEPS), "--ignore-eos", "--json",
             "--log-file", str(log_path), "--handshake-timeout-s", str(HANDSHAKE_TIMEOUT_S)]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "MER_CACHE_DIR": str(tmp_path / "cache")})
     leak_guard.add_supervisor_pid(process.pid)
+    return process
+
+
+def disturb_generation(leak_guard, tmp_path: Path, disturb) -> tuple[subprocess.Popen, str, list[dict], object]:
+    """Start a generation, call `disturb(process, runtime_dir, run_id)` after its first token, wait for its
+    end and check its tokens are mer's single-process ones. Returns the process, its stderr, its log events and
+    what `disturb` returned."""
+    log_path = tmp_path / "generate.jsonl"
+    process = start_generation(leak_guard, tmp_path, log_path)
     try:
         run_id = wait_for_first_token(process, log_path)
         leak_guard.add_run(run_id)
-        messages = stray_messages(run_id)
-        answers = feed_the_graph(runtime_base_dir() / f"mer-{run_id}", messages)
+        disturbed = disturb(process, runtime_base_dir() / f"mer-{run_id}", run_id)
         stdout, stderr = process.communicate(timeout=GENERATE_TIMEOUT_S)
     finally:
         if process.poll() is None:
@@ -422,6 +438,18 @@ def test_every_socket_of_a_running_generation_survives_malformed_and_stray_messa
     prompt, expected = reference_tokens(STEPS)
     result = json.loads(stdout)
     assert result["prompt_tokens"] == prompt and result["tokens"] == expected
+    return process, stderr, read_json_lines(log_path), disturbed
+
+
+@pytest.mark.slow
+def test_every_socket_of_a_running_generation_survives_malformed_and_stray_messages(leak_guard, tmp_path):
+    messages = {}
+
+    def feed(process, runtime_dir: Path, run_id: str) -> dict[str, list]:
+        messages.update(stray_messages(run_id))
+        return feed_the_graph(runtime_dir, messages)
+
+    _, _, events, answers = disturb_generation(leak_guard, tmp_path, feed)
 
     *io_errors, io_stats = answers["io"]
     assert isinstance(io_stats, IoStats) and io_stats.request_id == 77
@@ -431,9 +459,7 @@ def test_every_socket_of_a_running_generation_survives_malformed_and_stray_messa
     assert all(error.request_id == UNKNOWN_REQUEST_ID for error in answers["control"])
     assert "not a child of this run" in answers["control"][-1].message
 
-    events = read_json_lines(log_path)
-    logged = {name: [event for event in events if event.get("event") == name]
-              for name in ("bad_io_message", "bad_reply", "bad_observation", "bad_control_message")}
+    logged = logged_bad_messages(events)
     assert len(logged["bad_io_message"]) == len(messages["io"])
     assert all(event["peer"] == "intruder" for event in logged["bad_io_message"])
     assert len([event for event in logged["bad_reply"] if event["peer"] == "compute"]) == len(messages["compute"])
@@ -443,3 +469,103 @@ def test_every_socket_of_a_running_generation_survives_malformed_and_stray_messa
     assert len(logged["bad_observation"]) == len(messages["observe"])
     assert len(logged["bad_control_message"]) == len(messages["control"])
     assert not [event for event in events if event.get("event") == "control_message_refused"]
+
+
+def logged_bad_messages(events: list[dict]) -> dict[str, list[dict]]:
+    return {name: [event for event in events if event.get("event") == name]
+            for name in ("bad_io_message", "bad_reply", "bad_observation", "bad_control_message")}
+
+
+# ---- the whole graph again: hypothesis on the four receivers the in-process tests do not reach -------------
+
+LIVE_FUZZ = settings(deadline=None, max_examples=40, derandomize=True, database=None,
+                     suppress_health_check=list(HealthCheck))
+IO_KINDS = (Acquire, Release, PrefetchHints, PredictorStats, PinSet, StatsRequest)
+OBSERVE_KINDS = (RoutingObserved, HiddenObserved)
+
+
+def live_fuzz_strategies(run_id: str) -> dict:
+    """By socket: what hypothesis sends. `io`, `observe` and `predictor_progress` get only frames that fail
+    `decode` for their kinds (a well-formed message would be acted on: a Release of a slot the router
+    reads); `control` gets anything, well-formed messages included, since its sender is not a child."""
+    observed = RoutingObserved(3, 1, [1, 2], [0.5, 0.5])
+    wrong_kinds = [SlotsReady(1, [SlotGrant(5, 1, 2, True, 0.0, False)], False), TokenGenerated(0, 0)]
+    return {
+        "io": hypothesis_malformed_frames([Acquire(5, 0, [1, 2]), Release([SlotRef(0, 1, 1)]), StatsRequest(3),
+                                           PrefetchHints(0, [PrefetchHint(3, 1.0)], "markov"), *wrong_kinds],
+                                          expected_kinds=IO_KINDS),
+        "control": hypothesis_frames([Hello(f"mer-io-{run_id}", 1), Ready(f"mer-router-{run_id}", 1, {}),
+                                      Heartbeat(f"mer-predictor-{run_id}"), ChildFailed(f"mer-compute-0-{run_id}", "ValueError", "x", ""),
+                                      JobDone({"tokens": []}), TokenGenerated(0, 0)]),
+        "observe": hypothesis_malformed_frames([observed, *wrong_kinds], expected_kinds=OBSERVE_KINDS),
+        "predictor_progress": hypothesis_malformed_frames([PredictorProgress(1, 1), *wrong_kinds],
+                                                          expected_kinds=(PredictorProgress,)),
+    }
+
+
+def fuzz_socket(socket: zmq.Socket, strategy, sent: list[list[bytes]], is_answered: bool) -> None:
+    """Send hypothesis's examples of `strategy` on `socket`, appending each to `sent`; when `is_answered`,
+    each must be answered at once with an ErrorReply for no request."""
+
+    @LIVE_FUZZ
+    @given(frames=strategy)
+    def send(frames):
+        sent.append(frames)
+        socket.send_multipart(frames)
+        if is_answered:
+            reply = decode(socket.recv_multipart(), expected_kinds=(ErrorReply,))
+            assert reply.request_id == UNKNOWN_REQUEST_ID, reply
+
+    send()
+
+
+def fuzz_the_graph(runtime_dir: Path, run_id: str) -> dict[str, list[list[bytes]]]:
+    """Hypothesis examples to four sockets of the running graph, from intruders: each message to `io` and
+    `control` must be answered with an ErrorReply at once; then the I/O worker must still answer a
+    StatsRequest. Returns what was sent, by socket."""
+    context = zmq.Context()
+    sockets = {name: open_socket(context, kind, f"ipc://{runtime_dir}/{name}.sock", identity=identity)
+               for name, kind, identity in [("io", zmq.DEALER, b"intruder"), ("control", zmq.DEALER, b"intruder"),
+                                            ("observe", zmq.PUSH, None), ("predictor_progress", zmq.PUSH, None)]}
+    sent: dict[str, list[list[bytes]]] = {name: [] for name in sockets}
+    try:
+        for socket in sockets.values():
+            socket.setsockopt(zmq.RCVTIMEO, int(RECEIVE_TIMEOUT_S * 1000))
+        for name, strategy in live_fuzz_strategies(run_id).items():
+            fuzz_socket(sockets[name], strategy, sent[name], is_answered=name in ("io", "control"))
+        sockets["io"].send_multipart(encode(StatsRequest(78)))
+        stats = decode(sockets["io"].recv_multipart(), expected_kinds=(IoStats,))
+        assert stats.request_id == 78
+        return sent
+    finally:
+        for socket in sockets.values():
+            socket.close(linger=0)
+        context.term()
+
+
+@pytest.mark.slow
+def test_the_receivers_of_a_running_generation_survive_hypothesis_fuzzing(leak_guard, tmp_path):
+    """The I/O worker's ROUTER, the supervisor's control ROUTER, the predictor's observe PULL and the
+    router's predictor_progress PULL, while the graph generates: every message is logged (and answered
+    where the socket can), the graph keeps serving and ends with exit 0 and single-process tokens."""
+    running = {}
+
+    def fuzz(process, runtime_dir: Path, run_id: str):
+        sent = fuzz_the_graph(runtime_dir, run_id)
+        running["after fuzzing"] = process.poll() is None
+        return sent
+
+    _, _, events, sent = disturb_generation(leak_guard, tmp_path, fuzz)
+    assert running["after fuzzing"], "the generation ended before the fuzzing did: raise STEPS"
+    assert all(len(frames) >= LIVE_FUZZ.max_examples for frames in sent.values()), {
+        name: len(frames) for name, frames in sent.items()}
+    logged = logged_bad_messages(events)
+    assert len(logged["bad_io_message"]) == len(sent["io"])
+    assert all(event["peer"] == "intruder" for event in logged["bad_io_message"])
+    assert len(logged["bad_control_message"]) == len(sent["control"])
+    assert all(event["child"] == "intruder" for event in logged["bad_control_message"])
+    assert len(logged["bad_observation"]) == len(sent["observe"])
+    assert len(logged["bad_reply"]) == len(sent["predictor_progress"])
+    assert all(event["peer"] == "predictor" for event in logged["bad_reply"])
+    troubles = ("child_died", "child_restarted", "child_stuck", "child_stalled", "control_message_refused")
+    assert not [event for event in events if event.get("event") in troubles]

@@ -7,6 +7,10 @@ many or too few, and seeded byte flips in the body that still fail to decode. Ea
 here to fail `decode`, so a test never sends by accident a message that a receiver would act on.
 `hypothesis_frames()` is the same idea as a hypothesis strategy (random frames and mutated valid
 messages), for the in-process receivers, which must survive even a mutation that still decodes.
+`hypothesis_malformed_frames()` keeps only what fails `decode` (random frames; valid messages with a
+damaged header, an unknown version, a truncated or bit-flipped body, replaced bytes, frames dropped or
+added; messages of a kind the receiver does not take), for the receivers of a live graph, which would
+act on a well-formed message.
 """
 
 from __future__ import annotations
@@ -108,3 +112,52 @@ def hypothesis_frames(valid_messages: Sequence[Any]):
         return [bytes(frame) for frame in frames]
 
     return st.one_of(random_frames, mutated())
+
+
+def hypothesis_malformed_frames(valid_messages: Sequence[Any], expected_kinds: Collection | None = None):
+    """A hypothesis strategy of multipart messages that a receiver taking `expected_kinds` must refuse
+    (each fails `decode`): random frames, or one of `valid_messages` (of the receiver's kinds or of
+    others: a wrong kind) damaged: any header bytes (an unknown kind or version), a truncated or
+    bit-flipped body, bytes replaced in any frame, frames dropped or appended. For live receivers,
+    which would act on a mutation that still decodes; `hypothesis_frames` keeps those."""
+    from hypothesis import strategies as st
+
+    encodings = [frames_of(message) for message in valid_messages]
+
+    @st.composite
+    def damaged(draw):
+        frames = [bytearray(frame) for frame in draw(st.sampled_from(encodings))]
+        header, body = frames[0], frames[1]
+        damage = draw(st.sampled_from(("header", "version", "truncated body", "flipped bits", "replaced bytes",
+                                       "dropped frames", "extra frames")))
+        if damage == "header":
+            frames[0] = bytearray(draw(st.binary(max_size=4)))
+        elif damage == "version":
+            header[1] = draw(st.integers(0, 255))
+        elif damage == "truncated body":
+            frames[1] = body[: draw(st.integers(0, max(0, len(body) - 1)))]
+        elif damage == "flipped bits":
+            for _ in range(draw(st.integers(1, 4))):
+                position = draw(st.integers(0, len(body) - 1))
+                body[position] ^= 1 << draw(st.integers(0, 7))
+        elif damage == "replaced bytes":
+            for _ in range(draw(st.integers(1, 4))):
+                index = draw(st.integers(0, len(frames) - 1))
+                if frames[index]:
+                    frames[index][draw(st.integers(0, len(frames[index]) - 1))] = draw(st.integers(0, 255))
+        elif damage == "dropped frames":
+            frames = frames[: draw(st.integers(0, len(frames) - 1))]
+        else:
+            frames += [bytearray(frame) for frame in draw(st.lists(st.binary(max_size=16), min_size=1, max_size=3))]
+        return [bytes(frame) for frame in frames] or [b""]
+
+    random_frames = st.lists(st.binary(max_size=64), min_size=1, max_size=4)
+    return st.one_of(random_frames, damaged()).filter(lambda frames: _refused(frames, expected_kinds))
+
+
+def _refused(frames: Sequence[bytes], expected_kinds: Collection | None) -> bool:
+    try:
+        decode(frames, expected_kinds=expected_kinds)
+    except Exception:  # noqa: BLE001 - a receiver refuses whatever `decode` raises
+        return True
+    return False
