@@ -355,10 +355,13 @@ def contradicting_store(source: Path, directory: Path, field: str = "d_model") -
     return store
 
 
+@pytest.mark.parametrize("command", [("verify", "--quiet"), ("info",), ("info", "--json")], ids=" ".join)
 @pytest.mark.parametrize("field", ["d_model", "d_ff"])
-def test_store_verify_names_the_geometry_field_that_contradicts_the_payloads(field, tmp_path, tiny_store):
+def test_store_verify_and_info_name_the_geometry_field_that_contradicts_the_payloads(field, command, tmp_path,
+                                                                                     tiny_store):
     store = contradicting_store(tiny_store, tmp_path, field)
-    result = mer("store", "verify", store, "--quiet")
+    result = mer("store", command[0], store, *command[1:])
+    assert result.stdout == b"", result.stdout
     assert result.returncode == 1
     line = one_error_line(result, "mer-pipeline store: error: ")
     value = 256 if field == "d_model" else 512
