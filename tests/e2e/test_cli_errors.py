@@ -379,6 +379,26 @@ def test_run_refuses_a_contradicting_manifest_before_starting_the_graph(leak_gua
     assert run.events_named("child_spawned") == []  # refused before any process started
 
 
+@pytest.mark.slow  # would start the process graph, if the store were not refused first
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_run_refuses_a_store_whose_payload_file_is_truncated_or_missing_before_starting_the_graph(
+        leak_guard, tmp_path, tiny_store, damage):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    payload = store / json.loads((store / "manifest.json").read_text())["layers"][1]["file"]
+    if damage == "truncated":
+        os.truncate(payload, 4096)
+    else:
+        payload.unlink()
+    run = run_pipeline(leak_guard, store, "--tokens", 4, workdir=tmp_path)
+    assert run.returncode == 1 and run.stdout == ""
+    assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
+    reason = ("4096 bytes on disk, manifest says " if damage == "truncated"
+              else "payload file listed in the manifest is missing")
+    assert run.stderr.startswith(f"mer-pipeline run: error: {payload}: {reason}"), run.stderr
+    assert run.events_named("child_spawned") == []  # refused before any process started
+
+
 @pytest.mark.slow  # starts the process graph
 def test_generate_rebuilds_a_cached_store_whose_manifest_contradicts_itself(leak_guard, tmp_path):
     """The store `generate` uses is a cache of the GGUF: one that fails its checks is converted again
