@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
+from gguf import GGUFReader
 
 from mer.errors import NonFiniteError
 from mer.model.experts import GGUFExperts
@@ -94,3 +96,54 @@ def test_a_read_that_keeps_failing_fails_the_requests_of_its_step_and_the_server
     assert status_after == 200, served
     assert served["choices"][0]["text"] == tokenizer.decode(expected)
     assert served["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+OTHER_PROMPTS = ["class ", "import ", "for i in", "return ", "if x", "while ", "print(", "self.", "x = "]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # the in-process reference
+def test_a_nan_in_an_expert_fails_the_requests_of_its_step_naming_layer_and_expert_and_the_server_goes_on(tmp_path):
+    """`serve --model` a copy of the embedded model with a NaN block scale in one expert (a bad GGUF: the
+    store's checksums match) that the first prompt's prefill needs: that request gets HTTP 500 naming
+    the layer and the expert, and a request whose generation never needs it (found in process: its
+    single-process generation on the damaged model has finite logits) gets that generation's tokens."""
+    model = MoEModel.load(tiny_model_path())
+    tokenizer = load_tokenizer(model.source.parts[0])
+    prompt = tokenizer.encode("def ")
+    routings = forward(model, prompt, model.new_kv_cache(len(prompt)), GGUFExperts(model.source)).routings
+    block = min(routings)
+    bos_experts, last_experts = routings[block].experts[0], routings[block].experts[-1]
+    expert = int(next(e for e in last_experts if e not in bos_experts))  # one every prompt's BOS does not need
+    damaged = tmp_path / "damaged.gguf"
+    shutil.copyfile(tiny_model_path(), damaged)
+    (gate,) = [tensor for tensor in GGUFReader(damaged).tensors if tensor.name == f"blk.{block}.ffn_gate_exps.weight"]
+    write_nan_in_gguf_tensor(damaged, gate.name, expert * (int(gate.n_bytes) // model.hparams.num_experts))
+    damaged_model = MoEModel.load(damaged)
+    with pytest.raises(NonFiniteError):  # the damage reaches "def "'s logits in one process
+        generate(damaged_model, prompt, MAX_TOKENS, Sampler(), GGUFExperts(damaged_model.source), ignore_eos=True)
+    other, expected = next((text, tokens) for text in OTHER_PROMPTS
+                           if (tokens := finite_generation(damaged_model, tokenizer, text)) is not None)
+    (status, failed), (status_after, served), steps_failed, _ = serve_two_requests(
+        tmp_path, completion("def "), completion(other), "--model", damaged)
+    moe_layer = model.moe_layers[block]
+    (store,) = (tmp_path / "cache" / "stores").iterdir()  # the store serve converted the model into
+    path, offset, _ = payload_place(store, moe_layer * model.hparams.num_experts + expert)
+    assert status == 500, failed
+    message = failed["error"]["message"]
+    name = f"layer {moe_layer} expert {expert} (id {moe_layer * model.hparams.num_experts + expert})"
+    assert message.startswith(f"the router could not serve the request: {name}: its output holds NaN or inf "
+                              f"(its payload in {path} at offset {offset} "), message
+    (step_failed,) = steps_failed
+    assert step_failed["error_type"] == "mer.errors.NonFiniteError" and len(step_failed["request_ids"]) == 1
+    assert status_after == 200, served
+    assert served["choices"][0]["text"] == tokenizer.decode(expected)
+    assert served["usage"]["completion_tokens"] == MAX_TOKENS
+
+
+def finite_generation(model: MoEModel, tokenizer, text: str) -> list[int] | None:
+    """The single-process greedy tokens of `text`, or None if its logits hold NaN or inf."""
+    try:
+        return generate(model, tokenizer.encode(text), MAX_TOKENS, Sampler(), GGUFExperts(model.source),
+                        ignore_eos=True, end_ids=tokenizer.end_of_generation_ids).tokens
+    except NonFiniteError:
+        return None
