@@ -7,8 +7,8 @@ the vocabulary, `--prompt-tokens` used as given); stopping on the end-of-generat
 memory (sum of Pss of the CLI and all its descendants) stays within the budget, with a cache smaller
 than the model's experts, and a budget below one layer's experts is refused with the numbers. Bad
 input (a dense GGUF, an unsupported architecture, a truncated GGUF, a prompt longer than the context,
-a RAM budget too small) and a read failing mid-run: a clear error, exit != 0, nothing on stdout, and
-(the leak guard) no process or /dev/shm segment left behind. Every run has a timeout.
+a RAM budget too small) and a store file truncated or missing before the run: a clear error, exit != 0,
+nothing on stdout, and (the leak guard) no process or /dev/shm segment left behind. Every run has a timeout.
 """
 
 from __future__ import annotations
