@@ -27,7 +27,6 @@ from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
 from mer.io.slot_load import READ_RETRY_DELAYS_S
 from tests.support.corrupt_data import payload_place, write_nan_in_gguf_tensor
-from tests.support.gguf_models import write_tiny_moe_gguf
 from tests.support.serve_runs import ServerRun
 
 pytestmark = pytest.mark.slow  # starts the process graph and an HTTP server
