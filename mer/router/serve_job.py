@@ -20,10 +20,11 @@ Every kernel computes a row with the same bits whatever its batch, so a greedy s
 the tokens `mer-pipeline generate` gives it alone (tests/unit/test_batch_invariance.py,
 tests/e2e/test_serve.py). With nothing to run the job waits for a request.
 
-A step whose expert could not be read (a read that keeps failing or hangs, a payload whose checksum
-does not match, too few slots left in service: `STEP_FAILURES`) ends the sequences of that step with
-an error naming the expert, the file and the offset (`serve_step_failed`; their rows were batched
-together, so which of them needed the expert is not known); the server goes on with the others.
+A step whose expert could not be read or used (a read that keeps failing or hangs, a payload whose
+checksum does not match, too few slots left in service, an output with NaN or inf: `STEP_FAILURES`)
+ends the sequences of that step with an error naming the expert, the file and the offset
+(`serve_step_failed`; their rows were batched together, so which of them needed the expert is not
+known); the server goes on with the others.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from mer.router.job import sends_hidden
 from mer.router.model_job import ModelJob
 from mer.router.serve_batch import STOP_CANCELLED, KVPool, ServedSequence, ServingBatch
 
-STEP_FAILURES = frozenset(f"mer.errors.{name}" for name in (
-    "IoReadError", "IoReadHungError", "PayloadChecksumError", "SlotsQuarantinedError"))  # end a step, not the server
+STEP_FAILURES = frozenset(f"mer.errors.{name}" for name in (  # end a step, not the server
+    "IoReadError", "IoReadHungError", "PayloadChecksumError", "SlotsQuarantinedError",
+    "NonFiniteError"))  # a compute worker's: one expert's output holds NaN or inf (its weights), never sampled
 
 
 @dataclass(frozen=True)

@@ -430,10 +430,13 @@ def contradicting_store(source: Path, directory: Path, field: str = "d_model") -
     return store
 
 
+@pytest.mark.parametrize("command", [("verify", "--quiet"), ("info",), ("info", "--json")], ids=" ".join)
 @pytest.mark.parametrize("field", ["d_model", "d_ff"])
-def test_store_verify_names_the_geometry_field_that_contradicts_the_payloads(field, tmp_path, tiny_store):
+def test_store_verify_and_info_name_the_geometry_field_that_contradicts_the_payloads(field, command, tmp_path,
+                                                                                     tiny_store):
     store = contradicting_store(tiny_store, tmp_path, field)
-    result = mer("store", "verify", store, "--quiet")
+    result = mer("store", command[0], store, *command[1:])
+    assert result.stdout == b"", result.stdout
     assert result.returncode == 1
     line = one_error_line(result, "mer-pipeline store: error: ")
     value = 256 if field == "d_model" else 512
@@ -448,6 +451,26 @@ def test_run_refuses_a_contradicting_manifest_before_starting_the_graph(leak_gua
     assert run.returncode == 1 and run.stdout == ""
     assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
     assert "geometry.d_model is 512 but layers[0].format.d_model is 256" in run.stderr
+    assert run.events_named("child_spawned") == []  # refused before any process started
+
+
+@pytest.mark.slow  # would start the process graph, if the store were not refused first
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_run_refuses_a_store_whose_payload_file_is_truncated_or_missing_before_starting_the_graph(
+        leak_guard, tmp_path, tiny_store, damage):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    payload = store / json.loads((store / "manifest.json").read_text())["layers"][1]["file"]
+    if damage == "truncated":
+        os.truncate(payload, 4096)
+    else:
+        payload.unlink()
+    run = run_pipeline(leak_guard, store, "--tokens", 4, workdir=tmp_path)
+    assert run.returncode == 1 and run.stdout == ""
+    assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
+    reason = ("4096 bytes on disk, manifest says " if damage == "truncated"
+              else "payload file listed in the manifest is missing")
+    assert run.stderr.startswith(f"mer-pipeline run: error: {payload}: {reason}"), run.stderr
     assert run.events_named("child_spawned") == []  # refused before any process started
 
 

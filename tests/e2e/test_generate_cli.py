@@ -7,8 +7,8 @@ the vocabulary, `--prompt-tokens` used as given); stopping on the end-of-generat
 memory (sum of Pss of the CLI and all its descendants) stays within the budget, with a cache smaller
 than the model's experts, and a budget below one layer's experts is refused with the numbers. Bad
 input (a dense GGUF, an unsupported architecture, a truncated GGUF, a prompt longer than the context,
-a RAM budget too small) and a read failing mid-run: a clear error, exit != 0, nothing on stdout, and
-(the leak guard) no process or /dev/shm segment left behind. Every run has a timeout.
+a RAM budget too small) and a store file truncated or missing before the run: a clear error, exit != 0,
+nothing on stdout, and (the leak guard) no process or /dev/shm segment left behind. Every run has a timeout.
 """
 
 from __future__ import annotations
@@ -266,16 +266,29 @@ def test_bad_input_is_a_clear_error_and_leaves_nothing(case, leak_guard, tmp_pat
     assert "Traceback" not in run.stderr
 
 
-def test_a_read_failing_mid_run_is_reported_and_leaves_nothing(leak_guard, tmp_path, cache_dir, monkeypatch):
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_store_file_bad_before_the_run_is_refused_at_start_naming_it(leak_guard, tmp_path, cache_dir, monkeypatch,
+                                                                       damage):
+    """A payload file of the cached store truncated (or deleted) before `generate` starts: the store's
+    files are checked when it is opened, so the command exits 1 with one line naming the file and no
+    process of the graph is started (a store truncated while the graph runs:
+    tests/e2e/test_generate_integrity.py)."""
     info = write_model(tmp_path / "model.gguf")
     monkeypatch.setenv("MER_CACHE_DIR", str(cache_dir))
     store = converted_store(info.path)  # the store generate converts implicitly, found there by the GGUF's identity
     layer_file = store / Manifest.load(store).layers[1].file
-    layer_file.write_bytes(layer_file.read_bytes()[:4096])  # the second MoE layer's experts are gone
+    if damage == "truncated":
+        os.truncate(layer_file, 4096)  # the second MoE layer's experts are gone
+    else:
+        layer_file.unlink()
     run = run_generate(leak_guard, info.path, "--prompt", PROMPT, "-n", 4, "--cache-slots", 2, workdir=tmp_path,
                        cache_dir=cache_dir)
-    assert run.returncode != 0 and run.stdout == ""
-    assert "mer-pipeline generate: error:" in run.stderr and layer_file.name in run.stderr, run.stderr
+    assert run.returncode == 1 and run.stdout == "", run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
+    reason = ("4096 bytes on disk, manifest says " if damage == "truncated"
+              else "payload file listed in the manifest is missing")
+    assert run.stderr.startswith(f"mer-pipeline generate: error: {layer_file}: {reason}"), run.stderr
+    assert run.events_named("child_spawned") == []  # refused before any process started
 
 
 def test_up_with_a_model_runs_a_short_generation_demo(leak_guard, tmp_path, cache_dir):

@@ -117,6 +117,34 @@ def test_long_jobs_that_report_progress_never_trip_the_deadline(leak_guard, pipe
     assert np.load(slowed).tobytes() == np.load(undisturbed).tobytes()
 
 
+def test_a_read_slower_than_the_job_deadline_is_never_called_stuck(leak_guard, pipeline_stores, tmp_path,
+                                                                    monkeypatch):
+    """A device that answers late: the first read of expert 11 is handed to the kernel 2.5 s after it
+    started (`MER_READ_FAULTS=hang:11:1:2.5`), more than twice the job deadline of 1 s but within the read
+    deadline of 15 s. Without prefetch the read is a miss, so the router waits on that `Acquire` the whole
+    time; the I/O worker's loop reports progress meanwhile, so nothing is stuck: exit 0, no
+    `worker_stuck`/`child_stuck`/restart, and the outputs of an undisturbed run byte for byte."""
+    deadline_s, delay_s, slow_expert = 1.0, 2.5, 11
+    store = pipeline_stores["tiny"]
+    flags = ("--tokens", 40, "--workload", "uniform", "--cache-slots", 4, "--compute-workers", 1, "--no-prefetch",
+             "--job-deadline-s", deadline_s, "--read-deadline-s", 15)
+    undisturbed = tmp_path / "undisturbed.npy"
+    run_pipeline(leak_guard, store, *flags, "--dump-outputs", undisturbed, workdir=tmp_path).check_ok()
+    monkeypatch.setenv("MER_READ_FAULTS", f"hang:{slow_expert}:1:{delay_s}")
+    delayed = tmp_path / "delayed.npy"
+    result = run_pipeline(leak_guard, store, *flags, "--dump-outputs", delayed, workdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = result.events
+    slow_reads = [event for event in events_named(events, "expert_read") if event["expert_id"] == slow_expert]
+    assert slow_reads and slow_reads[0]["kind"] == "foreground", slow_reads
+    print(f"the slow read took {slow_reads[0]['latency_us'] / 1e6:.2f} s with job_deadline_s {deadline_s} s")
+    assert slow_reads[0]["latency_us"] >= delay_s * 1e6
+    assert events_named(events, "read_hung") == []
+    assert events_named(events, "child_stuck") == events_named(events, "worker_stuck") == []
+    assert events_named(events, "child_restarted") == events_named(events, "child_stalled") == []
+    assert np.load(delayed).tobytes() == np.load(undisturbed).tobytes()
+
+
 def test_one_expert_on_more_rows_than_the_deadline_allows_reports_progress_between_chunks_and_is_never_stuck(
         leak_guard, tmp_path):
     """A prefill of 216 tokens: an expert gets up to 94 of its rows in one item, and `slow_row:0.008` makes

@@ -139,6 +139,8 @@ def test_kill_9_of_a_compute_worker_mid_generation_restarts_it_and_the_tokens_ar
     assert result.returncode == 0, result.stderr
     events = result.events
     restarted, _ = restart_of(events, name, "killed by SIGKILL")
+    lost = resubmitted_jobs(events, restarted, worker=0)
+    print(f"{len(lost)} jobs the dead compute worker had in hand (or was sent while down) sent again")
     generated = [event for event in events_named(events, "generation_token")]
     after = [event for event in generated if event["t_mono"] > restarted["t_mono"]]
     assert len(after) >= steps // 2, len(after)  # killed mid-generation
@@ -148,6 +150,57 @@ def test_kill_9_of_a_compute_worker_mid_generation_restarts_it_and_the_tokens_ar
     prompt = json.loads(result.stdout)["prompt_tokens"]
     assert tokens == generate(reference, prompt, steps, Sampler(), GGUFExperts(reference.source),
                               ignore_eos=True).tokens
+
+
+def resubmitted_jobs(events: list[dict], restarted: dict, worker: int) -> set[int]:
+    """The jobs the router sent again to the restarted compute worker `worker` on its `Hello`: the one
+    `compute_jobs_resubmitted` (logged at every restart, with no job ids when the dead process had none
+    in hand), each of its jobs computed by the new process."""
+    (resubmitted,) = events_named(events, "compute_jobs_resubmitted")
+    assert resubmitted["worker"] == worker and resubmitted["t_mono"] >= restarted["t_mono"], resubmitted
+    computed_by_new = {event["job_id"] for event in events_named(events, "compute_job")
+                       if event["pid"] == restarted["child_pid"]}
+    lost = set(resubmitted["job_ids"])
+    assert lost <= computed_by_new, (lost, computed_by_new)
+    return lost
+
+
+def test_kill_9_of_a_compute_worker_with_a_job_in_hand_in_a_benchmark_resends_its_jobs_and_the_outputs_are_identical(
+        leak_guard, pipeline_stores, tmp_path, monkeypatch):
+    """A benchmark (`run --dump-outputs`) whose compute worker 0 is killed while it certainly holds a job:
+    its first process spins in its 40th job (`MER_WORK_FAULTS=spin:0:40`, a busy loop that holds the job
+    and reports nothing; the job deadline, 8 s by default, is never reached) and gets SIGKILL as soon as
+    the log says so. The supervisor restarts it, the router sends that job (and any other it had) again
+    to the new process, and the dumped outputs equal an undisturbed run's byte for byte."""
+    store = pipeline_stores["tiny"]
+    flags = ("--tokens", IO_BENCH_TOKENS, *BENCH_FLAGS[2:])
+    monkeypatch.setenv("MER_WORK_FAULTS", "spin:0:40")
+    dump = tmp_path / "disturbed.npy"
+    run = RunningPipeline(leak_guard, store, *flags, "--dump-outputs", dump, workdir=tmp_path)
+    try:
+        (injected,) = run.wait_for_event("work_fault_injected")
+        name, pid = run.child_pid("mer-compute-0-")
+        assert injected["pid"] == pid
+        os.kill(pid, signal.SIGKILL)
+        result = run.finish()
+    finally:
+        run.kill_if_running()
+    assert result.returncode == 0, result.stderr
+    events = result.events
+    restarted, recovered = restart_of(events, name, "killed by SIGKILL")
+    assert restarted["dead_pid"] == pid
+    assert events_named(events, "child_stuck") == events_named(events, "worker_stuck") == []
+    lost = resubmitted_jobs(events, restarted, worker=0)
+    assert injected["job_id"] in lost  # the job in hand when it was killed
+    # every job the router ever sent to worker 0 that its first process did not finish
+    sent_to_0 = {job_id for event in events_named(events, "decision_done") for job_id, worker in event["jobs"]
+                 if worker == 0}
+    finished_by_dead = {event["job_id"] for event in events_named(events, "compute_job") if event["pid"] == pid}
+    assert lost <= sent_to_0 - finished_by_dead, (lost, sent_to_0 - finished_by_dead)
+    print(f"compute worker 0 killed in job {injected['job_id']}; {len(lost)} jobs sent again; "
+          f"restarted in {recovered['seconds']} s")
+    monkeypatch.delenv("MER_WORK_FAULTS")
+    assert np.load(dump).tobytes() == undisturbed_outputs(leak_guard, store, tmp_path, flags).tobytes()
 
 
 def signal_a_long_run(leak_guard, store, tmp_path, child_prefix: str, number: signal.Signals):
