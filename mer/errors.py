@@ -48,7 +48,24 @@ class StoreError(MerError):
     """An expert store is missing, incomplete, of another version, or corrupt."""
 
 
-class PayloadChecksumError(StoreError):
+class ExpertUnusableError(MerError):
+    """One expert could not be read or used (its read failed or hung, its payload is corrupt, its output
+    holds NaN or inf, no slot is left in service for it): the request that needed it fails, while a
+    server goes on with its other requests (`expert_unusable_types`)."""
+
+
+def expert_unusable_types() -> frozenset[str]:
+    """The qualified names (`mer.errors.IoReadError`, ...) of `ExpertUnusableError` and its subclasses, as
+    an error that crossed processes names its type (`mer.protocol.remote_errors.error_fields`)."""
+    found, pending = set(), [ExpertUnusableError]
+    while pending:
+        error_class = pending.pop()
+        found.add(f"{error_class.__module__}.{error_class.__qualname__}")
+        pending.extend(error_class.__subclasses__())
+    return frozenset(found)
+
+
+class PayloadChecksumError(StoreError, ExpertUnusableError):
     """An expert payload read into a slot does not match its checksum in the manifest; names the
     expert (layer, index), the file and the offset. The expert is not computed with."""
 
@@ -69,7 +86,7 @@ class IoRequestError(MerError):
     """A read request is malformed (file index, offset, size, destination) or the reader is closed."""
 
 
-class IoReadError(MerError):
+class IoReadError(ExpertUnusableError):
     """A read from an expert file failed or came back short; names the file, offset and size."""
 
     def __init__(self, message: str, path: str, offset: int, nbytes: int, errno: int | None = None):
@@ -99,11 +116,11 @@ class IoReadHungError(IoReadError):
         return (type(self), (str(self), self.path, self.offset, self.nbytes, self.errno, self.seconds))
 
 
-class SlotsQuarantinedError(MerError):
+class SlotsQuarantinedError(ExpertUnusableError):
     """An Acquire names more experts than the slots left in service can hold (hung reads quarantine theirs)."""
 
 
-class NonFiniteError(MerError):
+class NonFiniteError(ExpertUnusableError):
     """An expert's output or the logits hold NaN or infinity; names the layer and expert, or 'logits'."""
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 MIN_LAYER_ENTROPY = 0.6  # normalized (1.0: every expert used equally)
@@ -31,32 +31,33 @@ MER_BLOCK_KEYS = ("dense_ms_per_block", "expert_ms_per_block", "decode_hit_rate_
                   "counted_vs_mer_bytes")
 
 
+def events_named(log_file: Path, name: str) -> Iterator[dict]:
+    """The events called `name` of a JSON-lines log, in order (lines of other events are not parsed)."""
+    marker = f'"{name}"'
+    with open(log_file) as lines:
+        for line in lines:
+            if marker in line:
+                event = json.loads(line)
+                if event.get("event") == name:
+                    yield event
+
+
 def routing_usage(log_file: Path, prompt_length: int, experts_per_layer: int) -> dict[int, list[int]]:
     """{moe_layer: [count per expert]} over the decode passes of one generation's log."""
     usage: dict[int, list[int]] = {}
-    with open(log_file) as lines:
-        for line in lines:
-            if '"acquire_done"' not in line:
-                continue
-            event = json.loads(line)
-            if event.get("event") != "acquire_done" or int(event["token"]) < prompt_length:
-                continue
-            for expert_id in event["expert_ids"]:
-                layer, expert = divmod(int(expert_id), experts_per_layer)
-                usage.setdefault(layer, [0] * experts_per_layer)[expert] += 1
+    for event in events_named(log_file, "acquire_done"):
+        if int(event["token"]) < prompt_length:
+            continue
+        for expert_id in event["expert_ids"]:
+            layer, expert = divmod(int(expert_id), experts_per_layer)
+            usage.setdefault(layer, [0] * experts_per_layer)[expert] += 1
     return dict(sorted(usage.items()))
 
 
 def acquire_steps(log_file: Path) -> list[tuple[int, tuple[int, ...]]]:
     """Every `acquire_done` of one generation's log in order: (token, global expert ids) per request."""
-    steps = []
-    with open(log_file) as lines:
-        for line in lines:
-            if '"acquire_done"' in line:
-                event = json.loads(line)
-                if event.get("event") == "acquire_done":
-                    steps.append((int(event["token"]), tuple(int(e) for e in event["expert_ids"])))
-    return steps
+    return [(int(event["token"]), tuple(int(e) for e in event["expert_ids"]))
+            for event in events_named(log_file, "acquire_done")]
 
 
 def block_figures(log_file: Path) -> dict:
@@ -64,19 +65,13 @@ def block_figures(log_file: Path) -> dict:
     of the decode blocks (a block of one token) in ms, and the hit rates (% of expert lookups) of
     decode and of prefill (blocks of more than one token), each None where the log has no such block."""
     dense, expert, hits = [], [], {"decode": [0, 0], "prefill": [0, 0]}
-    with open(log_file) as lines:
-        for line in lines:
-            if '"moe_block_done"' not in line:
-                continue
-            event = json.loads(line)
-            if event.get("event") != "moe_block_done":
-                continue
-            phase = "decode" if int(event.get("tokens", 1)) == 1 else "prefill"
-            if phase == "decode":
-                dense.append(float(event["dense_us"]))
-                expert.append(float(event["expert_us"]))
-            hits[phase][0] += int(event["hits"])
-            hits[phase][1] += int(event["hits"]) + int(event["misses"])
+    for event in events_named(log_file, "moe_block_done"):
+        phase = "decode" if int(event.get("tokens", 1)) == 1 else "prefill"
+        if phase == "decode":
+            dense.append(float(event["dense_us"]))
+            expert.append(float(event["expert_us"]))
+        hits[phase][0] += int(event["hits"])
+        hits[phase][1] += int(event["hits"]) + int(event["misses"])
     return {"dense_ms_per_block": statistics.median(dense) / 1e3 if dense else None,
             "expert_ms_per_block": statistics.median(expert) / 1e3 if expert else None,
             **{f"{phase}_hit_rate_pct": 100.0 * found / total if total else None

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mer.errors import RemoteError
+from mer.errors import RemoteError, expert_unusable_types
 from mer.metrics.summary import JobSummary
 from mer.model.forward import ForwardPass, Segment
 from mer.model.sampling import Sampler
@@ -45,9 +45,7 @@ from mer.router.job import sends_hidden
 from mer.router.model_job import ModelJob
 from mer.router.serve_batch import STOP_CANCELLED, KVPool, ServedSequence, ServingBatch
 
-STEP_FAILURES = frozenset(f"mer.errors.{name}" for name in (  # end a step, not the server
-    "IoReadError", "IoReadHungError", "PayloadChecksumError", "SlotsQuarantinedError",
-    "NonFiniteError"))  # a compute worker's: one expert's output holds NaN or inf (its weights), never sampled
+STEP_FAILURES = expert_unusable_types()  # end a step, not the server (mer.errors.ExpertUnusableError)
 
 
 @dataclass(frozen=True)

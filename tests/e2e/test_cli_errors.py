@@ -199,56 +199,49 @@ def test_convert_on_a_disk_that_fills_up(tmp_path):
 
 def test_sigterm_during_synth_removes_the_partial_store_and_exits_143(tmp_path):
     out = tmp_path / "store"
-    process = subprocess.Popen([MER_PIPELINE, "synth", "--layers", "4", "--experts", "8", "--top-k", "2", "--d-model",
-                                "512", "--d-ff", "1024", "--dtype", "q8_0", "--out", str(out), "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    returncode, stdout, stderr = terminated_while(
+        ["synth", "--layers", "4", "--experts", "8", "--top-k", "2", "--d-model", "512", "--d-ff", "1024", "--dtype",
+         "q8_0", "--out", out, "--quiet"], lambda pid: bool(list(tmp_path.glob(".store.partial-*"))),
+        "writing the store")
+    assert returncode == 143, stderr
+    assert stdout == "" and stderr == "mer-pipeline synth: terminated (SIGTERM)\n"
+    assert list(tmp_path.iterdir()) == []  # neither the store nor its partial directory
+
+
+def terminated_while(argv: list, is_working, what: str) -> tuple[int, str, str]:
+    """Start `mer-pipeline ARGV`, SIGTERM it at a moment `is_working(pid)` is true of it, and return
+    (exit status, stdout, stderr). It polls until it is working, stops the process (SIGSTOP), checks
+    again (it cannot have finished meanwhile), then sends SIGTERM and SIGCONT."""
+    process = subprocess.Popen([MER_PIPELINE, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not list(tmp_path.glob(".store.partial-*")):
-            assert process.poll() is None and time.monotonic() < deadline, "no partial output directory appeared"
-            time.sleep(0.002)
+        while True:
+            assert process.poll() is None, f"ended before {what} ({process.returncode}): {process.communicate()[1]}"
+            assert time.monotonic() < deadline, f"never caught {what}"
+            if is_working(process.pid):
+                process.send_signal(signal.SIGSTOP)
+                if is_working(process.pid):
+                    break
+                process.send_signal(signal.SIGCONT)
+            time.sleep(0.001)
         process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGCONT)
         stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == 143, stderr
-    assert stdout == "" and stderr == "mer-pipeline synth: terminated (SIGTERM)\n"
-    assert list(tmp_path.iterdir()) == []  # neither the store nor its partial directory
-
-
-def terminate_while(process: subprocess.Popen, is_working, what: str) -> None:
-    """SIGTERM `process` at a moment `is_working()` is true of it: poll until it is, stop the process
-    (SIGSTOP), check again (it cannot have finished meanwhile), then SIGTERM and SIGCONT it."""
-    deadline = time.monotonic() + CLI_TIMEOUT_S
-    while True:
-        assert process.poll() is None, f"ended before {what} ({process.returncode}): {process.communicate()[1]}"
-        assert time.monotonic() < deadline, f"never caught {what}"
-        if is_working():
-            process.send_signal(signal.SIGSTOP)
-            if is_working():
-                break
-            process.send_signal(signal.SIGCONT)
-        time.sleep(0.001)
-    process.send_signal(signal.SIGTERM)
-    process.send_signal(signal.SIGCONT)
+    return process.returncode, stdout, stderr
 
 
 def test_sigterm_during_convert_removes_the_partial_store_and_exits_143(tmp_path):
     model = write_tiny_moe_gguf(tmp_path / "model.gguf", dtypes=("q8_0",) * 3, n_layers=4, n_experts=8,
                                 d_model=512, d_ff=1024).path
-    out = tmp_path / "store"
-    process = subprocess.Popen([MER_PIPELINE, "convert", str(model), "--out", str(out)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        terminate_while(process, lambda: bool(list(tmp_path.glob(".store.partial-*"))), "writing the store")
-        stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 143, stderr
+    returncode, stdout, stderr = terminated_while(["convert", model, "--out", tmp_path / "store"],
+                                                  lambda pid: bool(list(tmp_path.glob(".store.partial-*"))),
+                                                  "writing the store")
+    assert returncode == 143, stderr
     assert stdout == "" and stderr == "mer-pipeline convert: terminated (SIGTERM)\n"
     assert [path.name for path in tmp_path.iterdir()] == ["model.gguf"]  # neither the store nor its partial
 
@@ -277,17 +270,10 @@ def test_sigterm_during_store_verify_exits_143_quietly_and_leaves_the_store_unto
     store = synth_store(SynthSpec(num_layers=8, experts_per_layer=8, top_k=2, d_model=512, d_ff=1024,
                                   dtypes=("q8_0",) * 3, seed=5), tmp_path / "store").out
     before = snapshot(tmp_path)
-    process = subprocess.Popen([MER_PIPELINE, "store", "verify", str(store)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        terminate_while(process, lambda: any(path.suffix == ".bin" for path in open_files_under(process.pid, store)),
-                        "reading a payload file")
-        stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 143, stderr
+    returncode, stdout, stderr = terminated_while(
+        ["store", "verify", store], lambda pid: any(path.suffix == ".bin" for path in open_files_under(pid, store)),
+        "reading a payload file")
+    assert returncode == 143, stderr
     assert stdout == "" and stderr == "mer-pipeline store: terminated (SIGTERM)\n"
     assert snapshot(tmp_path) == before
     assert mer("store", "verify", store, "--quiet").returncode == 0

@@ -12,19 +12,16 @@ wait, which the stall watch counts as progress). Every test checks (the leak gua
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
-import zmq.asyncio
 
 from mer.config import PipelineConfig
 from mer.errors import RemoteError
 from mer.io.service import IoService
-from mer.logging_setup import get_logger
 from mer.model.experts import GGUFExperts
 from mer.model.forward import forward
 from mer.model.generate import generate
@@ -33,15 +30,13 @@ from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
 from mer.router.io_client import IoClient
-from mer.runtime.paths import new_run_id
-from mer.runtime.run_spec import RunSpec
-from mer.shm.arena import SlotArena
 from mer.store.demo import converted_store
 from mer.store.manifest import Manifest
 from tests.support.corrupt_data import payload_place
 from tests.support.generate_runs import run_generate
 from tests.support.gguf_models import write_tiny_moe_gguf
 from tests.support.host import requires_io_uring
+from tests.support.io_service import run_io_service
 from tests.support.pipeline_runs import run_pipeline
 from tests.support.serve_runs import ServerRun
 
@@ -119,42 +114,8 @@ def test_a_hung_read_ends_generate_within_the_deadline_naming_expert_file_and_of
     check_ended_in_time(result, hung, ended)
 
 
-def run_io_service(leak_guard, store: Path, tmp_path: Path, num_slots: int, scenario):
-    """The I/O worker in process on a new arena, with the router's client: `await scenario(service, client)`."""
-    manifest = Manifest.load(store)
-    run_id = new_run_id()
-    leak_guard.add_run(run_id)
-    arena = SlotArena.create(run_id, num_slots, manifest.slot_nbytes)
-    config = PipelineConfig(store=store, cache_slots=num_slots, compute_workers=1, prefetch=False,
-                            read_deadline_s=0.3)
-    runtime = tmp_path / "rt"
-    runtime.mkdir(mode=0o700)
-    run = RunSpec(run_id, str(runtime), str(arena.path), num_slots, manifest.slot_nbytes, str(store), os.getpid(), 1,
-                  config.to_dict())
-
-    async def serving():
-        context = zmq.asyncio.Context()
-        service = IoService(config, run, get_logger(), context)
-        stop = asyncio.Event()
-        client = None
-        try:
-            await service.start()
-            serve = asyncio.create_task(service.serve(stop))
-            client = IoClient(context, run.endpoint("io"))
-            result = await scenario(service, client)
-            stop.set()
-            await serve
-            return result
-        finally:
-            if client is not None:
-                client.close()
-            await service.close()
-            context.term()
-
-    try:
-        return asyncio.run(serving())
-    finally:
-        arena.destroy()
+def io_config(store: Path, num_slots: int) -> PipelineConfig:
+    return PipelineConfig(store=store, cache_slots=num_slots, compute_workers=1, prefetch=False, read_deadline_s=0.3)
 
 
 def slot_states(service: IoService) -> list[str]:
@@ -191,7 +152,7 @@ def test_the_slot_of_a_hung_read_is_quarantined_and_never_handed_out(leak_guard,
             await client.acquire(21, [0, 1, 2, 3])
         return quarantined, granted, slot_states(service)
 
-    quarantined, granted, states = run_io_service(leak_guard, pipeline_stores["tiny"], tmp_path, 4, scenario)
+    quarantined, granted, states = run_io_service(leak_guard, io_config(pipeline_stores["tiny"], 4), tmp_path, scenario)
     assert quarantined not in granted and len(set(granted)) == 3, (quarantined, granted)
     assert states[quarantined] == "quarantined" and "leased" not in states and "loading" not in states, states
 
@@ -215,7 +176,7 @@ def test_a_quarantined_slot_serves_again_once_the_late_read_has_ended(leak_guard
         await client.release([grant.ref for grant in grants])
         return quarantined, [grant.slot for grant in grants]
 
-    quarantined, granted = run_io_service(leak_guard, pipeline_stores["tiny"], tmp_path, 4, scenario)
+    quarantined, granted = run_io_service(leak_guard, io_config(pipeline_stores["tiny"], 4), tmp_path, scenario)
     assert quarantined in granted and sorted(granted) == [0, 1, 2, 3]
 
 

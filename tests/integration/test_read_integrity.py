@@ -9,26 +9,18 @@ exit status, the one line the user reads, the run's events, and (the leak guard 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import time
 
 import numpy as np
 import pytest
-import zmq.asyncio
 
 from mer.config import PipelineConfig
 from mer.errors import RemoteError
-from mer.io.service import IoService
-from mer.logging_setup import get_logger
-from mer.router.io_client import IoClient
-from mer.runtime.paths import new_run_id
-from mer.runtime.run_spec import RunSpec
-from mer.shm.arena import SlotArena
-from mer.store.manifest import Manifest
 from mer.store.verify import verify_store
 from tests.support.corrupt_data import flip_byte, payload_place, write_nan_scale
+from tests.support.io_service import run_io_service
 from tests.support.pipeline_runs import RunningPipeline, run_pipeline
 
 pytestmark = pytest.mark.slow  # starts the process graph
@@ -179,43 +171,17 @@ def test_an_acquire_failing_on_one_miss_releases_the_leases_of_its_other_misses(
     flip_byte(store, BAD_EXPERT)
     good = 3
     monkeypatch.setenv("MER_READ_FAULTS", f"{good}:2")
-    manifest = Manifest.load(store)
-    run_id = new_run_id()
-    leak_guard.add_run(run_id)
-    arena = SlotArena.create(run_id, 4, manifest.slot_nbytes)
     config = PipelineConfig(store=store, cache_slots=4, compute_workers=1, prefetch=False)
-    runtime = tmp_path / "rt"
-    runtime.mkdir(mode=0o700)
-    run = RunSpec(run_id, str(runtime), str(arena.path), 4, manifest.slot_nbytes, str(store), os.getpid(), 1,
-                  config.to_dict())
 
-    async def scenario() -> list[str]:
-        context = zmq.asyncio.Context()
-        service = IoService(config, run, get_logger(), context)
-        stop = asyncio.Event()
-        client = None
-        try:
-            await service.start()
-            serving = asyncio.create_task(service.serve(stop))
-            client = IoClient(context, run.endpoint("io"))
-            with pytest.raises(RemoteError, match=re.escape(f"PayloadChecksumError: {BAD_NAME}: checksum mismatch")):
-                await client.acquire(0, [good, BAD_EXPERT])
-            await asyncio.sleep(0.5)  # the good read ends after its two retries (10 + 50 ms)
-            states = [info.state.value for info in service.table.slot_infos()]
-            (grant,) = await client.acquire(1, [good])
-            await client.release([grant.ref])
-            stop.set()
-            await serving
-            return states + [f"hit={grant.hit}"]
-        finally:
-            if client is not None:
-                client.close()
-            await service.close()
-            context.term()
+    async def scenario(service, client) -> list[str]:
+        with pytest.raises(RemoteError, match=re.escape(f"PayloadChecksumError: {BAD_NAME}: checksum mismatch")):
+            await client.acquire(0, [good, BAD_EXPERT])
+        await asyncio.sleep(0.5)  # the good read ends after its two retries (10 + 50 ms)
+        states = [info.state.value for info in service.table.slot_infos()]
+        (grant,) = await client.acquire(1, [good])
+        await client.release([grant.ref])
+        return states + [f"hit={grant.hit}"]
 
-    try:
-        states = asyncio.run(scenario())
-    finally:
-        arena.destroy()
+    states = run_io_service(leak_guard, config, tmp_path, scenario)
     assert "leased" not in states and "loading" not in states and states.count("ready") == 1, states
     assert states[-1] == "hit=True"
