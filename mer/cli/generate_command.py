@@ -110,13 +110,16 @@ class TextStream:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, index: int, token: int) -> None:
-        text = self.decoder.decode(self.tokenizer.token_bytes(token))
+        self.write(self.decoder.decode(self.tokenizer.token_bytes(token)))
+
+    def write(self, text: str) -> None:
         if text:
             self.stream.write(text)
             self.stream.flush()
 
     def finish(self) -> None:
-        self.stream.write(self.decoder.decode(b"", final=True) + "\n")
+        self.write(self.decoder.decode(b"", final=True))
+        self.stream.write("\n")
         self.stream.flush()
 
 

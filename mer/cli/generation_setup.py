@@ -5,7 +5,8 @@ leaves nothing behind (docs/architecture.md, step 1), converts the experts into 
 first use and sizes the configuration: routing k from the model, the cache from `--cache-slots`,
 `--ram-budget` (`mer.runtime.ram_budget`) or, when neither is given (nor `cache_slots` in a config
 file), from the memory the machine can give (`mer.runtime.host_memory.default_ram_budget`): a model
-that fits is held whole; predictors and cache policy default to `MODEL_DEFAULTS`. `run_generation` then runs the graph with the job's
+that fits is held whole; predictors and cache policy default to `MODEL_DEFAULTS`; with `fit_workers` (`up`'s
+demos) and no worker count given, the compute workers are fitted to the model (`mer.cli.worker_choice`). `run_generation` then runs the graph with the job's
 `StartGeneration` message and hands every generated token to a callback as it arrives.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from mer.cli.worker_choice import WorkerChoice, choose_compute_workers
 from mer.config import PipelineConfig, load_config, read_config_file, validate_against_geometry
 from mer.store.demo import converted_store
 from mer.errors import ConfigError, ContextLengthError, TokenizerError
@@ -72,6 +74,7 @@ class PreparedGeneration:
     start: StartGeneration
     tokenizer: Tokenizer
     ram_plan: RamPlan | None
+    worker_choice: WorkerChoice | None = None  # with `fit_workers` and no worker count given
 
 
 def prompt_token_ids(tokenizer: Tokenizer, vocab_size: int, prompt: PromptSpec) -> list[int]:
@@ -99,8 +102,9 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
                        sampler: SamplerSettings = SamplerSettings(), ignore_eos: bool = False,
                        dump_logits: str | os.PathLike | None = None, config_path: Path | None = None,
                        overrides: Mapping[str, Any] | None = None, ram_budget: int | None = None,
-                       start_phase=None) -> PreparedGeneration:
-    """Check everything and size the run (see the module docstring); no process is started."""
+                       start_phase=None, command: str = "generate", fit_workers: bool = False) -> PreparedGeneration:
+    """Check everything and size the run (see the module docstring); no process is started. `command`
+    names the caller in the messages on stderr."""
     Sampler(sampler.temperature, sampler.top_k, sampler.top_p, sampler.seed)  # checks the settings
     if dump_logits and not Path(dump_logits).resolve().parent.is_dir():
         raise ConfigError(f"--dump-logits {dump_logits}: the directory {Path(dump_logits).resolve().parent} "
@@ -110,15 +114,16 @@ def prepare_generation(model_path: str | os.PathLike, prompt: PromptSpec, *, max
     context = hparams.context_length
     if len(ids) > context:
         raise ContextLengthError(f"the prompt has {len(ids)} tokens, more than the model's context of {context}")
-    config, store, plan = prepare_model_run(
+    config, store, plan, choice = prepare_model_run(
         model_path, source, hparams, positions=min(context, len(ids) + max_tokens), config_path=config_path,
-        overrides=overrides, ram_budget=ram_budget, start_phase=start_phase, command="generate")
+        overrides=overrides, ram_budget=ram_budget, start_phase=start_phase, command=command,
+        fit_workers=fit_workers)
     start = StartGeneration(
         model=str(Path(model_path).resolve()), prompt_tokens=list(ids), max_tokens=max_tokens,
         temperature=sampler.temperature, top_k=sampler.top_k, top_p=sampler.top_p, seed=sampler.seed,
         ignore_eos=ignore_eos, end_ids=sorted(tokenizer.end_of_generation_ids),
         dump_logits=str(Path(dump_logits).resolve()) if dump_logits else None)
-    return PreparedGeneration(config, store, start, tokenizer, plan)
+    return PreparedGeneration(config, store, start, tokenizer, plan, choice)
 
 
 def open_model(model_path: str | os.PathLike) -> tuple[GGUFSource, HParams, Tokenizer]:
@@ -131,11 +136,13 @@ def open_model(model_path: str | os.PathLike) -> tuple[GGUFSource, HParams, Toke
 
 def prepare_model_run(model_path: str | os.PathLike, source: GGUFSource, hparams: HParams, *,
                       positions: int, config_path: Path | None,
-                      overrides: Mapping[str, Any] | None, ram_budget: int | None, start_phase, command: str
-                      ) -> tuple[PipelineConfig, ExpertStore, RamPlan | None]:
+                      overrides: Mapping[str, Any] | None, ram_budget: int | None, start_phase, command: str,
+                      fit_workers: bool = False
+                      ) -> tuple[PipelineConfig, ExpertStore, RamPlan | None, WorkerChoice | None]:
     """The configuration (model defaults, the cache sized by `--cache-slots`, `--ram-budget` or the
-    machine), the converted store and the RAM plan of a run of the model whose KV cache holds
-    `positions` positions."""
+    machine), the converted store, the RAM plan of a run of the model whose KV cache holds
+    `positions` positions, and with `fit_workers` the compute workers chosen for the model (None when
+    a flag or the config file gives the count)."""
     overrides = dict(overrides or {})
     if ram_budget is not None and overrides.get("cache_slots") is not None:
         raise ConfigError("--ram-budget sizes the cache itself: give --ram-budget or --cache-slots, not both")
@@ -144,6 +151,11 @@ def prepare_model_run(model_path: str | os.PathLike, source: GGUFSource, hparams
     overrides.update({key: value for key, value in MODEL_DEFAULTS.items()
                       if overrides.get(key) is None and key not in in_file})
     config = load_config(config_path, overrides)
+    choice = None
+    if fit_workers and overrides.get("compute_workers") is None and "compute_workers" not in in_file:
+        formats = [source.expert_format(layer.moe_layer) for layer in source.layers]
+        choice = choose_compute_workers(config.num_compute_workers, formats, config.expert_slices)
+        config = msgspec.structs.replace(config, compute_workers=choice.chosen)
     plan = None
     if ram_budget is not None:  # checked before the (possibly long) conversion
         plan = _ram_plan(ram_budget, source, hparams, config, positions)
@@ -164,7 +176,7 @@ def prepare_model_run(model_path: str | os.PathLike, source: GGUFSource, hparams
     store = ExpertStore.open(store_dir)
     config = msgspec.structs.replace(config, store=store_dir)
     validate_against_geometry(config, store.manifest.geometry)
-    return config, store, plan
+    return config, store, plan, choice
 
 
 def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: PipelineConfig, positions: int,
@@ -223,7 +235,7 @@ def prepare_serving(model_path: str | os.PathLike, *, max_sequences: int, config
     if kv_positions is None:
         kv_positions = serving_kv_positions(hparams, max_sequences,
                                             ram_budget if ram_budget is not None else default_ram_budget()[0])
-    config, store, plan = prepare_model_run(
+    config, store, plan, _ = prepare_model_run(
         model_path, source, hparams, positions=kv_positions, config_path=config_path, overrides=overrides,
         ram_budget=ram_budget, start_phase=start_phase, command="serve")
     start = StartServing(model=str(Path(model_path).resolve()), max_sequences=max_sequences,

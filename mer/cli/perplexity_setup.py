@@ -78,7 +78,7 @@ def prepare_perplexity(model_path: str | os.PathLike, text_path: Path, *, contex
     tokens = tokenizer.encode(text, add_special=True, parse_special=False)
     plan = plan_perplexity(tokens, context, max_chunks=max_chunks, bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
                            model_context=hparams.context_length, source=f"--file {text_path}")
-    config, store, ram_plan = prepare_model_run(
+    config, store, ram_plan, _ = prepare_model_run(
         model_path, source, hparams, positions=context, config_path=config_path, overrides=overrides,
         ram_budget=ram_budget, start_phase=start_phase, command="perplexity")
     start = StartPerplexity(model=str(Path(model_path).resolve()), tokens=list(tokens), context=context,

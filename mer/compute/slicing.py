@@ -9,10 +9,13 @@ kernel's per-row work is spread over fewer blocks. One worker's half of two Mixt
 (batch 1, 1 thread, shared memory) takes 10.5 ms as one whole expert, 13.1 ms in 2 slices, 14.7 ms
 in 4 and 25.0 ms in 16 (docs/performance.md). Worker `w` of `N` computes slices `w, w+N, ...`.
 The router sums each expert's partials in slice order (`mer.compute.batches`), so the output is
-bit-identical for any N.
+bit-identical for any N. So a model keeps at most as many workers busy as its experts have slices
+(`workers_with_work`): a worker beyond that is never sent a job.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from mer.compute.expert_format import ExpertFormat, round_up
 from mer.protocol import SliceRange
@@ -28,6 +31,15 @@ def plan_slices(expert_format: ExpertFormat, max_slices: int = DEFAULT_SLICES) -
     quantum = expert_format.slice_quantum
     size = max(round_up(MIN_SLICE_ROWS, quantum), round_up(-(-expert_format.d_ff // max_slices), quantum))
     return [SliceRange(start, min(start + size, expert_format.d_ff)) for start in range(0, expert_format.d_ff, size)]
+
+
+def workers_with_work(expert_formats: Iterable[ExpertFormat], max_slices: int = DEFAULT_SLICES) -> int:
+    """How many compute workers a model's experts give work to: the most d_ff slices of any layer's
+    format (worker `w` computes slices `w, w+N, ...`, so workers past the slice count stay idle)."""
+    counts = [len(plan_slices(expert_format, max_slices)) for expert_format in expert_formats]
+    if not counts:
+        raise ValueError("a model without expert layers gives no compute worker any work")
+    return max(counts)
 
 
 def slices_of_worker(num_slices: int, worker: int, num_workers: int) -> list[int]:
