@@ -4,7 +4,8 @@
 
 Each round runs `mer-pipeline up --json --compute-workers 1` and then `--compute-workers 2` (the order
 swapped every other round, so a drift in the machine's load hits both alike) and reads the JSON
-summary: decode tokens/s, prefill tokens/s and the whole command's wall time. Prints one line per run,
+summary: decode tokens/s, prefill tokens/s, the decode steps' dense and expert time per MoE block,
+and the whole command's wall time. Prints one line per run,
 the medians per worker count and the ratios 2 workers / 1 worker measured in this run. The tokens of
 every run must be identical (the output does not depend on the worker count); a difference ends the
 benchmark with an error. Used for `up`'s worker rule (docs/pipeline.md, "How many compute workers").
@@ -20,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+KEYS = ("decode_tps", "prefill_tps", "dense_us", "expert_us", "wall_s")
 MER_PIPELINE = str(Path(sys.executable).with_name("mer-pipeline"))
 
 
@@ -32,6 +34,7 @@ def one_run(workers: int, tokens: int, extra: list[str]) -> dict:
         raise SystemExit(f"bench_up_workers: up failed ({completed.returncode}):\n{completed.stderr}")
     summary = json.loads(completed.stdout)
     return {"workers": workers, "decode_tps": summary["decode_tps"], "prefill_tps": summary["prefill_tps"],
+            "dense_us": summary["dense_us_per_block"], "expert_us": summary["expert_us_per_block"],
             "wall_s": wall, "tokens": summary["tokens"]}
 
 
@@ -50,16 +53,17 @@ def main() -> int:
                 raise SystemExit(f"bench_up_workers: {workers} workers generated other tokens than the first run")
             runs.append(run)
             print(f"round {round_index + 1}, {workers} worker(s): decode {run['decode_tps']:.1f} tok/s, "
-                  f"prefill {run['prefill_tps']:.1f} tok/s, command {run['wall_s']:.1f} s", flush=True)
+                  f"prefill {run['prefill_tps']:.1f} tok/s, per MoE block dense {run['dense_us']:.0f} us experts "
+                  f"{run['expert_us']:.0f} us, command {run['wall_s']:.1f} s", flush=True)
     medians = {}
     for workers in (1, 2):
         mine = [run for run in runs if run["workers"] == workers]
         medians[workers] = {key: statistics.median(run[key] for run in mine)
-                            for key in ("decode_tps", "prefill_tps", "wall_s")}
+                            for key in KEYS}
         print(f"median, {workers} worker(s): decode {medians[workers]['decode_tps']:.1f} tok/s, prefill "
-              f"{medians[workers]['prefill_tps']:.1f} tok/s, command {medians[workers]['wall_s']:.1f} s")
-    print("ratio 2 workers / 1 worker: " + ", ".join(
-        f"{key} {medians[2][key] / medians[1][key]:.2f}" for key in ("decode_tps", "prefill_tps", "wall_s")))
+              f"{medians[workers]['prefill_tps']:.1f} tok/s, per MoE block dense {medians[workers]['dense_us']:.0f} us "
+              f"experts {medians[workers]['expert_us']:.0f} us, command {medians[workers]['wall_s']:.1f} s")
+    print("ratio 2 workers / 1 worker: " + ", ".join(f"{key} {medians[2][key] / medians[1][key]:.2f}" for key in KEYS))
     return 0
 
 

@@ -21,6 +21,7 @@ import sys
 
 import uvloop
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mer.cli import serve_command
 from mer.cli.pipeline_flags import add_config_flag, add_config_flags
@@ -33,6 +34,9 @@ from mer.model.hparams import read_hparams
 from mer.models import tiny_model_path
 from mer.store.gguf_source import read_gguf_source
 from mer.store.demo import demo_store
+
+if TYPE_CHECKING:
+    from mer.cli.generation_setup import PreparedGeneration
 
 DEMO_PROMPT = "Once upon a time"
 EMBEDDED_DEMO_PROMPT = "def "  # the embedded model was trained on Python source
@@ -54,8 +58,9 @@ def register(subparsers) -> None:
         help="start the process graph and run a job (a demo when given nothing)",
         description=(
             "Start the process graph and run a job through it: the benchmark on --store, a short text generation "
-            "from --model (its experts converted once and cached), or with no arguments a short demo on an "
-            "embedded default store. In a terminal the benchmark's graph stays up until Ctrl-C; otherwise up "
+            "from --model (its experts converted once and cached), or with no arguments a short demo with the "
+            "embedded model (its cache holding half its experts): the prompt and its completion on stdout, one "
+            "line of figures on stderr. In a terminal the benchmark's graph stays up until Ctrl-C; otherwise up "
             "exits after the job."
         ),
     )
@@ -112,7 +117,7 @@ def generation_demo(args: argparse.Namespace, prompt: str = DEMO_PROMPT, stream_
                                       overrides=overrides, start_phase=display.start_phase, command="up",
                                       fit_workers=True)
     workers = (prepared.worker_choice.describe() if prepared.worker_choice is not None
-               else f"{prepared.config.num_compute_workers} compute workers")
+               else plural(prepared.config.num_compute_workers, "compute worker"))
     print(f"mer-pipeline up: generating {max_tokens} tokens from {args.model} after {prompt!r} with {workers}",
           file=sys.stderr)
     if args.json:
@@ -120,7 +125,11 @@ def generation_demo(args: argparse.Namespace, prompt: str = DEMO_PROMPT, stream_
     return print_demo(prepared, prompt)
 
 
-def print_demo(prepared, prompt: str) -> int:
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def print_demo(prepared: PreparedGeneration, prompt: str) -> int:
     """Run the prepared generation: the prompt and completion as one block on stdout, one summary line on stderr."""
     from mer.cli.demo_output import BlockStream, summary_line
     from mer.cli.generation_setup import run_generation
