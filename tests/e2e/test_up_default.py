@@ -9,7 +9,10 @@ import json
 import re
 
 from mer.cli.up_command import DEMO_GENERATED_TOKENS, EMBEDDED_DEMO_PROMPT, demo_cache_slots
+from mer.cli.worker_choice import compute_workers_for_model
+from mer.compute.slicing import DEFAULT_SLICES, plan_slices
 from mer.config import available_core_count
+from mer.model.hparams import read_hparams
 from mer.model.experts import GGUFExperts
 from mer.model.generate import generate
 from mer.model.model import MoEModel
@@ -49,22 +52,27 @@ def test_up_without_arguments_prints_the_prompt_and_completion_then_one_summary_
     assert stdout == (EMBEDDED_DEMO_PROMPT + tokenizer.decode(expected)).rstrip() + "\n"
     assert stdout.strip() != EMBEDDED_DEMO_PROMPT.strip()  # the model did complete something
     assert "generate" not in stdout + stderr  # every message says `up`
+    source = MoEModel.load(tiny_model_path()).source
+    formats = [source.expert_format(layer.moe_layer) for layer in source.layers]
+    workers = compute_workers_for_model(available_core_count(), formats, DEFAULT_SLICES)
     assert f"mer-pipeline up: generating {DEMO_GENERATED_TOKENS} tokens from {tiny_model_path()} after " \
-           f"{EMBEDDED_DEMO_PROMPT!r} with 1 compute worker" in stderr
+           f"{EMBEDDED_DEMO_PROMPT!r} with {workers} compute worker" in stderr
     summaries = [line for line in stderr.splitlines() if "tok/s" in line]
     assert len(summaries) == 1, stderr
     figures = SUMMARY_LINE.match(summaries[0])
     assert figures is not None, summaries[0]
-    model_experts = MoEModel.load(tiny_model_path()).source.geometry.num_experts
+    model_experts = source.geometry.num_experts
     assert int(figures["tokens"]) == len(expected) and float(figures["tps"]) > 0
     assert int(figures["experts"]) == model_experts
-    assert int(figures["cache"]) == demo_cache_slots(model_experts, 2) < model_experts  # the tiny model's top-2
+    top_k = read_hparams(source.parts[0]).top_k
+    assert int(figures["cache"]) == demo_cache_slots(model_experts, top_k) < model_experts
     assert 0 < float(figures["hit"]) < 100 and float(figures["mib"]) > 0  # the experts stream
-    # d_ff 256 is one slice: one compute worker has work, whatever the cores
+    # the workers started: one per core, but no more than the experts have d_ff slices (today's d_ff 256: one)
     chosen = [event for event in read_json_lines(log_path) if event.get("event") == "compute_workers_chosen"]
-    assert len(chosen) == 1 and chosen[0]["d_ff"] == 256 and chosen[0]["with_work"] == 1
-    assert chosen[0]["available"] == available_core_count() and chosen[0]["chosen"] == 1
-    assert compute_workers_spawned(log_path) == 1
+    assert len(chosen) == 1 and chosen[0]["d_ff"] == max(item.d_ff for item in formats)
+    assert chosen[0]["with_work"] == max(len(plan_slices(item, DEFAULT_SLICES)) for item in formats)
+    assert chosen[0]["available"] == available_core_count() and chosen[0]["chosen"] == workers
+    assert compute_workers_spawned(log_path) == workers
 
 
 def test_the_demo_cache_gives_the_tokens_of_a_cache_holding_every_expert(leak_guard, tmp_path):
@@ -85,4 +93,7 @@ def test_the_demo_cache_gives_the_tokens_of_a_cache_holding_every_expert(leak_gu
     assert demo["reads"] > full["reads"] and demo["hit_rate_pct"] < full["hit_rate_pct"]
     assert compute_workers_spawned(full_log) == explicit_workers  # given explicitly: not fitted to the model
     assert not [event for event in read_json_lines(full_log) if event.get("event") == "compute_workers_chosen"]
-    assert compute_workers_spawned(demo_log) == 1
+    source = MoEModel.load(tiny_model_path()).source
+    formats = [source.expert_format(layer.moe_layer) for layer in source.layers]
+    assert compute_workers_spawned(demo_log) == compute_workers_for_model(available_core_count(), formats,
+                                                                          DEFAULT_SLICES)
