@@ -2,8 +2,9 @@
 
     python tools/training_curve.py train.log --png docs/tiny-model-curve.png
 
-The log lines read (everything else, such as `data:` and `model:`, is skipped):
+The log lines read (everything else, such as `model:`, is skipped):
 
+    data: 1690 training files (30,017,042 tokens), 100 held out (1,511,878 tokens); unigram held-out 4.745 bits/byte
     step 25/7000 train 5.904 bits/byte, balance 1.194, busiest expert share ..., 43 s
     eval step 500: held-out 2.266 bits/byte (unigram 4.745)
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TRAIN_LINE = re.compile(r"step (\d+)/(\d+) train (\d+(?:\.\d+)?|nan|inf) bits/byte")
+DATA_UNIGRAM = re.compile(r"data: .*unigram held-out (\d+(?:\.\d+)?) bits/byte")
 EVAL_LINE = re.compile(r"eval step (\d+): held-out (\d+(?:\.\d+)?|nan|inf) bits/byte(?: \(unigram (\d+(?:\.\d+)?)\))?")
 
 
@@ -47,7 +49,9 @@ def parse_training_log(text: str, source: str = "the training log") -> TrainingC
     curve = TrainingCurve()
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        if stripped.startswith("eval step"):
+        if stripped.startswith("data:") and (match := DATA_UNIGRAM.match(stripped)) is not None:
+            curve.unigram = float(match[1])
+        elif stripped.startswith("eval step"):
             match = EVAL_LINE.match(stripped)
             if match is None:
                 raise TrainingLogError(f"{source}, line {number}: not an eval line ('eval step N: held-out X "

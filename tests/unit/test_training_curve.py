@@ -48,6 +48,11 @@ def test_a_step_line_that_does_not_parse_names_its_line(tmp_path, line, kind):
         read_training_log(path)
 
 
+def test_the_unigram_baseline_comes_from_the_data_line_before_any_eval():
+    curve = parse_training_log("\n".join(LOG.splitlines()[:4]))
+    assert (curve.unigram, curve.held_out, curve.train) == (4.745, {}, {25: 5.904, 50: 3.902})
+
+
 def test_a_log_without_steps_or_unreadable_is_an_error(tmp_path):
     with pytest.raises(TrainingLogError, match="no 'step N/M train"):
         parse_training_log("data: nothing yet\n", "empty.log")
