@@ -189,6 +189,9 @@ def measure(args: argparse.Namespace, trace_path: Path) -> dict:
     timer = Timer()
     started = time.perf_counter()
     model = MoEModel.load(args.model)
+    if args.length > model.hparams.context_length:
+        raise SystemExit(f"tiny_model_card: --length {args.length} is longer than {args.model}'s context of "
+                         f"{model.hparams.context_length} tokens")
     windows = held_out_windows(args.windows, args.length)
     timer.part("load", started)
     card: dict = {"model": str(args.model)}
@@ -262,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.png is not None and args.training_log is None:
         parser.error("--png needs --training-log (the curve is read from the training log)")
+    if args.windows < 1 or args.length < 4 or args.max_tokens < 1:
+        parser.error(f"--windows {args.windows}, --length {args.length}, --max-tokens {args.max_tokens}: need at "
+                     f"least 1 window of at least 4 tokens (llama-perplexity scores its second half) and 1 token")
     if not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
     try:

@@ -4,8 +4,8 @@
   whole-window measure within `CARD_TOLERANCE` of the card's value, and llama-perplexity's scoring
   (BOS first, second halves scored) by mer (`mer.model.perplexity`) within the same tolerance of the
   card's value and within `ENGINE_TOLERANCE` (relative) of llama.cpp's on the same ids (q8_0 in both:
-  an activation element on a q8_0 rounding boundary may round the other way, docs/model.md; measured
-  ~1e-7 .. 5e-5);
+  an activation element on a q8_0 rounding boundary may round the other way, docs/model.md, and the
+  difference carries on to the window's end; measured 2.5e-4 on these windows);
 - bytes: the byte vocabulary's tokens are one byte each (a space too), BOS / EOS none;
 - next-layer gate accuracy as the tool computes it with mer's predictor code, against a direct numpy
   computation from the GGUF's f32 router and norm tensors (read with the `gguf` library) on the same
@@ -39,7 +39,7 @@ from tools.held_out_scoring import (
     llama_second_half, mer_second_half, score_of, token_byte_counts, whole_window_nlls, window_plan)
 from tools.tiny_moe_data import BOS_ID, EOS_ID, SPACE_ID, encode, held_out_windows
 
-pytestmark = pytest.mark.slow  # the card's 16 windows through mer's forward pass (~15 s on 2 loaded cores)
+pytestmark = pytest.mark.slow  # the card's windows through mer and llama.cpp, a live generation: ~45 s on 2 loaded cores
 
 CARD_WHOLE_WINDOW = 1.721  # docs/tiny-model.md: the shipped q8_0 model, 16 windows of 256, bits/byte
 CARD_SECOND_HALF = 1.679  # docs/tiny-model.md: the same windows scored as llama-perplexity scores
@@ -131,7 +131,7 @@ def test_gate_accuracy_is_the_direct_computation(model, passes):
         print(f"gate_min_ratio {min_ratio}: " + ", ".join(
             f"layer {layer} top-k {100 * c.topk_found / c.topk_observed:.1f}% top-1 {100 * c.top1_hits / c.predictions:.1f}%"
             for layer, c in tool.items()))
-        assert sorted(tool) == sorted(direct) == [1, 2, 3]
+        assert sorted(tool) == sorted(direct) == list(range(1, weights.num_layers))
         for layer, counts in tool.items():
             assert counts.ahead == 1
             assert (counts.predictions, counts.top1_hits, counts.topk_found, counts.topk_observed) == direct[layer], (
@@ -151,7 +151,7 @@ def test_gate_accuracy_is_what_a_live_generation_reports(model, leak_guard, tmp_
     tool = gate_accuracy(GateWeights.load(tiny_model_path()), [recorded_pass(model, ran)],
                          min_ratio=PipelineConfig().gate_min_ratio)
     print("live:", {layer: (entry["topk_found"], entry["top1_hits"], entry["predictions"]) for layer, entry in live.items()})
-    assert sorted(live) == [layer.layer for layer in tool] == [1, 2, 3]
+    assert sorted(live) == [layer.layer for layer in tool] == list(range(1, len(model.moe_layers)))
     for layer in tool:
         assert {key: live[layer.layer][key] for key in layer.counts._fields} == layer.counts._asdict(), layer.layer
         assert layer.counts.predictions == len(ran)
@@ -170,7 +170,7 @@ def test_a_judged_completion_is_the_model_s_greedy_continuation(model):
     assert completion.source == prompt_of(header) + completion.kept and completion.generated.startswith(completion.kept)
 
 
-def test_the_command_prints_every_part_as_json(tmp_path, capsys):
+def test_the_command_prints_every_part_as_json(model, tmp_path, capsys):
     from tools.tiny_model_card import main
     from tests.unit.test_training_curve import LOG
 
@@ -185,8 +185,8 @@ def test_the_command_prints_every_part_as_json(tmp_path, capsys):
     assert held["whole_window"]["mer"]["tokens"] == 2 * 255 and held["second_half"]["mer"]["tokens"] == 2 * 127
     assert held["whole_window"]["mer"]["bits_per_byte"] < held["whole_window"]["unigram_bits_per_byte"] - 2
     assert "llama_cpp" not in held["second_half"]
-    assert len(held["routing"]["expert_usage_entropy_bits"]) == 4
-    assert [layer["layer"] for layer in card["gate"]["ranking"]] == [1, 2, 3]
+    assert len(held["routing"]["expert_usage_entropy_bits"]) == len(model.moe_layers)
+    assert [layer["layer"] for layer in card["gate"]["ranking"]] == list(range(1, len(model.moe_layers)))
     completions = card["completions"]
     assert len(completions["sampled"]) == len(completions["greedy"]) == 2
     assert completions["greedy_parse_fraction"] == sum(item["parses"] for item in completions["greedy"]) / 2
