@@ -98,7 +98,11 @@ def mer_second_half(model: MoEModel, windows: np.ndarray) -> HeldOutScore:
 
 def llama_second_half(model_path: Path, windows: np.ndarray, byte_counts: np.ndarray) -> HeldOutScore:
     """llama.cpp's llama-perplexity score of the same windows (same ids, BOS first when the vocabulary adds it)."""
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("llama.cpp's scoring needs llama-cpp-python (pip install -e '.[parity]'); --no-llama "
+                         "skips it") from None
 
     from tests.support.llama_reference import open_llama
     from tests.support.perplexity_reference import llama_log_softmax
