@@ -16,7 +16,9 @@ Training: AdamW, linear warm-up then cosine decay, gradient clipping at 1, rando
 making it uniform. Everything is seeded (`--seed`) and runs on `--threads` CPU threads, so a run is
 reproducible on the same machine and torch build. Progress and the held-out loss in bits per byte
 (every token is one byte, except U+2581 which is three) are printed as it goes; the checkpoint
-(weights, config, history) is written every `--eval-every` steps and at the end.
+(weights, config, history, and the optimizer's and data order's state) is written every
+`--eval-every` steps and at the end, so `--resume` continues an interrupted run where its last
+checkpoint left it, with the same data order and losses as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -203,12 +205,34 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_checkpoint(path: Path, model: TinyMoE, args: argparse.Namespace, history: list[dict]) -> None:
+def save_checkpoint(path: Path, model: TinyMoE, args: argparse.Namespace, history: list[dict],
+                    optimizer: torch.optim.Optimizer, rng: np.random.Generator, step: int) -> None:
+    """Write the checkpoint atomically: the model (what the export reads) and what `--resume` needs."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     torch.save({"config": asdict(model.config), "state": model.state_dict(), "args": vars(args),
-                "history": history}, temporary)
+                "history": history, "step": step, "optimizer": optimizer.state_dict(),
+                "data_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, temporary)
     temporary.replace(path)
+
+
+RESUME_MUST_MATCH = ("steps", "batch", "context", "d_model", "d_ff", "layers", "heads", "kv_heads", "experts",
+                     "lr", "warmup", "weight_decay", "balance", "seed")
+
+
+def resume_state(path: Path, args: argparse.Namespace) -> dict:
+    """The checkpoint at `path` to continue from; its run's settings must be this run's."""
+    if not path.exists():
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    checkpoint = torch.load(path, weights_only=False)
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"--resume: {path} has no optimizer state (written before --resume existed)")
+    saved = checkpoint["args"]
+    different = [f"--{key.replace('_', '-')} {saved.get(key)} (checkpoint) vs {getattr(args, key)} (now)"
+                 for key in RESUME_MUST_MATCH if saved.get(key) != getattr(args, key)]
+    if different:
+        raise SystemExit(f"--resume: {path} was trained with other settings: " + "; ".join(different))
+    return checkpoint
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -220,6 +244,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--d-ff", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -228,6 +255,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run whose checkpoint is --out (same settings) from its last step")
     return parser.parse_args(argv)
 
 
@@ -241,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     unigram = unigram_bits_per_byte(train, held_out)
     print(f"data: {len(train_files)} training files ({len(train):,} tokens), {len(held_out_files)} held out "
           f"({len(held_out):,} tokens); unigram held-out {unigram:.3f} bits/byte", flush=True)
-    config = TinyMoEConfig(d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers, context=args.context)
+    config = TinyMoEConfig(d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers, context=args.context,
+                           n_heads=args.heads, n_kv_heads=args.kv_heads, n_experts=args.experts)
     model = TinyMoE(config)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {config}", flush=True)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -249,8 +279,18 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     history: list[dict] = [{"step": 0, "unigram_bits_per_byte": unigram}]
-    started, window_loss = time.perf_counter(), []
-    for step in range(args.steps):
+    first_step, seconds_before = 0, 0.0
+    if args.resume:
+        checkpoint = resume_state(args.out, args)
+        model.load_state_dict(checkpoint["state"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        rng.bit_generator.state = checkpoint["data_rng"]
+        torch.set_rng_state(checkpoint["torch_rng"])
+        history, first_step = checkpoint["history"], checkpoint["step"]
+        seconds_before = max((entry.get("seconds", 0.0) for entry in history), default=0.0)
+        print(f"resumed from {args.out} at step {first_step} ({seconds_before:.0f} s of training before)", flush=True)
+    started, window_loss = time.perf_counter() - seconds_before, []
+    for step in range(first_step, args.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         batch = random_windows(train, rng, args.batch, args.context)
@@ -272,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
             history.append({"step": step + 1, "held_out_bits_per_byte": bits,
                             "seconds": time.perf_counter() - started})
             print(f"eval step {step + 1}: held-out {bits:.3f} bits/byte (unigram {unigram:.3f})", flush=True)
-            save_checkpoint(args.out, model, args, history)
+            save_checkpoint(args.out, model, args, history, optimizer, rng, step + 1)
 
 
 if __name__ == "__main__":
