@@ -53,7 +53,8 @@ def write_tiny_gpt_oss_gguf(path: str | Path, *, expert_dtype: str = "mxfp4", de
                             n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 32, vocab_size: int = 400,
                             sliding_window: int = 8, yarn_factor: float = 4.0, original_context: int = 64,
                             context_length: int = 256, seed: int = 0, omit_key: str | None = None,
-                            extra_float_keys: dict[str, float] | None = None) -> TinyGptOssInfo:
+                            extra_float_keys: dict[str, float] | None = None,
+                            chat_template: str = GPT_OSS_TEMPLATE) -> TinyGptOssInfo:
     """Write a tiny gpt-oss model to `path`; `omit_key` leaves one metadata key out and
     `extra_float_keys` adds `gpt-oss.KEY` float32 keys (error tests)."""
     info = TinyGptOssInfo(Path(path), n_layers, n_experts, top_k, d_model, d_ff, n_heads, n_kv_heads, head_dim,
@@ -79,7 +80,7 @@ def write_tiny_gpt_oss_gguf(path: str | Path, *, expert_dtype: str = "mxfp4", de
     for key, value in (extra_float_keys or {}).items():
         writer.add_float32(f"gpt-oss.{key}", value)
     _add_vocabulary(writer, vocab_size)
-    writer.add_chat_template(GPT_OSS_TEMPLATE)
+    writer.add_chat_template(chat_template)
     for name, array, raw_dtype in _tensors(rng, info):
         writer.add_tensor(name, array, raw_dtype=raw_dtype)
     writer.write_header_to_file()

@@ -56,3 +56,21 @@ def test_a_missing_refusing_or_escaping_template_is_a_tokenizer_error(tokenizers
     broken = dataclasses.replace(tokenizers["spm"], chat_template="{% for %}")
     with pytest.raises(TokenizerError, match="cannot be rendered"):
         render_chat(broken, [{"role": "user", "content": "x"}])
+
+
+def test_loop_controls_and_the_generation_block_render_as_in_hugging_face(tokenizers):
+    template = ("{% for message in messages %}{% if message['role'] == 'system' %}{% continue %}{% endif %}"
+                "{% if loop.index > 3 %}{% break %}{% endif %}"
+                "{% if message['role'] == 'assistant' %}{% generation %}[{{ message['content'] }}]{% endgeneration %}"
+                "{% else %}<{{ message['content'] }}>{% endif %}{% endfor %}")
+    tokenizer = dataclasses.replace(tokenizers["bpe"], chat_template=template)
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert render_chat(tokenizer, messages) == "<a>[b]"
+
+
+def test_tojson_is_plain_json_in_the_given_key_order(tokenizers):
+    template = "{% for message in messages %}{{ message['arguments'] | tojson }}{% endfor %}"
+    tokenizer = dataclasses.replace(tokenizers["bpe"], chat_template=template)
+    rendered = render_chat(tokenizer, [{"role": "user", "arguments": {"z": "<ü>&'", "a": [1, 2.5, None]}}])
+    assert rendered == '{"z": "<ü>&\'", "a": [1, 2.5, null]}'
