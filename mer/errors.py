@@ -212,3 +212,8 @@ def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> 
         return reason
     target = f" -> {os.fsdecode(error.filename2)}" if error.filename2 is not None else ""
     return f"{os.fsdecode(where)}{target}: {reason}"
+
+
+class KeyFileError(MerError):
+    """A CURVE key file (`mer-pipeline keys`) is missing, malformed, too widely readable, already exists,
+    or does not match its pair; names the file."""
