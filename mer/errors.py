@@ -217,3 +217,7 @@ def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> 
 class KeyFileError(MerError):
     """A CURVE key file (`mer-pipeline keys`) is missing, malformed, too widely readable, already exists,
     or does not match its pair; names the file."""
+
+
+class ShardMapError(ConfigError):
+    """An expert -> shard map is malformed or does not fit the model or the cluster; names the file and field."""
