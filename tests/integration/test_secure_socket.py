@@ -173,3 +173,36 @@ def test_an_empty_or_malformed_allow_list_is_an_error():
             ClientAllowList(context, [b"short"])
     finally:
         context.term()
+
+
+@pytest.mark.parametrize("wire_dtype", ["f32", "f16"])
+def test_a_shard_layer_request_and_its_result_over_curve(wire_dtype):
+    """The wire format over the secured pair: the shard decodes the request, answers from its rows, and
+    the router gets the outputs back exactly as they were sent (f32: bit for bit)."""
+    import numpy as np
+
+    from mer.cluster.wire_precision import from_wire, to_wire
+    from mer.protocol import ShardLayerRequest, ShardLayerResult, decode, encode
+
+    x = np.random.default_rng(3).standard_normal((6, 128), dtype=np.float32)
+
+    async def scenario(context, endpoint, allow, watch, server):
+        client = curve_client_socket(context, zmq.DEALER, ROUTER_KEYS, SHARD_KEYS.public)
+        client.connect(endpoint)
+        try:
+            request = ShardLayerRequest(5, 30, 1, [2, 7], [0, 4, 6], to_wire(x, wire_dtype))
+            await client.send_multipart(encode(request), copy=False)
+            identity, *frames = await server.recv_multipart(copy=False)
+            received = decode(frames, expected_kinds={ShardLayerRequest})
+            rows = from_wire(received.x)
+            outputs = rows[::-1].copy()  # the shard's "experts": any function of its rows
+            await server.send_multipart([identity, *encode(ShardLayerResult(5, 1, to_wire(outputs, wire_dtype), 3.5))],
+                                        copy=False)
+            result = decode(await client.recv_multipart(copy=False), expected_kinds={ShardLayerResult})
+            result.check_answers(request)
+            expected = x[::-1] if wire_dtype == "f32" else x.astype(np.float16)[::-1].astype(np.float32)
+            assert from_wire(result.outputs).tobytes() == expected.tobytes()
+        finally:
+            client.close(linger=0)
+
+    run_with_server(scenario)
