@@ -1,6 +1,6 @@
 """Watches a CURVE server socket's handshakes (a ZeroMQ socket monitor) and logs the refusals that never
 reach ZAP: a client without CURVE (`zmtp_mechanism_mismatch`), one that encrypts to another server's
-key (`zmtp_cryptographic`), a malformed handshake. Each is one `curve_client_refused` event (warning)
+key (`zmtp_cryptographic`), a malformed handshake, a server without a ZAP handler (`no_zap_handler`). Each is one `curve_client_refused` event (warning)
 with `reason` (the ZMTP error, snake_case) and `endpoint` (the server's bound endpoint). Refusals by
 key are logged by `mer.cluster.client_allow_list.ClientAllowList`, not again here.
 
@@ -10,6 +10,7 @@ A refused client reconnects (every `reconnect_ivl`, 100 ms by default), and each
 from __future__ import annotations
 
 import asyncio
+import errno
 
 import zmq
 import zmq.asyncio
@@ -27,7 +28,9 @@ def refusal_reason(event: int, value: int) -> str:
             return zmq.Event(value).name.removeprefix("PROTOCOL_ERROR_").lower()
         except ValueError:
             return f"protocol_error_{value:#x}"
-    return f"handshake_failed_{zmq.ZMQError(value).errno}"
+    if value == errno.EFAULT:  # libzmq's answer when ZAP_ENFORCE_DOMAIN is set and no ZAP handler runs
+        return "no_zap_handler"
+    return f"handshake_failed_{errno.errorcode.get(value, str(value)).lower()}"
 
 
 class HandshakeWatch:
