@@ -1,7 +1,8 @@
 """Watches a CURVE server socket's handshakes (a ZeroMQ socket monitor) and logs the refusals that never
 reach ZAP: a client without CURVE (`zmtp_mechanism_mismatch`), one that encrypts to another server's
-key (`zmtp_cryptographic`), a malformed handshake, a server without a ZAP handler (`no_zap_handler`). Each is one `curve_client_refused` event (warning)
-with `reason` (the ZMTP error, snake_case) and `endpoint` (the server's bound endpoint). Refusals by
+key (`zmtp_cryptographic`), a malformed handshake, a server without a ZAP handler (`no_zap_handler`).
+Each is one `curve_client_refused` event (warning) with `reason` (snake_case) and `endpoint` (the
+server's bound endpoint). Refusals by
 key are logged by `mer.cluster.client_allow_list.ClientAllowList`, not again here.
 
 A refused client reconnects (every `reconnect_ivl`, 100 ms by default), and each try is logged again.
