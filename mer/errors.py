@@ -212,3 +212,12 @@ def describe_os_error(error: OSError, path: str | os.PathLike | None = None) -> 
         return reason
     target = f" -> {os.fsdecode(error.filename2)}" if error.filename2 is not None else ""
     return f"{os.fsdecode(where)}{target}: {reason}"
+
+
+class KeyFileError(MerError):
+    """A CURVE key file (`mer-pipeline keys`) is missing, malformed, too widely readable, already exists,
+    or does not match its pair; names the file."""
+
+
+class ShardMapError(ConfigError):
+    """An expert -> shard map is malformed or does not fit the model or the cluster; names the file and field."""

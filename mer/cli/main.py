@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "mer.cli.top_command",
     "mer.cli.trace_command",
     "mer.cli.logs_command",
+    "mer.cli.keys_command",
 )
 
 

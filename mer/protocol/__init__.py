@@ -4,7 +4,7 @@ Every message is declared once, in the module of its socket and concern: `contro
 handshake, heartbeat, failure, shutdown), `job_messages` (the jobs' start messages and reports),
 `serving_messages` (the serving job), `io_messages` (the I/O worker's slot leases and counters),
 `predictor_messages` (observations in; hints, pins, accuracy and progress out), `compute_messages` (expert batch
-jobs) and `remote_errors` (`ErrorReply`); `kinds` numbers them. Import them from here.
+jobs), `shard_messages` (remote shard groups: one request per layer per shard) and `remote_errors` (`ErrorReply`); `kinds` numbers them. Import them from here.
 
 A message is a frozen dataclass registered with `@message(kind)` (`mer.protocol.schema`): it gets a `KIND` (a
 `MessageKind`) and a `VERSION`. On the wire its fields travel in declaration order, so a field is
@@ -38,6 +38,7 @@ from mer.protocol.predictor_messages import (
 from mer.protocol.serving_messages import (
     CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence,
 )
+from mer.protocol.shard_messages import ShardLayerRequest, ShardLayerResult
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, JsonMap, ScalarMap
 from mer.protocol.remote_errors import (
     UNKNOWN_REQUEST_ID, ErrorFields, ErrorReply, error_fields, error_reply, raise_remote,

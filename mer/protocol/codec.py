@@ -25,7 +25,7 @@ from mer.errors import ConfigError, ProtocolError
 # The modules that declare messages: each registers its own in MESSAGE_TYPES, compiled into _SCHEMAS below.
 from mer.protocol import (  # noqa: F401
     compute_messages, control_messages, io_messages, job_messages, predictor_messages, remote_errors,
-    serving_messages,
+    serving_messages, shard_messages,
 )
 from mer.protocol.kinds import MessageKind
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, MapValues
@@ -204,15 +204,17 @@ def _map_checker(values: MapValues) -> Checker:
 
 
 def _array_checker(spec: ArraySpec) -> Checker:
-    dtype = spec.numpy_dtype
+    dtypes = {dtype.str: dtype for dtype in spec.numpy_dtypes}
+    wire_names = " or ".join(repr(name) for name in dtypes)
     axes = ", ".join(spec.axes)
-    expected = f"an array reference {{{ARRAY_KEY!r}: index, 'dtype': {dtype.str!r}, 'shape': [{axes}]}}"
+    expected = f"an array reference {{{ARRAY_KEY!r}: index, 'dtype': {wire_names}, 'shape': [{axes}]}}"
 
     def check_array(value: Any, arrays: _ArrayFrames) -> np.ndarray:
         if type(value) is not dict or value.keys() != _ARRAY_REFERENCE_KEYS:
             raise _Mismatch(expected, _describe(value))
-        if value["dtype"] != dtype.str:
-            raise _Mismatch(f"dtype {dtype.str!r} ({spec.dtype})", _describe(value["dtype"]), ".dtype")
+        dtype = dtypes.get(value["dtype"]) if type(value["dtype"]) is str else None
+        if dtype is None:
+            raise _Mismatch(f"dtype {wire_names} ({spec.dtype_names})", _describe(value["dtype"]), ".dtype")
         shape = value["shape"]
         if type(shape) is not list or len(shape) != len(spec.axes) or not all(
             type(size) is int and size >= 0 for size in shape
@@ -282,11 +284,11 @@ _SCHEMAS: dict[type, _MessageSchema] = {cls: _compile_schema(cls) for cls in MES
 
 
 def _array_reference(name: str, spec: ArraySpec, value: Any, arrays: list[np.ndarray]) -> dict:
-    dtype = spec.numpy_dtype
-    if not isinstance(value, np.ndarray) or value.dtype != dtype or value.ndim != len(spec.axes):
+    if not isinstance(value, np.ndarray) or value.dtype not in spec.numpy_dtypes or value.ndim != len(spec.axes):
         got = f"{value.dtype} array of shape {value.shape}" if isinstance(value, np.ndarray) else _describe(value)
-        raise ProtocolError(f"{name}: expected a {spec.dtype} array [{', '.join(spec.axes)}], got {got}")
-    arrays.append(np.ascontiguousarray(value))
+        raise ProtocolError(f"{name}: expected a {spec.dtype_names} array [{', '.join(spec.axes)}], got {got}")
+    dtype = spec.numpy_dtypes[spec.numpy_dtypes.index(value.dtype)]
+    arrays.append(np.ascontiguousarray(value, dtype=dtype))
     return {ARRAY_KEY: len(arrays) - 1, "dtype": dtype.str, "shape": list(value.shape)}
 
 

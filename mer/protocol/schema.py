@@ -15,14 +15,27 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """What an array field must be: its dtype and one name per axis (the axis count is fixed)."""
+    """What an array field must be: its dtype and one name per axis (the axis count is fixed).
+
+    `other_dtypes` lists further dtypes the field may have instead (the remote shards' hidden states:
+    float32, or float16 as an option); the array reference on the wire names the one it has."""
 
     dtype: str
     axes: tuple[str, ...]
+    other_dtypes: tuple[str, ...] = ()
 
     @property
     def numpy_dtype(self) -> np.dtype:
         return np.dtype(self.dtype).newbyteorder("<")
+
+    @property
+    def numpy_dtypes(self) -> tuple[np.dtype, ...]:
+        """Every dtype the field may have, `dtype` first (little-endian)."""
+        return (self.numpy_dtype, *(np.dtype(name).newbyteorder("<") for name in self.other_dtypes))
+
+    @property
+    def dtype_names(self) -> str:
+        return " or ".join((self.dtype, *self.other_dtypes))
 
 
 class MapValues(IntEnum):

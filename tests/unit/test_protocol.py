@@ -19,6 +19,8 @@ from mer.protocol import (
     StartServing,
     StartPerplexity,
     PerplexityChunk,
+    ShardLayerRequest,
+    ShardLayerResult,
     SubmitSequence,
     Acquire,
     ChildFailed,
@@ -142,12 +144,14 @@ def sample_messages() -> list:
                   [8, 3], 11, 0, 2),
         StartPerplexity("/m.gguf", [1, 5, 9, 12, 7, 3, 8, 2], 4, 2, 1),
         PerplexityChunk(1, 2, 1, 1.75, 3.0625, 5.5, 0.25),
+        ShardLayerRequest(9, 12, 3, [1, 6], [0, 2, 5], activations(batch=5, d_model=64)),
+        ShardLayerResult(9, 2, activations(batch=5, d_model=64, seed=1).astype(np.float16), 812.5),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 37
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 39
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
