@@ -158,7 +158,11 @@ def _place_shard_nodes(ray, address: ClusterAddress, stack: contextlib.ExitStack
         actor = remote_shard_node.options(num_cpus=0, **options).remote(index)
         actors.append(actor)
         stack.callback(_stop_shard_node, ray, actor)
-    reports = ray.get([actor.describe.remote() for actor in actors], timeout=ACTOR_START_TIMEOUT_S)
+    try:
+        reports = ray.get([actor.describe.remote() for actor in actors], timeout=ACTOR_START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError as error:
+        raise ConfigError(f"--cluster {address.text!r}: the ShardNode actors were not all running on their "
+                          f"nodes {alive} within {ACTOR_START_TIMEOUT_S:.0f} s") from error
     node_ids = [report.node_id for report in reports]
     if len(set(node_ids)) != len(node_ids) or set(node_ids) != set(alive):
         raise ConfigError(f"--cluster {address.text!r}: the shard nodes landed on nodes {node_ids}, "
@@ -169,7 +173,7 @@ def _place_shard_nodes(ray, address: ClusterAddress, stack: contextlib.ExitStack
 def _stop_shard_node(ray, actor) -> None:
     try:
         ray.get(actor.stop_child.remote(CHILD_STOP_TIMEOUT_S / 2), timeout=CHILD_STOP_TIMEOUT_S)
-    except Exception as error:  # a dead actor's child died with it (PR_SET_PDEATHSIG)
+    except Exception as error:  # it died (its child with it) or did not answer: killed below all the same
         get_logger(worker="ray_cluster").warning("shard_node_stop_failed", error=repr(error))
     ray.kill(actor)
 
