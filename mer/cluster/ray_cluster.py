@@ -58,6 +58,7 @@ class RayCluster:
     nodes: list[PlacedNode]
     local_processes: set[int] = field(default_factory=set)  # local:N: the processes started for it, when up
     ray_directory: str | None = None  # local:N: the private RAY_TMPDIR
+    head_address: str | None = None  # local:N: the head's HOST:PORT, which other processes can join
 
 
 @contextlib.contextmanager
@@ -123,6 +124,7 @@ def _start_local(ray, num_nodes: int, cluster: RayCluster, stack: contextlib.Exi
     for index in range(num_nodes):
         local.add_node(**_local_node_arguments(index))
     local.wait_for_nodes()
+    cluster.head_address = local.address
     ray.init(address=local.address, logging_level="warning", log_to_driver=False)
     stack.callback(ray.shutdown)
 

@@ -5,9 +5,11 @@ Ray process started for the cluster is alive, and its private Ray directory is g
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,19 @@ def resident_mib(pid: int) -> float:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
+
+
+JOINER = """
+import json, sys
+import ray
+from mer.cluster.ray_cluster import ray_cluster
+placements = {}
+for address in sys.argv[1:]:
+    with ray_cluster(address) as cluster:
+        placements[address] = [node.report.node_id for node in cluster.nodes]
+    assert not ray.is_initialized()
+print(json.dumps(placements))
+"""
 
 
 def stat_fields(pid: int) -> list[str]:
@@ -77,6 +92,14 @@ def test_local_cluster_places_one_shard_node_per_node_and_leaves_nothing(num_nod
         assert Path(cluster.ray_directory).is_dir() and os.environ["RAY_TMPDIR"] == cluster.ray_directory
         # the address file that `auto` reads is in the private directory, not /tmp/ray
         assert Path(cluster.ray_directory, "ray", "ray_current_cluster").is_file()
+
+        if num_nodes == 2:  # another process joins it by `auto` (the private RAY_TMPDIR's address file)
+            # and by HOST:PORT: one actor per alive node by node affinity, taken down when it leaves
+            joined = subprocess.run([sys.executable, "-c", JOINER, "auto", cluster.head_address],
+                                    capture_output=True, text=True, timeout=120, check=True)
+            placements = json.loads(joined.stdout.strip().splitlines()[-1])
+            assert {address: sorted(ids) for address, ids in placements.items()} == {
+                "auto": alive_ids, cluster.head_address: alive_ids}
 
         commands = [SLEEPER] * (num_nodes - 1) + [SESSION_LEADER]
         child_pids = ray.get([node.actor.start_child.remote(command)
