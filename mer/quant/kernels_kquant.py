@@ -274,7 +274,8 @@ class _KDotEmitter:
                             sources = [_k4_run_source(half, vector, byte) for byte in pair_bytes]
                             scales.append(self._spread(block_scales, [self._k4_sub_block(*source) for source in sources]))
                 if width == 64:  # VNNI: a scale per word of the half's two vectors' packed run sums
-                    sources = [_k4_run_source(half, (word % 8) // 4, 4 * (4 * (word // 8) + word % 4)) for word in range(32)]
+                    sources = [_k4_run_source(half, (word % 8) // 4, 4 * (4 * (word // 8) + word % 4))
+                               for word in range(32)]
                     scales.append(self._spread(block_scales, [self._k4_sub_block(*source) for source in sources]))
         d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
         return _PreparedBlock(vectors, scales, vir.splat(builder, d, width // 4), offsets)
@@ -304,8 +305,8 @@ class _KDotEmitter:
             activations.append(vir.load_vector(builder, pointer, vir.vector(vir.INT8, width)))
         if width == 64 and self.format.dmin_at is not None:  # q4_K/q5_K on VNNI: runs, packed, scaled
             for half, scale in enumerate(prepared.scales):
-                runs = [vir.dot_unsigned_signed_bytes(builder, total.type(None), prepared.vectors[number], activations[number])
-                        for number in (2 * half, 2 * half + 1)]
+                runs = [vir.dot_unsigned_signed_bytes(builder, ir.Constant(lanes, None), prepared.vectors[number],
+                                                      activations[number]) for number in (2 * half, 2 * half + 1)]
                 total = _add_word_pair_products(builder, total, _pack_words(builder, *runs), scale)
         else:
             for vector, activation, scale in zip(prepared.vectors, activations, prepared.scales):
