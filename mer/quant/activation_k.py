@@ -12,9 +12,14 @@ computes (checked in `tests/unit/test_matmul_kquant.py`).
 tokens of one super-block side by side:
 
 - `quants` int8 `[num_blocks, batch, 256]`: for q6_K the natural element order; for q4_K and
-  q5_K the order of the nibbles of 64 packed bytes (`K4_ORDER`): elements 0-31, 64-95, 32-63,
-  96-127, then the same for 128-255 (the low nibbles of quant bytes 0-63 hold elements 0-31
-  and 64-95, the high nibbles 32-63 and 96-127);
+  q5_K (`K4_ORDER`) the order of the nibbles of 64 packed bytes (the low nibbles of quant
+  bytes 0-63 hold elements 0-31 and 64-95, the high nibbles 32-63 and 96-127: two 64-element
+  PIECES per 128-element half), with the 4-byte runs of a half's two pieces interleaved: per
+  16-byte lane k, the first 64 bytes hold runs (piece 0, run 4k), (1, 4k), (0, 4k + 1),
+  (1, 4k + 1), the next 64 bytes runs 4k + 2 and 4k + 3 likewise (`vpunpckldq` /
+  `vpunpckhdq` of the two pieces). The VNNI kernel's `vpdpbusd` run sums of the two vectors,
+  packed to int16 by `vpackssdw`, then line up the two pieces' runs of one int32 lane in
+  adjacent words, so one `vpdpwssd` scales both (see `kernels_kquant`);
 - `sums` int16 `[num_blocks, batch, 16]`: the sums of natural elements 16k ... 16k + 15;
 - `scales` float32 `[num_blocks, batch, 9]`: d, then for each 32-element run j (natural
   elements 32j ... 32j + 31) `d * (its sum of q)` in float32, what the q4_K / q5_K mins
@@ -34,10 +39,24 @@ SUM_SPAN = 16
 K_QUANT_DTYPES = ("q4_k", "q5_k", "q6_k")
 
 
+def k4_activation_position(element):  # type: ignore[no-untyped-def]
+    """Position of natural element `element` (0..255; an int or an integer array) in a q4_K /
+    q5_K activation super-block (see the module): first its place among the nibbles of 64
+    packed bytes (the low nibbles of quant bytes 0-63 hold elements 0-31 and 64-95, the high
+    nibbles 32-63 and 96-127; the same for 128-255), then the 4-byte runs of each half's two
+    64-nibble pieces interleaved as `vpunpckldq` / `vpunpckhdq` interleave them per 16-byte lane.
+    Plain integer arithmetic: the portable kernel compiles it with numba."""
+    chunk, nibble, index = element // 64, (element // 32) % 2, element % 32
+    nibble_position = 64 * (2 * (chunk // 2) + nibble) + 32 * (chunk % 2) + index
+    half, piece, byte = nibble_position // 128, (nibble_position // 64) % 2, nibble_position % 64
+    run, run_byte = byte // 4, byte % 4
+    lane, vector, pair = run // 4, (run % 4) // 2, run % 2
+    return 128 * half + 64 * vector + 16 * lane + 4 * (2 * pair + piece) + run_byte
+
+
 def _k4_order() -> np.ndarray:
     """Natural element index of each position of a q4_K / q5_K super-block's activation."""
-    runs = [0, 2, 1, 3, 4, 6, 5, 7]  # 32-element runs: low nibbles of chunks 0,1, high of 0,1, ...
-    return np.concatenate([np.arange(32 * run, 32 * run + 32) for run in runs])
+    return np.argsort(k4_activation_position(np.arange(SUPER_BLOCK)))
 
 
 K4_ORDER = _k4_order()

@@ -19,7 +19,8 @@ from numba.core import caching
 PACKAGE_DIR = Path(__file__).resolve().parent
 KERNEL_MODULES = ("matmul_quantized.py", "matmul_generic.py", "matmul_kquant.py", "kernels_portable.py", "kernels_mxfp4.py")
 KERNEL_SOURCES = KERNEL_MODULES + (
-    "kernels_vnni.py", "kernels_avx2.py", "kernels_kquant.py", "vector_ir.py", "dequant.py", "kernel_cache.py"
+    "kernels_vnni.py", "kernels_avx2.py", "kernels_kquant.py", "vector_ir.py", "dequant.py", "activation_k.py",
+    "kernel_cache.py",
 )
 
 

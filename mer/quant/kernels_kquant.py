@@ -11,12 +11,22 @@ compile-time constants.
 
 A super-block is read as four PIECES of 64 quant bytes, each one vector (width 64) or two
 (width 32), the quants made unsigned (q4_K nibbles 0..15, q5_K 0..31 with the fifth bit from
-`qh`, q6_K 0..63 with the top two bits from `qh`, its `- 32` left for later); the activation
-stores the 64 elements of piece p at bytes 64p ... 64p + 63 of its super-block (the orders of
-`activation_k`). Per token and piece, `vpmaddubsw` (unsigned weight x signed activation bytes,
-adjacent pairs summed to int16: at most 2 * 63 * 127, never saturating) and then `vpmaddwd` /
-`vpdpwssd` with the int16 sub-block scale of each pair (6-bit q4_K/q5_K scales, int8 q6_K
-scales) sum `scale * q * x` exactly into int32 lanes: S. The rest comes from the activation's
+`qh`, q6_K 0..63 with the top two bits from `qh`, its `- 32` left for later). q6_K: the
+activation stores the 64 elements of piece p at bytes 64p ... 64p + 63 of its super-block; per
+token and piece, `vpmaddubsw` (unsigned weight x signed activation bytes, adjacent pairs summed
+to int16: at most 2 * 63 * 127, never saturating) and then `vpmaddwd` / `vpdpwssd` with the
+int16 sub-block scale of each pair (int8 q6_K scales) sum `scale * q * x` exactly into int32
+lanes: S. q4_K/q5_K: the 4-byte runs of pieces 0 and 1 (and of 2 and 3) are interleaved once
+per row and super-block (`vpunpckldq` / `vpunpckhdq` per 16-byte lane: runs (0, 4k), (1, 4k),
+(0, 4k + 1), (1, 4k + 1) in lane k of the first vector, runs 4k + 2, 4k + 3 in the second), the
+activation stored in that order (`activation_k.K4_ORDER`). On AVX-512 VNNI, per token and half
+super-block, one `vpdpbusd` per vector sums each run (at most 4 * 31 * 127, fits int16), one
+`vpackssdw` packs the two vectors' run sums to words, which puts the runs of pieces 0 and 1 at
+one piece position side by side, and one `vpdpwssd` with the 6-bit scales adds them: 6 multiplying
+instructions per super-block and token instead of 8, and int32 lane j holds exactly the sum
+`vpmaddubsw` + `vpdpwssd` on the un-interleaved pieces gave (runs j of the four pieces), so the
+float32 results are those of that kernel, bit for bit. On AVX2, `vpmaddubsw` + `vpmaddwd` on the
+interleaved vectors (a scale per byte pair), as for q6_K. The rest comes from the activation's
 block sums, per token and super-block: q6_K `C = sum_j scale_j * sum(x_j)` (16-element runs,
 int16 sums, one `vpmaddwd`) subtracted in integers; q4_K/q5_K the 8 floats `d_x * sum(x_j)`
 (32-element runs, made with the activation) times the row's `-dmin * min_j`, one 8-lane FMA into
@@ -96,6 +106,36 @@ def _add_word_pair_products(builder: ir.IRBuilder, total: ir.Value, first: ir.Va
     function_type = ir.FunctionType(lanes, [lanes, lanes, lanes])
     function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.x86.avx512.vpdpwssd.512")
     return builder.call(function, [total, builder.bitcast(first, lanes), builder.bitcast(second, lanes)])
+
+
+def _pack_words(builder: ir.IRBuilder, first: ir.Value, second: ir.Value) -> ir.Value:
+    """`vpackssdw` (512-bit): per 16-byte lane k, the int32 lanes 4k ... 4k + 3 of `first`, then
+    those of `second`, as int16 (saturating; the run sums packed here always fit)."""
+    lanes, words = vir.vector(vir.INT32, 16), vir.vector(vir.INT16, 32)
+    function_type = ir.FunctionType(words, [lanes, lanes])
+    function = cgutils.get_or_insert_function(builder.module, function_type, "llvm.x86.avx512.packssdw.512")
+    return builder.call(function, [first, second])
+
+
+def _interleave_runs(builder: ir.IRBuilder, first: ir.Value, second: ir.Value, high: bool) -> ir.Value:
+    """`vpunpckldq` (`high`: `vpunpckhdq`) of two byte vectors: per 16-byte lane, the 4-byte runs
+    0, 1 (2, 3) of `first` and `second` alternating."""
+    count = first.type.count // 4
+    dwords = vir.vector(vir.INT32, count)
+    start = 2 if high else 0
+    indices = [source for lane in range(count // 4) for run in (start, start + 1)
+               for source in (4 * lane + run, count + 4 * lane + run)]
+    mixed = builder.shuffle_vector(builder.bitcast(first, dwords), builder.bitcast(second, dwords),
+                                   ir.Constant(vir.vector(vir.INT32, count), indices))
+    return builder.bitcast(mixed, first.type)
+
+
+def _k4_run_source(half: int, vector: int, byte: int) -> tuple[int, int]:
+    """(piece, byte in the piece) of byte `byte` (0..63) of interleaved vector `vector` (0: the
+    `vpunpckldq` one, 1: the `vpunpckhdq` one) of super-block half `half`: the inverse of the
+    run interleave (`activation_k.k4_activation_position`)."""
+    lane, slot, run_byte = byte // 16, (byte // 4) % 4, byte % 4
+    return 2 * half + slot % 2, 4 * (4 * lane + 2 * vector + slot // 2) + run_byte
 
 
 @dataclass
@@ -215,15 +255,28 @@ class _KDotEmitter:
             mins = builder.sitofp(vir.lanes(builder, block_scales, 8, 8), vir.vector(vir.FLOAT, 8))
             minus_dmin = builder.fneg(builder.extract_element(self._half(base, fmt.dmin_at), vir.INT32(0)))
             offsets = builder.fmul(mins, vir.splat(builder, minus_dmin, 8))
-        for piece in range(PIECES):
-            vectors.extend(self._piece_vectors(base, piece))
-            for part in range(PIECE_BYTES // width):
-                pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
-                if self.dtype == "q6_k":
+        pieces = [self._piece_vectors(base, piece) for piece in range(PIECES)]
+        parts = PIECE_BYTES // width
+        if self.dtype == "q6_k":
+            for piece in range(PIECES):
+                vectors.extend(pieces[piece])
+                for part in range(parts):
+                    pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
                     indices = [8 * (piece // 2) + (64 * (piece % 2) + byte) // 16 for byte in pair_bytes]
-                else:
-                    indices = [self._k4_sub_block(piece, byte) for byte in pair_bytes]
-                scales.append(self._spread(block_scales, indices))
+                    scales.append(self._spread(block_scales, indices))
+        else:  # each half's two pieces with their 4-byte runs interleaved (the activation's order)
+            for half in range(2):
+                for vector, high in ((0, False), (1, True)):
+                    for part in range(parts):
+                        vectors.append(_interleave_runs(builder, pieces[2 * half][part], pieces[2 * half + 1][part], high))
+                        if width != 64:  # AVX2: a scale per byte pair of the vector
+                            pair_bytes = [width * part + 2 * lane for lane in range(width // 2)]
+                            sources = [_k4_run_source(half, vector, byte) for byte in pair_bytes]
+                            scales.append(self._spread(block_scales, [self._k4_sub_block(*source) for source in sources]))
+                if width == 64:  # VNNI: a scale per word of the half's two vectors' packed run sums
+                    sources = [_k4_run_source(half, (word % 8) // 4, 4 * (4 * (word // 8) + word % 4))
+                               for word in range(32)]
+                    scales.append(self._spread(block_scales, [self._k4_sub_block(*source) for source in sources]))
         d = builder.extract_element(self._half(base, fmt.d_at), vir.INT32(0))
         return _PreparedBlock(vectors, scales, vir.splat(builder, d, width // 4), offsets)
 
@@ -246,10 +299,18 @@ class _KDotEmitter:
         floats = vir.vector(vir.FLOAT, count)
         quants_at = builder.mul(index, vir.INT64(256))
         total = ir.Constant(lanes, None)
-        for number, (vector, scale) in enumerate(zip(prepared.vectors, prepared.scales)):
+        activations = []
+        for number in range(len(prepared.vectors)):
             pointer = builder.gep(self.quants, [builder.add(quants_at, vir.INT64(width * number))])
-            activation = vir.load_vector(builder, pointer, vir.vector(vir.INT8, width))
-            total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
+            activations.append(vir.load_vector(builder, pointer, vir.vector(vir.INT8, width)))
+        if width == 64 and self.format.dmin_at is not None:  # q4_K/q5_K on VNNI: runs, packed, scaled
+            for half, scale in enumerate(prepared.scales):
+                runs = [vir.dot_unsigned_signed_bytes(builder, ir.Constant(lanes, None), prepared.vectors[number],
+                                                      activations[number]) for number in (2 * half, 2 * half + 1)]
+                total = _add_word_pair_products(builder, total, _pack_words(builder, *runs), scale)
+        else:
+            for vector, activation, scale in zip(prepared.vectors, activations, prepared.scales):
+                total = _add_word_pair_products(builder, total, _byte_pair_products(builder, vector, activation), scale)
         if self.format.dmin_at is None:  # q6_K: all in integers, S - 32 C
             sums_at = builder.gep(self.sums, [builder.mul(index, vir.INT64(16))])
             sums = vir.load_vector(builder, sums_at, vir.vector(vir.INT16, 16))

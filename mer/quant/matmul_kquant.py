@@ -17,6 +17,7 @@ import numpy as np
 from numba import literally, njit, prange
 
 from mer.quant import kernel_cache  # noqa: F401  (registers the cache locator before @njit runs)
+from mer.quant.activation_k import k4_activation_position
 from mer.quant.dequant import _read_float16
 from mer.quant.kernels_kquant import kquant_dot
 from mer.quant.matmul_quantized import _store
@@ -166,11 +167,8 @@ SIMD_KQUANT_KERNELS = {
 }
 
 
-@njit(**_FAST)
-def _k4_activation_position(element):  # type: ignore[no-untyped-def]
-    """Where natural element `element` (0..255) of a q4_K/q5_K super-block sits in the activation."""
-    chunk, nibble, index = element // 64, (element // 32) % 2, element % 32
-    return 64 * (2 * (chunk // 2) + nibble) + 32 * (chunk % 2) + index
+# Where natural element e (0..255) of a q4_K/q5_K super-block sits in the activation.
+_k4_activation_position = njit(**_FAST)(k4_activation_position)
 
 
 @njit(**_FAST)
