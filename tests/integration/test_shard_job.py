@@ -4,8 +4,9 @@
 Numbers: the f32 outputs must equal mer's own expert computation in this process bit for bit (the
 compute workers' `item_partials` on the payload read with plain reads, d_ff slices summed in slice
 order: `sum_slices`), and an f16 request's outputs must equal that reference on the widened rows,
-rounded to f16 (also bit for bit). An expert the shard does not serve gets an error naming the shard
-and the expert; a client whose key is not listed is never answered and is logged as
+rounded to f16 (also bit for bit). An expert the shard does not serve (or a layer outside its store)
+gets an error naming the shard and the expert; a malformed message gets an error and the shard keeps
+serving; a client whose key is not listed is never answered and is logged as
 `curve_client_refused`; `StopShardGroup` ends the command with 0, its summary, and nothing left behind
 (the leak guard); SIGTERM brings the graph down the same way (exit 143).
 """
@@ -25,7 +26,7 @@ from mer.cluster.secure_socket import curve_client_socket
 from mer.cluster.wire_precision import from_wire, to_wire
 from mer.compute.batches import item_partials, sum_slices
 from mer.compute.slicing import plan_slices
-from mer.protocol import ErrorReply, ShardLayerRequest, ShardLayerResult, StopShardGroup, decode, encode
+from mer.protocol import UNKNOWN_REQUEST_ID, ErrorReply, ShardLayerRequest, ShardLayerResult, StopShardGroup, decode, encode
 from mer.store.reader import ExpertStore
 from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE, RunningPipeline
 
@@ -112,6 +113,15 @@ def test_shard_group_answers_bit_identical_refuses_foreign_experts_and_keys_and_
         assert refused.error_type == "mer.errors.ShardExpertsError"
         assert f"shard {SHARD} does not serve layer 0 experts 5 (id 5)" in refused.message, refused.message
         assert "2 (id 2)" not in refused.message  # expert 2 is served: only the missing one is named
+        no_layer = ask(client, ShardLayerRequest(11, 11, 5, [0], [0, 1], x[:1]))
+        assert isinstance(no_layer, ErrorReply) and no_layer.error_type == "mer.errors.ShardExpertsError"
+        assert "shard 1: MoE layer 5 is not in its store (2 MoE layers)" in no_layer.message, no_layer.message
+
+        client.send_multipart([b"\x46", b"not msgpack"])  # garbage: answered, and the shard keeps serving
+        assert client.poll(REPLY_WAIT_MS)
+        garbage = decode(client.recv_multipart(copy=False))
+        assert isinstance(garbage, ErrorReply) and garbage.request_id == UNKNOWN_REQUEST_ID
+        assert garbage.error_type == "mer.errors.ProtocolError"
 
         stranger.connect(endpoint)
         stranger.send_multipart(encode(ShardLayerRequest(10, 10, 0, [1], [0, 1], x[:1])))
@@ -126,14 +136,16 @@ def test_shard_group_answers_bit_identical_refuses_foreign_experts_and_keys_and_
     finished = running.finish().check_ok()
     summary = json.loads(finished.stdout)
     assert summary["kind"] == "shard" and summary["shard"] == SHARD and summary["endpoint"] == endpoint
-    assert (summary["requests"], summary["rows"], summary["expert_batches"], summary["errors"]) == (3, 15, 6, 1)
+    assert (summary["requests"], summary["rows"], summary["expert_batches"], summary["errors"]) == (3, 15, 6, 3)
     assert summary["experts_served"] == 8 and summary["compute_workers"] == 2
     assert summary["hits"] + summary["misses"] == 6
     events = finished.events
     refusals = [event for event in events if event.get("event") == "curve_client_refused"]
     assert refusals and all(event["reason"] == "key_not_listed" for event in refusals)
     assert router_keys.public.decode() not in {event["client_key"] for event in refusals}
-    assert [event["request_id"] for event in events if event.get("event") == "shard_request_refused"] == [9]
+    assert [event["request_id"] for event in events if event.get("event") == "shard_request_refused"] == [9, 11]
+    failed = [event for event in events if event.get("event") == "shard_request_failed"]
+    assert [event["request_id"] for event in failed] == [UNKNOWN_REQUEST_ID]
     assert any(event.get("event") == "shard_group_summary" for event in events)
 
 
