@@ -63,6 +63,8 @@ class ShardJob(Job):
 
     def __init__(self, start: StartShardGroup, config: PipelineConfig, manifest: Manifest, io: IoClient,
                  compute: ComputeClient, observe, log, send_control: Callable[[object], Awaitable[None]]):
+        # the jobs' common arguments: a shard tells its predictor nothing yet (`observe`) and reports to the
+        # supervisor only through `JobDone` (`send_control`)
         self.start = start
         self.config = config
         self.manifest = manifest
