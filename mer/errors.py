@@ -221,3 +221,8 @@ class KeyFileError(MerError):
 
 class ShardMapError(ConfigError):
     """An expert -> shard map is malformed or does not fit the model or the cluster; names the file and field."""
+
+
+class ShardExpertsError(MerError):
+    """A shard group was asked for experts it does not serve (or that its store does not have); names the
+    shard and the experts."""

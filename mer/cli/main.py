@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "mer.cli.trace_command",
     "mer.cli.logs_command",
     "mer.cli.keys_command",
+    "mer.cli.shard_serve_command",
 )
 
 

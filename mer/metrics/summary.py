@@ -202,7 +202,39 @@ class PerplexitySummary:
         return cls(**{field.name: data[field.name] for field in fields(cls)})
 
 
-JobSummary = RunSummary | GenerationSummary | PerplexitySummary
+@dataclass(frozen=True)
+class ShardSummary:
+    """A shard group's summary (`shard-serve --json`, the `shard_group_summary` event): the shard, the
+    experts it served, the `ShardLayerRequest`s answered with outputs (`requests`, their `rows` and
+    expert batches `expert_batches`), those answered with an error (`errors`), and the expert lookups
+    (`hits`, `misses`) and compute microseconds of the answered ones; `seconds` it served for."""
+
+    shard: int
+    endpoint: str
+    experts_served: int
+    requests: int
+    rows: int
+    expert_batches: int
+    errors: int
+    hits: int
+    misses: int
+    compute_us: float
+    seconds: float
+    compute_workers: int
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON types, `kind: "shard"` first."""
+        return {"kind": "shard", **{field.name: getattr(self, field.name) for field in fields(self)}}
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> "ShardSummary":
+        missing = sorted({field.name for field in fields(cls)} - set(data))
+        if missing:
+            raise EventLogError(f"shard summary: missing fields {missing}")
+        return cls(**{field.name: data[field.name] for field in fields(cls)})
+
+
+JobSummary = RunSummary | GenerationSummary | PerplexitySummary | ShardSummary
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import numpy as np
 
-from mer.errors import ProtocolError
+from mer.errors import ConfigError, ProtocolError
 from mer.protocol.kinds import MessageKind
 from mer.protocol.schema import ArraySpec, equal_with_arrays, message
 
@@ -70,3 +70,40 @@ class ShardLayerResult:
             raise ProtocolError(f"ShardLayerResult {self.request_id} from shard {self.shard}: outputs "
                                 f"{self.outputs.dtype} {list(self.outputs.shape)}, the request's x is "
                                 f"{request.x.dtype} {list(request.x.shape)}")
+
+
+# --- control.sock: the shard group's job (`mer-pipeline shard-serve`, mer.router.shard_job) --------
+
+
+@message(MessageKind.START_SHARD_GROUP)
+class StartShardGroup:
+    """Every child is ready: serve `ShardLayerRequest`s as shard `shard` on a CURVE server ROUTER bound
+    to `bind` (`tcp://HOST:PORT`; port 0 picks a free one, logged in `shard_group_listening`), with the
+    shard key pair and the admitted router public key from `key_dir` (`mer-pipeline keys`). `experts`
+    are the global store ids this shard serves (None: every expert of its store). Checked when built
+    (in the CLI, before any process starts) and when decoded: a bad field is a `ConfigError` naming it."""
+
+    bind: str
+    key_dir: str
+    shard: int = 0
+    experts: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.bind.startswith("tcp://") or ":" not in self.bind.removeprefix("tcp://"):
+            raise ConfigError(f"StartShardGroup.bind {self.bind!r}: a shard group binds tcp://HOST:PORT")
+        if isinstance(self.shard, bool) or not isinstance(self.shard, int) or self.shard < 0:
+            raise ConfigError(f"StartShardGroup.shard must be an integer >= 0, got {self.shard!r}")
+        if self.experts is not None:
+            if not self.experts:
+                raise ConfigError("StartShardGroup.experts is empty: a shard group serves at least one expert")
+            bad = [e for e in self.experts if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+            if bad:
+                raise ConfigError(f"StartShardGroup.experts must be expert ids (integers >= 0), got {bad[:8]}")
+            if len(set(self.experts)) != len(self.experts):
+                raise ConfigError(f"StartShardGroup.experts lists an expert twice: {sorted(self.experts)[:16]}")
+
+
+@message(MessageKind.STOP_SHARD_GROUP)
+class StopShardGroup:
+    """From an admitted client on the shard's tcp socket: stop serving (the shard group's job ends and its
+    graph shuts down). Answered with the same message once the job takes no more requests."""

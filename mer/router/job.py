@@ -2,7 +2,8 @@
 
 The start message's type picks the job (`mer.router.service`): `StartBenchmark` runs `BenchJob`,
 `StartGeneration` runs `GenerateJob`, `StartServing` runs `ServeJob` (serving's continuous batching) and
-`StartPerplexity` runs `PerplexityJob` (`mer-pipeline perplexity`). A job runs to its end
+`StartPerplexity` runs `PerplexityJob` (`mer-pipeline perplexity`) and `StartShardGroup` runs `ShardJob`
+(`mer-pipeline shard-serve`: the graph serves its experts to a remote router). A job runs to its end
 and returns its typed summary, which the router sends to the supervisor in `JobDone`.
 """
 

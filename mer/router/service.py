@@ -15,7 +15,7 @@ import asyncio
 
 from mer.errors import ProtocolError
 from mer.protocol import (CancelSequence, ChildStuck, IoWorkerRestarted, JobDone, StartBenchmark, StartGeneration,
-                          StartPerplexity, StartServing, SubmitSequence)
+                          StartPerplexity, StartServing, StartShardGroup, SubmitSequence)
 from mer.router.bench_job import BenchJob, progress_printer
 from mer.router.compute_client import ComputeClient
 from mer.router.io_client import IoClient
@@ -26,6 +26,7 @@ from mer.router.generate_job import GenerateJob
 from mer.router.job import Job
 from mer.router.perplexity_job import PerplexityJob
 from mer.router.serve_job import ServeJob
+from mer.router.shard_job import ShardJob
 from mer.runtime.cpu_progress import start_limit_s
 from mer.store.manifest import Manifest
 
@@ -35,7 +36,8 @@ class Router:
         self.context = context
         self.manifest = Manifest.load(context.run.store)
         self.start_job = asyncio.Event()
-        self.start_message: StartBenchmark | StartGeneration | StartServing | StartPerplexity | None = None
+        self.start_message: (StartBenchmark | StartGeneration | StartServing | StartPerplexity | StartShardGroup
+                              | None) = None
         self.job: Job | None = None
         self.io: IoClient | None = None
         self.compute: ComputeClient | None = None
@@ -54,7 +56,7 @@ class Router:
         return {"compute_workers": run.num_compute_workers}
 
     async def on_control(self, message) -> None:
-        if isinstance(message, (StartBenchmark, StartGeneration, StartServing, StartPerplexity)):
+        if isinstance(message, (StartBenchmark, StartGeneration, StartServing, StartPerplexity, StartShardGroup)):
             self.start_message = message
             self.start_job.set()
         elif isinstance(message, IoWorkerRestarted):
@@ -120,6 +122,8 @@ class Router:
             return ServeJob(self.start_message, *common, context.send_control)
         if isinstance(self.start_message, StartPerplexity):
             return PerplexityJob(self.start_message, *common, context.send_control)
+        if isinstance(self.start_message, StartShardGroup):
+            return ShardJob(self.start_message, *common, context.send_control)
         return BenchJob(*common, progress=progress_printer(context.config.tokens))
 
     def close(self) -> None:

@@ -10,10 +10,11 @@ One run:
    start-up with that child's own error. Every
    child's run spec names the job's GGUF (`RunSpec.model`, see `job_model`); a `gate` predictor
    without a model is refused before anything starts;
-3. send the job's start message to the router (`StartBenchmark`, `StartGeneration`, `StartServing` or
-   `StartPerplexity`) and wait for its `JobDone`, returned as the job's typed summary (`RunSummary`,
-   `GenerationSummary`, `PerplexitySummary`); `TokenGenerated` messages before it are handed to
-   `on_token` as they arrive, the perplexity job's `PerplexityChunk` to `on_chunk`, the serving job's
+3. send the job's start message to the router (`StartBenchmark`, `StartGeneration`, `StartServing`,
+   `StartPerplexity` or `StartShardGroup`) and wait for its `JobDone`, returned as the job's typed
+   summary (`RunSummary`, `GenerationSummary`, `PerplexitySummary`, `ShardSummary`); `TokenGenerated`
+   messages before it are handed to `on_token` as they arrive, the perplexity job's `PerplexityChunk`
+   to `on_chunk`, the serving job's
    `SequenceToken`, `SequenceDone` and `ServeStep` to `on_serving` (a serving job runs until the
    supervisor is cancelled; `send_to_router` hands it requests);
 4. shut down: `Shutdown` to the router, then (once it has exited) to the other children; children
@@ -52,7 +53,7 @@ from mer.logging_setup import get_logger
 from mer.predict.fusion import check_model_for_predictors
 from mer.protocol import (UNKNOWN_REQUEST_ID, ChildFailed, ChildStuck, Heartbeat, Hello, JobDone,
                           Ready, SequenceDone, PerplexityChunk, SequenceToken, ServeStep, StartBenchmark,
-                          StartGeneration, StartPerplexity, StartServing,
+                          StartGeneration, StartPerplexity, StartServing, StartShardGroup,
                           TokenGenerated, decode, encode, error_reply)
 from mer.runtime.ram_budget import pool_slots
 from mer.runtime.child_failures import ChildFailures
@@ -67,13 +68,13 @@ from mer.runtime.spawned_child import Child
 from mer.runtime.stall_watch import ProgressMark, StallWatch, heartbeat_interval_s
 from mer.shm.arena import SlotArena
 from mer.store.reader import ExpertStore
-from mer.metrics.summary import GenerationSummary, JobSummary, PerplexitySummary, RunSummary
+from mer.metrics.summary import GenerationSummary, JobSummary, PerplexitySummary, RunSummary, ShardSummary
 
 PREFAULT_MIN_BYTES_PER_S = 100e6
 SENTINEL_REAP_WAIT_S = 1.0  # longest wait for the exit status of a child whose sentinel fired
 
 
-StartMessage = StartBenchmark | StartGeneration | StartServing | StartPerplexity
+StartMessage = StartBenchmark | StartGeneration | StartServing | StartPerplexity | StartShardGroup
 SERVING_REPORTS = (SequenceToken, SequenceDone, ServeStep)  # the serving job's messages to the supervisor
 JOB_REPORTS = (TokenGenerated, PerplexityChunk, *SERVING_REPORTS)  # what only the router sends before JobDone
 ROUTER_REPORTS = (JobDone, ChildStuck, *JOB_REPORTS)  # what only the router sends
@@ -93,6 +94,8 @@ def summary_type_of(job: StartMessage) -> type:
         return GenerationSummary
     if isinstance(job, StartPerplexity):
         return PerplexitySummary
+    if isinstance(job, StartShardGroup):
+        return ShardSummary
     return RunSummary
 
 

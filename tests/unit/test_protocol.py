@@ -21,6 +21,8 @@ from mer.protocol import (
     PerplexityChunk,
     ShardLayerRequest,
     ShardLayerResult,
+    StartShardGroup,
+    StopShardGroup,
     SubmitSequence,
     Acquire,
     ChildFailed,
@@ -146,12 +148,14 @@ def sample_messages() -> list:
         PerplexityChunk(1, 2, 1, 1.75, 3.0625, 5.5, 0.25),
         ShardLayerRequest(9, 12, 3, [1, 6], [0, 2, 5], activations(batch=5, d_model=64)),
         ShardLayerResult(9, 2, activations(batch=5, d_model=64, seed=1).astype(np.float16), 812.5),
+        StartShardGroup("tcp://10.0.0.2:5555", "/keys", 1, [0, 3, 9]),
+        StopShardGroup(),
     ]
 
 
 def test_samples_cover_every_message_kind():
     assert sorted(type(message).KIND for message in sample_messages()) == sorted(MESSAGE_TYPES)
-    assert len(MESSAGE_TYPES) == len(MessageKind) == 39
+    assert len(MESSAGE_TYPES) == len(MessageKind) == 41
 
 
 @pytest.mark.parametrize("message", sample_messages(), ids=lambda message: type(message).__name__)
