@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing store (or empty directory) at --out")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object {out, experts, bytes, seconds, source_hash} instead of a line")
+                        help="print one JSON object {out, experts, bytes, seconds, source_hash[, shard]} "
+                             "instead of a line")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--log-file", default=None, metavar="FILE",
                         help="append the JSON events (convert_started, convert_layer_done, convert_done) to FILE "
@@ -58,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
 def describe(result: ConversionResult) -> str:
     """The one-line human result: experts, bytes (MiB), destination, time, rate and source hash."""
     rate = result.nbytes / max(result.seconds, 1e-9) / 1e6
-    shard = f" (shard {result.shard.index}/{result.shard.count})" if result.shard is not None else ""
+    shard = f" of shard {result.shard.index}/{result.shard.count}" if result.shard is not None else ""
     return (f"converted {result.num_experts} experts{shard} ({result.nbytes / 2**20:.1f} MiB) into {result.out} "
             f"in {result.seconds:.2f} s ({rate:.0f} MB/s); source hash {result.source_hash}")
