@@ -146,9 +146,9 @@ class StoreWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         check_free_space(self.out.parent, self.total_nbytes)
         shutil.rmtree(self.temp, ignore_errors=True)
-        with naming_write_errors(self.out, self.temp):
-            self.temp.mkdir()
-        try:
+        try:  # from the mkdir on: a SIGTERM unwinding right after it must not leave the directory
+            with naming_write_errors(self.out, self.temp):
+                self.temp.mkdir()
             for layer in self.layers:
                 with naming_write_errors(self.out, self.temp / layer.file):
                     fd, is_direct = open_direct(self.temp / layer.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
