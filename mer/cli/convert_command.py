@@ -14,6 +14,7 @@ from mer.cli.progress import ProgressDisplay
 from mer.compute.expert_format import LAYOUTS
 from mer.logging_setup import configure_logging
 from mer.store.convert import ConversionResult, convert_gguf
+from mer.store.shard_choice import parse_shard
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,10 +30,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default="native",
                         help="native: GGUF blocks verbatim (default); "
                              "planar: blocks permuted losslessly for mer's kernels")
+    parser.add_argument("--shard", default=None, metavar="i/N",
+                        help="write only the experts shard i (0-based) of N holds (a shard store for scale-out)")
+    parser.add_argument("--shard-map", default=None, metavar="MAP.json",
+                        help="the expert -> shard map for --shard (default: the uniform map of N shards)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing store (or empty directory) at --out")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object {out, experts, bytes, seconds, source_hash} instead of a line")
+                        help="print one JSON object {out, experts, bytes, seconds, source_hash[, shard]} "
+                             "instead of a line")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--log-file", default=None, metavar="FILE",
                         help="append the JSON events (convert_started, convert_layer_done, convert_done) to FILE "
@@ -42,9 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging("mer-convert", log_file=args.log_file)  # its events to the log file; stderr: warnings
+    shard = parse_shard(args.shard) if args.shard is not None else None
     with ProgressDisplay("convert", enabled=not args.quiet) as display:
         result = convert_gguf(args.model, args.out, layout=args.layout, force=args.force,
-                              start_phase=display.start_phase)
+                              start_phase=display.start_phase, shard=shard, shard_map=args.shard_map)
     print(json.dumps(result.to_dict()) if args.json else describe(result))
     return 0
 
@@ -52,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
 def describe(result: ConversionResult) -> str:
     """The one-line human result: experts, bytes (MiB), destination, time, rate and source hash."""
     rate = result.nbytes / max(result.seconds, 1e-9) / 1e6
-    return (f"converted {result.num_experts} experts ({result.nbytes / 2**20:.1f} MiB) into {result.out} "
+    shard = f" of shard {result.shard.index}/{result.shard.count}" if result.shard is not None else ""
+    return (f"converted {result.num_experts} experts{shard} ({result.nbytes / 2**20:.1f} MiB) into {result.out} "
             f"in {result.seconds:.2f} s ({rate:.0f} MB/s); source hash {result.source_hash}")

@@ -14,6 +14,7 @@ global expert id, L * E lists. Reading checks every field and names the file and
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,6 +122,13 @@ def check_shard_map_fields(shard_map: ShardMap, where: str) -> None:
                 raise ShardMapError(f"{where}: field {name}: shard {shard!r} is not in 0..{shard_map.num_shards - 1}")
         if len(set(shards)) != len(shards):
             raise ShardMapError(f"{where}: field {name}: replicas {list(shards)} are not on distinct shards")
+
+
+def shard_map_hash(shard_map: ShardMap) -> str:
+    """The map's identity: hex SHA-256 of its JSON with sorted keys and no spaces (what a shard store's
+    manifest records as `shard.map_hash`; equal maps give equal hashes, whatever file they came from)."""
+    text = json.dumps(shard_map.to_json_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_shard_map(path: str | Path, shard_map: ShardMap) -> None:

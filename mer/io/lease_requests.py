@@ -30,7 +30,7 @@ from mer.environment import WorkFaults
 from mer.io.predictor_advice import PredictorAdvice
 from mer.io.read_tally import ReadTally
 from mer.io.slot_load import Load
-from mer.io.slot_reads import SlotReads, check_slots_in_service
+from mer.io.slot_reads import SlotReads, check_held, check_slots_in_service
 from mer.protocol import Acquire, IoProgress, Release, SlotGrant, SlotsReady, encode, error_reply
 from mer.runtime.fault_loops import spin_forever
 from mer.runtime.stall_watch import heartbeat_interval_s
@@ -79,6 +79,7 @@ class LeaseRequests:
     async def _answer_acquire_now(self, identity: bytes, request: Acquire) -> None:
         try:
             t_received = time.monotonic()
+            check_held(self.reads.manifest, request.expert_ids)
             self.current_token = max(self.current_token, request.token)
             self.admission.governor.demanded(request.expert_ids, request.token)
             self.table.policy.record_step(request.expert_ids)

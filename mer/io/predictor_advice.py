@@ -29,6 +29,8 @@ class PredictorAdvice:
     def admit_prefetches(self, message: PrefetchHints, current_token: int) -> None:
         self.admission.ledger.hinted(message.source, len(message.hints))
         for rank, hint in enumerate(message.hints):
+            if self.reads.manifest.shard is not None and not self.reads.manifest.holds(hint.expert_id):
+                continue  # a shard store's I/O worker prefetches only the experts its store holds
             in_flight = sum(load.kind == "prefetch" for load in self.reads.loads.values())
             pending = self.reader.num_in_flight + self.reader.num_queued
             assignment = self.admission.admit(message.source, rank, hint.expert_id, message.token,

@@ -57,10 +57,10 @@ class Load:
 def injected_faults(manifest: Manifest, faults: Iterable[tuple]) -> dict[tuple[int, int], Any]:
     """`(expert id, count)` pairs (`MER_READ_FAULTS`) as the reader's `{(file index, offset): count}`, or
     `(expert id, count, seconds)` (its hangs) as `{(file index, offset): (count, seconds)}`; ids not in
-    the store are ignored."""
+    the store (or not held by a shard store) are ignored."""
     places = {}
     for expert_id, *value in faults:
-        if 0 <= expert_id < manifest.geometry.num_experts:
+        if 0 <= expert_id < manifest.geometry.num_experts and manifest.holds(expert_id):
             entry = manifest.expert(expert_id)
             places[(entry.moe_layer, entry.offset)] = value[0] if len(value) == 1 else tuple(value)
     return places

@@ -34,6 +34,16 @@ from mer.shm.arena import SlotArena
 from mer.store.manifest import Manifest
 
 
+def check_held(manifest: Manifest, expert_ids) -> None:
+    """StoreError naming the expert and the shard when a shard store does not hold one of `expert_ids`
+    (before any slot is taken: such an expert is never read, never a zero payload)."""
+    if manifest.shard is None:
+        return  # a whole store: ids out of range fail where they always did
+    for expert_id in expert_ids:
+        if not manifest.holds(expert_id):
+            manifest.expert(expert_id)  # raises the error naming the expert (and the shard)
+
+
 class SlotReads:
     """The loads in flight into the arena's slots, and what ends each one."""
 

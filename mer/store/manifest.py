@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from mer.errors import ShapeError, StoreError, describe_os_error
@@ -98,6 +99,22 @@ class SourceInfo:
 
 
 @dataclass(frozen=True)
+class ShardInfo:
+    """What a shard store holds: shard `index` of `count` under the shard map whose identity is
+    `map_hash` (SHA-256 of its canonical JSON, `mer.cluster.shard_map.shard_map_hash`), `replicas` copies
+    per expert in that map, and the global ids of the experts held, ascending."""
+
+    index: int
+    count: int
+    map_hash: str
+    replicas: int
+    experts: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"shard {self.index}/{self.count} (shard map {self.map_hash[:16]})"
+
+
+@dataclass(frozen=True)
 class Manifest:
     geometry: Geometry
     layout: str
@@ -108,6 +125,7 @@ class Manifest:
     created_by: str = ""
     format_version: int = FORMAT_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
+    shard: ShardInfo | None = None  # None: a whole store, every expert
 
     @property
     def slot_nbytes(self) -> int:
@@ -117,17 +135,36 @@ class Manifest:
     def layer_of(self, expert_id: int) -> LayerEntry:
         return self.layers[self.expert(expert_id).moe_layer]
 
+    @cached_property
+    def _entries_by_id(self) -> dict[int, ExpertEntry]:
+        return {entry.id: entry for entry in self.experts}
+
+    def holds(self, expert_id: int) -> bool:
+        """Whether this store has `expert_id`'s payload (every expert of a whole store)."""
+        return expert_id in self._entries_by_id if self.shard is not None else 0 <= expert_id < len(self.experts)
+
     def expert(self, expert_id: int) -> ExpertEntry:
-        if not 0 <= expert_id < len(self.experts):
-            raise StoreError(f"expert id {expert_id} is out of range 0..{len(self.experts) - 1}")
-        return self.experts[expert_id]
+        """The entry of `expert_id`; StoreError when it is out of range, or not held by a shard store."""
+        if not 0 <= expert_id < self.geometry.num_experts:
+            raise StoreError(f"expert id {expert_id} is out of range 0..{self.geometry.num_experts - 1}")
+        if self.shard is None:
+            return self.experts[expert_id]
+        entry = self._entries_by_id.get(expert_id)
+        if entry is None:
+            raise StoreError(f"{self.describe(expert_id)} is not in this store: it holds only the "
+                             f"{len(self.experts)} experts of {self.shard.describe()}")
+        return entry
 
     def expert_id(self, moe_layer: int, expert: int) -> int:
         return moe_layer * self.geometry.experts_per_layer + expert
 
+    def held_in_layer(self, moe_layer: int) -> list[ExpertEntry]:
+        """The entries of the experts this store holds in `moe_layer`, by expert index."""
+        return [entry for entry in self.experts if entry.moe_layer == moe_layer]
+
     def describe(self, expert_id: int) -> str:
-        entry = self.expert(expert_id)
-        return f"layer {entry.moe_layer} expert {entry.expert} (id {entry.id})"
+        moe_layer, expert = divmod(expert_id, self.geometry.experts_per_layer)
+        return f"layer {moe_layer} expert {expert} (id {expert_id})"
 
     def total_payload_nbytes(self) -> int:
         return sum(self.layer_of(e.id).format.payload_nbytes for e in self.experts)
@@ -142,8 +179,10 @@ class Manifest:
         self._validate_geometry(where)
         if len(self.layers) != geometry.num_moe_layers:
             raise StoreError(f"{where}: {len(self.layers)} layers listed, geometry says {geometry.num_moe_layers}")
-        if len(self.experts) != geometry.num_experts:
-            raise StoreError(f"{where}: {len(self.experts)} experts listed, geometry says {geometry.num_experts}")
+        held = self._validate_shard(where)
+        if len(self.experts) != len(held):
+            raise StoreError(f"{where}: {len(self.experts)} experts listed, "
+                             + (f"shard.experts lists {len(held)}" if self.shard else f"geometry says {len(held)}"))
         for index, entry in enumerate(self.files):
             if not is_plain_file_name(entry.name):
                 raise StoreError(f"{where}: files[{index}].name {entry.name!r} is not a plain file name in the store "
@@ -169,13 +208,31 @@ class Manifest:
                         f"{where}: geometry.{name} is {getattr(geometry, name)} but layers[{index}].format.{name} "
                         f"is {getattr(layer.format, name)} (its payloads are {layer.format.payload_nbytes} bytes); "
                         "the manifest contradicts itself")
-        for index, entry in enumerate(self.experts):
-            expected = (index // geometry.experts_per_layer, index % geometry.experts_per_layer)
-            if entry.id != index or (entry.moe_layer, entry.expert) != expected:
-                raise StoreError(f"{where}: experts[{index}] is {entry}, expected id {index} at {expected}")
+        for index, (entry, expert_id) in enumerate(zip(self.experts, held)):
+            expected = divmod(expert_id, geometry.experts_per_layer)
+            if entry.id != expert_id or (entry.moe_layer, entry.expert) != expected:
+                raise StoreError(f"{where}: experts[{index}] is {entry}, expected id {expert_id} at {expected}")
             layer = self.layers[entry.moe_layer]
             if entry.offset % PAGE_SIZE or entry.offset + layer.format.read_nbytes > file_sizes[layer.file]:
                 raise StoreError(f"{where}: experts[{index}].offset {entry.offset} is not a valid read in {layer.file}")
+
+    def _validate_shard(self, where: str) -> list[int] | range:
+        """The ids the store must list: every expert, or a shard's (checked: in range, ascending, distinct)."""
+        if self.shard is None:
+            return range(self.geometry.num_experts)
+        shard = self.shard
+        if type(shard.count) is not int or shard.count < 1:
+            raise StoreError(f"{where}: shard.count is {shard.count!r}, not a positive integer")
+        if type(shard.index) is not int or not 0 <= shard.index < shard.count:
+            raise StoreError(f"{where}: shard.index is {shard.index!r}, not in 0..{shard.count - 1}")
+        if type(shard.replicas) is not int or not 1 <= shard.replicas <= shard.count:
+            raise StoreError(f"{where}: shard.replicas is {shard.replicas!r}, not in 1..{shard.count}")
+        ids = list(shard.experts)
+        if any(type(i) is not int or not 0 <= i < self.geometry.num_experts for i in ids) \
+                or any(b <= a for a, b in zip(ids, ids[1:])):
+            raise StoreError(f"{where}: shard.experts must be distinct ascending expert ids in "
+                             f"0..{self.geometry.num_experts - 1}")
+        return ids
 
     def _validate_geometry(self, where: str) -> None:
         """Every geometry field a positive integer, and the counts consistent with each other."""
@@ -204,6 +261,9 @@ class Manifest:
             "layers": [{**asdict(layer), "format": layer.format.to_dict()} for layer in self.layers],
             "experts": [[e.id, e.moe_layer, e.expert, e.offset, e.checksum] for e in self.experts],
         }
+        if self.shard is not None:  # absent from a whole store's manifest (unchanged format)
+            data["shard"] = {"index": self.shard.index, "count": self.shard.count, "map_hash": self.shard.map_hash,
+                             "replicas": self.shard.replicas, "experts": list(self.shard.experts)}
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -225,6 +285,7 @@ class Manifest:
                 created_by=data.text("created_by", ""),
                 format_version=FORMAT_VERSION,
                 checksum_algorithm=data.text("checksum_algorithm"),
+                shard=_shard(data.object("shard")) if "shard" in data.data else None,
             )
         except StoreError:
             raise
@@ -315,3 +376,9 @@ def _source(data: JsonObject) -> SourceInfo:
                       data.integer("nbytes"), data.text("hash"), parameters, data.text("fingerprint", ""),
                       tuple(SourceFileStat(stat.integer("nbytes"), stat.integer("mtime_ns", -2**63), stat.integer("inode"))
                             for stat in data.objects("stats", [])))
+
+
+def _shard(data: JsonObject) -> ShardInfo:
+    experts = data.array("experts")
+    return ShardInfo(data.integer("index"), data.integer("count"), data.text("map_hash"), data.integer("replicas"),
+                     tuple(checked_integer(value, f"shard.experts[{index}]") for index, value in enumerate(experts)))

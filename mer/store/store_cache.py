@@ -138,10 +138,13 @@ class _Lookup:
 
 
 def _usable_manifest(directory: Path) -> Manifest | None:
+    """The manifest of a whole store at `directory`; None for anything else (a shard store holds only
+    some experts: never a model's cached store)."""
     try:
-        return Manifest.load(directory)
+        manifest = Manifest.load(directory)
     except StoreError:
         return None
+    return manifest if manifest.shard is None else None
 
 
 def _recorded_sources(stores: Path) -> Iterator[tuple[Path, dict]]:

@@ -42,6 +42,10 @@ def store_summary(store: ExpertStore) -> dict:
         "total_file_nbytes": sum(entry.nbytes for entry in manifest.files),
         "num_files": len(manifest.files),
         "source": asdict(manifest.source),
+        "held_experts": len(manifest.experts),
+        "shard": None if manifest.shard is None else {
+            "index": manifest.shard.index, "count": manifest.shard.count, "map_hash": manifest.shard.map_hash,
+            "replicas": manifest.shard.replicas, "experts": len(manifest.shard.experts)},
     }
 
 
@@ -82,4 +86,9 @@ def format_summary(summary: dict) -> str:
         f"{summary['total_file_nbytes']:,} bytes in {summary['num_files']} files",
         f"source      {_source_text(summary['source'])}",
     ]
+    shard = summary.get("shard")
+    if shard is not None:
+        lines.insert(3, f"shard       {shard['index']}/{shard['count']}: {shard['experts']} of "
+                        f"{summary['num_experts']} experts (shard map {shard['map_hash'][:16]}, "
+                        f"{shard['replicas']} replica{'s' if shard['replicas'] != 1 else ''} per expert)")
     return "\n".join(lines)

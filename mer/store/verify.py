@@ -23,6 +23,7 @@ def find_bad_experts(directory: Path, manifest: Manifest, progress: Callable[[in
     bad = []
     buffers = [page_aligned_empty(manifest.slot_nbytes) for _ in range(2)]
     pending: tuple[Future, ExpertEntry] | None = None
+    count_read = 0
 
     def collect() -> None:
         future, entry = pending
@@ -35,9 +36,9 @@ def find_bad_experts(directory: Path, manifest: Manifest, progress: Callable[[in
         for layer in manifest.layers:
             fd, _ = open_direct(Path(directory) / layer.file, os.O_RDONLY)
             try:
-                for expert in range(manifest.geometry.experts_per_layer):
-                    entry = manifest.expert(manifest.expert_id(layer.moe_layer, expert))
-                    buffer = buffers[entry.id % 2][: layer.format.read_nbytes]
+                for entry in manifest.held_in_layer(layer.moe_layer):  # every expert, or a shard's
+                    buffer = buffers[count_read % 2][: layer.format.read_nbytes]  # not the one being checked
+                    count_read += 1
                     count = pread_into(fd, buffer, entry.offset)
                     payload = buffer[: min(count, layer.format.payload_nbytes)]
                     if pending is not None:

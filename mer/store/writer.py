@@ -33,7 +33,8 @@ from mer import __version__
 from mer.errors import ConfigError, DiskSpaceError, StoreError, StoreExistsError, describe_os_error
 from mer.compute.expert_format import LAYOUTS, ExpertFormat, round_up
 from mer.store.direct_io import is_page_aligned, open_direct, page_aligned_empty, pwrite_all
-from mer.store.manifest import MANIFEST_NAME, ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, SourceInfo
+from mer.store.manifest import (MANIFEST_NAME, ExpertEntry, FileEntry, Geometry, LayerEntry, Manifest, ShardInfo,
+                                SourceInfo)
 from mer.store.partials import partial_dir, reclaim_dead_partials
 from mer.store.checksum import payload_checksum
 
@@ -110,8 +111,10 @@ def naming_write_errors(out: Path, path: Path) -> Iterator[None]:
 class StoreWriter:
     def __init__(self, out: str | os.PathLike, geometry: Geometry, layer_formats: list[ExpertFormat],
                  source: SourceInfo, *, blocks: list[int] | None = None, layout: str = "native", force: bool = False,
-                 verify_progress: Callable[[int], None] | None = None):
-        """`verify_progress(nbytes)` is called as the final read-back check gets through payloads."""
+                 verify_progress: Callable[[int], None] | None = None, shard: ShardInfo | None = None):
+        """`verify_progress(nbytes)` is called as the final read-back check gets through payloads. With
+        `shard`, the store holds only `shard.experts`: each layer file has just those of its layer, one
+        after another in id order, and the manifest records the shard."""
         self.out = Path(out)
         self.verify_progress = verify_progress
         self.geometry = geometry
@@ -119,6 +122,14 @@ class StoreWriter:
         self.source = source
         self.force = force
         self.layers = plan_layers(geometry, layer_formats, blocks or list(range(geometry.num_moe_layers)))
+        self.shard = shard
+        self.held = list(shard.experts) if shard is not None else list(range(geometry.num_experts))
+        self._held_per_layer = [0] * geometry.num_moe_layers
+        self._position: dict[int, int] = {}  # expert id -> its index in its layer file
+        for expert_id in self.held:
+            moe_layer = expert_id // geometry.experts_per_layer
+            self._position[expert_id] = self._held_per_layer[moe_layer]
+            self._held_per_layer[moe_layer] += 1
         self.temp = partial_dir(self.out)
         self._checksums: dict[int, str] = {}
         self._files: list[tuple[int, bool]] = []  # (fd, opened with O_DIRECT) per layer
@@ -126,7 +137,7 @@ class StoreWriter:
 
     @property
     def total_nbytes(self) -> int:
-        return sum(layer.expert_stride * self.geometry.experts_per_layer for layer in self.layers)
+        return sum(layer.expert_stride * count for layer, count in zip(self.layers, self._held_per_layer))
 
     def __enter__(self) -> "StoreWriter":
         reclaim_dead_partials(self.out.parent)  # what killed writers left, before the space is counted
@@ -135,14 +146,14 @@ class StoreWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         check_free_space(self.out.parent, self.total_nbytes)
         shutil.rmtree(self.temp, ignore_errors=True)
-        with naming_write_errors(self.out, self.temp):
-            self.temp.mkdir()
-        try:
+        try:  # from the mkdir on: a SIGTERM unwinding right after it must not leave the directory
+            with naming_write_errors(self.out, self.temp):
+                self.temp.mkdir()
             for layer in self.layers:
                 with naming_write_errors(self.out, self.temp / layer.file):
                     fd, is_direct = open_direct(self.temp / layer.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                     self._files.append((fd, is_direct))
-                    os.ftruncate(fd, layer.expert_stride * self.geometry.experts_per_layer)
+                    os.ftruncate(fd, layer.expert_stride * self._held_per_layer[layer.moe_layer])
         except BaseException:
             self._abort()
             raise
@@ -152,6 +163,9 @@ class StoreWriter:
         """Write one expert's payload bytes (exactly the layer's payload size)."""
         moe_layer, expert = divmod(expert_id, self.geometry.experts_per_layer)
         layer = self.layers[moe_layer]
+        if expert_id not in self._position:
+            raise StoreError(f"{self.out}: layer {moe_layer} expert {expert} (id {expert_id}) is not one of the "
+                             f"experts of {self.shard.describe() if self.shard else 'the store'}")
         view = memoryview(payload).cast("B")
         if view.nbytes != layer.format.payload_nbytes:
             raise StoreError(
@@ -164,7 +178,7 @@ class StoreWriter:
         if is_direct and not is_page_aligned(data):
             data = self._stage(data, layer.expert_stride)
         with naming_write_errors(self.out, self.temp / layer.file):
-            pwrite_all(fd, data, expert * layer.expert_stride)
+            pwrite_all(fd, data, self._position[expert_id] * layer.expert_stride)
 
     def _stage(self, data: np.ndarray, stride: int) -> np.ndarray:
         """Copy a payload into the aligned staging buffer, zero-padded to the expert stride."""
@@ -179,20 +193,21 @@ class StoreWriter:
         per_layer = self.geometry.experts_per_layer
         experts = tuple(
             ExpertEntry(expert_id, *divmod(expert_id, per_layer),
-                        (expert_id % per_layer) * self.layers[expert_id // per_layer].expert_stride,
+                        self._position[expert_id] * self.layers[expert_id // per_layer].expert_stride,
                         self._checksums[expert_id])
-            for expert_id in range(self.geometry.num_experts)
+            for expert_id in self.held
         )
-        files = tuple(FileEntry(layer.file, layer.expert_stride * per_layer) for layer in self.layers)
+        files = tuple(FileEntry(layer.file, layer.expert_stride * count)
+                      for layer, count in zip(self.layers, self._held_per_layer))
         return Manifest(self.geometry, self.layout, self.layers, experts, files, self.source,
-                        created_by=f"mer {__version__}")
+                        created_by=f"mer {__version__}", shard=self.shard)
 
     def _finish(self) -> None:
         for (fd, _), layer in zip(self._files, self.layers):
             with naming_write_errors(self.out, self.temp / layer.file):
                 os.fsync(fd)
         self._close_files()
-        missing = [i for i in range(self.geometry.num_experts) if i not in self._checksums]
+        missing = [i for i in self.held if i not in self._checksums]
         if missing:
             raise StoreError(f"{self.out}: {len(missing)} experts were never written (first: id {missing[0]})")
         manifest = self.manifest()

@@ -87,6 +87,15 @@ def test_first_use_converts_and_records_fingerprint_and_stats(lookups, model):
     assert source.hash == lookups.full_identity(model)
 
 
+def test_a_shard_store_of_the_model_is_never_taken_for_its_cached_store(lookups, model):
+    named = lookups.cache_dir / STORES_DIRECTORY / store_directory_name(model, gguf_fingerprint(open_parts(model)))
+    convert_gguf(model, named, shard=(0, 2))  # same source fingerprint and stats, half the experts
+    store = lookups.find(model)
+    assert store == named and lookups.conversions == [(model, named, True)]
+    manifest = Manifest.load(store)
+    assert manifest.shard is None and len(manifest.experts) == manifest.geometry.num_experts
+
+
 def test_a_converted_store_is_reused_without_the_full_identity(lookups, model):
     store = lookups.find(model)
     manifest_before = (store / MANIFEST_NAME).read_bytes()
