@@ -2,7 +2,7 @@
 real graph: router, I/O worker, predictor, 2 compute workers, over the tiny q4_0 store) over real tcp
 with real CURVE, from a client in this process.
 
-One test, in phases, so that the two graphs start once (each takes ~14 s on the loaded 2-core machine):
+One test, in phases, so that the two graphs start once (run with -s to print how long it took):
 
 1. a uniform 2-shard map without replicas (expert e on shard e % 2): `run_layer` outputs, several
    experts of both layers, two calls in flight at once, equal mer's expert computation in this process
@@ -55,7 +55,7 @@ def start_group(leak_guard, tmp_path, store, keys, shard: int) -> RunningPipelin
     that its whole process group can be killed)."""
     log_path = tmp_path / f"shard{shard}-{uuid.uuid4().hex[:8]}.jsonl"
     argv = [MER_PIPELINE, "shard-serve", "--store", str(store), "--bind", "tcp://127.0.0.1:0", "--keys", str(keys),
-            "--shard", str(shard), "--compute-workers", "2", "--kernel-threads", "1",
+            "--shard", str(shard), "--compute-workers", "1", "--kernel-threads", "1",
             "--expert-slices", str(EXPERT_SLICES), "--log-file", str(log_path),
             "--handshake-timeout-s", str(HANDSHAKE_TIMEOUT_S)]
     running = RunningPipeline.__new__(RunningPipeline)
@@ -103,10 +103,12 @@ def test_remote_shards_bit_identical_fail_over_and_unavailable(leak_guard, tmp_p
     keys = tmp_path / "keys"
     write_key_files(keys)
     groups: list[RunningPipeline] = []
+    begun = time.monotonic()
     try:
         for shard in (0, 1):
             groups.append(start_group(leak_guard, tmp_path, store_path, keys, shard))
         endpoints = [running.wait_for_event("shard_group_listening")[0]["endpoint"] for running in groups]
+        print(f"\ntwo shard groups listening after {time.monotonic() - begun:.1f} s")
         rng = np.random.default_rng(23)
 
         def batch(*counts_by_expert: tuple[int, int]) -> dict[int, np.ndarray]:
@@ -150,6 +152,7 @@ def test_remote_shards_bit_identical_fail_over_and_unavailable(leak_guard, tmp_p
             assert [(event["shard"], event["moe_layer"], event["experts"]) for event in failed] == [(0, 1, [0, 2, 7])]
             assert failed[0]["endpoint"] == endpoints[0] and "no answer to request" in failed[0]["reason"]
             assert list(replicated.down) == [0]
+            print(f"failover call: {failover_s:.2f} s (deadline {FAILOVER_DEADLINE_S:g} s)")
             await replicated.close()
 
             # 3. no replicas, shard 0 dead: the call fails naming shard 0 and its experts, within ~ the deadline
@@ -159,6 +162,7 @@ def test_remote_shards_bit_identical_fail_over_and_unavailable(leak_guard, tmp_p
             with pytest.raises(ShardUnavailableError) as caught:
                 await lonely.run_layer(0, batch((1, 1), (2, 2), (4, 1)), token=5)
             elapsed = time.monotonic() - started
+            print(f"unavailable call failed after {elapsed:.2f} s (deadline {UNAVAILABLE_DEADLINE_S:g} s)")
             assert UNAVAILABLE_DEADLINE_S <= elapsed < UNAVAILABLE_DEADLINE_S + 2.0, elapsed
             assert caught.value.shard == 0 and caught.value.experts == (2, 4)
             assert f"shard 0 ({endpoints[0]}) is down and layer 0 experts 2 (id 2), 4 (id 4) have no other " \
