@@ -103,16 +103,18 @@ class RemoteShards:
             requests = {shard: self._request(token, layer, chosen, batches) for shard, chosen in plan.items()}
             answers = await asyncio.gather(*(self._ask(shard, request) for shard, request in requests.items()),
                                            return_exceptions=True)
-            remaining, failures = [], []
+            remaining, failures, errors = [], [], []
             for (shard, request), answer in zip(requests.items(), answers):
                 if isinstance(answer, _NoAnswer):
                     self._mark_down(shard, str(answer))
                     failures.append((shard, request))
                     remaining += request.experts
                 elif isinstance(answer, BaseException):
-                    raise answer
+                    errors.append(answer)
                 else:
                     outputs.update(self._split(request, answer))
+            if errors:  # after marking every silent shard down
+                raise errors[0]
             for shard, request in failures:
                 self._fail_over(layer, shard, request)
             remaining.sort()
