@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow  # starts two process graphs
 
 LAYERS, EXPERTS_PER_LAYER = 2, 8
 WORKING_DEADLINE_S = 30.0  # a live shard on a loaded 2-core machine answers well within it
-FAILOVER_DEADLINE_S = 3.0
+FAILOVER_DEADLINE_S = 4.0  # also what the live shard 1 must answer within: generous for a loaded machine
 UNAVAILABLE_DEADLINE_S = 2.0
 
 
@@ -137,7 +137,7 @@ def test_remote_shards_bit_identical_fail_over_and_unavailable(leak_guard, tmp_p
             # 2. replicas=2: shard 0 serves (equal queues -> lowest id) until its process group is killed
             replicated = RemoteShards.connect(uniform_map(LAYERS, EXPERTS_PER_LAYER, 2, 2), endpoints, keys,
                                               deadline_s=FAILOVER_DEADLINE_S)
-            warm = batch((2, 2), (5, 1))
+            warm = batch((0, 2), (6, 1))  # experts shard 0 already read in phase 1
             assert_bits_equal(await replicated.run_layer(0, warm, token=2), expected_outputs(store, 0, warm))
             kill_group(groups[0])
             with structlog.testing.capture_logs() as logs:
