@@ -226,3 +226,17 @@ class ShardMapError(ConfigError):
 class ShardExpertsError(MerError):
     """A shard group was asked for experts it does not serve (or that its store does not have); names the
     shard and the experts."""
+
+
+class ShardUnavailableError(MerError):
+    """A remote shard group did not answer within the deadline and the experts it was asked for have no
+    other live replica (`mer.router.remote_shards`); names the shard and the experts. Never answered with
+    zeros or a partial result."""
+
+    def __init__(self, message: str, shard: int = -1, experts: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.shard = shard
+        self.experts = experts
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.shard, self.experts))
