@@ -23,6 +23,7 @@ from mer.config import config_overrides, load_config, validate_against_geometry
 from mer.errors import ConfigError
 from mer.logging_setup import configure_logging
 from mer.protocol import StartShardGroup
+from mer.router.shard_job import absent_experts, store_holding
 from mer.runtime.supervisor import Supervisor
 from mer.store.reader import ExpertStore
 
@@ -61,7 +62,7 @@ def register(subparsers) -> None:
     parser.add_argument("--shard", type=non_negative_int, default=0, metavar="I",
                         help="This shard's index (named in its results and errors; default 0).")
     parser.add_argument("--experts", type=as_flag_type(parse_expert_ids), default=None, metavar="IDS",
-                        help="The global expert ids served, e.g. 0-7,12 (default: every expert of the store).")
+                        help="The global expert ids served, e.g. 0-7,12 (default: every expert the store holds).")
     add_config_flag(parser, "store")  # a benchmark key that this job reads too
     add_config_flags(parser, job=SHARD_JOB, skip=("record_trace",))
     parser.add_argument("--json", action="store_true", help="Print the shard's summary as one JSON object.")
@@ -78,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
     load_public_key(args.keys, "router")
     store = ExpertStore.open(config.store)
     validate_against_geometry(config, store.manifest.geometry)
-    if start.experts is not None and start.experts[-1] >= len(store.manifest.experts):
-        raise ConfigError(f"--experts {start.experts[-1]} is not in the store {config.store} "
-                          f"(it holds ids 0..{len(store.manifest.experts) - 1})")
+    absent = [] if start.experts is None else absent_experts(start.experts, store.manifest)
+    if absent:
+        raise ConfigError(f"--experts {absent[:16]} are not in the store {config.store} "
+                          f"({store_holding(store.manifest)})")
     summary = uvloop.run(_with_signals(Supervisor(config, store, job=start)))
     data = summary.to_json_dict()
     if args.json:

@@ -13,7 +13,8 @@ set while the cluster is up) that teardown removes, so nothing grows in /tmp/ray
 another process never finds this cluster. `auto`, `HOST:PORT` and `ray://HOST:PORT` join an existing
 cluster and place one actor on each alive node by node affinity (not a soft preference).
 
-Leaving the block, however it is left: each actor stops its child, the actors are killed, the
+Leaving the block, however it is left: each actor stops its child (`stop_shard_group`: SIGTERM, SIGKILL
+only past half of CHILD_STOP_TIMEOUT_S), the actors are killed, the
 driver disconnects; for `local:N` the nodes are shut down, then every process this process started
 for the cluster (found in /proc as its descendants when the cluster was up) is waited for and, past
 `PROCESS_EXIT_GRACE_S`, killed with a `ray_process_killed` warning; the private directory goes last.
@@ -38,7 +39,7 @@ from mer.logging_setup import get_logger
 
 OBJECT_STORE_BYTES = 80 * 1024 * 1024  # per local node; Ray's own minimum is 75 MiB
 ACTOR_START_TIMEOUT_S = 60.0
-CHILD_STOP_TIMEOUT_S = 10.0
+CHILD_STOP_TIMEOUT_S = 30.0  # a shard group's graph comes down on SIGTERM; SIGKILL only past half of it
 PROCESS_EXIT_GRACE_S = 10.0
 NODE_RESOURCE_PREFIX = "mer_node_"
 _RAY_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0"}  # no usage report from a test or a local trial
@@ -174,7 +175,7 @@ def _place_shard_nodes(ray, address: ClusterAddress, stack: contextlib.ExitStack
 
 def _stop_shard_node(ray, actor) -> None:
     try:
-        ray.get(actor.stop_child.remote(CHILD_STOP_TIMEOUT_S / 2), timeout=CHILD_STOP_TIMEOUT_S)
+        ray.get(actor.stop_shard_group.remote(CHILD_STOP_TIMEOUT_S / 2), timeout=CHILD_STOP_TIMEOUT_S)
     except Exception as error:  # it died (its child with it) or did not answer: killed below all the same
         get_logger(worker="ray_cluster").warning("shard_node_stop_failed", error=repr(error))
     ray.kill(actor)

@@ -47,15 +47,27 @@ from mer.router.job import Job
 from mer.store.manifest import Manifest
 
 def served_experts(start: StartShardGroup, manifest: Manifest, store: str) -> frozenset[int]:
-    """The global ids the shard serves: `start.experts`, each checked to be in the store, or every expert."""
-    count = len(manifest.experts)
+    """The global ids the shard serves: `start.experts`, each checked to be in the store, or every expert the
+    store holds (a shard store's own experts)."""
     if start.experts is None:
-        return frozenset(range(count))
-    absent = sorted(expert for expert in start.experts if expert >= count)
+        return frozenset(entry.id for entry in manifest.experts)
+    absent = absent_experts(start.experts, manifest)
     if absent:
         raise ConfigError(f"shard {start.shard}: experts {absent[:16]} are not in the store {store} "
-                          f"(it holds ids 0..{count - 1})")
+                          f"({store_holding(manifest)})")
     return frozenset(start.experts)
+
+
+def absent_experts(experts, manifest: Manifest) -> list[int]:
+    """The ids of `experts` the store does not hold, ascending."""
+    return sorted(expert for expert in experts if not manifest.holds(expert))
+
+
+def store_holding(manifest: Manifest) -> str:
+    """What the store holds, in words: `it holds ids 0..15` or the shard's `it holds only the 8 experts of ...`."""
+    if manifest.shard is None:
+        return f"it holds ids 0..{len(manifest.experts) - 1}"
+    return f"it holds only the {len(manifest.experts)} experts of {manifest.shard.describe()}"
 
 
 class ShardJob(Job):

@@ -57,3 +57,21 @@ def test_shard_serve_refuses_a_missing_key_directory_before_starting(tmp_path, c
                    str(tmp_path / "nokeys")])
     assert status != 0
     assert f"{tmp_path / 'nokeys' / 'shard.public'}: no such public key file" in capsys.readouterr().err
+
+
+def test_a_shard_store_serves_its_own_experts_by_default_and_refuses_others_by_name(tmp_path, pipeline_stores):
+    from mer.router.shard_job import served_experts
+    from mer.store.reader import ExpertStore
+    from mer.store.shard_copy import copy_shard
+
+    copy_shard(pipeline_stores["tiny"], tmp_path / "shard1", (1, 2))
+    manifest = ExpertStore.open(tmp_path / "shard1").manifest
+    held = manifest.shard.experts
+    assert max(held) >= len(manifest.experts)  # global ids beyond the count of experts it holds
+    start = StartShardGroup("tcp://127.0.0.1:0", "/keys", 1)
+    assert served_experts(start, manifest, "s1") == frozenset(held)
+    assert served_experts(StartShardGroup("tcp://127.0.0.1:0", "/keys", 1, [max(held)]), manifest, "s1") == {max(held)}
+    other = next(expert for expert in range(manifest.geometry.num_experts) if expert not in held)
+    with pytest.raises(ConfigError, match=rf"shard 1: experts \[{other}\] are not in the store s1 \(it holds only "
+                                          rf"the {len(held)} experts of shard 1/2"):
+        served_experts(StartShardGroup("tcp://127.0.0.1:0", "/keys", 1, [other]), manifest, "s1")
