@@ -284,3 +284,18 @@ def pipeline_stores(disk_dir) -> dict[str, Path]:
                          seed=7, preset="tiny" if name == "tiny" else None)
         stores[name] = synth_store(spec, disk_dir / f"store-{name}").out
     return stores
+
+
+@pytest.fixture(autouse=True)
+def structlog_configuration_restored():
+    """A test that configures logging in-process (a CLI `main()` call: warning level, stderr) leaves
+    it as it found it, so a later test's `structlog.testing.capture_logs` still sees info events
+    (seen: test_ray_cluster after test_shard_group_start failed on a missing `ray_cluster_stopped`)."""
+    import structlog
+    import structlog.contextvars
+
+    saved, context = structlog.get_config(), structlog.contextvars.get_contextvars()
+    yield
+    structlog.configure(**saved)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**context)
