@@ -77,6 +77,9 @@ def wait_own_session(pid: int) -> None:
 @pytest.mark.parametrize("num_nodes", [2, 3])
 def test_local_cluster_places_one_shard_node_per_node_and_leaves_nothing(num_nodes):
     ray_directory_before = os.environ.get("RAY_TMPDIR")
+    # children the test process already had (multiprocessing's resource tracker, started by an earlier
+    # test, lives as long as pytest) are not the cluster's
+    children_before = live_descendants(os.getpid())
     shared_ray_files_before = shared_ray_files()
     started = time.monotonic()
     with structlog.testing.capture_logs() as logs, ray_cluster(f"local:{num_nodes}") as cluster:
@@ -115,7 +118,7 @@ def test_local_cluster_places_one_shard_node_per_node_and_leaves_nothing(num_nod
         os.kill(reports[-1].pid, signal.SIGKILL)
         assert wait_gone({reports[-1].pid, child_pids[-1]}, EXIT_WAIT_S) == set()
         assert all(is_process_alive(pid) for pid in child_pids[:-1])
-        ray_processes = set(cluster.local_processes) | live_descendants(os.getpid())
+        ray_processes = set(cluster.local_processes) | (live_descendants(os.getpid()) - children_before)
         ray_rss_mib = sum(resident_mib(pid) for pid in ray_processes)
         ray_directory = cluster.ray_directory
     events = {log["event"]: log for log in logs}
