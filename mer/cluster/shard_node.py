@@ -10,7 +10,6 @@ The class is plain Python; `ray.remote` wraps it where it is placed, so importin
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -26,8 +25,8 @@ from mer.cluster.shard_group_launch import (LISTEN_TIMEOUT_S, LOG_NAME, STDERR_N
                                             wait_for_listening)
 from mer.errors import ConfigError
 from mer.logging_setup import get_logger
+from mer.runtime.supervisor_watch import set_parent_death_signal
 
-PR_SET_PDEATHSIG = 1
 SHARD_GROUP_STOP_TIMEOUT_S = 60.0  # the graph's own teardown (children, arena, runtime dir) on a busy node
 
 
@@ -129,5 +128,4 @@ class ShardNode:
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the actor's process (the parent) dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    set_parent_death_signal(signal.SIGKILL)

@@ -40,8 +40,7 @@ def check_held(manifest: Manifest, expert_ids) -> None:
     if manifest.shard is None:
         return  # a whole store: ids out of range fail where they always did
     for expert_id in expert_ids:
-        if not manifest.holds(expert_id):
-            manifest.expert(expert_id)  # raises the error naming the expert (and the shard)
+        manifest.expert(expert_id)  # StoreError naming the expert and the shard when it is not held
 
 
 class SlotReads:

@@ -32,7 +32,8 @@ EXIT_SUPERVISOR_LOST = 1
 HARD_EXIT_S = 4  # SIGALRM's default action ends the process if leaving takes longer
 
 
-def _set_parent_death_signal(signal_number: int) -> None:
+def set_parent_death_signal(signal_number: int) -> None:
+    """This process gets `signal_number` when its parent dies (0: none); OSError if prctl refuses."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
@@ -40,7 +41,7 @@ def _set_parent_death_signal(signal_number: int) -> None:
 
 def die_with_supervisor(supervisor_pid: int) -> None:
     """Stage 1: SIGKILL on the parent's death; exit now if the parent is no longer `supervisor_pid`."""
-    _set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != supervisor_pid:  # the supervisor died before prctl took effect
         os._exit(EXIT_SUPERVISOR_LOST)
 
@@ -61,7 +62,7 @@ def watch_supervisor(supervisor_pid: int, membership: RunMembership) -> threadin
     thread = threading.Thread(target=context.run, args=(_wait_and_leave, pidfd, supervisor_pid, membership),
                               name="supervisor-watch", daemon=True)
     thread.start()
-    _set_parent_death_signal(0)
+    set_parent_death_signal(0)
     return thread
 
 
