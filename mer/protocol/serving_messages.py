@@ -7,12 +7,13 @@ from dataclasses import field as dataclass_field
 from mer.errors import ProtocolError
 from mer.protocol.kinds import MessageKind
 from mer.protocol.schema import message
+from mer.protocol.shard_messages import RemoteShardsSpec
 
 
 # --- control.sock: the serving job (docs/serving.md) -----------------------------------------------
 
 
-@message(MessageKind.START_SERVING)
+@message(MessageKind.START_SERVING, 2)
 class StartServing:
     """Every child is ready: serve requests for `model` until Shutdown (the serving job). At most
     `max_sequences` sequences decode together; their KV caches come from a pool of `kv_positions`
@@ -22,8 +23,11 @@ class StartServing:
     max_sequences: int
     kv_positions: int
     end_ids: list[int] = dataclass_field(default_factory=list)
+    remote_shards: RemoteShardsSpec | None = None  # the experts on remote shard groups (`serve --cluster`)
 
     def check(self) -> None:
+        if self.remote_shards is not None:
+            self.remote_shards.check()
         if self.max_sequences < 1 or self.kv_positions < 1:
             raise ProtocolError(f"StartServing: max_sequences {self.max_sequences} and kv_positions "
                                 f"{self.kv_positions} must be >= 1")
