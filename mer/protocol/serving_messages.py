@@ -3,6 +3,7 @@ hands the router, and the tokens, ends and step figures the router sends back.
 """
 
 from dataclasses import field as dataclass_field
+from typing import NamedTuple
 
 from mer.errors import ProtocolError
 from mer.protocol.kinds import MessageKind
@@ -90,7 +91,21 @@ class SequenceDone:
     error: str = ""
 
 
-@message(MessageKind.SERVE_STEP)
+class ShardLinkCounts(NamedTuple):
+    """One remote shard group's cumulative counters (`serve --cluster`; `mer.cluster.shard_link_stats`)."""
+
+    shard: int
+    requests: int
+    rows: int
+    bytes_sent: int
+    bytes_received: int
+    round_trip_us_total: float
+    failovers: int
+    errors: int
+    down: bool
+
+
+@message(MessageKind.SERVE_STEP, 2)
 class ServeStep:
     """The serving job's figures after a step (router -> supervisor; step 0: the model is loaded and
     requests are taken). `sequences`/`tokens`: this step's batch; the rest are cumulative counters of
@@ -118,3 +133,4 @@ class ServeStep:
     slots_used: int
     slots_pinned: int
     io_queue_depth: int
+    shard_links: list[ShardLinkCounts] = dataclass_field(default_factory=list)  # per shard, with --cluster

@@ -23,7 +23,7 @@ import numpy as np
 
 from mer.cluster.shard_map import ShardMap
 from mer.errors import ConfigError
-from mer.protocol import RemoteShardsSpec
+from mer.protocol import RemoteShardsSpec, ShardLinkCounts
 from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats, router_lease_limit
 from mer.router.remote_shards import RemoteShards
 from mer.store.manifest import Manifest
@@ -83,6 +83,12 @@ class RemoteDispatcher:
         if log is not None:
             log.t_acquire_end = time.monotonic()
         return {expert_id: outputs[expert_id] for expert_id in batches}, stats
+
+    def shard_link_counts(self) -> list[ShardLinkCounts]:
+        """Each shard's counters so far (`serve --cluster` sends them in every `ServeStep`)."""
+        return [ShardLinkCounts(stats.shard, stats.requests, stats.rows, stats.bytes_sent, stats.bytes_received,
+                                stats.round_trip_us_total, stats.failovers, stats.errors, stats.down)
+                for stats in self.shards.stats]
 
     def link_summaries(self) -> list[dict]:
         return [stats.to_event_fields() for stats in self.shards.stats]

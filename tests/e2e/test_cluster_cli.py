@@ -7,8 +7,9 @@ bit, with one `shard_link_summary` per shard (requests, rows, bytes, round trips
 `--cluster local:3 --replicas 2` with one shard group's whole process group killed (SIGKILL) mid-run still
 generates every token, identical, after a `shard_failed_over`; without replicas the same kill fails the
 command loudly (exit 1, nothing on stdout) with `ShardUnavailableError` naming the shard and its experts;
-`run --cluster local:2` gives the single-machine benchmark's outputs bit for bit; bad cluster flags are
-errors naming the flag. After each run the leak guard finds no process, /dev/shm segment or runtime
+`run --cluster local:2` gives the single-machine benchmark's outputs bit for bit; `serve --cluster local:2`
+answers a completion and serves `mer_shard_*` metrics per shard; bad cluster flags are errors naming the
+flag. After each run the leak guard finds no process, /dev/shm segment or runtime
 directory left (the killed group's run is removed as a later supervisor's stale-run clean-up would), and
 no Ray directory is left in /tmp.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -24,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mer.cli.exit_status import EXIT_SIGTERM
 from mer.model.hparams import read_hparams
 from mer.models import tiny_model_path
 from mer.store.gguf_source import read_gguf_source
 from tests.support.generate_runs import run_cli_to_end, run_generate
 from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE, read_json_lines, run_ids_in_log
 from tests.support.process_groups import kill_process_group, remove_runs_of_log
+from tests.support.serve_runs import ServerRun
 
 pytest.importorskip("ray")  # in the `test` extra: the README's test command runs these
 
@@ -187,3 +191,31 @@ def test_bad_cluster_flags_are_errors_naming_the_flag(leak_guard, tmp_path, flag
     returncode, stdout, stderr = run_cli_to_end(leak_guard, argv, cache_dir=tmp_path / "cache")
     assert returncode == 1 and stdout == ""
     assert message in stderr, stderr
+
+
+@pytest.mark.slow
+def test_serve_on_two_shard_groups_answers_and_exposes_shard_metrics(leak_guard, tmp_path, cache_dir):
+    server = ServerRun.start(tmp_path, "--cluster", "local:2", *GRAPH, cache_dir=cache_dir)
+    leak_guard.add_supervisor_pid(server.process.pid)
+    try:
+        status, body = server.post("/v1/completions", {"prompt": "hello world", "max_tokens": 6, "temperature": 0,
+                                                        "ignore_eos": True})
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == 6
+        samples = server.metrics()
+        for shard in ("0", "1"):
+            assert samples[f'mer_shard_requests_total{{shard={shard}}}'] > 0
+            assert samples[f'mer_shard_bytes_sent_total{{shard={shard}}}'] > 0
+            assert samples[f'mer_shard_round_trip_seconds_total{{shard={shard}}}'] > 0
+            assert samples[f'mer_shard_failovers_total{{shard={shard}}}'] == 0
+            assert samples[f'mer_shard_down{{shard={shard}}}'] == 0
+        top = subprocess.run([MER_PIPELINE, "top", "--url", server.base_url, "--once", "--json", "--interval", "0.5"],
+                             capture_output=True, text=True, timeout=60)
+        assert top.returncode == 0, top.stderr
+        shards = json.loads(top.stdout)["shards"]
+        assert [row["shard"] for row in shards] == [0, 1] and not any(row["down"] for row in shards)
+    finally:
+        for run_id in server.run_ids():
+            leak_guard.add_run(run_id)
+        assert server.stop(signal.SIGTERM, timeout_s=120) == EXIT_SIGTERM, "".join(server.stderr_lines)
+    assert len(server.events_named("shard_link_summary")) == 2
