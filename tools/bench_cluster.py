@@ -125,7 +125,8 @@ def projection(args: argparse.Namespace) -> list[tuple[int, float, float, float,
     for hosts in (1, 2, 3, 4):
         hit = min(1.0, hosts * args.cache_gib * 2**30 / total)
         t_io = (1 - hit) * layers * k * expert_bytes / hosts / (args.ssd_gbps * 1e9)
-        t_net = 0.0 if hosts == 1 else layers * (args.link_rtt_us * 1e-6 + 2 * k * d_model * 4 / (args.link_gbit * 1e9 / 8))
+        link_bytes_per_s = args.link_gbit * 1e9 / 8
+        t_net = 0.0 if hosts == 1 else layers * (args.link_rtt_us * 1e-6 + 2 * k * d_model * 4 / link_bytes_per_s)
         rows.append((hosts, hit, t_io * 1e3, t_net * 1e3, 1 / (t_io + t_net + args.dense_ms * 1e-3)))
     return rows
 
@@ -140,7 +141,8 @@ def main() -> int:
                         help="a layer's request/answer latency between hosts beyond the bytes, us (default 100)")
     parser.add_argument("--ssd-gbps", type=float, default=3.0, help="each host's SSD read bandwidth, GB/s (default 3)")
     parser.add_argument("--cache-gib", type=float, default=12.0, help="each host's RAM for experts, GiB (default 12)")
-    parser.add_argument("--dense-ms", type=float, default=40.0, help="the router's dense part per token, ms (default 40)")
+    parser.add_argument("--dense-ms", type=float, default=40.0,
+                        help="the router's dense part per token, ms (default 40)")
     args = parser.parse_args()
     tokens = 16 if args.quick else args.tokens
 
@@ -155,7 +157,8 @@ def main() -> int:
     print(f"{'run':<16}{'decode tok/s':>14}{'tokens equal':>14}{'rtt/layer/shard':>18}{'shard compute':>15}"
           f"{'network':>10}")
     for cluster, result in results.items():
-        line = f"{cluster or 'one machine':<16}{result['decode_tps']:>14.1f}{str(result['tokens'] == single['tokens']):>14}"
+        equal = str(result["tokens"] == single["tokens"])
+        line = f"{cluster or 'one machine':<16}{result['decode_tps']:>14.1f}{equal:>14}"
         if result["links"]:
             round_trip, compute, network = link_overhead(result["links"])
             line += f"{round_trip / 1e3:>15.2f} ms{compute / 1e3:>12.2f} ms{network / 1e3:>7.2f} ms"

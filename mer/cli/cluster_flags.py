@@ -71,7 +71,8 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
 def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
     """The checked scale-out flags, or None without --cluster (then every other cluster flag is an error)."""
     if getattr(args, "cluster", None) is None:  # `up --serve` reuses serve's handler without these flags
-        given = [flag for flag in CLUSTER_FLAGS[1:] if getattr(args, flag.removeprefix("--").replace("-", "_"), None) is not None]
+        given = [flag for flag in CLUSTER_FLAGS[1:]
+                 if getattr(args, flag.removeprefix("--").replace("-", "_"), None) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} shape a cluster: give --cluster ADDRESS too")
         return None

@@ -38,7 +38,9 @@ from mer.protocol.predictor_messages import (
 from mer.protocol.serving_messages import (
     CancelSequence, SequenceDone, SequenceToken, ServeStep, ShardLinkCounts, StartServing, SubmitSequence,
 )
-from mer.protocol.shard_messages import RemoteShardsSpec, ShardLayerRequest, ShardLayerResult, StartShardGroup, StopShardGroup
+from mer.protocol.shard_messages import (
+    RemoteShardsSpec, ShardLayerRequest, ShardLayerResult, StartShardGroup, StopShardGroup,
+)
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, JsonMap, ScalarMap
 from mer.protocol.remote_errors import (
     UNKNOWN_REQUEST_ID, ErrorFields, ErrorReply, error_fields, error_reply, raise_remote,

@@ -1,5 +1,6 @@
 """What the jobs that run a model share (generation and serving): the graph's clients, the one
-dispatcher (the graph's, or the remote shard groups' with `--cluster`), and loading the model's dense part in the router with its kernels warmed up.
+dispatcher (the graph's, or the remote shard groups' with `--cluster`), and loading the model's dense part
+in the router with its kernels warmed up.
 
 The router loads the model once, with its dense weights resident (`mer.model.resident`: read into the
 router's memory, so expert traffic cannot evict them), and checks it against the run's expert store.
