@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ import uvloop
 
 from mer.cli.flag_types import (non_negative_int, non_negative_number, probability_mass, seed,
                                  utf8_text)
+from mer.cli.cluster_flags import add_cluster_flags, cluster_options
+from mer.cli.cluster_launch import run_with_cluster
 from mer.cli.pipeline_flags import add_config_flags, add_model_flags
 from mer.cli.pipeline_job import _with_signals
 from mer.cli.progress import ProgressDisplay
@@ -30,6 +33,7 @@ from mer.cli.generation_setup import (PreparedGeneration, PromptSpec, SamplerSet
 from mer.logging_setup import configure_logging
 from mer.model.tokenizer import Tokenizer
 from mer.models import tiny_model_path
+from mer.protocol import RemoteShardsSpec
 
 
 def token_id_list(text: str) -> tuple[int, ...]:
@@ -66,6 +70,7 @@ def register(subparsers) -> None:
                         help="Sampler seed: the same seed gives the same tokens (default: random).")
     parser.add_argument("--ignore-eos", action="store_true", help="Do not stop on end-of-generation tokens.")
     add_config_flags(parser, job=GENERATION, skip=("cache_slots",))
+    add_cluster_flags(parser)
     parser.add_argument("--dump-logits", type=Path, metavar="FILE.npy", default=None,
                         help="Save the logits each generated token was chosen from ([tokens, vocab] float32).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object (tokens, text, speeds) instead.")
@@ -74,6 +79,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging("mer-supervisor", log_file=args.log_file)
+    cluster = cluster_options(args)  # checked before anything starts
     model = args.model if args.model is not None else tiny_model_path()
     with ProgressDisplay("generate") as display:
         prepared = prepare_generation(
@@ -81,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
             sampler=SamplerSettings(args.temperature, args.sampler_top_k, args.top_p, args.sampler_seed),
             ignore_eos=args.ignore_eos, dump_logits=args.dump_logits, config_path=args.config,
             overrides=config_overrides(args), ram_budget=args.ram_budget, start_phase=display.start_phase)
-    return generate_and_print(prepared, as_json=args.json)
+
+    def generate_on(remote_shards: RemoteShardsSpec | None) -> int:
+        start = dataclasses.replace(prepared.start, remote_shards=remote_shards)
+        return generate_and_print(dataclasses.replace(prepared, start=start), as_json=args.json)
+
+    return run_with_cluster(cluster, prepared.config.store, prepared.config, generate_on, "generate")
 
 
 def generate_and_print(prepared: PreparedGeneration, *, as_json: bool, command: str = "generate") -> int:

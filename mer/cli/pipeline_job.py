@@ -11,13 +11,15 @@ import uvloop
 
 from mer.config import PipelineConfig, validate_against_geometry
 from mer.errors import Terminated
+from mer.protocol import StartBenchmark
 from mer.logging_setup import configure_logging, with_log_writes_in_background
 from mer.store.reader import ExpertStore
 from mer.metrics.summary import JobSummary, RunSummary, format_seed_block
 from mer.runtime.supervisor import Supervisor
 
 
-def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = False) -> int:
+def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = False,
+                     job: StartBenchmark = StartBenchmark()) -> int:
     """Start the graph for `config`, run its job, print the summary; 0 on success.
 
     With `stay_up` (an interactive `up`), the summary is printed as soon as the job is done and the
@@ -32,7 +34,8 @@ def run_pipeline_job(config: PipelineConfig, *, as_json: bool, stay_up: bool = F
         printed.append(summary)
         print(json.dumps(summary.to_json_dict()) if as_json else format_seed_block(summary), flush=True)
 
-    supervisor = Supervisor(config, store, on_job_done=show_live_figures(print_summary) if stay_up else None)
+    supervisor = Supervisor(config, store, on_job_done=show_live_figures(print_summary) if stay_up else None,
+                            job=job)
     try:
         summary = uvloop.run(_with_signals(supervisor))
     except KeyboardInterrupt:

@@ -8,11 +8,14 @@ server (`mer.serve`) answers on --host/--port until SIGINT or SIGTERM (docs/serv
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import uvloop
 
 from mer.cli.flag_types import positive_int
+from mer.cli.cluster_flags import add_cluster_flags, cluster_options
+from mer.cli.cluster_launch import run_with_cluster
 from mer.cli.pipeline_flags import add_config_flags, add_model_flags
 from mer.cli.progress import ProgressDisplay
 from mer.config import GENERATION, config_overrides
@@ -65,6 +68,7 @@ def register(subparsers) -> None:
                                             "processes leave.")
     add_server_flags(parser)
     add_config_flags(parser, job=GENERATION, skip=("cache_slots", "record_trace", "record_hidden"))
+    add_cluster_flags(parser)
     parser.set_defaults(handler=run)
 
 
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from mer.serve.server import ServerSettings, bind_listener, serve
 
     configure_logging("mer-supervisor", log_file=args.log_file)
+    cluster = cluster_options(args)  # checked before anything starts
     model = args.model if args.model is not None else tiny_model_path()
     settings = ServerSettings(args.host, args.port, args.max_sequences, args.max_queue, args.api_key)
     listener = bind_listener(settings.host, settings.port)  # a port in use fails before anything starts
@@ -83,7 +88,13 @@ def run(args: argparse.Namespace) -> int:
                                        kv_positions=args.kv_positions, start_phase=display.start_phase)
         if prepared.ram_plan is not None:
             print(f"mer-pipeline serve: {prepared.ram_plan.describe()}", file=sys.stderr)
-        uvloop.run(serve(prepared, settings, listener))
+
+        def serve_on(remote_shards) -> int:
+            start = dataclasses.replace(prepared.start, remote_shards=remote_shards)
+            uvloop.run(serve(dataclasses.replace(prepared, start=start), settings, listener))
+            return 0
+
+        run_with_cluster(cluster, prepared.config.store, prepared.config, serve_on, "serve")
     finally:
         listener.close()
     return 0

@@ -70,6 +70,11 @@ def table(url: str, view: dict) -> Table:
             ("slot map (experts per MoE layer)", slot_map(view["resident_experts_per_layer"])),
             ("compute workers busy", "  ".join(f"{pct:.0f}%" for pct in view["worker_busy_pct"]) or "-"),
             ("mean TTFT / ITL", f"{view['mean_ttft_ms'] or 0:.1f} ms / {view['mean_itl_ms'] or 0:.1f} ms")]
+    for shard in view["shards"]:
+        round_trip = shard["mean_round_trip_ms"]
+        rows.append((f"shard {shard['shard']}" + (" (DOWN)" if shard["down"] else ""),
+                     f"{shard['requests_per_s']:.1f} layer requests/s, round trip "
+                     f"{'-' if round_trip is None else f'{round_trip:.2f} ms'}, {shard['failovers']} failovers"))
     for name, value in rows:
         grid.add_row(name, value)
     return grid

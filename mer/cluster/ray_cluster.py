@@ -126,8 +126,25 @@ def _start_local(ray, num_nodes: int, cluster: RayCluster, stack: contextlib.Exi
         local.add_node(**_local_node_arguments(index))
     local.wait_for_nodes()
     cluster.head_address = local.address
+    _ray_errors_to_stderr(stack)
     ray.init(address=local.address, logging_level="warning", log_to_driver=False)
     stack.callback(ray.shutdown)
+
+
+def _ray_errors_to_stderr(stack: contextlib.ExitStack) -> None:
+    """Ray's driver prints the cluster's error messages (a worker that died, ...) to stdout, even with
+    `log_to_driver=False`; a command's stdout carries only its own output (`--json`), so while the cluster
+    is up they go to stderr. (Ray 2.60's `ray._private.worker.print_to_stdstream`, looked up by name when
+    its error listener prints; pinned in pyproject.)"""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+
+    def print_to_stderr(data, ignore_prefix: bool):
+        original({**data, "is_err": True}, ignore_prefix)
+
+    worker.print_to_stdstream = print_to_stderr
+    stack.callback(setattr, worker, "print_to_stdstream", original)
 
 
 def _local_node_arguments(index: int) -> dict:
@@ -140,6 +157,7 @@ def _local_node_arguments(index: int) -> dict:
 
 def _join(ray, address: ClusterAddress, stack: contextlib.ExitStack) -> None:
     stack.enter_context(_environment(_RAY_ENVIRONMENT))
+    _ray_errors_to_stderr(stack)
     try:
         ray.init(address=address.ray_address, logging_level="warning", log_to_driver=False)
     except (ConnectionError, RuntimeError) as error:

@@ -36,9 +36,11 @@ from mer.protocol.predictor_messages import (
     HiddenObserved, HiddenState, PinSet, PredictorProgress, PredictorStats, PrefetchHint, PrefetchHints, RoutingObserved,
 )
 from mer.protocol.serving_messages import (
-    CancelSequence, SequenceDone, SequenceToken, ServeStep, StartServing, SubmitSequence,
+    CancelSequence, SequenceDone, SequenceToken, ServeStep, ShardLinkCounts, StartServing, SubmitSequence,
 )
-from mer.protocol.shard_messages import ShardLayerRequest, ShardLayerResult, StartShardGroup, StopShardGroup
+from mer.protocol.shard_messages import (
+    RemoteShardsSpec, ShardLayerRequest, ShardLayerResult, StartShardGroup, StopShardGroup,
+)
 from mer.protocol.schema import MESSAGE_TYPES, ArraySpec, JsonMap, ScalarMap
 from mer.protocol.remote_errors import (
     UNKNOWN_REQUEST_ID, ErrorFields, ErrorReply, error_fields, error_reply, raise_remote,

@@ -8,6 +8,7 @@ from dataclasses import field as dataclass_field
 from mer.errors import ConfigError
 from mer.protocol.kinds import MessageKind
 from mer.protocol.schema import JsonMap, message
+from mer.protocol.shard_messages import RemoteShardsSpec
 
 
 # --- control.sock: the benchmark and generation jobs ----------------------------------------------
@@ -20,12 +21,19 @@ class JobDone:
     summary: JsonMap
 
 
-@message(MessageKind.START_BENCHMARK)
+@message(MessageKind.START_BENCHMARK, 2)
 class StartBenchmark:
-    """Every child is ready: run the expert-streaming benchmark of the run's configuration."""
+    """Every child is ready: run the expert-streaming benchmark of the run's configuration (its experts on
+    `remote_shards` when given: `run --cluster`)."""
+
+    remote_shards: RemoteShardsSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.remote_shards is not None:
+            self.remote_shards.check()
 
 
-@message(MessageKind.START_GENERATION)
+@message(MessageKind.START_GENERATION, 2)
 class StartGeneration:
     """Every child is ready: generate from `model` after the prompt's token ids (used exactly as given).
 
@@ -42,8 +50,11 @@ class StartGeneration:
     ignore_eos: bool = False
     end_ids: list[int] = dataclass_field(default_factory=list)  # ids that end generation (EOS, end of turn)
     dump_logits: str | None = None  # .npy file for the logits each generated token was chosen from
+    remote_shards: RemoteShardsSpec | None = None  # the experts on remote shard groups (`--cluster`)
 
     def __post_init__(self) -> None:
+        if self.remote_shards is not None:
+            self.remote_shards.check()
         if not self.prompt_tokens:
             raise ConfigError("the prompt is empty: generation needs at least one token")
         for name in ("prompt_tokens", "end_ids"):

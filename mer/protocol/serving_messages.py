@@ -3,16 +3,18 @@ hands the router, and the tokens, ends and step figures the router sends back.
 """
 
 from dataclasses import field as dataclass_field
+from typing import NamedTuple
 
 from mer.errors import ProtocolError
 from mer.protocol.kinds import MessageKind
 from mer.protocol.schema import message
+from mer.protocol.shard_messages import RemoteShardsSpec
 
 
 # --- control.sock: the serving job (docs/serving.md) -----------------------------------------------
 
 
-@message(MessageKind.START_SERVING)
+@message(MessageKind.START_SERVING, 2)
 class StartServing:
     """Every child is ready: serve requests for `model` until Shutdown (the serving job). At most
     `max_sequences` sequences decode together; their KV caches come from a pool of `kv_positions`
@@ -22,8 +24,11 @@ class StartServing:
     max_sequences: int
     kv_positions: int
     end_ids: list[int] = dataclass_field(default_factory=list)
+    remote_shards: RemoteShardsSpec | None = None  # the experts on remote shard groups (`serve --cluster`)
 
     def check(self) -> None:
+        if self.remote_shards is not None:
+            self.remote_shards.check()
         if self.max_sequences < 1 or self.kv_positions < 1:
             raise ProtocolError(f"StartServing: max_sequences {self.max_sequences} and kv_positions "
                                 f"{self.kv_positions} must be >= 1")
@@ -86,7 +91,21 @@ class SequenceDone:
     error: str = ""
 
 
-@message(MessageKind.SERVE_STEP)
+class ShardLinkCounts(NamedTuple):
+    """One remote shard group's cumulative counters (`serve --cluster`; `mer.cluster.shard_link_stats`)."""
+
+    shard: int
+    requests: int
+    rows: int
+    bytes_sent: int
+    bytes_received: int
+    round_trip_us_total: float
+    failovers: int
+    errors: int
+    down: bool
+
+
+@message(MessageKind.SERVE_STEP, 2)
 class ServeStep:
     """The serving job's figures after a step (router -> supervisor; step 0: the model is loaded and
     requests are taken). `sequences`/`tokens`: this step's batch; the rest are cumulative counters of
@@ -114,3 +133,4 @@ class ServeStep:
     slots_used: int
     slots_pinned: int
     io_queue_depth: int
+    shard_links: list[ShardLinkCounts] = dataclass_field(default_factory=list)  # per shard, with --cluster

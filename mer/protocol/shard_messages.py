@@ -7,7 +7,7 @@ as numpy's float16 conversion does (`mer.cluster.wire_precision`). A result has 
 request. Weights never travel: a shard reads its experts from its own store.
 """
 
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import numpy as np
 
@@ -70,6 +70,36 @@ class ShardLayerResult:
             raise ProtocolError(f"ShardLayerResult {self.request_id} from shard {self.shard}: outputs "
                                 f"{self.outputs.dtype} {list(self.outputs.shape)}, the request's x is "
                                 f"{request.x.dtype} {list(request.x.shape)}")
+
+
+class RemoteShardsSpec(NamedTuple):
+    """The remote shard groups a job's router sends its experts to (`--cluster`, docs/scale-out.md): in the
+    start messages of generation, serving and the benchmark (`remote_shards`; None: the local graph).
+
+    `endpoints[shard]` is shard group `shard`'s `tcp://HOST:PORT`; `key_dir` holds the router's key pair and
+    the shards' public key (`mer-pipeline keys`); the shard map is `replicas`, `layers`, `experts_per_layer`
+    and `placements` (per global expert id, its shards, primary first: `mer.cluster.shard_map`);
+    `deadline_s` is the wait for a shard's answer before it fails over; `wire_precision` is `f32`
+    (bit-exact) or `f16`."""
+
+    endpoints: list[str]
+    key_dir: str
+    replicas: int
+    layers: int
+    experts_per_layer: int
+    placements: list[list[int]]
+    deadline_s: float
+    wire_precision: str
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        if not self.endpoints or any(not e.startswith("tcp://") or ":" not in e.removeprefix("tcp://")
+                                     for e in self.endpoints):
+            raise ConfigError(f"remote_shards.endpoints {self.endpoints[:8]}: each must be tcp://HOST:PORT")
+        if not self.deadline_s > 0:
+            raise ConfigError(f"remote_shards.deadline_s must be > 0 seconds, got {self.deadline_s!r}")
+        if self.wire_precision not in ("f32", "f16"):
+            raise ConfigError(f"remote_shards.wire_precision {self.wire_precision!r} is not f32 or f16")
 
 
 # --- control.sock: the shard group's job (`mer-pipeline shard-serve`, mer.router.shard_job) --------

@@ -23,11 +23,12 @@ import numpy as np
 from mer.config import PipelineConfig
 from mer.errors import ConfigError
 from mer.compute.batches import weighted_sum
-from mer.protocol import HiddenObserved, RoutingObserved, encode
+from mer.protocol import HiddenObserved, RoutingObserved, StartBenchmark, encode
 from mer.runtime.ram_budget import pool_slots
 from mer.router.compute_client import ComputeClient
 from mer.router.io_client import IoClient
-from mer.router.dispatcher import DispatchLog, ExpertDispatcher, ExpertStats, router_lease_limit
+from mer.router.dispatcher import DispatchLog, ExpertStats
+from mer.router.remote_dispatcher import job_dispatcher
 from mer.router.job import Job, sends_hidden
 from mer.routing.space import RoutingDecision, RoutingSpace
 from mer.metrics.events import (PREDICTOR_STATS, PREFETCH_STATS, RUN_STARTED, RUN_SUMMARY, TOKEN_DONE, PrefetchCounters,
@@ -47,6 +48,7 @@ class BenchJob(Job):
     observe: object  # a PUSH socket to the predictor
     log: object
     progress: object = None
+    start: StartBenchmark = field(default_factory=StartBenchmark)
     outputs: list[np.ndarray] = field(default_factory=list)
     observations: int = 0
 
@@ -56,9 +58,7 @@ class BenchJob(Job):
             self.config.workload, self.space, seed=self.config.seed, zipf_s=self.config.zipf_s,
             correlation=self.config.workload_correlation, trace_path=self.config.trace,
         )
-        self.dispatcher = ExpertDispatcher(self.manifest, self.io, self.compute,
-                                            max_leases=router_lease_limit(self.config),
-                                            expert_slices=self.config.expert_slices)
+        self.dispatcher = job_dispatcher(self.start, self.manifest, self.io, self.compute, self.config, self.log)
         self.send_hidden = sends_hidden(self.config)
         if self.send_hidden:
             check_trace_has_residuals(self.config.trace)
@@ -92,6 +92,9 @@ class BenchJob(Job):
             np.save(self.config.dump_outputs, np.stack(self.outputs))
         self.log.info(RUN_SUMMARY, **summary.to_json_dict())
         return summary
+
+    async def close(self) -> None:
+        await self.dispatcher.close()
 
     async def _run_token(self, token: int, trace) -> TokenRecord:
         started = time.monotonic()

@@ -79,6 +79,9 @@ class ExpertDispatcher:
     def global_id(self, moe_layer: int, expert: int) -> int:
         return self.manifest.expert_id(moe_layer, expert)
 
+    async def close(self) -> None:
+        """Nothing to release: the graph's clients belong to the router (`RemoteDispatcher` closes its links)."""
+
     async def run(self, moe_layer: int, token: int,
                   batches: Mapping[int, np.ndarray]) -> tuple[dict[int, np.ndarray], ExpertStats]:
         """Each expert's output on its batch (ids within `moe_layer`), and what it cost."""

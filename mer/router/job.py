@@ -23,6 +23,9 @@ class Job(ABC):
     async def run(self) -> JobSummary:
         """Run the job through the graph; its summary (also logged by the job)."""
 
+    async def close(self) -> None:
+        """Release what the job holds beyond the graph's clients (the router calls it however the job ended)."""
+
 
 def sends_hidden(config: PipelineConfig) -> bool:
     """Whether a job sends each decision's residual to the predictor (`HiddenObserved`): the gate

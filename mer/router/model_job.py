@@ -1,5 +1,6 @@
 """What the jobs that run a model share (generation and serving): the graph's clients, the one
-dispatcher, and loading the model's dense part in the router with its kernels warmed up.
+dispatcher (the graph's, or the remote shard groups' with `--cluster`), and loading the model's dense part
+in the router with its kernels warmed up.
 
 The router loads the model once, with its dense weights resident (`mer.model.resident`: read into the
 router's memory, so expert traffic cannot evict them), and checks it against the run's expert store.
@@ -16,7 +17,7 @@ from mer.config import PipelineConfig
 from mer.model.model import MoEModel, check_model_matches_store
 from mer.router.compute_client import ComputeClient
 from mer.router.io_client import IoClient
-from mer.router.dispatcher import ExpertDispatcher, router_lease_limit
+from mer.router.remote_dispatcher import job_dispatcher
 from mer.router.graph_forward import DenseThread
 from mer.router.job import Job
 from mer.store.manifest import Manifest
@@ -35,8 +36,7 @@ class ModelJob(Job):
         self.observe = observe  # a PUSH socket to the predictor
         self.log = log
         self.send_control = send_control
-        self.dispatcher = ExpertDispatcher(manifest, io, compute, max_leases=router_lease_limit(config),
-                                            expert_slices=config.expert_slices)
+        self.dispatcher = job_dispatcher(start, manifest, io, compute, config, log)
         self.compute_workers = compute.num_workers
 
     async def load_model(self, dense: DenseThread) -> tuple[MoEModel, float]:
@@ -44,6 +44,9 @@ class ModelJob(Job):
         model = await dense(MoEModel.load, self.start.model, 1, True)
         check_model_matches_store(model, self.manifest, self.start.model)
         return model, await dense(warm_up_dense, model)
+
+    async def close(self) -> None:
+        await self.dispatcher.close()
 
 
 def warm_up_dense(model: MoEModel) -> float:

@@ -20,13 +20,15 @@ batches)` takes `{expert: rows}` (ids within the layer, float32 rows `[n, d_mode
   whose origin names the shard and its endpoint; a malformed reply fails the shard's requests in flight
   with a `ProtocolError` naming the shard. Neither fails over: they are answers, not silence.
 
-Not yet wired into `generate`/`run` (issue #17).
+Each shard's traffic is counted in `stats` (`ShardLinkStats`). The jobs reach it through
+`mer.router.remote_dispatcher.RemoteDispatcher` (`--cluster`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 import zmq.asyncio
 
 from mer.cluster.shard_link import CurveShardLink, ShardLink
+from mer.cluster.shard_link_stats import ShardLinkStats
 from mer.cluster.shard_map import ShardMap
 from mer.cluster.wire_precision import WIRE_DTYPES, WireDtype, from_wire, to_wire
 from mer.errors import ConfigError, ProtocolError, RemoteError, ShapeError, ShardUnavailableError
@@ -70,6 +73,7 @@ class RemoteShards:
         self._in_flight: list[dict[int, asyncio.Future]] = [{} for _ in self.links]
         self._request_ids = itertools.count()
         self._receivers: list[asyncio.Task] = []
+        self.stats = [ShardLinkStats(shard, link.endpoint) for shard, link in enumerate(self.links)]
 
     @classmethod
     def connect(cls, shard_map: ShardMap, endpoints: Sequence[str], key_dir: str | Path, **options) -> "RemoteShards":
@@ -195,9 +199,11 @@ class RemoteShards:
         self.log.warning("shard_failed_over", shard=shard, endpoint=self.links[shard].endpoint,
                          request_id=request.request_id, moe_layer=layer, experts=request.experts,
                          reason=self.down[shard])
+        self.stats[shard].failovers += 1
 
     def _mark_down(self, shard: int, reason: str) -> None:
         self.down.setdefault(shard, reason)
+        self.stats[shard].down = True
 
     def _global(self, layer: int, expert: int) -> int:
         return layer * self.shard_map.experts_per_layer + expert
@@ -216,6 +222,7 @@ class RemoteShards:
         future = asyncio.get_running_loop().create_future()
         requests = self._in_flight[shard]
         requests[request.request_id] = future
+        sent = time.perf_counter()
         try:
             async with asyncio.timeout(self.deadline_s):
                 await self.links[shard].send(request)
@@ -224,10 +231,14 @@ class RemoteShards:
             raise _NoAnswer(f"no answer to request {request.request_id} within {self.deadline_s:g} s") from None
         finally:
             requests.pop(request.request_id, None)
+        round_trip_us = (time.perf_counter() - sent) * 1e6
         if isinstance(answer, ErrorReply):
+            self.stats[shard].errors += 1
             raise RemoteError(answer.error_type, answer.message, answer.traceback,
                               origin=f"shard {shard} ({self.links[shard].endpoint})")
         answer.check_answers(request)
+        self.stats[shard].add_answer(request.x.shape[0], request.x.nbytes, answer.outputs.nbytes, round_trip_us,
+                                     answer.compute_us)
         return answer
 
     def _split(self, request: ShardLayerRequest, result: ShardLayerResult) -> dict[int, np.ndarray]:

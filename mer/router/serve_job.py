@@ -43,6 +43,7 @@ from mer.protocol import CancelSequence, SequenceDone, SequenceToken, ServeStep,
 from mer.router.graph_forward import DenseThread, GraphExperts
 from mer.router.job import sends_hidden
 from mer.router.model_job import ModelJob
+from mer.router.remote_dispatcher import RemoteDispatcher
 from mer.router.serve_batch import STOP_CANCELLED, KVPool, ServedSequence, ServingBatch
 
 STEP_FAILURES = expert_unusable_types()  # end a step, not the server (mer.errors.ExpertUnusableError)
@@ -133,6 +134,10 @@ class ServeJob(ModelJob):
         finally:
             dense.close()
 
+    def _shard_links(self) -> list:
+        """The remote shard groups' counters (`serve --cluster`), else none."""
+        return self.dispatcher.shard_link_counts() if isinstance(self.dispatcher, RemoteDispatcher) else []
+
     async def _next_step(self, forward_pass: ForwardPass, experts: GraphExperts, dense: DenseThread) -> None:
         """Let the cancelled leave and the waiting in, then run one step of every running sequence."""
         batch = self.batch
@@ -204,7 +209,7 @@ class ServeJob(ModelJob):
                          round(lookups.io_wait_us, 1), round(lookups.compute_us, 1), io.reads.reads, io.reads.nbytes,
                          io.prefetch.issued, io.prefetch.used, io.prefetch.wasted,
                          [round(busy, 1) for busy in self.compute.busy_us], resident, sum(resident), io.pinned_slots,
-                         io.queue_depth)
+                         io.queue_depth, self._shard_links())
         self.reported_busy = bool(batch.running or batch.waiting)
         if self.config.log_file and sequences:
             self.log.info("serve_step", step=self.step, sequences=sequences, tokens=tokens,

@@ -109,7 +109,10 @@ class Router:
 
     async def _run_job(self) -> None:
         self.job = self._job()
-        summary = await self.job.run()
+        try:
+            summary = await self.job.run()
+        finally:
+            await self.job.close()
         await self.context.send_control(JobDone(summary.to_json_dict()))
 
     def _job(self) -> Job:
@@ -124,7 +127,8 @@ class Router:
             return PerplexityJob(self.start_message, *common, context.send_control)
         if isinstance(self.start_message, StartShardGroup):
             return ShardJob(self.start_message, *common, context.send_control)
-        return BenchJob(*common, progress=progress_printer(context.config.tokens))
+        return BenchJob(*common, progress=progress_printer(context.config.tokens),
+                        start=self.start_message or StartBenchmark())
 
     def close(self) -> None:
         for client in (self.io, self.compute, self.observe):

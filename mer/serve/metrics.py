@@ -12,7 +12,9 @@ read when the page is asked for): `mer_expert_lookups_total{result=hit|miss}`, `
 `mer_kv_positions_used`, `mer_kv_positions`, `mer_cache_slots`, `mer_max_sequences`; per compute worker
 `mer_compute_worker_busy_seconds_total{worker}`; the cache now: `mer_cache_slots_used`,
 `mer_cache_slots_pinned`, `mer_resident_experts{moe_layer}` (the slot map by layer) and
-`mer_io_queue_depth` (reads in flight or queued).
+`mer_io_queue_depth` (reads in flight or queued). With `--cluster`, per remote shard group:
+`mer_shard_{requests,rows,bytes_sent,bytes_received,failovers,errors,round_trip_seconds}_total{shard}` and
+`mer_shard_down{shard}`.
 """
 
 from __future__ import annotations
@@ -114,3 +116,30 @@ class _StepCollector:
                                            ("mer_cache_slots_pinned", step.slots_pinned, "Slots of pinned experts"),
                                            ("mer_io_queue_depth", step.io_queue_depth, "Reads in flight or queued")):
             yield GaugeMetricFamily(name, documentation, value=value)
+        if step.shard_links:
+            yield from _shard_link_metrics(step)
+
+
+SHARD_COUNTERS = (("requests", "Layer requests a remote shard group answered"),
+                  ("rows", "Hidden-state rows a remote shard group computed"),
+                  ("bytes_sent", "Bytes of hidden states sent to a remote shard group"),
+                  ("bytes_received", "Bytes of expert outputs received from a remote shard group"),
+                  ("failovers", "Requests given up to a replica after a shard's deadline"),
+                  ("errors", "Error replies from a remote shard group"))
+
+
+def _shard_link_metrics(step: ServeStep):
+    """`mer_shard_*_total{shard}` and `mer_shard_down{shard}` (`serve --cluster`, docs/scale-out.md)."""
+    for name, documentation in SHARD_COUNTERS:
+        family = CounterMetricFamily(f"mer_shard_{name}", documentation, labels=["shard"])
+        for link in step.shard_links:
+            family.add_metric([str(link.shard)], getattr(link, name))
+        yield family
+    round_trips = CounterMetricFamily("mer_shard_round_trip_seconds", "Round trips of the layer requests answered, "
+                                      "send to answer at the router", labels=["shard"])
+    down = GaugeMetricFamily("mer_shard_down", "1 once a shard group is marked down (it failed over)", labels=["shard"])
+    for link in step.shard_links:
+        round_trips.add_metric([str(link.shard)], link.round_trip_us_total / 1e6)
+        down.add_metric([str(link.shard)], int(link.down))
+    yield round_trips
+    yield down

@@ -3,7 +3,8 @@
 Rates (generated tokens/s, steps/s, SSD MiB/s, each compute worker's busy share), the mean batch and
 the mean time to first token and inter-token latency are over the interval between the scrapes; the hit
 rate is over the server's life; the slot map (experts in the cache per MoE layer), slots and I/O queue
-are the router's last report.
+are the router's last report. With `serve --cluster`, `shards`: per remote shard group its layer requests
+per second and mean round trip over the interval, failovers and whether it is down.
 """
 
 from __future__ import annotations
@@ -64,4 +65,18 @@ def snapshot(before: dict[str, float], after: dict[str, float], interval_s: floa
             _labelled(after, "mer_compute_worker_busy_seconds_total", "worker"),
             _labelled(before, "mer_compute_worker_busy_seconds_total", "worker") or
             [0.0] * len(_labelled(after, "mer_compute_worker_busy_seconds_total", "worker")))],
+        "shards": shard_rows(before, after, interval_s),
     }
+
+
+def shard_rows(before: dict[str, float], after: dict[str, float], interval_s: float) -> list[dict[str, Any]]:
+    """Per remote shard group (`mer_shard_*{shard}`): requests/s, mean round trip (ms), failovers, down."""
+    rows = []
+    for shard in range(len(_labelled(after, "mer_shard_requests_total", "shard"))):
+        requests = _delta(before, after, f"mer_shard_requests_total{{shard={shard}}}")
+        round_trip = _delta(before, after, f"mer_shard_round_trip_seconds_total{{shard={shard}}}")
+        rows.append({"shard": shard, "requests_per_s": round(requests / interval_s, 2),
+                     "mean_round_trip_ms": round(round_trip / requests * 1e3, 3) if requests else None,
+                     "failovers": int(after.get(f"mer_shard_failovers_total{{shard={shard}}}", 0)),
+                     "down": bool(after.get(f"mer_shard_down{{shard={shard}}}", 0))})
+    return rows

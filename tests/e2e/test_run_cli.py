@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 
+from mer.cli.cluster_flags import CLUSTER_FLAGS
 from tests.support.host import AUTO_BACKEND
 from tests.support.pipeline_runs import MER_PIPELINE, SUMMARY_KEYS, run_pipeline
 import pytest
@@ -82,6 +83,8 @@ def test_every_command_explains_a_shared_flag_in_the_same_words():
         assert completed.returncode == 0, completed.stderr
         helps[command] = option_entries(completed.stdout)
     shared = set(helps["run"]) & set(helps["generate"]) - {"--json", "--seed", "--top-k"}  # generate's: the sampler's
+    assert set(CLUSTER_FLAGS) <= shared and not set(CLUSTER_FLAGS) & set(helps["up"])  # up's demo is one machine
+    shared -= set(CLUSTER_FLAGS)
     assert {"--cache-slots", "--pipeline-depth", "--predict-fanout", "--predictors", "--compute-workers",
             "--io-backend", "--cache-policy", "--log-file", "--record-trace", "--no-prefetch", "--config",
             "--max-pinned", "--io-queue-depth", "--shutdown-grace-s"} <= shared

@@ -37,10 +37,10 @@ from mer.cluster.shard_balance import uniform_map
 from mer.cluster.wire_precision import from_wire, to_wire
 from mer.errors import ShardUnavailableError
 from mer.router.remote_shards import RemoteShards
-from mer.runtime.cleanup import remove_run
 from mer.store.reader import ExpertStore
 from tests.integration.test_shard_job import EXPERT_SLICES, reference_rows
-from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE, RunningPipeline, run_ids_in_log
+from tests.support.process_groups import kill_process_group, remove_runs_of_log
+from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE, RunningPipeline
 
 pytestmark = pytest.mark.slow  # starts two process graphs
 
@@ -72,17 +72,8 @@ def kill_group(running: RunningPipeline) -> None:
     group = running.process.pid
     os.killpg(group, signal.SIGKILL)
     running.process.communicate(timeout=30)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            break
-        assert time.monotonic() < deadline, "the killed shard group's processes did not all exit"
-        time.sleep(0.05)
-    for run_id in run_ids_in_log(running.log_path):
-        running.guard.add_run(run_id)
-        remove_run(run_id, runtime_bases=[running.guard.runtime_base])
+    kill_process_group(group)
+    remove_runs_of_log(running.guard, running.log_path)
 
 
 def expected_outputs(store: ExpertStore, layer: int, batches: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
