@@ -23,6 +23,7 @@ from mer.model.experts import GGUFExperts
 from mer.model.generate import generate
 from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
+from mer.model.tokenizer import load_tokenizer
 from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
 
 pytestmark = pytest.mark.llama
@@ -76,6 +77,27 @@ def test_greedy_generation_matches_llama_cpp(tmp_path, name):
     counts = np.bincount(np.concatenate([routing[2].experts.ravel() for routing in result.routings]),
                          minlength=info.n_experts)
     assert (counts > 0).sum() >= 8, counts.tolist()
+
+
+TEXTS = ["the quick brown fox", "hello  world\tand\ttabs\nnew\n\nlines", "héllo wörld — ☃ 日本語 🙂 ÀÉÎ Straße",
+         "  two leading", "trailing spaces   ", "don't we'll THE Experts 12345 3.14!! HeLLo I'M", "\t\n", "",
+         "中文字符和日本語のひらがなカタカナ 한국어 텍스트", "ＦＵＬＬ ｗｉｄｔｈ！ “quotes” 、。「」", "a/b\r\nc//d 2026-12-05, x=1234567;",
+         "ÉCOLE école ΣΊΣΥΦΟΣ ǅemal Kelvin\u212a Ω\u2126 ι\u1fbe", "n\u0303o se\u0301 ٣٤٥ १२३", "#tag @user $5 ++i --j",
+         "<｜User｜>hi<｜Assistant｜>ok<｜end▁of▁sentence｜>"]
+
+
+@pytest.mark.parametrize("style", ["v2-lite", "v3"])
+def test_tokenizer_matches_llama_cpp(tmp_path, style):
+    """deepseek-llm (v2-lite) and deepseek-v3 (v3) pre-tokenizers, special tokens, BOS."""
+    info = write_tiny_deepseek2_gguf(tmp_path / f"{style}.gguf", style=style, expert_dtype="f32", n_layers=2)
+    llm = open_llama(info.path)
+    tokenizer = load_tokenizer(MoEModel.load(info.path).source.parts[0])
+    for text in TEXTS:
+        for add_special, parse_special in ((True, False), (False, False), (True, True)):
+            expected = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
+            assert tokenizer.encode(text, add_special, parse_special) == expected, (text, add_special, parse_special)
+        ids = tokenizer.encode(text, add_special=False)
+        assert b"".join(tokenizer.token_bytes(token) for token in ids) == text.encode(), text
 
 
 def test_an_older_conversion_with_attn_kv_b_is_refused_by_name(tmp_path):
