@@ -29,7 +29,7 @@ from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
 pytestmark = pytest.mark.llama
 pytest.importorskip("llama_cpp")
 
-from tests.support.llama_reference import llama_greedy, open_llama  # noqa: E402
+from tests.support.llama_reference import assert_tokenizer_matches, llama_greedy, open_llama  # noqa: E402
 
 STEPS = 64
 PROMPT = "the router picks two experts"
@@ -92,12 +92,7 @@ def test_tokenizer_matches_llama_cpp(tmp_path, style):
     info = write_tiny_deepseek2_gguf(tmp_path / f"{style}.gguf", style=style, expert_dtype="f32", n_layers=2)
     llm = open_llama(info.path)
     tokenizer = load_tokenizer(MoEModel.load(info.path).source.parts[0])
-    for text in TEXTS:
-        for add_special, parse_special in ((True, False), (False, False), (True, True)):
-            expected = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
-            assert tokenizer.encode(text, add_special, parse_special) == expected, (text, add_special, parse_special)
-        ids = tokenizer.encode(text, add_special=False)
-        assert b"".join(tokenizer.token_bytes(token) for token in ids) == text.encode(), text
+    assert_tokenizer_matches(llm, tokenizer, TEXTS)
 
 
 def test_an_older_conversion_with_attn_kv_b_is_refused_by_name(tmp_path):
