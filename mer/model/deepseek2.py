@@ -16,23 +16,30 @@ and `build_moe_ffn`:
 - `leading_dense_block_count` dense blocks first (`feed_forward_length`), then MoE blocks with
   `expert_feed_forward_length` experts and an ungated shared expert `expert_shared_count` x as wide.
 
-Keys that would change the computation and that mer does not implement are refused by name: RoPE
-scaling (YaRN: `rope.scaling.type`), attention temperature scaling, NextN (multi-token prediction)
-layers.
+RoPE: none, or YaRN (`rope.scaling.type` "yarn", `factor`, `original_context_length`,
+`yarn_log_multiplier`, which llama.cpp divides by 0.1 and uses for the attention scale: `mer.model.mla`).
+Keys that would change the computation and that mer does not implement are refused by name: other RoPE
+scalings, YaRN's beta / ext_factor overrides, attention temperature scaling, NextN (multi-token
+prediction) layers.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mer.errors import UnsupportedModelError
+from mer.model.rope_yarn import YarnRope, read_yarn
 from mer.model.gating import SCORE_SIGMOID, SCORE_SOFTMAX, SCORE_SOFTMAX_WEIGHT, RoutingFunction
 
 if TYPE_CHECKING:
     from mer.model.hparams import ArchitectureRules, HParams, _Metadata
 
 GATING_FUNCTIONS = {0: SCORE_SOFTMAX, 1: SCORE_SOFTMAX, 2: SCORE_SIGMOID, 3: SCORE_SOFTMAX_WEIGHT}  # llama.cpp's enum
-UNSUPPORTED_KEYS = ("attention.temperature_scale", "attention.temperature_length")
+UNSUPPORTED_KEYS = ("attention.temperature_scale", "attention.temperature_length", "rope.scaling.yarn_beta_fast",
+                    "rope.scaling.yarn_beta_slow", "rope.scaling.yarn_ext_factor")
+YARN_LOG_MULTIPLIER_UNIT = 0.1  # the converter writes 0.1 x mscale_all_dim; llama.cpp divides it out
 
 
 def deepseek2_hparams(keys: "_Metadata", rules: "ArchitectureRules", architecture: str) -> "HParams":
@@ -46,10 +53,6 @@ def deepseek2_hparams(keys: "_Metadata", rules: "ArchitectureRules", architectur
         raise UnsupportedModelError(f"{path}: {architecture}.nextn_predict_layers is "
                                     f"{keys.integer('nextn_predict_layers', 0, minimum=0)}: NextN (multi-token "
                                     f"prediction) layers are not supported")
-    scaling = keys.text("rope.scaling.type", "none")
-    if scaling != "none":
-        raise UnsupportedModelError(f"{path}: {architecture}.rope.scaling.type {scaling!r} is not supported for "
-                                    f"{architecture} (none)")
     if part.value(f"{architecture}.attention.key_length_mla") is None:
         raise UnsupportedModelError(
             f"{path}: metadata key {architecture}.attention.key_length_mla is missing: a file of an older converter "
@@ -80,10 +83,17 @@ def deepseek2_hparams(keys: "_Metadata", rules: "ArchitectureRules", architectur
         num_experts=num_experts, top_k=top_k, expert_weights_scale=keys.number("expert_weights_scale", 0.0),
         leading_dense_blocks=keys.integer("leading_dense_block_count", 0, minimum=0), expert_d_ff=expert_d_ff,
         shared_expert_d_ff=expert_d_ff * keys.integer("expert_shared_count"),
-        routing=_routing_function(keys, num_experts),
+        routing=_routing_function(keys, num_experts), yarn=_yarn(keys),
         mla=MLAShape(keys.integer("attention.q_lora_rank", 0, minimum=0), kv_lora_rank, head_dim - qk_rope, qk_rope,
                      v_head),
     )
+
+
+def _yarn(keys: "_Metadata") -> YarnRope:
+    """YaRN as llama.cpp applies it to deepseek2 (`mer.model.rope_yarn`; the attention scale: `mer.model.mla`)."""
+    log_multiplier = np.float32(keys.number("rope.scaling.yarn_log_multiplier", 0.0)) / np.float32(
+        YARN_LOG_MULTIPLIER_UNIT)
+    return read_yarn(keys, keys.integer("context_length"), float(log_multiplier))
 
 
 def _routing_function(keys: "_Metadata", num_experts: int) -> RoutingFunction:

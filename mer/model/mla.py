@@ -14,7 +14,8 @@ Read from llama.cpp's `llama_model_deepseek2` graph (the `is_mla` branch) and `b
     o[h]     = softmax(Q[h] · Kᵀ · kq_scale + causal mask) · V
     out      = attn_output · concat_h(attn_v_b[h] · o[h])
 
-with `kq_scale = 1 / sqrt(qk_nope + qk_rope)` (the head size of the uncompressed form). The KV cache
+with `kq_scale = mscale^2 / sqrt(qk_nope + qk_rope)` (the head size of the uncompressed form; mscale 1
+without YaRN, `kq_scale`). The KV cache
 holds only `[kv, k_pe]` per position and block, `kv_lora_rank + qk_rope` float32 values
 (`HParams.kv_floats_per_position`): V is a view of its first `kv_lora_rank` values. This equals
 the plain (non-absorbed) form with `k = [attn_kv_b_k · kv, k_pe]`, `v = attn_kv_b_v · kv` per head
@@ -33,6 +34,7 @@ import numpy as np
 
 from mer.model.attention import KVCache, apply_rope, causal_attention, rms_norm
 from mer.model.hparams import ROPE_NORMAL, HParams
+from mer.model.rope_yarn import yarn_attn_factor
 
 if TYPE_CHECKING:
     from mer.model.weights import DenseMatrix
@@ -53,8 +55,16 @@ class MLAWeights:
 
 
 def kq_scale(hparams: HParams) -> np.float32:
-    """The attention logits' scale, computed in float32 as llama.cpp does (no YaRN: mscale 1)."""
-    return np.float32(1) / np.sqrt(np.float32(hparams.head_dim))
+    """The attention logits' scale `mscale^2 / sqrt(qk_nope + qk_rope)`, computed in float32 as llama.cpp's
+    deepseek2 graph does: with YaRN `mscale = attn_factor * (1 + 0.1 ln factor) * (1 + 0.1 * log_mul *
+    ln factor)` (`attn_factor`: `mer.model.rope_yarn.yarn_attn_factor`), else 1."""
+    mscale = np.float32(1)
+    yarn = hparams.yarn
+    if yarn.is_enabled:
+        growth = np.log(np.float32(1) / (np.float32(1) / np.float32(yarn.factor)), dtype=np.float32)
+        original = yarn_attn_factor(yarn) * (np.float32(1) + np.float32(0.1) * growth)
+        mscale = np.float32(original * (np.float32(1) + np.float32(0.1) * np.float32(yarn.log_multiplier) * growth))
+    return np.float32(np.float32(1) * mscale * mscale / np.sqrt(np.float32(hparams.head_dim)))
 
 
 def mla_attention(hparams: HParams, weights: MLAWeights, x: np.ndarray, kv_caches: list[KVCache], block: int,

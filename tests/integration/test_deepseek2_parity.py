@@ -9,8 +9,10 @@ ungated shared expert), 4 heads of MLA (kv_lora_rank 64, qk_nope 32, qk_rope 16,
 
 Checked, in one process: 64 greedy tokens identical to llama.cpp's and the logits per step within
 (largest difference / largest llama.cpp logit) MAX_RELATIVE, for f32 and q8_0 attention with q4_0
-experts (d_model 64) and q4_K experts (d_model 256); a file of an older converter (attn_kv_b) and
-NextN layers are refused by name.
+experts (d_model 64) and q4_K experts (d_model 256), and with YaRN as DeepSeek's files have it
+(`yarn_log_multiplier` 0.0707, factor 8 or 4 over a quarter of the context: the attention scale's
+mscale^2 and the rope parts' YaRN angles); a file of an older converter (attn_kv_b), NextN layers and
+YaRN overrides are refused by name.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ CASES = {
     "v3-f32-q4_K": ("v3", "q4_k", "f32", 256, 1),
     "v3-q8_0-q4_K": ("v3", "q4_k", "q8_0", 256, 1),
     "v2-lite-q8_0-q4_K": ("v2-lite", "q4_k", "q8_0", 256, 1),
+    "v2-lite-q8_0-q4_0-yarn8": ("v2-lite", "q4_0", "q8_0", 64, 1),
+    "v3-q8_0-q4_0-yarn4": ("v3", "q4_0", "q8_0", 64, 1),
 }
 # Per step: most steps agree to float32 noise (MEDIAN_RELATIVE); now and then that noise (~5e-7 after
 # MLA's extra products) moves one matmul input across a q8_0 / Q8_K rounding boundary, which shifts
@@ -55,8 +59,9 @@ MEDIAN_RELATIVE = 1e-5
 
 def write_case(directory, name: str, **kwargs):
     style, experts, dense, d_model, seed = CASES[name]
+    yarn_factor = float(name.split("-yarn")[1]) if "-yarn" in name else 0.0  # YaRN as DeepSeek's files have it
     return write_tiny_deepseek2_gguf(directory / f"{name}.gguf", style=style, expert_dtype=experts, dense_dtype=dense,
-                                     d_model=d_model, d_ff=d_model, seed=seed, **kwargs)
+                                     d_model=d_model, d_ff=d_model, seed=seed, yarn_factor=yarn_factor, **kwargs)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -101,7 +106,8 @@ def test_an_older_conversion_with_attn_kv_b_is_refused_by_name(tmp_path):
         MoEModel.load(info.path)
 
 
-@pytest.mark.parametrize("key, value", [("nextn_predict_layers", 1), ("attention.temperature_scale", 0.1)])
+@pytest.mark.parametrize("key, value", [("nextn_predict_layers", 1), ("attention.temperature_scale", 0.1),
+                                        ("rope.scaling.yarn_beta_fast", 16.0)])
 def test_unsupported_keys_are_named(tmp_path, key, value):
     info = write_tiny_deepseek2_gguf(tmp_path / "unsupported.gguf", expert_dtype="f32", extra_keys={key: value})
     with pytest.raises(UnsupportedModelError, match=f"deepseek2.{key}"):

@@ -22,7 +22,8 @@ Both have MLA attention in the absorbed form the current converter writes: `attn
 instead of `attn_k_b`/`attn_v_b` and no `*_mla` keys (files mer refuses).
 
 Vocabulary: byte-level BPE with the `deepseek-llm` (v2-lite) or `deepseek-v3` (v3) pre-tokenizer and
-DeepSeek's special tokens; BOS is added as DeepSeek's files say.
+DeepSeek's special tokens; BOS is added as DeepSeek's files say. `yarn_factor` adds YaRN RoPE scaling as
+DeepSeek's files have it (original context a quarter of the context, `yarn_log_multiplier` 0.0707).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import ExpertGatingFuncType, GGUFWriter
+from gguf import ExpertGatingFuncType, GGUFWriter, RopeScalingType
 
 from tests.support.gguf_models import (_TensorList, add_special_bpe_vocabulary, random_weight_bytes,
                                        write_tensors_and_close)
@@ -78,7 +79,7 @@ def write_tiny_deepseek2_gguf(path: str | Path, *, style: str = "v2-lite", exper
                               kv_lora_rank: int = 64, qk_nope: int = 32, qk_rope: int = 16, v_head: int = 32,
                               q_lora_rank: int = 64, n_shared: int = 1, vocab_size: int = 400,
                               context_length: int = 256, seed: int = 0, legacy_kv_b: bool = False,
-                              extra_keys: dict[str, float | int] | None = None,
+                              extra_keys: dict[str, float | int] | None = None, yarn_factor: float = 0.0,
                               chat_template: str = DEEPSEEK_TEMPLATE) -> TinyDeepseek2Info:
     """Write a tiny deepseek2 model of `style` ("v2-lite" or "v3") to `path` and describe it."""
     if style not in STYLES:
@@ -111,6 +112,11 @@ def write_tiny_deepseek2_gguf(path: str | Path, *, style: str = "v2-lite", exper
         writer.add_key_length_mla(qk_nope + qk_rope)
         writer.add_value_length_mla(v_head)
     writer.add_rope_dimension_count(qk_rope)
+    if yarn_factor:  # as convert_hf_to_gguf writes DeepSeek's rope_scaling (mscale_all_dim 0.707)
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(yarn_factor)
+        writer.add_rope_scaling_orig_ctx_len(context_length // 4)
+        writer.add_rope_scaling_yarn_log_mul(0.1 * 0.707)
     writer.add_expert_feed_forward_length(d_ff)
     writer.add_expert_shared_count(n_shared)
     if v3:
