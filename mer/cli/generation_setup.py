@@ -185,7 +185,7 @@ def _ram_plan(budget: int, source: GGUFSource, hparams: HParams, config: Pipelin
     reserve = prefetch_reserve_slots(config)
     gate = GATE in config.predictors  # the predictor loads the gates: a heavy process
     return plan_cache_slots(
-        budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams.num_blocks, positions, hparams.kv_width),
+        budget, dense=dense_nbytes(source), kv_cache=kv_cache_nbytes(hparams, positions),
         num_compute_workers=config.num_compute_workers, slot_nbytes=slot_nbytes, top_k=hparams.top_k,
         reserve_slots=reserve, num_experts=source.geometry.num_experts, metadata=metadata_nbytes(source, gate),
         gate_predictor=gate, origin=origin)
@@ -221,7 +221,7 @@ class PreparedServing:
 def serving_kv_positions(hparams: HParams, max_sequences: int, budget: int) -> int:
     """The KV pool: a whole context per sequence, at most `KV_POOL_BUDGET_SHARE` of the budget (and at least
     one position per sequence)."""
-    per_position = kv_cache_nbytes(hparams.num_blocks, 1, hparams.kv_width)
+    per_position = kv_cache_nbytes(hparams, 1)
     share = int(budget * KV_POOL_BUDGET_SHARE) // per_position
     return max(max_sequences, min(max_sequences * hparams.context_length, share))
 

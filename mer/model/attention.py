@@ -62,7 +62,9 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> n
 
 
 class KVCache:
-    """Keys (after RoPE) and values of one sequence, per block: float32 `[capacity, kv_heads, head_dim]`.
+    """Keys (after RoPE) and values of one sequence, per block: float32 `[capacity, kv_heads, head_dim]`;
+    for MLA (deepseek2) only the compressed form, `[capacity, 1, kv_lora_rank + qk_rope]` keys whose
+    first `kv_lora_rank` values are the values (`values` is None; `mer.model.mla`).
 
     Positions are filled in order: `store` appends the entries of positions `length..length+T-1`.
     """
@@ -72,25 +74,37 @@ class KVCache:
             raise ContextLengthError(
                 f"KV cache of {capacity} positions: the model's context length is {hparams.context_length}"
             )
-        shape = (hparams.num_blocks, capacity, hparams.num_kv_heads, hparams.head_dim)
         self.capacity = capacity
+        self.lengths = [0] * hparams.num_blocks
+        self.values: np.ndarray | None
+        if hparams.mla is not None:
+            self.keys = np.zeros((hparams.num_blocks, capacity, 1, hparams.kv_floats_per_position), dtype=np.float32)
+            self.values = None
+            return
+        shape = (hparams.num_blocks, capacity, hparams.num_kv_heads, hparams.head_dim)
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
-        self.lengths = [0] * hparams.num_blocks
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the cache holds (`mer.runtime.ram_budget.kv_cache_nbytes` of its capacity)."""
+        return self.keys.nbytes + (0 if self.values is None else self.values.nbytes)
 
     @property
     def length(self) -> int:
         """Positions stored in the last block (all blocks, between two forward passes)."""
         return self.lengths[-1]
 
-    def store(self, block: int, keys: np.ndarray, values: np.ndarray) -> None:
-        """Append `keys`, `values` `[tokens, kv_heads, head_dim]` to `block`'s cache."""
+    def store(self, block: int, keys: np.ndarray, values: np.ndarray | None) -> None:
+        """Append `keys`, `values` `[tokens, kv_heads, head_dim]` to `block`'s cache (MLA: the
+        compressed keys only, `values` None)."""
         start = self.lengths[block]
         stop = start + keys.shape[0]
         if stop > self.capacity:
             raise ContextLengthError(f"{stop} positions do not fit in the KV cache of {self.capacity} positions")
         self.keys[block, start:stop] = keys
-        self.values[block, start:stop] = values
+        if self.values is not None:
+            self.values[block, start:stop] = values
         self.lengths[block] = stop
 
 
@@ -108,7 +122,7 @@ def causal_attention(
     `[length, kv_heads, d]` (position p sees cache entries 0..p, or with a sliding `window` only
     p - window + 1..p): float32 `[T, heads * d]`. `sinks` (float32 `[heads]`, gpt-oss) adds one
     logit per head to each softmax's max and denominator, with no value (ggml's `soft_max_ext`)."""
-    num_tokens, num_heads, head_dim = queries.shape
+    num_tokens, num_heads = queries.shape[:2]
     num_kv_heads = keys.shape[1]
     if num_heads % num_kv_heads:
         raise ShapeError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
@@ -117,7 +131,7 @@ def causal_attention(
         stop = int(positions[0]) + 1
         start = max(0, stop - window) if window else 0
         return _one_query_attention(queries[0], keys[start:stop], values[start:stop], group, scale, sinks)
-    out = np.empty((num_tokens, num_heads, head_dim), dtype=np.float32)
+    out = np.empty((num_tokens, num_heads, values.shape[2]), dtype=np.float32)
     distance = np.asarray(positions)[:, None] - np.arange(keys.shape[0])[None, :]
     visible = (distance >= 0) & (distance < window) if window else distance >= 0
     for head in range(num_heads):
@@ -126,7 +140,7 @@ def causal_attention(
         scores = np.where(visible, scores, np.float32(-np.inf))
         sink = None if sinks is None else sinks[head]
         out[:, head, :] = _softmax_rows(scores, sink, axis=1) @ values[:, kv_head, :]
-    return out.reshape(num_tokens, num_heads * head_dim)
+    return out.reshape(num_tokens, -1)
 
 
 def _softmax_rows(scores: np.ndarray, sink: np.ndarray | None, axis: int) -> np.ndarray:

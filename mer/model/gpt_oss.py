@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mer.errors import UnsupportedModelError
-from mer.model.rope_yarn import NO_YARN, YarnRope
+from mer.model.rope_yarn import read_yarn
 
 if TYPE_CHECKING:
     from mer.model.hparams import ArchitectureRules, HParams, _Metadata
@@ -54,19 +54,5 @@ def gpt_oss_hparams(keys: "_Metadata", rules: "ArchitectureRules", architecture:
         sliding_window=keys.integer("attention.sliding_window"),
         sliding_window_period=keys.integer("attention.sliding_window_pattern", DEFAULT_SLIDING_WINDOW_PERIOD),
         rope_base_swa=keys.number("rope.freq_base_swa", rope_base),
-        yarn=_yarn(keys, context_length),
+        yarn=read_yarn(keys, context_length),
     )
-
-
-def _yarn(keys: "_Metadata", context_length: int) -> YarnRope:
-    scaling = keys.text("rope.scaling.type", "none")
-    if scaling == "none":
-        return NO_YARN
-    if scaling != "yarn":
-        raise UnsupportedModelError(f"{keys.part.path}: {keys.prefix}.rope.scaling.type {scaling!r} is not supported "
-                                    f"for {keys.prefix} (none, yarn)")
-    factor = keys.number("rope.scaling.factor")
-    if not factor > 1:
-        raise UnsupportedModelError(f"{keys.part.path}: {keys.prefix}.rope.scaling.factor {factor} must exceed 1")
-    return YarnRope(factor, keys.integer("rope.scaling.original_context_length", context_length),
-                    keys.number("rope.scaling.attn_factor", 1.0))

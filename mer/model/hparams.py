@@ -11,6 +11,7 @@ Supported architectures (`general.architecture`) and what llama.cpp fixes in cod
 | `olmoe`    | neox: (i, i + n/2)  | over the whole q / k projection   | softmax, top-k, not renormalised    |
 | `qwen2moe` | neox: (i, i + n/2)  | none (q/k/v biases instead)       | softmax, top-k, not renormalised; plus a shared expert (`mer.model.shared_expert`) |
 | `gpt-oss`  | neox, YaRN          | none (biases, sinks, sliding window: `mer.model.gpt_oss`) | logits + bias, top-k, softmax over k |
+| `deepseek2`| normal, rope part of each head | MLA (`mer.model.mla`, keys: `mer.model.deepseek2`) | softmax or sigmoid, selection bias, grouped top-k (`mer.model.gating`); ungated shared expert |
 
 Required keys (`{arch}.` prefix): `context_length`, `embedding_length`, `block_count`,
 `attention.head_count`, `attention.layer_norm_rms_epsilon`, `expert_count`,
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mer.errors import GGUFError, UnsupportedModelError
+from mer.model.gating import SCORE_SOFTMAX, SCORE_SOFTMAX_WEIGHT, RoutingFunction
 from mer.model.rope_yarn import NO_YARN, YarnRope
 from mer.store.gguf_files import GGUFPart
 
@@ -63,6 +65,8 @@ class ArchitectureRules:
     biases: bool = False  # output, router (ffn_gate_inp) and expert biases
     attention_sinks: bool = False  # one learned logit per head joins each softmax (attn_sinks)
     sliding_window: bool = False  # {arch}.attention.sliding_window on a pattern of blocks
+    mla: bool = False  # multi-head latent attention, DeepSeek-V2/V3 (`mer.model.mla`, keys: `mer.model.deepseek2`)
+    shared_expert_gate: bool = True  # the shared expert is scaled by sigmoid(ffn_gate_inp_shexp · x) (qwen2moe)
 
 
 ARCHITECTURES: dict[str, ArchitectureRules] = {
@@ -74,7 +78,20 @@ ARCHITECTURES: dict[str, ArchitectureRules] = {
     "gpt-oss": ArchitectureRules(ROPE_NEOX, QK_NORM_NONE, normalize_expert_weights=False, gating=GATING_SOFTMAX_WEIGHT,
                                  ffn_norm="post_attention_norm", qkv_bias=True, biases=True, attention_sinks=True,
                                  sliding_window=True),
+    "deepseek2": ArchitectureRules(ROPE_NORMAL, QK_NORM_NONE, normalize_expert_weights=False, shared_expert=True,
+                                   mla=True, shared_expert_gate=False),
 }
+
+
+@dataclass(frozen=True)
+class MLAShape:
+    """The sizes of DeepSeek's multi-head latent attention (`mer.model.mla`)."""
+
+    q_lora_rank: int  # 0: a plain attn_q (V2-Lite); else attn_q_a -> attn_q_a_norm -> attn_q_b
+    kv_lora_rank: int  # the compressed kv per position
+    qk_nope: int  # the part of each query/key head without RoPE
+    qk_rope: int  # the RoPE part (one key shared by all heads)
+    v_head: int  # each head's value size after attn_v_b
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,24 @@ class HParams:
     sliding_window_period: int = 0  # block b slides when b % period < period - 1 (llama.cpp's pattern)
     rope_base_swa: float = 0.0  # the RoPE base of sliding-window blocks (0: rope_base)
     yarn: YarnRope = NO_YARN
+    routing: RoutingFunction | None = None  # None: the architecture's softmax routing (`routing_function`)
+    mla: MLAShape | None = None  # deepseek2's latent attention sizes
+
+    @property
+    def routing_function(self) -> RoutingFunction:
+        """How this model routes (`mer.model.gating`)."""
+        if self.routing is not None:
+            return self.routing
+        score = SCORE_SOFTMAX_WEIGHT if self.rules.gating == GATING_SOFTMAX_WEIGHT else SCORE_SOFTMAX
+        return RoutingFunction(score, self.rules.normalize_expert_weights, self.expert_weights_scale)
+
+    @property
+    def kv_floats_per_position(self) -> int:
+        """Float32 values the KV cache holds per position and block: keys and values, or for MLA the
+        compressed kv and the shared rope key (`kv_lora_rank + qk_rope`)."""
+        if self.mla is not None:
+            return self.mla.kv_lora_rank + self.mla.qk_rope
+        return 2 * self.kv_width
 
     def is_sliding_block(self, block: int) -> bool:
         """True when `block`'s attention sees only the last `sliding_window` positions."""
@@ -181,6 +216,10 @@ def read_hparams(part: GGUFPart) -> HParams:
     """Read and check every hyper-parameter from the (first) GGUF part's metadata."""
     architecture, rules = architecture_rules(part)
     keys = _Metadata(part, architecture)
+    if rules.mla:
+        from mer.model.deepseek2 import deepseek2_hparams  # its own module; it uses this one's definitions
+
+        return deepseek2_hparams(keys, rules, architecture)
     d_model = keys.integer("embedding_length")
     num_heads = keys.integer("attention.head_count")
     num_kv_heads = keys.integer("attention.head_count_kv", num_heads)

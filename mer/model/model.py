@@ -25,10 +25,11 @@ import numpy as np
 
 from mer.errors import ContextLengthError, ShapeError, StoreError, TokenizerError
 from mer.model.attention import KVCache, apply_rope, causal_attention, rms_norm, rope_tables
-from mer.model.hparams import (GATING_SOFTMAX_WEIGHT, QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, moe_layers_of,
-                               read_hparams)
+from mer.model.gating import route
+from mer.model.hparams import QK_NORM_PER_HEAD, QK_NORM_WHOLE, HParams, moe_layers_of, read_hparams
+from mer.model.mla import mla_attention
 from mer.model.rope_yarn import yarn_rope_tables
-from mer.model.moe import Routing, route_tokens
+from mer.model.moe import Routing
 from mer.model.weights import BlockWeights, ModelWeights, load_weights
 from mer.store.gguf_source import GGUFSource, read_gguf_source
 from mer.store.manifest import Manifest
@@ -90,7 +91,12 @@ class MoEModel:
         for kv_cache, start, stop in zip(kv_caches, bounds, bounds[1:]):
             _check_positions(block, kv_cache, positions[start:stop])
         x = rms_norm(hidden, weights.attn_norm, hparams.rms_norm_eps)
-        queries, keys, values = (matrix(x, self.threads) for matrix in (weights.attn_q, weights.attn_k, weights.attn_v))
+        if weights.mla is not None:  # deepseek2
+            attended = mla_attention(hparams, weights.mla, x, kv_caches, block, bounds, positions,
+                                     self._rope_tables(block, positions), self.threads)
+            return hidden + weights.attn_output(attended, self.threads)
+        queries, keys, values = (matrix(x, self.threads)  # type: ignore[misc]
+                                 for matrix in (weights.attn_q, weights.attn_k, weights.attn_v))
         if weights.qkv_bias is not None:  # qwen2moe, gpt-oss: added before the head reshape and RoPE, as llama.cpp does
             queries, keys, values = (out + bias for out, bias in zip((queries, keys, values), weights.qkv_bias))
         queries, keys = self._qk_norm(weights, queries, keys)
@@ -146,9 +152,7 @@ class MoEModel:
         bias = self.weights.blocks[block].router_bias
         if bias is not None:
             logits = logits + bias
-        hparams = self.hparams
-        return route_tokens(logits, hparams.top_k, hparams.rules.normalize_expert_weights, hparams.expert_weights_scale,
-                            softmax_after_top_k=hparams.rules.gating == GATING_SOFTMAX_WEIGHT)
+        return route(self.hparams.routing_function, logits, self.hparams.top_k, self.weights.blocks[block].selection_bias)
 
     def shared_expert(self, block: int, normed: np.ndarray) -> np.ndarray | None:
         """The gated shared expert's output of a MoE block (`mer.model.shared_expert`), None without one."""

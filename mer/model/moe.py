@@ -1,9 +1,9 @@
 """The router gate of a MoE block, expert-major grouping, and the gate-weighted sum of experts.
 
-Gating follows llama.cpp's `build_moe_ffn` for the supported architectures (all "softmax"):
-`probs = softmax(router_logits)` over all experts in float32, the top-k experts by probability
-(in descending order), `weights = probs[top-k]`, then, where the architecture says so (Mixtral
-as `llama`, qwen3moe; not olmoe), `weights /= max(sum(weights), 2^-14)`, and a final
+Gating follows llama.cpp's `build_moe_ffn` (`mer.model.gating`, every routing function): for the
+softmax architectures `probs = softmax(router_logits)` over all experts in float32, the top-k experts
+by probability (in descending order), `weights = probs[top-k]`, then, where the architecture says so
+(Mixtral as `llama`, qwen3moe; not olmoe), `weights /= max(sum(weights), 2^-14)`, and a final
 `weights *= expert_weights_scale` when that key is set (not 0 or 1). For Mixtral this equals a
 softmax over the top-k logits.
 
@@ -15,53 +15,21 @@ per block and computes it as one batch) and hands one block's groups to it in on
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-
 import numpy as np
 
 from mer.errors import ShapeError
+from mer.model.gating import SCORE_SOFTMAX, SCORE_SOFTMAX_WEIGHT, Routing, RoutingFunction, route, softmax
 
-WEIGHT_SUM_FLOOR = np.float32(6.103515625e-5)  # llama.cpp's clamp: the smallest normal f16
-
-
-@dataclass(frozen=True)
-class Routing:
-    """The experts each token uses in one block: ids int64 `[tokens, k]` (descending gate
-    probability) and their gate weights float32 `[tokens, k]`."""
-
-    experts: np.ndarray
-    weights: np.ndarray
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.experts.shape[0])
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Float32 softmax over the last axis (max subtracted; sum accumulated in float64)."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
+__all__ = ["Routing", "combine_experts", "expert_batches", "group_by_expert", "route_tokens", "softmax"]
 
 
 def route_tokens(router_logits: np.ndarray, top_k: int, normalize: bool, scale: float = 0.0,
                  softmax_after_top_k: bool = False) -> Routing:
-    """The routing of each token from its router logits float32 `[tokens, experts]`; with
-    `softmax_after_top_k` (gpt-oss) the top-k of the raw logits, weighted by a softmax over those k."""
-    logits = np.atleast_2d(np.asarray(router_logits, dtype=np.float32))
-    if not 1 <= top_k <= logits.shape[1]:
-        raise ShapeError(f"top_k {top_k} must be in 1..{logits.shape[1]} (the experts of the block)")
-    if softmax_after_top_k:
-        experts = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
-        weights = softmax(np.take_along_axis(logits, experts, axis=1))
-        return Routing(experts.astype(np.int64), weights.astype(np.float32))
-    probabilities = softmax(logits)
-    experts = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    weights = np.take_along_axis(probabilities, experts, axis=1)
-    if normalize:
-        weights = weights / np.maximum(weights.sum(axis=1, keepdims=True, dtype=np.float32), WEIGHT_SUM_FLOOR)
-    if scale not in (0.0, 1.0):
-        weights = weights * np.float32(scale)
-    return Routing(experts.astype(np.int64), weights.astype(np.float32))
+    """The routing of each token from its router logits float32 `[tokens, experts]` with a softmax over
+    all experts (`mer.model.gating`); with `softmax_after_top_k` (gpt-oss) the top-k of the raw
+    logits, weighted by a softmax over those k."""
+    function = RoutingFunction(SCORE_SOFTMAX_WEIGHT if softmax_after_top_k else SCORE_SOFTMAX, normalize, scale)
+    return route(function, router_logits, top_k)
 
 
 def group_by_expert(routing: Routing) -> dict[int, np.ndarray]:

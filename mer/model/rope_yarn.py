@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from mer.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from mer.model.hparams import _Metadata
 
 BETA_FAST = 32.0
 BETA_SLOW = 1.0
@@ -33,6 +39,7 @@ class YarnRope:
     factor: float = 0.0
     original_context: int = 0
     attn_factor: float = 1.0  # rope.scaling.attn_factor
+    log_multiplier: float = 0.0  # deepseek2: rope.scaling.yarn_log_multiplier / 0.1, as llama.cpp reads it
 
     @property
     def is_enabled(self) -> bool:
@@ -40,6 +47,22 @@ class YarnRope:
 
 
 NO_YARN = YarnRope()
+
+
+def read_yarn(keys: "_Metadata", context_length: int, log_multiplier: float = 0.0) -> YarnRope:
+    """`rope.scaling.type` none (NO_YARN) or "yarn" with its `factor` (> 1), `original_context_length`
+    (default `context_length`) and `attn_factor`; other scalings are refused by name."""
+    scaling = keys.text("rope.scaling.type", "none")
+    if scaling == "none":
+        return NO_YARN
+    if scaling != "yarn":
+        raise UnsupportedModelError(f"{keys.part.path}: {keys.prefix}.rope.scaling.type {scaling!r} is not supported "
+                                    f"for {keys.prefix} (none, yarn)")
+    factor = keys.number("rope.scaling.factor")
+    if not factor > 1:
+        raise UnsupportedModelError(f"{keys.part.path}: {keys.prefix}.rope.scaling.factor {factor} must exceed 1")
+    return YarnRope(factor, keys.integer("rope.scaling.original_context_length", context_length),
+                    keys.number("rope.scaling.attn_factor", 1.0), log_multiplier)
 
 
 def _corr_dim(dimensions: int, original_context: int, rotations: float, base: float) -> np.float32:
@@ -53,15 +76,22 @@ def corr_dims(dimensions: int, original_context: int, base: float) -> tuple[floa
     return float(max(np.float32(0), start)), float(min(np.float32(dimensions - 1), end))
 
 
+def yarn_attn_factor(yarn: YarnRope) -> np.float32:
+    """llama.cpp's `cparams.yarn_attn_factor`: `get_mscale(factor, 1) = 1 + 0.1 ln factor` (or, with
+    deepseek2's `yarn_log_multiplier`, `get_mscale(factor, m) / get_mscale(factor, m)` = 1), divided by
+    `1 + 0.1 ln factor` (the factor `rope_yarn` applies again), times `rope.scaling.attn_factor`."""
+    freq_scale = np.float32(1) / np.float32(yarn.factor)
+    factor = np.float32(1) / freq_scale
+    growth = np.float32(1) if yarn.log_multiplier else np.float32(0.1) * np.log(factor, dtype=np.float32) + np.float32(1)
+    attn_factor = growth * (np.float32(1) / (np.float32(1) + np.float32(0.1) * np.log(factor, dtype=np.float32)))
+    return np.float32(attn_factor * np.float32(yarn.attn_factor))
+
+
 def yarn_mscale(yarn: YarnRope) -> np.float32:
     """The magnitude factor applied to cos and sin (see the module)."""
     freq_scale = np.float32(1) / np.float32(yarn.factor)
-    factor = np.float32(1) / freq_scale
-    growth = np.float32(0.1) * np.log(factor, dtype=np.float32) + np.float32(1)
-    attn_factor = growth * (np.float32(1) / (np.float32(1) + np.float32(0.1) * np.log(factor, dtype=np.float32)))
-    attn_factor = attn_factor * np.float32(yarn.attn_factor)
-    return np.float32(attn_factor * (np.float32(1) + np.float32(0.1) * np.log(np.float32(1) / freq_scale,
-                                                                               dtype=np.float32)))
+    return np.float32(yarn_attn_factor(yarn) * (np.float32(1) + np.float32(0.1) * np.log(np.float32(1) / freq_scale,
+                                                                                          dtype=np.float32)))
 
 
 def yarn_rope_tables(positions: np.ndarray, dimensions: int, base: float,

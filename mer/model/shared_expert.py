@@ -1,4 +1,6 @@
-"""The shared expert of a MoE block (qwen2moe): a SwiGLU FFN every token runs, scaled by its own gate.
+"""The shared expert of a MoE block (qwen2moe, deepseek2): a SwiGLU FFN every token runs, scaled by its
+own gate (qwen2moe) or not (deepseek2, whose `ffn_*_shexp` are `expert_shared_count` experts merged
+into one FFN `expert_shared_count x expert_feed_forward_length` wide; llama.cpp's `build_ffn`).
 
 Read from llama.cpp's `src/models/qwen2moe.cpp` (the "FFN shared expert" part of each block):
 
@@ -37,17 +39,19 @@ TENSOR_NAMES = ("ffn_gate_inp_shexp", "ffn_gate_shexp", "ffn_up_shexp", "ffn_dow
 class SharedExpert:
     """One block's shared expert: its gate vector and its SwiGLU matrices."""
 
-    gate_input: DenseMatrix  # ffn_gate_inp_shexp as a 1 x d_model matrix (f32 in real files)
+    gate_input: DenseMatrix | None  # ffn_gate_inp_shexp as a 1 x d_model matrix (f32 in real files); None: ungated
     gate: DenseMatrix
     up: DenseMatrix
     down: DenseMatrix
 
     def __call__(self, normed: np.ndarray, threads: int = 1) -> np.ndarray:
         """The gated output float32 `[tokens, d_model]` for the ffn_norm outputs `normed`."""
+        hidden = silu_gate(self.gate(normed, threads), self.up(normed, threads))
+        if self.gate_input is None:  # deepseek2: ungated
+            return self.down(hidden, threads)
         logit = self.gate_input(normed, threads)  # [tokens, 1]
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             scale = (logit / (np.float32(1) + np.exp(-logit))) / logit  # ggml: silu(g) / g
-        hidden = silu_gate(self.gate(normed, threads), self.up(normed, threads))
         return self.down(hidden, threads) * scale.astype(np.float32)
 
 

@@ -30,6 +30,7 @@ from mer.errors import ShapeError, UnsupportedModelError
 from mer.compute.expert_format import MatrixSpec
 from mer.model.resident import read_resident
 from mer.model.hparams import QK_NORM_NONE, QK_NORM_PER_HEAD, HParams
+from mer.model.mla import MLAWeights
 from mer.model.shared_expert import SharedExpert
 from mer.quant.dequant import dequantize
 from mer.quant.matmul import matmul, round_float_activation
@@ -79,9 +80,9 @@ class BlockWeights:
     """The dense weights of one transformer block."""
 
     attn_norm: np.ndarray
-    attn_q: DenseMatrix
-    attn_k: DenseMatrix
-    attn_v: DenseMatrix
+    attn_q: DenseMatrix | None  # None with MLA (deepseek2: `mla`)
+    attn_k: DenseMatrix | None
+    attn_v: DenseMatrix | None
     attn_output: DenseMatrix
     attn_q_norm: np.ndarray | None
     attn_k_norm: np.ndarray | None
@@ -93,6 +94,8 @@ class BlockWeights:
     attn_output_bias: np.ndarray | None = None  # (gpt-oss)
     attn_sinks: np.ndarray | None = None  # one logit per head (gpt-oss)
     router_bias: np.ndarray | None = None  # added to the router logits (gpt-oss)
+    selection_bias: np.ndarray | None = None  # exp_probs_b: chooses experts, never weighs them (deepseek2 V3)
+    mla: MLAWeights | None = None  # multi-head latent attention (deepseek2)
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,14 @@ class _Tensors:
     def matrix(self, name: str, columns: int, rows: int) -> DenseMatrix:
         return DenseMatrix.of(self.get(name, (columns, rows)))  # type: ignore[arg-type]
 
+    def per_head(self, name: str, columns: int, rows: int, heads: int) -> tuple[DenseMatrix, ...]:
+        """A 3-D tensor [columns, rows, heads] as one matrix per head (views of its bytes)."""
+        tensor = self.get(name, (columns, rows, heads))
+        size = tensor.nbytes // heads  # type: ignore[union-attr]
+        return tuple(DenseMatrix.of(dataclasses.replace(tensor, shape=(columns, rows),  # type: ignore[type-var]
+                                                        data=tensor.data[head * size:(head + 1) * size]))  # type: ignore[union-attr]
+                     for head in range(heads))
+
     def vector(self, name: str, length: int, required: bool = True) -> np.ndarray | None:
         tensor = self.get(name, (length,), required)
         if tensor is None:
@@ -175,12 +186,14 @@ def _block_weights(tensors: _Tensors, hparams: HParams, block: int) -> BlockWeig
     q_norm_size, k_norm_size = _qk_norm_sizes(hparams)
     has_qk_norm = hparams.rules.qk_norm != QK_NORM_NONE
     is_moe = hparams.is_moe_block(block)
+    mla = _mla_weights(tensors, hparams, prefix) if hparams.mla is not None else None
+    attention_width = hparams.q_width if hparams.mla is None else hparams.num_heads * hparams.mla.v_head
     return BlockWeights(
         attn_norm=tensors.vector(f"{prefix}.attn_norm.weight", d_model),  # type: ignore[arg-type]
-        attn_q=tensors.matrix(f"{prefix}.attn_q.weight", d_model, hparams.q_width),
-        attn_k=tensors.matrix(f"{prefix}.attn_k.weight", d_model, hparams.kv_width),
-        attn_v=tensors.matrix(f"{prefix}.attn_v.weight", d_model, hparams.kv_width),
-        attn_output=tensors.matrix(f"{prefix}.attn_output.weight", hparams.q_width, d_model),
+        attn_q=None if mla else tensors.matrix(f"{prefix}.attn_q.weight", d_model, hparams.q_width),
+        attn_k=None if mla else tensors.matrix(f"{prefix}.attn_k.weight", d_model, hparams.kv_width),
+        attn_v=None if mla else tensors.matrix(f"{prefix}.attn_v.weight", d_model, hparams.kv_width),
+        attn_output=tensors.matrix(f"{prefix}.attn_output.weight", attention_width, d_model),
         attn_q_norm=tensors.vector(f"{prefix}.attn_q_norm.weight", q_norm_size) if has_qk_norm else None,
         attn_k_norm=tensors.vector(f"{prefix}.attn_k_norm.weight", k_norm_size) if has_qk_norm else None,
         ffn_norm=tensors.vector(f"{prefix}.{hparams.rules.ffn_norm}.weight", d_model),  # type: ignore[arg-type]
@@ -192,6 +205,25 @@ def _block_weights(tensors: _Tensors, hparams: HParams, block: int) -> BlockWeig
         attn_sinks=tensors.vector(f"{prefix}.attn_sinks.weight", hparams.num_heads) if hparams.rules.attention_sinks else None,
         router_bias=tensors.vector(f"{prefix}.ffn_gate_inp.bias", hparams.num_experts)
         if hparams.rules.biases and is_moe else None,
+        selection_bias=tensors.vector(f"{prefix}.exp_probs_b.bias", hparams.num_experts, required=False)
+        if is_moe else None,
+        mla=mla,
+    )
+
+
+def _mla_weights(tensors: _Tensors, hparams: HParams, prefix: str) -> MLAWeights:
+    shape, d_model, heads = hparams.mla, hparams.d_model, hparams.num_heads
+    assert shape is not None
+    q_rank = shape.q_lora_rank
+    return MLAWeights(
+        q=None if q_rank else tensors.matrix(f"{prefix}.attn_q.weight", d_model, hparams.q_width),
+        q_a=tensors.matrix(f"{prefix}.attn_q_a.weight", d_model, q_rank) if q_rank else None,
+        q_a_norm=tensors.vector(f"{prefix}.attn_q_a_norm.weight", q_rank) if q_rank else None,
+        q_b=tensors.matrix(f"{prefix}.attn_q_b.weight", q_rank, hparams.q_width) if q_rank else None,
+        kv_a=tensors.matrix(f"{prefix}.attn_kv_a_mqa.weight", d_model, shape.kv_lora_rank + shape.qk_rope),
+        kv_a_norm=tensors.vector(f"{prefix}.attn_kv_a_norm.weight", shape.kv_lora_rank),  # type: ignore[arg-type]
+        k_b=tensors.per_head(f"{prefix}.attn_k_b.weight", shape.qk_nope, shape.kv_lora_rank, heads),
+        v_b=tensors.per_head(f"{prefix}.attn_v_b.weight", shape.kv_lora_rank, shape.v_head, heads),
     )
 
 
@@ -202,9 +234,12 @@ def _qkv_bias(tensors: _Tensors, hparams: HParams, prefix: str) -> tuple[np.ndar
 
 def _shared_expert(tensors: _Tensors, hparams: HParams, prefix: str) -> SharedExpert:
     d_model, d_ff = hparams.d_model, hparams.shared_expert_d_ff
-    gate_input = tensors.get(f"{prefix}.ffn_gate_inp_shexp.weight", (d_model,))
-    as_matrix = dataclasses.replace(gate_input, shape=(d_model, 1), data=gate_input.data.copy())  # type: ignore[arg-type]
-    return SharedExpert(gate_input=DenseMatrix.of(as_matrix),
+    gate_input = None
+    if hparams.rules.shared_expert_gate:
+        vector = tensors.get(f"{prefix}.ffn_gate_inp_shexp.weight", (d_model,))
+        gate_input = DenseMatrix.of(dataclasses.replace(vector, shape=(d_model, 1),  # type: ignore[arg-type]
+                                                        data=vector.data.copy()))  # type: ignore[union-attr]
+    return SharedExpert(gate_input=gate_input,
                         gate=tensors.matrix(f"{prefix}.ffn_gate_shexp.weight", d_model, d_ff),
                         up=tensors.matrix(f"{prefix}.ffn_up_shexp.weight", d_model, d_ff),
                         down=tensors.matrix(f"{prefix}.ffn_down_shexp.weight", d_ff, d_model))

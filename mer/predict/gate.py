@@ -8,8 +8,9 @@ experts well before the router gets there. For s = 1 .. `depth` (`pipeline_depth
     probabilities = softmax(ffn_gate_inp[L+s] @ rms_norm(h, ffn_norm[L+s]))
 
 computed with `mer.model`'s code (`rms_norm`, the gate's `DenseMatrix` with ggml's input rounding,
-`softmax`), so that given the residual the router has at L+s it ranks exactly as the router routes
-there (`MoEModel.route`: the same order, ties to the lower expert id). The hints for L+s are its
+the model's routing function `mer.model.gating`: softmax, or sigmoid scores with deepseek2 V3's
+selection bias and grouped top-k), so that given the residual the router has at L+s it ranks exactly
+as the router routes there (`MoEModel.route`: the same order, ties to the lower expert id). The hints for L+s are its
 `fanout` most probable experts, as global store ids, with score = probability (0..1); the nearer
 layer's hints come first. Nothing is predicted past the last MoE layer (no hints at the last one),
 and a prediction needs the hidden state of the decision just observed (the same token and layer).
@@ -32,7 +33,7 @@ import numpy as np
 from mer.errors import ConfigError, ShapeError
 from mer.model.attention import rms_norm
 from mer.model.model import MoEModel, check_model_matches_store
-from mer.model.moe import softmax
+from mer.model.gating import SCORE_SOFTMAX_WEIGHT, RoutingFunction, scores, selection_scores, softmax
 from mer.model.weights import DenseMatrix
 from mer.store.manifest import Manifest
 
@@ -45,6 +46,7 @@ class GateLayer:
     ffn_norm: np.ndarray  # float32 [d_model] (gpt-oss: its post_attention_norm)
     router: DenseMatrix  # ffn_gate_inp: [experts] x [d_model]
     router_bias: np.ndarray | None = None  # gpt-oss: added to the logits (the softmax keeps their order)
+    selection_bias: np.ndarray | None = None  # deepseek2 V3's exp_probs_b: ranks, never weighs
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class GateWeights:
     rms_norm_eps: float
     d_model: int
     num_experts: int
+    routing: RoutingFunction = RoutingFunction()
 
     @classmethod
     def load(cls, path: str | os.PathLike, manifest: Manifest | None = None) -> "GateWeights":
@@ -69,30 +72,40 @@ class GateWeights:
             weights = model.weights.blocks[block]
             router = DenseMatrix.of(dataclasses.replace(weights.router.tensor, data=weights.router.tensor.data.copy()))
             bias = None if weights.router_bias is None else weights.router_bias.copy()
-            layers[moe_layer] = GateLayer(block, weights.ffn_norm.copy(), router, bias)
+            selection = None if weights.selection_bias is None else weights.selection_bias.copy()
+            layers[moe_layer] = GateLayer(block, weights.ffn_norm.copy(), router, bias, selection)
         hparams = model.hparams
-        return cls(str(path), tuple(layers), hparams.rms_norm_eps, hparams.d_model, hparams.num_experts)
+        return cls(str(path), tuple(layers), hparams.rms_norm_eps, hparams.d_model, hparams.num_experts,
+                   hparams.routing_function)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def probabilities(self, moe_layer: int, hidden: np.ndarray) -> np.ndarray:
-        """Layer `moe_layer`'s gate probabilities float32 `[tokens, experts]` for residuals `[tokens, d_model]`."""
+        """Layer `moe_layer`'s gate scores float32 `[tokens, experts]` for residuals `[tokens, d_model]`: the
+        routing function's scores (`mer.model.gating`: softmax probabilities, or sigmoid scores; gpt-oss,
+        which weighs by a softmax over its top-k, gets the softmax over all its experts: the same order)."""
+        logits = self._logits(moe_layer, hidden)
+        return softmax(logits) if self.routing.score == SCORE_SOFTMAX_WEIGHT else scores(self.routing, logits)
+
+    def _logits(self, moe_layer: int, hidden: np.ndarray) -> np.ndarray:
         rows = np.atleast_2d(np.asarray(hidden, dtype=np.float32))
         if rows.shape[1] != self.d_model:
             raise ShapeError(f"{self.path}: a hidden state of {rows.shape[1]} values, the model's d_model is "
                              f"{self.d_model}")
         layer = self.layers[moe_layer]
         logits = layer.router(rms_norm(rows, layer.ffn_norm, self.rms_norm_eps))
-        return softmax(logits if layer.router_bias is None else logits + layer.router_bias)
+        return logits if layer.router_bias is None else logits + layer.router_bias
 
     def ranking(self, moe_layer: int, hidden: np.ndarray) -> list[tuple[int, float]]:
-        """Every expert of `moe_layer` (ids within the layer) with its probability for one residual
-        `[d_model]`, most probable first, ties to the lower id (as `route_tokens` orders them)."""
-        probabilities = self.probabilities(moe_layer, hidden)[0]
-        order = np.argsort(-probabilities, kind="stable")
-        return [(int(expert), float(probabilities[expert])) for expert in order]
+        """Every expert of `moe_layer` (ids within the layer) with its score for one residual `[d_model]`,
+        in the order the router chooses them (`route`: selection bias and grouped top-k included, ties
+        to the lower id; experts of the groups left out last)."""
+        expert_scores = self.probabilities(moe_layer, hidden)
+        selection = selection_scores(self.routing, expert_scores, self.layers[moe_layer].selection_bias)[0]
+        order = np.argsort(-selection, kind="stable")
+        return [(int(expert), float(expert_scores[0, expert])) for expert in order]
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mer.errors import ConfigError
 from mer.store.gguf_source import MERGED_EXPERT_TENSOR, PER_EXPERT_TENSOR, GGUFSource
+
+if TYPE_CHECKING:
+    from mer.model.hparams import HParams
 
 MIB = 2**20
 # Pss of each process of the graph with its imports and kernels loaded, without the model's weights,
@@ -81,9 +85,10 @@ def metadata_nbytes(source: GGUFSource, gate_predictor: bool = False) -> int:
     return (GGUF_READING_PROCESSES + gate_predictor) * elements * METADATA_BYTES_PER_ELEMENT
 
 
-def kv_cache_nbytes(num_blocks: int, positions: int, kv_width: int) -> int:
-    """Float32 keys and values of `positions` positions in every block."""
-    return 2 * num_blocks * positions * kv_width * 4
+def kv_cache_nbytes(hparams: HParams, positions: int) -> int:
+    """Float32 keys and values of `positions` positions in every block (MLA, deepseek2: the compressed kv
+    and the shared rope key only, `HParams.kv_floats_per_position`), as `KVCache` allocates them."""
+    return hparams.num_blocks * positions * hparams.kv_floats_per_position * 4
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from tests.support.gpt_oss_models import write_tiny_gpt_oss_gguf
 pytestmark = pytest.mark.llama
 pytest.importorskip("llama_cpp")
 
-from tests.support.llama_reference import llama_greedy, open_llama  # noqa: E402
+from tests.support.llama_reference import assert_tokenizer_matches, llama_greedy, open_llama  # noqa: E402
 
 STEPS = 64
 PROMPT = "the router picks two experts"
@@ -82,13 +82,7 @@ def test_tokenizer_and_chat_template_match_llama_cpp(models):
     info = models["f32"]
     llm = open_llama(info.path)
     tokenizer = load_tokenizer(MoEModel.load(info.path).source.parts[0])
-    for text in TEXTS:
-        for add_special, parse_special in ((True, False), (False, False), (True, True)):
-            expected = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
-            assert tokenizer.encode(text, add_special, parse_special) == expected, (text, add_special, parse_special)
-        ids = tokenizer.encode(text, add_special=False)
-        assert b"".join(tokenizer.token_bytes(token) for token in ids) == b"".join(
-            llm.detokenize([token]) for token in ids), text
+    assert_tokenizer_matches(llm, tokenizer, TEXTS)
     rendered = render_chat(tokenizer, [{"role": "user", "content": "héllo 123"}])
     assert rendered == "<|start|>user<|message|>héllo 123<|end|><|start|>assistant"
     assert tokenizer.encode(rendered, False, True) == llm.tokenize(rendered.encode(), add_bos=False, special=True)

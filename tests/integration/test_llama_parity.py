@@ -38,7 +38,7 @@ from mer.model.model import MoEModel
 from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from tests.support.gguf_models import write_tiny_moe_gguf
-from tests.support.llama_reference import llama_greedy, open_llama
+from tests.support.llama_reference import assert_tokenizer_matches, llama_greedy, open_llama
 from tests.support.reference_forward import ReferenceModel
 
 pytestmark = pytest.mark.llama
@@ -148,10 +148,4 @@ def test_tokenizer_matches_llama_cpp(tmp_path, arch, kind):
     info = write_tiny_moe_gguf(tmp_path / f"{kind}.gguf", arch=arch, n_layers=1, tokenizer=kind, vocab_size=400)
     llm = open_llama(info.path)
     tokenizer = load_tokenizer(MoEModel.load(info.path).source.parts[0])
-    for text in TEXTS:
-        for add_special, parse_special in ((True, False), (False, False), (True, True)):
-            expected = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
-            assert tokenizer.encode(text, add_special, parse_special) == expected, (text, add_special, parse_special)
-        ids = tokenizer.encode(text, add_special=False)
-        assert b"".join(tokenizer.token_bytes(token) for token in ids) == b"".join(
-            llm.detokenize([token]) for token in ids), text
+    assert_tokenizer_matches(llm, tokenizer, TEXTS)

@@ -139,6 +139,16 @@ class _TensorList(list):
         self.append((name, array, raw_dtype))
 
 
+def write_tensors_and_close(writer: GGUFWriter, tensors: _TensorList) -> None:
+    """Add `tensors` to `writer`, write the file and close it."""
+    for name, array, raw_dtype in tensors:
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _add_metadata(writer: GGUFWriter, info: TinyMoEInfo, dense_first_layer: bool, add_bos: bool | None) -> None:
     writer.add_name(f"tiny-{info.arch}-moe")
     writer.add_context_length(info.context_length)
@@ -249,6 +259,28 @@ def _add_spm_vocabulary(writer: GGUFWriter, vocab_size: int) -> None:
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+
+
+def add_special_bpe_vocabulary(writer: GGUFWriter, vocab_size: int, specials: Sequence[str], pre: str, bos: str,
+                               eos: str, add_bos: bool) -> None:
+    """A byte-level BPE vocabulary merged from the built-in text (and "123", "2026"), padded with
+    filler pieces, then the CONTROL tokens `specials`; pre-tokenizer `pre`, BOS/EOS named by text."""
+    alphabet = byte_level_alphabet()
+    room = vocab_size - len(alphabet) - len(specials)
+    space = alphabet[ord(" ")]
+    words = [[*word] for word in VOCABULARY_TEXT.split()[:1]] + [[space, *word] for word in VOCABULARY_TEXT.split()[1:]]
+    merges = train_merges(words + [[*"123"], [*"2026"]], room)
+    tokens = alphabet + ["".join(pair) for pair in merges]
+    tokens += [f"{space}w{index}" for index in range(vocab_size - len(specials) - len(tokens))]
+    tokens += list(specials)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.NORMAL] * (len(tokens) - len(specials)) + [TokenType.CONTROL] * len(specials))
+    writer.add_token_merges([f"{left} {right}" for left, right in merges])
+    writer.add_bos_token_id(tokens.index(bos))
+    writer.add_eos_token_id(tokens.index(eos))
+    writer.add_add_bos_token(add_bos)
 
 
 def _add_bpe_vocabulary(writer: GGUFWriter, vocab_size: int) -> None:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, TokenType
+from gguf import GGUFWriter
 
-from tests.support.gguf_models import VOCABULARY_TEXT, _TensorList, byte_level_alphabet, random_weight_bytes, train_merges
+from tests.support.gguf_models import (_TensorList, add_special_bpe_vocabulary, random_weight_bytes,
+                                       write_tensors_and_close)
 
 GPT_OSS_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
                     "<|end|>", "<|message|>", "<|call|>")
@@ -81,33 +82,12 @@ def write_tiny_gpt_oss_gguf(path: str | Path, *, expert_dtype: str = "mxfp4", de
         writer.add_float32(f"gpt-oss.{key}", value)
     _add_vocabulary(writer, vocab_size)
     writer.add_chat_template(chat_template)
-    for name, array, raw_dtype in _tensors(rng, info):
-        writer.add_tensor(name, array, raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors_and_close(writer, _tensors(rng, info))
     return info
 
 
 def _add_vocabulary(writer: GGUFWriter, vocab_size: int) -> None:
-    alphabet = byte_level_alphabet()
-    room = vocab_size - len(alphabet) - len(GPT_OSS_SPECIALS)
-    space = alphabet[ord(" ")]
-    words = [[*word] for word in VOCABULARY_TEXT.split()[:1]] + [[space, *word] for word in VOCABULARY_TEXT.split()[1:]]
-    merges = train_merges(words + [[*"123"], [*"2026"]], room)
-    tokens = alphabet + ["".join(pair) for pair in merges]
-    tokens += [f"{space}w{index}" for index in range(vocab_size - len(GPT_OSS_SPECIALS) - len(tokens))]
-    tokens += list(GPT_OSS_SPECIALS)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-4o")
-    writer.add_token_list(tokens)
-    writer.add_token_types([TokenType.NORMAL] * (len(tokens) - len(GPT_OSS_SPECIALS))
-                           + [TokenType.CONTROL] * len(GPT_OSS_SPECIALS))
-    writer.add_token_merges([f"{left} {right}" for left, right in merges])
-    writer.add_bos_token_id(tokens.index("<|startoftext|>"))
-    writer.add_eos_token_id(tokens.index("<|return|>"))
-    writer.add_add_bos_token(False)
+    add_special_bpe_vocabulary(writer, vocab_size, GPT_OSS_SPECIALS, "gpt-4o", "<|startoftext|>", "<|return|>", False)
 
 
 def _vector(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:

@@ -50,3 +50,15 @@ def llama_greedy(llm, prompt: list[int], steps: int) -> tuple[list[int], np.ndar
         tokens.append(int(np.argmax(row)))
         llm.eval([tokens[-1]])
     return tokens, np.stack(logits)
+
+
+def assert_tokenizer_matches(llm, tokenizer, texts) -> None:  # type: ignore[no-untyped-def]
+    """mer's `tokenizer` gives llama.cpp's ids for each text (with and without BOS, special tokens parsed
+    or not), and its token bytes are llama.cpp's."""
+    for text in texts:
+        for add_special, parse_special in ((True, False), (False, False), (True, True)):
+            expected = llm.tokenize(text.encode(), add_bos=add_special, special=parse_special)
+            assert tokenizer.encode(text, add_special, parse_special) == expected, (text, add_special, parse_special)
+        ids = tokenizer.encode(text, add_special=False)
+        assert b"".join(tokenizer.token_bytes(token) for token in ids) == b"".join(
+            llm.detokenize([token]) for token in ids), text

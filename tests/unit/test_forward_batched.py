@@ -74,3 +74,19 @@ def test_one_segment_is_the_plain_pass(tmp_path):
     stepped = run_inline(forward_pass.step([Segment(PROMPTS["c"], model.new_kv_cache(64))], all_logits=True))
     np.testing.assert_array_equal(plain.logits, stepped.logits)
     assert plain.logits.shape == (len(PROMPTS["c"]), 384)
+
+
+@pytest.mark.parametrize("style", ["v2-lite", "v3"])
+def test_mla_sequences_stepped_together_get_their_logits_alone(tmp_path, style):
+    """deepseek2: each sequence's compressed KV cache and grouped routing stay its own in a shared pass."""
+    from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
+
+    model = MoEModel.load(write_tiny_deepseek2_gguf(tmp_path / f"{style}.gguf", style=style, dense_dtype="q8_0",
+                                                    seed=1).path)
+    forward_pass = ForwardPass(model, in_process(GGUFExperts(model.source)))
+    batched = together(forward_pass, model)
+    for name, prompt in PROMPTS.items():
+        tokens, logits = alone(forward_pass, model, prompt)
+        for step, (mine, theirs) in enumerate(zip(batched[name], logits)):
+            np.testing.assert_array_equal(mine, theirs, err_msg=f"sequence {name}, step {step}")
+        assert [int(np.argmax(row)) for row in batched[name]] == tokens

@@ -17,6 +17,7 @@ from mer.models import tiny_model_path
 from mer.predict.accuracy import LayerAccuracy
 from mer.predict.fusion import GATE, check_model_for_predictors, fuse, make_predictors
 from mer.predict.gate import GatePredictor, GateTarget, GateWeights, load_gate_predictor
+from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
 from tests.support.gguf_models import write_tiny_moe_gguf
 
 EXPERTS_PER_LAYER = 8  # the tiny model: 4 MoE layers x 8 experts, top-2, d_model 128
@@ -99,6 +100,40 @@ def test_qwen2moe_hints_are_the_routers_choices_with_its_unnormalised_weights(tm
     gate.observe(0, [0, 1])
     assert [hint for hint, _ in gate.predict(2, 2)] == [global_id(layer, e) for layer in (1, 2)
                                                           for e, _ in weights.ranking(layer, hidden[0])[:2]]
+
+
+@pytest.mark.parametrize("style", ["v2-lite", "v3"])
+def test_deepseek2_hints_are_the_routers_choices_with_each_routing_function(tmp_path, style):
+    """deepseek2: softmax scores without renormalisation (v2-lite), or sigmoid scores ranked with the
+    selection bias inside the best groups (v3: 4 groups of 4, 2 used): the top-k of the ranking are the
+    router's experts in its order, the scores its unscaled, unnormalised scores; experts of the groups
+    left out rank last."""
+    info = write_tiny_deepseek2_gguf(tmp_path / f"{style}.gguf", style=style, expert_dtype="q4_0", seed=1)
+    model, weights = MoEModel.load(info.path), GateWeights.load(info.path)
+    function = model.hparams.routing_function
+    assert weights.routing == function and (function.groups, function.score) == (
+        (4, "sigmoid") if style == "v3" else (1, "softmax"))
+    cache = model.new_kv_cache(6)
+    hidden = model.embed([5, 60, 7, 200, 9, 31])
+    positions = next_positions(cache, 0, 6)
+    k = model.hparams.top_k
+    for block in range(model.hparams.num_blocks):
+        hidden = model.attention_block(block, hidden, cache, positions)
+        normed = model.ffn_input(block, hidden)
+        if not model.is_moe_block(block):
+            hidden = hidden + model.dense_ffn(block, normed)
+            continue
+        routing = model.route(block, normed)
+        for row, residual in enumerate(hidden):
+            ranking = weights.ranking(model.moe_layers[block], residual)
+            assert [expert for expert, _ in ranking[:k]] == routing.experts[row].tolist()
+            top = np.array([score for _, score in ranking[:k]], dtype=np.float32)
+            expected = top / top.sum() * np.float32(2.5) if style == "v3" else top * np.float32(1.5)
+            np.testing.assert_allclose(expected, routing.weights[row], rtol=1e-6)
+            if style == "v3":  # the last 8 are the two groups left out
+                kept = {expert // 4 for expert, _ in ranking[:8]}
+                assert len(kept) == 2 and {expert // 4 for expert, _ in ranking[8:]}.isdisjoint(kept)
+        hidden = hidden + model.shared_expert(block, normed)
 
 
 def test_moe_layers_are_numbered_without_the_dense_blocks(tmp_path):

@@ -9,6 +9,7 @@ from mer.errors import ConfigError
 from mer.model.model import MoEModel
 from mer.runtime.ram_budget import (HEADROOM_NBYTES, MIB, dense_nbytes, kv_cache_nbytes, metadata_nbytes, parse_size, plan_cache_slots,
                             processes_nbytes)
+from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
 from tests.support.gguf_models import write_tiny_moe_gguf
 
 
@@ -40,7 +41,18 @@ def test_kv_cache_bytes_are_what_the_kv_cache_allocates(tmp_path):
     model = MoEModel.load(write_tiny_moe_gguf(tmp_path / "m.gguf", n_kv_heads=2).path)
     cache = model.new_kv_cache(37)
     hparams = model.hparams
-    assert kv_cache_nbytes(hparams.num_blocks, 37, hparams.kv_width) == cache.keys.nbytes + cache.values.nbytes
+    assert kv_cache_nbytes(hparams, 37) == cache.keys.nbytes + cache.values.nbytes == cache.nbytes
+
+
+def test_an_mla_kv_cache_holds_the_compressed_form(tmp_path):
+    """deepseek2: per position and block, kv_lora_rank + qk_rope float32 values (64 + 16), not the
+    keys and values of every head (2 x 4 heads x 48); --ram-budget counts the same bytes."""
+    info = write_tiny_deepseek2_gguf(tmp_path / "ds2.gguf", expert_dtype="f32", kv_lora_rank=64, qk_rope=16)
+    model = MoEModel.load(info.path)
+    cache = model.new_kv_cache(37)
+    assert model.hparams.kv_floats_per_position == 64 + 16
+    assert cache.nbytes == kv_cache_nbytes(model.hparams, 37) == info.n_layers * 37 * (64 + 16) * 4
+    assert cache.values is None and cache.keys.shape == (info.n_layers, 37, 1, 80)
 
 
 def test_metadata_counts_every_array_element_in_the_two_processes_that_parse_it(tmp_path):
