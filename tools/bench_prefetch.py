@@ -10,8 +10,9 @@ Three workloads, each with its own store and cache (issue 6):
 - `replay`: the routing the embedded trained model (mer/models/tiny-moe-q8_0.gguf) made while
   generating (`mer-pipeline generate --record-trace --record-hidden`, sampled at T = 0.7 after
   "def ", with each decision's residual), replayed `--layered` on a synthetic store with that
-  model's geometry (4 layers x 8 experts, top-2) but Mixtral-sized q4_0 experts, with a cache of a
-  quarter of its experts (8 slots).
+  model's geometry (read from it: 6 layers x 8 experts, top-2) but Mixtral-sized q4_0 experts, with a
+  cache of a quarter of its experts (12 slots). The store and the trace are named by the geometry
+  and the model file's digest, so a new embedded model never replays an old one's routing.
 
 Modes (`MODES`): `none` (no prefetch, LRU), each predictor alone with the governor off (`markov`,
 `locality`, `affinity`, and on the replay `gate`: the model's next-layer gates applied to the
@@ -86,24 +87,39 @@ def tiny_model() -> str:
     return str(tiny_model_path())
 
 
+def tiny_model_geometry() -> tuple[int, int, int, str]:
+    """The embedded model's MoE layers, experts per layer, top-k, and a short digest of the file (the
+    replay's store and trace are named by them, so a new embedded model never reuses the old ones)."""
+    import hashlib
+
+    from mer.model.model import MoEModel
+
+    path = Path(tiny_model())
+    model = MoEModel.load(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    return len(model.moe_layers), model.hparams.num_experts, model.hparams.top_k, digest
+
+
 def workloads(args) -> dict[str, Workload]:
+    layers, experts, top_k, digest = tiny_model_geometry()
     mixtral_synth = ["--preset", "mixtral-8x7b"]
-    replay_synth = ["--layers", "4", "--experts", "8", "--top-k", "2", "--d-model", "4096", "--d-ff", "14336",
-                    "--dtype", "q4_0"]
+    replay_synth = ["--layers", str(layers), "--experts", str(experts), "--top-k", str(top_k), "--d-model", "4096",
+                    "--d-ff", "14336", "--dtype", "q4_0"]
+    geometry = f"{layers}x{experts}"
     stores, traces = (Path(args.data), Path(args.data)) if args.data else (STORES, TRACES)
-    mixtral, replay_store, slots = stores / "mixtral-8x7b-q4_0", stores / "tiny-geometry-mixtral-q4_0", 64
+    mixtral, replay_store, slots = stores / "mixtral-8x7b-q4_0", stores / f"tiny-geometry-{geometry}-mixtral-q4_0", 64
     if args.quick:
         mixtral_synth, replay_synth = ["--preset", "tiny"], replay_synth[:6] + ["--d-model", "256", "--d-ff", "512",
                                                                                  "--dtype", "q4_0"]
         base = Path(args.data) if args.data else Path("/tmp")
-        mixtral, replay_store, slots = base / "mer-bench-tiny", base / "mer-bench-tiny-geometry", 4
-    trace = traces / "tiny-moe-sampled-hidden.trace"
+        mixtral, replay_store, slots = base / "mer-bench-tiny", base / f"mer-bench-tiny-geometry-{geometry}", 4
+    trace = traces / f"tiny-moe-{digest}-sampled-hidden.trace"
     flat_tokens, replay_tokens = args.tokens or (40 if args.quick else 200), args.tokens or (40 if args.quick else 100)
     return {
         "markov": Workload("markov", mixtral, mixtral_synth, slots, 2, flat_tokens, ["--workload", "markov"]),
         "skewed": Workload("skewed", mixtral, mixtral_synth, slots, 2, flat_tokens,
                            ["--workload", "skewed", "--zipf-s", "1.2", "--workload-correlation", "0.7"]),
-        "replay": Workload("replay", replay_store, replay_synth, 8, 4, replay_tokens,
+        "replay": Workload("replay", replay_store, replay_synth, layers * experts // 4, 4, replay_tokens,
                            ["--workload", "replay", "--layered", "--trace", str(trace)], trace),
     }
 

@@ -2,8 +2,8 @@
 
     python tools/export_tiny_moe.py build/tiny-moe.pt mer/models/tiny-moe-q8_0.gguf
 
-Metadata: `llama.*` hyper-parameters with `expert_count` / `expert_used_count`, and the byte-level
-SentencePiece vocabulary of `tools/tiny_moe_data.py` (`add_space_prefix = false`, BOS added, no EOS).
+Metadata: `llama.*` hyper-parameters with `expert_count` / `expert_used_count`, and the
+SentencePiece vocabulary of `tools/tiny_moe_data.py` (bytes, U+2581 and the learned pieces, scored -rank) (`add_space_prefix = false`, BOS added, no EOS).
 Tensors: `token_embd`, per block `attn_{norm,q,k,v,output}`, `ffn_norm`, the router `ffn_gate_inp`
 and the merged experts `ffn_{gate,up,down}_exps` ([experts, rows, columns]), `output_norm`, `output`.
 Every matrix is q8_0 (quantized by `gguf.quants`; `--type f32` keeps float32) except the router;
@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_moe_data import BOS_ID, EOS_ID, UNK_ID, token_strings  # noqa: E402
+from tiny_moe_data import BASE_TOKENS, BOS_ID, EOS_ID, UNK_ID, token_scores, token_strings  # noqa: E402
 
 ARCH = "llama"
 MATRIX_TYPES = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "f32": LlamaFileType.ALL_F32}
@@ -30,7 +30,7 @@ MATRIX_TYPES = {"q8_0": LlamaFileType.MOSTLY_Q8_0, "f32": LlamaFileType.ALL_F32}
 
 def _add_metadata(writer: GGUFWriter, config: dict, args: dict, history: list[dict], file_type: LlamaFileType) -> None:
     head_dim = config["d_model"] // config["n_heads"]
-    writer.add_name("mer tiny MoE (Python stdlib, byte-level)")
+    writer.add_name("mer tiny MoE (Python stdlib)")
     writer.add_description(
         f"Mixtral-style MoE trained by mer's tools/train_tiny_moe.py for {args['steps']} steps (seed {args['seed']}) "
         f"on the .py files of the Python standard library; held-out "
@@ -56,9 +56,9 @@ def _add_vocabulary(writer: GGUFWriter) -> None:
     tokens = token_strings()
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * len(tokens))
-    writer.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
-                           + [TokenType.BYTE] * 256 + [TokenType.NORMAL])
+    writer.add_token_scores(list(token_scores()))
+    writer.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+                           + [TokenType.NORMAL] * (len(tokens) - len(BASE_TOKENS) + 1))
     writer.add_unk_token_id(UNK_ID)
     writer.add_bos_token_id(BOS_ID)
     writer.add_eos_token_id(EOS_ID)
@@ -100,6 +100,9 @@ def export(checkpoint_path: Path, gguf_path: Path, matrix_type: str = "q8_0") ->
         raise ValueError(f"matrix_type must be one of {sorted(MATRIX_TYPES)}, got {matrix_type!r}")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     config = checkpoint["config"]
+    if config["vocab_size"] != len(token_strings()):
+        raise SystemExit(f"{checkpoint_path}: trained with a vocabulary of {config['vocab_size']} tokens, but "
+                         f"tools/tiny_moe_vocab.json gives {len(token_strings())}: export with the vocabulary it was trained on")
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(gguf_path, ARCH)
     _add_metadata(writer, config, checkpoint["args"], checkpoint["history"], MATRIX_TYPES[matrix_type])

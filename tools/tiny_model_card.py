@@ -5,7 +5,7 @@
 
 On `--windows` fixed windows of `--length` tokens of the held-out files (`tools/tiny_moe_data.py`):
 - held-out bits per byte (`tools/held_out_scoring.py`): the whole-window measure (mer's forward pass,
-  every next-token prediction of each window, q8_0 as shipped) against a unigram byte model of the
+  every next-token prediction of each window, q8_0 as shipped) against a unigram model of the tokens of the
   training files; and llama-perplexity's scoring (BOS first, the second half of each window scored)
   by mer (`mer.model.perplexity`) and by llama.cpp (llama-cpp-python) on the same ids, with their
   relative difference;
@@ -150,7 +150,10 @@ def held_out_figures(model: MoEModel, model_path: Path, windows: np.ndarray, tra
         figures["second_half"]["relative_difference"] = mer_half.bits_per_byte / llama_half.bits_per_byte - 1
     started = time.perf_counter()
     figures["routing"] = {"expert_usage_entropy_bits": expert_usage_entropy(trace_path),
-                          "token_expert_information_bits": expert_token_information(trace_path, windows.reshape(-1))}
+                          "token_expert_information_bits": expert_token_information(trace_path, windows.reshape(-1)),
+                          # the estimator's bias on this many tokens: the same with the token ids shuffled
+                          "token_expert_information_shuffled_bits": expert_token_information(
+                              trace_path, np.random.default_rng(0).permutation(windows.reshape(-1)))}
     timer.part("routing", started)
     return figures, passes
 
@@ -233,7 +236,8 @@ def print_card(card: dict) -> None:
     print(f"{line} ({half['mer']['tokens']} tokens scored, {half['mer']['bytes']} bytes)")
     print("expert-usage entropy per layer (bits):", _per_layer(held["routing"]["expert_usage_entropy_bits"]))
     print("information between token and experts per layer (bits):",
-          _per_layer(held["routing"]["token_expert_information_bits"]))
+          _per_layer(held["routing"]["token_expert_information_bits"]), "; token ids shuffled (estimator bias):",
+          _per_layer(held["routing"]["token_expert_information_shuffled_bits"]))
     gate = card["gate"]
     print(f"next-layer gate accuracy, top-k/top-1 per target layer: ranking {_gate_line(gate['ranking'])}; "
           f"as prefetched (gate_min_ratio {gate['configured_min_ratio']:g}) {_gate_line(gate['as_prefetched'])}")

@@ -8,14 +8,15 @@ The model is what llama.cpp builds for arch `llama` with `expert_count`: RMSNorm
 1e-5), grouped-query attention with RoPE on (2i, 2i+1) pairs (llama's "normal" rope type, theta
 10000), every block's FFN a mixture of SwiGLU experts (softmax over all experts, top-k,
 renormalised), final RMSNorm and an untied output head. Vocabulary and data: `tools/tiny_moe_data.py`
-(260 byte-level tokens; the standard library's `.py` files, ~5% of them held out by path).
+(4,096 SentencePiece tokens: bytes, U+2581 and 3,836 learned pieces; the standard library's `.py` files, ~5% of them held out by path).
 
 Training: AdamW, linear warm-up then cosine decay, gradient clipping at 1, random windows of
 `--context` tokens, cross-entropy plus a Switch-style load-balancing loss
 (`--balance` x n_experts x sum_i fraction_i x mean_probability_i) that keeps the routing spread without
 making it uniform. Everything is seeded (`--seed`) and runs on `--threads` CPU threads, so a run is
 reproducible on the same machine and torch build. Progress and the held-out loss in bits per byte
-(every token is one byte, except U+2581 which is three) are printed as it goes; the checkpoint
+(the predicted tokens' bits over the bytes of text they stand for, `tiny_moe_data.token_byte_counts`)
+are printed as it goes; the checkpoint
 (weights, config, history, and the optimizer's and data order's state) is written every
 `--eval-every` steps and at the end, so `--resume` continues an interrupted run where its last
 checkpoint left it, with the same data order and losses as an uninterrupted run.
@@ -36,24 +37,29 @@ import torch.nn.functional as functional
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_moe_data import VOCAB_SIZE, corpus_ids, split_files  # noqa: E402
+import tiny_moe_data  # noqa: E402
+from tiny_moe_data import corpus_ids, split_files, token_byte_counts  # noqa: E402
 
 
 @dataclass(frozen=True)
 class TinyMoEConfig:
     """The architecture (what the export writes into the GGUF)."""
 
-    vocab_size: int = VOCAB_SIZE
-    d_model: int = 128
-    n_layers: int = 4
+    vocab_size: int = 0  # the vocabulary's size (tools/tiny_moe_vocab.json) unless given
+    d_model: int = 192
+    n_layers: int = 6
     n_heads: int = 8
     n_kv_heads: int = 2
     n_experts: int = 8
     top_k: int = 2
-    d_ff: int = 256
+    d_ff: int = 512
     context: int = 256
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not self.vocab_size:
+            object.__setattr__(self, "vocab_size", tiny_moe_data.VOCAB_SIZE)
 
     @property
     def head_dim(self) -> int:
@@ -172,6 +178,9 @@ class TinyMoE(nn.Module):
         return self.output(self.output_norm(x)), torch.stack(balances).mean(), counts
 
 
+BYTE_COUNTS = token_byte_counts()  # bytes of text per id: bits per byte = bits / these
+
+
 def random_windows(data: np.ndarray, rng: np.random.Generator, batch: int, length: int) -> torch.Tensor:
     starts = rng.integers(0, len(data) - length - 1, size=batch)
     return torch.from_numpy(np.stack([data[s : s + length + 1] for s in starts]).astype(np.int64))
@@ -179,7 +188,7 @@ def random_windows(data: np.ndarray, rng: np.random.Generator, batch: int, lengt
 
 @torch.no_grad()
 def held_out_bits_per_byte(model: TinyMoE, data: np.ndarray, windows: int, length: int) -> float:
-    """Mean next-token cross-entropy in bits over `windows` evenly spaced held-out windows."""
+    """Next-token cross-entropy in bits per byte of text over `windows` evenly spaced held-out windows."""
     model.eval()
     starts = np.linspace(0, len(data) - length - 2, windows).astype(np.int64)
     batch = torch.from_numpy(np.stack([data[s : s + length + 1] for s in starts]).astype(np.int64))
@@ -188,14 +197,14 @@ def held_out_bits_per_byte(model: TinyMoE, data: np.ndarray, windows: int, lengt
         logits, _, _ = model(chunk[:, :-1])
         total += functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum").item()
     model.train()
-    return total / batch[:, 1:].numel() / math.log(2)
+    return total / math.log(2) / int(BYTE_COUNTS[batch[:, 1:].numpy()].sum())
 
 
 def unigram_bits_per_byte(train: np.ndarray, held_out: np.ndarray) -> float:
-    """Cross-entropy in bits of a unigram model (add-one smoothed training counts) on held-out ids."""
-    counts = np.bincount(train, minlength=VOCAB_SIZE).astype(np.float64) + 1.0
+    """Cross-entropy in bits per byte of a unigram model (add-one smoothed training counts) on held-out ids."""
+    counts = np.bincount(train, minlength=len(BYTE_COUNTS)).astype(np.float64) + 1.0
     log_probabilities = np.log2(counts / counts.sum())
-    return float(-log_probabilities[held_out[1:]].mean())
+    return float(-log_probabilities[held_out[1:]].sum() / BYTE_COUNTS[held_out[1:]].sum())
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -238,17 +247,17 @@ def resume_state(path: Path, args: argparse.Namespace) -> dict:
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("build/tiny-moe.pt"))
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=3600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--d-ff", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=192)
+    parser.add_argument("--d-ff", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=4e-3)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--balance", type=float, default=0.01)
     parser.add_argument("--eval-every", type=int, default=250)
@@ -300,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         (loss + args.balance * balance).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        window_loss.append(loss.item() / math.log(2))
+        window_loss.append(loss.item() / math.log(2) * batch[:, 1:].numel() / int(BYTE_COUNTS[batch[:, 1:].numpy()].sum()))
         if (step + 1) % 25 == 0:
             usage = " ".join(f"{(c.max().item() / c.sum().item()):.2f}" for c in counts)
             print(f"step {step + 1}/{args.steps} train {np.mean(window_loss):.3f} bits/byte, balance "

@@ -106,7 +106,7 @@ def plot_training_curve(curve: TrainingCurve, png: Path, title: str = "tiny MoE 
                   label="held-out")
     if curve.unigram is not None:
         axes.axhline(curve.unigram, color="gray", linestyle="--", linewidth=1,
-                     label=f"unigram byte model ({curve.unigram:.2f})")
+                     label=f"unigram model of the tokens ({curve.unigram:.2f})")
     axes.set_xlabel("step" + (f" (of {curve.total_steps})" if curve.total_steps else ""))
     axes.set_ylabel("bits per byte")
     axes.set_ylim(0, None)

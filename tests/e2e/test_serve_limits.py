@@ -36,7 +36,8 @@ API_KEY = "sk-test-4b1d"
 BURST = 10
 PREFILL_CHUNK = 4
 KV_POSITIONS = 600
-LONG_PROMPT = "def parse(text):\n    for line in text.splitlines():\n        if line:"
+LONG_PROMPT = ("def parse(text):\n    for line in text.splitlines():\n        if line and not line.startswith('#'):\n"
+               "            key, value = line.split('=', 1)\n            if key:")  # 40 tokens: 10 chunks
 EXIT_SIGTERM = 143
 EXIT_SIGINT = 130
 

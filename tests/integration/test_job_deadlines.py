@@ -147,11 +147,11 @@ def test_a_read_slower_than_the_job_deadline_is_never_called_stuck(leak_guard, p
 
 def test_one_expert_on_more_rows_than_the_deadline_allows_reports_progress_between_chunks_and_is_never_stuck(
         leak_guard, tmp_path):
-    """A prefill of 216 tokens: an expert gets up to 94 of its rows in one item, and `slow_row:0.008` makes
+    """A prefill of 221 tokens: an expert gets up to 178 of its rows in one item, and `slow_row:0.008` makes
     every row 8 ms longer, busy on the CPU (a slow kernel): one item alone lasts longer than the deadline of
     0.6 s, but the worker reports progress between chunks of `PROGRESS_CHUNK_ROWS` rows (0.26 s each)."""
     deadline_s, slow_row_s = 0.6, 0.008
-    prompt = " ".join(f"def f{i}(x): return x + {i}" for i in range(9))
+    prompt = " ".join(f"def f{i}(x): return x + {i}" for i in range(23))
     result, expected = generation(leak_guard, tmp_path, f"slow_row:{slow_row_s}", prompt, 3,
                                   "--job-deadline-s", deadline_s)
     events = result.events

@@ -5,16 +5,17 @@
   (BOS first, second halves scored) by mer (`mer.model.perplexity`) within the same tolerance of the
   card's value and within `ENGINE_TOLERANCE` (relative) of llama.cpp's on the same ids (q8_0 in both:
   an activation element on a q8_0 rounding boundary may round the other way, docs/model.md, and the
-  difference carries on to the window's end; measured 2.5e-4 on these windows);
-- bytes: the byte vocabulary's tokens are one byte each (a space too), BOS / EOS none;
+  difference carries on to the window's end; measured 2.9e-4 on these windows);
+- bytes: each token stands for its piece's bytes (U+2581 a space), BOS / EOS for none, in mer's
+  tokenizer as in the training's own count (`tiny_moe_data.token_byte_counts`);
 - next-layer gate accuracy as the tool computes it with mer's predictor code, against a direct numpy
   computation from the GGUF's f32 router and norm tensors (read with the `gguf` library) on the same
   residuals (6 of the windows): equal counts per target layer, both for the gate's ranking and with
   the configured probability floor;
 - the same counts as the `gate` line of a live `mer-pipeline generate --predictors gate` run (the process
   graph, its predictor process) reports, over the run's own tokens (prompt and generated);
-- a completion judged by the tool is the model's own greedy continuation: llama.cpp's greedy tokens
-  from the same prompt are the same;
+- a completion judged by the tool is the model's own greedy continuation in mer, and llama.cpp's greedy
+  tokens from the same prompt are the same up to the first near-tie (top-2 margins < `NEAR_TIE`);
 - the command with `--json` on a small setting prints one object with every part, and the PNG.
 """
 
@@ -37,12 +38,13 @@ from tools.gate_accuracy import gate_accuracy, recorded_pass
 from tools.header_completions import complete, prompt_of
 from tools.held_out_scoring import (
     llama_second_half, mer_second_half, score_of, token_byte_counts, whole_window_nlls, window_plan)
-from tools.tiny_moe_data import BOS_ID, EOS_ID, SPACE_ID, encode, held_out_windows
+from tools.tiny_moe_data import BOS_ID, EOS_ID, SPACE_ID, UNK_ID, encode, held_out_windows, token_strings
+from tools.tiny_moe_data import token_byte_counts as training_byte_counts
 
 pytestmark = pytest.mark.slow  # the card's windows through mer and llama.cpp, a live generation: ~45 s on 2 loaded cores
 
-CARD_WHOLE_WINDOW = 1.721  # docs/tiny-model.md: the shipped q8_0 model, 16 windows of 256, bits/byte
-CARD_SECOND_HALF = 1.679  # docs/tiny-model.md: the same windows scored as llama-perplexity scores
+CARD_WHOLE_WINDOW = 1.174  # docs/tiny-model.md: the shipped q8_0 model, 16 windows of 256, bits/byte
+CARD_SECOND_HALF = 1.101  # docs/tiny-model.md: the same windows scored as llama-perplexity scores
 CARD_TOLERANCE = 0.01  # bits/byte: numpy / BLAS builds may sum in another order; a model change moves it more
 ENGINE_TOLERANCE = 1e-3  # relative, mer against llama.cpp on the same q8_0 model and ids
 
@@ -62,12 +64,18 @@ def passes(model, windows):
     return [recorded_pass(model, window) for window in windows]
 
 
-def test_the_byte_vocabulary_s_tokens_stand_for_one_byte_and_bos_eos_for_none(model):
+def test_each_token_stands_for_its_piece_s_bytes_and_bos_eos_for_none(model):
     counts = token_byte_counts(load_tokenizer(model.source.parts[0]))
+    # the unknown token (id 0, in no text) renders as U+2585 in mer as in llama.cpp; the training counts it as none
+    assert counts[UNK_ID] == len("\u2585".encode()) and training_byte_counts()[UNK_ID] == 0
+    assert counts[1:].tolist() == training_byte_counts()[1:].tolist()
     assert counts[SPACE_ID] == 1 and counts[BOS_ID] == counts[EOS_ID] == 0
     assert set(counts[3:259].tolist()) == {1}
+    pieces = token_strings()
+    indent = pieces.index("\u2581" * 8)
+    assert counts[indent] == 8 and counts[pieces.index("self")] == 4
     text = "def f(x):\n    return x  # é\n"
-    assert counts[encode(text)].sum() == len(text.encode())
+    assert counts[encode(text)].sum() == len(text.encode()) and len(encode(text)) < len(text.encode()) / 2
     score = score_of(np.full(3, math.log(2.0)) * [1, 2, 3], np.array([SPACE_ID, EOS_ID, 3 + ord("a")]), counts)
     assert (score.bits_per_byte, score.bits_per_token, score.text_bytes) == (pytest.approx(3.0), pytest.approx(2.0), 2)
 
@@ -137,7 +145,8 @@ def test_gate_accuracy_is_the_direct_computation(model, passes):
             assert (counts.predictions, counts.top1_hits, counts.topk_found, counts.topk_observed) == direct[layer], (
                 min_ratio, layer)
             assert counts.predictions == len(some) * 256
-        assert all(tool[layer].topk_found > 0.25 * tool[layer].topk_observed for layer in tool)  # above chance (2/8)
+        if min_ratio == 0.0:  # the ranking's best 2 are above chance (2 of 8); with the floor fewer are hinted
+            assert all(tool[layer].topk_found > 0.25 * tool[layer].topk_observed for layer in tool)
 
 
 def test_gate_accuracy_is_what_a_live_generation_reports(model, leak_guard, tmp_path):
@@ -157,17 +166,38 @@ def test_gate_accuracy_is_what_a_live_generation_reports(model, leak_guard, tmp_
         assert layer.counts.predictions == len(ran)
 
 
+NEAR_TIE = 0.05  # logits: q8_0 rounding moves the two engines' logits by ~2e-2 here (measured 0.018 / 0.027)
+
+
 @pytest.mark.llama
 def test_a_judged_completion_is_the_model_s_greedy_continuation(model):
+    """The judged text is mer's greedy continuation (exactly), and llama.cpp's greedy tokens are the same
+    up to the first near-tie, if any: for `def parse_args(argv):` the two best logits at step 25 are
+    0.018 apart in mer and 0.027 in llama.cpp, in opposite order (a q8_0 rounding difference)."""
     pytest.importorskip("llama_cpp")
+    from mer.model.experts import GGUFExperts
+    from mer.model.generate import generate
     from tests.support.llama_reference import llama_greedy, open_llama
 
-    header = "def parse_args(argv):"
-    completion = complete(model, header, Sampler(), max_tokens=48)
+    header, steps = "def parse_args(argv):", 48
+    completion = complete(model, header, Sampler(), max_tokens=steps)
     tokenizer = load_tokenizer(model.source.parts[0])
-    theirs, _ = llama_greedy(open_llama(tiny_model_path()), tokenizer.encode(prompt_of(header)), completion.tokens)
-    assert completion.generated == tokenizer.decode(theirs)
+    prompt = tokenizer.encode(prompt_of(header))
+    ours = generate(model, prompt, steps, Sampler(), GGUFExperts(model.source), keep_logits=True)
+    assert completion.generated == tokenizer.decode(ours.tokens) and completion.tokens == len(ours.tokens)
     assert completion.source == prompt_of(header) + completion.kept and completion.generated.startswith(completion.kept)
+    theirs, their_logits = llama_greedy(open_llama(tiny_model_path()), prompt, len(ours.tokens))
+    differing = [step for step, (a, b) in enumerate(zip(ours.tokens, theirs)) if a != b]
+    if differing:
+        step = differing[0]
+        margins = [margin(ours.step_logits[step]), margin(their_logits[step])]
+        print(f"greedy tokens differ from step {step}: top-2 margins mer {margins[0]:.3f}, llama.cpp {margins[1]:.3f}")
+        assert step >= 16 and max(margins) < NEAR_TIE, (step, margins)
+
+
+def margin(logits: np.ndarray) -> float:
+    top = np.sort(logits)[-2:]
+    return float(top[1] - top[0])
 
 
 def test_the_command_prints_every_part_as_json(model, tmp_path, capsys):

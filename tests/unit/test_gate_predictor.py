@@ -20,7 +20,8 @@ from mer.predict.gate import GatePredictor, GateTarget, GateWeights, load_gate_p
 from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
 from tests.support.gguf_models import write_tiny_moe_gguf
 
-EXPERTS_PER_LAYER = 8  # the tiny model: 4 MoE layers x 8 experts, top-2, d_model 128
+EXPERTS_PER_LAYER = 8  # the tiny model: 6 MoE layers x 8 experts, top-2, d_model 192
+MOE_LAYERS = 6
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def numpy_gate_probabilities(path, block: int, hidden: np.ndarray, eps: float) -
 
 def test_the_ranking_is_the_softmax_of_the_gate_computed_with_plain_numpy(tiny):
     model, weights = tiny
-    assert weights.num_layers == 4 and weights.num_experts == EXPERTS_PER_LAYER and weights.d_model == 128
+    assert weights.num_layers == MOE_LAYERS and weights.num_experts == EXPERTS_PER_LAYER and weights.d_model == 192
     for moe_layer in range(weights.num_layers):
         for hidden in residuals(model):
             expected = numpy_gate_probabilities(tiny_model_path(), moe_layer, hidden, model.hparams.rms_norm_eps)
@@ -173,11 +174,12 @@ def test_nothing_is_predicted_past_the_last_layer_or_without_the_decisions_resid
     model, weights = tiny
     hidden = residuals(model)[1]
     gate = GatePredictor(weights, global_id)
-    gate.observe_hidden(9, 2, hidden)
-    gate.observe(2, [16, 17])
-    assert [expert // EXPERTS_PER_LAYER for expert, _ in gate.predict(2, 2)] == [3, 3]  # depth cut at the last
-    gate.observe_hidden(9, 3, hidden)
-    gate.observe(3, [24, 25])
+    last = MOE_LAYERS - 1
+    gate.observe_hidden(9, last - 1, hidden)
+    gate.observe(last - 1, [global_id(last - 1, 0), global_id(last - 1, 1)])
+    assert [expert // EXPERTS_PER_LAYER for expert, _ in gate.predict(2, 2)] == [last, last]  # depth cut at the last
+    gate.observe_hidden(9, last, hidden)
+    gate.observe(last, [global_id(last, 0), global_id(last, 1)])
     assert gate.predict(2, 1) == [] and gate.targets == []  # the last MoE layer: nothing to predict
     gate.observe(0, [0, 1])  # a decision without its residual
     assert gate.predict(2, 1) == []
@@ -255,9 +257,9 @@ def test_a_replay_needs_only_the_models_routing_geometry_in_the_store():
         geometry = Geometry("llama", layers, layers, experts, 2, d_model, 512)
         return SimpleNamespace(geometry=geometry, expert_id=lambda layer, expert: layer * experts + expert)
 
-    gate = load_gate_predictor(str(tiny_model_path()), store(4, 8, 4096), 1.5, replay=True)  # Mixtral-sized experts
+    gate = load_gate_predictor(str(tiny_model_path()), store(MOE_LAYERS, 8, 4096), 1.5, replay=True)  # Mixtral-sized
     assert gate.global_id(3, 5) == 29 and gate.min_probability == 1.5 / 8
-    with pytest.raises(ConfigError, match=r"4 MoE layers x 8 experts, the store has 2 x 8: the replayed routing"):
+    with pytest.raises(ConfigError, match=rf"{MOE_LAYERS} MoE layers x 8 experts, the store has 2 x 8: the replayed"):
         load_gate_predictor(str(tiny_model_path()), store(2, 8, 128), replay=True)
 
 

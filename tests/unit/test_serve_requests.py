@@ -54,7 +54,7 @@ def test_completion_defaults_and_fields(served, tokenizer):
     ({"prompt": "def ", "presence_penalty": 0.5}, "presence_penalty", 400),
     ({"prompt": "def ", "logprobs": 6}, "logprobs", 400),
     ({"prompt": ["a", "b"]}, "prompt", 400),
-    ({"prompt": [1, 999]}, "prompt", 400),
+    ({"prompt": [1, 4096]}, "prompt", 400),  # the embedded model's vocabulary has 4096 ids
     ({"prompt": [5] * 300}, "prompt", 400),
     ({"prompt": "def ", "model": "gpt-4"}, "model", 404),
 ])

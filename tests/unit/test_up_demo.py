@@ -17,8 +17,8 @@ from mer.model.model import MoEModel
 from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
 
-TINY = ExpertFormat.build(128, 256, ("q8_0",) * 3)  # the embedded model's experts
-WIDER = ExpertFormat.build(256, 512, ("q8_0",) * 3)
+TINY = ExpertFormat.build(128, 256, ("q8_0",) * 3)  # the first embedded model's experts: d_ff 256
+WIDER = ExpertFormat.build(192, 512, ("q8_0",) * 3)  # today's embedded model's experts: d_ff 512
 MIXTRAL = ExpertFormat.build(4096, 14336, ("q4_0",) * 3)
 
 
@@ -53,8 +53,8 @@ def test_the_choice_says_why_it_starts_fewer_workers_than_the_cores_allow():
 
 
 def test_the_demo_cache_holds_half_the_experts_and_at_least_one_layers_k():
-    assert demo_cache_slots(32, 2) == 16  # the embedded model: 4 layers x 8 experts
-    assert demo_cache_slots(48, 2) == 24
+    assert demo_cache_slots(32, 2) == 16
+    assert demo_cache_slots(48, 2) == 24  # the embedded model: 6 layers x 8 experts
     assert demo_cache_slots(3, 2) == 2
     with pytest.raises(ValueError):
         demo_cache_slots(0, 2)
@@ -78,10 +78,12 @@ def stream_text(tokenizer, prompt: str, completion: str) -> tuple[str, list[str]
 
 
 def test_the_block_is_the_prompt_and_completion_with_its_trailing_whitespace_dropped(tokenizer):
-    text, seen = stream_text(tokenizer, "def ", "main():\n    return 0\n  \n\n\t \n")
+    completion = "main():\n    return 0\n  \n\n\t \n"
+    text, seen = stream_text(tokenizer, "def ", completion)
     assert text == "def main():\n    return 0\n"
     assert seen[0] == "def"  # the prompt shows at once; its space waits for what follows it
-    assert seen[1] == "def m"
+    first = tokenizer.decode(tokenizer.encode(completion, add_special=False)[:1])
+    assert first and seen[1] == "def " + first  # the space shows with the first token
     assert "def main():\n    return 0" in seen and seen[-1] == "def main():\n    return 0"
 
 
