@@ -11,10 +11,9 @@
   llama-perplexity does (`tests/support/perplexity_reference.llama_log_softmax`).
 
 Bits per byte = (sum of the scored tokens' negative log-likelihoods in nats) / ln 2 / (the bytes those
-tokens stand for). The byte vocabulary (tools/tiny_moe_data.py) gives each byte token one byte, the
-space token one byte (a space), and BOS / EOS none (`Tokenizer.token_bytes`), so for windows inside a
-file bits per byte = bits per token; a file boundary (EOS, BOS) inside a window costs bits but adds no
-byte.
+tokens stand for, `Tokenizer.token_bytes`): in the tiny model's vocabulary (tools/tiny_moe_data.py) a
+byte token is one byte, a piece its characters' UTF-8 bytes (U+2581 a space), BOS / EOS none; a file
+boundary (EOS, BOS) inside a window costs bits but adds no byte.
 """
 
 from __future__ import annotations

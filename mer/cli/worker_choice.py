@@ -6,8 +6,8 @@ but the router sends work only to as many workers as an expert has d_ff slices
 `expert_slices`). A worker beyond that never gets a job and only costs a process (its start-up,
 kernel compiles, ~96 MiB) and a core's time slices. `choose_compute_workers` keeps the machine's count
 unless the model gives fewer workers work; it is used only when neither a flag nor the config file
-names the count. Measured on the embedded model (d_ff 256: one slice), 2 cores: docs/pipeline.md,
-"How many compute workers".
+names the count. Measured on the first embedded model (d_ff 256: one slice), 2 cores: docs/pipeline.md,
+"How many compute workers" (today's embedded model has d_ff 512, two slices: both workers have work).
 """
 
 from __future__ import annotations
