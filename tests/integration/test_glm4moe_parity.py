@@ -21,7 +21,7 @@ import pytest
 from mer.errors import UnsupportedModelError
 from mer.model.model import MoEModel
 from mer.model.tokenizer import load_tokenizer
-from mer.runtime.ram_budget import dense_nbytes
+from mer.runtime.ram_budget import dense_nbytes, kv_cache_nbytes
 from tests.support.glm4moe_models import write_tiny_glm4moe_gguf
 
 pytestmark = pytest.mark.llama
@@ -78,7 +78,8 @@ def test_the_nextn_block_is_never_loaded_nor_counted(tmp_path):
     assert [layer.block for layer in source.layers] == [1, 2] and source.nextn_blocks == 1
     assert source.geometry.num_layers == 3 and source.geometry.num_moe_layers == 2
     assert {layer.dtypes for layer in source.layers} == {("q4_0",) * 3}
-    assert len(model.weights.blocks) == 3
+    assert len(model.weights.blocks) == 3 and model.new_kv_cache(8).keys.shape == (3, 8, 2, 32)
+    assert kv_cache_nbytes(model.hparams, 8) == 3 * 8 * 2 * (2 * 32) * 4  # keys and values of the 3 blocks run
     nextn = [tensor for part in source.parts for tensor in part.tensors if tensor.name.startswith("blk.3.")]
     assert {"blk.3.nextn.eh_proj.weight", "blk.3.ffn_up_exps.weight", "blk.3.attn_q.weight"} <= {t.name for t in nextn}
     everything_else = sum(tensor.nbytes for part in source.parts for tensor in part.tensors
