@@ -46,7 +46,13 @@ def rope_tables(
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:
-    """Rotate `x` `[tokens, heads, head_dim]` by the angles `[tokens, head_dim // 2]`."""
+    """Rotate `x` `[tokens, heads, head_dim]` by the angles `[tokens, n // 2]`: the first n values of each
+    head (ggml's `n_dims`; glm4moe rotates part of each head), the others pass unchanged."""
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:
+        out = x.copy()
+        out[..., :rotated] = apply_rope(x[..., :rotated], cos, sin, style)
+        return out
     cos, sin = cos[:, None, :], sin[:, None, :]
     out = np.empty_like(x)
     half = x.shape[-1] // 2

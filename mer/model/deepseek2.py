@@ -83,7 +83,7 @@ def deepseek2_hparams(keys: "_Metadata", rules: "ArchitectureRules", architectur
         num_experts=num_experts, top_k=top_k, expert_weights_scale=keys.number("expert_weights_scale", 0.0),
         leading_dense_blocks=keys.integer("leading_dense_block_count", 0, minimum=0), expert_d_ff=expert_d_ff,
         shared_expert_d_ff=expert_d_ff * keys.integer("expert_shared_count"),
-        routing=_routing_function(keys, num_experts), yarn=_yarn(keys),
+        routing=routing_function(keys, num_experts), yarn=_yarn(keys),
         mla=MLAShape(keys.integer("attention.q_lora_rank", 0, minimum=0), kv_lora_rank, head_dim - qk_rope, qk_rope,
                      v_head),
     )
@@ -96,14 +96,16 @@ def _yarn(keys: "_Metadata") -> YarnRope:
     return read_yarn(keys, keys.integer("context_length"), float(log_multiplier))
 
 
-def _routing_function(keys: "_Metadata", num_experts: int) -> RoutingFunction:
+def routing_function(keys: "_Metadata", num_experts: int, unset: str = SCORE_SOFTMAX) -> RoutingFunction:
+    """The routing function of the keys; `unset` is the score of an absent or 0 `expert_gating_func`
+    (deepseek2: softmax; glm4moe: sigmoid)."""
     from mer.model.hparams import check
 
     path, prefix = keys.part.path, keys.prefix
     gating = keys.integer("expert_gating_func", 0, minimum=0)
     if gating not in GATING_FUNCTIONS:
         raise UnsupportedModelError(f"{path}: {prefix}.expert_gating_func {gating} is not supported "
-                                    f"(0, 1: softmax; 2: sigmoid; 3: softmax over the top-k)")
+                                    f"(1: softmax; 2: sigmoid; 3: softmax over the top-k; 0: {unset})")
     normalize = keys.part.value(f"{prefix}.expert_weights_norm")
     if normalize is not None and not isinstance(normalize, bool):
         raise UnsupportedModelError(f"{path}: metadata key {prefix}.expert_weights_norm is {normalize!r}, "
@@ -115,5 +117,5 @@ def _routing_function(keys: "_Metadata", num_experts: int) -> RoutingFunction:
               f"expert_count {num_experts} is not a multiple of expert_group_count {groups}")
         check(path, 1 <= groups_used <= groups,
               f"expert_group_used_count {groups_used} must be in 1..expert_group_count {groups}")
-    return RoutingFunction(GATING_FUNCTIONS[gating], bool(normalize), keys.number("expert_weights_scale", 0.0),
+    return RoutingFunction(GATING_FUNCTIONS[gating] if gating else unset, bool(normalize), keys.number("expert_weights_scale", 0.0),
                            max(groups, 1), groups_used if groups > 1 else 1)

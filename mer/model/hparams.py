@@ -12,6 +12,7 @@ Supported architectures (`general.architecture`) and what llama.cpp fixes in cod
 | `qwen2moe` | neox: (i, i + n/2)  | none (q/k/v biases instead)       | softmax, top-k, not renormalised; plus a shared expert (`mer.model.shared_expert`) |
 | `gpt-oss`  | neox, YaRN          | none (biases, sinks, sliding window: `mer.model.gpt_oss`) | logits + bias, top-k, softmax over k |
 | `deepseek2`| normal, rope part of each head | MLA (`mer.model.mla`, keys: `mer.model.deepseek2`) | softmax or sigmoid, selection bias, grouped top-k (`mer.model.gating`); ungated shared expert |
+| `glm4moe`  | neox on part of each head | per head, optional (keys: `mer.model.glm4moe`) | sigmoid, selection bias, normalised x scale; ungated shared expert; NextN blocks skipped |
 
 Required keys (`{arch}.` prefix): `context_length`, `embedding_length`, `block_count`,
 `attention.head_count`, `attention.layer_norm_rms_epsilon`, `expert_count`,
@@ -67,6 +68,7 @@ class ArchitectureRules:
     sliding_window: bool = False  # {arch}.attention.sliding_window on a pattern of blocks
     mla: bool = False  # multi-head latent attention, DeepSeek-V2/V3 (`mer.model.mla`, keys: `mer.model.deepseek2`)
     shared_expert_gate: bool = True  # the shared expert is scaled by sigmoid(ffn_gate_inp_shexp · x) (qwen2moe)
+    qk_norm_optional: bool = False  # attn_q_norm / attn_k_norm may be absent from the file (glm4moe)
 
 
 ARCHITECTURES: dict[str, ArchitectureRules] = {
@@ -80,6 +82,9 @@ ARCHITECTURES: dict[str, ArchitectureRules] = {
                                  sliding_window=True),
     "deepseek2": ArchitectureRules(ROPE_NORMAL, QK_NORM_NONE, normalize_expert_weights=False, shared_expert=True,
                                    mla=True, shared_expert_gate=False),
+    "glm4moe": ArchitectureRules(ROPE_NEOX, QK_NORM_PER_HEAD, normalize_expert_weights=False, qkv_bias=True,
+                                 shared_expert=True, shared_expert_gate=False, ffn_norm="post_attention_norm",
+                                 qk_norm_optional=True),
 }
 
 
@@ -122,6 +127,7 @@ class HParams:
     yarn: YarnRope = NO_YARN
     routing: RoutingFunction | None = None  # None: the architecture's softmax routing (`routing_function`)
     mla: MLAShape | None = None  # deepseek2's latent attention sizes
+    nextn_blocks: int = 0  # NextN blocks after the `num_blocks` run (glm4moe): never loaded, never run
 
     @property
     def routing_function(self) -> RoutingFunction:
@@ -220,6 +226,10 @@ def read_hparams(part: GGUFPart) -> HParams:
         from mer.model.deepseek2 import deepseek2_hparams  # its own module; it uses this one's definitions
 
         return deepseek2_hparams(keys, rules, architecture)
+    if architecture == "glm4moe":
+        from mer.model.glm4moe import glm4moe_hparams  # its own module; it uses this one's definitions
+
+        return glm4moe_hparams(keys, rules, architecture)
     d_model = keys.integer("embedding_length")
     num_heads = keys.integer("attention.head_count")
     num_kv_heads = keys.integer("attention.head_count_kv", num_heads)

@@ -131,8 +131,11 @@ class MoEModel:
             queries, keys = rms_norm(queries, weights.attn_q_norm, eps), rms_norm(keys, weights.attn_k_norm, eps)
         queries = queries.reshape(-1, hparams.num_heads, hparams.head_dim)
         keys = keys.reshape(-1, hparams.num_kv_heads, hparams.head_dim)
-        if hparams.rules.qk_norm == QK_NORM_PER_HEAD:
-            queries, keys = rms_norm(queries, weights.attn_q_norm, eps), rms_norm(keys, weights.attn_k_norm, eps)
+        if hparams.rules.qk_norm == QK_NORM_PER_HEAD:  # glm4moe: each only where the file has it
+            if weights.attn_q_norm is not None:
+                queries = rms_norm(queries, weights.attn_q_norm, eps)
+            if weights.attn_k_norm is not None:
+                keys = rms_norm(keys, weights.attn_k_norm, eps)
         return queries, keys
 
     def ffn_input(self, block: int, hidden: np.ndarray) -> np.ndarray:

@@ -65,6 +65,8 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "llama-bpe": ((_LLAMA3,), True, True),
     "dbrx": ((_LLAMA3,), False, False),
     "smaug-bpe": ((_LLAMA3,), False, False),
+    "glm4": ((_LLAMA3,), False, False),  # GLM-4.5 (llama.cpp's CHATGLM4: llama3's expression, merges kept)
+    "chatglm-bpe": ((_LLAMA3,), False, False),
     "gpt-4o": ((_O200K,), False, False),
     "deepseek-llm": (_DEEPSEEK_LLM, False, False),
     "deepseek-v3": (_DEEPSEEK_V3, False, False),

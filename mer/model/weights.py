@@ -14,7 +14,8 @@ Tensor names and GGML shapes (ne, fastest first) are llama.cpp's:
 `ffn_gate_inp` [d_model, experts] for a MoE block (its experts are read by `mer.model.experts`)
 or `ffn_gate` / `ffn_up` [d_model, d_ff] and `ffn_down` [d_ff, d_model] for a dense block.
 Where the architecture has them (qwen2moe): `attn_q.bias` [q_width], `attn_k.bias` / `attn_v.bias`
-[kv_width], and each MoE block's shared expert (`mer.model.shared_expert`).
+[kv_width], and each MoE block's shared expert (`mer.model.shared_expert`). The skipped NextN blocks
+(glm4moe, `mer.store.gguf_source`) are neither read nor copied.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mer.model.shared_expert import SharedExpert
 from mer.quant.dequant import dequantize
 from mer.quant.matmul import matmul, round_float_activation
 from mer.store.gguf_files import GGUFPart, TensorData
-from mer.store.gguf_source import EXPERT_BIAS_TENSOR, MERGED_EXPERT_TENSOR, PER_EXPERT_TENSOR
+from mer.store.gguf_source import EXPERT_BIAS_TENSOR, MERGED_EXPERT_TENSOR, PER_EXPERT_TENSOR, is_skipped_tensor
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,11 @@ class ModelWeights:
 class _Tensors:
     """The model's tensors by name, fetched with shape checks that name the file and tensor."""
 
-    def __init__(self, parts: tuple[GGUFPart, ...], resident: bool = False):
+    def __init__(self, parts: tuple[GGUFPart, ...], resident: bool = False, num_blocks: int = 0, nextn_blocks: int = 0):
         self.path = parts[0].path
-        self.by_name: dict[str, TensorData] = {tensor.name: tensor for part in parts for tensor in part.tensors}
+        self.by_name: dict[str, TensorData] = {  # without the skipped NextN blocks (mer.store.gguf_source)
+            tensor.name: tensor for part in parts for tensor in part.tensors
+            if not is_skipped_tensor(tensor.name, num_blocks, nextn_blocks)}
         if resident:  # the matrices read into the process's own memory (mer.model.resident)
             self.by_name.update(read_resident(tensor for name, tensor in self.by_name.items()
                                               if len(tensor.shape) == 2 and not _is_expert_tensor(name)))
@@ -167,7 +170,7 @@ def _is_expert_tensor(name: str) -> bool:
 def load_weights(parts: tuple[GGUFPart, ...], hparams: HParams, resident: bool = False) -> ModelWeights:
     """Locate and check every dense tensor of the model: computed on the mapped file, or with
     `resident` on copies read into this process's memory (`mer.model.resident`)."""
-    tensors = _Tensors(parts, resident)
+    tensors = _Tensors(parts, resident, hparams.num_blocks, hparams.nextn_blocks)
     embedding_tensor = tensors.by_name.get("token_embd.weight")
     if embedding_tensor is None or len(embedding_tensor.shape) != 2:
         raise UnsupportedModelError(f"{tensors.path}: tensor token_embd.weight is missing or not 2-D")
@@ -185,6 +188,7 @@ def _block_weights(tensors: _Tensors, hparams: HParams, block: int) -> BlockWeig
     prefix, d_model = f"blk.{block}", hparams.d_model
     q_norm_size, k_norm_size = _qk_norm_sizes(hparams)
     has_qk_norm = hparams.rules.qk_norm != QK_NORM_NONE
+    qk_norm_required = not hparams.rules.qk_norm_optional  # glm4moe: each may be absent
     is_moe = hparams.is_moe_block(block)
     mla = _mla_weights(tensors, hparams, prefix) if hparams.mla is not None else None
     attention_width = hparams.q_width if hparams.mla is None else hparams.num_heads * hparams.mla.v_head
@@ -194,13 +198,16 @@ def _block_weights(tensors: _Tensors, hparams: HParams, block: int) -> BlockWeig
         attn_k=None if mla else tensors.matrix(f"{prefix}.attn_k.weight", d_model, hparams.kv_width),
         attn_v=None if mla else tensors.matrix(f"{prefix}.attn_v.weight", d_model, hparams.kv_width),
         attn_output=tensors.matrix(f"{prefix}.attn_output.weight", attention_width, d_model),
-        attn_q_norm=tensors.vector(f"{prefix}.attn_q_norm.weight", q_norm_size) if has_qk_norm else None,
-        attn_k_norm=tensors.vector(f"{prefix}.attn_k_norm.weight", k_norm_size) if has_qk_norm else None,
+        attn_q_norm=tensors.vector(f"{prefix}.attn_q_norm.weight", q_norm_size, qk_norm_required)
+        if has_qk_norm else None,
+        attn_k_norm=tensors.vector(f"{prefix}.attn_k_norm.weight", k_norm_size, qk_norm_required)
+        if has_qk_norm else None,
         ffn_norm=tensors.vector(f"{prefix}.{hparams.rules.ffn_norm}.weight", d_model),  # type: ignore[arg-type]
         router=tensors.matrix(f"{prefix}.ffn_gate_inp.weight", d_model, hparams.num_experts) if is_moe else None,
         dense_ffn=None if is_moe else _dense_ffn(tensors, prefix, d_model),
         qkv_bias=_qkv_bias(tensors, hparams, prefix) if hparams.rules.qkv_bias else None,
-        shared_expert=_shared_expert(tensors, hparams, prefix) if is_moe and hparams.rules.shared_expert else None,
+        shared_expert=_shared_expert(tensors, hparams, prefix)
+        if is_moe and hparams.rules.shared_expert and hparams.shared_expert_d_ff else None,
         attn_output_bias=tensors.vector(f"{prefix}.attn_output.bias", d_model) if hparams.rules.biases else None,
         attn_sinks=tensors.vector(f"{prefix}.attn_sinks.weight", hparams.num_heads) if hparams.rules.attention_sinks else None,
         router_bias=tensors.vector(f"{prefix}.ffn_gate_inp.bias", hparams.num_experts)

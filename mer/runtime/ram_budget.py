@@ -73,9 +73,11 @@ def parse_size(text: str) -> int:
 
 
 def dense_nbytes(source: GGUFSource) -> int:
-    """Bytes of every tensor that is not an expert matrix (what the router maps and touches)."""
+    """Bytes of every tensor that is not an expert matrix (what the router maps and touches); the skipped
+    NextN blocks (`GGUFSource.is_skipped`) are never loaded, so not counted."""
     return sum(tensor.nbytes for part in source.parts for tensor in part.tensors
-               if not (MERGED_EXPERT_TENSOR.match(tensor.name) or PER_EXPERT_TENSOR.match(tensor.name)))
+               if not (MERGED_EXPERT_TENSOR.match(tensor.name) or PER_EXPERT_TENSOR.match(tensor.name)
+                       or source.is_skipped(tensor.name)))
 
 
 def metadata_nbytes(source: GGUFSource, gate_predictor: bool = False) -> int:

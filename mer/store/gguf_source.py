@@ -10,7 +10,11 @@ Supported tensor naming (llama.cpp's), for any architecture `{arch}` that uses i
 - per expert (older files): `blk.N.ffn_{gate,up,down}.E.weight`, 2-D, one tensor per expert.
 
 Blocks without expert tensors (dense layers) and shared experts (`ffn_*_shexp`) are not experts:
-they stay in the GGUF. MoE layers are numbered 0.. in block order; each records its block index.
+they stay in the GGUF. The last `{arch}.nextn_predict_layers` blocks (GLM-4.5's NextN / multi-token
+prediction layers, which llama.cpp loads but never runs) are skipped altogether: their experts are
+not located (never converted), their tensors are not loaded (`mer.model.weights`) nor counted
+(`mer.runtime.ram_budget`), and `Geometry.num_layers` leaves them out. MoE layers are numbered 0..
+in block order; each records its block index.
 Geometry comes from `{arch}.block_count`, `{arch}.embedding_length`, `{arch}.expert_count`,
 `{arch}.expert_used_count` and `{arch}.expert_feed_forward_length` or `{arch}.feed_forward_length`,
 and is checked against the tensor shapes, which are the authority for d_ff.
@@ -39,6 +43,7 @@ MERGED_EXPERT_TENSOR = re.compile(r"^blk\.(?P<block>\d+)\.ffn_(?P<matrix>gate|up
 PER_EXPERT_TENSOR = re.compile(r"^blk\.(?P<block>\d+)\.ffn_(?P<matrix>gate|up|down)\.(?P<expert>\d+)\.weight$")
 EXPERT_BIAS_TENSOR = re.compile(r"^blk\.(?P<block>\d+)\.ffn_(?P<matrix>gate|up|down)_exps\.bias$")
 FUSED_GATE_UP_TENSOR = re.compile(r"^blk\.\d+\.ffn_gate_up_exps\.weight$")
+BLOCK_TENSOR = re.compile(r"^blk\.(?P<block>\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,11 @@ class GGUFSource:
     parts: tuple[GGUFPart, ...]
     geometry: Geometry
     layers: tuple[MoELayerSource, ...]
+    nextn_blocks: int = 0  # the last blocks of the file, skipped (NextN layers; `geometry.num_layers` excludes them)
+
+    def is_skipped(self, tensor_name: str) -> bool:
+        """True for the tensors of the skipped NextN blocks."""
+        return is_skipped_tensor(tensor_name, self.geometry.num_layers, self.nextn_blocks)
 
     @property
     def paths(self) -> tuple[Path, ...]:
@@ -115,15 +125,37 @@ def read_gguf_source(path: str | os.PathLike) -> GGUFSource:
     parts = open_parts(path)
     first = parts[0]
     architecture = _required(first, "general.architecture")
-    tensors = [tensor for part in parts for tensor in part.tensors]
+    num_blocks, nextn = _run_blocks(first, architecture)
+    tensors = [tensor for part in parts for tensor in part.tensors
+               if not is_skipped_tensor(tensor.name, num_blocks, nextn)]
     by_block = _expert_tensors_by_block(first.path, tensors)
     num_experts = _required_count(first, f"{architecture}.expert_count")
     biases = _expert_biases_by_block(tensors, num_experts)
     activation = expert_activation_of(architecture)
     layers = tuple(_with_biases(_layer_source(moe_layer, block, by_block[block], num_experts), biases, activation)
                    for moe_layer, block in enumerate(sorted(by_block)))
-    geometry = _geometry(first, architecture, layers, num_experts)
-    return GGUFSource(parts, geometry, layers)
+    geometry = _geometry(first, architecture, layers, num_experts, num_blocks)
+    return GGUFSource(parts, geometry, layers, nextn)
+
+
+def is_skipped_tensor(name: str, num_blocks: int, nextn_blocks: int) -> bool:
+    """True for a tensor of a NextN block (`blk.N.*` with N >= the `num_blocks` run)."""
+    match = BLOCK_TENSOR.match(name) if nextn_blocks else None
+    return match is not None and int(match["block"]) >= num_blocks
+
+
+def _run_blocks(part: GGUFPart, architecture: str) -> tuple[int, int]:
+    """(blocks the forward pass runs, NextN blocks skipped after them): `block_count` less
+    `nextn_predict_layers` (llama.cpp's n_layer and n_layer_nextn)."""
+    block_count = _required_count(part, f"{architecture}.block_count")
+    key = f"{architecture}.nextn_predict_layers"
+    nextn = part.value(key)
+    if nextn is None:
+        return block_count, 0
+    if isinstance(nextn, bool) or not isinstance(nextn, int) or not 0 <= nextn < block_count:
+        raise GGUFError(f"{part.path}: metadata key {key} is {nextn!r}, expected an integer in 0..{block_count - 1} "
+                        f"({architecture}.block_count {block_count})")
+    return block_count - nextn, nextn
 
 
 def _expert_biases_by_block(tensors: list[TensorData], num_experts: int) -> dict[int, dict[str, TensorData]]:
@@ -262,8 +294,8 @@ def _check_shapes_agree(block: int, matrices: list[ExpertMatrixSource]) -> None:
             )
 
 
-def _geometry(part: GGUFPart, architecture: str, layers: tuple[MoELayerSource, ...], num_experts: int) -> Geometry:
-    num_blocks = _required_count(part, f"{architecture}.block_count")
+def _geometry(part: GGUFPart, architecture: str, layers: tuple[MoELayerSource, ...], num_experts: int,
+              num_blocks: int) -> Geometry:
     d_model = _required_count(part, f"{architecture}.embedding_length")
     top_k = _required_count(part, f"{architecture}.expert_used_count")
     first = layers[0].matrices[0]

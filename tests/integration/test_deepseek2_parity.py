@@ -17,21 +17,18 @@ YaRN overrides are refused by name.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from mer.errors import UnsupportedModelError
-from mer.model.experts import GGUFExperts
-from mer.model.generate import generate
 from mer.model.model import MoEModel
-from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
 
 pytestmark = pytest.mark.llama
 pytest.importorskip("llama_cpp")
 
-from tests.support.llama_reference import assert_tokenizer_matches, llama_greedy, open_llama  # noqa: E402
+from tests.support.llama_reference import (assert_greedy_matches_llama, assert_tokenizer_matches,  # noqa: E402
+                                          open_llama)
 
 STEPS = 64
 PROMPT = "the router picks two experts"
@@ -69,20 +66,8 @@ def test_greedy_generation_matches_llama_cpp(tmp_path, name):
     info = write_case(tmp_path, name)
     llm = open_llama(info.path)
     model = MoEModel.load(info.path)
-    prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
-    theirs_tokens, theirs = llama_greedy(llm, prompt, STEPS)
-    result = generate(model, prompt, STEPS, Sampler(), GGUFExperts(model.source), ignore_eos=True, keep_logits=True)
-    differing = [step for step, (a, b) in enumerate(zip(result.tokens, theirs_tokens)) if a != b]
-    assert not differing, f"greedy tokens differ from llama.cpp first at step {differing[0]}"
-    errors = np.abs(np.stack(result.step_logits) - theirs).max(axis=1) / np.abs(theirs).max(axis=1)
-    print(f"deepseek2 {name}: {STEPS} tokens identical ({len(set(result.tokens))} distinct), relative logit error "
-          f"max {errors.max():.2e}, median {np.median(errors):.2e}")
-    assert errors.max() <= MAX_RELATIVE and np.median(errors) <= MEDIAN_RELATIVE
-    assert len(set(result.tokens)) >= 8, "a degenerate continuation is a weak comparison"
-    counts = np.bincount(np.concatenate([routing[2].experts.ravel() for routing in result.routings]),
-                         minlength=info.n_experts)
-    assert (counts > 0).sum() >= 8, counts.tolist()
-
+    assert_greedy_matches_llama(llm, model, PROMPT, STEPS, info.n_experts, MAX_RELATIVE, MEDIAN_RELATIVE,
+                                f"deepseek2 {name}")
 
 TEXTS = ["the quick brown fox", "hello  world\tand\ttabs\nnew\n\nlines", "héllo wörld — ☃ 日本語 🙂 ÀÉÎ Straße",
          "  two leading", "trailing spaces   ", "don't we'll THE Experts 12345 3.14!! HeLLo I'M", "\t\n", "",

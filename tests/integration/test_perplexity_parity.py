@@ -11,8 +11,8 @@ the ggml way in both engines, but an element on a rounding boundary can round th
   and prefill passes of 24 tokens, so every chunk streams its experts through the slots in several
   expert-major passes;
 - qwen2moe (a Q4_K_M-like q4_K/q6_K mix, its shared expert resident), gpt-oss (MXFP4 experts,
-  q8_0 dense) and deepseek2 in both styles (q4_0 experts, q8_0 dense), 16 or 32 routed experts
-  through 4 slots with the gate predictor on;
+  q8_0 dense), deepseek2 in both styles and glm4moe (q4_0 experts, q8_0 dense), 16 or 32 routed
+  experts through 4 slots with the gate predictor on;
 - the embedded model (q8_0) on its shipped held-out text, as `mer-pipeline perplexity` runs with no
   arguments (4 chunks of its full context, 256).
 
@@ -127,13 +127,21 @@ def write_deepseek2_v3(path):  # type: ignore[no-untyped-def]
     return write_tiny_deepseek2_gguf(path, style="v3", expert_dtype="q4_0", dense_dtype="q8_0", seed=1)
 
 
+def write_glm4moe(path):  # type: ignore[no-untyped-def]
+    from tests.support.glm4moe_models import write_tiny_glm4moe_gguf
+
+    return write_tiny_glm4moe_gguf(path, expert_dtype="q4_0", dense_dtype="q8_0", seed=1)
+
+
 @pytest.mark.parametrize("writer", [write_qwen2moe_q4_k_m, write_gpt_oss_mxfp4, write_deepseek2_v2_lite,
-                                    write_deepseek2_v3], ids=["qwen2moe", "gpt-oss", "deepseek2-v2-lite", "deepseek2-v3"])
+                                    write_deepseek2_v3, write_glm4moe],
+                         ids=["qwen2moe", "gpt-oss", "deepseek2-v2-lite", "deepseek2-v3", "glm4moe"])
 def test_each_new_architecture_streamed_through_four_slots_agrees_with_llama_cpp_to_1e_2(
         leak_guard, tmp_path, text_file, writer):
     """qwen2moe (its shared expert resident), gpt-oss (sinks, sliding window, MXFP4 experts with
     biases) and deepseek2 (MLA with its compressed cache, ungated shared expert; V3: sigmoid routing,
-    selection bias, grouped top-k): 16 or 32 routed experts through 4 slots, the gate predictor on."""
+    selection bias, grouped top-k; glm4moe: partial NEOX rope, sigmoid routing, NextN block skipped): 16 or
+    32 routed experts through 4 slots, the gate predictor on."""
     info = writer(tmp_path / "model.gguf")
     result, stderr, events = run_perplexity(leak_guard, tmp_path, "--model", str(info.path), "--file", str(text_file),
                                             "--ctx", "64", "--chunks", "4", "--cache-slots", "4",

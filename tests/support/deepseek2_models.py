@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from gguf import ExpertGatingFuncType, GGUFWriter, RopeScalingType
 
-from tests.support.gguf_models import (_TensorList, add_special_bpe_vocabulary, random_weight_bytes,
-                                       write_tensors_and_close)
+from tests.support.gguf_models import (_TensorList, add_dense_swiglu, add_random_matrix, add_routed_and_shared_experts,
+                                       add_special_bpe_vocabulary, random_norm, write_tensors_and_close)
 
 STYLES = ("v2-lite", "v3")
 DEEPSEEK_SPECIALS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>")
@@ -136,13 +136,7 @@ def write_tiny_deepseek2_gguf(path: str | Path, *, style: str = "v2-lite", exper
     return info
 
 
-def _norm(rng: np.random.Generator, size: int) -> np.ndarray:
-    return (1 + rng.standard_normal(size) * 0.1).astype(np.float32)
-
-
-def _matrix(tensors: _TensorList, rng: np.random.Generator, name: str, dtype: str, shape: tuple[int, ...],
-            scale: float) -> None:
-    tensors.add(name, random_weight_bytes(rng, dtype, shape, scale), dtype)
+_norm, _matrix = random_norm, add_random_matrix
 
 
 def _tensors(rng: np.random.Generator, info: TinyDeepseek2Info, legacy_kv_b: bool) -> _TensorList:
@@ -175,21 +169,11 @@ def _tensors(rng: np.random.Generator, info: TinyDeepseek2Info, legacy_kv_b: boo
                 0.3 / math.sqrt(heads * info.v_head))
         tensors.add(f"{prefix}.ffn_norm.weight", _norm(rng, d_model))
         if block not in info.moe_blocks:
-            for name, shape in (("gate", (info.dense_d_ff, d_model)), ("up", (info.dense_d_ff, d_model)),
-                                ("down", (d_model, info.dense_d_ff))):
-                _matrix(tensors, rng, f"{prefix}.ffn_{name}.weight", dense, shape, 1 / math.sqrt(shape[1]))
+            add_dense_swiglu(tensors, rng, prefix, dense, d_model, info.dense_d_ff)
             continue
-        _matrix(tensors, rng, f"{prefix}.ffn_gate_inp.weight", "f32", (info.n_experts, d_model), 1 / math.sqrt(d_model))
-        if info.style == "v3":
-            tensors.add(f"{prefix}.exp_probs_b.bias", (rng.standard_normal(info.n_experts) * 0.05).astype(np.float32))
-        for name, (rows, columns) in (("gate", (info.d_ff, d_model)), ("up", (info.d_ff, d_model)),
-                                      ("down", (d_model, info.d_ff))):
-            _matrix(tensors, rng, f"{prefix}.ffn_{name}_exps.weight", info.expert_dtype, (info.n_experts, rows, columns),
-                    2 / math.sqrt(columns))
-        shared = info.d_ff * info.n_shared
-        for name, (rows, columns) in (("gate", (shared, d_model)), ("up", (shared, d_model)), ("down", (d_model, shared))):
-            _matrix(tensors, rng, f"{prefix}.ffn_{name}_shexp.weight", info.expert_dtype, (rows, columns),
-                    1 / math.sqrt(columns))
+        add_routed_and_shared_experts(tensors, rng, prefix, n_experts=info.n_experts, d_model=d_model, d_ff=info.d_ff,
+                                      shared_d_ff=info.d_ff * info.n_shared, expert_dtype=info.expert_dtype,
+                                      shared_dtype=info.expert_dtype, selection_bias=info.style == "v3")
     tensors.add("output_norm.weight", _norm(rng, d_model))
     _matrix(tensors, rng, "output.weight", dense, (info.vocab_size, d_model), 1 / math.sqrt(d_model))
     return tensors

@@ -139,6 +139,40 @@ class _TensorList(list):
         self.append((name, array, raw_dtype))
 
 
+def random_norm(rng: np.random.Generator, size: int) -> np.ndarray:
+    """An RMS norm weight vector near 1."""
+    return (1 + rng.standard_normal(size) * 0.1).astype(np.float32)
+
+
+def add_random_matrix(tensors: _TensorList, rng: np.random.Generator, name: str, dtype: str, shape: tuple[int, ...],
+                      scale: float) -> None:
+    tensors.add(name, random_weight_bytes(rng, dtype, shape, scale), dtype)
+
+
+def add_dense_swiglu(tensors: _TensorList, rng: np.random.Generator, prefix: str, dtype: str, d_model: int,
+                     d_ff: int) -> None:
+    """A dense block's `ffn_gate` / `ffn_up` / `ffn_down`."""
+    for name, shape in (("gate", (d_ff, d_model)), ("up", (d_ff, d_model)), ("down", (d_model, d_ff))):
+        add_random_matrix(tensors, rng, f"{prefix}.ffn_{name}.weight", dtype, shape, 1 / math.sqrt(shape[1]))
+
+
+def add_routed_and_shared_experts(tensors: _TensorList, rng: np.random.Generator, prefix: str, *, n_experts: int,
+                                  d_model: int, d_ff: int, shared_d_ff: int, expert_dtype: str, shared_dtype: str,
+                                  selection_bias: bool) -> None:
+    """A MoE block's f32 router (`ffn_gate_inp`), optional selection bias (`exp_probs_b.bias`), merged
+    experts (`ffn_*_exps`) and ungated shared expert (`ffn_*_shexp`), as deepseek2 and glm4moe have them."""
+    add_random_matrix(tensors, rng, f"{prefix}.ffn_gate_inp.weight", "f32", (n_experts, d_model), 1 / math.sqrt(d_model))
+    if selection_bias:
+        tensors.add(f"{prefix}.exp_probs_b.bias", (rng.standard_normal(n_experts) * 0.05).astype(np.float32))
+    for name, (rows, columns) in (("gate", (d_ff, d_model)), ("up", (d_ff, d_model)), ("down", (d_model, d_ff))):
+        add_random_matrix(tensors, rng, f"{prefix}.ffn_{name}_exps.weight", expert_dtype, (n_experts, rows, columns),
+                          2 / math.sqrt(columns))
+    for name, (rows, columns) in (("gate", (shared_d_ff, d_model)), ("up", (shared_d_ff, d_model)),
+                                  ("down", (d_model, shared_d_ff))):
+        add_random_matrix(tensors, rng, f"{prefix}.ffn_{name}_shexp.weight", shared_dtype, (rows, columns),
+                          1 / math.sqrt(columns))
+
+
 def write_tensors_and_close(writer: GGUFWriter, tensors: _TensorList) -> None:
     """Add `tensors` to `writer`, write the file and close it."""
     for name, array, raw_dtype in tensors:

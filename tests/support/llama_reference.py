@@ -62,3 +62,29 @@ def assert_tokenizer_matches(llm, tokenizer, texts) -> None:  # type: ignore[no-
         ids = tokenizer.encode(text, add_special=False)
         assert b"".join(tokenizer.token_bytes(token) for token in ids) == b"".join(
             llm.detokenize([token]) for token in ids), text
+
+
+def assert_greedy_matches_llama(llm, model, text: str, steps: int, n_experts: int, max_relative: float,  # type: ignore[no-untyped-def]
+                                median_relative: float, label: str):
+    """mer's single-process greedy continuation of `text` (llama.cpp's tokens, BOS as the file says) is
+    llama.cpp's for `steps` tokens, each step's logits within (largest difference / largest llama.cpp
+    logit) `max_relative`, the median step within `median_relative`; the continuation is not degenerate
+    (8+ distinct tokens) and routes to 8+ of the `n_experts` experts. Returns mer's result."""
+    from mer.model.experts import GGUFExperts
+    from mer.model.generate import generate
+    from mer.model.sampling import Sampler
+
+    prompt = llm.tokenize(text.encode(), add_bos=True, special=False)
+    theirs_tokens, theirs = llama_greedy(llm, prompt, steps)
+    result = generate(model, prompt, steps, Sampler(), GGUFExperts(model.source), ignore_eos=True, keep_logits=True)
+    differing = [step for step, (a, b) in enumerate(zip(result.tokens, theirs_tokens)) if a != b]
+    assert not differing, f"greedy tokens differ from llama.cpp first at step {differing[0]}"
+    errors = np.abs(np.stack(result.step_logits) - theirs).max(axis=1) / np.abs(theirs).max(axis=1)
+    print(f"{label}: {steps} tokens identical ({len(set(result.tokens))} distinct), relative logit error "
+          f"max {errors.max():.2e}, median {np.median(errors):.2e}")
+    assert errors.max() <= max_relative and np.median(errors) <= median_relative
+    assert len(set(result.tokens)) >= 8, "a degenerate continuation is a weak comparison"
+    counts = np.bincount(np.concatenate([routing[2].experts.ravel() for routing in result.routings]),
+                         minlength=n_experts)
+    assert (counts > 0).sum() >= 8, counts.tolist()
+    return result

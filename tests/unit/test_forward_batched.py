@@ -76,13 +76,16 @@ def test_one_segment_is_the_plain_pass(tmp_path):
     assert plain.logits.shape == (len(PROMPTS["c"]), 384)
 
 
-@pytest.mark.parametrize("style", ["v2-lite", "v3"])
+@pytest.mark.parametrize("style", ["v2-lite", "v3", "glm4moe"])
 def test_mla_sequences_stepped_together_get_their_logits_alone(tmp_path, style):
-    """deepseek2: each sequence's compressed KV cache and grouped routing stay its own in a shared pass."""
+    """deepseek2: each sequence's compressed KV cache and grouped routing stay its own in a shared pass;
+    glm4moe: its partially rotated keys, optional q/k norms and sigmoid routing likewise."""
     from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
+    from tests.support.glm4moe_models import write_tiny_glm4moe_gguf
 
-    model = MoEModel.load(write_tiny_deepseek2_gguf(tmp_path / f"{style}.gguf", style=style, dense_dtype="q8_0",
-                                                    seed=1).path)
+    path = tmp_path / f"{style}.gguf"
+    model = MoEModel.load((write_tiny_glm4moe_gguf(path, dense_dtype="q8_0", seed=1) if style == "glm4moe" else
+                           write_tiny_deepseek2_gguf(path, style=style, dense_dtype="q8_0", seed=1)).path)
     forward_pass = ForwardPass(model, in_process(GGUFExperts(model.source)))
     batched = together(forward_pass, model)
     for name, prompt in PROMPTS.items():

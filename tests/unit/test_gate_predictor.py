@@ -19,6 +19,7 @@ from mer.predict.fusion import GATE, check_model_for_predictors, fuse, make_pred
 from mer.predict.gate import GatePredictor, GateTarget, GateWeights, load_gate_predictor
 from tests.support.deepseek2_models import write_tiny_deepseek2_gguf
 from tests.support.gguf_models import write_tiny_moe_gguf
+from tests.support.glm4moe_models import write_tiny_glm4moe_gguf
 
 EXPERTS_PER_LAYER = 8  # the tiny model: 6 MoE layers x 8 experts, top-2, d_model 192
 MOE_LAYERS = 6
@@ -103,17 +104,22 @@ def test_qwen2moe_hints_are_the_routers_choices_with_its_unnormalised_weights(tm
                                                           for e, _ in weights.ranking(layer, hidden[0])[:2]]
 
 
-@pytest.mark.parametrize("style", ["v2-lite", "v3"])
-def test_deepseek2_hints_are_the_routers_choices_with_each_routing_function(tmp_path, style):
+@pytest.mark.parametrize("style", ["v2-lite", "v3", "glm4moe"])
+def test_deepseek2_and_glm4moe_hints_are_the_routers_choices_with_each_routing_function(tmp_path, style):
     """deepseek2: softmax scores without renormalisation (v2-lite), or sigmoid scores ranked with the
-    selection bias inside the best groups (v3: 4 groups of 4, 2 used): the top-k of the ranking are the
-    router's experts in its order, the scores its unscaled, unnormalised scores; experts of the groups
-    left out rank last."""
-    info = write_tiny_deepseek2_gguf(tmp_path / f"{style}.gguf", style=style, expert_dtype="q4_0", seed=1)
+    selection bias inside the best groups (v3: 4 groups of 4, 2 used); glm4moe: sigmoid scores ranked with
+    the selection bias, no groups (and its NextN block, skipped, has no gate here): the top-k of the
+    ranking are the router's experts in its order, the scores its unscaled, unnormalised scores; experts
+    of the groups left out rank last."""
+    if style == "glm4moe":
+        info = write_tiny_glm4moe_gguf(tmp_path / f"{style}.gguf", expert_dtype="q4_0", seed=1)
+    else:
+        info = write_tiny_deepseek2_gguf(tmp_path / f"{style}.gguf", style=style, expert_dtype="q4_0", seed=1)
     model, weights = MoEModel.load(info.path), GateWeights.load(info.path)
     function = model.hparams.routing_function
-    assert weights.routing == function and (function.groups, function.score) == (
-        (4, "sigmoid") if style == "v3" else (1, "softmax"))
+    assert weights.routing == function and (function.groups, function.score) == {
+        "v2-lite": (1, "softmax"), "v3": (4, "sigmoid"), "glm4moe": (1, "sigmoid")}[style]
+    assert weights.num_layers == 2
     cache = model.new_kv_cache(6)
     hidden = model.embed([5, 60, 7, 200, 9, 31])
     positions = next_positions(cache, 0, 6)
@@ -129,7 +135,7 @@ def test_deepseek2_hints_are_the_routers_choices_with_each_routing_function(tmp_
             ranking = weights.ranking(model.moe_layers[block], residual)
             assert [expert for expert, _ in ranking[:k]] == routing.experts[row].tolist()
             top = np.array([score for _, score in ranking[:k]], dtype=np.float32)
-            expected = top / top.sum() * np.float32(2.5) if style == "v3" else top * np.float32(1.5)
+            expected = top / top.sum() * np.float32(2.5) if style != "v2-lite" else top * np.float32(1.5)
             np.testing.assert_allclose(expected, routing.weights[row], rtol=1e-6)
             if style == "v3":  # the last 8 are the two groups left out
                 kept = {expert // 4 for expert, _ in ranking[:8]}
