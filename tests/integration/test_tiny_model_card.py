@@ -207,8 +207,8 @@ def test_the_command_prints_every_part_as_json(model, tmp_path, capsys):
     log = tmp_path / "train.log"
     log.write_text(LOG)
     png = tmp_path / "curve.png"
-    main(["--windows", "2", "--completions", "2", "--max-tokens", "8", "--no-llama", "--training-log", str(log),
-          "--png", str(png), "--json"])
+    main(["--windows", "2", "--completions", "2", "--max-tokens", "8", "--no-llama", "--unigram-every", "10",
+          "--training-log", str(log), "--png", str(png), "--json"])
     card = json.loads(capsys.readouterr().out)
     assert card["training_curve"]["held_out"] == [[50, 3.5], [100, 2.75]] and png.read_bytes()[:4] == b"\x89PNG"
     held = card["held_out"]
