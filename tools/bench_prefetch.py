@@ -69,6 +69,7 @@ class Workload:
     tokens: int
     flags: list[str]  # `mer-pipeline run` flags of the workload
     trace: Path | None = None  # the routing to replay, recorded from the embedded model when missing
+    trace_tokens: int = 300  # how many tokens that recording generates
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -113,14 +114,15 @@ def workloads(args) -> dict[str, Workload]:
                                                                                  "--dtype", "q4_0"]
         base = Path(args.data) if args.data else Path("/tmp")
         mixtral, replay_store, slots = base / "mer-bench-tiny", base / f"mer-bench-tiny-geometry-{geometry}", 4
-    trace = traces / f"tiny-moe-{digest}-sampled-hidden.trace"
     flat_tokens, replay_tokens = args.tokens or (40 if args.quick else 200), args.tokens or (40 if args.quick else 100)
+    trace_tokens = max(64 if args.quick else 300, replay_tokens)  # the replay reads replay_tokens of them
+    trace = traces / f"tiny-moe-{digest}-sampled-hidden-{trace_tokens}.trace"
     return {
         "markov": Workload("markov", mixtral, mixtral_synth, slots, 2, flat_tokens, ["--workload", "markov"]),
         "skewed": Workload("skewed", mixtral, mixtral_synth, slots, 2, flat_tokens,
                            ["--workload", "skewed", "--zipf-s", "1.2", "--workload-correlation", "0.7"]),
         "replay": Workload("replay", replay_store, replay_synth, layers * experts // 4, 4, replay_tokens,
-                           ["--workload", "replay", "--layered", "--trace", str(trace)], trace),
+                           ["--workload", "replay", "--layered", "--trace", str(trace)], trace, trace_tokens),
     }
 
 
@@ -139,7 +141,7 @@ def prepare(workload: Workload, timeout_s: float) -> None:
     if workload.trace is not None and not workload.trace.is_file():
         print(f"recording the embedded model's routing to {workload.trace} ...", file=sys.stderr)
         workload.trace.parent.mkdir(parents=True, exist_ok=True)
-        cli("generate", "--prompt", "def ", "-n", "300", "--temperature", "0.7", "--seed", "1",
+        cli("generate", "--prompt", "def ", "-n", str(workload.trace_tokens), "--temperature", "0.7", "--seed", "1",
             "--record-trace", str(workload.trace), "--record-hidden", timeout_s=timeout_s)
 
 

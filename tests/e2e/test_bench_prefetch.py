@@ -29,7 +29,7 @@ def test_quick_prefetch_benchmark_reports_paired_ratios_and_min(tmp_path, leak_g
     report = json.loads(result.stdout)
     assert [entry["workload"] for entry in report["results"]] == ["markov", "skewed", "replay"]
     # recorded from the embedded model, named by its file's digest
-    assert len(list((tmp_path / "data").glob("tiny-moe-*-sampled-hidden.trace"))) == 1
+    assert len(list((tmp_path / "data").glob("tiny-moe-*-sampled-hidden-64.trace"))) == 1  # --quick records 64 tokens
     moe_layers = len(MoEModel.load(tiny_model_path()).moe_layers)
     for entry in report["results"]:
         modes = entry["modes"]
