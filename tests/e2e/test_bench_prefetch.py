@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 import pytest
 
-from mer.model.model import MoEModel
-from mer.models import tiny_model_path
+from tests.support.embedded_model import embedded_geometry
 
 pytestmark = pytest.mark.slow  # starts the process graph
 
@@ -30,7 +29,7 @@ def test_quick_prefetch_benchmark_reports_paired_ratios_and_min(tmp_path, leak_g
     assert [entry["workload"] for entry in report["results"]] == ["markov", "skewed", "replay"]
     # recorded from the embedded model, named by its file's digest
     assert len(list((tmp_path / "data").glob("tiny-moe-*-sampled-hidden-64.trace"))) == 1  # --quick records 64 tokens
-    moe_layers = len(MoEModel.load(tiny_model_path()).moe_layers)
+    moe_layers = embedded_geometry().moe_layers
     for entry in report["results"]:
         modes = entry["modes"]
         replay = entry["workload"] == "replay"  # the gate and the layer policy need the model's layers

@@ -11,8 +11,8 @@ The measured figures are printed (`pytest -s`).
 
 from __future__ import annotations
 
-from mer.model.model import MoEModel
 from mer.models import tiny_model_path
+from tests.support.embedded_model import embedded_geometry
 from tests.support.generate_runs import run_generate
 from tests.support.pipeline_runs import run_pipeline
 import pytest
@@ -60,7 +60,7 @@ def test_gate_prefetch_cuts_demand_misses_without_changing_the_tokens(leak_guard
     assert gate["demand_misses"] <= 0.7 * same_cache["demand_misses"], (gate, same_cache)
 
     assert list(gate["predictors"]) == ["gate"] and entry["issued"] > 0 and entry["used"] > 0
-    moe_layers = len(MoEModel.load(tiny_model_path()).moe_layers)
+    moe_layers = embedded_geometry().moe_layers
     assert [(layer["layer"], layer["ahead"]) for layer in entry["per_layer"]] == [(layer, 1) for layer in range(1, moe_layers)]
     for layer in entry["per_layer"]:
         assert layer["predictions"] >= TOKENS - 1  # every decode step (and the prompt's tokens)

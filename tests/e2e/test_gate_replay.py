@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from mer.model.model import MoEModel
 from mer.models import tiny_model_path
 from mer.routing.trace import read_trace
+from tests.support.embedded_model import embedded_geometry
 from tests.support.generate_runs import run_generate
 from tests.support.pipeline_runs import run_pipeline
 
@@ -27,9 +27,6 @@ pytestmark = pytest.mark.slow  # starts the process graph
 MER = [sys.executable, "-m", "mer.cli.main"]
 TOKENS = 32
 FANOUT = 4
-MODEL = MoEModel.load(tiny_model_path())
-MOE_LAYERS, D_MODEL = len(MODEL.moe_layers), MODEL.hparams.d_model  # 6, 192
-CACHE_SLOTS = MOE_LAYERS * 8 // 4  # a quarter of the experts
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +34,7 @@ def replay_setup(tmp_path_factory):
     """(trace with residuals, trace without, store of the model's routing geometry)."""
     root = tmp_path_factory.mktemp("gate-replay")
     store = root / "store"
-    synth = subprocess.run([*MER, "synth", "--layers", str(MOE_LAYERS), "--experts", "8", "--top-k", "2", "--d-model", "256",
+    synth = subprocess.run([*MER, "synth", "--layers", str(embedded_geometry().moe_layers), "--experts", "8", "--top-k", "2", "--d-model", "256",
                             "--d-ff", "512", "--dtype", "q4_0", "--out", str(store), "--quiet"],
                            capture_output=True, text=True, timeout=300)
     assert synth.returncode == 0, synth.stderr
@@ -58,21 +55,23 @@ def test_replayed_gate_prefetches_what_the_model_routes(leak_guard, replay_setup
     trace = record(leak_guard, root, "hidden.jsonl", "--record-hidden")
     header, decisions = read_trace(trace)
     decisions = list(decisions)
-    assert (header.layers, header.experts_per_layer, header.top_k) == (MOE_LAYERS, 8, 2)
-    assert all(d.hidden is not None and d.hidden.shape == (D_MODEL,) for d in decisions)  # the model's d_model
-    tokens = len(decisions) // MOE_LAYERS
+    layers, experts, d_model = embedded_geometry()  # 6, 8, 192
+    cache_slots = layers * experts // 4  # a quarter of the experts
+    assert (header.layers, header.experts_per_layer, header.top_k) == (layers, experts, 2)
+    assert all(d.hidden is not None and d.hidden.shape == (d_model,) for d in decisions)  # the model's d_model
+    tokens = len(decisions) // layers
     common = ("--workload", "replay", "--trace", trace, "--layered", "--tokens", tokens, "--compute-workers", 1)
-    gate = run_pipeline(leak_guard, store, *common, "--cache-slots", CACHE_SLOTS, "--predictors", "gate",
+    gate = run_pipeline(leak_guard, store, *common, "--cache-slots", cache_slots, "--predictors", "gate",
                         "--gate-model", tiny_model_path(), "--predict-fanout", FANOUT, workdir=tmp_path).check_ok()
-    none = run_pipeline(leak_guard, store, *common, "--cache-slots", CACHE_SLOTS + FANOUT, "--no-prefetch",
+    none = run_pipeline(leak_guard, store, *common, "--cache-slots", cache_slots + FANOUT, "--no-prefetch",
                         workdir=tmp_path).check_ok()
     entry = gate.summary["predictors"]["gate"]
     print(f"\ngate replay: {gate.summary['demand_misses']} demand misses, {gate.summary['prefetch_joins']} joins; "
           f"no prefetch (same arena): {none.summary['demand_misses']}; per layer: "
           + ", ".join(f"L{layer['layer']} top-k {layer['topk_accuracy_pct']:.0f}%" for layer in entry["per_layer"]))
-    assert gate.summary["pool_slots"] == none.summary["pool_slots"] == CACHE_SLOTS + FANOUT
+    assert gate.summary["pool_slots"] == none.summary["pool_slots"] == cache_slots + FANOUT
     assert entry["issued"] > 0 and entry["used"] > 0
-    assert [layer["layer"] for layer in entry["per_layer"]] == list(range(1, MOE_LAYERS))
+    assert [layer["layer"] for layer in entry["per_layer"]] == list(range(1, layers))
     assert all(layer["predictions"] == tokens for layer in entry["per_layer"])
     assert entry["topk_accuracy_pct"] > 30.0  # the model's own gates on its own residuals: far above 2 of 8 by chance
     assert gate.summary["demand_misses"] < none.summary["demand_misses"]

@@ -27,6 +27,7 @@ from mer.model.sampling import Sampler
 from mer.model.tokenizer import load_tokenizer
 from mer.models import tiny_model_path
 from mer.serve.chat_prompt import fallback_chat_text
+from tests.support.embedded_model import embedded_geometry
 from tests.support.generate_runs import run_cli_to_end
 from tests.support.pipeline_runs import HANDSHAKE_TIMEOUT_S, MER_PIPELINE
 from tests.support.serve_runs import ServerRun
@@ -37,7 +38,6 @@ MODEL_ID = "tiny-moe-q8_0"
 PROMPTS = ["def ", "class ", "import ", "for i in", "return ", "if x", "while ", "print(", "self.", "x = ", "try:",
            "with open(", "from os", "lambda ", "yield ", "assert "]
 EXIT_SIGTERM = 143
-MOE_LAYERS = len(MoEModel.load(tiny_model_path()).moe_layers)  # 6
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_a_decode_step_of_four_sequences_looks_up_each_expert_once(server, clien
             if event["step"] not in steps_before and event["sequences"] == 4 and event["tokens"] == 4}
     assert four, "no decode step ran the 4 sequences together"
     blocks = [event for event in server.events_named("moe_block_done") if event["token"] in four]
-    assert len(blocks) == MOE_LAYERS * len(four)  # each of the embedded model's MoE blocks, per step
+    assert len(blocks) == embedded_geometry().moe_layers * len(four)  # each of the embedded model's MoE blocks, per step
     for block in blocks:
         assert block["tokens"] == 4
         assert block["hits"] + block["misses"] == block["experts"]  # one lookup per distinct expert
@@ -298,7 +298,7 @@ def test_top_once_json_reads_the_live_server(server, client):
     assert view["tokens_per_s"] > 0 and view["steps_per_s"] > 0 and view["mean_itl_ms"] > 0
     assert view["generated_tokens"] >= view["tokens_per_s"] * view["interval_s"] * 0.5
     assert 0 < view["hit_rate_pct"] <= 100
-    assert len(view["resident_experts_per_layer"]) == MOE_LAYERS  # the embedded model's MoE layers
+    assert len(view["resident_experts_per_layer"]) == embedded_geometry().moe_layers  # the embedded model's MoE layers
     assert sum(view["resident_experts_per_layer"]) == view["slots_used"] <= view["cache_slots"] + 2  # + prefetch reserve
     assert len(view["worker_busy_pct"]) == 2 and max(view["worker_busy_pct"]) > 0
     shown = subprocess.run([MER_PIPELINE, "top", "--url", server.base_url, "--once", "--interval", "0.2"],

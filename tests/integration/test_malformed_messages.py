@@ -37,8 +37,6 @@ from hypothesis import HealthCheck, given, settings
 
 from mer.compute.batches import pack_batches
 from mer.compute.worker import ComputeWorker
-from mer.model.model import MoEModel
-from mer.models import tiny_model_path
 from mer.protocol import (
     UNKNOWN_REQUEST_ID, Acquire, ChildFailed, ComputeItem, ErrorReply, ExpertBatchJob, ExpertBatchResult, Heartbeat,
     Hello, HiddenObserved, IoStats, JobDone, PinSet, PredictorProgress, PredictorStats, PrefetchHint, PrefetchHints,
@@ -49,6 +47,7 @@ from mer.router.compute_client import ComputeClient
 from mer.router.io_client import IoClient
 from mer.runtime.child import _listen_control
 from mer.runtime.paths import runtime_base_dir
+from tests.support.embedded_model import embedded_geometry
 from tests.support.generate_runs import GENERATE_TIMEOUT_S
 from tests.support.malformed_frames import (
     hypothesis_frames, hypothesis_malformed_frames, malformed_variants,
@@ -457,8 +456,8 @@ def test_every_socket_of_a_running_generation_survives_malformed_and_stray_messa
     assert isinstance(io_stats, IoStats) and io_stats.request_id == 77
     assert len(io_errors) == len(messages["io"])
     assert [error.request_id for error in io_errors[-2:]] == [901, UNKNOWN_REQUEST_ID]  # the Acquire's own id
-    model = MoEModel.load(tiny_model_path())  # the generation's model: its store has layers x experts ids
-    experts = model.hparams.num_experts * len(model.moe_layers)
+    layers, experts_per_layer, _ = embedded_geometry()  # the generation's model: its store's expert ids
+    experts = layers * experts_per_layer
     assert f"Acquire: expert ids [10000, -1] are not in 0..{experts - 1}" in io_errors[-2].message
     assert all(error.request_id == UNKNOWN_REQUEST_ID for error in answers["control"])
     assert "not a child of this run" in answers["control"][-1].message
