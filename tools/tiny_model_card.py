@@ -17,7 +17,8 @@ On `--windows` fixed windows of `--length` tokens of the held-out files (`tools/
   (gate_min_ratio 0) and as generation prefetches (the configured gate_min_ratio);
 - ten fixed completions (`tools/header_completions.py`): the fraction of ten function and class
   headers whose completion up to the first dedent parses as Python, sampled (temperature 0.7, seed 0)
-  and greedy, with the texts;
+  and greedy, with the texts; with `--seeds N` also the sampled fraction over seeds 0..N-1 and the
+  bodies' mean length in lines, parsing and failing;
 - with `--training-log` (the text tools/train_tiny_moe.py printed): the training curve's points, and
   with `--png` its plot (`tools/training_curve.py`).
 
@@ -38,7 +39,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools run as scripts
 
 from gate_accuracy import RecordedPass, gate_accuracy, recorded_pass  # noqa: E402
-from header_completions import HEADERS, MAX_TOKENS, complete_all, parse_fraction  # noqa: E402
+from header_completions import (  # noqa: E402
+    HEADERS, MAX_TOKENS, SEED, complete_all, complete_with_seeds, over_seeds_figures, over_seeds_line,
+    parse_fraction)
 from held_out_scoring import (  # noqa: E402
     llama_second_half, mer_second_half, score_of, token_byte_counts, whole_window_nlls)
 from tiny_moe_data import held_out_windows, split_files, unigram_log2_probabilities  # noqa: E402
@@ -169,13 +172,18 @@ def gate_figures(model_path: Path, passes: list[RecordedPass], timer: Timer) -> 
     return figures
 
 
-def completion_figures(model: MoEModel, headers: tuple[str, ...], max_tokens: int, timer: Timer) -> dict:
+def completion_figures(model: MoEModel, headers: tuple[str, ...], max_tokens: int, seeds: int,
+                       timer: Timer) -> dict:
     started = time.perf_counter()
     completions = complete_all(model, headers, max_tokens)
+    figures = {"max_tokens": max_tokens,
+               **{f"{kind}_parse_fraction": parse_fraction(items) for kind, items in completions.items()},
+               **{kind: [item.to_json_dict() for item in items] for kind, items in completions.items()}}
+    if seeds > 1:
+        more = complete_with_seeds(model, range(SEED + 1, SEED + seeds), headers, max_tokens)
+        figures["over_seeds"] = over_seeds_figures({SEED: completions["sampled"], **more})
     timer.part("completions", started)
-    return {"max_tokens": max_tokens,
-            **{f"{kind}_parse_fraction": parse_fraction(items) for kind, items in completions.items()},
-            **{kind: [item.to_json_dict() for item in items] for kind, items in completions.items()}}
+    return figures
 
 
 def curve_figures(log: Path, png: Path | None) -> dict:
@@ -204,7 +212,8 @@ def measure(args: argparse.Namespace, trace_path: Path) -> dict:
                                                 unigram_every=args.unigram_every, timer=timer)
     card["gate"] = gate_figures(args.model, passes, timer)
     if args.completions:
-        card["completions"] = completion_figures(model, HEADERS[: args.completions], args.max_tokens, timer)
+        card["completions"] = completion_figures(model, HEADERS[: args.completions], args.max_tokens, args.seeds,
+                                                 timer)
     card["seconds"] = {**timer.seconds, "total": timer.total()}
     return card
 
@@ -251,6 +260,8 @@ def print_card(card: dict) -> None:
             for item in items:
                 print(f"--- {kind}, {'parses' if item['parses'] else 'does not parse'}"
                       f"{'' if item['dedent_found'] else ' (no dedent)'}:\n{item['source']}")
+        if "over_seeds" in completions:
+            print(over_seeds_line(completions["over_seeds"]))
     print("seconds:", ", ".join(f"{name} {value:.1f}" for name, value in card["seconds"].items()))
 
 
@@ -265,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--completions", type=int, default=len(HEADERS), choices=range(len(HEADERS) + 1),
                         metavar=f"0..{len(HEADERS)}", help="how many of the fixed headers to complete")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="also sample the completions with seeds 1..N-1 and give the fraction over all N "
+                             "(default 1: seed 0 only, the card's goal figure)")
     parser.add_argument("--no-llama", dest="llama", action="store_false", help="skip llama.cpp's scoring")
     parser.add_argument("--unigram-every", type=int, default=1, metavar="N",
                         help="the unigram baseline from every Nth training file (default 1: all; 10 is ~10x faster)")
@@ -272,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.png is not None and args.training_log is None:
         parser.error("--png needs --training-log (the curve is read from the training log)")
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: need at least 1 (seed 0)")
     if args.windows < 1 or args.length < 4 or args.max_tokens < 1:
         parser.error(f"--windows {args.windows}, --length {args.length}, --max-tokens {args.max_tokens}: need at "
                      f"least 1 window of at least 4 tokens (llama-perplexity scores its second half) and 1 token")

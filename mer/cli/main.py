@@ -18,21 +18,25 @@ from mer.cli.exit_status import EXIT_USAGE, exit_status, sigterm_unwinds
 from mer.environment import KNOWN_VARIABLES, read_environment
 from mer.errors import Terminated
 
-COMMAND_MODULES = (
-    "mer.cli.convert_command",
-    "mer.cli.synth_command",
-    "mer.cli.store_command",
-    "mer.cli.run_command",
-    "mer.cli.up_command",
-    "mer.cli.generate_command",
-    "mer.cli.perplexity_command",
-    "mer.cli.serve_command",
-    "mer.cli.top_command",
-    "mer.cli.trace_command",
-    "mer.cli.logs_command",
-    "mer.cli.keys_command",
-    "mer.cli.shard_serve_command",
-)
+# Each subcommand's name and the module that registers it, in `--help` order. Only the invoked
+# command's module is imported (`build_parser(argv)`): the modules pull in numba, the model and the
+# process graph, and importing all of them cost every command ~1.5 s before it did anything.
+COMMANDS = {
+    "convert": "mer.cli.convert_command",
+    "synth": "mer.cli.synth_command",
+    "store": "mer.cli.store_command",
+    "run": "mer.cli.run_command",
+    "up": "mer.cli.up_command",
+    "generate": "mer.cli.generate_command",
+    "perplexity": "mer.cli.perplexity_command",
+    "serve": "mer.cli.serve_command",
+    "top": "mer.cli.top_command",
+    "trace": "mer.cli.trace_command",
+    "logs": "mer.cli.logs_command",
+    "keys": "mer.cli.keys_command",
+    "shard-serve": "mer.cli.shard_serve_command",
+}
+COMMAND_MODULES = tuple(COMMANDS.values())
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -43,14 +47,18 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of `mer-pipeline`. Given the command line `argv` whose first word names a command,
+    only that command is registered (the parse is the same as the whole parser's); otherwise (no
+    command, `--help`, `--version`, an unknown word) every command is, so help and errors list them all."""
     parser = OneLineErrorParser(
         prog="mer-pipeline",
         description="mer: run Mixture-of-Experts models whose experts stream from SSD.",
     )
     parser.add_argument("--version", action="version", version=f"mer {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    invoked = argv[0] if argv else None
+    for module_name in [COMMANDS[invoked]] if invoked in COMMANDS else COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
 
@@ -59,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "mer-pipeline"
     try:
         with sigterm_unwinds():
-            parser = build_parser()
+            argv = sys.argv[1:] if argv is None else list(argv)
+            parser = build_parser(argv)
             args = parser.parse_args(argv)  # a bad flag: one line, exit 2 (OneLineErrorParser)
             if not getattr(args, "handler", None):
                 parser.print_help(sys.stderr)

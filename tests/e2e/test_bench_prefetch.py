@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow  # starts the process graph
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.heavy
 def test_quick_prefetch_benchmark_reports_paired_ratios_and_min(tmp_path, leak_guard):
     command = [sys.executable, str(REPO / "tools" / "bench_prefetch.py"), "--quick", "--tokens", "16",
                "--modes", "none,fused,gate,none+layer", "--data", str(tmp_path / "data"), "--workdir", str(tmp_path / "work"),

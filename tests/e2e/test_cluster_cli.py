@@ -129,6 +129,7 @@ def finish(guard, process: subprocess.Popen, log_path: Path) -> tuple[str, str]:
     return stdout, stderr
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_a_killed_shard_group_fails_over_to_its_replica_and_loses_no_token(leak_guard, tmp_path, cache_dir):
     reference = run_generate(leak_guard, tiny_model_path(), "--prompt-tokens", PROMPT_TOKENS, "-n", 40,
@@ -147,6 +148,7 @@ def test_a_killed_shard_group_fails_over_to_its_replica_and_loses_no_token(leak_
     assert not summaries[1]["down"] and not summaries[2]["down"]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_a_killed_shard_group_without_replica_fails_loudly_naming_the_shard(leak_guard, tmp_path, cache_dir):
     process, log_path = start_generate(leak_guard, tmp_path, cache_dir, "-n", 200, "--cluster", "local:2",
@@ -161,6 +163,7 @@ def test_a_killed_shard_group_without_replica_fails_loudly_naming_the_shard(leak
     assert unavailable["shard"] == 1 and unavailable["experts"]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_run_on_two_shard_groups_gives_the_single_machine_outputs(leak_guard, tmp_path, cache_dir, pipeline_stores):
     outputs = {}
@@ -193,6 +196,7 @@ def test_bad_cluster_flags_are_errors_naming_the_flag(leak_guard, tmp_path, flag
     assert message in stderr, stderr
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_serve_on_two_shard_groups_answers_and_exposes_shard_metrics(leak_guard, tmp_path, cache_dir):
     server = ServerRun.start(tmp_path, "--cluster", "local:2", *GRAPH, cache_dir=cache_dir)

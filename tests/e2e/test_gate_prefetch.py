@@ -37,6 +37,7 @@ def lookups_line(name: str, result: dict) -> str:
             f"{result['demand_misses']} demand misses of {result['lookups']} lookups")
 
 
+@pytest.mark.heavy
 def test_gate_prefetch_cuts_demand_misses_without_changing_the_tokens(leak_guard, tmp_path):
     gate_run, gate = generate(leak_guard, tmp_path, "--cache-slots", CACHE_SLOTS, "--predictors", "gate",
                               "--predict-fanout", FANOUT)
@@ -82,6 +83,7 @@ def test_the_benchmark_refuses_the_gate_predictor(leak_guard, pipeline_stores, t
     assert "predictors = 'markov,gate'" in run.stderr and "benchmark job has no model" in run.stderr
 
 
+@pytest.mark.heavy
 def test_with_the_layer_policy_the_gate_pays_without_its_floor(leak_guard, tmp_path):
     """`--cache-policy layer` never evicts an expert of a layer still ahead in the token first, so even
     the gate's unlikely hints stop evicting what the next layers need (with LRU they cost more than

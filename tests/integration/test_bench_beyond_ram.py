@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 
 
+@pytest.mark.heavy
 def test_quick_benchmark_streams_both_engines_and_mer_reads_no_more_per_token(tmp_path, leak_guard):
     pytest.importorskip("llama_cpp")
     workdir = tmp_path / "bench"

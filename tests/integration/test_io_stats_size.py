@@ -36,6 +36,7 @@ def final_io_stats(leak_guard, store, tokens: int, workdir) -> dict:
     return sent[-1]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_io_stats_do_not_grow_with_the_run(leak_guard, pipeline_stores, tmp_path):
     short = final_io_stats(leak_guard, pipeline_stores["tiny"], 200, tmp_path / "short")

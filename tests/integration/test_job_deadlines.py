@@ -145,6 +145,7 @@ def test_a_read_slower_than_the_job_deadline_is_never_called_stuck(leak_guard, p
     assert np.load(delayed).tobytes() == np.load(undisturbed).tobytes()
 
 
+@pytest.mark.heavy
 def test_one_expert_on_more_rows_than_the_deadline_allows_reports_progress_between_chunks_and_is_never_stuck(
         leak_guard, tmp_path):
     """A prefill of 221 tokens: an expert gets up to 178 of its rows in one item, and `slow_row:0.008` makes
@@ -165,6 +166,7 @@ def test_one_expert_on_more_rows_than_the_deadline_allows_reports_progress_betwe
     assert json.loads(result.stdout)["tokens"] == expected
 
 
+@pytest.mark.heavy
 def test_a_first_numba_compile_never_trips_a_deadline(leak_guard, tmp_path):
     """A generation with an empty numba cache (`NUMBA_CACHE_DIR`): every child compiles its kernels, for
     longer than the job deadline of 1 s and the stall timeout of 2 s, yet no child is named stuck or
@@ -231,6 +233,7 @@ def test_an_io_worker_spinning_forever_is_named_within_the_deadline_restarted_an
     assert json.loads(result.stdout)["tokens"] == expected
 
 
+@pytest.mark.heavy
 def test_a_spinning_predictor_is_named_within_the_deadline_restarted_its_hints_resume_and_the_tokens_are_identical(
         leak_guard, tmp_path):
     """The predictor's event loop reports the observations it consumed (`PredictorProgress`); spinning in a

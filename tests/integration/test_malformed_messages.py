@@ -546,6 +546,7 @@ def fuzz_the_graph(runtime_dir: Path, run_id: str) -> dict[str, list[list[bytes]
         context.term()
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_the_receivers_of_a_running_generation_survive_hypothesis_fuzzing(leak_guard, tmp_path):
     """The I/O worker's ROUTER, the supervisor's control ROUTER, the predictor's observe PULL and the

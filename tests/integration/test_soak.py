@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow  # starts the process graph, several times
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.heavy
 def test_quick_soak_recovers_from_every_fault_with_identical_tokens_and_no_leaks(tmp_path, leak_guard):
     command = [sys.executable, str(REPO / "tools" / "soak.py"), "--quick", "--json", "--seed", "3"]
     environment = {**os.environ, "MER_CACHE_DIR": str(tmp_path / "cache"),

@@ -208,7 +208,7 @@ def test_the_command_prints_every_part_as_json(model, tmp_path, capsys):
     log.write_text(LOG)
     png = tmp_path / "curve.png"
     main(["--windows", "2", "--completions", "2", "--max-tokens", "8", "--no-llama", "--unigram-every", "10",
-          "--training-log", str(log), "--png", str(png), "--json"])
+          "--seeds", "2", "--training-log", str(log), "--png", str(png), "--json"])
     card = json.loads(capsys.readouterr().out)
     assert card["training_curve"]["held_out"] == [[50, 3.5], [100, 2.75]] and png.read_bytes()[:4] == b"\x89PNG"
     held = card["held_out"]
@@ -221,5 +221,26 @@ def test_the_command_prints_every_part_as_json(model, tmp_path, capsys):
     assert len(completions["sampled"]) == len(completions["greedy"]) == 2
     assert completions["greedy_parse_fraction"] == sum(item["parses"] for item in completions["greedy"]) / 2
     assert all(item["tokens"] <= 8 for item in completions["sampled"])
+    over_seeds = completions["over_seeds"]  # seed 0 is the sampled list above, seed 1 two more completions
+    assert over_seeds["seeds"] == [0, 1] and over_seeds["completions"] == 4
+    assert over_seeds["parse_by_seed"][0] == sum(item["parses"] for item in completions["sampled"])
+    assert over_seeds["parse"] == sum(over_seeds["parse_by_seed"]) == round(4 * over_seeds["parse_fraction"])
     assert card["seconds"]["total"] > 0
     print(card["seconds"])
+
+
+def test_the_completions_command_counts_parses_over_seeds(model, capsys):
+    from tools.header_completions import HEADERS, complete, main, sampled_sampler
+
+    main(["--seeds", "2", "--max-tokens", "6", "--json"])
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["seeds"] == [0, 1] and figures["completions"] == 2 * len(HEADERS)
+    sampled = figures["sampled"]
+    assert figures["parse_by_seed"] == [sum(item["parses"] for item in sampled[seed]) for seed in ("0", "1")]
+    assert figures["no_dedent"] == sum(not item["dedent_found"] for seed in ("0", "1") for item in sampled[seed])
+    # each completion is that seed's own: the same as completing the header alone with a fresh sampler
+    again = complete(model, HEADERS[3], sampled_sampler(1), max_tokens=6)
+    assert sampled["1"][3]["generated"] == again.generated
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0"])
+    assert "--seeds 0" in capsys.readouterr().err

@@ -89,6 +89,7 @@ def start_bench(leak_guard, store, tmp_path, *flags,
     return flowing(run, "token_done", 50), dump
 
 
+@pytest.mark.heavy
 def test_a_stopped_compute_worker_is_named_within_the_bound_restarted_and_the_outputs_are_identical(
         leak_guard, pipeline_stores, tmp_path):
     store = pipeline_stores["tiny"]
@@ -165,6 +166,7 @@ def resubmitted_jobs(events: list[dict], restarted: dict, worker: int) -> set[in
     return lost
 
 
+@pytest.mark.heavy
 def test_kill_9_of_a_compute_worker_with_a_job_in_hand_in_a_benchmark_resends_its_jobs_and_the_outputs_are_identical(
         leak_guard, pipeline_stores, tmp_path, monkeypatch):
     """A benchmark (`run --dump-outputs`) whose compute worker 0 is killed while it certainly holds a job:
@@ -243,6 +245,7 @@ def io_restart_checked(events: list[dict], name: str, exit_pattern: str) -> tupl
     return restarted, recovered
 
 
+@pytest.mark.heavy
 def test_kill_9_of_the_io_worker_mid_run_restarts_it_and_the_outputs_are_identical(
         leak_guard, pipeline_stores, tmp_path):
     """A benchmark whose I/O worker is killed: a new one rebuilds the slot table over the same arena, the
@@ -291,6 +294,7 @@ def test_kill_9_of_the_io_worker_mid_generation_restarts_it_and_the_tokens_are_i
     assert json.loads(result.stdout)["tokens"] == expected
 
 
+@pytest.mark.heavy
 def test_a_stopped_io_worker_is_restarted_and_the_tokens_are_identical(leak_guard, tmp_path):
     (name, pid, stopped_at, result), expected, _ = generation_with_a_signalled_child(
         leak_guard, tmp_path, "mer-io-", signal.SIGSTOP, "--stall-timeout-s", STALL_TIMEOUT_S)

@@ -5,6 +5,8 @@ depth, the last layer, the probability floor, global ids), its per-layer accurac
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import numpy as np
 import pytest
@@ -39,11 +41,19 @@ def residuals(model: MoEModel, count: int = 6) -> np.ndarray:
     return np.concatenate([real, rng.standard_normal((count, model.hparams.d_model), dtype=np.float32) * 2])
 
 
+@functools.lru_cache(maxsize=4)
+def gguf_f32_tensors(path) -> dict[str, np.ndarray]:
+    """The GGUF's gate and norm tensors as float64, read by `gguf` directly (once per file: opening the
+    tiny model's GGUF parses its 4,096-entry vocabulary, ~0.3 s)."""
+    return {tensor.name: np.asarray(tensor.data, dtype=np.float64) for tensor in gguf.GGUFReader(path).tensors
+            if tensor.name.endswith(("ffn_gate_inp.weight", "ffn_norm.weight"))}
+
+
 def numpy_gate_probabilities(path, block: int, hidden: np.ndarray, eps: float) -> np.ndarray:
     """softmax(W @ rms_norm(h) * norm) in float64, from the GGUF's f32 tensors read by `gguf` directly."""
-    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
-    gate = np.asarray(tensors[f"blk.{block}.ffn_gate_inp.weight"].data, dtype=np.float64)  # [experts, d_model]
-    norm = np.asarray(tensors[f"blk.{block}.ffn_norm.weight"].data, dtype=np.float64)
+    tensors = gguf_f32_tensors(path)
+    gate = tensors[f"blk.{block}.ffn_gate_inp.weight"]  # [experts, d_model]
+    norm = tensors[f"blk.{block}.ffn_norm.weight"]
     x = hidden.astype(np.float64)
     normed = x / np.sqrt(np.mean(x * x) + eps) * norm
     logits = gate @ normed

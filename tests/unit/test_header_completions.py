@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.header_completions import HEADERS, cut_at_dedent, judge, parses, prompt_of
+from tools.header_completions import HEADERS, body_lines, cut_at_dedent, judge, parses, prompt_of
 
 CUTS = [
     # (what the model wrote after "header\n    ", kept, dedent found)
@@ -48,3 +48,12 @@ def test_the_fixed_headers_are_ten_function_and_class_headers_that_need_a_body()
         assert header.split()[0] in ("def", "class") and header.endswith(":")
         assert not parses(prompt_of(header))  # a header alone is not Python
         assert parses(prompt_of(header) + "pass\n")
+
+
+@pytest.mark.parametrize("generated, lines", [
+    ("return None\n", 1),  # the prompt's indented line, continued
+    ("x = 1\n\n    y = 2\nprint(x)\n", 2),  # blank lines do not count; the dedent is cut away
+    ("\n", 0),
+])
+def test_a_body_s_length_counts_its_kept_non_blank_lines(generated, lines):
+    assert body_lines(judge("def f():", generated, 1)) == lines
