@@ -75,6 +75,12 @@ class LogFile:
 _log_file: LogFile | None = None
 
 
+def flush_log_file() -> None:
+    """Write this process's queued log-file lines now (before an `os._exit`, which runs no atexit)."""
+    if _log_file is not None:
+        _log_file.flush()
+
+
 def configure_logging(process: str, *, log_file: str | Path | None = None, level: str | None = None,
                       **bound) -> None:
     """Route this process's structlog events as JSON lines to `log_file` (appended) or stderr."""

@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from mer.config import PipelineConfig
 from mer.errors import ProtocolError
-from mer.logging_setup import configure_logging, get_logger, with_log_writes_in_background
+from mer.logging_setup import configure_logging, flush_log_file, get_logger, with_log_writes_in_background
 from mer.protocol import ChildFailed, ErrorReply, Heartbeat, Hello, Ready, Shutdown, decode, encode, error_fields
 from mer.runtime.membership import RunMembership
 from mer.runtime.run_spec import RunSpec
@@ -75,7 +75,19 @@ def run_child(role_factory, role: str, index: int | None, name: str, run_json: s
         code = uvloop.run(with_log_writes_in_background(_child_main(role_factory, ChildContext(name, role, index, run))))
     finally:
         leave_run(membership)
-    sys.exit(code)
+    exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> None:
+    """End the child with `code` once its run is over: its role closed, its sockets closed and the run
+    left. The interpreter's own teardown (freeing every module and the model's arrays) would cost each
+    child 0.2-0.4 s of CPU before the supervisor could reap it, at the end of every run; the log file
+    and the standard streams are flushed first, as that teardown would have."""
+    flush_log_file()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 async def _child_main(role_factory, context: ChildContext) -> int:
