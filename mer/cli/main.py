@@ -36,7 +36,6 @@ COMMANDS = {
     "keys": "mer.cli.keys_command",
     "shard-serve": "mer.cli.shard_serve_command",
 }
-COMMAND_MODULES = tuple(COMMANDS.values())
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -58,7 +57,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mer {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     invoked = argv[0] if argv else None
-    for module_name in [COMMANDS[invoked]] if invoked in COMMANDS else COMMAND_MODULES:
+    for module_name in [COMMANDS[invoked]] if invoked in COMMANDS else COMMANDS.values():
         importlib.import_module(module_name).register(subparsers)
     return parser
 
